@@ -1,0 +1,50 @@
+//! Command implementations behind `src/main.rs`.
+
+pub mod sign;
+
+use anyhow::Context;
+
+use crate::Config;
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    crate::init_logging(&config.log);
+    let addr = config.listen_addr()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("server.listen: cannot listen on {addr}"))?;
+    crate::run(config, listener).await
+}
+
+pub async fn migrate(config: Config) -> anyhow::Result<()> {
+    let db = crate::open_db(&config).await?;
+    let applied: Vec<i64> = crate::store::MIGRATOR.iter().map(|m| m.version).collect();
+    db.close().await;
+    println!(
+        "database {} is at schema version {}",
+        config.database_path()?.display(),
+        applied.last().copied().unwrap_or(0)
+    );
+    Ok(())
+}
+
+pub fn check_config(config: &Config) -> anyhow::Result<()> {
+    let shown =
+        toml::to_string_pretty(&config.redacted()).context("rendering the configuration")?;
+    println!("# effective configuration (secrets redacted)");
+    println!("{shown}");
+    for (name, enabled, what) in [
+        ("stripe", config.stripe_enabled(), "stripe.webhook_secrets"),
+        ("juice", config.juice_enabled(), "juice.checksum_keys"),
+    ] {
+        if enabled {
+            println!("# {name}: mounted at POST /webhooks/{name}");
+        } else {
+            println!("# {name}: NOT mounted ({what} is empty): /webhooks/{name} answers 404");
+        }
+    }
+    if config.server.admin_token.is_empty() {
+        println!("# /v1 API: off (server.admin_token is empty)");
+    }
+    println!("# configuration is valid");
+    Ok(())
+}

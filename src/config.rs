@@ -1,0 +1,724 @@
+//! Layered configuration: built-in defaults, then a TOML file, then
+//! `CANCELWATCH_<SECTION>__<KEY>` environment variables. Validated once, at
+//! start; secrets are redacted whenever the configuration is shown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Where `--config` / `CANCELWATCH_CONFIG` point when neither is given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/cancelwatch.toml";
+const REDACTED: &str = "<redacted>";
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub database: DatabaseConfig,
+    pub stripe: StripeConfig,
+    pub juice: JuiceConfig,
+    pub workers: WorkerConfig,
+    pub reconcile: ReconcileConfig,
+    pub prune: PruneConfig,
+    pub alerts: AlertsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    /// Bearer token for `/v1`; the API answers 404 while it is empty.
+    pub admin_token: String,
+    /// Whole-request deadline (headers and body), against slow clients.
+    pub request_timeout_secs: u64,
+    /// Requests handled at once; more wait.
+    pub max_concurrent_requests: usize,
+    /// How long shutdown waits for in-flight requests and workers.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 1_048_576,
+            admin_token: String::new(),
+            request_timeout_secs: 15,
+            max_concurrent_requests: 1024,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `cancelwatch=debug,info`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+    /// `full` (default: a 2xx survives power loss) or `normal` (survives a
+    /// process crash; the last commits may be lost on power loss).
+    pub synchronous: String,
+    pub busy_timeout_ms: u64,
+    /// Group commit: concurrent deliveries share one transaction and one fsync.
+    pub group_commit: bool,
+    /// Most deliveries in one group commit.
+    pub max_batch: usize,
+    /// Read connections (the writer is always one).
+    pub read_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/cancelwatch.db".into(),
+            synchronous: "full".into(),
+            busy_timeout_ms: 5_000,
+            group_commit: true,
+            max_batch: 512,
+            read_connections: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StripeConfig {
+    pub api_base: String,
+    pub api_key: String,
+    pub api_version: String,
+    pub webhook_secrets: Vec<String>,
+    pub tolerance_secs: i64,
+    /// Event types followed besides the outbound-transfer and batch-job ones.
+    pub follow_event_types: Vec<String>,
+}
+
+impl Default for StripeConfig {
+    fn default() -> Self {
+        Self {
+            api_base: "https://api.stripe.com".into(),
+            api_key: String::new(),
+            api_version: "2026-10-14.preview".into(),
+            webhook_secrets: Vec::new(),
+            tolerance_secs: 300,
+            follow_event_types: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JuiceConfig {
+    pub api_base: String,
+    pub api_key: String,
+    /// `raw` (`Authorization: <key>`) or `bearer` (`Authorization: Bearer <key>`).
+    pub auth_scheme: String,
+    pub checksum_keys: Vec<String>,
+    /// Item statuses that mean a cancelled transfer's money is back.
+    pub reversed_statuses: Vec<String>,
+    /// Events that announce a reversal of one transfer (its id in `data`).
+    pub reversal_events: Vec<String>,
+}
+
+impl Default for JuiceConfig {
+    fn default() -> Self {
+        Self {
+            api_base: "https://api.spendjuice.com".into(),
+            api_key: String::new(),
+            auth_scheme: "raw".into(),
+            checksum_keys: Vec::new(),
+            reversed_statuses: vec!["reversed".into(), "refunded".into()],
+            reversal_events: vec![
+                "bulk_transfer.transfer.reversed".into(),
+                "bulk_transfer.transfer.refunded".into(),
+            ],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Deliveries processed at once (never two about one resource).
+    pub concurrency: usize,
+    pub lease_secs: u64,
+    /// Attempts before a delivery goes `dead`.
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_secs: u64,
+    /// How long an idle worker sleeps before it looks at the inbox again.
+    pub poll_interval_ms: u64,
+    /// Timeout of one provider API call.
+    pub fetch_timeout_secs: u64,
+    /// Attempts of one provider call within one processing attempt.
+    pub http_retries: u32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            lease_secs: 60,
+            max_attempts: 12,
+            backoff_base_ms: 1_000,
+            backoff_max_secs: 600,
+            poll_interval_ms: 250,
+            fetch_timeout_secs: 10,
+            http_retries: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    pub enabled: bool,
+    /// How often resources in a transitional status are fetched again.
+    pub interval_secs: u64,
+    /// Longest gap between two fetches of one resource as its backoff grows.
+    pub max_interval_secs: u64,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: 60,
+            max_interval_secs: 3_600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PruneConfig {
+    /// Prune on a schedule inside `serve`.
+    pub enabled: bool,
+    pub interval_secs: u64,
+    /// Same form as `prune --older-than` (`30d`).
+    pub older_than: String,
+}
+
+impl Default for PruneConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval_secs: 86_400,
+            older_than: "30d".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// How often time-based rules (stuck, refund_overdue, …) are evaluated.
+    pub scan_interval_secs: u64,
+    pub partial_cancellation: RuleConfig,
+    pub cancel_not_effective: RuleConfig,
+    pub stuck: StuckRule,
+    pub refund_overdue: AgeRule,
+    pub dead_letter: RuleConfig,
+    pub verification_failures: VerificationRule,
+    pub delivery: AlertDeliveryConfig,
+    pub sinks: Vec<SinkConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            scan_interval_secs: 30,
+            partial_cancellation: RuleConfig::on("critical"),
+            cancel_not_effective: RuleConfig::on("critical"),
+            stuck: StuckRule::default(),
+            refund_overdue: AgeRule::default(),
+            dead_letter: RuleConfig::on("critical"),
+            verification_failures: VerificationRule::default(),
+            delivery: AlertDeliveryConfig::default(),
+            sinks: vec![SinkConfig::log()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuleConfig {
+    pub enabled: bool,
+    /// `info`, `warning` or `critical`.
+    pub severity: String,
+}
+
+impl RuleConfig {
+    fn on(severity: &str) -> Self {
+        Self {
+            enabled: true,
+            severity: severity.into(),
+        }
+    }
+}
+
+impl Default for RuleConfig {
+    fn default() -> Self {
+        Self::on("warning")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgeRule {
+    pub enabled: bool,
+    pub severity: String,
+    pub after_secs: u64,
+}
+
+impl Default for AgeRule {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            severity: "warning".into(),
+            after_secs: 3 * 86_400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StuckRule {
+    pub enabled: bool,
+    pub severity: String,
+    /// Limit for any transitional status not listed in `limits`.
+    pub after_secs: u64,
+    /// Per-status limits in seconds, e.g. `{ cancelling = 900 }`.
+    pub limits: std::collections::BTreeMap<String, u64>,
+}
+
+impl Default for StuckRule {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            severity: "warning".into(),
+            after_secs: 6 * 3_600,
+            limits: [("cancelling".to_string(), 3_600)].into_iter().collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerificationRule {
+    pub enabled: bool,
+    pub severity: String,
+    /// Alert when more than `threshold` deliveries are refused within `window_secs`.
+    pub threshold: u64,
+    pub window_secs: u64,
+}
+
+impl Default for VerificationRule {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            severity: "warning".into(),
+            threshold: 20,
+            window_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertDeliveryConfig {
+    pub timeout_secs: u64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_secs: u64,
+    pub poll_interval_ms: u64,
+}
+
+impl Default for AlertDeliveryConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: 10,
+            backoff_base_ms: 1_000,
+            backoff_max_secs: 900,
+            poll_interval_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// Unique name, used in delivery records; defaults to `<kind>-<index>`.
+    pub name: String,
+    /// `webhook`, `slack`, `command` or `log`.
+    pub kind: String,
+    pub url: String,
+    /// Standard Webhooks secret (`whsec_<base64>`) for `webhook` sinks.
+    pub secret: String,
+    /// Program and arguments for `command` sinks; the alert JSON is its stdin.
+    pub command: Vec<String>,
+    /// Rules routed to this sink; empty means all.
+    pub rules: Vec<String>,
+    /// Lowest severity routed to this sink.
+    pub min_severity: String,
+}
+
+impl SinkConfig {
+    fn log() -> Self {
+        Self {
+            name: "log".into(),
+            kind: "log".into(),
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            kind: "log".into(),
+            url: String::new(),
+            secret: String::new(),
+            command: Vec::new(),
+            rules: Vec::new(),
+            min_severity: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(String),
+    #[error("configuration: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+pub const SEVERITIES: [&str; 3] = ["info", "warning", "critical"];
+
+impl Config {
+    /// Loads defaults, then `path` (a missing default path is fine, a missing
+    /// explicit one is not), then the environment; then validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(p) => {
+                if !p.exists() {
+                    return Err(ConfigError::Load(format!(
+                        "config file {} does not exist",
+                        p.display()
+                    )));
+                }
+                figment = figment.merge(Toml::file_exact(p));
+            }
+            None => {
+                if Path::new(DEFAULT_CONFIG_PATH).exists() {
+                    figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_PATH));
+                }
+            }
+        }
+        figment = figment.merge(
+            Env::prefixed("CANCELWATCH_")
+                .ignore(&["CONFIG"])
+                .split("__"),
+        );
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(describe(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be above 0"));
+        }
+        if self.server.request_timeout_secs == 0 {
+            return Err(invalid("server.request_timeout_secs", "must be above 0"));
+        }
+        if self.server.max_concurrent_requests == 0 {
+            return Err(invalid("server.max_concurrent_requests", "must be above 0"));
+        }
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            return Err(invalid("log.format", "must be \"text\" or \"json\""));
+        }
+        self.database_path()?;
+        if !["full", "normal"].contains(&self.database.synchronous.as_str()) {
+            return Err(invalid(
+                "database.synchronous",
+                "must be \"full\" or \"normal\"",
+            ));
+        }
+        if self.database.max_batch == 0 {
+            return Err(invalid("database.max_batch", "must be above 0"));
+        }
+        if self.database.read_connections == 0 {
+            return Err(invalid("database.read_connections", "must be above 0"));
+        }
+        if self.stripe.tolerance_secs <= 0 {
+            return Err(invalid("stripe.tolerance_secs", "must be above 0"));
+        }
+        check_url("stripe.api_base", &self.stripe.api_base)?;
+        check_url("juice.api_base", &self.juice.api_base)?;
+        if self.stripe.webhook_secrets.iter().any(|s| s.is_empty()) {
+            return Err(invalid("stripe.webhook_secrets", "holds an empty secret"));
+        }
+        if self.juice.checksum_keys.iter().any(|s| s.is_empty()) {
+            return Err(invalid("juice.checksum_keys", "holds an empty key"));
+        }
+        if !["raw", "bearer"].contains(&self.juice.auth_scheme.as_str()) {
+            return Err(invalid(
+                "juice.auth_scheme",
+                "must be \"raw\" or \"bearer\"",
+            ));
+        }
+        if self.workers.concurrency == 0 {
+            return Err(invalid("workers.concurrency", "must be above 0"));
+        }
+        if self.workers.max_attempts == 0 {
+            return Err(invalid("workers.max_attempts", "must be above 0"));
+        }
+        if self.workers.lease_secs == 0 {
+            return Err(invalid("workers.lease_secs", "must be above 0"));
+        }
+        if self.reconcile.interval_secs == 0 {
+            return Err(invalid("reconcile.interval_secs", "must be above 0"));
+        }
+        crate::time::parse_duration(&self.prune.older_than)
+            .map_err(|e| invalid("prune.older_than", e))?;
+        for (key, sev) in [
+            (
+                "alerts.partial_cancellation.severity",
+                &self.alerts.partial_cancellation.severity,
+            ),
+            (
+                "alerts.cancel_not_effective.severity",
+                &self.alerts.cancel_not_effective.severity,
+            ),
+            ("alerts.stuck.severity", &self.alerts.stuck.severity),
+            (
+                "alerts.refund_overdue.severity",
+                &self.alerts.refund_overdue.severity,
+            ),
+            (
+                "alerts.dead_letter.severity",
+                &self.alerts.dead_letter.severity,
+            ),
+            (
+                "alerts.verification_failures.severity",
+                &self.alerts.verification_failures.severity,
+            ),
+        ] {
+            check_severity(key, sev)?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, sink) in self.alerts.sinks.iter().enumerate() {
+            let key = |k: &str| format!("alerts.sinks[{i}].{k}");
+            check_severity(&key("min_severity"), &sink.min_severity)?;
+            match sink.kind.as_str() {
+                "webhook" | "slack" => {
+                    check_url(&key("url"), &sink.url)?;
+                    if sink.kind == "webhook" {
+                        crate::alerts::signing::decode_secret(&sink.secret)
+                            .map_err(|e| invalid(&key("secret"), e))?;
+                    }
+                }
+                "command" => {
+                    if sink.command.is_empty() {
+                        return Err(invalid(&key("command"), "a command sink needs a program"));
+                    }
+                }
+                "log" => {}
+                other => {
+                    return Err(invalid(
+                        &key("kind"),
+                        format!("unknown sink kind {other:?} (webhook, slack, command or log)"),
+                    ))
+                }
+            }
+            if !names.insert(self.sink_name(i)) {
+                return Err(invalid(&key("name"), "two sinks share this name"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|_| {
+            invalid(
+                "server.listen",
+                format!(
+                    "{:?} is not an address such as 127.0.0.1:8080",
+                    self.server.listen
+                ),
+            )
+        })
+    }
+
+    /// The SQLite file behind `database.url` (`sqlite://path`, `sqlite:path`).
+    pub fn database_path(&self) -> Result<PathBuf, ConfigError> {
+        let url = self.database.url.as_str();
+        let rest = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .ok_or_else(|| invalid("database.url", "must start with sqlite://"))?;
+        let path = rest.split('?').next().unwrap_or_default();
+        if path.is_empty() || path == ":memory:" {
+            return Err(invalid(
+                "database.url",
+                "needs a file path (sqlite://data/cancelwatch.db)",
+            ));
+        }
+        Ok(PathBuf::from(path))
+    }
+
+    pub fn sink_name(&self, index: usize) -> String {
+        let sink = &self.alerts.sinks[index];
+        if sink.name.is_empty() {
+            format!("{}-{index}", sink.kind)
+        } else {
+            sink.name.clone()
+        }
+    }
+
+    pub fn stripe_enabled(&self) -> bool {
+        !self.stripe.webhook_secrets.is_empty()
+    }
+
+    pub fn juice_enabled(&self) -> bool {
+        !self.juice.checksum_keys.is_empty()
+    }
+
+    /// The effective configuration with every secret replaced, for display.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        let hide = |s: &mut String| {
+            if !s.is_empty() {
+                *s = REDACTED.into();
+            }
+        };
+        hide(&mut c.server.admin_token);
+        hide(&mut c.stripe.api_key);
+        hide(&mut c.juice.api_key);
+        for s in c
+            .stripe
+            .webhook_secrets
+            .iter_mut()
+            .chain(c.juice.checksum_keys.iter_mut())
+        {
+            *s = REDACTED.into();
+        }
+        for sink in &mut c.alerts.sinks {
+            hide(&mut sink.secret);
+            // Slack incoming-webhook URLs carry their secret in the path.
+            if sink.kind == "slack" {
+                hide(&mut sink.url);
+            }
+        }
+        c
+    }
+
+    /// Every configured secret, for tests that check nothing leaks.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out: Vec<String> = vec![
+            self.server.admin_token.clone(),
+            self.stripe.api_key.clone(),
+            self.juice.api_key.clone(),
+        ];
+        out.extend(self.stripe.webhook_secrets.iter().cloned());
+        out.extend(self.juice.checksum_keys.iter().cloned());
+        out.extend(self.alerts.sinks.iter().map(|s| s.secret.clone()));
+        out.retain(|s| !s.is_empty());
+        out
+    }
+}
+
+fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    match url::Url::parse(value) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        _ => Err(invalid(key, format!("{value:?} is not an http(s) URL"))),
+    }
+}
+
+fn check_severity(key: &str, value: &str) -> Result<(), ConfigError> {
+    if SEVERITIES.contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{value:?} is not one of info, warning, critical"),
+        ))
+    }
+}
+
+/// One line naming the key, from figment's error (which may carry several).
+fn describe(e: figment::Error) -> String {
+    let mut lines = Vec::new();
+    for err in e {
+        let key = err.path.join(".");
+        let source = err
+            .metadata
+            .as_ref()
+            .map(|m| format!(" (from {})", m.name))
+            .unwrap_or_default();
+        let kind = err.kind.to_string();
+        if key.is_empty() {
+            lines.push(format!("{kind}{source}"));
+        } else {
+            lines.push(format!("{key}: {kind}{source}"));
+        }
+    }
+    lines.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn redaction_hides_every_secret() {
+        let mut c = Config::default();
+        c.server.admin_token = "tok".into();
+        c.stripe.api_key = "sk_test_x".into();
+        c.stripe.webhook_secrets = vec!["whsec_a".into()];
+        c.juice.checksum_keys = vec!["biz".into()];
+        let shown = toml::to_string(&c.redacted()).unwrap();
+        for s in c.secrets() {
+            assert!(!shown.contains(&s), "{s} leaked");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The durable inbox. Every verified delivery is committed here before its 2xx.
+//!
+//! Group commit: requests hand their row to one writer task and wait. The
+//! writer takes whatever is waiting (up to `database.max_batch`), inserts it in
+//! one transaction and commits once, so one fsync covers many deliveries; each
+//! request is answered only after the commit that holds its row. With
+//! `database.group_commit = false` every delivery gets a transaction of its
+//! own (the baseline the benchmark compares against).
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+
+use crate::config::DatabaseConfig;
+use crate::store::inbox::NewDelivery;
+use crate::store::refusals::Refusal;
+use crate::store::{self, Db};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError {
+    #[error("inbox write failed: {0}")]
+    Write(String),
+    #[error("inbox writer has stopped")]
+    Stopped,
+}
+
+/// The outcome of an accept: committed now, or already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub duplicate: bool,
+}
+
+enum Job {
+    Delivery(Box<NewDelivery>, oneshot::Sender<Result<bool, InboxError>>),
+    Refusal(Refusal),
+}
+
+#[derive(Clone)]
+pub struct Inbox {
+    jobs: mpsc::Sender<Job>,
+    db: Db,
+    /// Woken after each commit that added deliveries, so workers start at once.
+    pub wake: Arc<Notify>,
+}
+
+impl Inbox {
+    pub fn start(db: &Db, cfg: &DatabaseConfig) -> (Inbox, JoinHandle<()>) {
+        let (jobs, rx) = mpsc::channel(cfg.max_batch.max(1) * 8);
+        let wake = Arc::new(Notify::new());
+        let max_batch = if cfg.group_commit { cfg.max_batch } else { 1 };
+        let writer = tokio::spawn(write_loop(db.clone(), rx, max_batch, wake.clone()));
+        (
+            Inbox {
+                jobs,
+                db: db.clone(),
+                wake,
+            },
+            writer,
+        )
+    }
+
+    /// Commits a delivery durably, or tells that it is a duplicate. A delivery
+    /// already stored is answered from a read, without a write.
+    pub async fn accept(&self, delivery: NewDelivery) -> Result<Accepted, InboxError> {
+        if store::inbox::exists(&self.db.read, &delivery.provider, &delivery.dedupe_key)
+            .await
+            .map_err(|e| InboxError::Write(e.to_string()))?
+        {
+            return Ok(Accepted { duplicate: true });
+        }
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Delivery(Box::new(delivery), reply))
+            .await
+            .map_err(|_| InboxError::Stopped)?;
+        let inserted = answer.await.map_err(|_| InboxError::Stopped)??;
+        Ok(Accepted {
+            duplicate: !inserted,
+        })
+    }
+
+    /// Records a refusal in the next group commit. Under a flood the record may
+    /// be dropped (counted in metrics) rather than slow good deliveries down.
+    pub fn record_refusal(&self, refusal: Refusal) {
+        if self.jobs.try_send(Job::Refusal(refusal)).is_err() {
+            metrics::counter!("cancelwatch_refusal_records_dropped_total").increment(1);
+        }
+    }
+}
+
+async fn write_loop(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, wake: Arc<Notify>) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut batch, max_batch).await > 0 {
+        let size = batch.len();
+        let result = commit(&db, &batch).await;
+        metrics::histogram!("cancelwatch_inbox_batch_size").record(size as f64);
+        let mut added = false;
+        match result {
+            Ok(inserted) => {
+                for (job, new) in batch.drain(..).zip(inserted) {
+                    if let Job::Delivery(_, reply) = job {
+                        added |= new;
+                        let _ = reply.send(Ok(new));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = size, "inbox commit failed; the deliveries are refused");
+                for job in batch.drain(..) {
+                    if let Job::Delivery(_, reply) = job {
+                        let _ = reply.send(Err(InboxError::Write(e.to_string())));
+                    }
+                }
+            }
+        }
+        if added {
+            wake.notify_waiters();
+            wake.notify_one();
+        }
+    }
+}
+
+/// One transaction for the whole batch; per job, whether a row was added.
+async fn commit(db: &Db, batch: &[Job]) -> Result<Vec<bool>, sqlx::Error> {
+    let mut tx = db.write.begin().await?;
+    let mut inserted = Vec::with_capacity(batch.len());
+    for job in batch {
+        match job {
+            Job::Delivery(d, _) => inserted.push(store::inbox::insert(&mut tx, d).await?),
+            Job::Refusal(r) => {
+                store::refusals::insert_tx(&mut tx, r).await?;
+                inserted.push(false);
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}

@@ -1,0 +1,176 @@
+//! Webhook routes: size limit, `provider.verify`, `inbox.accept`, answer.
+//! A 2xx goes out only after the delivery is committed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::providers::Refused;
+use crate::store::inbox::NewDelivery;
+use crate::store::refusals::Refusal;
+use crate::App;
+
+pub fn routes() -> Router<Arc<App>> {
+    Router::new().route("/webhooks/{provider}", post(receive))
+}
+
+/// Errors of the ingress layer, each with its HTTP answer.
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error("{0}")]
+    Refused(Refused),
+    #[error("no webhook endpoint for provider {0:?}")]
+    UnknownProvider(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+impl IntoResponse for IngressError {
+    fn into_response(self) -> Response {
+        match self {
+            IngressError::Refused(r) => error_body(r.status, r.code, &r.message),
+            IngressError::UnknownProvider(p) => error_body(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no webhook endpoint for {p:?} (is it configured?)"),
+            ),
+            IngressError::Internal(detail) => {
+                tracing::error!(%detail, "webhook delivery failed inside cancelwatch");
+                error_body(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+            }
+        }
+    }
+}
+
+async fn receive(
+    State(app): State<Arc<App>>,
+    Path(provider_name): Path<String>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, IngressError> {
+    let provider = app
+        .providers
+        .get(&provider_name)
+        .cloned()
+        .ok_or_else(|| IngressError::UnknownProvider(provider_name.clone()))?;
+    let name = provider.name();
+    let received_at = crate::time::now_str();
+    let refuse = |refused: Refused, size: Option<usize>| {
+        metrics::counter!("cancelwatch_deliveries_refused_total", "provider" => name, "reason" => refused.code)
+            .increment(1);
+        tracing::warn!(provider = name, reason = refused.code, message = %refused.message, remote = %remote, "delivery refused");
+        app.inbox.record_refusal(Refusal {
+            provider: name.to_string(),
+            reason: refused.code.to_string(),
+            message: refused.message.clone(),
+            http_status: refused.status.as_u16(),
+            body_size: size.map(|s| s as i64),
+            remote_addr: Some(remote.to_string()),
+            received_at: received_at.clone(),
+        });
+        IngressError::Refused(refused)
+    };
+
+    let body = match read_limited(&headers, body, app.config.server.max_body_bytes).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge(size)) => {
+            return Err(refuse(
+                Refused {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    code: "payload_too_large",
+                    message: format!(
+                        "the body is over {} bytes",
+                        app.config.server.max_body_bytes
+                    ),
+                },
+                size,
+            ))
+        }
+        Err(BodyError::Read(e)) => {
+            return Err(refuse(
+                Refused::malformed(format!("the body could not be read: {e}")),
+                None,
+            ))
+        }
+    };
+
+    let now = chrono::Utc::now().timestamp();
+    let verified = provider
+        .verify(&headers, &body, now)
+        .map_err(|r| refuse(r, Some(body.len())))?;
+
+    let resource = verified.resource.clone();
+    let delivery = NewDelivery {
+        provider: name.to_string(),
+        dedupe_key: verified.dedupe_key.clone(),
+        event_type: verified.event_type.clone(),
+        event_id: verified.event_id.clone(),
+        resource_kind: resource.as_ref().map(|r| r.kind.clone()),
+        resource_id: resource.as_ref().map(|r| r.id.clone()),
+        context: resource.and_then(|r| r.context),
+        livemode: verified.livemode,
+        raw_body: body.to_vec(),
+        source: "webhook",
+        received_at,
+    };
+    let accepted = app.inbox.accept(delivery).await.map_err(|e| {
+        IngressError::Internal(format!("{name} delivery {}: {e}", verified.dedupe_key))
+    })?;
+    if accepted.duplicate {
+        metrics::counter!("cancelwatch_deliveries_duplicate_total", "provider" => name)
+            .increment(1);
+    } else {
+        metrics::counter!("cancelwatch_deliveries_received_total", "provider" => name).increment(1);
+    }
+    tracing::debug!(provider = name, key = %verified.dedupe_key, event_type = %verified.event_type, duplicate = accepted.duplicate, "delivery accepted");
+    Ok(Json(json!({"received": true, "duplicate": accepted.duplicate})).into_response())
+}
+
+enum BodyError {
+    TooLarge(Option<usize>),
+    Read(String),
+}
+
+/// Reads at most `limit` bytes; a declared or actual size over it stops the
+/// read at once.
+async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(BodyError::TooLarge(Some(len)));
+        }
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            BodyError::TooLarge(None)
+        } else {
+            BodyError::Read(e.to_string())
+        }
+    })
+}

@@ -1,0 +1,217 @@
+//! cancelwatch: the webhook consumer that follows payment cancellations to
+//! their end. The life of one delivery, module by module:
+//!
+//! `ingress` → `providers::<p>::verify` → `inbox::accept` (committed, 2xx) →
+//! `pipeline::worker` claims it → `providers::<p>::fetch` → `pipeline::record`
+//! (transitions, refunds, alerts in one transaction) → `alerts::outbox`
+//! delivers → `api` / `cli` read.
+
+pub mod alerts;
+pub mod cli;
+pub mod config;
+pub mod inbox;
+pub mod ingress;
+pub mod metrics;
+pub mod providers;
+pub mod store;
+pub mod time;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// What every part of the running daemon shares.
+pub struct App {
+    pub config: Arc<Config>,
+    pub db: store::Db,
+    pub providers: providers::Providers,
+    pub inbox: inbox::Inbox,
+    pub metrics: PrometheusHandle,
+    /// Cancelled when the daemon shuts down; background tasks watch it.
+    pub shutdown: CancellationToken,
+}
+
+/// Opens the database named by the configuration (creating it), migrated.
+pub async fn open_db(config: &Config) -> anyhow::Result<store::Db> {
+    let path = config.database_path()?;
+    store::Db::open(&path, &config.database)
+        .await
+        .with_context(|| format!("opening the database at {}", path.display()))
+}
+
+/// Runs the daemon on an already-bound listener until SIGINT or SIGTERM.
+pub async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
+    run_until(config, listener, shutdown_signal()).await
+}
+
+/// Runs the daemon until `shutdown` resolves: stops accepting, finishes
+/// in-flight requests, stops the background tasks, commits what is queued and
+/// closes the database.
+pub async fn run_until(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let db = open_db(&config).await?;
+    let (inbox, writer) = inbox::Inbox::start(&db, &config.database);
+    let providers = providers::Providers::from_config(&config);
+    for name in ["stripe", "juice"] {
+        if providers.get(name).is_none() {
+            tracing::warn!(
+                provider = name,
+                "no webhook secrets configured: /webhooks/{name} answers 404"
+            );
+        }
+    }
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let app = Arc::new(App {
+        config: Arc::new(config),
+        db: db.clone(),
+        providers,
+        inbox,
+        metrics: metrics::handle(),
+        shutdown: CancellationToken::new(),
+    });
+
+    let tasks = tokio::task::JoinSet::<()>::new();
+    let router = router(app.clone());
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "cancelwatch listening");
+
+    let stop = app.shutdown.clone();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        signal_stop.cancel();
+    });
+    let serve_stop = stop.clone();
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { serve_stop.cancelled().await })
+    .await
+    .context("serving HTTP")?;
+    tracing::info!("stopped accepting; waiting for background tasks");
+
+    stop.cancel();
+    let mut tasks = tasks;
+    if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within the grace period; aborting them");
+        tasks.abort_all();
+    }
+    // The writer ends once every handle to the inbox is gone.
+    drop(app);
+    if tokio::time::timeout(grace, writer).await.is_err() {
+        tracing::warn!("inbox writer did not finish within the grace period");
+    }
+    db.close().await;
+    tracing::info!("cancelwatch stopped");
+    Ok(())
+}
+
+/// Every HTTP route of the daemon.
+pub fn router(app: Arc<App>) -> Router {
+    let limits = tower::ServiceBuilder::new()
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(app.config.server.request_timeout_secs),
+        ))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            app.config.server.max_concurrent_requests,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .merge(ingress::routes())
+        .layer(limits)
+        .with_state(app)
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    if app.db.ping().await {
+        (StatusCode::OK, Json(json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": "database not usable"})),
+        )
+    }
+}
+
+async fn render_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    if let Ok((depth, oldest)) = store::inbox::depth(&app.db.read).await {
+        ::metrics::gauge!("cancelwatch_inbox_depth").set(depth as f64);
+        let age = oldest
+            .and_then(|t| time::parse_lenient(&t))
+            .map(|t| (time::now() - t).num_milliseconds() as f64 / 1000.0)
+            .unwrap_or(0.0);
+        ::metrics::gauge!("cancelwatch_inbox_oldest_pending_seconds").set(age);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        app.metrics.render(),
+    )
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received, shutting down"),
+        _ = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+/// Sets up logging as configured (`RUST_LOG` overrides the level).
+pub fn init_logging(config: &config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if config.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

@@ -1,0 +1,70 @@
+//! The command line: parse, load configuration, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use cancelwatch::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "cancelwatch",
+    version,
+    about = "Follows payment cancellations to their end and keeps the audit trail"
+)]
+struct Cli {
+    /// Configuration file (default: config/cancelwatch.toml when present).
+    #[arg(long, global = true, env = "CANCELWATCH_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (applies migrations first).
+    Serve,
+    /// Apply migrations and exit.
+    Migrate,
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig,
+    /// Print a signature for a test delivery (Stripe-Signature header, or Juice checksum).
+    Sign(cancelwatch::cli::sign::SignArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cancelwatch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cancelwatch: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => cancelwatch::cli::serve(config).await,
+            Command::Migrate => cancelwatch::cli::migrate(config).await,
+            Command::CheckConfig => cancelwatch::cli::check_config(&config),
+            Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cancelwatch: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

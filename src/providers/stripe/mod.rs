@@ -1,0 +1,78 @@
+//! Stripe v2: thin events signed with `Stripe-Signature`.
+
+pub mod event;
+pub mod signature;
+
+use axum::http::HeaderMap;
+
+use super::{Provider, Refused, Verified};
+use crate::config::StripeConfig;
+
+pub const NAME: &str = "stripe";
+pub const SIGNATURE_HEADER: &str = "stripe-signature";
+
+pub struct Stripe {
+    config: StripeConfig,
+}
+
+impl Stripe {
+    pub fn new(config: StripeConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl Provider for Stripe {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn verify(&self, headers: &HeaderMap, body: &[u8], now_unix: i64) -> Result<Verified, Refused> {
+        let mut values = headers.get_all(SIGNATURE_HEADER).iter();
+        let header = match (values.next(), values.next()) {
+            (None, _) => {
+                return Err(Refused::unauthorized(
+                    "missing_signature",
+                    "the Stripe-Signature header is missing",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(Refused::unauthorized(
+                    "invalid_signature",
+                    "the Stripe-Signature header appears more than once",
+                ))
+            }
+            (Some(v), None) => v.to_str().map_err(|_| {
+                Refused::unauthorized(
+                    "invalid_signature",
+                    "the Stripe-Signature header is not ASCII",
+                )
+            })?,
+        };
+        signature::verify(
+            header,
+            body,
+            &self.config.webhook_secrets,
+            self.config.tolerance_secs,
+            now_unix,
+        )
+        .map_err(|e| match e {
+            signature::SignatureError::Missing => {
+                Refused::unauthorized("missing_signature", e.to_string())
+            }
+            signature::SignatureError::TooOld { .. } => {
+                Refused::unauthorized("timestamp_out_of_tolerance", e.to_string())
+            }
+            _ => Refused::unauthorized("invalid_signature", e.to_string()),
+        })?;
+        let event = event::ThinEvent::decode(body)?;
+        Ok(Verified {
+            provider: NAME,
+            dedupe_key: event.id.clone(),
+            event_type: event.event_type.clone(),
+            resource: event.resource(),
+            livemode: event.livemode,
+            event_id: Some(event.id),
+            _sealed: (),
+        })
+    }
+}
