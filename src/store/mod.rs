@@ -27,9 +27,10 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("database: cannot create {path}: {source}")]
+    #[error("database: cannot create the folder {path}")]
     CreateDir {
         path: String,
+        #[source]
         source: std::io::Error,
     },
 }
