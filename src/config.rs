@@ -709,6 +709,18 @@ mod tests {
         Config::default().validate().unwrap();
     }
 
+    /// The example in the repository is complete and says the defaults truly.
+    #[test]
+    fn example_file_matches_the_defaults() {
+        let example: Config = Figment::from(Toml::string(include_str!("../config/cancelwatch.toml")))
+            .extract()
+            .unwrap();
+        assert_eq!(
+            toml::to_string(&example).unwrap(),
+            toml::to_string(&Config::default()).unwrap()
+        );
+    }
+
     #[test]
     fn redaction_hides_every_secret() {
         let mut c = Config::default();
