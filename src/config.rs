@@ -38,6 +38,10 @@ pub struct ServerConfig {
     pub request_timeout_secs: u64,
     /// Requests handled at once; more wait.
     pub max_concurrent_requests: usize,
+    /// Open connections at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Deadline for a client to send its request headers (slowloris).
+    pub header_read_timeout_secs: u64,
     /// How long shutdown waits for in-flight requests and workers.
     pub shutdown_grace_secs: u64,
 }
@@ -50,6 +54,8 @@ impl Default for ServerConfig {
             admin_token: String::new(),
             request_timeout_secs: 15,
             max_concurrent_requests: 1024,
+            max_connections: 2048,
+            header_read_timeout_secs: 10,
             shutdown_grace_secs: 10,
         }
     }
@@ -465,6 +471,15 @@ impl Config {
         if self.server.request_timeout_secs == 0 {
             return Err(invalid("server.request_timeout_secs", "must be above 0"));
         }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be above 0"));
+        }
+        if self.server.header_read_timeout_secs == 0 {
+            return Err(invalid(
+                "server.header_read_timeout_secs",
+                "must be above 0",
+            ));
+        }
         if self.server.max_concurrent_requests == 0 {
             return Err(invalid("server.max_concurrent_requests", "must be above 0"));
         }
@@ -712,9 +727,10 @@ mod tests {
     /// The example in the repository is complete and says the defaults truly.
     #[test]
     fn example_file_matches_the_defaults() {
-        let example: Config = Figment::from(Toml::string(include_str!("../config/cancelwatch.toml")))
-            .extract()
-            .unwrap();
+        let example: Config =
+            Figment::from(Toml::string(include_str!("../config/cancelwatch.toml")))
+                .extract()
+                .unwrap();
         assert_eq!(
             toml::to_string(&example).unwrap(),
             toml::to_string(&Config::default()).unwrap()

@@ -7,17 +7,18 @@
 //! delivers → `api` / `cli` read.
 
 pub mod alerts;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod inbox;
 pub mod ingress;
 pub mod metrics;
 pub mod providers;
+pub mod server;
 pub mod store;
 pub mod time;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,14 +100,12 @@ pub async fn run_until(
         shutdown.await;
         signal_stop.cancel();
     });
-    let serve_stop = stop.clone();
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { serve_stop.cancelled().await })
-    .await
-    .context("serving HTTP")?;
+    let serve_opts = server::ServeOptions {
+        max_connections: app.config.server.max_connections,
+        header_read_timeout: Duration::from_secs(app.config.server.header_read_timeout_secs),
+        grace,
+    };
+    server::serve(listener, router, serve_opts, stop.clone()).await;
     tracing::info!("stopped accepting; waiting for background tasks");
 
     stop.cancel();

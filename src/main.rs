@@ -31,6 +31,8 @@ enum Command {
     CheckConfig,
     /// Print a signature for a test delivery (Stripe-Signature header, or Juice checksum).
     Sign(cancelwatch::cli::sign::SignArgs),
+    /// Load-test the webhook front door of a daemon it starts (see README, Performance).
+    Bench(cancelwatch::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
             Command::Migrate => cancelwatch::cli::migrate(config).await,
             Command::CheckConfig => cancelwatch::cli::check_config(&config),
             Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),
+            Command::Bench(args) => cancelwatch::bench::run(args).await,
         }
     });
     match result {

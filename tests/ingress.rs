@@ -658,3 +658,42 @@ fn bad_configuration_names_the_key() {
     assert!(shown.contains("stripe: mounted"), "{shown}");
     assert!(shown.contains("juice: NOT mounted"), "{shown}");
 }
+
+/// Slow clients cannot hold the front door: a client that never finishes its
+/// headers is cut off, and with every connection slot taken by such clients a
+/// good delivery still gets through once their deadline passes.
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_good_deliveries_get_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.server.max_connections = 4;
+    c.server.header_read_timeout_secs = 1;
+    let d = Daemon::start(c).await;
+    let addr = d.url.trim_start_matches("http://").to_string();
+
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    let body = thin_event("evt_after_slowloris");
+    let (status, _) = tokio::time::timeout(
+        Duration::from_secs(15),
+        post_stripe(&d.url, &body, Some(&signed_now(STRIPE_SECRET, &body))),
+    )
+    .await
+    .expect("a good delivery gets through within 15 s");
+    assert_eq!(status, 200);
+
+    // Each slow client was disconnected (EOF or reset), not left hanging.
+    for mut s in slow {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(read.is_ok(), "a slow client is still connected");
+    }
+    d.stop().await;
+}

@@ -1,0 +1,406 @@
+//! `cancelwatch bench`: a load generator for the webhook front door.
+//!
+//! It starts the daemon under test as a child process (this same binary,
+//! `serve`, on a fresh temporary database), signs unique Stripe deliveries and
+//! drives them either as fast as `--connections` allow or at a fixed `--rate`
+//! (open loop: latency counts from the moment a request was due, so a stalled
+//! server cannot hide its stalls). It prints accepted per second, latency
+//! percentiles, refusals, errors and the daemon's peak resident memory as the
+//! OS reports it. `--compare` runs the same load against group commit and
+//! against one commit per request, and prints the ratio.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::providers::stripe::signature;
+
+const SECRET: &str = "whsec_bench_only";
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// How long each run offers load, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Requests per second to offer; 0 means as fast as the connections allow.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Concurrent connections (at a fixed rate: the most requests in flight).
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Run twice, with group commit and with one commit per request, and print the ratio.
+    #[arg(long)]
+    pub compare: bool,
+    /// Commit each request on its own (the baseline) instead of group commit.
+    #[arg(long)]
+    pub no_group_commit: bool,
+    /// SQLite synchronous level of the daemon under test: full or normal.
+    #[arg(long, default_value = "full")]
+    pub synchronous: String,
+    /// Where the temporary database goes (default: the system temp folder).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub label: String,
+    pub seconds: f64,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub refused: u64,
+    pub errors: u64,
+    pub latencies_us: Vec<u64>,
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl Report {
+    pub fn per_second(&self) -> f64 {
+        self.accepted as f64 / self.seconds
+    }
+
+    /// The q-quantile (0..=1) of the latencies, in milliseconds.
+    pub fn percentile_ms(&self, q: f64) -> f64 {
+        percentile(&self.latencies_us, q) as f64 / 1000.0
+    }
+
+    pub fn print(&self) {
+        println!("== {}", self.label);
+        println!(
+            "accepted {} in {:.1} s = {:.0}/s; duplicates {}, refused {}, errors {}",
+            self.accepted,
+            self.seconds,
+            self.per_second(),
+            self.duplicates,
+            self.refused,
+            self.errors
+        );
+        println!(
+            "ack latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            self.percentile_ms(0.50),
+            self.percentile_ms(0.99),
+            self.percentile_ms(0.999),
+            self.percentile_ms(1.0)
+        );
+        match self.peak_rss_kib {
+            Some(kib) => println!("daemon peak RSS: {:.1} MiB", kib as f64 / 1024.0),
+            None => println!("daemon peak RSS: unknown (no /proc)"),
+        }
+    }
+}
+
+/// Sorted-copy percentile; `q` = 1.0 is the maximum.
+pub fn percentile(samples: &[u64], q: f64) -> u64 {
+    if samples.is_empty() {
+        return 0;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if !["full", "normal"].contains(&args.synchronous.as_str()) {
+        bail!("--synchronous must be full or normal");
+    }
+    if args.connections == 0 || args.duration == 0 {
+        bail!("--connections and --duration must be above 0");
+    }
+    println!(
+        "machine: {} cores; offered: {}; {} connections; {} s per run; synchronous={}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        if args.rate == 0 {
+            "full speed".to_string()
+        } else {
+            format!("{}/s", args.rate)
+        },
+        args.connections,
+        args.duration,
+        args.synchronous
+    );
+    let mut reports = Vec::new();
+    let modes: Vec<bool> = if args.compare {
+        vec![true, false]
+    } else {
+        vec![!args.no_group_commit]
+    };
+    for group_commit in modes {
+        let label = if group_commit {
+            "group commit"
+        } else {
+            "one commit per request"
+        };
+        let report = run_once(&args, group_commit, label).await?;
+        report.print();
+        reports.push(report);
+    }
+    if let [grouped, single] = &reports[..] {
+        println!(
+            "group commit / one commit per request: {:.1}x accepted per second",
+            grouped.per_second() / single.per_second().max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(())
+}
+
+async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::Result<Report> {
+    let tmp = match &args.dir {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .context("creating a temporary folder for the database")?;
+    let port = free_port()?;
+    let mut daemon = DaemonProcess::spawn(tmp.path(), port, group_commit, &args.synchronous)?;
+    let url = format!("http://127.0.0.1:{port}");
+    daemon.wait_ready(&url).await?;
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let counters = Arc::new(Counters::default());
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    let next_id = Arc::new(AtomicU64::new(0));
+    let run_tag = format!("{}_{}", std::process::id(), port);
+    for w in 0..args.connections {
+        let client = client.clone();
+        let url = format!("{url}/webhooks/stripe");
+        let counters = counters.clone();
+        let next_id = next_id.clone();
+        let run_tag = run_tag.clone();
+        // At a fixed rate, each connection owns every `connections`-th slot.
+        let interval = (args.rate > 0)
+            .then(|| Duration::from_secs_f64(args.connections as f64 / args.rate as f64));
+        let offset = interval.map(|i| i.mul_f64(w as f64 / args.connections as f64));
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut due = Instant::now() + offset.unwrap_or_default();
+            loop {
+                if interval.is_some() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let start = if interval.is_some() {
+                    due
+                } else {
+                    Instant::now()
+                };
+                if start >= deadline {
+                    break;
+                }
+                let n = next_id.fetch_add(1, Ordering::Relaxed);
+                let body = delivery(&run_tag, n);
+                let header = signature::sign_header(SECRET, chrono::Utc::now().timestamp(), &body);
+                let result = client
+                    .post(&url)
+                    .header("Stripe-Signature", header)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                counters.record(result).await;
+                latencies.push(start.elapsed().as_micros() as u64);
+                if let Some(iv) = interval {
+                    due += iv;
+                }
+            }
+            latencies
+        });
+    }
+    let mut latencies_us = Vec::new();
+    while let Some(l) = workers.join_next().await {
+        latencies_us.extend(l?);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let peak_rss_kib = daemon.peak_rss_kib();
+    daemon.stop();
+    Ok(Report {
+        label: label.to_string(),
+        seconds,
+        accepted: counters.accepted.load(Ordering::Relaxed),
+        duplicates: counters.duplicates.load(Ordering::Relaxed),
+        refused: counters.refused.load(Ordering::Relaxed),
+        errors: counters.errors.load(Ordering::Relaxed),
+        latencies_us,
+        peak_rss_kib,
+    })
+}
+
+/// A unique thin event about an outbound transfer that does not exist: the
+/// front door does not care, and the daemon's provider API is a closed port.
+fn delivery(run_tag: &str, n: u64) -> Vec<u8> {
+    format!(
+        concat!(
+            r#"{{"id":"evt_bench_{tag}_{n}","object":"v2.core.event","#,
+            r#""type":"v2.money_management.outbound_transfer.canceled","created":"2026-10-30T12:00:00.000Z","#,
+            r#""livemode":false,"related_object":{{"id":"obt_bench_{n}","type":"v2.money_management.outbound_transfer","#,
+            r#""url":"/v2/money_management/outbound_transfers/obt_bench_{n}"}}}}"#
+        ),
+        tag = run_tag,
+        n = n
+    )
+    .into_bytes()
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    duplicates: AtomicU64,
+    refused: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Counters {
+    async fn record(&self, result: reqwest::Result<reqwest::Response>) {
+        match result {
+            Ok(r) if r.status().is_success() => {
+                let duplicate = r
+                    .bytes()
+                    .await
+                    .map(|b| b.windows(16).any(|w| w == b"\"duplicate\":true"))
+                    .unwrap_or(false);
+                if duplicate {
+                    self.duplicates.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(r) if r.status().is_client_error() => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// The daemon under test, as a child process of this same binary.
+struct DaemonProcess {
+    child: Child,
+}
+
+impl DaemonProcess {
+    fn spawn(dir: &Path, port: u16, group_commit: bool, synchronous: &str) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding the cancelwatch binary")?;
+        let child = Command::new(exe)
+            .arg("serve")
+            .env_clear()
+            .env("CANCELWATCH_CONFIG", dir.join("none.toml"))
+            .env("CANCELWATCH_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "CANCELWATCH_DATABASE__URL",
+                format!("sqlite://{}/bench.db", dir.display()),
+            )
+            .env(
+                "CANCELWATCH_DATABASE__GROUP_COMMIT",
+                group_commit.to_string(),
+            )
+            .env("CANCELWATCH_DATABASE__SYNCHRONOUS", synchronous)
+            .env(
+                "CANCELWATCH_STRIPE__WEBHOOK_SECRETS",
+                format!("[\"{SECRET}\"]"),
+            )
+            .env("CANCELWATCH_STRIPE__API_BASE", "http://127.0.0.1:9")
+            .env("CANCELWATCH_JUICE__API_BASE", "http://127.0.0.1:9")
+            .env("CANCELWATCH_RECONCILE__ENABLED", "false")
+            .env("CANCELWATCH_LOG__LEVEL", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the daemon under test")?;
+        std::fs::write(dir.join("none.toml"), "").context("writing an empty config")?;
+        Ok(Self { child })
+    }
+
+    async fn wait_ready(&mut self, url: &str) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the daemon under test exited: {status}");
+            }
+            if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("the daemon under test did not become ready within 30 s")
+    }
+
+    /// VmHWM: the most resident memory the process ever had.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let s: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&s, 0.5), 500);
+        assert_eq!(percentile(&s, 0.99), 990);
+        assert_eq!(percentile(&s, 0.999), 999);
+        assert_eq!(percentile(&s, 1.0), 1000);
+        assert_eq!(percentile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn deliveries_are_unique_signed_thin_events() {
+        let a = delivery("t", 1);
+        let b = delivery("t", 2);
+        assert_ne!(a, b);
+        let e = crate::providers::stripe::event::ThinEvent::decode(&a).unwrap();
+        assert_eq!(e.id, "evt_bench_t_1");
+        assert_eq!(e.resource().unwrap().id, "obt_bench_1");
+    }
+}
