@@ -11,6 +11,9 @@ use sqlx::sqlite::SqlitePoolOptions;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+mod support;
+use support::BinaryDaemon;
+
 const STRIPE_SECRET: &str = "whsec_ingress_test";
 const OLD_STRIPE_SECRET: &str = "whsec_ingress_old";
 const JUICE_KEY: &str = "juice-business-ingress";
@@ -443,46 +446,16 @@ async fn a_restart_keeps_what_was_acknowledged() {
 #[tokio::test]
 async fn acknowledged_deliveries_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let url = format!("http://127.0.0.1:{port}");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cancelwatch"))
-        .arg("serve")
-        .env_clear()
-        .env("CANCELWATCH_CONFIG", dir.path().join("absent.toml"))
-        .env("CANCELWATCH_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "CANCELWATCH_DATABASE__URL",
-            format!("sqlite://{}/cw.db", dir.path().display()),
-        )
-        .env(
+    let mut daemon = BinaryDaemon::start(
+        dir.path(),
+        &[(
             "CANCELWATCH_STRIPE__WEBHOOK_SECRETS",
             format!("[\"{STRIPE_SECRET}\"]"),
-        )
-        .env("CANCELWATCH_STRIPE__API_BASE", "http://127.0.0.1:9")
-        .env("CANCELWATCH_JUICE__API_BASE", "http://127.0.0.1:9")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
-        .spawn()
-        .unwrap();
-    std::fs::write(dir.path().join("absent.toml"), "").unwrap();
+        )],
+    )
+    .await;
+    let url = daemon.url.clone();
     let client = reqwest::Client::new();
-    let mut up = false;
-    // Bounded: up to 60 s on a loaded machine.
-    for _ in 0..2400 {
-        if client.get(format!("{url}/healthz")).send().await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(
-        up,
-        "the binary never started listening: {}",
-        std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
-    );
 
     let mut sends = tokio::task::JoinSet::new();
     for i in 0..200 {
@@ -511,11 +484,10 @@ async fn acknowledged_deliveries_survive_sigkill() {
             acked.push(id);
         }
         if acked.len() == 100 {
-            child.kill().unwrap();
+            daemon.kill();
             break;
         }
     }
-    child.wait().unwrap();
     while let Some(res) = sends.join_next().await {
         if let Some(id) = res.unwrap() {
             acked.push(id);
@@ -541,62 +513,13 @@ async fn acknowledged_deliveries_survive_sigkill() {
 #[tokio::test]
 async fn sigterm_shuts_down_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let log = dir.path().join("stderr.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cancelwatch"))
-        .arg("serve")
-        .env_clear()
-        .env("CANCELWATCH_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env(
-            "CANCELWATCH_DATABASE__URL",
-            format!("sqlite://{}/db/cw.db", dir.path().display()),
-        )
-        .env("CANCELWATCH_STRIPE__API_BASE", "http://127.0.0.1:9")
-        .env("CANCELWATCH_JUICE__API_BASE", "http://127.0.0.1:9")
-        .current_dir(dir.path())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let client = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..2400 {
-        if client
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await
-            .is_ok()
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(
-        up,
-        "never listened: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let mut status = None;
-    for _ in 0..400 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let Some(status) = status else {
-        child.kill().unwrap();
-        panic!("did not stop within 20 s of SIGTERM");
-    };
-    let text = std::fs::read_to_string(&log).unwrap();
+    let db = format!("sqlite://{}/db/cw.db", dir.path().display());
+    let mut daemon = BinaryDaemon::start(dir.path(), &[("CANCELWATCH_DATABASE__URL", db)]).await;
+    let status = daemon
+        .terminate()
+        .await
+        .expect("stops within 20 s of SIGTERM");
+    let text = daemon.log_text();
     assert!(status.success(), "exit {status:?}: {text}");
     assert!(text.contains("SIGTERM received"), "{text}");
     assert!(text.contains("cancelwatch stopped"), "{text}");
