@@ -13,6 +13,7 @@ pub mod inbox;
 pub mod ingress;
 pub mod metrics;
 pub mod providers;
+pub mod sim;
 pub mod store;
 pub mod time;
 
