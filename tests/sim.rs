@@ -623,6 +623,9 @@ async fn event_listing_pages_and_filters() {
     assert!(none["next_page_url"].is_null());
     let (status, _) = stripe_get(&sim, "/v2/core/events/evt_missing").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = stripe_get(&sim, "/v2/core/no_such_thing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
     drop(canceled);
 }
 

@@ -176,3 +176,60 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: SimulateArgs,
+    }
+
+    fn args(extra: &[&str]) -> SimulateArgs {
+        let mut argv = vec!["simulate"];
+        argv.extend_from_slice(extra);
+        Wrapper::parse_from(argv).args
+    }
+
+    #[test]
+    fn defaults_and_scenario_choice() {
+        let a = args(&[]);
+        assert_eq!(a.listen, "127.0.0.1:12111");
+        assert_eq!(a.step_delay_ms, 500);
+        assert_eq!(choose(&a, true, true).unwrap().len(), 7);
+        let stripe_only = choose(&a, true, false).unwrap();
+        assert!(stripe_only.iter().all(|n| !n.starts_with("juice_")));
+        assert_eq!(stripe_only.len(), 5);
+        let a = args(&["--scenario", "juice_clean_cancellation", "--duplicate"]);
+        assert!(a.duplicate);
+        assert_eq!(
+            choose(&a, true, true).unwrap(),
+            vec!["juice_clean_cancellation"]
+        );
+        let err = choose(&a, true, false).unwrap_err().to_string();
+        assert!(err.contains("juice"), "{err}");
+        let err = choose(&args(&["--scenario", "nope"]), true, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown scenario"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn refuses_to_run_without_secrets() {
+        let err = run(&Config::default(), args(&["--listen", "127.0.0.1:0"]))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no secrets configured"), "{err}");
+        let mut config = Config::default();
+        config.stripe.webhook_secrets = vec!["whsec_x".into()];
+        let err = run(&config, args(&["--listen", "127.0.0.1:0"]))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stripe.api_key"), "{err}");
+    }
+}

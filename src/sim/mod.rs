@@ -304,9 +304,27 @@ impl axum::response::IntoResponse for ApiError {
     }
 }
 
+/// A 404 in the shape of the provider whose path prefix was asked for.
+async fn unknown_route(uri: axum::http::Uri) -> ApiError {
+    let status = axum::http::StatusCode::NOT_FOUND;
+    let message = format!("Unrecognized request URL: {}", uri.path());
+    if uri.path().starts_with("/v2/") {
+        stripe_api::error(status, "invalid_request_error", "not_found", &message)
+    } else {
+        juice_api::error(
+            status,
+            "not_found",
+            &message,
+            "invalid_request_error",
+            serde_json::json!({}),
+        )
+    }
+}
+
 fn router(shared: Arc<Shared>) -> Router {
     stripe_api::routes()
         .merge(juice_api::routes())
+        .fallback(unknown_route)
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             faults::middleware,
