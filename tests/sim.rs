@@ -570,7 +570,10 @@ async fn faults_errors_rate_limits_hangs_and_outages() {
 async fn event_listing_pages_and_filters() {
     let sim = sim(None).await;
     let since = cancelwatch::time::fmt(chrono::Utc::now() - chrono::Duration::seconds(5));
-    let returned = play_first(&sim, "outbound_transfer_returned", 3).await;
+    let returned = sim.scenario("outbound_transfer_returned").unwrap();
+    for step in &returned.steps {
+        sim.apply_step(step);
+    }
     let canceled = play_first(&sim, "outbound_transfer_canceled", 2).await;
     assert_eq!(sim.event_count(), 5);
 
@@ -767,4 +770,67 @@ async fn deliveries_are_retried_and_refusals_reported() {
         .await
         .unwrap_err();
     assert!(format!("{err:#}").contains("401"), "{err:#}");
+}
+
+/// The real daemon's ingress accepts every delivery the simulator sends, and
+/// takes each in exactly once even when sent twice.
+#[tokio::test]
+async fn real_daemon_accepts_every_delivery_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_base = format!("http://{}", sim_listener.local_addr().unwrap());
+    let daemon_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let daemon_base = format!("http://{}", daemon_listener.local_addr().unwrap());
+
+    let mut config = cancelwatch::Config::default();
+    config.database.url = format!("sqlite://{}/cw.db", dir.path().display());
+    config.stripe.api_base = sim_base.clone();
+    config.stripe.api_key = STRIPE_KEY.into();
+    config.stripe.webhook_secrets = vec![WEBHOOK_SECRET.into()];
+    config.juice.api_base = sim_base;
+    config.juice.api_key = JUICE_KEY.into();
+    config.juice.checksum_keys = vec![BUSINESS_ID.into()];
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(cancelwatch::run_until(config, daemon_listener, async {
+        let _ = stopped.await;
+    }));
+
+    let sim = Simulator::start(
+        sim_listener,
+        SimConfig {
+            stripe_api_key: STRIPE_KEY.into(),
+            juice_api_key: JUICE_KEY.into(),
+            stripe_webhook_secret: WEBHOOK_SECRET.into(),
+            juice_checksum_key: BUSINESS_ID.into(),
+            target: Some(daemon_base),
+        },
+    )
+    .await
+    .unwrap();
+    let opts = DeliveryOptions {
+        duplicate: true,
+        ..DeliveryOptions::default()
+    };
+    for name in Simulator::scenario_names() {
+        let scenario = sim.scenario(name).unwrap();
+        sim.play(&scenario, &opts).await.unwrap();
+    }
+    let generated = sim.event_count();
+
+    stop.send(()).unwrap();
+    daemon.await.unwrap().unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}/cw.db", dir.path().display()))
+        .await
+        .unwrap();
+    let (stored,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (refused,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM refusals")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(refused, 0);
+    assert_eq!(stored as usize, generated);
+    pool.close().await;
 }

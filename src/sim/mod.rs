@@ -192,18 +192,23 @@ impl Simulator {
         scenarios::build(name, &self.shared.cfg.juice_checksum_key)
     }
 
+    /// Applies the step's state change and records its events (the events API
+    /// lists them) without sending anything: a lost delivery, for backfill and
+    /// reconcile tests.
+    pub fn apply_step(&self, step: &Step) {
+        let mut world = self.shared.world();
+        for change in &step.changes {
+            world.apply(change);
+        }
+        for d in &step.deliveries {
+            world.record_delivery(d);
+        }
+    }
+
     /// Applies the step's state change, then sends its deliveries to the
     /// target (if one is configured). Fails if the daemon never accepts one.
     pub async fn play_step(&self, step: &Step, opts: &DeliveryOptions) -> anyhow::Result<()> {
-        {
-            let mut world = self.shared.world();
-            for change in &step.changes {
-                world.apply(change);
-            }
-            for d in &step.deliveries {
-                world.record_delivery(d);
-            }
-        }
+        self.apply_step(step);
         if self.shared.cfg.target.is_none() {
             return Ok(());
         }
