@@ -98,7 +98,7 @@ impl World {
 }
 
 /// Keys the deliveries are signed with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Signer {
     pub stripe_webhook_secret: String,
     pub juice_checksum_key: String,

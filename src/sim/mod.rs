@@ -43,7 +43,8 @@ use state::World;
 
 /// What the simulator expects and signs with. Match it to the daemon's
 /// configuration (api keys, first webhook secret, first checksum key).
-#[derive(Debug, Clone, Default)]
+/// Its `Debug` form hides the secrets.
+#[derive(Clone, Default)]
 pub struct SimConfig {
     /// Expected as `Authorization: Bearer <key>` on the Stripe API.
     pub stripe_api_key: String,
@@ -56,6 +57,22 @@ pub struct SimConfig {
     /// The daemon's base URL; deliveries go to `{target}/webhooks/stripe|juice`.
     /// Without one, steps change the state but nothing is sent.
     pub target: Option<String>,
+}
+
+impl std::fmt::Debug for SimConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &str| if s.is_empty() { "" } else { "<redacted>" };
+        f.debug_struct("SimConfig")
+            .field("stripe_api_key", &hidden(&self.stripe_api_key))
+            .field("juice_api_key", &hidden(&self.juice_api_key))
+            .field(
+                "stripe_webhook_secret",
+                &hidden(&self.stripe_webhook_secret),
+            )
+            .field("juice_checksum_key", &hidden(&self.juice_checksum_key))
+            .field("target", &self.target)
+            .finish()
+    }
 }
 
 /// One API request the simulator received.
@@ -335,4 +352,30 @@ fn router(shared: Arc<Shared>) -> Router {
             faults::middleware,
         ))
         .with_state(shared)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_secrets() {
+        let cfg = SimConfig {
+            stripe_api_key: "sk_test_secret_key".into(),
+            juice_api_key: "juice_secret_key".into(),
+            stripe_webhook_secret: "whsec_secret".into(),
+            juice_checksum_key: "business-secret".into(),
+            target: Some("http://127.0.0.1:1".into()),
+        };
+        let shown = format!("{cfg:?}");
+        for secret in [
+            "sk_test_secret_key",
+            "juice_secret_key",
+            "whsec_secret",
+            "business-secret",
+        ] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("127.0.0.1:1"));
+    }
 }
