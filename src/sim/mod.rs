@@ -3,6 +3,25 @@
 //! scenarios, and correctly signed deliveries to a cancelwatch daemon. Used by
 //! `cancelwatch simulate`, `demo` and the integration tests.
 //!
+//! What it serves (one port for both providers):
+//! - Stripe (`Authorization: Bearer <key>` and `Stripe-Version` required):
+//!   `GET|POST(cancel) /v2/money_management/outbound_transfers/{id}`,
+//!   `GET|POST(cancel) /v2/core/batch_jobs/{id}`, `GET /v2/core/events/{id}` and
+//!   `GET /v2/core/events?created[gte]=&types[0]=&object_id=&limit=` (newest
+//!   first, `next_page_url` until null). Cancels honour `Idempotency-Key`.
+//!   A transfer cancel sends `…outbound_transfer.canceled`; a batch-job cancel
+//!   answers `cancelling`, sends `…batch_job.updated`, and ~300 ms later moves
+//!   the job to `canceled` and sends `…batch_job.canceled`.
+//! - Juice (`Authorization: <key>` or `Bearer <key>`): `GET /bulk-transfers`,
+//!   `GET /bulk-transfers/{id}`, `POST /bulk-transfers/{id}/cancel` (422
+//!   `partial_cancellation` when some items could not be cancelled; the state
+//!   changed anyway). ~300 ms after a cancel, in-flight items complete and
+//!   cancelled ones are reversed, each with its webhook.
+//! - [`Faults`] inject errors, 429s, hangs and outages into API answers.
+//! - Scenarios ([`Simulator::scenario`]) script a resource's life step by
+//!   step; [`Simulator::play_step`] applies a step and sends its deliveries,
+//!   [`Simulator::apply_step`] applies it without sending (a lost delivery).
+//!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
 //! use cancelwatch::sim::{DeliveryOptions, SimConfig, Simulator};
