@@ -15,6 +15,7 @@ pub mod ingress;
 pub mod metrics;
 pub mod providers;
 pub mod server;
+pub mod sim;
 pub mod store;
 pub mod time;
 

@@ -1,6 +1,7 @@
 //! Command implementations behind `src/main.rs`.
 
 pub mod sign;
+pub mod simulate;
 
 use anyhow::Context;
 
