@@ -31,6 +31,8 @@ enum Command {
     CheckConfig,
     /// Print a signature for a test delivery (Stripe-Signature header, or Juice checksum).
     Sign(cancelwatch::cli::sign::SignArgs),
+    /// List a provider's events since a time and take in the ones missing.
+    Backfill(cancelwatch::cli::backfill::BackfillArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
             Command::Migrate => cancelwatch::cli::migrate(config).await,
             Command::CheckConfig => cancelwatch::cli::check_config(&config),
             Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),
+            Command::Backfill(args) => cancelwatch::cli::backfill::run(config, args).await,
         }
     });
     match result {
