@@ -604,3 +604,262 @@ mod tests {
         assert!(next_reconcile(StatusClass::Settled, true, now, 60).is_some());
     }
 }
+
+#[cfg(test)]
+mod db_tests {
+    use super::*;
+    use crate::providers::juice::objects::decode_bulk;
+    use crate::providers::stripe::event::{BATCH_JOB, OUTBOUND_TRANSFER};
+    use crate::providers::stripe::objects::decode;
+    use crate::store::Db;
+    use serde_json::json;
+
+    async fn db() -> (tempfile::TempDir, Db, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::default();
+        let db = Db::open(&dir.path().join("cw.db"), &config.database)
+            .await
+            .unwrap();
+        (dir, db, config)
+    }
+
+    async fn put(db: &Db, config: &Config, obs: &Observation, trigger: &Trigger) -> Recorded {
+        let mut tx = db.write.begin().await.unwrap();
+        let r = record(&mut tx, config, obs, trigger, Some("acct_1"), time::now())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        r
+    }
+
+    fn history(ts: &[resources::Transition]) -> Vec<(Option<&str>, &str)> {
+        ts.iter()
+            .map(|t| (t.from_status.as_deref(), t.to_status.as_str()))
+            .collect()
+    }
+
+    fn obt(status: &str) -> Observation {
+        decode(
+            OUTBOUND_TRANSFER,
+            "obt_1",
+            json!({"id": "obt_1", "status": status, "livemode": false,
+                   "amount": {"value": 1500, "currency": "usd"},
+                   "status_transitions": {"canceled_at": "2026-10-30T12:01:00Z"}}),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_transition_per_change_and_never_backwards() {
+        let (_dir, db, config) = db().await;
+        let r = put(&db, &config, &obt("processing"), &Trigger::event("evt_1")).await;
+        assert_eq!(r.transitions, 1);
+        assert_eq!(
+            put(&db, &config, &obt("processing"), &Trigger::event("evt_2"))
+                .await
+                .transitions,
+            0
+        );
+        let r = put(&db, &config, &obt("canceled"), &Trigger::cancel(7)).await;
+        assert_eq!(r.transitions, 1);
+        let r = put(&db, &config, &obt("processing"), &Trigger::reconcile()).await;
+        assert!(r.stale);
+        assert_eq!(r.transitions, 0);
+
+        let ts = resources::transitions_of(&db.read, "obt_1").await.unwrap();
+        assert_eq!(
+            history(&ts),
+            vec![(None, "processing"), (Some("processing"), "canceled")]
+        );
+        assert_eq!(ts[0].trigger_type, "event");
+        assert_eq!(ts[0].trigger_id.as_deref(), Some("evt_1"));
+        assert_eq!(ts[1].trigger_type, "cancel");
+        assert_eq!(ts[1].trigger_id.as_deref(), Some("7"));
+        assert_eq!(
+            ts[1].provider_at.as_deref(),
+            Some("2026-10-30T12:01:00.000Z")
+        );
+        assert_eq!(ts[1].livemode, Some(false));
+
+        let r = resources::find(&db.read, OUTBOUND_TRANSFER, "obt_1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status.as_deref(), Some("canceled"));
+        assert!(r.terminal);
+        assert!(r.next_reconcile_at.is_none());
+        assert_eq!(r.context.as_deref(), Some("acct_1"));
+        let refunds = resources::refunds_under(&db.read, "obt_1").await.unwrap();
+        assert_eq!(refunds.len(), 1);
+        assert_eq!(refunds[0].status, "completed");
+        assert_eq!(refunds[0].reason, "canceled");
+        assert_eq!(refunds[0].amount, Some(1500));
+        assert_eq!(refunds[0].currency.as_deref(), Some("usd"));
+        assert!(refunds[0].completed_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn batch_progress_at_each_observation() {
+        let (_dir, db, config) = db().await;
+        let job = |status: &str, success: &str| {
+            decode(
+                BATCH_JOB,
+                "batchv2_1",
+                json!({"id": "batchv2_1", "status": status,
+                       "status_details": {status: {"success_count": success, "failure_count": "0"}}}),
+            )
+            .unwrap()
+        };
+        put(
+            &db,
+            &config,
+            &job("in_progress", "10"),
+            &Trigger::event("e1"),
+        )
+        .await;
+        put(
+            &db,
+            &config,
+            &job("in_progress", "20"),
+            &Trigger::reconcile(),
+        )
+        .await;
+        put(&db, &config, &job("cancelling", "25"), &Trigger::cancel(1)).await;
+        put(&db, &config, &job("canceled", "30"), &Trigger::event("e2")).await;
+        let ts = resources::transitions_of(&db.read, "batchv2_1")
+            .await
+            .unwrap();
+        assert_eq!(
+            history(&ts),
+            vec![
+                (None, "in_progress"),
+                (Some("in_progress"), "cancelling"),
+                (Some("cancelling"), "canceled")
+            ]
+        );
+        let counts: Vec<(String, Option<i64>)> =
+            sqlx::query_as("SELECT status, success_count FROM progress ORDER BY id")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        assert_eq!(
+            counts,
+            vec![
+                ("in_progress".into(), Some(10)),
+                ("in_progress".into(), Some(20)),
+                ("cancelling".into(), Some(25)),
+                ("canceled".into(), Some(30)),
+            ]
+        );
+        let refunds = resources::refunds_under(&db.read, "batchv2_1")
+            .await
+            .unwrap();
+        assert!(refunds.is_empty(), "batch jobs move no money");
+    }
+
+    #[tokio::test]
+    async fn juice_items_and_their_refunds() {
+        let (_dir, db, config) = db().await;
+        let rev = &config.juice.reversed_statuses;
+        let bulk = |status: &str, items: serde_json::Value, at: &str| {
+            decode_bulk(
+                "bt_1",
+                json!({"data": {"id": "bt_1", "status": status, "updated_at": at, "items": items}}),
+                rev,
+            )
+            .unwrap()
+        };
+        put(
+            &db,
+            &config,
+            &bulk(
+                "executing",
+                json!([{"id": "it_1", "amount": 100, "status": "pending"},
+                       {"id": "it_2", "amount": 200, "status": "processing"}]),
+                "2024-10-02T17:00:00",
+            ),
+            &Trigger::event("k1"),
+        )
+        .await;
+        put(
+            &db,
+            &config,
+            &bulk(
+                "cancelled",
+                json!([{"id": "it_1", "amount": 100, "status": "cancelled"},
+                       {"id": "it_2", "amount": 200, "status": "completed"}]),
+                "2024-10-02T17:05:00",
+            ),
+            &Trigger::event("k2"),
+        )
+        .await;
+        // A stale copy arriving late changes nothing.
+        let stale = put(
+            &db,
+            &config,
+            &bulk(
+                "executing",
+                json!([{"id": "it_1", "amount": 100, "status": "pending"},
+                       {"id": "it_2", "amount": 200, "status": "processing"}]),
+                "2024-10-02T17:00:00",
+            ),
+            &Trigger::event("k0"),
+        )
+        .await;
+        assert!(stale.stale);
+        assert_eq!(stale.transitions, 0);
+
+        let it1 = resources::find(&db.read, "juice.transfer", "it_1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(it1.parent_id.as_deref(), Some("bt_1"));
+        assert!(
+            it1.next_reconcile_at.is_some(),
+            "a pending refund keeps the item reconciled"
+        );
+        let refunds = resources::refunds_under(&db.read, "bt_1").await.unwrap();
+        assert_eq!(refunds.len(), 1);
+        assert_eq!(refunds[0].resource_id, "it_1");
+        assert_eq!(refunds[0].status, "pending");
+        assert_eq!(refunds[0].amount, Some(100));
+
+        // The reversal event completes it.
+        let mut tx = db.write.begin().await.unwrap();
+        assert!(
+            record_reversal(&mut tx, &config, "it_1", &Trigger::event("k3"), time::now())
+                .await
+                .unwrap()
+        );
+        assert!(!record_reversal(
+            &mut tx,
+            &config,
+            "it_404",
+            &Trigger::event("k4"),
+            time::now()
+        )
+        .await
+        .unwrap());
+        tx.commit().await.unwrap();
+        let refunds = resources::refunds_under(&db.read, "bt_1").await.unwrap();
+        assert_eq!(refunds[0].status, "completed");
+        assert_eq!(refunds[0].trigger_id.as_deref(), Some("k3"));
+        let it1 = resources::find(&db.read, "juice.transfer", "it_1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(it1.next_reconcile_at.is_none());
+
+        let ts = resources::transitions_of(&db.read, "it_1").await.unwrap();
+        assert_eq!(
+            history(&ts),
+            vec![(None, "pending"), (Some("pending"), "cancelled")]
+        );
+        assert_eq!(ts[1].parent_id.as_deref(), Some("bt_1"));
+        let ts = resources::transitions_of(&db.read, "bt_1").await.unwrap();
+        assert_eq!(
+            history(&ts),
+            vec![(None, "executing"), (Some("executing"), "cancelled")]
+        );
+    }
+}
