@@ -14,6 +14,7 @@ pub mod ingress;
 pub mod metrics;
 pub mod pipeline;
 pub mod providers;
+pub mod sim;
 pub mod store;
 pub mod time;
 

@@ -33,6 +33,8 @@ enum Command {
     Sign(cancelwatch::cli::sign::SignArgs),
     /// List a provider's events since a time and take in the ones missing.
     Backfill(cancelwatch::cli::backfill::BackfillArgs),
+    /// Serve simulated Stripe and Juice APIs and play cancel scenarios against a daemon.
+    Simulate(cancelwatch::cli::simulate::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
             Command::CheckConfig => cancelwatch::cli::check_config(&config),
             Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),
             Command::Backfill(args) => cancelwatch::cli::backfill::run(config, args).await,
+            Command::Simulate(args) => cancelwatch::cli::simulate::run(&config, args).await,
         }
     });
     match result {

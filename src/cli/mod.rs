@@ -2,6 +2,7 @@
 
 pub mod backfill;
 pub mod sign;
+pub mod simulate;
 
 use anyhow::Context;
 
