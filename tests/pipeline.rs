@@ -602,3 +602,236 @@ async fn a_refused_api_key_keeps_deliveries_pending() {
     }
     daemon.stop().await;
 }
+
+/// After `workers.max_attempts` a delivery goes dead with its last error, and
+/// the others go on; a resource the provider does not know is dead at once
+/// and marked not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_deliveries_go_dead_and_the_rest_go_on() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sim = sim_for(Some(url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), &sim.base_url());
+    config.workers.max_attempts = 2;
+    config.workers.http_retries = 1;
+    let daemon = start_daemon(listener, config, dir);
+    wait_ready(&daemon.url).await;
+    let pool = daemon.reader().await;
+
+    // The provider is down for this one.
+    sim.faults().refuse_all(true);
+    let doomed = sim.scenario("outbound_transfer_canceled").unwrap();
+    sim.play_step(&doomed.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let doomed_key = doomed.steps[0].deliveries[0]
+        .event_id()
+        .unwrap()
+        .to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (attempts, error) = loop {
+        let row: (String, i64, Option<String>) =
+            sqlx::query_as("SELECT state, attempts, last_error FROM inbox WHERE dedupe_key = ?")
+                .bind(&doomed_key)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if row.0 == "dead" {
+            break (row.1, row.2);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dead: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(attempts, 2);
+    assert!(error.unwrap().contains("503"));
+    sim.faults().refuse_all(false);
+
+    // An event about an object the provider never had.
+    let ghost = "obt_sim_does_not_exist";
+    let event = cancelwatch::sim::state::thin_event(
+        "v2.money_management.outbound_transfer.updated",
+        "v2.money_management.outbound_transfer",
+        ghost,
+        &cancelwatch::sim::state::outbound_transfer_path(ghost),
+    );
+    sim.deliver(&cancelwatch::sim::Delivery::stripe(event))
+        .await
+        .unwrap();
+
+    // The rest goes on.
+    let scenario = sim.scenario("batch_job_canceled_clean").unwrap();
+    play(&sim, &pool, &scenario, &DeliveryOptions::default()).await;
+    let not_found: bool = sqlx::query_scalar("SELECT not_found FROM resources WHERE id = ?")
+        .bind(ghost)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(not_found);
+    let dead: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE state = 'dead'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 2);
+
+    let metrics = reqwest::get(format!("{}/metrics", daemon.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "cancelwatch_deliveries_dead_total",
+        "cancelwatch_transitions_total",
+        "cancelwatch_fetch_seconds",
+        "cancelwatch_fetch_errors_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    daemon.stop().await;
+}
+
+/// Runs reconcile passes until `done` holds (bounded).
+async fn reconcile_until(
+    ctx: &Context,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+    ids: &[&str],
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        pipeline::reconcile::run_once(ctx).await.unwrap();
+        let mut statuses = Vec::new();
+        for id in ids {
+            let refund: Option<String> =
+                sqlx::query_scalar("SELECT status FROM refunds WHERE resource_id = ?")
+                    .bind(id)
+                    .fetch_optional(&ctx.db.read)
+                    .await
+                    .unwrap();
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM resources WHERE id = ?")
+                    .bind(id)
+                    .fetch_one(&ctx.db.read)
+                    .await
+                    .unwrap();
+            statuses.push(format!(
+                "{}/{}",
+                status.unwrap_or_default(),
+                refund.unwrap_or_default()
+            ));
+        }
+        if done(&statuses) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The reconciler fetches again what still moves (and items whose refund is
+/// pending, through their bulk transfer), backing off on failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconcile_follows_what_no_event_announced() {
+    let sim = sim_for(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), &sim.base_url());
+    config.reconcile.interval_secs = 1;
+    config.reconcile.max_interval_secs = 2;
+    let ctx = Context::open(config).await.unwrap();
+
+    // A batch job is seen in progress (taken in by backfill, processed inline
+    // by replay), then moves on with no event sent.
+    let since = cancelwatch::time::now_str();
+    let scenario = sim.scenario("batch_job_canceled_midway").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        pipeline::backfill::stripe(&ctx, &since).await.unwrap().new,
+        1
+    );
+    let key = scenario.steps[0].deliveries[0]
+        .event_id()
+        .unwrap()
+        .to_string();
+    let replayed = pipeline::replay(&ctx, &key, true).await.unwrap();
+    assert_eq!(replayed.state, "processed");
+    let job = scenario.expect.histories[0].id.clone();
+    for step in &scenario.steps[1..] {
+        sim.play_step(step, &DeliveryOptions::default())
+            .await
+            .unwrap();
+    }
+
+    // A failed pass pushes it back and counts the failure.
+    sim.faults().refuse_all(true);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        pipeline::reconcile::run_once(&ctx).await.unwrap();
+        let r = resources::find(&ctx.db.read, "stripe.batch_job", &job)
+            .await
+            .unwrap()
+            .unwrap();
+        if r.reconcile_failures > 0 {
+            assert!(r.next_reconcile_at.unwrap() > cancelwatch::time::now_str());
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never failed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sim.faults().refuse_all(false);
+    reconcile_until(&ctx, "batch job", |s| s[0] == "canceled/", &[&job]).await;
+    let ts = resources::transitions_of(&ctx.db.read, &job).await.unwrap();
+    let to: Vec<&str> = ts.iter().map(|t| t.to_status.as_str()).collect();
+    assert_eq!(to, vec!["in_progress", "canceled"]);
+    assert_eq!(ts[1].trigger_type, "reconcile");
+    let r = resources::find(&ctx.db.read, "stripe.batch_job", &job)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.reconcile_failures, 0);
+    assert!(r.next_reconcile_at.is_none(), "terminal: no more fetches");
+
+    // Juice: cancelled items wait for their reversal; the reconciler sees it.
+    let scenario = sim.scenario("juice_clean_cancellation").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let bulk = scenario.expect.histories[0].id.clone();
+    let report = pipeline::cancel::request(&ctx, "juice.bulk_transfer", &bulk, "cli")
+        .await
+        .unwrap();
+    assert_eq!(report.status.as_deref(), Some("cancelled"));
+    let items: Vec<String> = scenario.expect.histories[1..]
+        .iter()
+        .map(|h| h.id.clone())
+        .collect();
+    let item_ids: Vec<&str> = items.iter().map(String::as_str).collect();
+    for step in &scenario.steps[1..] {
+        sim.play_step(step, &DeliveryOptions::default())
+            .await
+            .unwrap();
+    }
+    reconcile_until(
+        &ctx,
+        "juice items",
+        |s| s.iter().all(|s| s == "reversed/completed"),
+        &item_ids,
+    )
+    .await;
+    for item in &items {
+        let ts = resources::transitions_of(&ctx.db.read, item).await.unwrap();
+        let to: Vec<&str> = ts.iter().map(|t| t.to_status.as_str()).collect();
+        assert_eq!(to, vec!["cancelled", "reversed"], "{item}");
+        assert_eq!(ts[0].trigger_type, "cancel");
+        assert_eq!(ts[1].trigger_type, "reconcile");
+    }
+    ctx.db.close().await;
+}
