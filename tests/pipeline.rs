@@ -835,3 +835,55 @@ async fn reconcile_follows_what_no_event_announced() {
     }
     ctx.db.close().await;
 }
+
+/// A delivery whose workers keep vanishing (each lease runs out) is given up
+/// after `workers.max_attempts`, not retried forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delivery_whose_workers_keep_dying_goes_dead() {
+    let sim = sim_for(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), &sim.base_url());
+    config.workers.max_attempts = 2;
+    let since = cancelwatch::time::now_str();
+    let scenario = sim.scenario("outbound_transfer_returned").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let ctx = Context::open(config).await.unwrap();
+    assert_eq!(
+        pipeline::backfill::stripe(&ctx, &since).await.unwrap().new,
+        1
+    );
+    // Two claims whose leases are already over: two workers that died.
+    for _ in 0..2 {
+        let now = cancelwatch::time::now();
+        let gone = cancelwatch::time::fmt(now - chrono::Duration::milliseconds(1));
+        let d = store::inbox::claim(&ctx.db.write, &cancelwatch::time::fmt(now), &gone)
+            .await
+            .unwrap()
+            .expect("claimable again once the lease is over");
+        assert_eq!(d.state, "processing");
+    }
+    let lease = pipeline::worker::lease_until(&ctx.config);
+    let d = store::inbox::claim(&ctx.db.write, &cancelwatch::time::now_str(), &lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.attempts, 3);
+    let key = d.dedupe_key.clone();
+    pipeline::worker::process(&ctx, d, &lease).await;
+    let (state, error): (String, Option<String>) =
+        sqlx::query_as("SELECT state, last_error FROM inbox WHERE dedupe_key = ?")
+            .bind(&key)
+            .fetch_one(&ctx.db.read)
+            .await
+            .unwrap();
+    assert_eq!(state, "dead");
+    assert!(error.unwrap().contains("never finished"));
+    let id = &scenario.expect.histories[0].id;
+    assert!(resources::transitions_of(&ctx.db.read, id)
+        .await
+        .unwrap()
+        .is_empty());
+    ctx.db.close().await;
+}
