@@ -887,3 +887,37 @@ async fn a_delivery_whose_workers_keep_dying_goes_dead() {
         .is_empty());
     ctx.db.close().await;
 }
+
+/// Event listing follows `next_page_url` to the end, page by page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listing_events_follows_every_page() {
+    let sim = sim_for(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for(dir.path(), &sim.base_url());
+    let since = cancelwatch::time::now_str();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let scenario = sim.scenario("batch_job_canceled_clean").unwrap();
+        for step in &scenario.steps {
+            sim.play_step(step, &DeliveryOptions::default())
+                .await
+                .unwrap();
+            ids.push(step.deliveries[0].event_id().unwrap().to_string());
+        }
+    }
+    let api = cancelwatch::providers::stripe::api::StripeApi::new(&config.stripe, &config.workers);
+    let events = api.list_events(&since, 2).await.unwrap();
+    let mut listed: Vec<String> = events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    let pages = sim
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/v2/core/events"))
+        .count();
+    assert_eq!(pages, 3, "six events, two per page");
+}
