@@ -450,6 +450,16 @@ async fn cancel_records_request_answer_and_state() {
     assert_eq!(refunds.len(), 1);
     assert_eq!(refunds[0].status, "completed");
 
+    let cancel_call = sim
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path.ends_with(&format!("{id}/cancel")))
+        .expect("the cancel endpoint was called");
+    assert_eq!(
+        cancel_call.header("idempotency-key"),
+        Some(report.idempotency_key.as_str())
+    );
+
     // Again: the same key, the answer says so, nothing doubles.
     let again = pipeline::cancel::request(&ctx, "stripe.outbound_transfer", &id, "api")
         .await
