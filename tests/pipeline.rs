@@ -931,3 +931,59 @@ async fn listing_events_follows_every_page() {
         .count();
     assert_eq!(pages, 3, "six events, two per page");
 }
+
+/// A provider asking for a longer pause than a call waits inline gets it:
+/// the delivery is retried no earlier than its `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_retry_after_is_honoured_between_attempts() {
+    let (sim, daemon) = start_pair().await;
+    let pool = daemon.reader().await;
+    // Every call of the first attempt is rate limited for 3 s (over the 1 s inline cap).
+    sim.faults().rate_limit_next(1, 3);
+    let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+    let step = &scenario.steps[0];
+    sim.play_step(step, &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let key = step.deliveries[0].event_id().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (received, next): (String, String) = loop {
+        let row: (String, String, String) = sqlx::query_as(
+            "SELECT state, received_at, next_attempt_at FROM inbox WHERE dedupe_key = ?",
+        )
+        .bind(&key)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if row.0 == "failed" {
+            break (row.1, row.2);
+        }
+        assert_ne!(row.0, "processed", "the rate limit was not seen");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never failed: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let received = cancelwatch::time::parse_lenient(&received).unwrap();
+    let next = cancelwatch::time::parse_lenient(&next).unwrap();
+    assert!(
+        next - received >= chrono::Duration::milliseconds(2_900),
+        "retry scheduled {} ms after receipt",
+        (next - received).num_milliseconds()
+    );
+    wait_step(&pool, step).await;
+    check(
+        &pool,
+        "after the pause",
+        &Expectation {
+            histories: vec![cancelwatch::sim::ExpectedHistory {
+                statuses: vec!["processing".into()],
+                ..scenario.expect.histories[0].clone()
+            }],
+            ..Expectation::default()
+        },
+    )
+    .await;
+    daemon.stop().await;
+}
