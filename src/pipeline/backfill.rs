@@ -67,7 +67,7 @@ pub async fn stripe(ctx: &Context, since: &str) -> Result<BackfillReport, Pipeli
         };
         if inbox::insert(&mut tx, &delivery).await? {
             report.new += 1;
-            metrics::counter!("cancelwatch_deliveries_received_total", "provider" => NAME, "source" => "backfill").increment(1);
+            metrics::counter!("cancelwatch_backfill_events_total", "provider" => NAME).increment(1);
         }
     }
     tx.commit().await?;
