@@ -1008,3 +1008,72 @@ async fn a_long_retry_after_is_honoured_between_attempts() {
     .await;
     daemon.stop().await;
 }
+
+fn by_hand(key: &str, resource: Option<&str>) -> store::inbox::NewDelivery {
+    store::inbox::NewDelivery {
+        provider: "stripe".into(),
+        dedupe_key: key.into(),
+        event_type: "v2.core.batch_job.updated".into(),
+        event_id: Some(key.into()),
+        resource_kind: resource.map(|_| "stripe.batch_job".to_string()),
+        resource_id: resource.map(str::to_string),
+        context: None,
+        livemode: Some(false),
+        raw_body: b"{}".to_vec(),
+        source: "webhook",
+        received_at: cancelwatch::time::now_str(),
+    }
+}
+
+/// Claims go in arrival order and never hand out two deliveries of one
+/// resource at once; a lapsed lease frees the resource again.
+#[tokio::test]
+async fn claims_keep_one_resource_to_one_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
+        .await
+        .unwrap();
+    let mut tx = ctx.db.write.begin().await.unwrap();
+    for (key, resource) in [
+        ("evt_a1", Some("batchv2_a")),
+        ("evt_a2", Some("batchv2_a")),
+        ("evt_b1", Some("batchv2_b")),
+        ("evt_none", None),
+    ] {
+        assert!(store::inbox::insert(&mut tx, &by_hand(key, resource))
+            .await
+            .unwrap());
+    }
+    tx.commit().await.unwrap();
+    let now = cancelwatch::time::now();
+    let now_s = cancelwatch::time::fmt(now);
+    let short = cancelwatch::time::fmt(now + chrono::Duration::seconds(30));
+    let mut keys = Vec::new();
+    while let Some(d) = store::inbox::claim(&ctx.db.write, &now_s, &short)
+        .await
+        .unwrap()
+    {
+        keys.push(d.dedupe_key);
+    }
+    assert_eq!(
+        keys,
+        vec!["evt_a1", "evt_b1", "evt_none"],
+        "evt_a2 waits for evt_a1"
+    );
+    // Later, evt_a1's lease has lapsed: it comes back first, and evt_a2 still waits.
+    let later = cancelwatch::time::fmt(now + chrono::Duration::seconds(31));
+    let lease = cancelwatch::time::fmt(now + chrono::Duration::seconds(90));
+    let d = store::inbox::claim(&ctx.db.write, &later, &lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((d.dedupe_key.as_str(), d.attempts), ("evt_a1", 2));
+    let next = store::inbox::claim(&ctx.db.write, &later, &lease)
+        .await
+        .unwrap();
+    assert!(
+        next.as_ref().map_or(true, |n| n.dedupe_key != "evt_a2"),
+        "two deliveries of batchv2_a at once"
+    );
+    ctx.db.close().await;
+}
