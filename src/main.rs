@@ -33,6 +33,8 @@ enum Command {
     Sign(cancelwatch::cli::sign::SignArgs),
     /// Load-test the webhook front door of a daemon it starts (see README, Performance).
     Bench(cancelwatch::bench::BenchArgs),
+    /// List a provider's events since a time and take in the ones missing.
+    Backfill(cancelwatch::cli::backfill::BackfillArgs),
     /// Serve simulated Stripe and Juice APIs and play cancel scenarios against a daemon.
     Simulate(cancelwatch::cli::simulate::SimulateArgs),
 }
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
             Command::CheckConfig => cancelwatch::cli::check_config(&config),
             Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),
             Command::Bench(args) => cancelwatch::bench::run(args).await,
+            Command::Backfill(args) => cancelwatch::cli::backfill::run(config, args).await,
             Command::Simulate(args) => cancelwatch::cli::simulate::run(&config, args).await,
         }
     });

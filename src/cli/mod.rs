@@ -1,5 +1,6 @@
 //! Command implementations behind `src/main.rs`.
 
+pub mod backfill;
 pub mod sign;
 pub mod simulate;
 
