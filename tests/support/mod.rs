@@ -24,7 +24,11 @@ impl BinaryDaemon {
     /// APIs on a closed loopback port unless `env` says otherwise, and waits until
     /// it listens (up to 60 s on a loaded machine).
     pub async fn start(dir: &Path, env: &[(&str, String)]) -> BinaryDaemon {
-        let port = free_port();
+        Self::start_on(dir, free_port(), env).await
+    }
+
+    /// The same on a given port (a restart keeps its address).
+    pub async fn start_on(dir: &Path, port: u16, env: &[(&str, String)]) -> BinaryDaemon {
         let log = dir.join(format!("serve-{port}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cancelwatch"));
         cmd.arg("serve")
