@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Where the temporary database goes (default: the system temp folder).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// Extra settings for the daemon under test, as KEY=VALUE environment
+    /// variables (e.g. CANCELWATCH_WORKERS__CONCURRENCY=2); repeatable.
+    #[arg(long = "daemon-env", value_name = "KEY=VALUE")]
+    pub daemon_env: Vec<String>,
 }
 
 /// What one run measured.
@@ -159,7 +163,7 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
     }
     .context("creating a temporary folder for the database")?;
     let port = free_port()?;
-    let mut daemon = DaemonProcess::spawn(tmp.path(), port, group_commit, &args.synchronous)?;
+    let mut daemon = DaemonProcess::spawn(tmp.path(), port, group_commit, args)?;
     let url = format!("http://127.0.0.1:{port}");
     daemon.wait_ready(&url).await?;
 
@@ -296,10 +300,11 @@ struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    fn spawn(dir: &Path, port: u16, group_commit: bool, synchronous: &str) -> anyhow::Result<Self> {
+    fn spawn(dir: &Path, port: u16, group_commit: bool, args: &BenchArgs) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding the cancelwatch binary")?;
-        let child = Command::new(exe)
-            .arg("serve")
+        std::fs::write(dir.join("none.toml"), "").context("writing an empty config")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve")
             .env_clear()
             .env("CANCELWATCH_CONFIG", dir.join("none.toml"))
             .env("CANCELWATCH_SERVER__LISTEN", format!("127.0.0.1:{port}"))
@@ -311,7 +316,7 @@ impl DaemonProcess {
                 "CANCELWATCH_DATABASE__GROUP_COMMIT",
                 group_commit.to_string(),
             )
-            .env("CANCELWATCH_DATABASE__SYNCHRONOUS", synchronous)
+            .env("CANCELWATCH_DATABASE__SYNCHRONOUS", &args.synchronous)
             .env(
                 "CANCELWATCH_STRIPE__WEBHOOK_SECRETS",
                 format!("[\"{SECRET}\"]"),
@@ -319,12 +324,18 @@ impl DaemonProcess {
             .env("CANCELWATCH_STRIPE__API_BASE", "http://127.0.0.1:9")
             .env("CANCELWATCH_JUICE__API_BASE", "http://127.0.0.1:9")
             .env("CANCELWATCH_RECONCILE__ENABLED", "false")
-            .env("CANCELWATCH_LOG__LEVEL", "error")
+            .env("CANCELWATCH_LOG__LEVEL", "error");
+        for kv in &args.daemon_env {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--daemon-env {kv:?} is not KEY=VALUE"))?;
+            cmd.env(k, v);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting the daemon under test")?;
-        std::fs::write(dir.join("none.toml"), "").context("writing an empty config")?;
         Ok(Self { child })
     }
 

@@ -91,27 +91,37 @@ const DELIVERY_COLUMNS: &str =
      context, livemode, raw_body, body_size, source, received_at, state, attempts, next_attempt_at,
      last_error, processed_at";
 
-/// Claims the oldest ready delivery whose resource no live lease holds, and
-/// leases it until `lease_until`. A lease that ran out (a crashed worker) makes
-/// its delivery ready again.
+/// Claims the next ready delivery whose resource no live lease holds, and
+/// leases it until `lease_until`. First a delivery whose lease ran out (a
+/// crashed worker; there are at most a few `processing` rows), else the due
+/// delivery first in line: `next_attempt_at` is the receipt time for a first
+/// attempt, so new deliveries go in arrival order and retries when they fall
+/// due. Both lookups are index range scans (`inbox_ready`, `inbox_due`).
 pub async fn claim(
     pool: &SqlitePool,
     now: &str,
     lease_until: &str,
 ) -> Result<Option<Delivery>, sqlx::Error> {
+    let free = |alias: &str| {
+        format!(
+            "({alias}.resource_id IS NULL OR NOT EXISTS (
+                SELECT 1 FROM inbox o
+                WHERE o.resource_id = {alias}.resource_id AND o.state = 'processing'
+                  AND o.lease_until > ?2 AND o.id <> {alias}.id))"
+        )
+    };
     let sql = format!(
         "UPDATE inbox SET state = 'processing', lease_until = ?1, attempts = attempts + 1
-         WHERE id = (
-            SELECT c.id FROM inbox c
-            WHERE ((c.state IN ('pending', 'failed') AND c.next_attempt_at <= ?2)
-                   OR (c.state = 'processing' AND c.lease_until <= ?2))
-              AND (c.resource_id IS NULL OR NOT EXISTS (
-                    SELECT 1 FROM inbox o
-                    WHERE o.resource_id = c.resource_id AND o.state = 'processing'
-                      AND o.lease_until > ?2 AND o.id <> c.id))
-            ORDER BY c.id
-            LIMIT 1)
-         RETURNING {DELIVERY_COLUMNS}"
+         WHERE id = COALESCE(
+            (SELECT l.id FROM inbox l
+             WHERE l.state = 'processing' AND l.lease_until <= ?2 AND {lapsed_free}
+             ORDER BY l.id LIMIT 1),
+            (SELECT c.id FROM inbox c
+             WHERE c.state IN ('pending', 'failed') AND c.next_attempt_at <= ?2 AND {due_free}
+             ORDER BY c.next_attempt_at, c.id LIMIT 1))
+         RETURNING {DELIVERY_COLUMNS}",
+        lapsed_free = free("l"),
+        due_free = free("c"),
     );
     sqlx::query_as::<_, Delivery>(&sql)
         .bind(lease_until)
