@@ -121,19 +121,40 @@ async fn write_loop(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, wake:
     }
 }
 
-/// One transaction for the whole batch; per job, whether a row was added.
+/// One transaction for the whole batch, synced to disk before it returns;
+/// per job, whether a row was added.
 async fn commit(db: &Db, batch: &[Job]) -> Result<Vec<bool>, sqlx::Error> {
-    let mut tx = db.write.begin().await?;
-    let mut inserted = Vec::with_capacity(batch.len());
-    for job in batch {
-        match job {
-            Job::Delivery(d, _) => inserted.push(store::inbox::insert(&mut tx, d).await?),
-            Job::Refusal(r) => {
-                store::refusals::insert_tx(&mut tx, r).await?;
-                inserted.push(false);
+    let mut conn = db.write.acquire().await?;
+    db.acknowledge_durably(&mut conn, true).await?;
+    let result = async {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let deliveries: Vec<&NewDelivery> = batch
+            .iter()
+            .filter_map(|job| match job {
+                Job::Delivery(d, _) => Some(&**d),
+                Job::Refusal(_) => None,
+            })
+            .collect();
+        let mut new = store::inbox::insert_many(&mut tx, &deliveries)
+            .await?
+            .into_iter();
+        let mut inserted = Vec::with_capacity(batch.len());
+        for job in batch {
+            match job {
+                Job::Delivery(..) => inserted.push(new.next().unwrap_or(false)),
+                Job::Refusal(r) => {
+                    store::refusals::insert_tx(&mut tx, r).await?;
+                    inserted.push(false);
+                }
             }
         }
+        tx.commit().await?;
+        Ok(inserted)
     }
-    tx.commit().await?;
-    Ok(inserted)
+    .await;
+    if let Err(e) = db.acknowledge_durably(&mut conn, false).await {
+        // Only slower: the pipeline's commits would sync too.
+        tracing::warn!(error = %e, "could not return the writer to synchronous=NORMAL");
+    }
+    result
 }

@@ -620,3 +620,37 @@ async fn slow_clients_are_cut_off_and_good_deliveries_get_through() {
     }
     d.stop().await;
 }
+
+/// The same event posted many times at once (a provider retrying while the
+/// first attempt is in flight): exactly one is new, one row is stored.
+#[tokio::test]
+async fn concurrent_duplicates_store_one_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(config(dir.path())).await;
+    let body = thin_event("evt_concurrent_dup");
+    let mut posts = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let url = d.url.clone();
+        let body = body.clone();
+        posts.spawn(async move {
+            let header = signed_now(STRIPE_SECRET, &body);
+            post_stripe(&url, &body, Some(&header)).await
+        });
+    }
+    let mut fresh = 0;
+    while let Some(r) = posts.join_next().await {
+        let (status, answer) = r.unwrap();
+        assert_eq!(status, 200);
+        if answer["duplicate"] == false {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1, "exactly one delivery is new");
+    let pool = read_pool(dir.path()).await;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    d.stop().await;
+}

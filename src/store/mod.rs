@@ -45,6 +45,8 @@ pub struct Db {
     pub write: SqlitePool,
     /// Readers.
     pub read: SqlitePool,
+    /// `database.synchronous = "full"`: acknowledgement commits sync to disk.
+    ack_full: bool,
 }
 
 impl Db {
@@ -56,15 +58,18 @@ impl Db {
                 source,
             })?;
         }
-        let sync = match cfg.synchronous.as_str() {
-            "normal" => SqliteSynchronous::Normal,
-            _ => SqliteSynchronous::Full,
-        };
+        // The connection runs at NORMAL: in WAL mode a commit is then written
+        // but not synced, and the next synced commit (or checkpoint) makes it
+        // durable along with everything before it. Only the commits behind an
+        // acknowledgement need the sync (see `acknowledge_durably`); the
+        // pipeline's commits ride on the next one. Losing one of those on
+        // power loss means its delivery is processed again, never lost.
+        let ack_full = cfg.synchronous != "normal";
         let options = SqliteConnectOptions::from_str("sqlite:")?
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(sync)
+            .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))
             // Statements are cached per connection; WAL checkpoints stay automatic.
@@ -83,7 +88,11 @@ impl Db {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Db { write, read })
+        Ok(Db {
+            write,
+            read,
+            ack_full,
+        })
     }
 
     /// True when both pools answer a trivial query.
@@ -94,6 +103,25 @@ impl Db {
             tokio::time::timeout(Duration::from_secs(2), async { tokio::join!(w, r) }).await,
             Ok((Ok(_), Ok(_)))
         )
+    }
+
+    /// Switches the writer connection to syncing every commit (before an
+    /// acknowledgement commit) or back to NORMAL. A no-op when configured
+    /// `normal`.
+    pub async fn acknowledge_durably(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        on: bool,
+    ) -> Result<(), sqlx::Error> {
+        if self.ack_full {
+            let pragma = if on {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            };
+            sqlx::query(pragma).execute(&mut *conn).await?;
+        }
+        Ok(())
     }
 
     pub async fn close(&self) {
