@@ -7,6 +7,7 @@
 //! `database.group_commit = false` every delivery gets a transaction of its
 //! own (the baseline the benchmark compares against).
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -36,10 +37,45 @@ enum Job {
     Refusal(Refusal),
 }
 
+/// The keys of the deliveries committed most recently, bounded, so that a
+/// provider's retry is answered without touching the database.
+/// (provider, dedupe key).
+type Key = (String, String);
+
+#[derive(Default)]
+struct RecentKeys {
+    inner: std::sync::Mutex<(HashSet<Key>, VecDeque<Key>)>,
+}
+
+impl RecentKeys {
+    const CAPACITY: usize = 65_536;
+
+    fn contains(&self, key: &Key) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .contains(key)
+    }
+
+    fn remember(&self, key: Key) {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (set, order) = &mut *guard;
+        if set.insert(key.clone()) {
+            order.push_back(key);
+            if order.len() > Self::CAPACITY {
+                if let Some(old) = order.pop_front() {
+                    set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Inbox {
     jobs: mpsc::Sender<Job>,
-    db: Db,
+    recent: Arc<RecentKeys>,
     /// Woken after each commit that added deliveries, so workers start at once.
     pub wake: Arc<Notify>,
 }
@@ -53,20 +89,20 @@ impl Inbox {
         (
             Inbox {
                 jobs,
-                db: db.clone(),
+                recent: Arc::default(),
                 wake,
             },
             writer,
         )
     }
 
-    /// Commits a delivery durably, or tells that it is a duplicate. A delivery
-    /// already stored is answered from a read, without a write.
+    /// Commits a delivery durably, or tells that it is a duplicate. A key
+    /// committed recently (a provider retry) is answered from memory; any other
+    /// duplicate by the group commit's `ON CONFLICT DO NOTHING`, which changes
+    /// no page. Neither writes anything.
     pub async fn accept(&self, delivery: NewDelivery) -> Result<Accepted, InboxError> {
-        if store::inbox::exists(&self.db.read, &delivery.provider, &delivery.dedupe_key)
-            .await
-            .map_err(|e| InboxError::Write(e.to_string()))?
-        {
+        let key = (delivery.provider.clone(), delivery.dedupe_key.clone());
+        if self.recent.contains(&key) {
             return Ok(Accepted { duplicate: true });
         }
         let (reply, answer) = oneshot::channel();
@@ -75,6 +111,7 @@ impl Inbox {
             .await
             .map_err(|_| InboxError::Stopped)?;
         let inserted = answer.await.map_err(|_| InboxError::Stopped)??;
+        self.recent.remember(key);
         Ok(Accepted {
             duplicate: !inserted,
         })

@@ -77,21 +77,6 @@ pub async fn insert_many(
     Ok(new)
 }
 
-/// A read-only look before the write: duplicates are answered without one.
-pub async fn exists(
-    pool: &SqlitePool,
-    provider: &str,
-    dedupe_key: &str,
-) -> Result<bool, sqlx::Error> {
-    let found: Option<i64> =
-        sqlx::query_scalar("SELECT 1 FROM inbox WHERE provider = ? AND dedupe_key = ?")
-            .bind(provider)
-            .bind(dedupe_key)
-            .fetch_optional(pool)
-            .await?;
-    Ok(found.is_some())
-}
-
 /// A stored delivery, as workers and read commands see it.
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
 pub struct Delivery {
