@@ -19,8 +19,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::providers::stripe::signature;
+use crate::sim::{SimConfig, Simulator};
 
 const SECRET: &str = "whsec_bench_only";
+const API_KEY: &str = "sk_test_bench_only";
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -45,6 +47,14 @@ pub struct BenchArgs {
     /// Where the temporary database goes (default: the system temp folder).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// End to end: the daemon fetches from a simulator started here, and the
+    /// report adds the time from sending a delivery to its recorded transition.
+    #[arg(long)]
+    pub e2e: bool,
+    /// End to end: how many distinct resources (one delivery each) to prepare;
+    /// default: rate × duration, or 40000 at full speed.
+    #[arg(long)]
+    pub e2e_events: Option<usize>,
     /// Extra settings for the daemon under test, as KEY=VALUE environment
     /// variables (e.g. CANCELWATCH_WORKERS__CONCURRENCY=2); repeatable.
     #[arg(long = "daemon-env", value_name = "KEY=VALUE")]
@@ -62,6 +72,16 @@ pub struct Report {
     pub errors: u64,
     pub latencies_us: Vec<u64>,
     pub peak_rss_kib: Option<u64>,
+    /// End to end: per recorded transition, milliseconds from send to record.
+    pub e2e_ms: Option<E2eReport>,
+}
+
+#[derive(Debug, Clone)]
+pub struct E2eReport {
+    pub recorded: usize,
+    pub latencies_ms: Vec<u64>,
+    /// Transitions recorded per second, first send to last record.
+    pub per_second: f64,
 }
 
 impl Report {
@@ -92,6 +112,17 @@ impl Report {
             self.percentile_ms(0.999),
             self.percentile_ms(1.0)
         );
+        if let Some(e) = &self.e2e_ms {
+            println!(
+                "end to end: {} transitions recorded, {:.0}/s; delivery-to-recorded ms: p50 {}  p99 {}  p99.9 {}  max {}",
+                e.recorded,
+                e.per_second,
+                percentile(&e.latencies_ms, 0.50),
+                percentile(&e.latencies_ms, 0.99),
+                percentile(&e.latencies_ms, 0.999),
+                percentile(&e.latencies_ms, 1.0)
+            );
+        }
         match self.peak_rss_kib {
             Some(kib) => println!("daemon peak RSS: {:.1} MiB", kib as f64 / 1024.0),
             None => println!("daemon peak RSS: unknown (no /proc)"),
@@ -163,7 +194,18 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
     }
     .context("creating a temporary folder for the database")?;
     let port = free_port()?;
-    let mut daemon = DaemonProcess::spawn(tmp.path(), port, group_commit, args)?;
+    let world = if args.e2e {
+        Some(E2eWorld::prepare(args).await?)
+    } else {
+        None
+    };
+    let mut daemon = DaemonProcess::spawn(
+        tmp.path(),
+        port,
+        group_commit,
+        args,
+        world.as_ref().map(|w| w.sim.base_url()),
+    )?;
     let url = format!("http://127.0.0.1:{port}");
     daemon.wait_ready(&url).await?;
 
@@ -183,12 +225,14 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
         let counters = counters.clone();
         let next_id = next_id.clone();
         let run_tag = run_tag.clone();
+        let prepared = world.as_ref().map(|w| w.bodies.clone());
         // At a fixed rate, each connection owns every `connections`-th slot.
         let interval = (args.rate > 0)
             .then(|| Duration::from_secs_f64(args.connections as f64 / args.rate as f64));
         let offset = interval.map(|i| i.mul_f64(w as f64 / args.connections as f64));
         workers.spawn(async move {
             let mut latencies = Vec::new();
+            let mut sent = Vec::new();
             let mut due = Instant::now() + offset.unwrap_or_default();
             loop {
                 if interval.is_some() {
@@ -203,7 +247,16 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
                     break;
                 }
                 let n = next_id.fetch_add(1, Ordering::Relaxed);
-                let body = delivery(&run_tag, n);
+                let body = match &prepared {
+                    Some(bodies) => match bodies.get(n as usize) {
+                        Some((id, body)) => {
+                            sent.push((id.clone(), chrono::Utc::now().timestamp_millis()));
+                            body.clone()
+                        }
+                        None => break,
+                    },
+                    None => delivery(&run_tag, n),
+                };
                 let header = signature::sign_header(SECRET, chrono::Utc::now().timestamp(), &body);
                 let result = client
                     .post(&url)
@@ -218,14 +271,21 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
                     due += iv;
                 }
             }
-            latencies
+            (latencies, sent)
         });
     }
     let mut latencies_us = Vec::new();
+    let mut sent = Vec::new();
     while let Some(l) = workers.join_next().await {
-        latencies_us.extend(l?);
+        let (l, s) = l?;
+        latencies_us.extend(l);
+        sent.extend(s);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let e2e_ms = match &world {
+        Some(_) => Some(e2e_report(&tmp.path().join("bench.db"), &sent).await?),
+        None => None,
+    };
     let peak_rss_kib = daemon.peak_rss_kib();
     daemon.stop();
     Ok(Report {
@@ -237,6 +297,103 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
         errors: counters.errors.load(Ordering::Relaxed),
         latencies_us,
         peak_rss_kib,
+        e2e_ms,
+    })
+}
+
+/// A simulator started in this process and, for each delivery to send, a
+/// thin event about an outbound transfer already canceled there.
+struct E2eWorld {
+    sim: Simulator,
+    /// (event id, body)
+    bodies: Arc<Vec<(String, Vec<u8>)>>,
+}
+
+impl E2eWorld {
+    async fn prepare(args: &BenchArgs) -> anyhow::Result<E2eWorld> {
+        let count = args.e2e_events.unwrap_or(if args.rate > 0 {
+            (args.rate * args.duration) as usize
+        } else {
+            40_000
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sim = Simulator::start(
+            listener,
+            SimConfig {
+                stripe_api_key: API_KEY.into(),
+                stripe_webhook_secret: SECRET.into(),
+                ..SimConfig::default()
+            },
+        )
+        .await?;
+        let mut bodies = Vec::with_capacity(count);
+        for _ in 0..count {
+            let scenario = sim
+                .scenario("outbound_transfer_canceled")
+                .context("the simulator has the outbound_transfer_canceled scenario")?;
+            for step in &scenario.steps {
+                sim.apply_step(step);
+            }
+            let last = scenario
+                .steps
+                .last()
+                .and_then(|s| s.deliveries.last())
+                .context("the scenario ends with a delivery")?;
+            let id = last
+                .event_id()
+                .context("a Stripe event has an id")?
+                .to_string();
+            bodies.push((id, serde_json::to_vec(&last.body)?));
+        }
+        Ok(E2eWorld {
+            sim,
+            bodies: Arc::new(bodies),
+        })
+    }
+}
+
+/// Waits (up to 60 s) for every sent delivery's transition, then measures
+/// send-to-record times from the daemon's own database.
+async fn e2e_report(db: &Path, sent: &[(String, i64)]) -> anyhow::Result<E2eReport> {
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(db)
+                .read_only(true),
+        )
+        .await
+        .context("opening the daemon's database")?;
+    let mut recorded = Vec::new();
+    for _ in 0..600 {
+        recorded = crate::store::resources::observed_by_trigger(&pool, "event").await?;
+        if recorded.len() >= sent.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pool.close().await;
+    let sent_at: std::collections::HashMap<&str, i64> =
+        sent.iter().map(|(id, t)| (id.as_str(), *t)).collect();
+    let mut latencies_ms = Vec::new();
+    let mut last = i64::MIN;
+    for (trigger, observed) in &recorded {
+        let (Some(&t0), Some(t1)) = (
+            sent_at.get(trigger.as_str()),
+            crate::time::parse_lenient(observed),
+        ) else {
+            continue;
+        };
+        let t1 = t1.timestamp_millis();
+        last = last.max(t1);
+        latencies_ms.push((t1 - t0).max(0) as u64);
+    }
+    let first = sent.iter().map(|(_, t)| *t).min().unwrap_or(0);
+    let span = ((last - first) as f64 / 1000.0).max(0.001);
+    Ok(E2eReport {
+        recorded: latencies_ms.len(),
+        per_second: latencies_ms.len() as f64 / span,
+        latencies_ms,
     })
 }
 
@@ -300,7 +457,14 @@ struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    fn spawn(dir: &Path, port: u16, group_commit: bool, args: &BenchArgs) -> anyhow::Result<Self> {
+    fn spawn(
+        dir: &Path,
+        port: u16,
+        group_commit: bool,
+        args: &BenchArgs,
+        api_base: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let api_base = api_base.unwrap_or_else(|| "http://127.0.0.1:9".into());
         let exe = std::env::current_exe().context("finding the cancelwatch binary")?;
         std::fs::write(dir.join("none.toml"), "").context("writing an empty config")?;
         let mut cmd = Command::new(exe);
@@ -321,7 +485,8 @@ impl DaemonProcess {
                 "CANCELWATCH_STRIPE__WEBHOOK_SECRETS",
                 format!("[\"{SECRET}\"]"),
             )
-            .env("CANCELWATCH_STRIPE__API_BASE", "http://127.0.0.1:9")
+            .env("CANCELWATCH_STRIPE__API_BASE", &api_base)
+            .env("CANCELWATCH_STRIPE__API_KEY", API_KEY)
             .env("CANCELWATCH_JUICE__API_BASE", "http://127.0.0.1:9")
             .env("CANCELWATCH_RECONCILE__ENABLED", "false")
             .env("CANCELWATCH_LOG__LEVEL", "error");
