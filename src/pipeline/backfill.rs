@@ -40,7 +40,7 @@ pub async fn stripe(ctx: &Context, since: &str) -> Result<BackfillReport, Pipeli
         ..BackfillReport::default()
     };
     let received_at = time::now_str();
-    let mut tx = ctx.db.write.begin().await?;
+    let mut tx = ctx.db.begin().await?;
     for event in events {
         let raw_body = serde_json::to_vec(&event).unwrap_or_default();
         let thin = match ThinEvent::decode(&raw_body) {

@@ -61,7 +61,7 @@ pub async fn request(
         .ok_or_else(|| PipelineError::NotConfigured(provider_name.clone()))?;
 
     let now = time::now_str();
-    let mut tx = ctx.db.write.begin().await?;
+    let mut tx = ctx.db.begin().await?;
     let rid = resources::ensure(&mut tx, &provider_name, kind, id, None, None, &now).await?;
     let context = resources::get(&mut tx, &provider_name, kind, id)
         .await?
@@ -94,7 +94,7 @@ pub async fn request(
             Some(e.to_string()),
         ),
     };
-    let mut tx = ctx.db.write.begin().await?;
+    let mut tx = ctx.db.begin().await?;
     cancels::answer(
         &mut tx,
         request_id,
@@ -120,7 +120,7 @@ pub async fn request(
     let (status, fetch_error) = match provider.fetch(&target).await {
         Ok(obs) => {
             let now = time::now();
-            let mut tx = ctx.db.write.begin().await?;
+            let mut tx = ctx.db.begin().await?;
             record::record(
                 &mut tx,
                 &ctx.config,
@@ -138,7 +138,7 @@ pub async fn request(
             let next = time::fmt(
                 time::now() + chrono::Duration::seconds(ctx.config.reconcile.interval_secs as i64),
             );
-            let mut tx = ctx.db.write.begin().await?;
+            let mut tx = ctx.db.begin().await?;
             resources::mark_reconciled(&mut tx, rid, Some(&next)).await?;
             tx.commit().await?;
             (None, Some(e.to_string()))

@@ -101,7 +101,7 @@ async fn reconcile_one(
     match provider.fetch(&target).await {
         Ok(obs) => {
             let now = time::now();
-            let mut tx = ctx.db.write.begin().await?;
+            let mut tx = ctx.db.begin().await?;
             let recorded = record::record(
                 &mut tx,
                 &ctx.config,
@@ -124,7 +124,7 @@ async fn reconcile_one(
             tracing::warn!(error = %e, "reconcile fetch failed");
             if let ApiError::NotFound(_) = e {
                 let now = time::now_str();
-                let mut tx = ctx.db.write.begin().await?;
+                let mut tx = ctx.db.begin().await?;
                 for r in &covered {
                     resources::mark_not_found(&mut tx, r.rid, &now, r.next_reconcile_at.as_deref())
                         .await?;
@@ -142,7 +142,7 @@ async fn push_back(ctx: &Context, rs: &[Resource]) -> Result<(), sqlx::Error> {
         return Ok(());
     }
     let cfg = &ctx.config.reconcile;
-    let mut tx = ctx.db.write.begin().await?;
+    let mut tx = ctx.db.begin().await?;
     for r in rs {
         let wait = backoff_after(
             r.reconcile_failures + 1,

@@ -150,7 +150,11 @@ pub async fn run(
         tokio::pin!(woken);
         woken.as_mut().enable();
         let lease = lease_until(&ctx.config);
-        match store::inbox::claim(&ctx.db.write, &time::now_str(), &lease).await {
+        let claimed = {
+            let _slot = ctx.db.write_slot().await;
+            store::inbox::claim(&ctx.db.write, &time::now_str(), &lease).await
+        };
+        match claimed {
             Ok(Some(d)) => {
                 process_guarded(&ctx, d, lease).await;
                 continue;
@@ -230,7 +234,7 @@ async fn process_inner(ctx: &Context, d: &Delivery, lease_until: &str) -> Result
     let trigger = trigger_of(d);
     match plan(&config.stripe, &config.juice, d) {
         Plan::Ignore(reason) => {
-            let mut tx = ctx.db.write.begin().await?;
+            let mut tx = ctx.db.begin().await?;
             if store::inbox::finish(&mut tx, d.id, lease_until, "ignored", &time::now_str()).await?
             {
                 tx.commit().await?;
@@ -242,7 +246,7 @@ async fn process_inner(ctx: &Context, d: &Delivery, lease_until: &str) -> Result
         }
         Plan::Reversal(transfer) => {
             let now = time::now();
-            let mut tx = ctx.db.write.begin().await?;
+            let mut tx = ctx.db.begin().await?;
             if !record::record_reversal(&mut tx, config, &transfer, &trigger, now).await? {
                 tx.rollback().await?;
                 let error = format!("reversal of transfer {transfer}, which is not known yet");
@@ -271,7 +275,7 @@ async fn process_inner(ctx: &Context, d: &Delivery, lease_until: &str) -> Result
             match provider.fetch(&target).await {
                 Ok(obs) => {
                     let now = time::now();
-                    let mut tx = ctx.db.write.begin().await?;
+                    let mut tx = ctx.db.begin().await?;
                     let recorded = record::record(
                         &mut tx,
                         config,
@@ -311,7 +315,7 @@ async fn process_inner(ctx: &Context, d: &Delivery, lease_until: &str) -> Result
                 }
                 Err(ApiError::NotFound(detail)) => {
                     let now = time::now_str();
-                    let mut tx = ctx.db.write.begin().await?;
+                    let mut tx = ctx.db.begin().await?;
                     let rid = resources::ensure(
                         &mut tx,
                         &d.provider,
@@ -356,7 +360,7 @@ fn provider_name(d: &Delivery) -> &'static str {
 
 /// Our lease ran out while we worked: another worker owns the delivery now,
 /// so nothing of this attempt is kept.
-async fn lease_lost(tx: store::Tx<'_>) -> Result<(), sqlx::Error> {
+async fn lease_lost(tx: store::GatedTx) -> Result<(), sqlx::Error> {
     tx.rollback().await?;
     tracing::warn!("the lease ran out before the delivery was finished; this attempt is dropped");
     Ok(())
@@ -380,7 +384,7 @@ async fn fail(
     )
     .max(retry_after.unwrap_or_default());
     let next = time::fmt(time::now() + chrono::Duration::from_std(wait).unwrap_or_default());
-    let mut tx = ctx.db.write.begin().await?;
+    let mut tx = ctx.db.begin().await?;
     if !store::inbox::fail(&mut tx, d.id, lease_until, error, &next, dead).await? {
         return lease_lost(tx).await;
     }
@@ -407,6 +411,7 @@ async fn release(
     let wait = Duration::from_secs(ctx.config.workers.backoff_max_secs.clamp(1, 60));
     let next = time::fmt(time::now() + chrono::Duration::from_std(wait).unwrap_or_default());
     tracing::error!(error = %e, next_attempt_at = %next, "PROVIDER CREDENTIALS REFUSED OR MISSING: the delivery stays pending until the API key works");
+    let _slot = ctx.db.write_slot().await;
     store::inbox::release(&ctx.db.write, d.id, lease_until, &e.to_string(), &next).await
 }
 

@@ -14,10 +14,12 @@ pub mod resources;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::DatabaseConfig;
 
@@ -47,6 +49,40 @@ pub struct Db {
     pub read: SqlitePool,
     /// `database.synchronous = "full"`: acknowledgement commits sync to disk.
     ack_full: bool,
+    /// Writers other than the inbox's group commit take this one slot before
+    /// they queue for the writer connection, so an acknowledgement never waits
+    /// behind more than one of their transactions however many workers run.
+    background_writers: Arc<Semaphore>,
+}
+
+/// A write transaction of the pipeline, alerts or a command, holding the
+/// background writers' slot until it ends.
+pub struct GatedTx {
+    tx: Tx<'static>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl GatedTx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl std::ops::Deref for GatedTx {
+    type Target = Tx<'static>;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for GatedTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
 }
 
 impl Db {
@@ -92,6 +128,7 @@ impl Db {
             write,
             read,
             ack_full,
+            background_writers: Arc::new(Semaphore::new(1)),
         })
     }
 
@@ -103,6 +140,25 @@ impl Db {
             tokio::time::timeout(Duration::from_secs(2), async { tokio::join!(w, r) }).await,
             Ok((Ok(_), Ok(_)))
         )
+    }
+
+    /// A write transaction for anything but the inbox's group commit.
+    pub async fn begin(&self) -> Result<GatedTx, sqlx::Error> {
+        let slot = self.write_slot().await;
+        Ok(GatedTx {
+            tx: self.write.begin().await?,
+            _slot: slot,
+        })
+    }
+
+    /// The background writers' slot, for a single write statement outside
+    /// [`Db::begin`] (claims and the like).
+    pub async fn write_slot(&self) -> OwnedSemaphorePermit {
+        self.background_writers
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
     }
 
     /// Switches the writer connection to syncing every commit (before an
