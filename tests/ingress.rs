@@ -654,3 +654,51 @@ async fn concurrent_duplicates_store_one_row() {
     assert_eq!(rows, 1);
     d.stop().await;
 }
+
+/// A flood of badly signed deliveries does not keep good ones out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_signatures_does_not_keep_good_deliveries_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(config(dir.path())).await;
+    let client = reqwest::Client::new();
+    let mut flood = tokio::task::JoinSet::new();
+    for worker in 0..32 {
+        let client = client.clone();
+        let url = format!("{}/webhooks/stripe", d.url);
+        flood.spawn(async move {
+            let mut refused = 0;
+            for i in 0..60 {
+                let body = thin_event(&format!("evt_forged_{worker}_{i}"));
+                let forged = signed_now("whsec_attacker_guess", &body);
+                let r = client
+                    .post(&url)
+                    .header("Stripe-Signature", forged)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status().as_u16() == 401 {
+                    refused += 1;
+                }
+            }
+            refused
+        });
+    }
+    for i in 0..50 {
+        let body = thin_event(&format!("evt_during_flood_{i}"));
+        let (status, _) = post_stripe(&d.url, &body, Some(&signed_now(STRIPE_SECRET, &body))).await;
+        assert_eq!(status, 200, "a good delivery was refused during the flood");
+    }
+    let mut refused = 0;
+    while let Some(r) = flood.join_next().await {
+        refused += r.unwrap();
+    }
+    assert_eq!(refused, 32 * 60, "every forged delivery is refused");
+    let pool = read_pool(dir.path()).await;
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 50, "only the good deliveries are stored");
+    d.stop().await;
+}
