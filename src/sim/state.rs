@@ -499,6 +499,8 @@ pub struct World {
     pub bulks: Vec<BulkTransfer>,
     /// Every Stripe event ever generated, oldest first.
     pub events: Vec<StoredEvent>,
+    /// Their ids, to record each once without a scan.
+    pub event_ids: HashSet<String>,
     /// Juice deliveries generated (event + checksum), to count them once.
     pub juice_events: HashSet<String>,
     pub idempotency: HashMap<String, IdempotentAnswer>,
@@ -556,7 +558,7 @@ impl World {
     /// Stores a Stripe event for the events API (once per id).
     pub fn record_stripe_event(&mut self, body: &Value) {
         let id = body["id"].as_str().unwrap_or_default();
-        if self.events.iter().any(|e| e.body["id"] == id) {
+        if !self.event_ids.insert(id.to_string()) {
             return;
         }
         let created = body["created"]
