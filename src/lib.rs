@@ -88,7 +88,8 @@ pub async fn run_until(
         shutdown: CancellationToken::new(),
     });
 
-    let tasks = tokio::task::JoinSet::<()>::new();
+    let mut tasks = tokio::task::JoinSet::<()>::new();
+    alerts::spawn(&app, &mut tasks);
     let router = router(app.clone());
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "cancelwatch listening");
