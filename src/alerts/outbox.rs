@@ -43,12 +43,7 @@ pub fn spawn(
 ) {
     let http = super::sinks::http_client(config);
     for sink in super::sinks::from_config(config, &http) {
-        tasks.spawn(run_sink(
-            db.clone(),
-            config.clone(),
-            sink,
-            shutdown.clone(),
-        ));
+        tasks.spawn(run_sink(db.clone(), config.clone(), sink, shutdown.clone()));
     }
 }
 

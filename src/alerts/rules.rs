@@ -25,7 +25,12 @@ const MAX_LISTED_ITEMS: usize = 100;
 pub fn is_transitional(kind: &str, status: &str) -> bool {
     let statuses: &[&str] = match kind {
         STRIPE_OUTBOUND => &["processing"],
-        STRIPE_BATCH => &["ready_for_upload", "validating", "in_progress", "cancelling"],
+        STRIPE_BATCH => &[
+            "ready_for_upload",
+            "validating",
+            "in_progress",
+            "cancelling",
+        ],
         JUICE_BULK => &["created", "executing", "cancelling"],
         JUICE_TRANSFER => &["pending", "processing"],
         _ => &[
@@ -187,7 +192,10 @@ async fn juice_partial(
     let mut listed = Vec::new();
     for item in &items {
         let status = item.status.clone().unwrap_or_else(|| "unknown".into());
-        by_status.entry(status.clone()).or_default().add(item.amount);
+        by_status
+            .entry(status.clone())
+            .or_default()
+            .add(item.amount);
         if is_cancelled(config, &status) {
             cancelled.add(item.amount);
         } else {
@@ -281,7 +289,8 @@ async fn batch_partial(
 fn not_effective(r: &ResourceRow) -> Option<(String, Value)> {
     let requested_at = r.cancel_requested_at.as_deref()?;
     let status = r.status.as_deref()?;
-    if matches!(status, "canceled" | "cancelled") || !is_settled_otherwise(&r.kind, status, r.terminal)
+    if matches!(status, "canceled" | "cancelled")
+        || !is_settled_otherwise(&r.kind, status, r.terminal)
     {
         return None;
     }

@@ -189,7 +189,10 @@ async fn verification_failures(
     let rule = &config.alerts.verification_failures;
     let mut per_provider: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     for (provider, reason, count) in sql::refusals_since(tx, &ago(now, rule.window_secs)).await? {
-        per_provider.entry(provider).or_default().insert(reason, count);
+        per_provider
+            .entry(provider)
+            .or_default()
+            .insert(reason, count);
     }
     let mut holding = HashSet::new();
     for (provider, reasons) in &per_provider {

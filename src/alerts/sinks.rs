@@ -59,7 +59,9 @@ impl Outcome {
 /// for a whole attempt, no redirects (an alert goes where it was configured).
 pub fn http_client(config: &Config) -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(config.alerts.delivery.timeout_secs.max(1)))
+        .timeout(Duration::from_secs(
+            config.alerts.delivery.timeout_secs.max(1),
+        ))
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("cancelwatch/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -102,8 +104,7 @@ impl Sink {
     async fn webhook(&self, row: &OutboxRow) -> Outcome {
         let msg_id = webhook_id(&row.alert_id, row.alert_version);
         let timestamp = chrono::Utc::now().timestamp();
-        let signature =
-            super::signing::sign(&self.key, &msg_id, timestamp, row.payload.as_bytes());
+        let signature = super::signing::sign(&self.key, &msg_id, timestamp, row.payload.as_bytes());
         let request = self
             .http
             .post(&self.config.url)
@@ -150,7 +151,10 @@ impl Sink {
         match tokio::time::timeout(self.timeout, run).await {
             Err(_) => Outcome::failed(
                 None,
-                format!("{program:?} did not finish within {} s; killed", self.timeout.as_secs()),
+                format!(
+                    "{program:?} did not finish within {} s; killed",
+                    self.timeout.as_secs()
+                ),
             ),
             Ok(Err(e)) => Outcome::failed(None, format!("waiting for {program:?}: {e}")),
             Ok(Ok(out)) if out.status.success() => Outcome::delivered(None),
@@ -158,7 +162,11 @@ impl Sink {
                 let stderr = String::from_utf8_lossy(&out.stderr);
                 Outcome::failed(
                     None,
-                    truncate(&format!("{program:?} exited with {}: {}", out.status, stderr.trim())),
+                    truncate(&format!(
+                        "{program:?} exited with {}: {}",
+                        out.status,
+                        stderr.trim()
+                    )),
                 )
             }
         }

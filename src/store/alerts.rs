@@ -151,8 +151,8 @@ pub async fn raise(
             RaiseOutcome::Created(alert)
         }
         Some(old) => {
-            let same_details = serde_json::from_str::<Value>(&old.details).ok().as_ref()
-                == Some(&new.details);
+            let same_details =
+                serde_json::from_str::<Value>(&old.details).ok().as_ref() == Some(&new.details);
             if old.state == "open"
                 && same_details
                 && old.summary == new.summary
