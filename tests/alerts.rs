@@ -1030,6 +1030,18 @@ async fn refused_deliveries_raise_an_alert_in_the_running_daemon() {
         assert_eq!(resp.status(), 401);
     }
     wait_for("the alert file", || async { out.exists() }).await;
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cancelwatch_alerts_raised_total{rule=\"verification_failures\"}"),
+        "{metrics}"
+    );
     let db = reader(&config).await;
     wait_for("delivery to both sinks", || async {
         let delivered: i64 =
@@ -1049,4 +1061,57 @@ async fn refused_deliveries_raise_an_alert_in_the_running_daemon() {
         json!({"provider": "stripe", "kind": "webhook", "id": "stripe"})
     );
     assert_eq!(got["details"]["refused"], 2);
+}
+
+#[tokio::test]
+async fn slack_sink_gets_one_readable_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::default();
+    let url = receiver.clone().start().await;
+    let mut config = config_in(dir.path());
+    config.alerts.sinks = vec![SinkConfig {
+        name: "chat".into(),
+        kind: "slack".into(),
+        url,
+        ..SinkConfig::default()
+    }];
+    let alert = raise_one(&config, "bulk-slack").await;
+    let daemon = Daemon::start(&config).await;
+    let db = reader(&config).await;
+    wait_for("slack delivery", || async {
+        outbox_state(&db, &alert.id, "chat").await.0 == "delivered"
+    })
+    .await;
+    daemon.stop().await;
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 1);
+    let body: Value = serde_json::from_slice(&requests[0].1).unwrap();
+    assert_eq!(
+        body,
+        json!({"text": "[CRITICAL] partial_cancellation: juice.bulk_transfer bulk-slack (juice): 1 of 2 items cancelled"})
+    );
+}
+
+#[tokio::test]
+async fn command_sink_is_killed_at_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.alerts.delivery.timeout_secs = 1;
+    config.alerts.sinks = vec![SinkConfig {
+        name: "slow".into(),
+        kind: "command".into(),
+        command: vec!["sleep".into(), "30".into()],
+        ..SinkConfig::default()
+    }];
+    let alert = raise_one(&config, "bulk-slow").await;
+    let daemon = Daemon::start(&config).await;
+    let db = reader(&config).await;
+    wait_for("a timed-out attempt", || async {
+        !attempts(&db, &alert.id, "slow").await.is_empty()
+    })
+    .await;
+    daemon.stop().await;
+    let error = attempts(&db, &alert.id, "slow").await[0].1.clone().unwrap();
+    assert!(error.contains("did not finish within 1 s"), "{error}");
+    assert_eq!(outbox_state(&db, &alert.id, "slow").await.0, "pending");
 }
