@@ -254,6 +254,37 @@ async fn juice_partial_cancellation_fires_counts_items_and_updates() {
 }
 
 #[tokio::test]
+async fn juice_partial_alert_resolves_when_the_late_item_is_seen_cancelled() {
+    let (_dir, config, db) = setup().await;
+    let bulk = Res::new("juice.bulk_transfer", "bulk-late", "cancelled")
+        .terminal()
+        .insert(&db)
+        .await;
+    Res::item("bulk-late", "l1", "cancelled", 100)
+        .insert(&db)
+        .await;
+    let l2 = Res::item("bulk-late", "l2", "pending", 200)
+        .insert(&db)
+        .await;
+    recorded(&db, &config, bulk).await;
+    let a = alert_of(&db, "partial_cancellation", "bulk-late")
+        .await
+        .unwrap();
+    assert_eq!(
+        details(&a)["not_cancelled"],
+        json!({"count": 1, "amount": 200})
+    );
+    Res::item("bulk-late", "l2", "cancelled", 200)
+        .insert(&db)
+        .await;
+    recorded(&db, &config, l2).await;
+    let r = alert_of(&db, "partial_cancellation", "bulk-late")
+        .await
+        .unwrap();
+    assert_eq!((r.state.as_str(), r.version), ("resolved", 2));
+}
+
+#[tokio::test]
 async fn juice_clean_cancel_and_running_bulk_raise_nothing() {
     let (_dir, config, db) = setup().await;
     let clean = Res::new("juice.bulk_transfer", "bulk-clean", "cancelled")

@@ -76,7 +76,8 @@ fn is_settled_otherwise(kind: &str, status: &str, terminal: bool) -> bool {
 /// Evaluates the observation-driven rules for resource `rid` after it (and,
 /// for a Juice bulk transfer, its items) was recorded in `tx`: raises or
 /// updates `partial_cancellation` and `cancel_not_effective`, and resolves a
-/// `stuck` / `refund_overdue` alert whose condition no longer holds. For a
+/// `partial_cancellation` / `stuck` / `refund_overdue` alert whose condition
+/// no longer holds. For a
 /// Juice item, its bulk transfer is evaluated again too.
 pub async fn on_resource_recorded(
     tx: &mut Tx<'_>,
@@ -112,15 +113,21 @@ async fn evaluate(
             STRIPE_BATCH => batch_partial(tx, resource).await?,
             _ => None,
         };
-        if let Some((summary, details)) = found {
-            let alert = new_alert(
-                PARTIAL_CANCELLATION,
-                &config.alerts.partial_cancellation.severity,
-                resource,
-                summary,
-                details,
-            );
-            super::raise(tx, config, &alert, now).await?;
+        match found {
+            Some((summary, details)) => {
+                let alert = new_alert(
+                    PARTIAL_CANCELLATION,
+                    &config.alerts.partial_cancellation.severity,
+                    resource,
+                    summary,
+                    details,
+                );
+                super::raise(tx, config, &alert, now).await?;
+            }
+            // E.g. an item seen `pending` in a cancelled bulk was then seen cancelled.
+            None => {
+                super::resolve(tx, config, &alert_key(PARTIAL_CANCELLATION, resource), now).await?;
+            }
         }
     }
     if config.alerts.cancel_not_effective.enabled {
@@ -136,6 +143,15 @@ async fn evaluate(
         }
     }
     resolve_stale(tx, config, resource, now).await
+}
+
+fn alert_key(rule: &str, r: &ResourceRow) -> AlertKey {
+    AlertKey {
+        rule: rule.into(),
+        provider: r.provider.clone(),
+        kind: r.kind.clone(),
+        resource_id: r.id.clone(),
+    }
 }
 
 fn new_alert(
@@ -316,19 +332,13 @@ async fn resolve_stale(
     r: &ResourceRow,
     now: &str,
 ) -> Result<(), sqlx::Error> {
-    let key = |rule: &str| AlertKey {
-        rule: rule.into(),
-        provider: r.provider.clone(),
-        kind: r.kind.clone(),
-        resource_id: r.id.clone(),
-    };
-    let stuck_key = key(STUCK);
+    let stuck_key = alert_key(STUCK, r);
     if let Some(alert) = sql::find(tx, &stuck_key).await? {
         if alert.state == "open" && !still_stuck_in(&alert.details, r) {
             super::resolve(tx, config, &stuck_key, now).await?;
         }
     }
-    let overdue_key = key(REFUND_OVERDUE);
+    let overdue_key = alert_key(REFUND_OVERDUE, r);
     if let Some(alert) = sql::find(tx, &overdue_key).await? {
         if alert.state == "open" {
             let refund = sql::refund_of(tx, r.rid).await?;
