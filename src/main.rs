@@ -31,6 +31,10 @@ enum Command {
     CheckConfig,
     /// Print a signature for a test delivery (Stripe-Signature header, or Juice checksum).
     Sign(cancelwatch::cli::sign::SignArgs),
+    /// List a provider's events since a time and take in the ones missing.
+    Backfill(cancelwatch::cli::backfill::BackfillArgs),
+    /// Serve simulated Stripe and Juice APIs and play cancel scenarios against a daemon.
+    Simulate(cancelwatch::cli::simulate::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,8 @@ fn main() -> ExitCode {
             Command::Migrate => cancelwatch::cli::migrate(config).await,
             Command::CheckConfig => cancelwatch::cli::check_config(&config),
             Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),
+            Command::Backfill(args) => cancelwatch::cli::backfill::run(config, args).await,
+            Command::Simulate(args) => cancelwatch::cli::simulate::run(&config, args).await,
         }
     });
     match result {

@@ -1146,3 +1146,133 @@ async fn command_sink_is_killed_at_its_timeout() {
     assert!(error.contains("did not finish within 1 s"), "{error}");
     assert_eq!(outbox_state(&db, &alert.id, "slow").await.0, "pending");
 }
+
+// ---- End to end with the pipeline and the simulator ------------------------
+
+/// Every simulator scenario played against a real daemon raises exactly the
+/// alerts the scenario expects, and they reach a command sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simulator_scenarios_raise_exactly_their_expected_alerts() {
+    use cancelwatch::sim::{DeliveryOptions, SimConfig, Simulator};
+    const STRIPE_KEY: &str = "sk_test_alerts";
+    const JUICE_KEY: &str = "juice_key_alerts";
+    const WEBHOOK_SECRET: &str = "whsec_alerts_test";
+    const BUSINESS_ID: &str = "alerts-business-id";
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let daemon_url = format!("http://{}", listener.local_addr().unwrap());
+    let ready_url = format!("{daemon_url}/readyz");
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = Simulator::start(
+        sim_listener,
+        SimConfig {
+            stripe_api_key: STRIPE_KEY.into(),
+            juice_api_key: JUICE_KEY.into(),
+            stripe_webhook_secret: WEBHOOK_SECRET.into(),
+            juice_checksum_key: BUSINESS_ID.into(),
+            target: Some(daemon_url),
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("alerts.jsonl");
+    let mut config = config_in(dir.path());
+    config.stripe.api_base = sim.base_url();
+    config.stripe.api_key = STRIPE_KEY.into();
+    config.stripe.webhook_secrets = vec![WEBHOOK_SECRET.into()];
+    config.juice.api_base = sim.base_url();
+    config.juice.api_key = JUICE_KEY.into();
+    config.juice.checksum_keys = vec![BUSINESS_ID.into()];
+    config.workers.poll_interval_ms = 50;
+    config.workers.backoff_base_ms = 50;
+    config.workers.backoff_max_secs = 1;
+    config.reconcile.interval_secs = 3_600;
+    config.alerts.sinks = vec![SinkConfig {
+        name: "cmd".into(),
+        kind: "command".into(),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("cat >> '{}'; echo >> '{}'", out.display(), out.display()),
+        ],
+        ..SinkConfig::default()
+    }];
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(cancelwatch::run_until(config.clone(), listener, async {
+        let _ = rx.await;
+    }));
+    wait_for("the daemon to be ready", || async {
+        reqwest::get(&ready_url)
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let db = reader(&config).await;
+
+    let mut expected = Vec::new();
+    for name in Simulator::scenario_names() {
+        let scenario = sim.scenario(name).unwrap();
+        for step in &scenario.steps {
+            sim.play_step(step, &DeliveryOptions::default())
+                .await
+                .unwrap();
+            wait_for(&format!("{name}: {}", step.label), || async {
+                let unfinished: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM inbox WHERE state IN ('pending', 'processing', 'failed')",
+                )
+                .fetch_one(&db)
+                .await
+                .unwrap();
+                let mut reached = unfinished == 0;
+                for (id, want) in &step.expect_status {
+                    let status: Option<String> =
+                        sqlx::query_scalar("SELECT status FROM resources WHERE id = ?")
+                            .bind(id)
+                            .fetch_optional(&db)
+                            .await
+                            .unwrap()
+                            .flatten();
+                    reached &= status.as_deref() == Some(want.as_str());
+                }
+                reached
+            })
+            .await;
+        }
+        assert!(sim.wait_background(Duration::from_secs(10)).await);
+        expected.extend(scenario.expect.alerts.clone());
+    }
+    expected.sort();
+    let raised: Vec<(String, String)> =
+        sqlx::query_as("SELECT rule, resource_id FROM alerts ORDER BY rule, resource_id")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert!(!expected.is_empty());
+    assert_eq!(raised, expected);
+    wait_for("every alert delivered", || async {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM alert_outbox WHERE state = 'pending'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        pending == 0
+    })
+    .await;
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    let text = std::fs::read_to_string(&out).unwrap();
+    let received: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (rule, id) in &expected {
+        assert!(
+            received
+                .iter()
+                .any(|p| p["type"] == rule.as_str() && p["resource"]["id"] == id.as_str()),
+            "{rule} about {id} not received: {text}"
+        );
+    }
+}

@@ -101,6 +101,44 @@ pub async fn on_resource_recorded(
     Ok(())
 }
 
+/// [`on_resource_recorded`] for every resource one observation wrote (a
+/// bulk transfer and its items): each is evaluated once, and a Juice item's
+/// bulk transfer once however many of its items are in `rids`.
+pub async fn on_observation_recorded(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    rids: &[i64],
+    now: &str,
+) -> Result<(), sqlx::Error> {
+    let mut seen = std::collections::HashSet::new();
+    let mut parents = Vec::new();
+    for &rid in rids {
+        if !seen.insert(rid) {
+            continue;
+        }
+        let Some(resource) = sql::resource(tx, rid).await? else {
+            continue;
+        };
+        evaluate(tx, config, &resource, now).await?;
+        if resource.kind == JUICE_TRANSFER {
+            if let Some(parent_id) = resource.parent_id {
+                let key = (resource.provider, parent_id);
+                if !parents.contains(&key) {
+                    parents.push(key);
+                }
+            }
+        }
+    }
+    for (provider, parent_id) in parents {
+        if let Some(bulk) = sql::resource_by_key(tx, &provider, JUICE_BULK, &parent_id).await? {
+            if !seen.contains(&bulk.rid) {
+                evaluate(tx, config, &bulk, now).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn evaluate(
     tx: &mut Tx<'_>,
     config: &Config,

@@ -1,6 +1,8 @@
 //! Command implementations behind `src/main.rs`.
 
+pub mod backfill;
 pub mod sign;
+pub mod simulate;
 
 use anyhow::Context;
 

@@ -8,8 +8,10 @@
 //! the process; reads use their own pool and WAL lets them run beside the writer.
 
 pub mod alerts;
+pub mod cancels;
 pub mod inbox;
 pub mod refusals;
+pub mod resources;
 
 use std::path::Path;
 use std::str::FromStr;
