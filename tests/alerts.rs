@@ -1149,66 +1149,115 @@ async fn command_sink_is_killed_at_its_timeout() {
 
 // ---- End to end with the pipeline and the simulator ------------------------
 
+/// A daemon with a simulator in front of it, and a command sink appending
+/// each alert as a line to `alerts.jsonl` in `dir`.
+struct SimPair {
+    sim: cancelwatch::sim::Simulator,
+    db: SqlitePool,
+    out: PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl SimPair {
+    async fn start(dir: &Path, tune: impl FnOnce(&mut Config)) -> SimPair {
+        use cancelwatch::sim::{SimConfig, Simulator};
+        const STRIPE_KEY: &str = "sk_test_alerts";
+        const JUICE_KEY: &str = "juice_key_alerts";
+        const WEBHOOK_SECRET: &str = "whsec_alerts_test";
+        const BUSINESS_ID: &str = "alerts-business-id";
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let daemon_url = format!("http://{}", listener.local_addr().unwrap());
+        let ready_url = format!("{daemon_url}/readyz");
+        let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = Simulator::start(
+            sim_listener,
+            SimConfig {
+                stripe_api_key: STRIPE_KEY.into(),
+                juice_api_key: JUICE_KEY.into(),
+                stripe_webhook_secret: WEBHOOK_SECRET.into(),
+                juice_checksum_key: BUSINESS_ID.into(),
+                target: Some(daemon_url),
+            },
+        )
+        .await
+        .unwrap();
+        let out = dir.join("alerts.jsonl");
+        let mut config = config_in(dir);
+        config.stripe.api_base = sim.base_url();
+        config.stripe.api_key = STRIPE_KEY.into();
+        config.stripe.webhook_secrets = vec![WEBHOOK_SECRET.into()];
+        config.juice.api_base = sim.base_url();
+        config.juice.api_key = JUICE_KEY.into();
+        config.juice.checksum_keys = vec![BUSINESS_ID.into()];
+        config.workers.poll_interval_ms = 50;
+        config.workers.backoff_base_ms = 50;
+        config.workers.backoff_max_secs = 1;
+        config.reconcile.interval_secs = 3_600;
+        config.alerts.sinks = vec![SinkConfig {
+            name: "cmd".into(),
+            kind: "command".into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("cat >> '{}'; echo >> '{}'", out.display(), out.display()),
+            ],
+            ..SinkConfig::default()
+        }];
+        tune(&mut config);
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(cancelwatch::run_until(config.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        wait_for("the daemon to be ready", || async {
+            reqwest::get(&ready_url)
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        let db = reader(&config).await;
+        SimPair {
+            sim,
+            db,
+            out,
+            stop,
+            handle,
+        }
+    }
+
+    /// Waits until every outbox row is delivered, stops the daemon and
+    /// returns what the command sink received.
+    async fn finish(self) -> Vec<Value> {
+        let db = self.db.clone();
+        wait_for("every alert delivered", || async {
+            let pending: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM alert_outbox WHERE state = 'pending'")
+                    .fetch_one(&db)
+                    .await
+                    .unwrap();
+            pending == 0
+        })
+        .await;
+        let _ = self.stop.send(());
+        self.handle.await.unwrap().unwrap();
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
 /// Every simulator scenario played against a real daemon raises exactly the
 /// alerts the scenario expects, and they reach a command sink.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn simulator_scenarios_raise_exactly_their_expected_alerts() {
-    use cancelwatch::sim::{DeliveryOptions, SimConfig, Simulator};
-    const STRIPE_KEY: &str = "sk_test_alerts";
-    const JUICE_KEY: &str = "juice_key_alerts";
-    const WEBHOOK_SECRET: &str = "whsec_alerts_test";
-    const BUSINESS_ID: &str = "alerts-business-id";
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let daemon_url = format!("http://{}", listener.local_addr().unwrap());
-    let ready_url = format!("{daemon_url}/readyz");
-    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = Simulator::start(
-        sim_listener,
-        SimConfig {
-            stripe_api_key: STRIPE_KEY.into(),
-            juice_api_key: JUICE_KEY.into(),
-            stripe_webhook_secret: WEBHOOK_SECRET.into(),
-            juice_checksum_key: BUSINESS_ID.into(),
-            target: Some(daemon_url),
-        },
-    )
-    .await
-    .unwrap();
+    use cancelwatch::sim::{DeliveryOptions, Simulator};
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("alerts.jsonl");
-    let mut config = config_in(dir.path());
-    config.stripe.api_base = sim.base_url();
-    config.stripe.api_key = STRIPE_KEY.into();
-    config.stripe.webhook_secrets = vec![WEBHOOK_SECRET.into()];
-    config.juice.api_base = sim.base_url();
-    config.juice.api_key = JUICE_KEY.into();
-    config.juice.checksum_keys = vec![BUSINESS_ID.into()];
-    config.workers.poll_interval_ms = 50;
-    config.workers.backoff_base_ms = 50;
-    config.workers.backoff_max_secs = 1;
-    config.reconcile.interval_secs = 3_600;
-    config.alerts.sinks = vec![SinkConfig {
-        name: "cmd".into(),
-        kind: "command".into(),
-        command: vec![
-            "sh".into(),
-            "-c".into(),
-            format!("cat >> '{}'; echo >> '{}'", out.display(), out.display()),
-        ],
-        ..SinkConfig::default()
-    }];
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(cancelwatch::run_until(config.clone(), listener, async {
-        let _ = rx.await;
-    }));
-    wait_for("the daemon to be ready", || async {
-        reqwest::get(&ready_url)
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    let db = reader(&config).await;
+    let pair = SimPair::start(dir.path(), |_| {}).await;
+    let (sim, db) = (&pair.sim, pair.db.clone());
 
     let mut expected = Vec::new();
     for name in Simulator::scenario_names() {
@@ -1250,29 +1299,55 @@ async fn simulator_scenarios_raise_exactly_their_expected_alerts() {
             .unwrap();
     assert!(!expected.is_empty());
     assert_eq!(raised, expected);
-    wait_for("every alert delivered", || async {
-        let pending: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM alert_outbox WHERE state = 'pending'")
-                .fetch_one(&db)
-                .await
-                .unwrap();
-        pending == 0
-    })
-    .await;
-    let _ = stop.send(());
-    handle.await.unwrap().unwrap();
-    let text = std::fs::read_to_string(&out).unwrap();
-    let received: Vec<Value> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let received = pair.finish().await;
     for (rule, id) in &expected {
         assert!(
             received
                 .iter()
                 .any(|p| p["type"] == rule.as_str() && p["resource"]["id"] == id.as_str()),
-            "{rule} about {id} not received: {text}"
+            "{rule} about {id} not received: {received:?}"
         );
     }
+}
+
+/// A delivery about an object the provider never had goes dead in the
+/// worker, and that raises a `dead_letter` alert about its resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_delivery_raises_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = SimPair::start(dir.path(), |c| c.workers.max_attempts = 2).await;
+    let ghost = "obt_alerts_does_not_exist";
+    let event = cancelwatch::sim::state::thin_event(
+        "v2.money_management.outbound_transfer.updated",
+        "v2.money_management.outbound_transfer",
+        ghost,
+        &cancelwatch::sim::state::outbound_transfer_path(ghost),
+    );
+    pair.sim
+        .deliver(&cancelwatch::sim::Delivery::stripe(event))
+        .await
+        .unwrap();
+    let db = pair.db.clone();
+    wait_for("the dead_letter alert", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM alerts WHERE rule = 'dead_letter' AND resource_id = ?",
+        )
+        .bind(ghost)
+        .fetch_one(&db)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    let received = pair.finish().await;
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0]["type"], "dead_letter");
+    assert_eq!(
+        received[0]["resource"],
+        json!({"provider": "stripe", "kind": "stripe.outbound_transfer", "id": ghost})
+    );
+    assert!(received[0]["details"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("does not exist"));
 }
