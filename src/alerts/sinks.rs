@@ -50,6 +50,7 @@ impl Outcome {
         }
     }
 
+    /// True when the sink accepted the alert.
     pub fn is_delivered(&self) -> bool {
         self.error.is_none()
     }

@@ -76,6 +76,7 @@ pub enum RaiseOutcome {
 }
 
 impl RaiseOutcome {
+    /// The alert as it stands after the raise.
     pub fn alert(&self) -> &Alert {
         match self {
             RaiseOutcome::Created(a) | RaiseOutcome::Updated(a) | RaiseOutcome::Unchanged(a) => a,
@@ -352,6 +353,7 @@ pub struct ResourceRow {
 const RESOURCE_COLUMNS: &str = "rid, provider, kind, id, parent_id, status, terminal, amount, \
                                 currency, status_since, cancel_requested_at";
 
+/// The resource with row id `rid`.
 pub async fn resource(tx: &mut Tx<'_>, rid: i64) -> Result<Option<ResourceRow>, sqlx::Error> {
     sqlx::query_as::<_, ResourceRow>(&format!(
         "SELECT {RESOURCE_COLUMNS} FROM resources WHERE rid = ?"
@@ -361,6 +363,7 @@ pub async fn resource(tx: &mut Tx<'_>, rid: i64) -> Result<Option<ResourceRow>, 
     .await
 }
 
+/// The resource `(provider, kind, id)`.
 pub async fn resource_by_key(
     tx: &mut Tx<'_>,
     provider: &str,
@@ -526,6 +529,7 @@ pub struct DeliveryRow {
     pub received_at: String,
 }
 
+/// The inbox delivery with row id `id`.
 pub async fn delivery(tx: &mut Tx<'_>, id: i64) -> Result<Option<DeliveryRow>, sqlx::Error> {
     sqlx::query_as::<_, DeliveryRow>(
         "SELECT id, provider, dedupe_key, event_type, resource_kind, resource_id, attempts, received_at
