@@ -112,6 +112,7 @@ pub async fn run_until(
     });
 
     let mut tasks = tokio::task::JoinSet::<()>::new();
+    alerts::spawn(&app, &mut tasks);
     pipeline::worker::spawn(
         app.pipeline.clone(),
         &mut tasks,

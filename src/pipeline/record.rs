@@ -183,8 +183,9 @@ pub async fn record(
             record_one(tx, config, child, trigger, context, now, &mut recorded).await?;
         }
     }
-    // ALERTS HOOK: for each `rid` in `recorded.rids`, inside this transaction and after the writes above:
-    // crate::alerts::rules::on_resource_recorded(tx, config, rid, &time::fmt(now)).await?;
+    // Alert rules see what was just written, and commit or roll back with it.
+    crate::alerts::rules::on_observation_recorded(tx, config, &recorded.rids, &time::fmt(now))
+        .await?;
     Ok(recorded)
 }
 
@@ -423,7 +424,7 @@ pub async fn record_reversal(
             resources::mark_reconciled(tx, item.rid, None).await?;
         }
     }
-    // ALERTS HOOK: crate::alerts::rules::on_resource_recorded(tx, config, item.rid, &now_s).await?;
+    crate::alerts::rules::on_resource_recorded(tx, config, item.rid, &now_s).await?;
     Ok(true)
 }
 

@@ -329,7 +329,8 @@ async fn process_inner(ctx: &Context, d: &Delivery, lease_until: &str) -> Result
                     resources::mark_not_found(&mut tx, rid, &now, None).await?;
                     let error = format!("the resource does not exist: {detail}");
                     if store::inbox::fail(&mut tx, d.id, lease_until, &error, &now, true).await? {
-                        // ALERTS HOOK: crate::alerts::rules::on_dead_letter(&mut tx, config, d.id, &error, &now).await?;
+                        crate::alerts::rules::on_dead_letter(&mut tx, config, d.id, &error, &now)
+                            .await?;
                         tx.commit().await?;
                         metrics::counter!("cancelwatch_deliveries_dead_total", "provider" => provider_name(d)).increment(1);
                         tracing::error!(%error, "delivery dead: its resource is not found");
@@ -388,7 +389,10 @@ async fn fail(
     if !store::inbox::fail(&mut tx, d.id, lease_until, error, &next, dead).await? {
         return lease_lost(tx).await;
     }
-    // ALERTS HOOK (only when `dead`): crate::alerts::rules::on_dead_letter(&mut tx, &ctx.config, d.id, error, &time::now_str()).await?;
+    if dead {
+        crate::alerts::rules::on_dead_letter(&mut tx, &ctx.config, d.id, error, &time::now_str())
+            .await?;
+    }
     tx.commit().await?;
     if dead {
         metrics::counter!("cancelwatch_deliveries_dead_total", "provider" => provider_name(d))

@@ -7,6 +7,7 @@
 //! the daemon goes through it, so writes never fight over SQLite's lock inside
 //! the process; reads use their own pool and WAL lets them run beside the writer.
 
+pub mod alerts;
 pub mod cancels;
 pub mod inbox;
 pub mod refusals;

@@ -1,0 +1,228 @@
+//! Time-based rules, evaluated every `alerts.scan_interval_secs`: `stuck`,
+//! `refund_overdue` and `verification_failures`. Each scan raises what holds
+//! now and resolves the open alerts whose condition no longer holds.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::rules::{is_transitional, still_stuck_in};
+use super::{REFUND_OVERDUE, STUCK, VERIFICATION_FAILURES};
+use crate::config::Config;
+use crate::store::alerts::{self as sql, AlertKey, NewAlert};
+use crate::store::{Db, Tx};
+use crate::time::{self, Timestamp};
+
+/// The `(provider, kind, id)` under which webhook-wide alerts are raised.
+pub const WEBHOOK_KIND: &str = "webhook";
+
+/// Runs [`scan_once`] every `alerts.scan_interval_secs` until `shutdown`.
+pub async fn run(db: Db, config: Arc<Config>, shutdown: tokio_util::sync::CancellationToken) {
+    let every = Duration::from_secs(config.alerts.scan_interval_secs.max(1));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if let Err(e) = scan_once(&db, &config, time::now()).await {
+            tracing::error!(error = %e, "alert scan failed; retrying at the next interval");
+        }
+    }
+}
+
+/// Evaluates the time-based rules as of `now`, in one short write transaction.
+pub async fn scan_once(db: &Db, config: &Config, now: Timestamp) -> Result<(), sqlx::Error> {
+    let now_s = time::fmt(now);
+    let mut tx = db.write.begin().await?;
+    if config.alerts.stuck.enabled {
+        stuck(&mut tx, config, now, &now_s).await?;
+    }
+    if config.alerts.refund_overdue.enabled {
+        refund_overdue(&mut tx, config, now, &now_s).await?;
+    }
+    if config.alerts.verification_failures.enabled {
+        verification_failures(&mut tx, config, now, &now_s).await?;
+    }
+    tx.commit().await
+}
+
+fn ago(now: Timestamp, secs: u64) -> String {
+    time::fmt(now - chrono::Duration::seconds(secs.min(i64::MAX as u64) as i64))
+}
+
+fn key(rule: &str, provider: &str, kind: &str, id: &str) -> AlertKey {
+    AlertKey {
+        rule: rule.into(),
+        provider: provider.into(),
+        kind: kind.into(),
+        resource_id: id.into(),
+    }
+}
+
+/// Resolves the open alerts of `rule` whose key is not in `holding`.
+async fn resolve_others(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    rule: &str,
+    holding: &HashSet<(String, String, String)>,
+    now: &str,
+) -> Result<(), sqlx::Error> {
+    for alert in sql::open_of_rule(tx, rule).await? {
+        let k = (
+            alert.provider.clone(),
+            alert.kind.clone(),
+            alert.resource_id.clone(),
+        );
+        if !holding.contains(&k) {
+            let key = key(rule, &alert.provider, &alert.kind, &alert.resource_id);
+            super::resolve(tx, config, &key, now).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Resources in a transitional status for longer than its limit
+/// (`alerts.stuck.limits[status]`, else `alerts.stuck.after_secs`).
+async fn stuck(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    now: Timestamp,
+    now_s: &str,
+) -> Result<(), sqlx::Error> {
+    let rule = &config.alerts.stuck;
+    let mut holding = HashSet::new();
+    for r in sql::unsettled_resources(tx).await? {
+        let (Some(status), Some(since)) = (r.status.as_deref(), r.status_since.as_deref()) else {
+            continue;
+        };
+        if !is_transitional(&r.kind, status) {
+            continue;
+        }
+        let limit = rule.limits.get(status).copied().unwrap_or(rule.after_secs);
+        if since >= ago(now, limit).as_str() {
+            continue;
+        }
+        holding.insert((r.provider.clone(), r.kind.clone(), r.id.clone()));
+        // An alert about an earlier stay in this status stays as it is.
+        if let Some(open) = sql::find(tx, &key(STUCK, &r.provider, &r.kind, &r.id)).await? {
+            if open.state == "open" && still_stuck_in(&open.details, &r) {
+                continue;
+            }
+        }
+        let alert = NewAlert {
+            rule: STUCK.into(),
+            severity: rule.severity.clone(),
+            provider: r.provider.clone(),
+            kind: r.kind.clone(),
+            resource_id: r.id.clone(),
+            summary: format!(
+                "{} {} has been {status} since {since} (limit {limit} s)",
+                r.kind, r.id
+            ),
+            details: json!({
+                "status": status,
+                "status_since": since,
+                "limit_secs": limit,
+                "parent_id": r.parent_id,
+                "cancel_requested_at": r.cancel_requested_at,
+            }),
+        };
+        super::raise(tx, config, &alert, now_s).await?;
+    }
+    resolve_others(tx, config, STUCK, &holding, now_s).await
+}
+
+/// Refunds pending for longer than `alerts.refund_overdue.after_secs`.
+async fn refund_overdue(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    now: Timestamp,
+    now_s: &str,
+) -> Result<(), sqlx::Error> {
+    let rule = &config.alerts.refund_overdue;
+    let cutoff = ago(now, rule.after_secs);
+    let mut holding = HashSet::new();
+    for f in sql::pending_refunds_opened_before(tx, &cutoff).await? {
+        holding.insert((f.provider.clone(), f.kind.clone(), f.resource_id.clone()));
+        let amount = match (f.amount, &f.currency) {
+            (Some(a), Some(c)) => format!(" of {a} {c}"),
+            (Some(a), None) => format!(" of {a}"),
+            _ => String::new(),
+        };
+        let alert = NewAlert {
+            rule: REFUND_OVERDUE.into(),
+            severity: rule.severity.clone(),
+            provider: f.provider.clone(),
+            kind: f.kind.clone(),
+            resource_id: f.resource_id.clone(),
+            summary: format!(
+                "refund{amount} for {} {} ({}) pending since {}",
+                f.kind, f.resource_id, f.reason, f.opened_at
+            ),
+            details: json!({
+                "refund_status": f.status,
+                "reason": f.reason,
+                "amount": f.amount,
+                "currency": f.currency,
+                "opened_at": f.opened_at,
+                "parent_id": f.parent_id,
+                "limit_secs": rule.after_secs,
+            }),
+        };
+        super::raise(tx, config, &alert, now_s).await?;
+    }
+    resolve_others(tx, config, REFUND_OVERDUE, &holding, now_s).await
+}
+
+/// More than `threshold` refused deliveries per provider in the last
+/// `window_secs`. An open alert is left as first raised while the burst lasts.
+async fn verification_failures(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    now: Timestamp,
+    now_s: &str,
+) -> Result<(), sqlx::Error> {
+    let rule = &config.alerts.verification_failures;
+    let mut per_provider: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for (provider, reason, count) in sql::refusals_since(tx, &ago(now, rule.window_secs)).await? {
+        per_provider
+            .entry(provider)
+            .or_default()
+            .insert(reason, count);
+    }
+    let mut holding = HashSet::new();
+    for (provider, reasons) in &per_provider {
+        let total: i64 = reasons.values().sum();
+        if total <= rule.threshold.min(i64::MAX as u64) as i64 {
+            continue;
+        }
+        holding.insert((provider.clone(), WEBHOOK_KIND.to_string(), provider.clone()));
+        let k = key(VERIFICATION_FAILURES, provider, WEBHOOK_KIND, provider);
+        if sql::find(tx, &k).await?.is_some_and(|a| a.state == "open") {
+            continue;
+        }
+        let alert = NewAlert {
+            rule: VERIFICATION_FAILURES.into(),
+            severity: rule.severity.clone(),
+            provider: provider.clone(),
+            kind: WEBHOOK_KIND.into(),
+            resource_id: provider.clone(),
+            summary: format!(
+                "{total} deliveries to /webhooks/{provider} refused in the last {} s (threshold {})",
+                rule.window_secs, rule.threshold
+            ),
+            details: json!({
+                "refused": total,
+                "by_reason": reasons,
+                "window_secs": rule.window_secs,
+                "threshold": rule.threshold,
+            }),
+        };
+        super::raise(tx, config, &alert, now_s).await?;
+    }
+    resolve_others(tx, config, VERIFICATION_FAILURES, &holding, now_s).await
+}

@@ -1,0 +1,541 @@
+//! SQL of alerts: one row per (rule, resource), versioned; an outbox row per
+//! (alert version, sink) written in the same transaction; delivery attempts.
+
+use serde_json::{json, Value};
+use sqlx::{FromRow, SqlitePool};
+
+use super::Tx;
+
+/// What a rule wants to say about one resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAlert {
+    pub rule: String,
+    pub severity: String,
+    pub provider: String,
+    pub kind: String,
+    pub resource_id: String,
+    pub summary: String,
+    pub details: Value,
+}
+
+/// The resource an alert is about: `(provider, kind, id)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertKey {
+    pub rule: String,
+    pub provider: String,
+    pub kind: String,
+    pub resource_id: String,
+}
+
+/// An alert as stored.
+#[derive(Debug, Clone, FromRow, PartialEq)]
+pub struct Alert {
+    pub id: String,
+    pub rule: String,
+    pub severity: String,
+    pub provider: String,
+    pub kind: String,
+    pub resource_id: String,
+    pub summary: String,
+    pub details: String,
+    pub state: String,
+    pub version: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    pub resolved_at: Option<String>,
+}
+
+impl Alert {
+    /// The JSON every sink receives for this version of the alert.
+    pub fn payload(&self) -> Value {
+        let details: Value = serde_json::from_str(&self.details).unwrap_or(Value::Null);
+        json!({
+            "id": self.id,
+            "type": self.rule,
+            "severity": self.severity,
+            "resource": {"provider": self.provider, "kind": self.kind, "id": self.resource_id},
+            "summary": self.summary,
+            "details": details,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "state": self.state,
+            "version": self.version,
+        })
+    }
+}
+
+/// What [`raise`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RaiseOutcome {
+    /// A new alert (version 1).
+    Created(Alert),
+    /// An existing alert got a new version (changed, or re-opened).
+    Updated(Alert),
+    /// The open alert already said exactly this: nothing written.
+    Unchanged(Alert),
+}
+
+impl RaiseOutcome {
+    /// The alert as it stands after the raise.
+    pub fn alert(&self) -> &Alert {
+        match self {
+            RaiseOutcome::Created(a) | RaiseOutcome::Updated(a) | RaiseOutcome::Unchanged(a) => a,
+        }
+    }
+}
+
+const ALERT_COLUMNS: &str = "id, rule, severity, provider, kind, resource_id, summary, details, \
+                             state, version, created_at, updated_at, resolved_at";
+
+/// The alert of one rule about one resource, if any.
+pub async fn find(tx: &mut Tx<'_>, key: &AlertKey) -> Result<Option<Alert>, sqlx::Error> {
+    sqlx::query_as::<_, Alert>(&format!(
+        "SELECT {ALERT_COLUMNS} FROM alerts
+         WHERE rule = ? AND provider = ? AND kind = ? AND resource_id = ?"
+    ))
+    .bind(&key.rule)
+    .bind(&key.provider)
+    .bind(&key.kind)
+    .bind(&key.resource_id)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// Open alerts of one rule.
+pub async fn open_of_rule(tx: &mut Tx<'_>, rule: &str) -> Result<Vec<Alert>, sqlx::Error> {
+    sqlx::query_as::<_, Alert>(&format!(
+        "SELECT {ALERT_COLUMNS} FROM alerts WHERE rule = ? AND state = 'open' ORDER BY created_at"
+    ))
+    .bind(rule)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Inserts or updates the one alert per (rule, resource) and queues the new
+/// version for each of `sinks`. Changing summary, details or severity, or
+/// raising a resolved alert again, bumps its version; an identical re-raise of
+/// an open alert writes nothing.
+pub async fn raise(
+    tx: &mut Tx<'_>,
+    new: &NewAlert,
+    sinks: &[String],
+    now: &str,
+) -> Result<RaiseOutcome, sqlx::Error> {
+    let key = AlertKey {
+        rule: new.rule.clone(),
+        provider: new.provider.clone(),
+        kind: new.kind.clone(),
+        resource_id: new.resource_id.clone(),
+    };
+    let details = new.details.to_string();
+    let outcome = match find(tx, &key).await? {
+        None => {
+            let id = format!("alrt_{}", uuid::Uuid::new_v4().simple());
+            let alert = sqlx::query_as::<_, Alert>(&format!(
+                "INSERT INTO alerts (id, rule, severity, provider, kind, resource_id, summary, details,
+                                     state, version, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open', 1, ?, ?)
+                 RETURNING {ALERT_COLUMNS}"
+            ))
+            .bind(&id)
+            .bind(&new.rule)
+            .bind(&new.severity)
+            .bind(&new.provider)
+            .bind(&new.kind)
+            .bind(&new.resource_id)
+            .bind(&new.summary)
+            .bind(&details)
+            .bind(now)
+            .bind(now)
+            .fetch_one(&mut **tx)
+            .await?;
+            RaiseOutcome::Created(alert)
+        }
+        Some(old) => {
+            let same_details =
+                serde_json::from_str::<Value>(&old.details).ok().as_ref() == Some(&new.details);
+            if old.state == "open"
+                && same_details
+                && old.summary == new.summary
+                && old.severity == new.severity
+            {
+                return Ok(RaiseOutcome::Unchanged(old));
+            }
+            let alert = sqlx::query_as::<_, Alert>(&format!(
+                "UPDATE alerts SET severity = ?, summary = ?, details = ?, state = 'open',
+                        resolved_at = NULL, version = version + 1, updated_at = ?
+                 WHERE id = ?
+                 RETURNING {ALERT_COLUMNS}"
+            ))
+            .bind(&new.severity)
+            .bind(&new.summary)
+            .bind(&details)
+            .bind(now)
+            .bind(&old.id)
+            .fetch_one(&mut **tx)
+            .await?;
+            RaiseOutcome::Updated(alert)
+        }
+    };
+    enqueue(tx, outcome.alert(), sinks, now).await?;
+    Ok(outcome)
+}
+
+/// Resolves the open alert of `key`, if there is one, and queues the resolved
+/// version for each of `sinks`. Returns the resolved alert.
+pub async fn resolve(
+    tx: &mut Tx<'_>,
+    key: &AlertKey,
+    sinks: &[String],
+    now: &str,
+) -> Result<Option<Alert>, sqlx::Error> {
+    let resolved = sqlx::query_as::<_, Alert>(&format!(
+        "UPDATE alerts SET state = 'resolved', resolved_at = ?, version = version + 1, updated_at = ?
+         WHERE rule = ? AND provider = ? AND kind = ? AND resource_id = ? AND state = 'open'
+         RETURNING {ALERT_COLUMNS}"
+    ))
+    .bind(now)
+    .bind(now)
+    .bind(&key.rule)
+    .bind(&key.provider)
+    .bind(&key.kind)
+    .bind(&key.resource_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(alert) = &resolved {
+        enqueue(tx, alert, sinks, now).await?;
+    }
+    Ok(resolved)
+}
+
+/// One outbox row per sink for this version of the alert, due now.
+async fn enqueue(
+    tx: &mut Tx<'_>,
+    alert: &Alert,
+    sinks: &[String],
+    now: &str,
+) -> Result<(), sqlx::Error> {
+    let payload = alert.payload().to_string();
+    for sink in sinks {
+        sqlx::query(
+            "INSERT INTO alert_outbox (alert_id, alert_version, sink, payload, next_attempt_at, created_at)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (alert_id, alert_version, sink) DO NOTHING",
+        )
+        .bind(&alert.id)
+        .bind(alert.version)
+        .bind(sink)
+        .bind(&payload)
+        .bind(now)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// One alert version waiting for one sink.
+#[derive(Debug, Clone, FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub alert_id: String,
+    pub alert_version: i64,
+    pub sink: String,
+    pub payload: String,
+    pub attempts: i64,
+}
+
+/// Pending rows of one sink that are due at `now`, oldest first.
+pub async fn due(
+    pool: &SqlitePool,
+    sink: &str,
+    now: &str,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    sqlx::query_as::<_, OutboxRow>(
+        "SELECT id, alert_id, alert_version, sink, payload, attempts FROM alert_outbox
+         WHERE sink = ? AND state = 'pending' AND next_attempt_at <= ?
+         ORDER BY next_attempt_at, id LIMIT ?",
+    )
+    .bind(sink)
+    .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// The result of one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub attempted_at: String,
+    /// HTTP status, when the sink answered over HTTP.
+    pub status_code: Option<i64>,
+    /// What went wrong; `None` when delivered.
+    pub error: Option<String>,
+}
+
+/// Records a successful attempt and marks the row delivered.
+pub async fn mark_delivered(
+    write: &SqlitePool,
+    outbox_id: i64,
+    attempt: &Attempt,
+) -> Result<(), sqlx::Error> {
+    let mut tx = write.begin().await?;
+    insert_attempt(&mut tx, outbox_id, attempt).await?;
+    sqlx::query(
+        "UPDATE alert_outbox SET state = 'delivered', attempts = attempts + 1, delivered_at = ?,
+                last_error = NULL
+         WHERE id = ?",
+    )
+    .bind(&attempt.attempted_at)
+    .bind(outbox_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// Records a failed attempt; the row stays pending until `next_attempt_at`.
+pub async fn reschedule(
+    write: &SqlitePool,
+    outbox_id: i64,
+    attempt: &Attempt,
+    next_attempt_at: &str,
+) -> Result<(), sqlx::Error> {
+    let mut tx = write.begin().await?;
+    insert_attempt(&mut tx, outbox_id, attempt).await?;
+    sqlx::query(
+        "UPDATE alert_outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?
+         WHERE id = ?",
+    )
+    .bind(next_attempt_at)
+    .bind(&attempt.error)
+    .bind(outbox_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+async fn insert_attempt(
+    tx: &mut Tx<'_>,
+    outbox_id: i64,
+    attempt: &Attempt,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO alert_attempts (outbox_id, attempted_at, status_code, error) VALUES (?, ?, ?, ?)",
+    )
+    .bind(outbox_id)
+    .bind(&attempt.attempted_at)
+    .bind(attempt.status_code)
+    .bind(&attempt.error)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+// ---- What the rules read -------------------------------------------------
+
+/// A tracked resource, as the rules see it.
+#[derive(Debug, Clone, FromRow)]
+pub struct ResourceRow {
+    pub rid: i64,
+    pub provider: String,
+    pub kind: String,
+    pub id: String,
+    pub parent_id: Option<String>,
+    pub status: Option<String>,
+    pub terminal: bool,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub status_since: Option<String>,
+    pub cancel_requested_at: Option<String>,
+}
+
+const RESOURCE_COLUMNS: &str = "rid, provider, kind, id, parent_id, status, terminal, amount, \
+                                currency, status_since, cancel_requested_at";
+
+/// The resource with row id `rid`.
+pub async fn resource(tx: &mut Tx<'_>, rid: i64) -> Result<Option<ResourceRow>, sqlx::Error> {
+    sqlx::query_as::<_, ResourceRow>(&format!(
+        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE rid = ?"
+    ))
+    .bind(rid)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// The resource `(provider, kind, id)`.
+pub async fn resource_by_key(
+    tx: &mut Tx<'_>,
+    provider: &str,
+    kind: &str,
+    id: &str,
+) -> Result<Option<ResourceRow>, sqlx::Error> {
+    sqlx::query_as::<_, ResourceRow>(&format!(
+        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE provider = ? AND kind = ? AND id = ?"
+    ))
+    .bind(provider)
+    .bind(kind)
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// The items of a parent resource (a Juice bulk transfer's transfers), by id.
+pub async fn children(
+    tx: &mut Tx<'_>,
+    provider: &str,
+    kind: &str,
+    parent_id: &str,
+) -> Result<Vec<ResourceRow>, sqlx::Error> {
+    sqlx::query_as::<_, ResourceRow>(&format!(
+        "SELECT {RESOURCE_COLUMNS} FROM resources
+         WHERE provider = ? AND kind = ? AND parent_id = ? ORDER BY id"
+    ))
+    .bind(provider)
+    .bind(kind)
+    .bind(parent_id)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Resources not terminal whose status has a start time: the stuck candidates.
+pub async fn unsettled_resources(tx: &mut Tx<'_>) -> Result<Vec<ResourceRow>, sqlx::Error> {
+    sqlx::query_as::<_, ResourceRow>(&format!(
+        "SELECT {RESOURCE_COLUMNS} FROM resources
+         WHERE terminal = 0 AND status IS NOT NULL AND status_since IS NOT NULL ORDER BY rid"
+    ))
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// A cancel issued through cancelwatch and the provider's answer.
+#[derive(Debug, Clone, FromRow)]
+pub struct CancelAnswer {
+    pub id: i64,
+    pub requested_at: String,
+    pub http_status: Option<i64>,
+    pub outcome: Option<String>,
+    pub error_code: Option<String>,
+}
+
+/// The latest cancel request of a resource that was answered with `outcome`.
+pub async fn latest_cancel_with_outcome(
+    tx: &mut Tx<'_>,
+    provider: &str,
+    resource_id: &str,
+    outcome: &str,
+) -> Result<Option<CancelAnswer>, sqlx::Error> {
+    sqlx::query_as::<_, CancelAnswer>(
+        "SELECT id, requested_at, http_status, outcome, error_code FROM cancel_requests
+         WHERE provider = ? AND resource_id = ? AND outcome = ? ORDER BY id DESC LIMIT 1",
+    )
+    .bind(provider)
+    .bind(resource_id)
+    .bind(outcome)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// Progress counts of one observation.
+#[derive(Debug, Clone, FromRow)]
+pub struct ProgressRow {
+    pub observed_at: String,
+    pub status: String,
+    pub success_count: Option<i64>,
+    pub failure_count: Option<i64>,
+    pub validated_count: Option<i64>,
+}
+
+/// The latest progress counts of a resource.
+pub async fn latest_progress(
+    tx: &mut Tx<'_>,
+    rid: i64,
+) -> Result<Option<ProgressRow>, sqlx::Error> {
+    sqlx::query_as::<_, ProgressRow>(
+        "SELECT observed_at, status, success_count, failure_count, validated_count FROM progress
+         WHERE rid = ? ORDER BY id DESC LIMIT 1",
+    )
+    .bind(rid)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// A refund, as the rules see it.
+#[derive(Debug, Clone, FromRow)]
+pub struct RefundRow {
+    pub rid: i64,
+    pub provider: String,
+    pub kind: String,
+    pub resource_id: String,
+    pub parent_id: Option<String>,
+    pub status: String,
+    pub reason: String,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub opened_at: String,
+}
+
+const REFUND_COLUMNS: &str =
+    "rid, provider, kind, resource_id, parent_id, status, reason, amount, currency, opened_at";
+
+/// The refund of one resource, if any.
+pub async fn refund_of(tx: &mut Tx<'_>, rid: i64) -> Result<Option<RefundRow>, sqlx::Error> {
+    sqlx::query_as::<_, RefundRow>(&format!(
+        "SELECT {REFUND_COLUMNS} FROM refunds WHERE rid = ?"
+    ))
+    .bind(rid)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// Refunds still pending that were opened before `cutoff`.
+pub async fn pending_refunds_opened_before(
+    tx: &mut Tx<'_>,
+    cutoff: &str,
+) -> Result<Vec<RefundRow>, sqlx::Error> {
+    sqlx::query_as::<_, RefundRow>(&format!(
+        "SELECT {REFUND_COLUMNS} FROM refunds
+         WHERE status = 'pending' AND opened_at < ? ORDER BY opened_at"
+    ))
+    .bind(cutoff)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Refused deliveries received at or after `since`, per (provider, reason).
+pub async fn refusals_since(
+    tx: &mut Tx<'_>,
+    since: &str,
+) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+    sqlx::query_as::<_, (String, String, i64)>(
+        "SELECT provider, reason, COUNT(*) FROM refusals WHERE received_at >= ?
+         GROUP BY provider, reason ORDER BY provider, reason",
+    )
+    .bind(since)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// A delivery of the inbox, as the dead-letter rule reports it.
+#[derive(Debug, Clone, FromRow)]
+pub struct DeliveryRow {
+    pub id: i64,
+    pub provider: String,
+    pub dedupe_key: String,
+    pub event_type: String,
+    pub resource_kind: Option<String>,
+    pub resource_id: Option<String>,
+    pub attempts: i64,
+    pub received_at: String,
+}
+
+/// The inbox delivery with row id `id`.
+pub async fn delivery(tx: &mut Tx<'_>, id: i64) -> Result<Option<DeliveryRow>, sqlx::Error> {
+    sqlx::query_as::<_, DeliveryRow>(
+        "SELECT id, provider, dedupe_key, event_type, resource_kind, resource_id, attempts, received_at
+         FROM inbox WHERE id = ?",
+    )
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await
+}
