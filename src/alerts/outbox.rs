@@ -102,6 +102,7 @@ async fn record(
     };
     if outcome.is_delivered() {
         tracing::debug!(sink = %sink.name, alert = %row.alert_id, version = row.alert_version, "alert delivered");
+        let _slot = db.write_slot().await;
         return sql::mark_delivered(&db.write, row.id, &attempt).await;
     }
     metrics::counter!("cancelwatch_alert_delivery_failures_total", "sink" => sink.name.clone())
@@ -117,6 +118,7 @@ async fn record(
         error = attempt.error.as_deref().unwrap_or(""),
         "alert delivery failed; will retry"
     );
+    let _slot = db.write_slot().await;
     sql::reschedule(&db.write, row.id, &attempt, &time::fmt(next)).await
 }
 

@@ -37,7 +37,7 @@ pub async fn run(db: Db, config: Arc<Config>, shutdown: tokio_util::sync::Cancel
 /// Evaluates the time-based rules as of `now`, in one short write transaction.
 pub async fn scan_once(db: &Db, config: &Config, now: Timestamp) -> Result<(), sqlx::Error> {
     let now_s = time::fmt(now);
-    let mut tx = db.write.begin().await?;
+    let mut tx = db.begin().await?;
     if config.alerts.stuck.enabled {
         stuck(&mut tx, config, now, &now_s).await?;
     }
