@@ -31,6 +31,10 @@ enum Command {
     CheckConfig,
     /// Print a signature for a test delivery (Stripe-Signature header, or Juice checksum).
     Sign(cancelwatch::cli::sign::SignArgs),
+    #[command(flatten)]
+    Read(cancelwatch::cli::read::ReadCommand),
+    /// Drop raw bodies of finished deliveries and old refusal records.
+    Prune(cancelwatch::cli::prune::PruneArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,8 @@ fn main() -> ExitCode {
             Command::Migrate => cancelwatch::cli::migrate(config).await,
             Command::CheckConfig => cancelwatch::cli::check_config(&config),
             Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),
+            Command::Read(command) => cancelwatch::cli::read::run(config, command).await,
+            Command::Prune(args) => cancelwatch::cli::prune::run(config, args).await,
         }
     });
     match result {

@@ -1,5 +1,8 @@
 //! Command implementations behind `src/main.rs`.
 
+pub mod output;
+pub mod prune;
+pub mod read;
 pub mod sign;
 
 use anyhow::Context;

@@ -8,6 +8,8 @@
 //! the process; reads use their own pool and WAL lets them run beside the writer.
 
 pub mod inbox;
+pub mod prune;
+pub mod queries;
 pub mod refusals;
 
 use std::path::Path;
