@@ -663,6 +663,16 @@ async fn api_requires_the_admin_token_and_is_off_without_one() {
     let (status, body) = d.get("/v1/nothing-here", Some(TOKEN)).await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "not_found");
+    let r = d
+        .client
+        .delete(format!("{}/v1/transitions", d.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
     // Webhooks and health are not behind the token.
     let (status, _) = d.get("/healthz", None).await;
     assert_eq!(status, 200);

@@ -30,6 +30,7 @@ pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
         .route("/alerts", get(alerts))
         .route("/events", get(events))
         .fallback(unknown_path)
+        .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(app, guard));
     Router::new().nest("/v1", v1)
 }
@@ -134,6 +135,14 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
 
 async fn unknown_path() -> ApiError {
     ApiError::NotFound("no such /v1 endpoint".into())
+}
+
+async fn wrong_method() -> Response {
+    error_body(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this /v1 endpoint does not take that method",
+    )
 }
 
 /// `limit` arrives as text so that a bad one gets a clear JSON 400.
