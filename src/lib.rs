@@ -13,13 +13,16 @@ pub mod config;
 pub mod inbox;
 pub mod ingress;
 pub mod metrics;
+pub mod pipeline;
 pub mod providers;
 pub mod prune;
+pub mod sim;
 pub mod store;
 pub mod time;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +48,10 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// Cancelled when the daemon shuts down; background tasks watch it.
     pub shutdown: CancellationToken,
+    /// What workers, reconciler, cancel and replay share (config, db, provider clients).
+    pub pipeline: Arc<pipeline::Context>,
+    /// Workers running now; `/readyz` fails at zero.
+    pub workers_alive: Arc<AtomicUsize>,
 }
 
 /// Opens the database named by the configuration (creating it), migrated.
@@ -81,16 +88,37 @@ pub async fn run_until(
         }
     }
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let config = Arc::new(config);
+    let pipeline = Arc::new(pipeline::Context::new(
+        config.clone(),
+        db.clone(),
+        providers.clone(),
+        inbox.wake.clone(),
+    ));
     let app = Arc::new(App {
-        config: Arc::new(config),
+        config,
         db: db.clone(),
         providers,
         inbox,
         metrics: metrics::handle(),
         shutdown: CancellationToken::new(),
+        pipeline,
+        workers_alive: Arc::new(AtomicUsize::new(0)),
     });
 
     let mut tasks = tokio::task::JoinSet::<()>::new();
+    pipeline::worker::spawn(
+        app.pipeline.clone(),
+        &mut tasks,
+        app.shutdown.clone(),
+        app.workers_alive.clone(),
+    );
+    if app.config.reconcile.enabled {
+        tasks.spawn(pipeline::reconcile::run(
+            app.pipeline.clone(),
+            app.shutdown.clone(),
+        ));
+    }
     if app.config.prune.enabled {
         tasks.spawn(prune::run_scheduled(app.clone()));
     }
@@ -115,7 +143,6 @@ pub async fn run_until(
     tracing::info!("stopped accepting; waiting for background tasks");
 
     stop.cancel();
-    let mut tasks = tasks;
     if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
         .await
         .is_err()
@@ -158,6 +185,12 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    if app.workers_alive.load(Ordering::SeqCst) == 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": "workers not running"})),
+        );
+    }
     if app.db.ping().await {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     } else {

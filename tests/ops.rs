@@ -490,6 +490,14 @@ async fn the_binary_fails_clearly_on_unknown_resource_and_bad_filter() {
         stderr.contains("state: \"finished\" is not one of"),
         "{stderr}"
     );
+    let o = run(&["cancel", "stripe.refund", "re_1"]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("unknown resource kind"), "{stderr}");
+    let o = run(&["replay", "evt_nope"]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("no stored delivery"), "{stderr}");
     let o = run(&["history", "obt_1", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -930,6 +938,159 @@ async fn serve_prunes_on_schedule_when_enabled() {
         .await
         .unwrap();
     assert_eq!(transitions, 8);
+    pool.close().await;
+    d.stop().await;
+}
+
+const STRIPE_KEY: &str = "sk_test_ops_sim";
+
+/// A simulated Stripe holding one processing outbound transfer; returns its id.
+async fn sim_with_transfer() -> (cancelwatch::sim::Simulator, Vec<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = cancelwatch::sim::Simulator::start(
+        listener,
+        cancelwatch::sim::SimConfig {
+            stripe_api_key: STRIPE_KEY.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+        // Only the first step: the transfer exists and is processing.
+        sim.play_step(&scenario.steps[0], &Default::default())
+            .await
+            .unwrap();
+        ids.push(scenario.expect.histories[0].id.clone());
+    }
+    (sim, ids)
+}
+
+#[tokio::test]
+async fn cancel_and_replay_over_the_api_and_the_cli() {
+    let (sim, ids) = sim_with_transfer().await;
+    let base = sim.base_url();
+    let d = Daemon::start(TOKEN, |c| {
+        c.stripe.api_base = base.clone();
+        c.stripe.api_key = STRIPE_KEY.into();
+    })
+    .await;
+    let post = |path: &str, body: Option<Value>, token: Option<&str>| {
+        let mut req = d.client.post(format!("{}{path}", d.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+
+    let cancel = serde_json::json!({"kind": "stripe.outbound_transfer", "id": ids[0]});
+    let (status, _) = post("/v1/cancellations", Some(cancel.clone()), None).await;
+    assert_eq!(status, 401);
+    let (status, body) = post(
+        "/v1/cancellations",
+        Some(serde_json::json!({"kind": "stripe.refund", "id": "re_1"})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_kind");
+    let (status, body) = post(
+        "/v1/cancellations",
+        Some(serde_json::json!({"kind": "stripe.outbound_transfer"})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_body");
+
+    let (status, body) = post("/v1/cancellations", Some(cancel), Some(TOKEN)).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["outcome"], "accepted", "{body}");
+    assert_eq!(body["status"], "canceled", "{body}");
+    let (status, history) = d
+        .get(&format!("/v1/resources/{}", ids[0]), Some(TOKEN))
+        .await;
+    assert_eq!(status, 200);
+    let r = &history["resources"][0];
+    assert_eq!(r["status"], "canceled");
+    assert_eq!(r["cancel_requests"][0]["requested_by"], "api");
+    let last = r["transitions"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["to_status"], "canceled");
+    assert_eq!(last["trigger"]["type"], "cancel");
+
+    let (status, body) = post("/v1/events/evt_nope/replay", None, Some(TOKEN)).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found");
+    let (status, body) = post("/v1/events/evt_d1/replay", None, Some(TOKEN)).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["key"], "evt_d1");
+    assert_eq!(body["previous_state"], "dead");
+    let pool = d.pool().await;
+    // Seeded with no attempts: the daemon's workers take it up again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempts: i64 =
+            sqlx::query_scalar("SELECT attempts FROM inbox WHERE dedupe_key = 'evt_d1'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if attempts > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replayed delivery was not processed again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The CLI functions, on the same database.
+    let mut config = config_in(std::path::Path::new("/nonexistent"));
+    config.database.url = d.db_url.clone();
+    config.stripe.api_base = base.clone();
+    config.stripe.api_key = STRIPE_KEY.into();
+    let ctx = cancelwatch::pipeline::Context::open(config).await.unwrap();
+    let out = cancelwatch::cli::actions::cancel(
+        &ctx,
+        &cancelwatch::cli::actions::CancelArgs {
+            kind: "stripe.outbound_transfer".into(),
+            id: ids[1].clone(),
+            json: false,
+        },
+    )
+    .await
+    .unwrap();
+    let outcome = out.lines().find(|l| l.starts_with("outcome")).unwrap();
+    assert!(outcome.ends_with(" accepted"), "{out}");
+    let requested_by: String =
+        sqlx::query_scalar("SELECT requested_by FROM cancel_requests WHERE resource_id = ?")
+            .bind(&ids[1])
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(requested_by, "cli");
+    let err = cancelwatch::cli::actions::replay(
+        &ctx,
+        &cancelwatch::cli::actions::ReplayArgs {
+            event_key: "evt_nope".into(),
+            json: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("no stored delivery"), "{err}");
+    ctx.db.close().await;
     pool.close().await;
     d.stop().await;
 }

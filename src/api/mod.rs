@@ -5,18 +5,19 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::ingress::error_body;
+use crate::pipeline::{self, PipelineError};
 use crate::store::queries::{
     self, AlertFilter, EventFilter, PageRequest, QueryError, TransitionFilter,
 };
@@ -29,6 +30,8 @@ pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
         .route("/transitions", get(transitions))
         .route("/alerts", get(alerts))
         .route("/events", get(events))
+        .route("/events/{key}/replay", post(replay))
+        .route("/cancellations", post(cancellation))
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(app, guard));
@@ -46,6 +49,9 @@ pub enum ApiError {
     BadRequest { code: &'static str, message: String },
     #[error("{0}")]
     NotFound(String),
+    /// A replay or cancel that could not be done; carries its own status.
+    #[error("{0}")]
+    Pipeline(PipelineError),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -71,6 +77,10 @@ impl IntoResponse for ApiError {
                 error_body(StatusCode::BAD_REQUEST, code, &message)
             }
             ApiError::NotFound(_) => error_body(StatusCode::NOT_FOUND, "not_found", &message),
+            ApiError::Pipeline(PipelineError::Db(e)) => {
+                ApiError::Internal(format!("replay or cancel: {e}")).into_response()
+            }
+            ApiError::Pipeline(e) => error_body(e.status(), e.code(), &message),
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "/v1 request failed inside cancelwatch");
                 error_body(
@@ -95,6 +105,21 @@ impl From<QueryError> for ApiError {
                 message: e.to_string(),
             },
             QueryError::Sql(e) => ApiError::Internal(format!("query: {e}")),
+        }
+    }
+}
+
+impl From<PipelineError> for ApiError {
+    fn from(e: PipelineError) -> Self {
+        ApiError::Pipeline(e)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::BadRequest {
+            code: "invalid_body",
+            message: e.body_text(),
         }
     }
 }
@@ -258,6 +283,34 @@ async fn events(
     };
     let found = queries::events(&app.db.read, &filter, &page).await?;
     Ok(Json(found).into_response())
+}
+
+/// Puts a stored delivery back in line for the daemon's workers: 202 with
+/// the replay report.
+async fn replay(
+    State(app): State<Arc<App>>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let report = pipeline::replay(&app.pipeline, &key, false).await?;
+    Ok((StatusCode::ACCEPTED, Json(report)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    kind: String,
+    id: String,
+}
+
+/// Cancels a resource at its provider: 201 with what the provider answered
+/// and the status fetched after it.
+async fn cancellation(
+    State(app): State<Arc<App>>,
+    body: Result<Json<CancelBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let report = pipeline::cancel::request(&app.pipeline, &body.kind, &body.id, "api").await?;
+    Ok((StatusCode::CREATED, Json(report)).into_response())
 }
 
 #[cfg(test)]

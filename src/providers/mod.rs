@@ -3,17 +3,23 @@
 //! behind the [`Provider`] trait. Adding a provider is adding a folder and one
 //! line in [`Providers::from_config`].
 
+pub mod http;
 pub mod juice;
 pub mod stripe;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
+use serde::Serialize;
 
 use crate::config::Config;
 
 /// A delivery whose signature checked out. Only a provider's `verify` builds one.
 #[derive(Debug, Clone)]
+// The private field is the point: `#[non_exhaustive]` would not stop code
+// elsewhere in this crate from building one.
+#[allow(clippy::manual_non_exhaustive)]
 pub struct Verified {
     pub provider: &'static str,
     /// Stripe: the event id. Juice: `event:lower(checksum)`.
@@ -63,15 +69,29 @@ impl Refused {
     }
 }
 
-/// One webhook source.
+/// One provider: its webhooks (verify) and its API (fetch, cancel).
+#[async_trait::async_trait]
 pub trait Provider: Send + Sync {
     /// `stripe`, `juice`: the path segment under `/webhooks/` and the `provider` column.
     fn name(&self) -> &'static str;
+    /// True when webhook secrets are configured: `/webhooks/<name>` is mounted.
+    fn webhooks_enabled(&self) -> bool;
+    /// True when an API key is configured: `fetch` and `cancel` can be called.
+    fn api_enabled(&self) -> bool;
     /// Checks the signature over the exact bytes, then decodes what the inbox needs.
     fn verify(&self, headers: &HeaderMap, body: &[u8], now_unix: i64) -> Result<Verified, Refused>;
+    /// Fetches the current state of a resource.
+    async fn fetch(&self, target: &Target) -> Result<Observation, ApiError>;
+    /// Calls the provider's cancel endpoint with an idempotency key.
+    async fn cancel(
+        &self,
+        target: &Target,
+        idempotency_key: &str,
+    ) -> Result<CancelAnswer, ApiError>;
 }
 
-/// The configured providers; one without secrets is not mounted.
+/// The configured providers. A provider is built when it has webhook secrets
+/// (its webhook path is mounted) or an API key (fetch, cancel, reconcile).
 #[derive(Clone, Default)]
 pub struct Providers {
     pub all: Vec<Arc<dyn Provider>>,
@@ -80,18 +100,255 @@ pub struct Providers {
 impl Providers {
     pub fn from_config(config: &Config) -> Providers {
         let mut all: Vec<Arc<dyn Provider>> = Vec::new();
-        if config.stripe_enabled() {
-            all.push(Arc::new(stripe::Stripe::new(config.stripe.clone())));
+        if config.stripe_enabled() || !config.stripe.api_key.is_empty() {
+            all.push(Arc::new(stripe::Stripe::new(
+                config.stripe.clone(),
+                &config.workers,
+            )));
         }
-        if config.juice_enabled() {
-            all.push(Arc::new(juice::Juice::new(config.juice.clone())));
+        if config.juice_enabled() || !config.juice.api_key.is_empty() {
+            all.push(Arc::new(juice::Juice::new(
+                config.juice.clone(),
+                &config.workers,
+            )));
         }
         Providers { all }
     }
 
+    /// The provider whose webhook endpoint is mounted, by name.
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Provider>> {
-        self.all.iter().find(|p| p.name() == name)
+        self.all
+            .iter()
+            .find(|p| p.name() == name && p.webhooks_enabled())
     }
+
+    /// The provider whose API can be called, by name.
+    pub fn api(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+        self.all
+            .iter()
+            .find(|p| p.name() == name && p.api_enabled())
+    }
+}
+
+/// The provider of a resource kind: the part before the dot (`stripe.batch_job` → `stripe`).
+pub fn provider_of(kind: &str) -> &str {
+    kind.split('.').next().unwrap_or(kind)
+}
+
+/// What to fetch (or cancel), and why.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Target {
+    /// e.g. `stripe.outbound_transfer`.
+    pub kind: String,
+    pub id: String,
+    /// Stripe account context (`Stripe-Context`).
+    pub context: Option<String>,
+    /// Stripe: the event's `related_object.url`, followed only when it is a `/v2/` path.
+    pub url: Option<String>,
+    /// Stripe: the event that triggered the fetch (`Stripe-Request-Trigger: event=…`).
+    pub trigger_event: Option<String>,
+}
+
+/// How a status behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusClass {
+    /// Still moving (`processing`, `cancelling`, `executing`, unknown values): reconciled, may be stuck.
+    Transitional,
+    /// At rest but not final (Stripe `posted`, may still be `returned`; Juice item
+    /// `cancelled`, awaiting its reversal): not reconciled, never stuck.
+    Settled,
+    /// Final: never moves again.
+    Terminal,
+}
+
+/// Batch progress counts at one observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Progress {
+    pub success: Option<i64>,
+    pub failure: Option<i64>,
+    pub validated: Option<i64>,
+}
+
+/// The state of the money side of a cancellation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundStatus {
+    Pending,
+    Completed,
+    Failed,
+}
+
+impl RefundStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundStatus::Pending => "pending",
+            RefundStatus::Completed => "completed",
+            RefundStatus::Failed => "failed",
+        }
+    }
+}
+
+/// What one observation says about a transfer's refund (SPEC "Refund progress").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefundSignal {
+    pub status: RefundStatus,
+    /// The status that opened (or moved) it: canceled, failed, returned, cancelled, reversed, …
+    pub reason: String,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+}
+
+/// A resource as fetched from its provider, decoded defensively.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Observation {
+    pub provider: &'static str,
+    pub kind: String,
+    pub id: String,
+    pub parent_id: Option<String>,
+    /// Open: stored as it came.
+    pub status: String,
+    pub class: StatusClass,
+    /// The provider's own time of this status, RFC 3339 UTC millis.
+    pub provider_at: Option<String>,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub livemode: Option<bool>,
+    /// The object as fetched.
+    pub snapshot: serde_json::Value,
+    pub progress: Option<Progress>,
+    /// Juice items, recorded as resources of their own.
+    pub children: Vec<Observation>,
+    pub refund: Option<RefundSignal>,
+}
+
+/// What a provider answered to a cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelOutcome {
+    Accepted,
+    AlreadyCancelled,
+    NotCancellable,
+    NotFound,
+    /// Juice: some transfers could not be cancelled. The state DID change.
+    PartialCancellation,
+    IdempotencyConflict,
+    Error,
+}
+
+impl CancelOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelOutcome::Accepted => "accepted",
+            CancelOutcome::AlreadyCancelled => "already_cancelled",
+            CancelOutcome::NotCancellable => "not_cancellable",
+            CancelOutcome::NotFound => "not_found",
+            CancelOutcome::PartialCancellation => "partial_cancellation",
+            CancelOutcome::IdempotencyConflict => "idempotency_conflict",
+            CancelOutcome::Error => "error",
+        }
+    }
+}
+
+/// The provider's answer to a cancel call, raw body kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CancelAnswer {
+    pub outcome: CancelOutcome,
+    pub http_status: u16,
+    pub error_code: Option<String>,
+    pub body: String,
+}
+
+/// Why a provider call did not give an answer to use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// Worth another try later (network, timeout, 5xx, 409, 429).
+    #[error("{message}")]
+    Retryable {
+        message: String,
+        /// What the provider asked for (`Retry-After`, Juice `retry_after`).
+        retry_after: Option<Duration>,
+    },
+    /// 404: the resource does not exist (for this key and context).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// 401/403: the API key is wrong or lacks rights. Nothing is dropped for it.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The provider has no API key configured.
+    #[error("no API key configured for {0}")]
+    NotConfigured(&'static str),
+    /// Will fail the same way again (bad path, undecodable answer, other 4xx).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl ApiError {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ApiError::Retryable { .. } => "retryable",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::NotConfigured(_) => "not_configured",
+            ApiError::Permanent(_) => "permanent",
+        }
+    }
+}
+
+/// How a status of a kind behaves (SPEC "Resources it tracks"). Unknown kinds
+/// and statuses are transitional, except statuses of kinds nobody ranks.
+pub fn classify(kind: &str, status: &str, juice_reversed: &[String]) -> StatusClass {
+    match kind {
+        stripe::event::OUTBOUND_TRANSFER | stripe::event::BATCH_JOB => {
+            stripe::objects::classify(kind, status)
+        }
+        juice::event::BULK_TRANSFER | juice::event::TRANSFER => {
+            juice::objects::classify(kind, status, juice_reversed)
+        }
+        _ => StatusClass::Settled,
+    }
+}
+
+/// Order of statuses within a kind: a fetch never moves a resource to a lower
+/// rank. `None` for statuses (or kinds) not known.
+pub fn rank(kind: &str, status: &str, juice_reversed: &[String]) -> Option<u8> {
+    match kind {
+        stripe::event::OUTBOUND_TRANSFER | stripe::event::BATCH_JOB => {
+            stripe::objects::rank(kind, status)
+        }
+        juice::event::BULK_TRANSFER | juice::event::TRANSFER => {
+            juice::objects::rank(kind, status, juice_reversed)
+        }
+        _ => None,
+    }
+}
+
+/// An id safe to put in a URL path: letters, digits, `_` and `-`.
+pub(crate) fn safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 255
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A JSON integer that may come as a number or as a string of digits.
+pub(crate) fn lenient_i64(v: Option<&serde_json::Value>) -> Option<i64> {
+    match v? {
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// A provider time as our one text form (zone-less read as UTC).
+pub(crate) fn lenient_time(v: Option<&serde_json::Value>) -> Option<String> {
+    v?.as_str()
+        .and_then(crate::time::parse_lenient)
+        .map(crate::time::fmt)
 }
 
 /// Reads a JSON object from bytes, with messages fit for a 400.

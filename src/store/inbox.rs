@@ -120,6 +120,33 @@ pub async fn claim(
         .await
 }
 
+/// Claims one given delivery (replay processes it inline), under the same
+/// conditions as [`claim`]: ready or with a lapsed lease, its resource free.
+pub async fn claim_one(
+    pool: &SqlitePool,
+    id: i64,
+    now: &str,
+    lease_until: &str,
+) -> Result<Option<Delivery>, sqlx::Error> {
+    let sql = format!(
+        "UPDATE inbox SET state = 'processing', lease_until = ?1, attempts = attempts + 1
+         WHERE id = ?3
+           AND ((state IN ('pending', 'failed') AND next_attempt_at <= ?2)
+                OR (state = 'processing' AND lease_until <= ?2))
+           AND (resource_id IS NULL OR NOT EXISTS (
+                 SELECT 1 FROM inbox o
+                 WHERE o.resource_id = inbox.resource_id AND o.state = 'processing'
+                   AND o.lease_until > ?2 AND o.id <> inbox.id))
+         RETURNING {DELIVERY_COLUMNS}"
+    );
+    sqlx::query_as::<_, Delivery>(&sql)
+        .bind(lease_until)
+        .bind(now)
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
 pub async fn get(pool: &SqlitePool, id: i64) -> Result<Option<Delivery>, sqlx::Error> {
     sqlx::query_as::<_, Delivery>(&format!(
         "SELECT {DELIVERY_COLUMNS} FROM inbox WHERE id = ?"

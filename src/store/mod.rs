@@ -7,10 +7,12 @@
 //! the daemon goes through it, so writes never fight over SQLite's lock inside
 //! the process; reads use their own pool and WAL lets them run beside the writer.
 
+pub mod cancels;
 pub mod inbox;
 pub mod prune;
 pub mod queries;
 pub mod refusals;
+pub mod resources;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -1,28 +1,74 @@
 //! Juice (spendjuice): webhooks that carry a checksum in the body.
 
+pub mod api;
 pub mod checksum;
 pub mod event;
+pub mod objects;
 
 use axum::http::HeaderMap;
 
-use super::{json_object, required_str, Provider, Refused, Verified};
-use crate::config::JuiceConfig;
+use super::{
+    json_object, required_str, ApiError, CancelAnswer, Observation, Provider, Refused, Target,
+    Verified,
+};
+use crate::config::{JuiceConfig, WorkerConfig};
 
 pub const NAME: &str = "juice";
 
 pub struct Juice {
     config: JuiceConfig,
+    api: api::JuiceApi,
 }
 
 impl Juice {
-    pub fn new(config: JuiceConfig) -> Self {
-        Self { config }
+    pub fn new(config: JuiceConfig, workers: &WorkerConfig) -> Self {
+        let api = api::JuiceApi::new(&config, workers);
+        Self { config, api }
     }
 }
 
+/// Only bulk transfers are fetched; an item is fetched through its parent.
+fn bulk_id(target: &Target) -> Result<&str, ApiError> {
+    match target.kind.as_str() {
+        event::BULK_TRANSFER => Ok(&target.id),
+        other => Err(ApiError::Permanent(format!(
+            "juice: {other} is fetched through its bulk transfer"
+        ))),
+    }
+}
+
+#[async_trait::async_trait]
 impl Provider for Juice {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn webhooks_enabled(&self) -> bool {
+        !self.config.checksum_keys.is_empty()
+    }
+
+    fn api_enabled(&self) -> bool {
+        !self.config.api_key.is_empty()
+    }
+
+    async fn fetch(&self, target: &Target) -> Result<Observation, ApiError> {
+        if !self.api_enabled() {
+            return Err(ApiError::NotConfigured(NAME));
+        }
+        self.api.fetch_bulk(bulk_id(target)?).await
+    }
+
+    async fn cancel(
+        &self,
+        target: &Target,
+        idempotency_key: &str,
+    ) -> Result<CancelAnswer, ApiError> {
+        if !self.api_enabled() {
+            return Err(ApiError::NotConfigured(NAME));
+        }
+        self.api
+            .cancel_bulk(bulk_id(target)?, idempotency_key)
+            .await
     }
 
     /// The checksum sits inside the body, so the body is parsed first; then the

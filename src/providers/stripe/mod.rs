@@ -1,29 +1,65 @@
 //! Stripe v2: thin events signed with `Stripe-Signature`.
 
+pub mod api;
 pub mod event;
+pub mod objects;
 pub mod signature;
 
 use axum::http::HeaderMap;
 
-use super::{Provider, Refused, Verified};
-use crate::config::StripeConfig;
+use super::{ApiError, CancelAnswer, Observation, Provider, Refused, Target, Verified};
+use crate::config::{StripeConfig, WorkerConfig};
 
 pub const NAME: &str = "stripe";
 pub const SIGNATURE_HEADER: &str = "stripe-signature";
 
 pub struct Stripe {
     config: StripeConfig,
+    api: api::StripeApi,
 }
 
 impl Stripe {
-    pub fn new(config: StripeConfig) -> Self {
-        Self { config }
+    pub fn new(config: StripeConfig, workers: &WorkerConfig) -> Self {
+        let api = api::StripeApi::new(&config, workers);
+        Self { config, api }
+    }
+
+    /// The API client (backfill lists events with it).
+    pub fn api(&self) -> &api::StripeApi {
+        &self.api
     }
 }
 
+#[async_trait::async_trait]
 impl Provider for Stripe {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    fn webhooks_enabled(&self) -> bool {
+        !self.config.webhook_secrets.is_empty()
+    }
+
+    fn api_enabled(&self) -> bool {
+        !self.config.api_key.is_empty()
+    }
+
+    async fn fetch(&self, target: &Target) -> Result<Observation, ApiError> {
+        if !self.api_enabled() {
+            return Err(ApiError::NotConfigured(NAME));
+        }
+        self.api.fetch(target).await
+    }
+
+    async fn cancel(
+        &self,
+        target: &Target,
+        idempotency_key: &str,
+    ) -> Result<CancelAnswer, ApiError> {
+        if !self.api_enabled() {
+            return Err(ApiError::NotConfigured(NAME));
+        }
+        self.api.cancel(target, idempotency_key).await
     }
 
     fn verify(&self, headers: &HeaderMap, body: &[u8], now_unix: i64) -> Result<Verified, Refused> {

@@ -48,11 +48,9 @@ pub fn parse_header(header: &str) -> Result<ParsedHeader, SignatureError> {
                         .map_err(|_| SignatureError::Malformed("t is not a whole number"))?,
                 )
             }
-            "v1" => {
-                if is_lower_hex(value) {
-                    if let Ok(bytes) = hex::decode(value) {
-                        v1.push(bytes);
-                    }
+            "v1" if is_lower_hex(value) => {
+                if let Ok(bytes) = hex::decode(value) {
+                    v1.push(bytes);
                 }
             }
             _ => {}

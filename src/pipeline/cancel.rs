@@ -1,0 +1,180 @@
+//! Cancels issued through cancelwatch: record the request, call the
+//! provider's cancel endpoint with an idempotency key, store its answer, then
+//! fetch the resource at once and record it with trigger `cancel`.
+
+use super::record::{self, Trigger};
+use super::{Context, PipelineError};
+use crate::providers::juice::event::BULK_TRANSFER;
+use crate::providers::stripe::event::{BATCH_JOB, OUTBOUND_TRANSFER};
+use crate::providers::{provider_of, safe_id, ApiError, CancelOutcome, Target};
+use crate::store::{cancels, resources};
+use crate::time;
+
+/// Kinds that have a cancel endpoint.
+pub const CANCELLABLE: [&str; 3] = [OUTBOUND_TRANSFER, BATCH_JOB, BULK_TRANSFER];
+
+/// What a cancel request came to.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CancelReport {
+    /// The `cancel_requests` row (also the transitions' trigger id).
+    pub request_id: i64,
+    pub provider: String,
+    pub kind: String,
+    pub id: String,
+    pub idempotency_key: String,
+    /// accepted, already_cancelled, not_cancellable, not_found,
+    /// partial_cancellation, idempotency_conflict or error.
+    pub outcome: String,
+    pub http_status: Option<u16>,
+    pub error_code: Option<String>,
+    /// The status fetched right after the answer, when the fetch worked.
+    pub status: Option<String>,
+    /// Why the fetch after the answer failed, if it did.
+    pub fetch_error: Option<String>,
+}
+
+/// The idempotency key of the `attempt`-th key for a resource: the same
+/// resource gets the same key again (a repeated cancel doubles nothing) until
+/// the provider reports the key burnt (`idempotency_conflict`).
+pub fn idempotency_key(kind: &str, id: &str, attempt: i64) -> String {
+    format!("cancelwatch-{kind}-{id}-{attempt}")
+}
+
+/// Requests a cancel of `kind`/`id`; `requested_by` is `cli` or `api`.
+pub async fn request(
+    ctx: &Context,
+    kind: &str,
+    id: &str,
+    requested_by: &str,
+) -> Result<CancelReport, PipelineError> {
+    if !CANCELLABLE.contains(&kind) {
+        return Err(PipelineError::UnknownKind(kind.to_string()));
+    }
+    if !safe_id(id) {
+        return Err(PipelineError::InvalidId(id.to_string()));
+    }
+    let provider_name = provider_of(kind).to_string();
+    let provider = ctx
+        .providers
+        .api(&provider_name)
+        .cloned()
+        .ok_or_else(|| PipelineError::NotConfigured(provider_name.clone()))?;
+
+    let now = time::now_str();
+    let mut tx = ctx.db.write.begin().await?;
+    let rid = resources::ensure(&mut tx, &provider_name, kind, id, None, None, &now).await?;
+    let context = resources::get(&mut tx, &provider_name, kind, id)
+        .await?
+        .and_then(|r| r.context);
+    let attempt = cancels::burnt_keys(&mut tx, &provider_name, kind, id).await?;
+    let key = idempotency_key(kind, id, attempt);
+    let request_id =
+        cancels::insert(&mut tx, &provider_name, kind, id, &key, requested_by, &now).await?;
+    resources::set_cancel_requested(&mut tx, rid, &now).await?;
+    tx.commit().await?;
+
+    let target = Target {
+        kind: kind.to_string(),
+        id: id.to_string(),
+        context,
+        ..Target::default()
+    };
+    let answer = provider.cancel(&target, &key).await;
+    let (outcome, http_status, error_code, body) = match &answer {
+        Ok(a) => (
+            a.outcome,
+            Some(a.http_status),
+            a.error_code.clone(),
+            Some(a.body.clone()),
+        ),
+        Err(e) => (
+            CancelOutcome::Error,
+            None,
+            Some(e.label().to_string()),
+            Some(e.to_string()),
+        ),
+    };
+    let mut tx = ctx.db.write.begin().await?;
+    cancels::answer(
+        &mut tx,
+        request_id,
+        http_status,
+        outcome.as_str(),
+        error_code.as_deref(),
+        body.as_deref(),
+        &time::now_str(),
+    )
+    .await?;
+    tx.commit().await?;
+    match &answer {
+        Ok(a) => {
+            tracing::info!(resource = %id, outcome = outcome.as_str(), http_status = a.http_status, "cancel answered")
+        }
+        Err(e @ ApiError::Unauthorized(_)) => {
+            tracing::error!(resource = %id, error = %e, "cancel refused: the API key was not accepted")
+        }
+        Err(e) => tracing::warn!(resource = %id, error = %e, "cancel call failed"),
+    }
+
+    // Whatever the answer, the state may have changed (partial cancellation): fetch now.
+    let (status, fetch_error) = match provider.fetch(&target).await {
+        Ok(obs) => {
+            let now = time::now();
+            let mut tx = ctx.db.write.begin().await?;
+            record::record(
+                &mut tx,
+                &ctx.config,
+                &obs,
+                &Trigger::cancel(request_id),
+                target.context.as_deref(),
+                now,
+            )
+            .await?;
+            tx.commit().await?;
+            (Some(obs.status), None)
+        }
+        Err(e) => {
+            tracing::warn!(resource = %id, error = %e, "fetch after cancel failed; the reconciler will look again");
+            let next = time::fmt(
+                time::now() + chrono::Duration::seconds(ctx.config.reconcile.interval_secs as i64),
+            );
+            let mut tx = ctx.db.write.begin().await?;
+            resources::mark_reconciled(&mut tx, rid, Some(&next)).await?;
+            tx.commit().await?;
+            (None, Some(e.to_string()))
+        }
+    };
+    Ok(CancelReport {
+        request_id,
+        provider: provider_name,
+        kind: kind.to_string(),
+        id: id.to_string(),
+        idempotency_key: key,
+        outcome: outcome.as_str().to_string(),
+        http_status,
+        error_code,
+        status,
+        fetch_error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_per_resource_and_attempt() {
+        assert_eq!(
+            idempotency_key(BATCH_JOB, "batchv2_1", 0),
+            idempotency_key(BATCH_JOB, "batchv2_1", 0)
+        );
+        assert_ne!(
+            idempotency_key(BATCH_JOB, "batchv2_1", 0),
+            idempotency_key(BATCH_JOB, "batchv2_1", 1)
+        );
+        assert_ne!(
+            idempotency_key(BATCH_JOB, "batchv2_1", 0),
+            idempotency_key(BATCH_JOB, "batchv2_2", 0)
+        );
+    }
+}

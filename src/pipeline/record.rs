@@ -1,0 +1,865 @@
+//! Diffs an observation against the stored resource and writes what changed,
+//! inside the caller's write transaction: the resource's current state, one
+//! transition per status change, progress counts, refunds, and the same for
+//! each child (Juice items).
+//!
+//! The decisions are pure functions ([`judge`], [`refund_change`],
+//! [`next_reconcile`]) so they are tested without a database.
+
+use chrono::Duration;
+
+use crate::config::Config;
+use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass};
+use crate::store::resources::{self, NewRefund, NewTransition, StateUpdate};
+use crate::store::Tx;
+use crate::time::{self, Timestamp};
+
+/// What caused an observation (the `trigger_type` / `trigger_id` columns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    /// `event`, `reconcile`, `cancel` or `backfill`.
+    pub kind: &'static str,
+    /// Event id (Juice: dedupe key), cancel request id; none for reconcile.
+    pub id: Option<String>,
+}
+
+impl Trigger {
+    pub fn event(id: impl Into<String>) -> Trigger {
+        Trigger {
+            kind: "event",
+            id: Some(id.into()),
+        }
+    }
+    pub fn backfill(id: impl Into<String>) -> Trigger {
+        Trigger {
+            kind: "backfill",
+            id: Some(id.into()),
+        }
+    }
+    pub fn cancel(request_id: i64) -> Trigger {
+        Trigger {
+            kind: "cancel",
+            id: Some(request_id.to_string()),
+        }
+    }
+    pub fn reconcile() -> Trigger {
+        Trigger {
+            kind: "reconcile",
+            id: None,
+        }
+    }
+}
+
+/// What is known of a resource before an observation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    pub status: Option<String>,
+    pub terminal: bool,
+    pub provider_at: Option<String>,
+}
+
+/// The verdict on one observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// First status ever seen: a transition from nothing.
+    First,
+    /// A newer status: one transition.
+    Changed,
+    /// Same status: the snapshot is refreshed, no transition.
+    Same,
+    /// Older than what is stored: nothing moves.
+    Stale,
+}
+
+/// Decides whether an observed status may replace the stored one. A stale
+/// fetch never moves a resource backwards: a terminal status is final; the
+/// provider's own timestamps decide when both sides have one; otherwise the
+/// kind's status ranks do; an unknown status is accepted only while the
+/// stored one is not terminal.
+pub fn judge(
+    stored: &Stored,
+    kind: &str,
+    status: &str,
+    provider_at: Option<&str>,
+    reversed: &[String],
+) -> Verdict {
+    let Some(old) = stored.status.as_deref() else {
+        return Verdict::First;
+    };
+    let older_than_stored = match (provider_at, stored.provider_at.as_deref()) {
+        (Some(new), Some(old)) => Some(new < old),
+        _ => None,
+    };
+    if old == status {
+        return if older_than_stored == Some(true) {
+            Verdict::Stale
+        } else {
+            Verdict::Same
+        };
+    }
+    if stored.terminal {
+        return Verdict::Stale;
+    }
+    if let (Some(new), Some(old_at)) = (provider_at, stored.provider_at.as_deref()) {
+        if new != old_at {
+            return if new > old_at {
+                Verdict::Changed
+            } else {
+                Verdict::Stale
+            };
+        }
+    }
+    match (
+        providers::rank(kind, status, reversed),
+        providers::rank(kind, old, reversed),
+    ) {
+        (Some(new), Some(old)) if new < old => Verdict::Stale,
+        _ => Verdict::Changed,
+    }
+}
+
+/// What to do with a resource's refund.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundChange {
+    /// Open one (pending, or completed at once).
+    Open(RefundStatus),
+    /// Move the pending one to completed or failed.
+    Settle(RefundStatus),
+}
+
+/// A refund is opened by the first signal that money is coming back (pending)
+/// or came back (completed); a pending one moves once to completed or failed;
+/// completed and failed are final. A failure with no refund open opens none
+/// (a transfer that failed on its own has nothing to give back).
+pub fn refund_change(existing: Option<&str>, signal: RefundStatus) -> Option<RefundChange> {
+    match (existing, signal) {
+        (None, RefundStatus::Failed) => None,
+        (None, s) => Some(RefundChange::Open(s)),
+        (Some("pending"), RefundStatus::Completed | RefundStatus::Failed) => {
+            Some(RefundChange::Settle(signal))
+        }
+        _ => None,
+    }
+}
+
+/// When to fetch a resource again: soon while it moves or while its refund is
+/// pending; never once it rests.
+pub fn next_reconcile(
+    class: StatusClass,
+    refund_pending: bool,
+    now: Timestamp,
+    interval_secs: u64,
+) -> Option<String> {
+    let due = class == StatusClass::Transitional || refund_pending;
+    due.then(|| time::fmt(now + Duration::seconds(interval_secs as i64)))
+}
+
+/// What one call of [`record`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Every resource looked at: the observed one first, then its children.
+    pub rids: Vec<i64>,
+    /// Transition rows written.
+    pub transitions: usize,
+    /// True when the observed resource itself (not a child) was stale.
+    pub stale: bool,
+}
+
+/// Records an observation (and its children) in `tx`.
+pub async fn record(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    obs: &Observation,
+    trigger: &Trigger,
+    context: Option<&str>,
+    now: Timestamp,
+) -> Result<Recorded, sqlx::Error> {
+    let mut recorded = Recorded::default();
+    let verdict = record_one(tx, config, obs, trigger, context, now, &mut recorded).await?;
+    recorded.stale = verdict == Verdict::Stale;
+    for child in &obs.children {
+        record_one(tx, config, child, trigger, context, now, &mut recorded).await?;
+    }
+    // ALERTS HOOK: for each `rid` in `recorded.rids`, inside this transaction and after the writes above:
+    // crate::alerts::rules::on_resource_recorded(tx, config, rid, &time::fmt(now)).await?;
+    Ok(recorded)
+}
+
+async fn record_one(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    obs: &Observation,
+    trigger: &Trigger,
+    context: Option<&str>,
+    now: Timestamp,
+    recorded: &mut Recorded,
+) -> Result<Verdict, sqlx::Error> {
+    let now_s = time::fmt(now);
+    let rid = resources::ensure(
+        tx,
+        obs.provider,
+        &obs.kind,
+        &obs.id,
+        obs.parent_id.as_deref(),
+        context,
+        &now_s,
+    )
+    .await?;
+    recorded.rids.push(rid);
+    let current = resources::get(tx, obs.provider, &obs.kind, &obs.id)
+        .await?
+        .expect("ensured just above");
+    let stored = Stored {
+        status: current.status.clone(),
+        terminal: current.terminal,
+        provider_at: current.provider_updated_at.clone(),
+    };
+    let reversed = &config.juice.reversed_statuses;
+    let verdict = judge(
+        &stored,
+        &obs.kind,
+        &obs.status,
+        obs.provider_at.as_deref(),
+        reversed,
+    );
+    if verdict == Verdict::Stale {
+        tracing::debug!(resource = %obs.id, stored = ?stored.status, observed = %obs.status, "stale observation ignored");
+        resources::touch(tx, rid, &now_s).await?;
+        return Ok(verdict);
+    }
+    let snapshot = obs.snapshot.to_string();
+    let trigger_id = trigger.id.as_deref();
+
+    // Refund first: whether one stays pending decides the reconcile time.
+    let mut refund_status = resources::refund_of(tx, rid).await?.map(|r| r.status);
+    if let Some(signal) = &obs.refund {
+        if let Some(change) = refund_change(refund_status.as_deref(), signal.status) {
+            apply_refund(tx, obs, rid, signal, change, &now_s, trigger).await?;
+            refund_status = Some(
+                match change {
+                    RefundChange::Open(s) | RefundChange::Settle(s) => s,
+                }
+                .as_str()
+                .to_string(),
+            );
+        }
+    }
+
+    let changed = matches!(verdict, Verdict::First | Verdict::Changed);
+    let status_since = if changed {
+        now_s.clone()
+    } else {
+        current
+            .status_since
+            .clone()
+            .unwrap_or_else(|| now_s.clone())
+    };
+    let next = next_reconcile(
+        obs.class,
+        refund_status.as_deref() == Some("pending"),
+        now,
+        config.reconcile.interval_secs,
+    );
+    resources::update_state(
+        tx,
+        &StateUpdate {
+            rid,
+            parent_id: obs.parent_id.as_deref(),
+            status: &obs.status,
+            terminal: obs.class == StatusClass::Terminal,
+            livemode: obs.livemode,
+            context,
+            amount: obs.amount,
+            currency: obs.currency.as_deref(),
+            snapshot: &snapshot,
+            provider_updated_at: obs.provider_at.as_deref(),
+            status_since: &status_since,
+            observed_at: &now_s,
+            next_reconcile_at: next.as_deref(),
+        },
+    )
+    .await?;
+    if changed {
+        resources::insert_transition(
+            tx,
+            &NewTransition {
+                rid,
+                provider: obs.provider,
+                kind: &obs.kind,
+                resource_id: &obs.id,
+                parent_id: obs.parent_id.as_deref().or(current.parent_id.as_deref()),
+                from_status: stored.status.as_deref(),
+                to_status: &obs.status,
+                observed_at: &now_s,
+                provider_at: obs.provider_at.as_deref(),
+                trigger_type: trigger.kind,
+                trigger_id,
+                livemode: obs.livemode.or(current.livemode),
+                snapshot: &snapshot,
+            },
+        )
+        .await?;
+        recorded.transitions += 1;
+        metrics::counter!("cancelwatch_transitions_total", "kind" => obs.kind.clone(), "to_status" => obs.status.clone())
+            .increment(1);
+        tracing::info!(resource = %obs.id, kind = %obs.kind, from = ?stored.status, to = %obs.status, trigger = trigger.kind, "transition");
+    }
+    if let Some(p) = obs.progress {
+        resources::insert_progress(
+            tx,
+            rid,
+            &now_s,
+            &obs.status,
+            p.success,
+            p.failure,
+            p.validated,
+            trigger.kind,
+            trigger_id,
+        )
+        .await?;
+    }
+    Ok(verdict)
+}
+
+async fn apply_refund(
+    tx: &mut Tx<'_>,
+    obs: &Observation,
+    rid: i64,
+    signal: &RefundSignal,
+    change: RefundChange,
+    now: &str,
+    trigger: &Trigger,
+) -> Result<(), sqlx::Error> {
+    match change {
+        RefundChange::Open(status) => {
+            resources::insert_refund(
+                tx,
+                &NewRefund {
+                    rid,
+                    provider: obs.provider,
+                    kind: &obs.kind,
+                    resource_id: &obs.id,
+                    parent_id: obs.parent_id.as_deref(),
+                    status: status.as_str(),
+                    reason: &signal.reason,
+                    amount: signal.amount,
+                    currency: signal.currency.as_deref(),
+                    now,
+                    trigger_type: trigger.kind,
+                    trigger_id: trigger.id.as_deref(),
+                },
+            )
+            .await
+        }
+        RefundChange::Settle(status) => {
+            resources::settle_refund(
+                tx,
+                rid,
+                status.as_str(),
+                now,
+                trigger.kind,
+                trigger.id.as_deref(),
+            )
+            .await
+        }
+    }
+}
+
+/// A reversal event named a transfer: its refund is completed (opened as
+/// completed when none was open). False when the transfer is not known yet.
+pub async fn record_reversal(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    transfer_id: &str,
+    trigger: &Trigger,
+    now: Timestamp,
+) -> Result<bool, sqlx::Error> {
+    let now_s = time::fmt(now);
+    let Some(item) = resources::get(
+        tx,
+        providers::juice::NAME,
+        providers::juice::event::TRANSFER,
+        transfer_id,
+    )
+    .await?
+    else {
+        return Ok(false);
+    };
+    let existing = resources::refund_of(tx, item.rid).await?.map(|r| r.status);
+    let signal = RefundSignal {
+        status: RefundStatus::Completed,
+        reason: item.status.clone().unwrap_or_else(|| "reversed".into()),
+        amount: item.amount,
+        currency: item.currency.clone(),
+    };
+    if let Some(change) = refund_change(existing.as_deref(), signal.status) {
+        let obs = Observation {
+            provider: providers::juice::NAME,
+            kind: item.kind.clone(),
+            id: item.id.clone(),
+            parent_id: item.parent_id.clone(),
+            status: item.status.clone().unwrap_or_default(),
+            class: StatusClass::Settled,
+            provider_at: None,
+            amount: item.amount,
+            currency: item.currency.clone(),
+            livemode: item.livemode,
+            snapshot: serde_json::Value::Null,
+            progress: None,
+            children: Vec::new(),
+            refund: None,
+        };
+        apply_refund(tx, &obs, item.rid, &signal, change, &now_s, trigger).await?;
+        // The refund no longer holds the item in reconcile unless its status moves.
+        let class = providers::classify(
+            &item.kind,
+            item.status.as_deref().unwrap_or(""),
+            &config.juice.reversed_statuses,
+        );
+        if class != StatusClass::Transitional {
+            resources::mark_reconciled(tx, item.rid, None).await?;
+        }
+    }
+    // ALERTS HOOK: crate::alerts::rules::on_resource_recorded(tx, config, item.rid, &now_s).await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::juice::event::{BULK_TRANSFER, TRANSFER};
+    use crate::providers::stripe::event::{BATCH_JOB, OUTBOUND_TRANSFER};
+
+    fn stored(status: &str, terminal: bool, at: Option<&str>) -> Stored {
+        Stored {
+            status: Some(status.into()),
+            terminal,
+            provider_at: at.map(str::to_string),
+        }
+    }
+
+    fn rev() -> Vec<String> {
+        vec!["reversed".into(), "refunded".into()]
+    }
+
+    #[test]
+    fn first_observation() {
+        assert_eq!(
+            judge(&Stored::default(), BATCH_JOB, "in_progress", None, &[]),
+            Verdict::First
+        );
+    }
+
+    #[test]
+    fn terminal_never_goes_back() {
+        let s = stored("canceled", true, Some("2026-10-30T12:01:00.000Z"));
+        assert_eq!(
+            judge(&s, OUTBOUND_TRANSFER, "processing", None, &[]),
+            Verdict::Stale
+        );
+        // Not even with a newer provider time, nor to an unknown status.
+        assert_eq!(
+            judge(
+                &s,
+                OUTBOUND_TRANSFER,
+                "posted",
+                Some("2026-10-30T13:00:00.000Z"),
+                &[]
+            ),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(&s, OUTBOUND_TRANSFER, "brand_new", None, &[]),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(&s, OUTBOUND_TRANSFER, "canceled", None, &[]),
+            Verdict::Same
+        );
+    }
+
+    #[test]
+    fn ranks_decide_without_timestamps() {
+        let s = stored("cancelling", false, None);
+        assert_eq!(
+            judge(&s, BATCH_JOB, "in_progress", None, &[]),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(&s, BATCH_JOB, "canceled", None, &[]),
+            Verdict::Changed
+        );
+        let s = stored("posted", false, Some("2026-10-30T12:00:00.000Z"));
+        assert_eq!(
+            judge(&s, OUTBOUND_TRANSFER, "processing", None, &[]),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(
+                &s,
+                OUTBOUND_TRANSFER,
+                "returned",
+                Some("2026-10-31T12:00:00.000Z"),
+                &[]
+            ),
+            Verdict::Changed
+        );
+        let s = stored("cancelled", false, None);
+        assert_eq!(
+            judge(&s, TRANSFER, "reversed", None, &rev()),
+            Verdict::Changed
+        );
+        assert_eq!(judge(&s, TRANSFER, "pending", None, &rev()), Verdict::Stale);
+    }
+
+    #[test]
+    fn provider_timestamps_win() {
+        let s = stored("executing", false, Some("2026-10-30T12:00:05.000Z"));
+        assert_eq!(
+            judge(
+                &s,
+                BULK_TRANSFER,
+                "created",
+                Some("2026-10-30T12:00:01.000Z"),
+                &[]
+            ),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(
+                &s,
+                BULK_TRANSFER,
+                "cancelled",
+                Some("2026-10-30T12:00:09.000Z"),
+                &[]
+            ),
+            Verdict::Changed
+        );
+        // An older copy of the same status is stale too (its snapshot is not kept).
+        assert_eq!(
+            judge(
+                &s,
+                BULK_TRANSFER,
+                "executing",
+                Some("2026-10-30T12:00:01.000Z"),
+                &[]
+            ),
+            Verdict::Stale
+        );
+    }
+
+    #[test]
+    fn unknown_statuses_only_while_not_terminal() {
+        let s = stored("in_progress", false, None);
+        assert_eq!(
+            judge(&s, BATCH_JOB, "paused_new", None, &[]),
+            Verdict::Changed
+        );
+        let s = stored("paused_new", false, None);
+        assert_eq!(
+            judge(&s, BATCH_JOB, "in_progress", None, &[]),
+            Verdict::Changed
+        );
+        let s = stored("complete", true, None);
+        assert_eq!(
+            judge(&s, BATCH_JOB, "paused_new", None, &[]),
+            Verdict::Stale
+        );
+    }
+
+    #[test]
+    fn refund_moves_once() {
+        use RefundStatus::*;
+        assert_eq!(
+            refund_change(None, Pending),
+            Some(RefundChange::Open(Pending))
+        );
+        assert_eq!(
+            refund_change(None, Completed),
+            Some(RefundChange::Open(Completed))
+        );
+        assert_eq!(refund_change(None, Failed), None);
+        assert_eq!(refund_change(Some("pending"), Pending), None);
+        assert_eq!(
+            refund_change(Some("pending"), Completed),
+            Some(RefundChange::Settle(Completed))
+        );
+        assert_eq!(
+            refund_change(Some("pending"), Failed),
+            Some(RefundChange::Settle(Failed))
+        );
+        assert_eq!(refund_change(Some("completed"), Failed), None);
+        assert_eq!(refund_change(Some("failed"), Completed), None);
+    }
+
+    #[test]
+    fn reconcile_schedule() {
+        let now = time::parse_lenient("2026-10-30T12:00:00Z").unwrap();
+        assert_eq!(
+            next_reconcile(StatusClass::Transitional, false, now, 60).as_deref(),
+            Some("2026-10-30T12:01:00.000Z")
+        );
+        assert_eq!(next_reconcile(StatusClass::Terminal, false, now, 60), None);
+        assert_eq!(next_reconcile(StatusClass::Settled, false, now, 60), None);
+        assert!(next_reconcile(StatusClass::Settled, true, now, 60).is_some());
+    }
+}
+
+#[cfg(test)]
+mod db_tests {
+    use super::*;
+    use crate::providers::juice::objects::decode_bulk;
+    use crate::providers::stripe::event::{BATCH_JOB, OUTBOUND_TRANSFER};
+    use crate::providers::stripe::objects::decode;
+    use crate::store::Db;
+    use serde_json::json;
+
+    async fn db() -> (tempfile::TempDir, Db, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::default();
+        let db = Db::open(&dir.path().join("cw.db"), &config.database)
+            .await
+            .unwrap();
+        (dir, db, config)
+    }
+
+    async fn put(db: &Db, config: &Config, obs: &Observation, trigger: &Trigger) -> Recorded {
+        let mut tx = db.write.begin().await.unwrap();
+        let r = record(&mut tx, config, obs, trigger, Some("acct_1"), time::now())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        r
+    }
+
+    fn history(ts: &[resources::Transition]) -> Vec<(Option<&str>, &str)> {
+        ts.iter()
+            .map(|t| (t.from_status.as_deref(), t.to_status.as_str()))
+            .collect()
+    }
+
+    fn obt(status: &str) -> Observation {
+        decode(
+            OUTBOUND_TRANSFER,
+            "obt_1",
+            json!({"id": "obt_1", "status": status, "livemode": false,
+                   "amount": {"value": 1500, "currency": "usd"},
+                   "status_transitions": {"canceled_at": "2026-10-30T12:01:00Z"}}),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_transition_per_change_and_never_backwards() {
+        let (_dir, db, config) = db().await;
+        let r = put(&db, &config, &obt("processing"), &Trigger::event("evt_1")).await;
+        assert_eq!(r.transitions, 1);
+        assert_eq!(
+            put(&db, &config, &obt("processing"), &Trigger::event("evt_2"))
+                .await
+                .transitions,
+            0
+        );
+        let r = put(&db, &config, &obt("canceled"), &Trigger::cancel(7)).await;
+        assert_eq!(r.transitions, 1);
+        let r = put(&db, &config, &obt("processing"), &Trigger::reconcile()).await;
+        assert!(r.stale);
+        assert_eq!(r.transitions, 0);
+
+        let ts = resources::transitions_of(&db.read, "obt_1").await.unwrap();
+        assert_eq!(
+            history(&ts),
+            vec![(None, "processing"), (Some("processing"), "canceled")]
+        );
+        assert_eq!(ts[0].trigger_type, "event");
+        assert_eq!(ts[0].trigger_id.as_deref(), Some("evt_1"));
+        assert_eq!(ts[1].trigger_type, "cancel");
+        assert_eq!(ts[1].trigger_id.as_deref(), Some("7"));
+        assert_eq!(
+            ts[1].provider_at.as_deref(),
+            Some("2026-10-30T12:01:00.000Z")
+        );
+        assert_eq!(ts[1].livemode, Some(false));
+
+        let r = resources::find(&db.read, OUTBOUND_TRANSFER, "obt_1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status.as_deref(), Some("canceled"));
+        assert!(r.terminal);
+        assert!(r.next_reconcile_at.is_none());
+        assert_eq!(r.context.as_deref(), Some("acct_1"));
+        let refunds = resources::refunds_under(&db.read, "obt_1").await.unwrap();
+        assert_eq!(refunds.len(), 1);
+        assert_eq!(refunds[0].status, "completed");
+        assert_eq!(refunds[0].reason, "canceled");
+        assert_eq!(refunds[0].amount, Some(1500));
+        assert_eq!(refunds[0].currency.as_deref(), Some("usd"));
+        assert!(refunds[0].completed_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn batch_progress_at_each_observation() {
+        let (_dir, db, config) = db().await;
+        let job = |status: &str, success: &str| {
+            decode(
+                BATCH_JOB,
+                "batchv2_1",
+                json!({"id": "batchv2_1", "status": status,
+                       "status_details": {status: {"success_count": success, "failure_count": "0"}}}),
+            )
+            .unwrap()
+        };
+        put(
+            &db,
+            &config,
+            &job("in_progress", "10"),
+            &Trigger::event("e1"),
+        )
+        .await;
+        put(
+            &db,
+            &config,
+            &job("in_progress", "20"),
+            &Trigger::reconcile(),
+        )
+        .await;
+        put(&db, &config, &job("cancelling", "25"), &Trigger::cancel(1)).await;
+        put(&db, &config, &job("canceled", "30"), &Trigger::event("e2")).await;
+        let ts = resources::transitions_of(&db.read, "batchv2_1")
+            .await
+            .unwrap();
+        assert_eq!(
+            history(&ts),
+            vec![
+                (None, "in_progress"),
+                (Some("in_progress"), "cancelling"),
+                (Some("cancelling"), "canceled")
+            ]
+        );
+        let counts: Vec<(String, Option<i64>)> =
+            sqlx::query_as("SELECT status, success_count FROM progress ORDER BY id")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        assert_eq!(
+            counts,
+            vec![
+                ("in_progress".into(), Some(10)),
+                ("in_progress".into(), Some(20)),
+                ("cancelling".into(), Some(25)),
+                ("canceled".into(), Some(30)),
+            ]
+        );
+        let refunds = resources::refunds_under(&db.read, "batchv2_1")
+            .await
+            .unwrap();
+        assert!(refunds.is_empty(), "batch jobs move no money");
+    }
+
+    #[tokio::test]
+    async fn juice_items_and_their_refunds() {
+        let (_dir, db, config) = db().await;
+        let rev = &config.juice.reversed_statuses;
+        let bulk = |status: &str, items: serde_json::Value, at: &str| {
+            decode_bulk(
+                "bt_1",
+                json!({"data": {"id": "bt_1", "status": status, "updated_at": at, "items": items}}),
+                rev,
+            )
+            .unwrap()
+        };
+        put(
+            &db,
+            &config,
+            &bulk(
+                "executing",
+                json!([{"id": "it_1", "amount": 100, "status": "pending"},
+                       {"id": "it_2", "amount": 200, "status": "processing"}]),
+                "2024-10-02T17:00:00",
+            ),
+            &Trigger::event("k1"),
+        )
+        .await;
+        put(
+            &db,
+            &config,
+            &bulk(
+                "cancelled",
+                json!([{"id": "it_1", "amount": 100, "status": "cancelled"},
+                       {"id": "it_2", "amount": 200, "status": "completed"}]),
+                "2024-10-02T17:05:00",
+            ),
+            &Trigger::event("k2"),
+        )
+        .await;
+        // A stale copy arriving late changes nothing.
+        let stale = put(
+            &db,
+            &config,
+            &bulk(
+                "executing",
+                json!([{"id": "it_1", "amount": 100, "status": "pending"},
+                       {"id": "it_2", "amount": 200, "status": "processing"}]),
+                "2024-10-02T17:00:00",
+            ),
+            &Trigger::event("k0"),
+        )
+        .await;
+        assert!(stale.stale);
+        assert_eq!(stale.transitions, 0);
+
+        let it1 = resources::find(&db.read, "juice.transfer", "it_1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(it1.parent_id.as_deref(), Some("bt_1"));
+        assert!(
+            it1.next_reconcile_at.is_some(),
+            "a pending refund keeps the item reconciled"
+        );
+        let refunds = resources::refunds_under(&db.read, "bt_1").await.unwrap();
+        assert_eq!(refunds.len(), 1);
+        assert_eq!(refunds[0].resource_id, "it_1");
+        assert_eq!(refunds[0].status, "pending");
+        assert_eq!(refunds[0].amount, Some(100));
+
+        // The reversal event completes it.
+        let mut tx = db.write.begin().await.unwrap();
+        assert!(
+            record_reversal(&mut tx, &config, "it_1", &Trigger::event("k3"), time::now())
+                .await
+                .unwrap()
+        );
+        assert!(!record_reversal(
+            &mut tx,
+            &config,
+            "it_404",
+            &Trigger::event("k4"),
+            time::now()
+        )
+        .await
+        .unwrap());
+        tx.commit().await.unwrap();
+        let refunds = resources::refunds_under(&db.read, "bt_1").await.unwrap();
+        assert_eq!(refunds[0].status, "completed");
+        assert_eq!(refunds[0].trigger_id.as_deref(), Some("k3"));
+        let it1 = resources::find(&db.read, "juice.transfer", "it_1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(it1.next_reconcile_at.is_none());
+
+        let ts = resources::transitions_of(&db.read, "it_1").await.unwrap();
+        assert_eq!(
+            history(&ts),
+            vec![(None, "pending"), (Some("pending"), "cancelled")]
+        );
+        assert_eq!(ts[1].parent_id.as_deref(), Some("bt_1"));
+        let ts = resources::transitions_of(&db.read, "bt_1").await.unwrap();
+        assert_eq!(
+            history(&ts),
+            vec![(None, "executing"), (Some("executing"), "cancelled")]
+        );
+    }
+}

@@ -1,0 +1,317 @@
+//! The HTTP side shared by the provider API clients: one call with a timeout,
+//! retried with exponential backoff and jitter on network errors, 409, 429 and
+//! 5xx, honouring `Retry-After` (and Juice's `retry_after`) and
+//! `Stripe-Should-Retry`.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::Method;
+
+use super::ApiError;
+use crate::config::WorkerConfig;
+
+/// A provider's answer: status, headers and the raw body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// `Stripe-Should-Retry`, when present.
+    fn should_retry_header(&self) -> Option<bool> {
+        match self.headers.get("stripe-should-retry")?.to_str().ok()? {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether a non-2xx answer is worth another try.
+    pub fn retryable(&self) -> bool {
+        if let Some(forced) = self.should_retry_header() {
+            return forced;
+        }
+        matches!(self.status, 409 | 429) || self.status >= 500
+    }
+
+    /// The wait the provider asked for: `Retry-After` (seconds) or a
+    /// `retry_after` in the JSON body (top level or inside `error`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        let header = self
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        let body = || {
+            let v = self.json()?;
+            let r = v
+                .get("retry_after")
+                .or_else(|| v.get("error").and_then(|e| e.get("retry_after")))?;
+            r.as_f64().or_else(|| r.as_str()?.trim().parse().ok())
+        };
+        header
+            .or_else(body)
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64)
+    }
+
+    /// The error code in `{"error":{"code":…}}` (or a top-level `code`).
+    pub fn error_code(&self) -> Option<String> {
+        let v = self.json()?;
+        v.get("error")
+            .and_then(|e| e.get("code"))
+            .or_else(|| v.get("code"))
+            .and_then(|c| c.as_str())
+            .map(str::to_string)
+    }
+
+    /// The error a failed fetch becomes.
+    pub fn into_error(self, what: &str) -> ApiError {
+        let detail = format!(
+            "{what}: HTTP {} {}",
+            self.status,
+            self.error_code().unwrap_or_default()
+        );
+        match self.status {
+            404 => ApiError::NotFound(detail),
+            401 | 403 => ApiError::Unauthorized(detail),
+            _ if self.retryable() => ApiError::Retryable {
+                retry_after: self.retry_after(),
+                message: detail,
+            },
+            _ => ApiError::Permanent(detail),
+        }
+    }
+}
+
+/// A JSON API on one base URL.
+#[derive(Clone)]
+pub struct HttpClient {
+    provider: &'static str,
+    client: reqwest::Client,
+    base: String,
+    attempts: u32,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    /// Longest wait between two tries within one call; a provider asking for
+    /// more gets the error back, and the caller retries later.
+    inline_wait_cap: Duration,
+}
+
+impl HttpClient {
+    pub fn new(provider: &'static str, base: &str, workers: &WorkerConfig) -> HttpClient {
+        let timeout = Duration::from_secs(workers.fetch_timeout_secs.max(1));
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("cancelwatch/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a TLS backend is compiled in");
+        HttpClient {
+            provider,
+            client,
+            base: base.trim_end_matches('/').to_string(),
+            attempts: workers.http_retries.max(1),
+            backoff_base: Duration::from_millis(workers.backoff_base_ms.max(1)),
+            backoff_max: Duration::from_secs(workers.backoff_max_secs.max(1)),
+            inline_wait_cap: timeout,
+        }
+    }
+
+    /// Sends one request (retried as the module says) and returns the last
+    /// answer, whatever its status. Only a failure to get any answer is an error.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(HeaderName, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, ApiError> {
+        let url = format!("{}{}", self.base, path);
+        let mut header_map = HeaderMap::new();
+        for (name, value) in headers {
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| ApiError::Permanent(format!("header {name} holds bad characters")))?;
+            header_map.insert(name.clone(), value);
+        }
+        let mut attempt = 1;
+        loop {
+            let mut request = self
+                .client
+                .request(method.clone(), &url)
+                .headers(header_map.clone());
+            if let Some(b) = &body {
+                request = request
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(b.clone());
+            }
+            let started = Instant::now();
+            let result = async {
+                let response = request.send().await?;
+                let status = response.status().as_u16();
+                let headers = response.headers().clone();
+                let body = response.bytes().await?.to_vec();
+                Ok::<_, reqwest::Error>(Answer {
+                    status,
+                    headers,
+                    body,
+                })
+            }
+            .await;
+            metrics::histogram!("cancelwatch_fetch_seconds", "provider" => self.provider)
+                .record(started.elapsed().as_secs_f64());
+            let wait = match result {
+                Ok(answer) if answer.is_success() => return Ok(answer),
+                Ok(answer) => {
+                    metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "status")
+                        .increment(1);
+                    if !answer.retryable() || attempt >= self.attempts {
+                        return Ok(answer);
+                    }
+                    match answer.retry_after() {
+                        Some(asked) if asked > self.inline_wait_cap => return Ok(answer),
+                        Some(asked) => asked,
+                        None => self.backoff(attempt),
+                    }
+                }
+                Err(e) => {
+                    let reason = if e.is_timeout() { "timeout" } else { "network" };
+                    metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => reason)
+                        .increment(1);
+                    if attempt >= self.attempts {
+                        return Err(ApiError::Retryable {
+                            message: format!(
+                                "{} {method} {path}: {reason} error: {}",
+                                self.provider,
+                                without_url(&e)
+                            ),
+                            retry_after: None,
+                        });
+                    }
+                    self.backoff(attempt)
+                }
+            };
+            tracing::debug!(provider = self.provider, %path, attempt, wait_ms = wait.as_millis() as u64, "retrying a provider call");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// Exponential backoff with full jitter: a random wait up to base·2^(n-1), capped.
+    fn backoff(&self, attempt: u32) -> Duration {
+        backoff(self.backoff_base, self.backoff_max, attempt)
+    }
+}
+
+/// A reqwest error without the URL in its text (keeps logs short and free of hosts' query strings).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(url) = e.url() {
+        text = text.replace(url.as_str(), "…");
+    }
+    if let Some(source) = std::error::Error::source(e) {
+        text = format!("{text}: {source}");
+    }
+    text
+}
+
+/// Exponential backoff with jitter: between half and all of base·2^(n-1), capped at `max`.
+pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = attempt.saturating_sub(1).min(30);
+    let full = base.saturating_mul(1u32 << exp).min(max);
+    let half = full / 2;
+    let jitter = rand::thread_rng().gen_range(0..=half.as_millis().max(1) as u64);
+    (half + Duration::from_millis(jitter)).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, headers: &[(&'static str, &str)], body: &str) -> Answer {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        Answer {
+            status,
+            headers: map,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn classification() {
+        assert!(answer(500, &[], "").retryable());
+        assert!(answer(429, &[], "").retryable());
+        assert!(answer(409, &[], "").retryable());
+        assert!(!answer(400, &[], "").retryable());
+        assert!(!answer(503, &[("stripe-should-retry", "false")], "").retryable());
+        assert!(matches!(
+            answer(404, &[], "").into_error("x"),
+            ApiError::NotFound(_)
+        ));
+        assert!(matches!(
+            answer(403, &[], "").into_error("x"),
+            ApiError::Unauthorized(_)
+        ));
+        assert!(matches!(
+            answer(503, &[("stripe-should-retry", "false")], "").into_error("x"),
+            ApiError::Permanent(_)
+        ));
+    }
+
+    #[test]
+    fn retry_after_from_header_or_body() {
+        assert_eq!(
+            answer(429, &[("retry-after", "3")], "").retry_after(),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            answer(429, &[], r#"{"retry_after": 2}"#).retry_after(),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            answer(
+                429,
+                &[],
+                r#"{"error": {"code": "rate_limited", "retry_after": "1.5"}}"#
+            )
+            .retry_after(),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(answer(429, &[], "nope").retry_after(), None);
+        assert_eq!(
+            answer(400, &[], r#"{"error":{"code":"invalid_state"}}"#).error_code(),
+            Some("invalid_state".into())
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(1);
+        for attempt in 1..20 {
+            let d = backoff(base, max, attempt);
+            assert!(d <= max);
+            let full = base.saturating_mul(1 << (attempt - 1).min(30)).min(max);
+            assert!(d >= full / 2, "attempt {attempt}: {d:?}");
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Juice bulk transfers as fetched (PROVIDERS.md 2.2), decoded defensively:
+//! open statuses, counts as strings or numbers, zone-less times read as UTC.
+//! Each item becomes a `juice.transfer` observation of its own.
+
+use serde_json::Value;
+
+use super::event::{BULK_TRANSFER, TRANSFER};
+use super::NAME;
+use crate::providers::{
+    lenient_i64, lenient_time, Observation, Progress, RefundSignal, RefundStatus, StatusClass,
+};
+
+const BULK_TERMINAL: [&str; 5] = [
+    "completed",
+    "cancelled",
+    "expired",
+    "failed",
+    "partially_completed",
+];
+
+/// Bulk: SPEC's terminal list. Item: `failed` and the reversed statuses are
+/// terminal; `completed` and `cancelled` are settled (a cancelled item still
+/// awaits its reversal); anything else moves.
+pub fn classify(kind: &str, status: &str, reversed: &[String]) -> StatusClass {
+    match kind {
+        BULK_TRANSFER if BULK_TERMINAL.contains(&status) => StatusClass::Terminal,
+        TRANSFER if status == "failed" || reversed.iter().any(|r| r == status) => {
+            StatusClass::Terminal
+        }
+        TRANSFER if status == "completed" || status == "cancelled" => StatusClass::Settled,
+        _ => StatusClass::Transitional,
+    }
+}
+
+/// Bulk: created → executing → terminal. Item: pending → processing →
+/// completed/cancelled/failed → reversed.
+pub fn rank(kind: &str, status: &str, reversed: &[String]) -> Option<u8> {
+    match (kind, status) {
+        (BULK_TRANSFER, "created") => Some(1),
+        (BULK_TRANSFER, "executing") => Some(2),
+        (BULK_TRANSFER, s) if BULK_TERMINAL.contains(&s) => Some(3),
+        (TRANSFER, "pending") => Some(1),
+        (TRANSFER, "processing") => Some(2),
+        (TRANSFER, "completed" | "cancelled" | "failed") => Some(3),
+        (TRANSFER, s) if reversed.iter().any(|r| r == s) => Some(4),
+        _ => None,
+    }
+}
+
+/// What an item's status says about its refund.
+pub fn item_refund(
+    status: &str,
+    amount: Option<i64>,
+    currency: Option<String>,
+    reversed: &[String],
+) -> Option<RefundSignal> {
+    let refund_status = if status == "cancelled" {
+        RefundStatus::Pending
+    } else if reversed.iter().any(|r| r == status) {
+        RefundStatus::Completed
+    } else if status == "failed" {
+        RefundStatus::Failed
+    } else {
+        return None;
+    };
+    Some(RefundSignal {
+        status: refund_status,
+        reason: status.to_string(),
+        amount,
+        currency,
+    })
+}
+
+/// Decodes `GET /bulk-transfers/{id}` (`{"data": bulk}`, or the bulk itself).
+pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observation, String> {
+    let bulk = match body {
+        Value::Object(mut map) if map.get("data").is_some_and(Value::is_object) => {
+            map.remove("data").expect("checked just above")
+        }
+        other => other,
+    };
+    let status = bulk
+        .get("status")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| format!("bulk transfer {id}: the object has no status"))?
+        .to_string();
+    let bulk_id = bulk
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or(id)
+        .to_string();
+    let bulk_currency = bulk
+        .get("currency")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let livemode = bulk.get("livemode").and_then(Value::as_bool);
+    let items = bulk
+        .get("items")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut children = Vec::new();
+    for item in items {
+        let Some(item_id) = item.get("id").and_then(Value::as_str).map(str::to_string) else {
+            continue;
+        };
+        let Some(item_status) = item
+            .get("status")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let amount = lenient_i64(item.get("amount"));
+        let currency = item
+            .get("currency")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| bulk_currency.clone());
+        children.push(Observation {
+            provider: NAME,
+            kind: TRANSFER.to_string(),
+            id: item_id,
+            parent_id: Some(bulk_id.clone()),
+            class: classify(TRANSFER, &item_status, reversed),
+            provider_at: lenient_time(item.get("updated_at")),
+            refund: item_refund(&item_status, amount, currency.clone(), reversed),
+            amount,
+            currency,
+            livemode,
+            progress: None,
+            children: Vec::new(),
+            status: item_status,
+            snapshot: item,
+        });
+    }
+    Ok(Observation {
+        provider: NAME,
+        kind: BULK_TRANSFER.to_string(),
+        id: bulk_id,
+        parent_id: None,
+        class: classify(BULK_TRANSFER, &status, reversed),
+        provider_at: lenient_time(bulk.get("updated_at")),
+        amount: lenient_i64(bulk.get("amount")).or_else(|| lenient_i64(bulk.get("total_amount"))),
+        currency: bulk_currency,
+        livemode,
+        progress: Some(Progress {
+            success: lenient_i64(bulk.get("successful_transfer_count")),
+            failure: lenient_i64(bulk.get("failed_transfer_count")),
+            validated: None,
+        }),
+        children,
+        refund: None,
+        status,
+        snapshot: bulk,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reversed() -> Vec<String> {
+        vec!["reversed".into(), "refunded".into()]
+    }
+
+    #[test]
+    fn partial_cancellation_bulk() {
+        let body = json!({"data": {
+            "id": "6f1c1e9a-0000-4000-8000-000000000001", "reference": "payroll-1",
+            "status": "cancelled", "total_transfer_count": "3",
+            "successful_transfer_count": 1, "failed_transfer_count": "0",
+            "created_at": "2024-10-02T17:39:26.049258", "updated_at": "2024-10-02T17:45:00.5",
+            "items": [
+                {"id": "it_1", "amount": 1000, "status": "cancelled", "reference": "a", "beneficiary": {}},
+                {"id": "it_2", "amount": "2500", "status": "completed", "reference": "b"},
+                {"id": "it_3", "amount": 300, "status": "on_hold", "currency": "NGN"},
+                {"status": "cancelled"}
+            ]
+        }});
+        let obs = decode_bulk("6f1c1e9a-0000-4000-8000-000000000001", body, &reversed()).unwrap();
+        assert_eq!(obs.status, "cancelled");
+        assert_eq!(obs.class, StatusClass::Terminal);
+        assert_eq!(obs.provider_at.as_deref(), Some("2024-10-02T17:45:00.500Z"));
+        assert_eq!(obs.progress.unwrap().success, Some(1));
+        assert_eq!(obs.progress.unwrap().failure, Some(0));
+        assert_eq!(obs.children.len(), 3, "an item without an id is skipped");
+        let it1 = &obs.children[0];
+        assert_eq!(it1.kind, TRANSFER);
+        assert_eq!(it1.parent_id.as_deref(), Some(obs.id.as_str()));
+        assert_eq!(it1.class, StatusClass::Settled);
+        let refund = it1.refund.as_ref().unwrap();
+        assert_eq!(refund.status, RefundStatus::Pending);
+        assert_eq!(refund.amount, Some(1000));
+        let it2 = &obs.children[1];
+        assert_eq!(it2.amount, Some(2500));
+        assert!(it2.refund.is_none());
+        let it3 = &obs.children[2];
+        assert_eq!(it3.class, StatusClass::Transitional);
+        assert_eq!(it3.currency.as_deref(), Some("NGN"));
+    }
+
+    #[test]
+    fn item_refund_signals() {
+        let r = reversed();
+        assert_eq!(
+            item_refund("reversed", Some(5), None, &r).unwrap().status,
+            RefundStatus::Completed
+        );
+        assert_eq!(
+            item_refund("refunded", Some(5), None, &r).unwrap().status,
+            RefundStatus::Completed
+        );
+        assert_eq!(
+            item_refund("failed", Some(5), None, &r).unwrap().status,
+            RefundStatus::Failed
+        );
+        assert!(item_refund("pending", Some(5), None, &r).is_none());
+        assert_eq!(classify(TRANSFER, "reversed", &r), StatusClass::Terminal);
+        assert!(rank(TRANSFER, "cancelled", &r) < rank(TRANSFER, "reversed", &r));
+        assert_eq!(rank(BULK_TRANSFER, "weird", &r), None);
+    }
+
+    #[test]
+    fn bare_object_and_missing_status() {
+        let obs = decode_bulk("b1", json!({"id": "b1", "status": "executing"}), &[]).unwrap();
+        assert_eq!(obs.class, StatusClass::Transitional);
+        assert!(obs.children.is_empty());
+        assert!(decode_bulk("b1", json!({"data": {"id": "b1"}}), &[]).is_err());
+    }
+}

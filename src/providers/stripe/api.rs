@@ -1,0 +1,273 @@
+//! The Stripe v2 API (PROVIDERS.md 1.3–1.5): fetch a related object, cancel,
+//! list events for backfill.
+
+use reqwest::header::{HeaderName, AUTHORIZATION};
+use reqwest::Method;
+use serde_json::Value;
+
+use super::event::{BATCH_JOB, OUTBOUND_TRANSFER};
+use super::objects;
+use crate::config::{StripeConfig, WorkerConfig};
+use crate::providers::http::{Answer, HttpClient};
+use crate::providers::{safe_id, ApiError, CancelAnswer, CancelOutcome, Observation, Target};
+
+/// Most events asked for per page when listing.
+const PAGE_LIMIT: u32 = 100;
+
+/// Only a path on the API base: one leading `/`, under `/v2/`, no `..`, no
+/// backslash, no whitespace or control characters. Never an absolute URL or `//host`.
+pub fn safe_path(path: &str) -> bool {
+    path.starts_with("/v2/")
+        && !path.contains("..")
+        && !path.contains('\\')
+        && !path.contains("://")
+        && !path.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// The object path of a kind and id, when the event gave none.
+pub fn object_path(kind: &str, id: &str) -> Result<String, ApiError> {
+    if !safe_id(id) {
+        return Err(ApiError::Permanent(format!("{kind}: unsafe id {id:?}")));
+    }
+    match kind {
+        OUTBOUND_TRANSFER => Ok(format!("/v2/money_management/outbound_transfers/{id}")),
+        BATCH_JOB => Ok(format!("/v2/core/batch_jobs/{id}")),
+        other => Err(ApiError::Permanent(format!(
+            "no known path for {other} (the event carried no url)"
+        ))),
+    }
+}
+
+/// A Stripe API client.
+#[derive(Clone)]
+pub struct StripeApi {
+    http: HttpClient,
+    api_key: String,
+    api_version: String,
+}
+
+impl StripeApi {
+    pub fn new(config: &StripeConfig, workers: &WorkerConfig) -> StripeApi {
+        StripeApi {
+            http: HttpClient::new(super::NAME, &config.api_base, workers),
+            api_key: config.api_key.clone(),
+            api_version: config.api_version.clone(),
+        }
+    }
+
+    fn headers(
+        &self,
+        context: Option<&str>,
+        trigger_event: Option<&str>,
+    ) -> Vec<(HeaderName, String)> {
+        let mut h = vec![
+            (AUTHORIZATION, format!("Bearer {}", self.api_key)),
+            (
+                HeaderName::from_static("stripe-version"),
+                self.api_version.clone(),
+            ),
+        ];
+        if let Some(c) = context.filter(|c| !c.is_empty()) {
+            h.push((HeaderName::from_static("stripe-context"), c.to_string()));
+        }
+        if let Some(e) = trigger_event {
+            h.push((
+                HeaderName::from_static("stripe-request-trigger"),
+                format!("event={e}"),
+            ));
+        }
+        h
+    }
+
+    /// GETs the related object and decodes it.
+    pub async fn fetch(&self, target: &Target) -> Result<Observation, ApiError> {
+        let path = match target.url.as_deref() {
+            Some(url) if safe_path(url) => url.to_string(),
+            Some(url) => {
+                tracing::warn!(url = %url, resource = %target.id, "refusing to follow a related_object url that is not a /v2/ path; using the kind's path");
+                object_path(&target.kind, &target.id)?
+            }
+            None => object_path(&target.kind, &target.id)?,
+        };
+        let answer = self
+            .http
+            .send(
+                Method::GET,
+                &path,
+                &self.headers(target.context.as_deref(), target.trigger_event.as_deref()),
+                None,
+            )
+            .await?;
+        if !answer.is_success() {
+            return Err(answer.into_error(&format!("stripe GET {path}")));
+        }
+        let object = answer.json().ok_or_else(|| {
+            ApiError::Permanent(format!("stripe GET {path}: the answer is not JSON"))
+        })?;
+        objects::decode(&target.kind, &target.id, object).map_err(ApiError::Permanent)
+    }
+
+    /// POSTs `…/cancel` with an `Idempotency-Key` and maps the answer.
+    pub async fn cancel(
+        &self,
+        target: &Target,
+        idempotency_key: &str,
+    ) -> Result<CancelAnswer, ApiError> {
+        let path = format!("{}/cancel", object_path(&target.kind, &target.id)?);
+        let mut headers = self.headers(target.context.as_deref(), None);
+        headers.push((
+            HeaderName::from_static("idempotency-key"),
+            idempotency_key.to_string(),
+        ));
+        let answer = self
+            .http
+            .send(Method::POST, &path, &headers, Some(b"{}".to_vec()))
+            .await?;
+        if matches!(answer.status, 401 | 403) {
+            return Err(answer.into_error(&format!("stripe POST {path}")));
+        }
+        Ok(cancel_answer(answer))
+    }
+
+    /// Lists events created at or after `since` (RFC 3339), following
+    /// `next_page_url` until it is null. Each event as its JSON object.
+    pub async fn list_events(&self, since: &str) -> Result<Vec<Value>, ApiError> {
+        let mut path = format!(
+            "/v2/core/events?created[gte]={}&limit={PAGE_LIMIT}",
+            url::form_urlencoded::byte_serialize(since.as_bytes()).collect::<String>()
+        );
+        let mut events = Vec::new();
+        let mut seen_pages = std::collections::HashSet::new();
+        loop {
+            if !seen_pages.insert(path.clone()) {
+                return Err(ApiError::Permanent(format!(
+                    "stripe event listing loops back to {path}"
+                )));
+            }
+            let answer = self
+                .http
+                .send(Method::GET, &path, &self.headers(None, None), None)
+                .await?;
+            if !answer.is_success() {
+                return Err(answer.into_error("stripe GET /v2/core/events"));
+            }
+            let page = answer.json().ok_or_else(|| {
+                ApiError::Permanent("stripe GET /v2/core/events: the answer is not JSON".into())
+            })?;
+            if let Some(data) = page.get("data").and_then(Value::as_array) {
+                events.extend(data.iter().cloned());
+            }
+            match page.get("next_page_url").and_then(Value::as_str) {
+                Some(next) if safe_path(next) => path = next.to_string(),
+                Some(next) => {
+                    return Err(ApiError::Permanent(format!(
+                        "stripe next_page_url {next:?} is not a /v2/ path"
+                    )))
+                }
+                None => return Ok(events),
+            }
+        }
+    }
+}
+
+/// Maps a cancel answer to its outcome (PROVIDERS.md 1.4, 1.5).
+pub fn cancel_answer(answer: Answer) -> CancelAnswer {
+    let code = answer.error_code();
+    let outcome = if answer.is_success() {
+        CancelOutcome::Accepted
+    } else {
+        match (answer.status, code.as_deref()) {
+            (_, Some("outbound_transfer_already_canceled")) => CancelOutcome::AlreadyCancelled,
+            (_, Some("outbound_transfer_not_cancelable" | "batch_api_non_cancellable_job")) => {
+                CancelOutcome::NotCancellable
+            }
+            (_, Some("idempotency_error")) | (409, _) => CancelOutcome::IdempotencyConflict,
+            (404, _) | (_, Some("not_found" | "batch_job_not_found")) => CancelOutcome::NotFound,
+            _ => CancelOutcome::Error,
+        }
+    };
+    CancelAnswer {
+        outcome,
+        http_status: answer.status,
+        error_code: code,
+        body: answer.body_text(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderMap;
+
+    #[test]
+    fn path_rule() {
+        assert!(safe_path("/v2/money_management/outbound_transfers/obt_1"));
+        assert!(safe_path("/v2/core/events?page=abc&limit=10"));
+        for bad in [
+            "https://evil.example/v2/x",
+            "//evil.example/v2/x",
+            "/v1/charges",
+            "v2/core",
+            "/v2/../v1/x",
+            "/v2/x y",
+            "/v2\\x",
+            "",
+        ] {
+            assert!(!safe_path(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn paths_from_kind() {
+        assert_eq!(
+            object_path(OUTBOUND_TRANSFER, "obt_1").unwrap(),
+            "/v2/money_management/outbound_transfers/obt_1"
+        );
+        assert_eq!(
+            object_path(BATCH_JOB, "batchv2_1").unwrap(),
+            "/v2/core/batch_jobs/batchv2_1"
+        );
+        assert!(object_path(BATCH_JOB, "../x").is_err());
+        assert!(object_path("stripe.other", "x").is_err());
+    }
+
+    #[test]
+    fn cancel_outcomes() {
+        let a = |status: u16, code: &str| Answer {
+            status,
+            headers: HeaderMap::new(),
+            body: format!(
+                r#"{{"error":{{"type":"invalid_request_error","code":"{code}","message":"m"}}}}"#
+            )
+            .into_bytes(),
+        };
+        let cases = [
+            (200, "", CancelOutcome::Accepted),
+            (
+                400,
+                "outbound_transfer_already_canceled",
+                CancelOutcome::AlreadyCancelled,
+            ),
+            (
+                400,
+                "outbound_transfer_not_cancelable",
+                CancelOutcome::NotCancellable,
+            ),
+            (
+                400,
+                "batch_api_non_cancellable_job",
+                CancelOutcome::NotCancellable,
+            ),
+            (404, "not_found", CancelOutcome::NotFound),
+            (404, "batch_job_not_found", CancelOutcome::NotFound),
+            (409, "idempotency_error", CancelOutcome::IdempotencyConflict),
+            (500, "api_error", CancelOutcome::Error),
+        ];
+        for (status, code, want) in cases {
+            let answer = cancel_answer(a(status, code));
+            assert_eq!(answer.outcome, want, "{status} {code}");
+            assert_eq!(answer.http_status, status);
+            assert!(answer.body.contains("invalid_request_error"));
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Stripe v2 objects as fetched (PROVIDERS.md 1.4, 1.5), decoded defensively
+//! into an [`Observation`]: open status strings, counts as strings or numbers.
+
+use serde_json::Value;
+
+use super::event::{BATCH_JOB, OUTBOUND_TRANSFER};
+use super::NAME;
+use crate::providers::{
+    lenient_i64, lenient_time, Observation, Progress, RefundSignal, RefundStatus, StatusClass,
+};
+
+const OUTBOUND_TERMINAL: [&str; 3] = ["canceled", "failed", "returned"];
+const BATCH_TERMINAL: [&str; 6] = [
+    "complete",
+    "canceled",
+    "batch_failed",
+    "timeout",
+    "upload_timeout",
+    "validation_failed",
+];
+
+/// Outbound transfer: `posted` is settled (final unless returned); the others
+/// are terminal. Batch job: the terminal list of SPEC; anything else moves.
+pub fn classify(kind: &str, status: &str) -> StatusClass {
+    match kind {
+        OUTBOUND_TRANSFER if OUTBOUND_TERMINAL.contains(&status) => StatusClass::Terminal,
+        OUTBOUND_TRANSFER if status == "posted" => StatusClass::Settled,
+        BATCH_JOB if BATCH_TERMINAL.contains(&status) => StatusClass::Terminal,
+        _ => StatusClass::Transitional,
+    }
+}
+
+/// Order of statuses: `processing` → `posted` → `returned`; `processing` →
+/// `canceled`/`failed`. Batch job: upload → validating → in progress →
+/// cancelling → any terminal.
+pub fn rank(kind: &str, status: &str) -> Option<u8> {
+    match (kind, status) {
+        (OUTBOUND_TRANSFER, "processing") => Some(1),
+        (OUTBOUND_TRANSFER, "posted") => Some(2),
+        (OUTBOUND_TRANSFER, s) if OUTBOUND_TERMINAL.contains(&s) => Some(3),
+        (BATCH_JOB, "ready_for_upload") => Some(1),
+        (BATCH_JOB, "validating") => Some(2),
+        (BATCH_JOB, "in_progress") => Some(3),
+        (BATCH_JOB, "cancelling") => Some(4),
+        (BATCH_JOB, s) if BATCH_TERMINAL.contains(&s) => Some(5),
+        _ => None,
+    }
+}
+
+/// Decodes a fetched object of `kind`. An object without a `status` string is
+/// refused (it cannot be recorded).
+pub fn decode(kind: &str, id: &str, object: Value) -> Result<Observation, String> {
+    let status = object
+        .get("status")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| format!("{kind} {id}: the object has no status"))?
+        .to_string();
+    let object_id = object
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or(id)
+        .to_string();
+    let livemode = object.get("livemode").and_then(Value::as_bool);
+    let mut obs = Observation {
+        provider: NAME,
+        kind: kind.to_string(),
+        id: object_id,
+        parent_id: None,
+        class: classify(kind, &status),
+        provider_at: None,
+        amount: None,
+        currency: None,
+        livemode,
+        snapshot: Value::Null,
+        progress: None,
+        children: Vec::new(),
+        refund: None,
+        status,
+    };
+    match kind {
+        OUTBOUND_TRANSFER => {
+            obs.provider_at = lenient_time(
+                object
+                    .get("status_transitions")
+                    .and_then(|t| t.get(format!("{}_at", obs.status))),
+            );
+            let amount = object.get("amount");
+            obs.amount = lenient_i64(amount.and_then(|a| a.get("value")));
+            obs.currency = amount
+                .and_then(|a| a.get("currency"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            if OUTBOUND_TERMINAL.contains(&obs.status.as_str()) {
+                obs.refund = Some(RefundSignal {
+                    status: RefundStatus::Completed,
+                    reason: obs.status.clone(),
+                    amount: obs.amount,
+                    currency: obs.currency.clone(),
+                });
+            }
+        }
+        BATCH_JOB => {
+            let details = object
+                .get("status_details")
+                .and_then(|d| d.get(&obs.status))
+                .unwrap_or(&Value::Null);
+            obs.progress = Some(Progress {
+                success: lenient_i64(details.get("success_count")),
+                failure: lenient_i64(details.get("failure_count")),
+                validated: lenient_i64(details.get("validated_count")),
+            });
+            obs.provider_at = lenient_time(
+                object
+                    .get("status_transitions")
+                    .and_then(|t| t.get(format!("{}_at", obs.status))),
+            );
+        }
+        _ => {}
+    }
+    obs.snapshot = object;
+    Ok(obs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn outbound_transfer_canceled() {
+        let o = json!({
+            "id": "obt_1", "object": "v2.money_management.outbound_transfer",
+            "amount": {"value": 1500, "currency": "usd"}, "cancelable": false,
+            "livemode": false, "status": "canceled",
+            "status_transitions": {"canceled_at": "2026-10-30T12:01:00.000Z", "posted_at": null},
+            "brand_new_field": {"x": 1}
+        });
+        let obs = decode(OUTBOUND_TRANSFER, "obt_1", o).unwrap();
+        assert_eq!(obs.status, "canceled");
+        assert_eq!(obs.class, StatusClass::Terminal);
+        assert_eq!(obs.provider_at.as_deref(), Some("2026-10-30T12:01:00.000Z"));
+        assert_eq!(obs.amount, Some(1500));
+        assert_eq!(obs.currency.as_deref(), Some("usd"));
+        assert_eq!(obs.livemode, Some(false));
+        let refund = obs.refund.unwrap();
+        assert_eq!(refund.status, RefundStatus::Completed);
+        assert_eq!(refund.reason, "canceled");
+        assert_eq!(refund.amount, Some(1500));
+        assert_eq!(obs.snapshot["brand_new_field"]["x"], 1);
+    }
+
+    #[test]
+    fn outbound_transfer_posted_is_settled_and_unknown_is_open() {
+        let obs = decode(
+            OUTBOUND_TRANSFER,
+            "obt_2",
+            json!({"id": "obt_2", "status": "posted", "amount": {"value": 10, "currency": "eur"},
+                   "status_transitions": {"posted_at": "2026-10-30T12:00:00Z"}}),
+        )
+        .unwrap();
+        assert_eq!(obs.class, StatusClass::Settled);
+        assert!(obs.refund.is_none());
+        assert_eq!(obs.provider_at.as_deref(), Some("2026-10-30T12:00:00.000Z"));
+        let obs = decode(
+            OUTBOUND_TRANSFER,
+            "obt_2",
+            json!({"id": "obt_2", "status": "on_hold_new"}),
+        )
+        .unwrap();
+        assert_eq!(obs.class, StatusClass::Transitional);
+        assert_eq!(rank(OUTBOUND_TRANSFER, "on_hold_new"), None);
+    }
+
+    #[test]
+    fn batch_job_counts_as_strings_or_numbers() {
+        let o = json!({
+            "id": "batchv2_1", "object": "v2.core.batch_job", "status": "canceled",
+            "status_details": {"canceled": {"success_count": "30", "failure_count": 2}}
+        });
+        let obs = decode(BATCH_JOB, "batchv2_1", o).unwrap();
+        assert_eq!(obs.class, StatusClass::Terminal);
+        assert_eq!(
+            obs.progress,
+            Some(Progress {
+                success: Some(30),
+                failure: Some(2),
+                validated: None
+            })
+        );
+        let o = json!({"id": "batchv2_1", "status": "validating",
+                       "status_details": {"validating": {"validated_count": "7"}}});
+        let obs = decode(BATCH_JOB, "batchv2_1", o).unwrap();
+        assert_eq!(obs.class, StatusClass::Transitional);
+        assert_eq!(obs.progress.unwrap().validated, Some(7));
+        assert!(obs.refund.is_none());
+    }
+
+    #[test]
+    fn no_status_is_refused() {
+        assert!(decode(BATCH_JOB, "b", json!({"id": "b"})).is_err());
+        assert!(decode(BATCH_JOB, "b", json!({"id": "b", "status": 5})).is_err());
+    }
+
+    #[test]
+    fn ranks() {
+        assert!(rank(BATCH_JOB, "cancelling") < rank(BATCH_JOB, "canceled"));
+        assert!(rank(BATCH_JOB, "in_progress") < rank(BATCH_JOB, "cancelling"));
+        assert!(rank(OUTBOUND_TRANSFER, "posted") < rank(OUTBOUND_TRANSFER, "returned"));
+        assert!(rank(OUTBOUND_TRANSFER, "processing") < rank(OUTBOUND_TRANSFER, "posted"));
+    }
+}

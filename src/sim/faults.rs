@@ -1,0 +1,209 @@
+//! Injected API faults (errors, rate limits, hangs, outages) and the
+//! middleware that records every API request and applies them.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{juice_api, stripe_api, RecordedRequest, Shared};
+
+#[derive(Debug, Default)]
+struct FaultState {
+    fail_left: u32,
+    fail_status: u16,
+    rate_limit_left: u32,
+    retry_after_secs: u64,
+    hang_left: u32,
+    hang: Duration,
+    refuse_all: bool,
+}
+
+/// A handle to inject faults into the simulated APIs. Faults apply to API
+/// requests only, never to the deliveries the simulator sends.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    inner: Arc<Mutex<FaultState>>,
+}
+
+/// What one request gets instead of its normal answer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    Refuse,
+    Fail(u16),
+    RateLimit(u64),
+}
+
+impl Faults {
+    fn state(&self) -> std::sync::MutexGuard<'_, FaultState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next `n` API requests answer `status` with a proper error body.
+    pub fn fail_next(&self, n: u32, status: u16) {
+        let mut s = self.state();
+        s.fail_left = n;
+        s.fail_status = status;
+    }
+
+    /// The next `n` API requests answer 429 (Stripe: `Retry-After` header;
+    /// Juice: `retry_after` in the body).
+    pub fn rate_limit_next(&self, n: u32, retry_after_secs: u64) {
+        let mut s = self.state();
+        s.rate_limit_left = n;
+        s.retry_after_secs = retry_after_secs;
+    }
+
+    /// The next `n` API requests wait `d` before being answered.
+    pub fn hang_next(&self, n: u32, d: Duration) {
+        let mut s = self.state();
+        s.hang_left = n;
+        s.hang = d;
+    }
+
+    /// While on, every API request answers 503.
+    pub fn refuse_all(&self, on: bool) {
+        self.state().refuse_all = on;
+    }
+
+    /// Removes every injected fault.
+    pub fn clear(&self) {
+        *self.state() = FaultState::default();
+    }
+
+    /// Takes this request's share of the injected faults.
+    fn take(&self) -> (Option<Duration>, Option<Fault>) {
+        let mut s = self.state();
+        let hang = if s.hang_left > 0 {
+            s.hang_left -= 1;
+            Some(s.hang)
+        } else {
+            None
+        };
+        let fault = if s.refuse_all {
+            Some(Fault::Refuse)
+        } else if s.fail_left > 0 {
+            s.fail_left -= 1;
+            Some(Fault::Fail(s.fail_status))
+        } else if s.rate_limit_left > 0 {
+            s.rate_limit_left -= 1;
+            Some(Fault::RateLimit(s.retry_after_secs))
+        } else {
+            None
+        };
+        (hang, fault)
+    }
+}
+
+/// Records the request, then applies any injected fault before the handler.
+pub(crate) async fn middleware(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let headers = request
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            let name = name.as_str().to_ascii_lowercase();
+            let value = if name == "authorization" {
+                "present".to_string()
+            } else {
+                String::from_utf8_lossy(value.as_bytes()).into_owned()
+            };
+            (name, value)
+        })
+        .collect();
+    shared
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(RecordedRequest {
+            method: request.method().as_str().to_string(),
+            path: path.clone(),
+            headers,
+        });
+
+    let (hang, fault) = shared.faults.take();
+    if let Some(d) = hang {
+        tokio::time::sleep(d).await;
+    }
+    let stripe = path.starts_with("/v2/");
+    match fault {
+        None => next.run(request).await,
+        Some(fault) => fault_response(fault, stripe),
+    }
+}
+
+fn fault_response(fault: Fault, stripe: bool) -> Response {
+    let (status, retry_after) = match fault {
+        Fault::Refuse => (StatusCode::SERVICE_UNAVAILABLE, None),
+        Fault::Fail(code) => (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            None,
+        ),
+        Fault::RateLimit(secs) => (StatusCode::TOO_MANY_REQUESTS, Some(secs)),
+    };
+    let message = format!("simulated fault: {status}");
+    if stripe {
+        let (kind, code) = match (status.as_u16(), retry_after) {
+            (_, Some(_)) => ("rate_limit_error", "rate_limit"),
+            (503, _) => ("api_error", "service_unavailable"),
+            (s, _) if s >= 500 => ("api_error", "internal_error"),
+            _ => ("invalid_request_error", "simulated_error"),
+        };
+        let mut response = stripe_api::error(status, kind, code, &message).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", secs.to_string().parse().expect("digits"));
+        }
+        response
+    } else {
+        match retry_after {
+            Some(secs) => juice_api::rate_limited(secs),
+            None => {
+                let code = if status.as_u16() == 503 {
+                    "service_unavailable"
+                } else if status.is_server_error() {
+                    "internal_error"
+                } else {
+                    "simulated_error"
+                };
+                juice_api::error(status, code, &message, "api_error", serde_json::json!({}))
+                    .into_response()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_consumed_in_order() {
+        let f = Faults::default();
+        f.fail_next(1, 500);
+        f.rate_limit_next(1, 7);
+        f.hang_next(1, Duration::from_millis(5));
+        assert_eq!(
+            f.take(),
+            (Some(Duration::from_millis(5)), Some(Fault::Fail(500)))
+        );
+        assert_eq!(f.take(), (None, Some(Fault::RateLimit(7))));
+        assert_eq!(f.take(), (None, None));
+        f.refuse_all(true);
+        assert_eq!(f.take(), (None, Some(Fault::Refuse)));
+        f.clear();
+        assert_eq!(f.take(), (None, None));
+    }
+}

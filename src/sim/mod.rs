@@ -1,0 +1,315 @@
+//! The provider simulator: a local stand-in for the Stripe and Juice APIs
+//! (same JSON shapes and error bodies as the real ones), scripted cancel
+//! scenarios, and correctly signed deliveries to a cancelwatch daemon. Used by
+//! `cancelwatch simulate`, `demo` and the integration tests.
+//!
+//! ```no_run
+//! # async fn f() -> anyhow::Result<()> {
+//! use cancelwatch::sim::{DeliveryOptions, SimConfig, Simulator};
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let sim = Simulator::start(listener, SimConfig {
+//!     target: Some("http://127.0.0.1:8080".into()),
+//!     ..SimConfig::default()
+//! }).await?;
+//! let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+//! for step in &scenario.steps {
+//!     sim.play_step(step, &DeliveryOptions::default()).await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod deliver;
+pub mod faults;
+mod juice_api;
+pub mod scenarios;
+pub mod state;
+mod stripe_api;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use rand::seq::SliceRandom;
+
+pub use deliver::{Delivery, DeliveryOptions, Provider};
+pub use faults::Faults;
+pub use scenarios::{Expectation, ExpectedHistory, ExpectedRefund, Scenario, Step};
+
+use deliver::Signer;
+use state::World;
+
+/// What the simulator expects and signs with. Match it to the daemon's
+/// configuration (api keys, first webhook secret, first checksum key).
+#[derive(Debug, Clone, Default)]
+pub struct SimConfig {
+    /// Expected as `Authorization: Bearer <key>` on the Stripe API.
+    pub stripe_api_key: String,
+    /// Expected as `Authorization: <key>` or `Bearer <key>` on the Juice API.
+    pub juice_api_key: String,
+    /// Signs the `Stripe-Signature` of every Stripe delivery.
+    pub stripe_webhook_secret: String,
+    /// Signs the checksum of every Juice delivery (the business id).
+    pub juice_checksum_key: String,
+    /// The daemon's base URL; deliveries go to `{target}/webhooks/stripe|juice`.
+    /// Without one, steps change the state but nothing is sent.
+    pub target: Option<String>,
+}
+
+/// One API request the simulator received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// Path and query, as sent.
+    pub path: String,
+    /// Lowercased names; the `authorization` value is replaced by `present`.
+    pub headers: Vec<(String, String)>,
+}
+
+impl RecordedRequest {
+    /// The value of a header (name in any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// State shared by the API server, background senders and every handle.
+pub(crate) struct Shared {
+    pub(crate) cfg: SimConfig,
+    world: Mutex<World>,
+    pub(crate) faults: Faults,
+    pub(crate) requests: Mutex<Vec<RecordedRequest>>,
+    client: reqwest::Client,
+    signer: Signer,
+    /// Background tasks (follow-ups and their sends) not yet finished.
+    in_flight: AtomicUsize,
+    background_errors: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    pub(crate) fn world(&self) -> MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends deliveries caused by an API call, in order, in a spawned task.
+    pub(crate) fn send_in_background(self: &Arc<Self>, deliveries: Vec<Delivery>) {
+        let Some(target) = self.cfg.target.clone() else {
+            return;
+        };
+        if deliveries.is_empty() {
+            return;
+        }
+        let shared = self.clone();
+        self.spawn(async move {
+            for d in &deliveries {
+                if let Err(e) = deliver::send(&shared.client, &target, &shared.signer, d).await {
+                    tracing::warn!(error = %format!("{e:#}"), "simulator: a delivery was not accepted");
+                    shared
+                        .background_errors
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(format!("{e:#}"));
+                }
+            }
+        });
+    }
+
+    /// Spawns a background task counted by [`Simulator::wait_background`].
+    pub(crate) fn spawn(
+        self: &Arc<Self>,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let shared = self.clone();
+        tokio::spawn(async move {
+            task.await;
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// A running simulator; cheap to clone.
+#[derive(Clone)]
+pub struct Simulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+impl Simulator {
+    /// Serves the simulated APIs on `listener` in a spawned task.
+    pub async fn start(
+        listener: tokio::net::TcpListener,
+        cfg: SimConfig,
+    ) -> anyhow::Result<Simulator> {
+        let addr = listener
+            .local_addr()
+            .context("simulator: reading the listener's address")?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("simulator: building the HTTP client")?;
+        let signer = Signer {
+            stripe_webhook_secret: cfg.stripe_webhook_secret.clone(),
+            juice_checksum_key: cfg.juice_checksum_key.clone(),
+        };
+        let shared = Arc::new(Shared {
+            cfg,
+            world: Mutex::new(World::default()),
+            faults: Faults::default(),
+            requests: Mutex::new(Vec::new()),
+            client,
+            signer,
+            in_flight: AtomicUsize::new(0),
+            background_errors: Mutex::new(Vec::new()),
+        });
+        let router = router(shared.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "simulator API stopped");
+            }
+        });
+        Ok(Simulator { shared, addr })
+    }
+
+    /// `http://127.0.0.1:PORT`: use it as `stripe.api_base` and `juice.api_base`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every scenario name, in the order `simulate` plays them.
+    pub fn scenario_names() -> &'static [&'static str] {
+        scenarios::NAMES
+    }
+
+    /// A fresh instance of the named scenario, with ids never used before.
+    pub fn scenario(&self, name: &str) -> Option<Scenario> {
+        scenarios::build(name, &self.shared.cfg.juice_checksum_key)
+    }
+
+    /// Applies the step's state change, then sends its deliveries to the
+    /// target (if one is configured). Fails if the daemon never accepts one.
+    pub async fn play_step(&self, step: &Step, opts: &DeliveryOptions) -> anyhow::Result<()> {
+        {
+            let mut world = self.shared.world();
+            for change in &step.changes {
+                world.apply(change);
+            }
+            for d in &step.deliveries {
+                world.record_delivery(d);
+            }
+        }
+        if self.shared.cfg.target.is_none() {
+            return Ok(());
+        }
+        let mut order: Vec<&Delivery> = step.deliveries.iter().collect();
+        if opts.shuffle {
+            order.shuffle(&mut rand::thread_rng());
+        }
+        let copies = if opts.duplicate { 2 } else { 1 };
+        let mut first = true;
+        for d in order {
+            for _ in 0..copies {
+                if !first && !opts.delay.is_zero() {
+                    tokio::time::sleep(opts.delay).await;
+                }
+                first = false;
+                self.deliver(d).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Plays every step of a scenario in order.
+    pub async fn play(&self, scenario: &Scenario, opts: &DeliveryOptions) -> anyhow::Result<()> {
+        for step in &scenario.steps {
+            self.play_step(step, opts)
+                .await
+                .with_context(|| format!("{} / {}", scenario.name, step.label))?;
+        }
+        Ok(())
+    }
+
+    /// Sends one delivery to the target now (signed now), with retries.
+    pub async fn deliver(&self, d: &Delivery) -> anyhow::Result<()> {
+        let target = self
+            .shared
+            .cfg
+            .target
+            .as_deref()
+            .context("simulator: no target configured")?;
+        deliver::send(&self.shared.client, target, &self.shared.signer, d).await
+    }
+
+    /// The handle to inject API faults.
+    pub fn faults(&self) -> Faults {
+        self.shared.faults.clone()
+    }
+
+    /// Every API request received so far.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Events generated so far: Stripe events (as listed by the events API)
+    /// plus distinct Juice deliveries.
+    pub fn event_count(&self) -> usize {
+        let world = self.shared.world();
+        world.events.len() + world.juice_events.len()
+    }
+
+    /// Waits until the follow-ups of API calls (e.g. a batch job leaving
+    /// `cancelling`, Juice reversals) and their deliveries are done, up to
+    /// `max`. Returns whether everything finished.
+    pub async fn wait_background(&self, max: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max;
+        while self.shared.in_flight.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Deliveries sent after API calls that the daemon never accepted.
+    pub fn background_errors(&self) -> Vec<String> {
+        self.shared
+            .background_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// An error answer of a simulated API, in the provider's own error shape.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(crate) status: axum::http::StatusCode,
+    pub(crate) body: serde_json::Value,
+}
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        (self.status, axum::Json(self.body)).into_response()
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    stripe_api::routes()
+        .merge(juice_api::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            faults::middleware,
+        ))
+        .with_state(shared)
+}

@@ -1,0 +1,454 @@
+//! SQL of tracked resources and what is recorded about them: transitions,
+//! progress counts, refunds, and the reconcile schedule.
+
+use sqlx::{FromRow, SqlitePool};
+
+use super::Tx;
+
+/// A resource's stored current state.
+#[derive(Debug, Clone, FromRow, serde::Serialize)]
+pub struct Resource {
+    pub rid: i64,
+    pub provider: String,
+    pub kind: String,
+    pub id: String,
+    pub parent_id: Option<String>,
+    pub status: Option<String>,
+    pub terminal: bool,
+    pub livemode: Option<bool>,
+    pub context: Option<String>,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub snapshot: Option<String>,
+    pub provider_updated_at: Option<String>,
+    pub status_since: Option<String>,
+    pub first_seen_at: String,
+    pub last_observed_at: Option<String>,
+    pub not_found: bool,
+    pub cancel_requested_at: Option<String>,
+    pub next_reconcile_at: Option<String>,
+    pub reconcile_failures: i64,
+}
+
+const RESOURCE_COLUMNS: &str =
+    "rid, provider, kind, id, parent_id, status, terminal, livemode, context,
+     amount, currency, snapshot, provider_updated_at, status_since, first_seen_at, last_observed_at,
+     not_found, cancel_requested_at, next_reconcile_at, reconcile_failures";
+
+/// One resource by its key, inside a write transaction.
+pub async fn get(
+    tx: &mut Tx<'_>,
+    provider: &str,
+    kind: &str,
+    id: &str,
+) -> Result<Option<Resource>, sqlx::Error> {
+    sqlx::query_as::<_, Resource>(&format!(
+        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE provider = ? AND kind = ? AND id = ?"
+    ))
+    .bind(provider)
+    .bind(kind)
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// One resource by kind and id, from a read pool.
+pub async fn find(
+    pool: &SqlitePool,
+    kind: &str,
+    id: &str,
+) -> Result<Option<Resource>, sqlx::Error> {
+    sqlx::query_as::<_, Resource>(&format!(
+        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE kind = ? AND id = ?"
+    ))
+    .bind(kind)
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Adds a resource not seen before (status NULL) and returns its rid; an
+/// existing one is left alone and its rid returned.
+pub async fn ensure(
+    tx: &mut Tx<'_>,
+    provider: &str,
+    kind: &str,
+    id: &str,
+    parent_id: Option<&str>,
+    context: Option<&str>,
+    now: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO resources (provider, kind, id, parent_id, context, first_seen_at)
+         VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (provider, kind, id) DO NOTHING",
+    )
+    .bind(provider)
+    .bind(kind)
+    .bind(id)
+    .bind(parent_id)
+    .bind(context)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query_scalar("SELECT rid FROM resources WHERE provider = ? AND kind = ? AND id = ?")
+        .bind(provider)
+        .bind(kind)
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await
+}
+
+/// The new current state of a resource after an accepted observation.
+#[derive(Debug, Clone)]
+pub struct StateUpdate<'a> {
+    pub rid: i64,
+    pub parent_id: Option<&'a str>,
+    pub status: &'a str,
+    pub terminal: bool,
+    pub livemode: Option<bool>,
+    pub context: Option<&'a str>,
+    pub amount: Option<i64>,
+    pub currency: Option<&'a str>,
+    pub snapshot: &'a str,
+    pub provider_updated_at: Option<&'a str>,
+    pub status_since: &'a str,
+    pub observed_at: &'a str,
+    pub next_reconcile_at: Option<&'a str>,
+}
+
+/// Writes the current state; fields the observation lacks keep their value.
+pub async fn update_state(tx: &mut Tx<'_>, u: &StateUpdate<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE resources SET
+            parent_id = COALESCE(?, parent_id), status = ?, terminal = ?,
+            livemode = COALESCE(?, livemode), context = COALESCE(?, context),
+            amount = COALESCE(?, amount), currency = COALESCE(?, currency), snapshot = ?,
+            provider_updated_at = COALESCE(?, provider_updated_at), status_since = ?,
+            last_observed_at = ?, not_found = 0, next_reconcile_at = ?, reconcile_failures = 0
+         WHERE rid = ?",
+    )
+    .bind(u.parent_id)
+    .bind(u.status)
+    .bind(u.terminal)
+    .bind(super::bool_int(u.livemode))
+    .bind(u.context)
+    .bind(u.amount)
+    .bind(u.currency)
+    .bind(u.snapshot)
+    .bind(u.provider_updated_at)
+    .bind(u.status_since)
+    .bind(u.observed_at)
+    .bind(u.next_reconcile_at)
+    .bind(u.rid)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A stale observation: only the time it was seen moves.
+pub async fn touch(tx: &mut Tx<'_>, rid: i64, observed_at: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE resources SET last_observed_at = ? WHERE rid = ?")
+        .bind(observed_at)
+        .bind(rid)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The provider answered 404 for this resource.
+pub async fn mark_not_found(
+    tx: &mut Tx<'_>,
+    rid: i64,
+    observed_at: &str,
+    next_reconcile_at: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE resources SET not_found = 1, last_observed_at = ?, next_reconcile_at = ? WHERE rid = ?",
+    )
+    .bind(observed_at)
+    .bind(next_reconcile_at)
+    .bind(rid)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A cancel went out through cancelwatch.
+pub async fn set_cancel_requested(tx: &mut Tx<'_>, rid: i64, at: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE resources SET cancel_requested_at = ? WHERE rid = ?")
+        .bind(at)
+        .bind(rid)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// One transition row.
+#[derive(Debug, Clone)]
+pub struct NewTransition<'a> {
+    pub rid: i64,
+    pub provider: &'a str,
+    pub kind: &'a str,
+    pub resource_id: &'a str,
+    pub parent_id: Option<&'a str>,
+    pub from_status: Option<&'a str>,
+    pub to_status: &'a str,
+    pub observed_at: &'a str,
+    pub provider_at: Option<&'a str>,
+    pub trigger_type: &'a str,
+    pub trigger_id: Option<&'a str>,
+    pub livemode: Option<bool>,
+    pub snapshot: &'a str,
+}
+
+pub async fn insert_transition(tx: &mut Tx<'_>, t: &NewTransition<'_>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status, to_status,
+                                  observed_at, provider_at, trigger_type, trigger_id, livemode, snapshot)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         RETURNING id",
+    )
+    .bind(t.rid)
+    .bind(t.provider)
+    .bind(t.kind)
+    .bind(t.resource_id)
+    .bind(t.parent_id)
+    .bind(t.from_status)
+    .bind(t.to_status)
+    .bind(t.observed_at)
+    .bind(t.provider_at)
+    .bind(t.trigger_type)
+    .bind(t.trigger_id)
+    .bind(super::bool_int(t.livemode))
+    .bind(t.snapshot)
+    .fetch_one(&mut **tx)
+    .await
+}
+
+/// One progress row.
+#[allow(clippy::too_many_arguments)]
+pub async fn insert_progress(
+    tx: &mut Tx<'_>,
+    rid: i64,
+    observed_at: &str,
+    status: &str,
+    success: Option<i64>,
+    failure: Option<i64>,
+    validated: Option<i64>,
+    trigger_type: &str,
+    trigger_id: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO progress (rid, observed_at, status, success_count, failure_count, validated_count,
+                               trigger_type, trigger_id)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(rid)
+    .bind(observed_at)
+    .bind(status)
+    .bind(success)
+    .bind(failure)
+    .bind(validated)
+    .bind(trigger_type)
+    .bind(trigger_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A refund's stored state.
+#[derive(Debug, Clone, FromRow, serde::Serialize)]
+pub struct Refund {
+    pub id: i64,
+    pub rid: i64,
+    pub provider: String,
+    pub kind: String,
+    pub resource_id: String,
+    pub parent_id: Option<String>,
+    pub status: String,
+    pub reason: String,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub opened_at: String,
+    pub completed_at: Option<String>,
+    pub updated_at: String,
+    pub trigger_type: String,
+    pub trigger_id: Option<String>,
+}
+
+const REFUND_COLUMNS: &str =
+    "id, rid, provider, kind, resource_id, parent_id, status, reason, amount,
+     currency, opened_at, completed_at, updated_at, trigger_type, trigger_id";
+
+pub async fn refund_of(tx: &mut Tx<'_>, rid: i64) -> Result<Option<Refund>, sqlx::Error> {
+    sqlx::query_as::<_, Refund>(&format!(
+        "SELECT {REFUND_COLUMNS} FROM refunds WHERE rid = ?"
+    ))
+    .bind(rid)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// A refund to open.
+#[derive(Debug, Clone)]
+pub struct NewRefund<'a> {
+    pub rid: i64,
+    pub provider: &'a str,
+    pub kind: &'a str,
+    pub resource_id: &'a str,
+    pub parent_id: Option<&'a str>,
+    pub status: &'a str,
+    pub reason: &'a str,
+    pub amount: Option<i64>,
+    pub currency: Option<&'a str>,
+    pub now: &'a str,
+    pub trigger_type: &'a str,
+    pub trigger_id: Option<&'a str>,
+}
+
+pub async fn insert_refund(tx: &mut Tx<'_>, r: &NewRefund<'_>) -> Result<(), sqlx::Error> {
+    let completed_at = (r.status == "completed").then_some(r.now);
+    sqlx::query(
+        "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason, amount,
+                              currency, opened_at, completed_at, updated_at, trigger_type, trigger_id)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (rid) DO NOTHING",
+    )
+    .bind(r.rid)
+    .bind(r.provider)
+    .bind(r.kind)
+    .bind(r.resource_id)
+    .bind(r.parent_id)
+    .bind(r.status)
+    .bind(r.reason)
+    .bind(r.amount)
+    .bind(r.currency)
+    .bind(r.now)
+    .bind(completed_at)
+    .bind(r.now)
+    .bind(r.trigger_type)
+    .bind(r.trigger_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Moves a pending refund to `completed` or `failed`.
+pub async fn settle_refund(
+    tx: &mut Tx<'_>,
+    rid: i64,
+    status: &str,
+    now: &str,
+    trigger_type: &str,
+    trigger_id: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    let completed_at = (status == "completed").then_some(now);
+    sqlx::query(
+        "UPDATE refunds SET status = ?, completed_at = COALESCE(?, completed_at), updated_at = ?,
+                            trigger_type = ?, trigger_id = ?
+         WHERE rid = ? AND status = 'pending'",
+    )
+    .bind(status)
+    .bind(completed_at)
+    .bind(now)
+    .bind(trigger_type)
+    .bind(trigger_id)
+    .bind(rid)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Resources whose reconcile time has come, oldest first.
+pub async fn due_for_reconcile(
+    pool: &SqlitePool,
+    now: &str,
+    limit: i64,
+) -> Result<Vec<Resource>, sqlx::Error> {
+    sqlx::query_as::<_, Resource>(&format!(
+        "SELECT {RESOURCE_COLUMNS} FROM resources
+         WHERE next_reconcile_at IS NOT NULL AND next_reconcile_at <= ?
+         ORDER BY next_reconcile_at, rid LIMIT ?"
+    ))
+    .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// A reconcile fetch failed: count it and push the next one back.
+pub async fn reconcile_failed(
+    tx: &mut Tx<'_>,
+    rid: i64,
+    next_reconcile_at: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE resources SET reconcile_failures = reconcile_failures + 1, next_reconcile_at = ?
+         WHERE rid = ?",
+    )
+    .bind(next_reconcile_at)
+    .bind(rid)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Sets (or clears) the next reconcile time and resets the failure count.
+pub async fn mark_reconciled(
+    tx: &mut Tx<'_>,
+    rid: i64,
+    next_reconcile_at: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE resources SET next_reconcile_at = ?, reconcile_failures = 0 WHERE rid = ?")
+        .bind(next_reconcile_at)
+        .bind(rid)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// A resource's transitions, oldest first (tests and read commands).
+#[derive(Debug, Clone, FromRow, serde::Serialize)]
+pub struct Transition {
+    pub id: i64,
+    pub provider: String,
+    pub kind: String,
+    pub resource_id: String,
+    pub parent_id: Option<String>,
+    pub from_status: Option<String>,
+    pub to_status: String,
+    pub observed_at: String,
+    pub provider_at: Option<String>,
+    pub trigger_type: String,
+    pub trigger_id: Option<String>,
+    pub livemode: Option<bool>,
+}
+
+pub async fn transitions_of(
+    pool: &SqlitePool,
+    resource_id: &str,
+) -> Result<Vec<Transition>, sqlx::Error> {
+    sqlx::query_as::<_, Transition>(
+        "SELECT id, provider, kind, resource_id, parent_id, from_status, to_status, observed_at,
+                provider_at, trigger_type, trigger_id, livemode
+         FROM transitions WHERE resource_id = ? ORDER BY id",
+    )
+    .bind(resource_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Refunds of a resource's children or of itself (tests and read commands).
+pub async fn refunds_under(
+    pool: &SqlitePool,
+    resource_id: &str,
+) -> Result<Vec<Refund>, sqlx::Error> {
+    sqlx::query_as::<_, Refund>(&format!(
+        "SELECT {REFUND_COLUMNS} FROM refunds WHERE resource_id = ? OR parent_id = ? ORDER BY id"
+    ))
+    .bind(resource_id)
+    .bind(resource_id)
+    .fetch_all(pool)
+    .await
+}
