@@ -287,6 +287,12 @@ async fn main() -> anyhow::Result<()> {
         kind: Some("juice.transfer".into()),
         ..TransitionFilter::default()
     };
+    let old = TransitionFilter {
+        until: Some(cancelwatch::time::fmt(
+            chrono::Utc::now() - chrono::Duration::days(60),
+        )),
+        ..TransitionFilter::default()
+    };
     let first = PageRequest::default();
 
     // A cursor deep in the by-kind listing (past half of it), reached by walking it.
@@ -312,6 +318,7 @@ async fn main() -> anyhow::Result<()> {
     for (name, f, p) in [
         ("filtered page", &filtered, &first),
         ("by kind, deep cursor", &by_kind, &deep),
+        ("until -60d", &old, &first),
     ] {
         for line in queries::explain_transitions(pool, f, p).await? {
             println!("  {name:<22} {line}");
@@ -384,6 +391,11 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     println!("  transitions --kind juice.transfer, page ~{walked} rows deep\n                                         {line}");
+    let line = time(reps.min(50), |_| async {
+        Ok(queries::transitions(pool, &old, &first).await?)
+    })
+    .await?;
+    println!("  transitions --until -60d (worst case: newer rows skipped)\n                                         {line}");
 
     db.close().await;
     Ok(())

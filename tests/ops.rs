@@ -401,6 +401,16 @@ async fn listings_filter_and_render() {
     assert_eq!(t["livemode"], false);
     assert_eq!(json["next_cursor"], Value::Null);
 
+    let one = TransitionsArgs {
+        resource_id: Some("trf_b".into()),
+        page: page(10),
+        output: out(false, true),
+        ..Default::default()
+    };
+    let csv = read::transitions(&db.read, &one).await.unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(csv.lines().skip(1).all(|l| l.contains(",trf_b,")), "{csv}");
+
     let juice_items = TransitionsArgs {
         kind: Some("juice.transfer".into()),
         until: Some("2026-11-01T11:05:00Z".into()),

@@ -70,6 +70,9 @@ pub struct TransitionsArgs {
     /// Observed before this RFC 3339 time.
     #[arg(long)]
     pub until: Option<String>,
+    /// Only this resource's transitions.
+    #[arg(long = "resource")]
+    pub resource_id: Option<String>,
     #[command(flatten)]
     pub page: PageArgs,
     #[command(flatten)]
@@ -282,7 +285,7 @@ pub async fn transitions(pool: &SqlitePool, args: &TransitionsArgs) -> anyhow::R
         to_status: args.to_status.clone(),
         since: args.since.clone(),
         until: args.until.clone(),
-        resource_id: None,
+        resource_id: args.resource_id.clone(),
     };
     let page = queries::transitions(pool, &filter, &args.page.request()).await?;
     match args.output.format() {
