@@ -163,6 +163,42 @@ async fn seed(pool: &SqlitePool) {
     )
     .await;
 
+    let job = resource(
+        pool,
+        "stripe",
+        "stripe.batch_job",
+        "batchv2_1",
+        None,
+        "canceled",
+    )
+    .await;
+    transition(pool, job, None, "in_progress", "2026-11-01T09:00:00.000Z").await;
+    transition(
+        pool,
+        job,
+        Some("in_progress"),
+        "canceled",
+        "2026-11-01T09:30:00.000Z",
+    )
+    .await;
+    for (at, status, ok) in [
+        ("2026-11-01T09:00:00.000Z", "in_progress", 10),
+        ("2026-11-01T09:30:00.000Z", "canceled", 40),
+    ] {
+        sqlx::query(
+            "INSERT INTO progress (rid, observed_at, status, success_count, failure_count,
+                                   validated_count, trigger_type, trigger_id)
+             VALUES (?, ?, ?, ?, 2, 100, 'reconcile', NULL)",
+        )
+        .bind(job)
+        .bind(at)
+        .bind(status)
+        .bind(ok)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+
     let bulk = "7f1c2d3e-0000-4000-8000-000000000001";
     let b = resource(
         pool,
@@ -323,6 +359,42 @@ async fn history_shows_the_resource_its_items_and_trail() {
         .await
         .unwrap();
     assert_eq!(csv.lines().count(), 1 + 2 + 4, "{csv}");
+}
+
+#[tokio::test]
+async fn batch_job_history_shows_progress_counts() {
+    let (_dir, _config, db) = seeded_db().await;
+    let args = |o| HistoryArgs {
+        resource_id: "batchv2_1".into(),
+        output: o,
+    };
+    let json: Value = serde_json::from_str(
+        &read::history(&db.read, &args(out(true, false)))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let progress = json["resources"][0]["progress"].as_array().unwrap();
+    assert_eq!(progress.len(), 2);
+    assert_eq!(progress[1]["success_count"], 40);
+    assert_eq!(progress[1]["trigger"]["type"], "reconcile");
+    let table = read::history(&db.read, &args(out(false, false)))
+        .await
+        .unwrap();
+    let section = table.split("PROGRESS\n").nth(1).unwrap();
+    let row = section.lines().nth(2).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        [
+            "2026-11-01T09:30:00.000Z",
+            "canceled",
+            "40",
+            "2",
+            "100",
+            "reconcile"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -677,7 +749,7 @@ async fn api_requires_the_admin_token_and_is_off_without_one() {
     assert_eq!(status, 401);
     let (status, body) = d.get("/v1/transitions", Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["data"].as_array().unwrap().len(), 8);
+    assert_eq!(body["data"].as_array().unwrap().len(), 10);
     let (status, body) = d.get("/v1/nothing-here", Some(TOKEN)).await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "not_found");
@@ -828,7 +900,7 @@ async fn pages_stay_correct_while_rows_arrive() {
         .iter()
         .map(|t| t["id"].to_string())
         .collect();
-    assert_eq!(expected.len(), 8);
+    assert_eq!(expected.len(), 10);
     let rid: i64 = sqlx::query_scalar("SELECT rid FROM resources WHERE id = 'obt_1'")
         .fetch_one(&pool)
         .await
@@ -851,7 +923,7 @@ async fn pages_stay_correct_while_rows_arrive() {
         "no row repeated or skipped, new rows not mixed in"
     );
     let (_, now_all) = d.get("/v1/transitions?limit=1000", Some(TOKEN)).await;
-    assert_eq!(now_all["data"].as_array().unwrap().len(), 13);
+    assert_eq!(now_all["data"].as_array().unwrap().len(), 15);
 
     let got = walk(&d, "/v1/events", "key", async {
         delivery(
@@ -947,7 +1019,7 @@ async fn serve_prunes_on_schedule_when_enabled() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(transitions, 8);
+    assert_eq!(transitions, 10);
     pool.close().await;
     d.stop().await;
 }
