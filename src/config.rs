@@ -712,7 +712,7 @@ mod tests {
     #[test]
     fn redaction_hides_every_secret() {
         let mut c = Config::default();
-        c.server.admin_token = "tok".into();
+        c.server.admin_token = "adm-7f3k".into();
         c.stripe.api_key = "sk_test_x".into();
         c.stripe.webhook_secrets = vec!["whsec_a".into()];
         c.juice.checksum_keys = vec!["biz".into()];

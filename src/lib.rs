@@ -86,6 +86,12 @@ pub async fn run_until(
                 "no webhook secrets configured: /webhooks/{name} answers 404"
             );
         }
+        if providers.get(name).is_some() && providers.api(name).is_none() {
+            tracing::warn!(
+                provider = name,
+                "no API key configured: {name} deliveries are stored but wait until one is set"
+            );
+        }
     }
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let config = Arc::new(config);

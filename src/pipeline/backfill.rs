@@ -3,7 +3,7 @@
 //! `backfill`).
 
 use super::{Context, PipelineError};
-use crate::providers::stripe::api::StripeApi;
+use crate::providers::stripe::api::{StripeApi, PAGE_LIMIT};
 use crate::providers::stripe::event::ThinEvent;
 use crate::providers::stripe::NAME;
 use crate::store::inbox::{self, NewDelivery};
@@ -34,7 +34,7 @@ pub async fn stripe(ctx: &Context, since: &str) -> Result<BackfillReport, Pipeli
         return Err(PipelineError::NotConfigured(NAME.into()));
     }
     let api = StripeApi::new(&ctx.config.stripe, &ctx.config.workers);
-    let events = api.list_events(&time::fmt(since)).await?;
+    let events = api.list_events(&time::fmt(since), PAGE_LIMIT).await?;
     let mut report = BackfillReport {
         listed: events.len(),
         ..BackfillReport::default()
@@ -67,7 +67,7 @@ pub async fn stripe(ctx: &Context, since: &str) -> Result<BackfillReport, Pipeli
         };
         if inbox::insert(&mut tx, &delivery).await? {
             report.new += 1;
-            metrics::counter!("cancelwatch_deliveries_received_total", "provider" => NAME, "source" => "backfill").increment(1);
+            metrics::counter!("cancelwatch_backfill_events_total", "provider" => NAME).increment(1);
         }
     }
     tx.commit().await?;

@@ -177,8 +177,11 @@ pub async fn record(
     let mut recorded = Recorded::default();
     let verdict = record_one(tx, config, obs, trigger, context, now, &mut recorded).await?;
     recorded.stale = verdict == Verdict::Stale;
-    for child in &obs.children {
-        record_one(tx, config, child, trigger, context, now, &mut recorded).await?;
+    // Children came in the same answer: when it is stale, so are they.
+    if !recorded.stale {
+        for child in &obs.children {
+            record_one(tx, config, child, trigger, context, now, &mut recorded).await?;
+        }
     }
     // ALERTS HOOK: for each `rid` in `recorded.rids`, inside this transaction and after the writes above:
     // crate::alerts::rules::on_resource_recorded(tx, config, rid, &time::fmt(now)).await?;
@@ -793,14 +796,14 @@ mod db_tests {
             &Trigger::event("k2"),
         )
         .await;
-        // A stale copy arriving late changes nothing.
+        // A stale copy arriving late changes nothing, its items included.
         let stale = put(
             &db,
             &config,
             &bulk(
                 "executing",
                 json!([{"id": "it_1", "amount": 100, "status": "pending"},
-                       {"id": "it_2", "amount": 200, "status": "processing"}]),
+                       {"id": "it_2", "amount": 200, "status": "failed"}]),
                 "2024-10-02T17:00:00",
             ),
             &Trigger::event("k0"),
@@ -856,6 +859,11 @@ mod db_tests {
             vec![(None, "pending"), (Some("pending"), "cancelled")]
         );
         assert_eq!(ts[1].parent_id.as_deref(), Some("bt_1"));
+        let ts = resources::transitions_of(&db.read, "it_2").await.unwrap();
+        assert_eq!(
+            history(&ts),
+            vec![(None, "processing"), (Some("processing"), "completed")]
+        );
         let ts = resources::transitions_of(&db.read, "bt_1").await.unwrap();
         assert_eq!(
             history(&ts),

@@ -152,7 +152,7 @@ pub async fn run(
         let lease = lease_until(&ctx.config);
         match store::inbox::claim(&ctx.db.write, &time::now_str(), &lease).await {
             Ok(Some(d)) => {
-                process(&ctx, d, &lease).await;
+                process_guarded(&ctx, d, lease).await;
                 continue;
             }
             Ok(None) => {}
@@ -165,6 +165,34 @@ pub async fn run(
         }
     }
     tracing::debug!(worker = n, "worker stopped");
+}
+
+/// Processes a delivery in a task of its own, so a panic in one event's
+/// processing costs that attempt (and in the end dead-letters the event),
+/// never the worker.
+async fn process_guarded(ctx: &Arc<Context>, d: Delivery, lease: String) {
+    let task = tokio::spawn({
+        let ctx = ctx.clone();
+        let d = d.clone();
+        let lease = lease.clone();
+        async move { process(&ctx, d, &lease).await }
+    });
+    if let Err(e) = task.await {
+        let span = tracing::error_span!("delivery", key = %d.dedupe_key, resource = %d.resource_id.as_deref().unwrap_or("-"));
+        async {
+            let error = if e.is_panic() {
+                "processing panicked (a bug): see the log"
+            } else {
+                "processing was cancelled"
+            };
+            tracing::error!(error = %e, "{error}");
+            if let Err(e) = fail(ctx, &d, &lease, error, None).await {
+                tracing::error!(error = %e, "recording the failed attempt failed; the lease will run out");
+            }
+        }
+        .instrument(span)
+        .await
+    }
 }
 
 /// Processes one claimed delivery to its end for this attempt. Errors are
@@ -190,6 +218,15 @@ pub async fn process(ctx: &Context, d: Delivery, lease_until: &str) {
 
 async fn process_inner(ctx: &Context, d: &Delivery, lease_until: &str) -> Result<(), sqlx::Error> {
     let config = &ctx.config;
+    if d.attempts > i64::from(config.workers.max_attempts) {
+        // Earlier holders never finished (the process died, or hung past its
+        // lease): after the last attempt the delivery is given up, not retried forever.
+        let error = format!(
+            "{} attempts whose worker never finished (lease ran out each time)",
+            d.attempts - 1
+        );
+        return fail(ctx, d, lease_until, &error, None).await;
+    }
     let trigger = trigger_of(d);
     match plan(&config.stripe, &config.juice, d) {
         Plan::Ignore(reason) => {

@@ -213,9 +213,10 @@ impl HttpClient {
         }
     }
 
-    /// Exponential backoff with full jitter: a random wait up to base·2^(n-1), capped.
+    /// The wait before try `attempt + 1` within one call: exponential with
+    /// jitter, never longer than the inline cap (the delivery's lease runs meanwhile).
     fn backoff(&self, attempt: u32) -> Duration {
-        backoff(self.backoff_base, self.backoff_max, attempt)
+        backoff(self.backoff_base, self.backoff_max, attempt).min(self.inline_wait_cap)
     }
 }
 

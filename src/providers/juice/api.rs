@@ -175,6 +175,18 @@ mod tests {
     }
 
     #[test]
+    fn auth_scheme() {
+        let mut cfg = JuiceConfig {
+            api_key: "jk_1".into(),
+            ..JuiceConfig::default()
+        };
+        let workers = WorkerConfig::default();
+        assert_eq!(JuiceApi::new(&cfg, &workers).headers()[0].1, "jk_1");
+        cfg.auth_scheme = "bearer".into();
+        assert_eq!(JuiceApi::new(&cfg, &workers).headers()[0].1, "Bearer jk_1");
+    }
+
+    #[test]
     fn unsafe_ids_are_refused() {
         assert!(JuiceApi::path("6f1c1e9a-0000-4000-8000-000000000001").is_ok());
         assert!(JuiceApi::path("../admin").is_err());

@@ -11,8 +11,8 @@ use crate::config::{StripeConfig, WorkerConfig};
 use crate::providers::http::{Answer, HttpClient};
 use crate::providers::{safe_id, ApiError, CancelAnswer, CancelOutcome, Observation, Target};
 
-/// Most events asked for per page when listing.
-const PAGE_LIMIT: u32 = 100;
+/// Events asked for per page when backfilling.
+pub const PAGE_LIMIT: u32 = 100;
 
 /// Only a path on the API base: one leading `/`, under `/v2/`, no `..`, no
 /// backslash, no whitespace or control characters. Never an absolute URL or `//host`.
@@ -129,11 +129,11 @@ impl StripeApi {
         Ok(cancel_answer(answer))
     }
 
-    /// Lists events created at or after `since` (RFC 3339), following
-    /// `next_page_url` until it is null. Each event as its JSON object.
-    pub async fn list_events(&self, since: &str) -> Result<Vec<Value>, ApiError> {
+    /// Lists events created at or after `since` (RFC 3339), `page_limit` per
+    /// page, following `next_page_url` until it is null. Each event as its JSON object.
+    pub async fn list_events(&self, since: &str, page_limit: u32) -> Result<Vec<Value>, ApiError> {
         let mut path = format!(
-            "/v2/core/events?created[gte]={}&limit={PAGE_LIMIT}",
+            "/v2/core/events?created[gte]={}&limit={page_limit}",
             url::form_urlencoded::byte_serialize(since.as_bytes()).collect::<String>()
         );
         let mut events = Vec::new();

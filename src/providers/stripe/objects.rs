@@ -21,12 +21,15 @@ const BATCH_TERMINAL: [&str; 6] = [
 
 /// Outbound transfer: `posted` is settled (final unless returned); the others
 /// are terminal. Batch job: the terminal list of SPEC; anything else moves.
+/// Objects of other kinds (followed through `stripe.follow_event_types`) are
+/// recorded as they come but never reconciled: settled.
 pub fn classify(kind: &str, status: &str) -> StatusClass {
     match kind {
         OUTBOUND_TRANSFER if OUTBOUND_TERMINAL.contains(&status) => StatusClass::Terminal,
         OUTBOUND_TRANSFER if status == "posted" => StatusClass::Settled,
         BATCH_JOB if BATCH_TERMINAL.contains(&status) => StatusClass::Terminal,
-        _ => StatusClass::Transitional,
+        OUTBOUND_TRANSFER | BATCH_JOB => StatusClass::Transitional,
+        _ => StatusClass::Settled,
     }
 }
 
@@ -194,6 +197,18 @@ mod tests {
         assert_eq!(obs.class, StatusClass::Transitional);
         assert_eq!(obs.progress.unwrap().validated, Some(7));
         assert!(obs.refund.is_none());
+    }
+
+    #[test]
+    fn other_kinds_are_recorded_but_settled() {
+        let obs = decode(
+            "stripe.account",
+            "acct_1",
+            json!({"id": "acct_1", "status": "active"}),
+        )
+        .unwrap();
+        assert_eq!(obs.class, StatusClass::Settled);
+        assert!(obs.progress.is_none());
     }
 
     #[test]

@@ -1,0 +1,1079 @@
+//! End to end: the simulator plays cancel scenarios against a real daemon
+//! (both on 127.0.0.1:0); the transitions and refunds recorded must match each
+//! scenario's expectation exactly, with duplicates, shuffled order, API
+//! faults and interrupted processing. Cancel, replay and backfill are driven
+//! through their library functions.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cancelwatch::pipeline::{self, Context};
+use cancelwatch::sim::{DeliveryOptions, Expectation, Scenario, SimConfig, Simulator, Step};
+use cancelwatch::store::{self, resources};
+use cancelwatch::Config;
+use sqlx::SqlitePool;
+use tokio::task::JoinHandle;
+
+const STRIPE_KEY: &str = "sk_test_pipeline";
+const JUICE_KEY: &str = "juice_key_pipeline";
+const WEBHOOK_SECRET: &str = "whsec_pipeline_test";
+const BUSINESS_ID: &str = "pipeline-business-id";
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Daemon {
+    url: String,
+    db_path: PathBuf,
+    config: Config,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+
+    async fn reader(&self) -> SqlitePool {
+        sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&self.db_path)
+                    .read_only(true),
+            )
+            .await
+            .unwrap()
+    }
+}
+
+fn config_for(dir: &std::path::Path, api_base: &str) -> Config {
+    let mut c = Config::default();
+    c.database.url = format!("sqlite://{}/cw.db", dir.display());
+    c.stripe.api_base = api_base.into();
+    c.stripe.api_key = STRIPE_KEY.into();
+    c.stripe.webhook_secrets = vec![WEBHOOK_SECRET.into()];
+    c.juice.api_base = api_base.into();
+    c.juice.api_key = JUICE_KEY.into();
+    c.juice.checksum_keys = vec![BUSINESS_ID.into()];
+    c.workers.concurrency = 4;
+    c.workers.lease_secs = 10;
+    c.workers.poll_interval_ms = 50;
+    c.workers.fetch_timeout_secs = 1;
+    c.workers.http_retries = 3;
+    c.workers.backoff_base_ms = 50;
+    c.workers.backoff_max_secs = 1;
+    // Reconcile stays out of the way: histories come from deliveries.
+    c.reconcile.interval_secs = 3_600;
+    c
+}
+
+/// A simulator aimed at a daemon that is about to listen on `listener`.
+async fn sim_for(target: Option<String>) -> Simulator {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Simulator::start(
+        listener,
+        SimConfig {
+            stripe_api_key: STRIPE_KEY.into(),
+            juice_api_key: JUICE_KEY.into(),
+            stripe_webhook_secret: WEBHOOK_SECRET.into(),
+            juice_checksum_key: BUSINESS_ID.into(),
+            target,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Starts the daemon on `listener` with `config`.
+fn start_daemon(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    dir: tempfile::TempDir,
+) -> Daemon {
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let db_path = config.database_path().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(cancelwatch::run_until(
+        config.clone(),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Daemon {
+        url,
+        db_path,
+        config,
+        stop: Some(stop),
+        handle: Some(handle),
+        _dir: dir,
+    }
+}
+
+/// A simulator and a daemon that know each other.
+async fn start_pair() -> (Simulator, Daemon) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sim = sim_for(Some(url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for(dir.path(), &sim.base_url());
+    let daemon = start_daemon(listener, config, dir);
+    wait_ready(&daemon.url).await;
+    (sim, daemon)
+}
+
+async fn wait_ready(url: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = reqwest::get(format!("{url}/readyz")).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "daemon never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn unfinished(pool: &SqlitePool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM inbox WHERE state IN ('pending', 'processing', 'failed')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn status_of(pool: &SqlitePool, id: &str) -> Option<String> {
+    sqlx::query_scalar::<_, Option<String>>("SELECT status FROM resources WHERE id = ?")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .flatten()
+}
+
+/// Waits (bounded) until nothing is left to process and every status of the
+/// step is reached.
+async fn wait_step(pool: &SqlitePool, step: &Step) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut done = unfinished(pool).await == 0;
+        for (id, want) in &step.expect_status {
+            done &= status_of(pool, id).await.as_deref() == Some(want.as_str());
+        }
+        if done {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let states: Vec<(String, String, Option<String>)> =
+                sqlx::query_as("SELECT dedupe_key, state, last_error FROM inbox ORDER BY id")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            let mut got = Vec::new();
+            for (id, want) in &step.expect_status {
+                got.push((id.clone(), want.clone(), status_of(pool, id).await));
+            }
+            panic!(
+                "step {:?} not reached: statuses {got:?}; inbox {states:?}",
+                step.label
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Compares what was recorded with the scenario's expectation, exactly.
+async fn check(pool: &SqlitePool, name: &str, expect: &Expectation) {
+    let mut all_ids = Vec::new();
+    for h in &expect.histories {
+        all_ids.push(h.id.clone());
+        let ts = resources::transitions_of(pool, &h.id).await.unwrap();
+        let to: Vec<String> = ts.iter().map(|t| t.to_status.clone()).collect();
+        assert_eq!(to, h.statuses, "{name}: history of {} ({})", h.id, h.kind);
+        let mut previous: Option<String> = None;
+        for t in &ts {
+            assert_eq!(t.kind, h.kind, "{name}: {}", h.id);
+            assert_eq!(t.parent_id, h.parent_id, "{name}: parent of {}", h.id);
+            assert_eq!(t.from_status, previous, "{name}: from_status of {}", h.id);
+            assert!(
+                matches!(
+                    t.trigger_type.as_str(),
+                    "event" | "cancel" | "backfill" | "reconcile"
+                ),
+                "{name}: trigger {}",
+                t.trigger_type
+            );
+            previous = Some(t.to_status.clone());
+        }
+    }
+    let mut refund_count = 0;
+    for id in &all_ids {
+        let rs: Vec<(String, String, Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT resource_id, status, amount, currency FROM refunds WHERE resource_id = ?",
+        )
+        .bind(id)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        refund_count += rs.len();
+        for (rid, status, amount, currency) in rs {
+            let want = expect
+                .refunds
+                .iter()
+                .find(|r| r.resource_id == rid)
+                .unwrap_or_else(|| panic!("{name}: unexpected refund for {rid}"));
+            assert_eq!(status, want.status, "{name}: refund status of {rid}");
+            assert_eq!(amount, Some(want.amount), "{name}: refund amount of {rid}");
+            assert_eq!(
+                currency.as_deref(),
+                Some(want.currency.as_str()),
+                "{name}: refund currency of {rid}"
+            );
+        }
+    }
+    assert_eq!(refund_count, expect.refunds.len(), "{name}: refunds");
+}
+
+async fn play(sim: &Simulator, pool: &SqlitePool, scenario: &Scenario, opts: &DeliveryOptions) {
+    for step in &scenario.steps {
+        sim.play_step(step, opts).await.unwrap();
+        wait_step(pool, step).await;
+    }
+    assert!(sim.wait_background(WAIT).await);
+    check(pool, &scenario.name, &scenario.expect).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_scenario_records_its_exact_history() {
+    let (sim, daemon) = start_pair().await;
+    let pool = daemon.reader().await;
+    for name in Simulator::scenario_names() {
+        let scenario = sim.scenario(name).unwrap();
+        play(&sim, &pool, &scenario, &DeliveryOptions::default()).await;
+    }
+    // Every processed delivery that named a resource was fetched with the
+    // right headers; the Stripe ones with the event as trigger.
+    let requests = sim.requests();
+    let stripe: Vec<_> = requests
+        .iter()
+        .filter(|r| r.path.starts_with("/v2/"))
+        .collect();
+    assert!(!stripe.is_empty());
+    for r in &stripe {
+        assert_eq!(r.header("authorization"), Some("present"));
+        assert_eq!(
+            r.header("stripe-version"),
+            Some(daemon.config.stripe.api_version.as_str())
+        );
+        assert!(r.header("stripe-context").is_some(), "{}", r.path);
+        assert!(r
+            .header("stripe-request-trigger")
+            .is_some_and(|t| t.starts_with("event=evt_")));
+    }
+    assert!(requests
+        .iter()
+        .any(|r| r.path.starts_with("/bulk-transfers/")));
+    let dead: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE state = 'dead'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_and_shuffled_order_yield_the_same_history() {
+    let (sim, daemon) = start_pair().await;
+    let pool = daemon.reader().await;
+    let opts = DeliveryOptions {
+        duplicate: true,
+        shuffle: true,
+        ..DeliveryOptions::default()
+    };
+    for name in Simulator::scenario_names() {
+        let scenario = sim.scenario(name).unwrap();
+        play(&sim, &pool, &scenario, &opts).await;
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_faults_are_survived() {
+    let (sim, daemon) = start_pair().await;
+    let pool = daemon.reader().await;
+    let faults = sim.faults();
+    for (i, name) in [
+        "outbound_transfer_returned",
+        "batch_job_canceled_midway",
+        "juice_partial_cancellation",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let scenario = sim.scenario(name).unwrap();
+        for (j, step) in scenario.steps.iter().enumerate() {
+            match (i + j) % 3 {
+                0 => faults.fail_next(4, 500),
+                1 => faults.rate_limit_next(2, 1),
+                _ => faults.hang_next(1, Duration::from_secs(3)),
+            }
+            sim.play_step(step, &DeliveryOptions::default())
+                .await
+                .unwrap();
+            wait_step(&pool, step).await;
+        }
+        faults.clear();
+        check(&pool, name, &scenario.expect).await;
+    }
+    let dead: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE state = 'dead'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+    daemon.stop().await;
+}
+
+/// A delivery claimed by a worker that died (its lease runs out) is processed
+/// once by another; the dead worker's late finish changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_delivery_is_processed_exactly_once() {
+    // The simulator changes state but sends nothing: the delivery goes into
+    // the inbox by hand, claimed by a "worker" that then vanishes.
+    let sim = sim_for(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for(dir.path(), &sim.base_url());
+    let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+    let step = &scenario.steps[0];
+    sim.play_step(step, &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let body = serde_json::to_vec(&step.deliveries[0].body).unwrap();
+    let event = cancelwatch::providers::stripe::event::ThinEvent::decode(&body).unwrap();
+    let resource = event.resource().unwrap();
+
+    let ctx = Context::open(config.clone()).await.unwrap();
+    let now = cancelwatch::time::now();
+    let mut tx = ctx.db.write.begin().await.unwrap();
+    let new = store::inbox::insert(
+        &mut tx,
+        &store::inbox::NewDelivery {
+            provider: "stripe".into(),
+            dedupe_key: event.id.clone(),
+            event_type: event.event_type.clone(),
+            event_id: Some(event.id.clone()),
+            resource_kind: Some(resource.kind.clone()),
+            resource_id: Some(resource.id.clone()),
+            context: resource.context.clone(),
+            livemode: event.livemode,
+            raw_body: body.clone(),
+            source: "webhook",
+            received_at: cancelwatch::time::fmt(now),
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(new);
+    let short_lease = cancelwatch::time::fmt(now + chrono::Duration::milliseconds(1_500));
+    let claimed = store::inbox::claim(&ctx.db.write, &cancelwatch::time::fmt(now), &short_lease)
+        .await
+        .unwrap()
+        .expect("the delivery is ready");
+    assert_eq!(claimed.attempts, 1);
+
+    // The daemon's workers may take it only once the lease has run out.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let daemon = start_daemon(listener, config, dir);
+    let pool = daemon.reader().await;
+    wait_step(&pool, step).await;
+    let (state, attempts, processed_at): (String, i64, Option<String>) =
+        sqlx::query_as("SELECT state, attempts, processed_at FROM inbox WHERE dedupe_key = ?")
+            .bind(&event.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "processed");
+    assert_eq!(attempts, 2, "claimed once by hand, once by the daemon");
+
+    // The vanished worker comes back late and finishes: nothing changes.
+    pipeline::worker::process(&ctx, claimed, &short_lease).await;
+    let after: (String, i64, Option<String>) =
+        sqlx::query_as("SELECT state, attempts, processed_at FROM inbox WHERE dedupe_key = ?")
+            .bind(&event.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(after, (state, attempts, processed_at));
+    let ts = resources::transitions_of(&pool, &resource.id)
+        .await
+        .unwrap();
+    assert_eq!(ts.len(), 1);
+    assert_eq!(ts[0].to_status, "processing");
+    assert_eq!(ts[0].trigger_id.as_deref(), Some(event.id.as_str()));
+    ctx.db.close().await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_records_request_answer_and_state() {
+    // No daemon: cancel is a library call on a Context.
+    let sim = sim_for(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::open(config_for(dir.path(), &sim.base_url()))
+        .await
+        .unwrap();
+
+    // Stripe: a processing transfer is canceled; its refund completes.
+    let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let id = scenario.expect.histories[0].id.clone();
+    let report = pipeline::cancel::request(&ctx, "stripe.outbound_transfer", &id, "cli")
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, "accepted");
+    assert_eq!(report.status.as_deref(), Some("canceled"));
+    let ts = resources::transitions_of(&ctx.db.read, &id).await.unwrap();
+    assert_eq!(ts.len(), 1);
+    assert_eq!(ts[0].trigger_type, "cancel");
+    assert_eq!(ts[0].trigger_id, Some(report.request_id.to_string()));
+    let refunds = resources::refunds_under(&ctx.db.read, &id).await.unwrap();
+    assert_eq!(refunds.len(), 1);
+    assert_eq!(refunds[0].status, "completed");
+
+    let cancel_call = sim
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path.ends_with(&format!("{id}/cancel")))
+        .expect("the cancel endpoint was called");
+    assert_eq!(
+        cancel_call.header("idempotency-key"),
+        Some(report.idempotency_key.as_str())
+    );
+
+    // Again: the same key, the answer says so, nothing doubles.
+    let again = pipeline::cancel::request(&ctx, "stripe.outbound_transfer", &id, "api")
+        .await
+        .unwrap();
+    assert_eq!(again.idempotency_key, report.idempotency_key);
+    assert_ne!(again.request_id, report.request_id);
+    assert!(
+        matches!(again.outcome.as_str(), "accepted" | "already_cancelled"),
+        "{}",
+        again.outcome
+    );
+    assert_eq!(
+        resources::transitions_of(&ctx.db.read, &id)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let requests = store::cancels::of_resource(&ctx.db.read, "stripe.outbound_transfer", &id)
+        .await
+        .unwrap();
+    assert_eq!(requests.len(), 2);
+    assert!(requests
+        .iter()
+        .all(|r| r.answered_at.is_some() && r.http_status.is_some()));
+    let resource = resources::find(&ctx.db.read, "stripe.outbound_transfer", &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(resource.cancel_requested_at.is_some());
+
+    // Juice: a bulk transfer with work in flight cancels only in part.
+    let scenario = sim.scenario("juice_partial_cancellation").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let bulk = scenario.expect.histories[0].id.clone();
+    let report = pipeline::cancel::request(&ctx, "juice.bulk_transfer", &bulk, "cli")
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, "partial_cancellation", "{report:?}");
+    assert_eq!(report.status.as_deref(), Some("cancelled"));
+    let refunds = resources::refunds_under(&ctx.db.read, &bulk).await.unwrap();
+    assert_eq!(refunds.len(), 2, "the two pending transfers were cancelled");
+    assert!(refunds.iter().all(|r| r.status == "pending"));
+
+    // Unknown kinds and unsafe ids are refused before any call.
+    assert!(matches!(
+        pipeline::cancel::request(&ctx, "stripe.charge", "ch_1", "cli").await,
+        Err(pipeline::PipelineError::UnknownKind(_))
+    ));
+    assert!(matches!(
+        pipeline::cancel::request(&ctx, "juice.bulk_transfer", "../x", "cli").await,
+        Err(pipeline::PipelineError::InvalidId(_))
+    ));
+    ctx.db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backfill_takes_in_missing_events_and_replay_changes_nothing() {
+    // Events happen while cancelwatch is not listening (no target).
+    let sim = sim_for(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for(dir.path(), &sim.base_url());
+    let since = cancelwatch::time::now_str();
+    let scenario = sim.scenario("batch_job_canceled_midway").unwrap();
+    for step in &scenario.steps {
+        sim.play_step(step, &DeliveryOptions::default())
+            .await
+            .unwrap();
+    }
+    let ctx = Context::open(config.clone()).await.unwrap();
+    let report = pipeline::backfill::stripe(&ctx, &since).await.unwrap();
+    assert_eq!(report.new, scenario.steps.len());
+    assert_eq!(report.listed, report.new);
+    let again = pipeline::backfill::stripe(&ctx, &since).await.unwrap();
+    assert_eq!(again.new, 0, "nothing is taken in twice");
+    assert!(matches!(
+        pipeline::backfill::stripe(&ctx, "last tuesday").await,
+        Err(pipeline::PipelineError::InvalidArgument(_))
+    ));
+    ctx.db.close().await;
+
+    // The daemon processes them: the current state, triggered by backfill.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let daemon = start_daemon(listener, config.clone(), dir);
+    let pool = daemon.reader().await;
+    wait_step(&pool, scenario.steps.last().unwrap()).await;
+    let id = &scenario.expect.histories[0].id;
+    let ts = resources::transitions_of(&pool, id).await.unwrap();
+    assert_eq!(ts.len(), 1, "only the current state was there to fetch");
+    assert_eq!(ts[0].to_status, "canceled");
+    assert_eq!(ts[0].trigger_type, "backfill");
+    let progress: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM progress")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        progress,
+        scenario.steps.len() as i64,
+        "counts at each observation"
+    );
+
+    // Replay of a processed delivery: processed again (here, or by the
+    // daemon's workers when they take it first), no new transition.
+    let ctx = Context::open(config).await.unwrap();
+    let key = ts[0].trigger_id.clone().unwrap();
+    let replayed = pipeline::replay(&ctx, &key, true).await.unwrap();
+    assert_eq!(replayed.previous_state, "processed");
+    if replayed.processed_inline {
+        assert_eq!(replayed.state, "processed");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (state, attempts): (String, i64) =
+            sqlx::query_as("SELECT state, attempts FROM inbox WHERE dedupe_key = ?")
+                .bind(&key)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if state == "processed" {
+            assert_eq!(attempts, 1, "replay starts the count again");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replay never processed: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(resources::transitions_of(&pool, id).await.unwrap().len(), 1);
+    assert!(matches!(
+        pipeline::replay(&ctx, "evt_nope", true).await,
+        Err(pipeline::PipelineError::NoSuchDelivery(_))
+    ));
+    ctx.db.close().await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_api_key_keeps_deliveries_pending() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sim = sim_for(Some(url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), &sim.base_url());
+    config.stripe.api_key = "sk_test_wrong".into();
+    config.workers.max_attempts = 1;
+    let daemon = start_daemon(listener, config, dir);
+    wait_ready(&daemon.url).await;
+    let pool = daemon.reader().await;
+    let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let row: Option<(String, i64, Option<String>)> =
+            sqlx::query_as("SELECT state, attempts, last_error FROM inbox")
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        if let Some((state, attempts, Some(error))) = row.filter(|r| r.0 == "pending") {
+            assert_eq!(state, "pending", "{error}");
+            assert_eq!(attempts, 0, "a refused key does not use up attempts");
+            assert!(error.contains("unauthorized"), "{error}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never attempted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.stop().await;
+}
+
+/// After `workers.max_attempts` a delivery goes dead with its last error, and
+/// the others go on; a resource the provider does not know is dead at once
+/// and marked not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_deliveries_go_dead_and_the_rest_go_on() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sim = sim_for(Some(url)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), &sim.base_url());
+    config.workers.max_attempts = 2;
+    config.workers.http_retries = 1;
+    let daemon = start_daemon(listener, config, dir);
+    wait_ready(&daemon.url).await;
+    let pool = daemon.reader().await;
+
+    // The provider is down for this one.
+    sim.faults().refuse_all(true);
+    let doomed = sim.scenario("outbound_transfer_canceled").unwrap();
+    sim.play_step(&doomed.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let doomed_key = doomed.steps[0].deliveries[0]
+        .event_id()
+        .unwrap()
+        .to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (attempts, error) = loop {
+        let row: (String, i64, Option<String>) =
+            sqlx::query_as("SELECT state, attempts, last_error FROM inbox WHERE dedupe_key = ?")
+                .bind(&doomed_key)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if row.0 == "dead" {
+            break (row.1, row.2);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dead: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(attempts, 2);
+    assert!(error.unwrap().contains("503"));
+    sim.faults().refuse_all(false);
+
+    // An event about an object the provider never had.
+    let ghost = "obt_sim_does_not_exist";
+    let event = cancelwatch::sim::state::thin_event(
+        "v2.money_management.outbound_transfer.updated",
+        "v2.money_management.outbound_transfer",
+        ghost,
+        &cancelwatch::sim::state::outbound_transfer_path(ghost),
+    );
+    sim.deliver(&cancelwatch::sim::Delivery::stripe(event))
+        .await
+        .unwrap();
+
+    // The rest goes on.
+    let scenario = sim.scenario("batch_job_canceled_clean").unwrap();
+    play(&sim, &pool, &scenario, &DeliveryOptions::default()).await;
+    let not_found: bool = sqlx::query_scalar("SELECT not_found FROM resources WHERE id = ?")
+        .bind(ghost)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(not_found);
+    let dead: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE state = 'dead'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 2);
+
+    let metrics = reqwest::get(format!("{}/metrics", daemon.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "cancelwatch_deliveries_dead_total",
+        "cancelwatch_transitions_total",
+        "cancelwatch_fetch_seconds",
+        "cancelwatch_fetch_errors_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    daemon.stop().await;
+}
+
+/// Runs reconcile passes until `done` holds (bounded).
+async fn reconcile_until(
+    ctx: &Context,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+    ids: &[&str],
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        pipeline::reconcile::run_once(ctx).await.unwrap();
+        let mut statuses = Vec::new();
+        for id in ids {
+            let refund: Option<String> =
+                sqlx::query_scalar("SELECT status FROM refunds WHERE resource_id = ?")
+                    .bind(id)
+                    .fetch_optional(&ctx.db.read)
+                    .await
+                    .unwrap();
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM resources WHERE id = ?")
+                    .bind(id)
+                    .fetch_one(&ctx.db.read)
+                    .await
+                    .unwrap();
+            statuses.push(format!(
+                "{}/{}",
+                status.unwrap_or_default(),
+                refund.unwrap_or_default()
+            ));
+        }
+        if done(&statuses) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The reconciler fetches again what still moves (and items whose refund is
+/// pending, through their bulk transfer), backing off on failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconcile_follows_what_no_event_announced() {
+    let sim = sim_for(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), &sim.base_url());
+    config.reconcile.interval_secs = 1;
+    config.reconcile.max_interval_secs = 2;
+    let ctx = Context::open(config).await.unwrap();
+
+    // A batch job is seen in progress (taken in by backfill, processed inline
+    // by replay), then moves on with no event sent.
+    let since = cancelwatch::time::now_str();
+    let scenario = sim.scenario("batch_job_canceled_midway").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        pipeline::backfill::stripe(&ctx, &since).await.unwrap().new,
+        1
+    );
+    let key = scenario.steps[0].deliveries[0]
+        .event_id()
+        .unwrap()
+        .to_string();
+    let replayed = pipeline::replay(&ctx, &key, true).await.unwrap();
+    assert_eq!(replayed.state, "processed");
+    let job = scenario.expect.histories[0].id.clone();
+    for step in &scenario.steps[1..] {
+        sim.play_step(step, &DeliveryOptions::default())
+            .await
+            .unwrap();
+    }
+
+    // A failed pass pushes it back and counts the failure.
+    sim.faults().refuse_all(true);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        pipeline::reconcile::run_once(&ctx).await.unwrap();
+        let r = resources::find(&ctx.db.read, "stripe.batch_job", &job)
+            .await
+            .unwrap()
+            .unwrap();
+        if r.reconcile_failures > 0 {
+            assert!(r.next_reconcile_at.unwrap() > cancelwatch::time::now_str());
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never failed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sim.faults().refuse_all(false);
+    reconcile_until(&ctx, "batch job", |s| s[0] == "canceled/", &[&job]).await;
+    let ts = resources::transitions_of(&ctx.db.read, &job).await.unwrap();
+    let to: Vec<&str> = ts.iter().map(|t| t.to_status.as_str()).collect();
+    assert_eq!(to, vec!["in_progress", "canceled"]);
+    assert_eq!(ts[1].trigger_type, "reconcile");
+    let r = resources::find(&ctx.db.read, "stripe.batch_job", &job)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.reconcile_failures, 0);
+    assert!(r.next_reconcile_at.is_none(), "terminal: no more fetches");
+
+    // Juice: cancelled items wait for their reversal; the reconciler sees it.
+    let scenario = sim.scenario("juice_clean_cancellation").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let bulk = scenario.expect.histories[0].id.clone();
+    let report = pipeline::cancel::request(&ctx, "juice.bulk_transfer", &bulk, "cli")
+        .await
+        .unwrap();
+    assert_eq!(report.status.as_deref(), Some("cancelled"));
+    let items: Vec<String> = scenario.expect.histories[1..]
+        .iter()
+        .map(|h| h.id.clone())
+        .collect();
+    let item_ids: Vec<&str> = items.iter().map(String::as_str).collect();
+    for step in &scenario.steps[1..] {
+        sim.play_step(step, &DeliveryOptions::default())
+            .await
+            .unwrap();
+    }
+    reconcile_until(
+        &ctx,
+        "juice items",
+        |s| s.iter().all(|s| s == "reversed/completed"),
+        &item_ids,
+    )
+    .await;
+    for item in &items {
+        let ts = resources::transitions_of(&ctx.db.read, item).await.unwrap();
+        let to: Vec<&str> = ts.iter().map(|t| t.to_status.as_str()).collect();
+        assert_eq!(to, vec!["cancelled", "reversed"], "{item}");
+        assert_eq!(ts[0].trigger_type, "cancel");
+        assert_eq!(ts[1].trigger_type, "reconcile");
+    }
+    ctx.db.close().await;
+}
+
+/// A delivery whose workers keep vanishing (each lease runs out) is given up
+/// after `workers.max_attempts`, not retried forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delivery_whose_workers_keep_dying_goes_dead() {
+    let sim = sim_for(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), &sim.base_url());
+    config.workers.max_attempts = 2;
+    let since = cancelwatch::time::now_str();
+    let scenario = sim.scenario("outbound_transfer_returned").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let ctx = Context::open(config).await.unwrap();
+    assert_eq!(
+        pipeline::backfill::stripe(&ctx, &since).await.unwrap().new,
+        1
+    );
+    // Two claims whose leases are already over: two workers that died.
+    for _ in 0..2 {
+        let now = cancelwatch::time::now();
+        let gone = cancelwatch::time::fmt(now - chrono::Duration::milliseconds(1));
+        let d = store::inbox::claim(&ctx.db.write, &cancelwatch::time::fmt(now), &gone)
+            .await
+            .unwrap()
+            .expect("claimable again once the lease is over");
+        assert_eq!(d.state, "processing");
+    }
+    let lease = pipeline::worker::lease_until(&ctx.config);
+    let d = store::inbox::claim(&ctx.db.write, &cancelwatch::time::now_str(), &lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.attempts, 3);
+    let key = d.dedupe_key.clone();
+    pipeline::worker::process(&ctx, d, &lease).await;
+    let (state, error): (String, Option<String>) =
+        sqlx::query_as("SELECT state, last_error FROM inbox WHERE dedupe_key = ?")
+            .bind(&key)
+            .fetch_one(&ctx.db.read)
+            .await
+            .unwrap();
+    assert_eq!(state, "dead");
+    assert!(error.unwrap().contains("never finished"));
+    let id = &scenario.expect.histories[0].id;
+    assert!(resources::transitions_of(&ctx.db.read, id)
+        .await
+        .unwrap()
+        .is_empty());
+    ctx.db.close().await;
+}
+
+/// Event listing follows `next_page_url` to the end, page by page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listing_events_follows_every_page() {
+    let sim = sim_for(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for(dir.path(), &sim.base_url());
+    let since = cancelwatch::time::now_str();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let scenario = sim.scenario("batch_job_canceled_clean").unwrap();
+        for step in &scenario.steps {
+            sim.play_step(step, &DeliveryOptions::default())
+                .await
+                .unwrap();
+            ids.push(step.deliveries[0].event_id().unwrap().to_string());
+        }
+    }
+    let api = cancelwatch::providers::stripe::api::StripeApi::new(&config.stripe, &config.workers);
+    let events = api.list_events(&since, 2).await.unwrap();
+    let mut listed: Vec<String> = events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    let pages = sim
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/v2/core/events"))
+        .count();
+    assert_eq!(pages, 3, "six events, two per page");
+}
+
+/// A provider asking for a longer pause than a call waits inline gets it:
+/// the delivery is retried no earlier than its `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_retry_after_is_honoured_between_attempts() {
+    let (sim, daemon) = start_pair().await;
+    let pool = daemon.reader().await;
+    // Every call of the first attempt is rate limited for 3 s (over the 1 s inline cap).
+    sim.faults().rate_limit_next(1, 3);
+    let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+    let step = &scenario.steps[0];
+    sim.play_step(step, &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let key = step.deliveries[0].event_id().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (received, next): (String, String) = loop {
+        let row: (String, String, String) = sqlx::query_as(
+            "SELECT state, received_at, next_attempt_at FROM inbox WHERE dedupe_key = ?",
+        )
+        .bind(&key)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if row.0 == "failed" {
+            break (row.1, row.2);
+        }
+        assert_ne!(row.0, "processed", "the rate limit was not seen");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never failed: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let received = cancelwatch::time::parse_lenient(&received).unwrap();
+    let next = cancelwatch::time::parse_lenient(&next).unwrap();
+    assert!(
+        next - received >= chrono::Duration::milliseconds(2_900),
+        "retry scheduled {} ms after receipt",
+        (next - received).num_milliseconds()
+    );
+    wait_step(&pool, step).await;
+    check(
+        &pool,
+        "after the pause",
+        &Expectation {
+            histories: vec![cancelwatch::sim::ExpectedHistory {
+                statuses: vec!["processing".into()],
+                ..scenario.expect.histories[0].clone()
+            }],
+            ..Expectation::default()
+        },
+    )
+    .await;
+    daemon.stop().await;
+}
+
+fn by_hand(key: &str, resource: Option<&str>) -> store::inbox::NewDelivery {
+    store::inbox::NewDelivery {
+        provider: "stripe".into(),
+        dedupe_key: key.into(),
+        event_type: "v2.core.batch_job.updated".into(),
+        event_id: Some(key.into()),
+        resource_kind: resource.map(|_| "stripe.batch_job".to_string()),
+        resource_id: resource.map(str::to_string),
+        context: None,
+        livemode: Some(false),
+        raw_body: b"{}".to_vec(),
+        source: "webhook",
+        received_at: cancelwatch::time::now_str(),
+    }
+}
+
+/// Claims go in arrival order and never hand out two deliveries of one
+/// resource at once; a lapsed lease frees the resource again.
+#[tokio::test]
+async fn claims_keep_one_resource_to_one_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
+        .await
+        .unwrap();
+    let mut tx = ctx.db.write.begin().await.unwrap();
+    for (key, resource) in [
+        ("evt_a1", Some("batchv2_a")),
+        ("evt_a2", Some("batchv2_a")),
+        ("evt_b1", Some("batchv2_b")),
+        ("evt_none", None),
+    ] {
+        assert!(store::inbox::insert(&mut tx, &by_hand(key, resource))
+            .await
+            .unwrap());
+    }
+    tx.commit().await.unwrap();
+    let now = cancelwatch::time::now();
+    let now_s = cancelwatch::time::fmt(now);
+    let short = cancelwatch::time::fmt(now + chrono::Duration::seconds(30));
+    let mut keys = Vec::new();
+    while let Some(d) = store::inbox::claim(&ctx.db.write, &now_s, &short)
+        .await
+        .unwrap()
+    {
+        keys.push(d.dedupe_key);
+    }
+    assert_eq!(
+        keys,
+        vec!["evt_a1", "evt_b1", "evt_none"],
+        "evt_a2 waits for evt_a1"
+    );
+    // Later, evt_a1's lease has lapsed: it comes back first, and evt_a2 still waits.
+    let later = cancelwatch::time::fmt(now + chrono::Duration::seconds(31));
+    let lease = cancelwatch::time::fmt(now + chrono::Duration::seconds(90));
+    let d = store::inbox::claim(&ctx.db.write, &later, &lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((d.dedupe_key.as_str(), d.attempts), ("evt_a1", 2));
+    let next = store::inbox::claim(&ctx.db.write, &later, &lease)
+        .await
+        .unwrap();
+    assert!(
+        next.as_ref().map_or(true, |n| n.dedupe_key != "evt_a2"),
+        "two deliveries of batchv2_a at once"
+    );
+    ctx.db.close().await;
+}
