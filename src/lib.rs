@@ -7,6 +7,7 @@
 //! delivers → `api` / `cli` read.
 
 pub mod alerts;
+pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod ingress;
 pub mod metrics;
 pub mod pipeline;
 pub mod providers;
+pub mod prune;
 pub mod server;
 pub mod sim;
 pub mod store;
@@ -125,6 +127,9 @@ pub async fn run_until(
             app.shutdown.clone(),
         ));
     }
+    if app.config.prune.enabled {
+        tasks.spawn(prune::run_scheduled(app.clone()));
+    }
     let router = router(app.clone());
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "cancelwatch listening");
@@ -176,6 +181,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .merge(ingress::routes())
+        .merge(api::routes(app.clone()))
         .layer(limits)
         .with_state(app)
 }
@@ -209,6 +215,18 @@ async fn render_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             .map(|t| (time::now() - t).num_milliseconds() as f64 / 1000.0)
             .unwrap_or(0.0);
         ::metrics::gauge!("cancelwatch_inbox_oldest_pending_seconds").set(age);
+    }
+    if let Ok(counts) = store::inbox::count_by_state(&app.db.read).await {
+        for state in store::queries::EVENT_STATES {
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == state)
+                .map_or(0, |(_, n)| *n);
+            ::metrics::gauge!("cancelwatch_inbox_deliveries", "state" => state).set(n as f64);
+            if state == "dead" {
+                ::metrics::gauge!("cancelwatch_deliveries_dead").set(n as f64);
+            }
+        }
     }
     (
         [(

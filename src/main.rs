@@ -33,6 +33,14 @@ enum Command {
     Sign(cancelwatch::cli::sign::SignArgs),
     /// Load-test the webhook front door of a daemon it starts (see README, Performance).
     Bench(cancelwatch::bench::BenchArgs),
+    #[command(flatten)]
+    Read(cancelwatch::cli::read::ReadCommand),
+    /// Drop raw bodies of finished deliveries and old refusal records.
+    Prune(cancelwatch::cli::prune::PruneArgs),
+    /// Process a stored delivery again.
+    Replay(cancelwatch::cli::actions::ReplayArgs),
+    /// Cancel a resource at its provider and record the answer and the state after it.
+    Cancel(cancelwatch::cli::actions::CancelArgs),
     /// List a provider's events since a time and take in the ones missing.
     Backfill(cancelwatch::cli::backfill::BackfillArgs),
     /// Serve simulated Stripe and Juice APIs and play cancel scenarios against a daemon.
@@ -65,6 +73,10 @@ fn main() -> ExitCode {
             Command::CheckConfig => cancelwatch::cli::check_config(&config),
             Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),
             Command::Bench(args) => cancelwatch::bench::run(args).await,
+            Command::Read(command) => cancelwatch::cli::read::run(config, command).await,
+            Command::Prune(args) => cancelwatch::cli::prune::run(config, args).await,
+            Command::Replay(args) => cancelwatch::cli::actions::run_replay(config, args).await,
+            Command::Cancel(args) => cancelwatch::cli::actions::run_cancel(config, args).await,
             Command::Backfill(args) => cancelwatch::cli::backfill::run(config, args).await,
             Command::Simulate(args) => cancelwatch::cli::simulate::run(&config, args).await,
         }

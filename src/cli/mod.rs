@@ -1,6 +1,10 @@
 //! Command implementations behind `src/main.rs`.
 
+pub mod actions;
 pub mod backfill;
+pub mod output;
+pub mod prune;
+pub mod read;
 pub mod sign;
 pub mod simulate;
 

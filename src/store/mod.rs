@@ -10,6 +10,8 @@
 pub mod alerts;
 pub mod cancels;
 pub mod inbox;
+pub mod prune;
+pub mod queries;
 pub mod refusals;
 pub mod resources;
 

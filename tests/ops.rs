@@ -1,0 +1,1184 @@
+//! The operator's side: read commands, the `/v1` API, prune, metrics.
+//! Each test seeds a temporary database with SQL, then drives the library
+//! functions the commands call, the built binary, or the real daemon on
+//! 127.0.0.1:0.
+
+use std::time::Duration;
+
+use cancelwatch::cli::output::OutputArgs;
+use cancelwatch::cli::read::{
+    self, AlertsArgs, EventsArgs, HistoryArgs, PageArgs, TransitionsArgs,
+};
+use cancelwatch::Config;
+use serde_json::Value;
+use sqlx::SqlitePool;
+use tokio::sync::oneshot;
+
+const TOKEN: &str = "test-admin-token-1234";
+const FAR: &str = "2099-01-01T00:00:00.000Z";
+
+fn config_in(dir: &std::path::Path) -> Config {
+    let mut c = Config::default();
+    c.database.url = format!("sqlite://{}/cw.db", dir.display());
+    c.database.synchronous = "normal".into();
+    // These tests seed resources and alerts by hand; the daemon's own
+    // time-based rules (a seeded resource "stuck" since its seeding) would
+    // add alerts of their own to the listings under test.
+    c.alerts.stuck.enabled = false;
+    c.alerts.refund_overdue.enabled = false;
+    c.alerts.verification_failures.enabled = false;
+    c
+}
+
+async fn resource(
+    pool: &SqlitePool,
+    provider: &str,
+    kind: &str,
+    id: &str,
+    parent: Option<&str>,
+    status: &str,
+) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO resources (provider, kind, id, parent_id, status, terminal, livemode, amount,
+                                currency, snapshot, first_seen_at, last_observed_at)
+         VALUES (?, ?, ?, ?, ?, 0, 0, 1500, 'usd', ?, '2026-11-01T10:00:00.000Z',
+                 '2026-11-01T12:00:00.000Z')
+         RETURNING rid",
+    )
+    .bind(provider)
+    .bind(kind)
+    .bind(id)
+    .bind(parent)
+    .bind(status)
+    .bind(format!(r#"{{"id":"{id}","status":"{status}"}}"#))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn transition(
+    pool: &SqlitePool,
+    rid: i64,
+    from: Option<&str>,
+    to: &str,
+    observed_at: &str,
+) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status,
+                                  to_status, observed_at, provider_at, trigger_type, trigger_id,
+                                  livemode, snapshot)
+         SELECT rid, provider, kind, id, parent_id, ?, ?, ?, NULL, 'event', 'evt_' || ?, 0, snapshot
+         FROM resources WHERE rid = ?
+         RETURNING id",
+    )
+    .bind(from)
+    .bind(to)
+    .bind(observed_at)
+    .bind(observed_at)
+    .bind(rid)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn alert(
+    pool: &SqlitePool,
+    id: &str,
+    rule: &str,
+    resource_id: &str,
+    summary: &str,
+    at: &str,
+) {
+    sqlx::query(
+        "INSERT INTO alerts (id, rule, severity, provider, kind, resource_id, summary, details,
+                             state, version, created_at, updated_at)
+         VALUES (?, ?, 'critical', 'juice', 'juice.bulk_transfer', ?, ?, '{\"items\":2}', 'open', 2, ?, ?)",
+    )
+    .bind(id)
+    .bind(rule)
+    .bind(resource_id)
+    .bind(summary)
+    .bind(at)
+    .bind(at)
+    .execute(pool)
+    .await
+    .unwrap();
+    for (version, sink, state, attempts, error) in [
+        (1, "hooks", "delivered", 1, None),
+        (2, "hooks", "pending", 3, Some("HTTP 503")),
+        (2, "log", "delivered", 1, None),
+    ] {
+        sqlx::query(
+            "INSERT INTO alert_outbox (alert_id, alert_version, sink, payload, state, attempts,
+                                       next_attempt_at, last_error, created_at, delivered_at)
+             VALUES (?, ?, ?, '{}', ?, ?, ?, ?, ?, CASE WHEN ? = 'delivered' THEN ? END)",
+        )
+        .bind(id)
+        .bind(version)
+        .bind(sink)
+        .bind(state)
+        .bind(attempts)
+        .bind(FAR)
+        .bind(error)
+        .bind(at)
+        .bind(state)
+        .bind(at)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
+async fn delivery(pool: &SqlitePool, provider: &str, key: &str, state: &str, received_at: &str) {
+    sqlx::query(
+        "INSERT INTO inbox (provider, dedupe_key, event_type, event_id, resource_kind, resource_id,
+                            raw_body, body_size, received_at, state, next_attempt_at)
+         VALUES (?, ?, 'v2.money_management.outbound_transfer.updated', ?, 'stripe.outbound_transfer',
+                 'obt_1', X'7B7D', 2, ?, ?, ?)",
+    )
+    .bind(provider)
+    .bind(key)
+    .bind(key)
+    .bind(received_at)
+    .bind(state)
+    .bind(FAR)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// A small but complete audit trail: an outbound transfer, a bulk transfer
+/// with two items (one refunded), an alert, a cancel request, deliveries.
+async fn seed(pool: &SqlitePool) {
+    let obt = resource(
+        pool,
+        "stripe",
+        "stripe.outbound_transfer",
+        "obt_1",
+        None,
+        "canceled",
+    )
+    .await;
+    transition(pool, obt, None, "processing", "2026-11-01T10:00:00.000Z").await;
+    transition(
+        pool,
+        obt,
+        Some("processing"),
+        "canceled",
+        "2026-11-01T10:05:00.000Z",
+    )
+    .await;
+
+    let job = resource(
+        pool,
+        "stripe",
+        "stripe.batch_job",
+        "batchv2_1",
+        None,
+        "canceled",
+    )
+    .await;
+    transition(pool, job, None, "in_progress", "2026-11-01T09:00:00.000Z").await;
+    transition(
+        pool,
+        job,
+        Some("in_progress"),
+        "canceled",
+        "2026-11-01T09:30:00.000Z",
+    )
+    .await;
+    for (at, status, ok) in [
+        ("2026-11-01T09:00:00.000Z", "in_progress", 10),
+        ("2026-11-01T09:30:00.000Z", "canceled", 40),
+    ] {
+        sqlx::query(
+            "INSERT INTO progress (rid, observed_at, status, success_count, failure_count,
+                                   validated_count, trigger_type, trigger_id)
+             VALUES (?, ?, ?, ?, 2, 100, 'reconcile', NULL)",
+        )
+        .bind(job)
+        .bind(at)
+        .bind(status)
+        .bind(ok)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+
+    let bulk = "7f1c2d3e-0000-4000-8000-000000000001";
+    let b = resource(
+        pool,
+        "juice",
+        "juice.bulk_transfer",
+        bulk,
+        None,
+        "cancelled",
+    )
+    .await;
+    transition(pool, b, None, "executing", "2026-11-01T11:00:00.000Z").await;
+    transition(
+        pool,
+        b,
+        Some("executing"),
+        "cancelled",
+        "2026-11-01T11:10:00.000Z",
+    )
+    .await;
+    for (item, status) in [("trf_a", "cancelled"), ("trf_b", "completed")] {
+        let rid = resource(pool, "juice", "juice.transfer", item, Some(bulk), status).await;
+        transition(pool, rid, None, "pending", "2026-11-01T11:01:00.000Z").await;
+        transition(
+            pool,
+            rid,
+            Some("pending"),
+            status,
+            "2026-11-01T11:11:00.000Z",
+        )
+        .await;
+        if status == "cancelled" {
+            sqlx::query(
+                "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason,
+                                      amount, currency, opened_at, updated_at, trigger_type)
+                 VALUES (?, 'juice', 'juice.transfer', ?, ?, 'pending', 'cancelled', 1500, 'usd',
+                         '2026-11-01T11:11:00.000Z', '2026-11-01T11:11:00.000Z', 'event')",
+            )
+            .bind(rid)
+            .bind(item)
+            .bind(bulk)
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+    }
+    alert(
+        pool,
+        "alrt_1",
+        "partial_cancellation",
+        bulk,
+        "bulk transfer cancelled, but 1 item \"completed\", see items",
+        "2026-11-01T11:12:00.000Z",
+    )
+    .await;
+    sqlx::query(
+        "INSERT INTO cancel_requests (provider, kind, resource_id, idempotency_key, requested_by,
+                                      requested_at, http_status, outcome, response_body, answered_at)
+         VALUES ('juice', 'juice.bulk_transfer', ?, 'idem-1', 'cli', '2026-11-01T11:09:00.000Z',
+                 200, 'partial_cancellation', '{\"status\":\"partial\"}', '2026-11-01T11:09:01.000Z')",
+    )
+    .bind(bulk)
+    .execute(pool)
+    .await
+    .unwrap();
+    delivery(
+        pool,
+        "stripe",
+        "evt_p1",
+        "processed",
+        "2026-11-01T10:00:00.000Z",
+    )
+    .await;
+    delivery(pool, "stripe", "evt_d1", "dead", "2026-11-01T10:01:00.000Z").await;
+    delivery(
+        pool,
+        "juice",
+        "bulk_transfer.cancelled:abc",
+        "ignored",
+        "2026-11-01T10:02:00.000Z",
+    )
+    .await;
+}
+
+/// A seeded database on its own (for the CLI functions).
+async fn seeded_db() -> (tempfile::TempDir, Config, cancelwatch::store::Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_in(dir.path());
+    let db = cancelwatch::open_db(&config).await.unwrap();
+    seed(&db.write).await;
+    (dir, config, db)
+}
+
+fn out(json: bool, csv: bool) -> OutputArgs {
+    OutputArgs { json, csv }
+}
+
+fn page(limit: i64) -> PageArgs {
+    PageArgs {
+        limit,
+        cursor: None,
+    }
+}
+
+#[tokio::test]
+async fn history_shows_the_resource_its_items_and_trail() {
+    let (_dir, _config, db) = seeded_db().await;
+    let bulk = "7f1c2d3e-0000-4000-8000-000000000001";
+    let args = |o| HistoryArgs {
+        resource_id: bulk.into(),
+        output: o,
+    };
+    let json: Value = serde_json::from_str(
+        &read::history(&db.read, &args(out(true, false)))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let r = &json["resources"][0];
+    assert_eq!(r["status"], "cancelled");
+    assert_eq!(r["snapshot"]["id"], bulk, "snapshot is embedded JSON");
+    assert_eq!(r["transitions"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        r["transitions"][0]["from_status"],
+        Value::Null,
+        "oldest first"
+    );
+    assert_eq!(r["transitions"][1]["to_status"], "cancelled");
+    assert_eq!(r["transitions"][1]["trigger"]["type"], "event");
+    let children = r["children"].as_array().unwrap();
+    assert_eq!(children.len(), 2);
+    assert_eq!(children[0]["id"], "trf_a");
+    assert_eq!(children[0]["transitions"].as_array().unwrap().len(), 2);
+    assert_eq!(children[0]["refunds"][0]["status"], "pending");
+    assert_eq!(children[1]["refunds"].as_array().unwrap().len(), 0);
+    assert_eq!(r["alerts"][0]["type"], "partial_cancellation");
+    let deliveries = r["alerts"][0]["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 2, "one per sink, its latest version");
+    assert_eq!(deliveries[0]["sink"], "hooks");
+    assert_eq!(deliveries[0]["alert_version"], 2);
+    assert_eq!(deliveries[0]["state"], "pending");
+    assert_eq!(deliveries[0]["last_error"], "HTTP 503");
+    assert_eq!(r["cancel_requests"][0]["outcome"], "partial_cancellation");
+    assert_eq!(
+        r["cancel_requests"][0]["response_body"]["status"],
+        "partial"
+    );
+
+    let table = read::history(&db.read, &args(out(false, false)))
+        .await
+        .unwrap();
+    let status_line = table.lines().find(|l| l.starts_with("status ")).unwrap();
+    assert!(status_line.ends_with(" cancelled"), "{table}");
+    assert!(table.contains("ITEMS (2)"), "{table}");
+    assert!(table.contains("trf_b"), "{table}");
+    assert!(table.contains("hooks:pending(3 attempts)"), "{table}");
+
+    let csv = read::history(&db.read, &args(out(false, true)))
+        .await
+        .unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 + 4, "{csv}");
+}
+
+#[tokio::test]
+async fn batch_job_history_shows_progress_counts() {
+    let (_dir, _config, db) = seeded_db().await;
+    let args = |o| HistoryArgs {
+        resource_id: "batchv2_1".into(),
+        output: o,
+    };
+    let json: Value = serde_json::from_str(
+        &read::history(&db.read, &args(out(true, false)))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let progress = json["resources"][0]["progress"].as_array().unwrap();
+    assert_eq!(progress.len(), 2);
+    assert_eq!(progress[1]["success_count"], 40);
+    assert_eq!(progress[1]["trigger"]["type"], "reconcile");
+    let table = read::history(&db.read, &args(out(false, false)))
+        .await
+        .unwrap();
+    let section = table.split("PROGRESS\n").nth(1).unwrap();
+    let row = section.lines().nth(2).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        [
+            "2026-11-01T09:30:00.000Z",
+            "canceled",
+            "40",
+            "2",
+            "100",
+            "reconcile"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn unknown_resource_and_bad_filters_are_errors() {
+    let (_dir, _config, db) = seeded_db().await;
+    let err = read::history(
+        &db.read,
+        &HistoryArgs {
+            resource_id: "obt_nope".into(),
+            output: out(false, false),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("no resource with id \"obt_nope\""));
+
+    let bad_time = TransitionsArgs {
+        since: Some("last tuesday".into()),
+        page: page(10),
+        ..Default::default()
+    };
+    let err = read::transitions(&db.read, &bad_time).await.unwrap_err();
+    assert!(err.to_string().contains("since"), "{err}");
+    let bad_limit = TransitionsArgs {
+        page: page(0),
+        ..Default::default()
+    };
+    let err = read::transitions(&db.read, &bad_limit).await.unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    let bad_state = EventsArgs {
+        state: Some("done".into()),
+        page: page(10),
+        ..Default::default()
+    };
+    let err = read::events(&db.read, &bad_state).await.unwrap_err();
+    assert!(err.to_string().contains("pending, processing"), "{err}");
+    let bad_type = AlertsArgs {
+        rule: Some("partial".into()),
+        page: page(10),
+        ..Default::default()
+    };
+    assert!(read::alerts(&db.read, &bad_type).await.is_err());
+}
+
+#[tokio::test]
+async fn listings_filter_and_render() {
+    let (_dir, _config, db) = seeded_db().await;
+    let canceled = TransitionsArgs {
+        provider: Some("stripe".into()),
+        to_status: Some("canceled".into()),
+        since: Some("2026-11-01T10:00:00Z".into()),
+        page: page(10),
+        output: out(true, false),
+        ..Default::default()
+    };
+    let json: Value =
+        serde_json::from_str(&read::transitions(&db.read, &canceled).await.unwrap()).unwrap();
+    let data = json["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    let t = &data[0];
+    for key in [
+        "provider",
+        "kind",
+        "resource_id",
+        "parent_id",
+        "from_status",
+        "to_status",
+        "observed_at",
+        "provider_at",
+        "trigger",
+        "livemode",
+    ] {
+        assert!(t.get(key).is_some(), "transition JSON lacks {key}: {t}");
+    }
+    assert_eq!(t["resource_id"], "obt_1");
+    assert_eq!(t["livemode"], false);
+    assert_eq!(json["next_cursor"], Value::Null);
+
+    let one = TransitionsArgs {
+        resource_id: Some("trf_b".into()),
+        page: page(10),
+        output: out(false, true),
+        ..Default::default()
+    };
+    let csv = read::transitions(&db.read, &one).await.unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(csv.lines().skip(1).all(|l| l.contains(",trf_b,")), "{csv}");
+
+    let juice_items = TransitionsArgs {
+        kind: Some("juice.transfer".into()),
+        until: Some("2026-11-01T11:05:00Z".into()),
+        page: page(10),
+        ..Default::default()
+    };
+    let table = read::transitions(&db.read, &juice_items).await.unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("ID"), "{table}");
+    assert_eq!(
+        lines.len(),
+        3,
+        "header and the two items' first transitions: {table}"
+    );
+    // Columns line up: every row's OBSERVED_AT starts where the header's does.
+    let col = lines[0].find("OBSERVED_AT").unwrap();
+    for l in &lines[1..] {
+        assert_eq!(&l[col..col + 4], "2026", "{table}");
+    }
+
+    let events = EventsArgs {
+        state: Some("dead".into()),
+        page: page(10),
+        output: out(false, true),
+        ..Default::default()
+    };
+    let csv = read::events(&db.read, &events).await.unwrap();
+    assert!(csv.starts_with("id,provider,key,"), "{csv}");
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    assert!(csv.contains("evt_d1"));
+    assert!(!csv.contains("{}"), "no raw bodies");
+
+    let open = AlertsArgs {
+        state: Some("open".into()),
+        since: Some("2026-11-01T00:00:00Z".into()),
+        page: page(10),
+        ..Default::default()
+    };
+    let table = read::alerts(&db.read, &open).await.unwrap();
+    assert!(table.contains("partial_cancellation"), "{table}");
+}
+
+#[tokio::test]
+async fn csv_fields_are_quoted() {
+    let (_dir, _config, db) = seeded_db().await;
+    let args = AlertsArgs {
+        page: page(10),
+        output: out(false, true),
+        ..Default::default()
+    };
+    let csv = read::alerts(&db.read, &args).await.unwrap();
+    assert!(
+        csv.contains(r#","bulk transfer cancelled, but 1 item ""completed"", see items","#),
+        "{csv}"
+    );
+    assert!(
+        csv.contains(",hooks:pending(3 attempts) log:delivered\r\n"),
+        "{csv}"
+    );
+}
+
+#[tokio::test]
+async fn the_binary_fails_clearly_on_unknown_resource_and_bad_filter() {
+    let (dir, _config, db) = seeded_db().await;
+    db.close().await;
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cancelwatch"))
+            .args(args)
+            .env(
+                "CANCELWATCH_DATABASE__URL",
+                format!("sqlite://{}/cw.db", dir.path().display()),
+            )
+            .output()
+            .unwrap()
+    };
+    let o = run(&["history", "obt_missing"]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("no resource with id \"obt_missing\""),
+        "{stderr}"
+    );
+    let o = run(&["events", "--state", "finished"]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("state: \"finished\" is not one of"),
+        "{stderr}"
+    );
+    let o = run(&["cancel", "stripe.refund", "re_1"]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("unknown resource kind"), "{stderr}");
+    let o = run(&["replay", "evt_nope"]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("no stored delivery"), "{stderr}");
+    let o = run(&["history", "obt_1", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["resources"][0]["id"], "obt_1");
+}
+
+#[tokio::test]
+async fn prune_drops_bodies_and_old_rows_but_keeps_the_trail_and_dedupe_keys() {
+    let (_dir, _config, db) = seeded_db().await;
+    let now = chrono::DateTime::parse_from_rfc3339("2026-12-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let ago = |hours: i64| cancelwatch::time::fmt(now - chrono::Duration::hours(hours));
+    let pool = &db.write;
+    // Seeded deliveries are from 2026-11-01 (30 days before `now`).
+    delivery(pool, "stripe", "evt_2d", "processed", &ago(48)).await;
+    delivery(pool, "stripe", "evt_4d", "processed", &ago(96)).await;
+    delivery(pool, "stripe", "evt_4d_pending", "pending", &ago(96)).await;
+    delivery(pool, "stripe", "evt_4d_failed", "failed", &ago(96)).await;
+    delivery(pool, "juice", "j:40h", "processed", &ago(40)).await;
+    delivery(pool, "juice", "j:50h", "ignored", &ago(50)).await;
+    delivery(pool, "stripe", "evt_1h", "processed", &ago(1)).await;
+    for (hours, reason) in [(30, "invalid_signature"), (2, "missing_signature")] {
+        sqlx::query(
+            "INSERT INTO refusals (provider, reason, message, http_status, received_at)
+             VALUES ('stripe', ?, 'x', 401, ?)",
+        )
+        .bind(reason)
+        .bind(ago(hours))
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let trail = "SELECT (SELECT COUNT(*) FROM transitions) || '/' || (SELECT COUNT(*) FROM refunds)
+                  || '/' || (SELECT COUNT(*) FROM alerts) || '/' || (SELECT COUNT(*) FROM alert_outbox)
+                  || '/' || (SELECT COUNT(*) FROM cancel_requests) || '/' || (SELECT COUNT(*) FROM resources)";
+    let before: String = sqlx::query_scalar(trail).fetch_one(pool).await.unwrap();
+
+    let report = cancelwatch::prune::prune(&db, Duration::from_secs(86_400), now)
+        .await
+        .unwrap();
+    let text = report.to_string();
+    assert!(text.contains("raw bodies dropped"), "{text}");
+
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT dedupe_key, state, raw_body IS NOT NULL FROM inbox ORDER BY dedupe_key",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let find = |k: &str| rows.iter().find(|r| r.0 == k).map(|r| (r.1.as_str(), r.2));
+    // Older than a Stripe retry window (3 days) and finished: gone.
+    assert_eq!(find("evt_4d"), None);
+    assert_eq!(find("evt_p1"), None);
+    assert_eq!(find("evt_d1"), None);
+    // Within 3 days: the dedupe key stays, the body goes.
+    assert_eq!(find("evt_2d"), Some(("processed", false)));
+    // Unfinished deliveries are never touched.
+    assert_eq!(find("evt_4d_pending"), Some(("pending", true)));
+    assert_eq!(find("evt_4d_failed"), Some(("failed", true)));
+    // Juice retries for 48 hours.
+    assert_eq!(find("j:50h"), None);
+    assert_eq!(find("j:40h"), Some(("processed", false)));
+    // Younger than the cutoff: untouched.
+    assert_eq!(find("evt_1h"), Some(("processed", true)));
+    assert_eq!(
+        report,
+        cancelwatch::prune::PruneReport {
+            cutoff: ago(24),
+            bodies_dropped: 2,
+            refusals_deleted: 1,
+            deliveries_deleted: 5,
+        }
+    );
+    let refusals: Vec<String> = sqlx::query_scalar("SELECT reason FROM refusals")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(refusals, vec!["missing_signature".to_string()]);
+    let after: String = sqlx::query_scalar(trail).fetch_one(pool).await.unwrap();
+    assert_eq!(before, after, "the audit trail is never pruned");
+}
+
+/// The real daemon on 127.0.0.1:0 with a seeded database.
+struct Daemon {
+    base: String,
+    db_url: String,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    async fn start(token: &str, tweak: impl FnOnce(&mut Config)) -> Daemon {
+        let (dir, mut config, db) = seeded_db().await;
+        db.close().await;
+        config.server.admin_token = token.into();
+        tweak(&mut config);
+        let db_url = config.database.url.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(cancelwatch::run_until(config, listener, async move {
+            let _ = rx.await;
+        }));
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = client.get(format!("{base}/healthz")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Daemon {
+            base,
+            db_url,
+            client,
+            stop: Some(tx),
+            handle,
+            _dir: dir,
+        }
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let body = r.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    async fn pool(&self) -> SqlitePool {
+        SqlitePool::connect(&self.db_url).await.unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(15), self.handle)
+            .await
+            .expect("daemon stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn api_requires_the_admin_token_and_is_off_without_one() {
+    let d = Daemon::start(TOKEN, |_| {}).await;
+    let (status, body) = d.get("/v1/transitions", None).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let (status, _) = d.get("/v1/transitions", Some("wrong-token")).await;
+    assert_eq!(status, 401);
+    let (status, _) = d.get("/v1/resources/obt_1", Some(&TOKEN[..5])).await;
+    assert_eq!(status, 401);
+    let (status, body) = d.get("/v1/transitions", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"].as_array().unwrap().len(), 10);
+    let (status, body) = d.get("/v1/nothing-here", Some(TOKEN)).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "not_found");
+    let r = d
+        .client
+        .delete(format!("{}/v1/transitions", d.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    // Webhooks and health are not behind the token.
+    let (status, _) = d.get("/healthz", None).await;
+    assert_eq!(status, 200);
+    d.stop().await;
+
+    let off = Daemon::start("", |_| {}).await;
+    for path in ["/v1/transitions", "/v1/resources/obt_1", "/v1/anything"] {
+        let (status, body) = off.get(path, Some("")).await;
+        assert_eq!(status, 404, "{path}");
+        assert_eq!(body["error"]["code"], "api_disabled", "{path}");
+    }
+    off.stop().await;
+}
+
+#[tokio::test]
+async fn api_answers_resources_and_listings_and_rejects_bad_params() {
+    let d = Daemon::start(TOKEN, |_| {}).await;
+    let (status, body) = d
+        .get(
+            "/v1/resources/7f1c2d3e-0000-4000-8000-000000000001",
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let r = &body["resources"][0];
+    assert_eq!(r["kind"], "juice.bulk_transfer");
+    assert_eq!(r["children"].as_array().unwrap().len(), 2);
+    assert_eq!(r["alerts"][0]["deliveries"].as_array().unwrap().len(), 2);
+    assert_eq!(r["refunds"].as_array().unwrap().len(), 0);
+    assert_eq!(r["children"][0]["refunds"][0]["amount"], 1500);
+
+    let (status, body) = d.get("/v1/resources/obt_unknown", Some(TOKEN)).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "not_found");
+
+    let (status, body) = d
+        .get(
+            "/v1/transitions?kind=juice.transfer&to=cancelled",
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+    assert_eq!(body["data"][0]["resource_id"], "trf_a");
+    assert_eq!(
+        body["data"][0]["parent_id"],
+        "7f1c2d3e-0000-4000-8000-000000000001"
+    );
+
+    let (status, body) = d.get("/v1/events?state=dead", Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["data"][0]["key"], "evt_d1");
+    assert!(body["data"][0].get("raw_body").is_none());
+    let (status, body) = d
+        .get(
+            "/v1/alerts?type=partial_cancellation&state=open",
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["data"][0]["resource"]["id"],
+        "7f1c2d3e-0000-4000-8000-000000000001"
+    );
+    assert_eq!(body["data"][0]["details"]["items"], 2);
+
+    for (path, code) in [
+        ("/v1/transitions?since=yesterday", "invalid_parameter"),
+        (
+            "/v1/transitions?until=2026-13-01T00:00:00Z",
+            "invalid_parameter",
+        ),
+        ("/v1/transitions?provider=paypal", "invalid_parameter"),
+        ("/v1/transitions?limit=0", "invalid_parameter"),
+        ("/v1/transitions?limit=1001", "invalid_parameter"),
+        ("/v1/transitions?limit=ten", "invalid_parameter"),
+        ("/v1/transitions?cursor=garbage", "invalid_cursor"),
+        ("/v1/transitions?colour=red", "invalid_parameter"),
+        ("/v1/events?state=finished", "invalid_parameter"),
+        ("/v1/alerts?state=closed", "invalid_parameter"),
+        ("/v1/alerts?cursor=dDoxMg", "invalid_cursor"),
+    ] {
+        let (status, body) = d.get(path, Some(TOKEN)).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], code, "{path}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap().len() > 5);
+    }
+    d.stop().await;
+}
+
+/// Walks a listing page by page; returns the ids met, in order.
+/// `during` runs once, after the first page.
+async fn walk(
+    d: &Daemon,
+    path: &str,
+    id_key: &str,
+    during: impl std::future::Future<Output = ()>,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut during = Some(during);
+    for _ in 0..100 {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = match &cursor {
+            Some(c) => format!("{path}{sep}limit=3&cursor={c}"),
+            None => format!("{path}{sep}limit=3"),
+        };
+        let (status, body) = d.get(&url, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{url}: {body}");
+        for row in body["data"].as_array().unwrap() {
+            ids.push(match &row[id_key] {
+                Value::String(s) => s.clone(),
+                v => v.to_string(),
+            });
+        }
+        if let Some(f) = during.take() {
+            f.await;
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return ids,
+        }
+    }
+    panic!("listing did not end");
+}
+
+#[tokio::test]
+async fn pages_stay_correct_while_rows_arrive() {
+    let d = Daemon::start(TOKEN, |_| {}).await;
+    let pool = d.pool().await;
+    let (_, all) = d.get("/v1/transitions?limit=1000", Some(TOKEN)).await;
+    let expected: Vec<String> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].to_string())
+        .collect();
+    assert_eq!(expected.len(), 10);
+    let rid: i64 = sqlx::query_scalar("SELECT rid FROM resources WHERE id = 'obt_1'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let got = walk(&d, "/v1/transitions", "id", async {
+        for i in 0..5 {
+            transition(
+                &pool,
+                rid,
+                Some("canceled"),
+                "returned",
+                &format!("2026-11-02T00:00:0{i}.000Z"),
+            )
+            .await;
+        }
+    })
+    .await;
+    assert_eq!(
+        got, expected,
+        "no row repeated or skipped, new rows not mixed in"
+    );
+    let (_, now_all) = d.get("/v1/transitions?limit=1000", Some(TOKEN)).await;
+    assert_eq!(now_all["data"].as_array().unwrap().len(), 15);
+
+    let got = walk(&d, "/v1/events", "key", async {
+        delivery(
+            &pool,
+            "stripe",
+            "evt_new",
+            "processed",
+            "2026-11-03T00:00:00.000Z",
+        )
+        .await;
+    })
+    .await;
+    assert_eq!(got, vec!["bulk_transfer.cancelled:abc", "evt_d1", "evt_p1"]);
+
+    for i in 0..4 {
+        alert(
+            &pool,
+            &format!("alrt_x{i}"),
+            "stuck",
+            &format!("obt_x{i}"),
+            "stuck",
+            "2026-11-01T11:12:00.000Z",
+        )
+        .await;
+    }
+    let got = walk(&d, "/v1/alerts", "id", async {
+        alert(
+            &pool,
+            "alrt_late",
+            "stuck",
+            "obt_2",
+            "stuck",
+            "2026-11-05T00:00:00.000Z",
+        )
+        .await;
+    })
+    .await;
+    assert_eq!(
+        got,
+        vec!["alrt_x3", "alrt_x2", "alrt_x1", "alrt_x0", "alrt_1"]
+    );
+    pool.close().await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_deliveries_by_state_and_dead_ones() {
+    let d = Daemon::start(TOKEN, |_| {}).await;
+    let text = d
+        .client
+        .get(format!("{}/metrics", d.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("cancelwatch_deliveries_dead"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cancelwatch_inbox_deliveries{state=\"processed\"}")),
+        "{text}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn serve_prunes_on_schedule_when_enabled() {
+    let d = Daemon::start(TOKEN, |c| {
+        c.prune.enabled = true;
+        c.prune.older_than = "10d".into();
+        c.prune.interval_secs = 3_600;
+    })
+    .await;
+    let pool = d.pool().await;
+    // The seeded finished deliveries are from 2026-11-01; prune runs at start.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "scheduled prune did not run ({left} deliveries left)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let transitions: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM transitions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(transitions, 10);
+    pool.close().await;
+    d.stop().await;
+}
+
+const STRIPE_KEY: &str = "sk_test_ops_sim";
+
+/// A simulated Stripe holding one processing outbound transfer; returns its id.
+async fn sim_with_transfer() -> (cancelwatch::sim::Simulator, Vec<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = cancelwatch::sim::Simulator::start(
+        listener,
+        cancelwatch::sim::SimConfig {
+            stripe_api_key: STRIPE_KEY.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+        // Only the first step: the transfer exists and is processing.
+        sim.play_step(&scenario.steps[0], &Default::default())
+            .await
+            .unwrap();
+        ids.push(scenario.expect.histories[0].id.clone());
+    }
+    (sim, ids)
+}
+
+#[tokio::test]
+async fn cancel_and_replay_over_the_api_and_the_cli() {
+    let (sim, ids) = sim_with_transfer().await;
+    let base = sim.base_url();
+    let d = Daemon::start(TOKEN, |c| {
+        c.stripe.api_base = base.clone();
+        c.stripe.api_key = STRIPE_KEY.into();
+    })
+    .await;
+    let post = |path: &str, body: Option<Value>, token: Option<&str>| {
+        let mut req = d.client.post(format!("{}{path}", d.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+
+    let cancel = serde_json::json!({"kind": "stripe.outbound_transfer", "id": ids[0]});
+    let (status, _) = post("/v1/cancellations", Some(cancel.clone()), None).await;
+    assert_eq!(status, 401);
+    let (status, body) = post(
+        "/v1/cancellations",
+        Some(serde_json::json!({"kind": "stripe.refund", "id": "re_1"})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_kind");
+    let (status, body) = post(
+        "/v1/cancellations",
+        Some(serde_json::json!({"kind": "stripe.outbound_transfer"})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_body");
+
+    let (status, body) = post("/v1/cancellations", Some(cancel), Some(TOKEN)).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["outcome"], "accepted", "{body}");
+    assert_eq!(body["status"], "canceled", "{body}");
+    let (status, history) = d
+        .get(&format!("/v1/resources/{}", ids[0]), Some(TOKEN))
+        .await;
+    assert_eq!(status, 200);
+    let r = &history["resources"][0];
+    assert_eq!(r["status"], "canceled");
+    assert_eq!(r["cancel_requests"][0]["requested_by"], "api");
+    let last = r["transitions"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["to_status"], "canceled");
+    assert_eq!(last["trigger"]["type"], "cancel");
+
+    let (status, body) = post("/v1/events/evt_nope/replay", None, Some(TOKEN)).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found");
+    let (status, body) = post("/v1/events/evt_d1/replay", None, Some(TOKEN)).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["key"], "evt_d1");
+    assert_eq!(body["previous_state"], "dead");
+    let pool = d.pool().await;
+    // Seeded with no attempts: the daemon's workers take it up again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempts: i64 =
+            sqlx::query_scalar("SELECT attempts FROM inbox WHERE dedupe_key = 'evt_d1'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if attempts > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replayed delivery was not processed again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The CLI functions, on the same database.
+    let mut config = config_in(std::path::Path::new("/nonexistent"));
+    config.database.url = d.db_url.clone();
+    config.stripe.api_base = base.clone();
+    config.stripe.api_key = STRIPE_KEY.into();
+    let ctx = cancelwatch::pipeline::Context::open(config).await.unwrap();
+    let out = cancelwatch::cli::actions::cancel(
+        &ctx,
+        &cancelwatch::cli::actions::CancelArgs {
+            kind: "stripe.outbound_transfer".into(),
+            id: ids[1].clone(),
+            json: false,
+        },
+    )
+    .await
+    .unwrap();
+    let outcome = out.lines().find(|l| l.starts_with("outcome")).unwrap();
+    assert!(outcome.ends_with(" accepted"), "{out}");
+    let requested_by: String =
+        sqlx::query_scalar("SELECT requested_by FROM cancel_requests WHERE resource_id = ?")
+            .bind(&ids[1])
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(requested_by, "cli");
+    let err = cancelwatch::cli::actions::replay(
+        &ctx,
+        &cancelwatch::cli::actions::ReplayArgs {
+            event_key: "evt_nope".into(),
+            json: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("no stored delivery"), "{err}");
+    ctx.db.close().await;
+    pool.close().await;
+    d.stop().await;
+}
