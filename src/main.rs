@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run the daemon (applies migrations first).
     Serve,
+    /// Start the daemon with the provider simulator, play every scenario, print what was recorded, keep serving.
+    Demo,
     /// Apply migrations and exit.
     Migrate,
     /// Validate the configuration and print it with secrets redacted.
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve => cancelwatch::cli::serve(config).await,
+            Command::Demo => cancelwatch::cli::demo::run(config).await,
             Command::Migrate => cancelwatch::cli::migrate(config).await,
             Command::CheckConfig => cancelwatch::cli::check_config(&config),
             Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),

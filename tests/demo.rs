@@ -1,0 +1,89 @@
+//! `cancelwatch demo`, as a newcomer runs it: every scenario is played and
+//! recorded, the alerts that must fire are printed, and it keeps serving until
+//! told to stop.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod support;
+
+#[test]
+fn demo_plays_every_scenario_then_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cancelwatch"))
+        .arg("demo")
+        .env_clear()
+        .env("CANCELWATCH_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut out = String::new();
+    while !out.contains("keeps serving") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines_rx.recv_timeout(left) {
+            Ok(line) => {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the demo did not finish its scenarios in time:\n{out}");
+            }
+        }
+    }
+    // Still serving: the health check answers.
+    let health = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    let stop = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    let status = child.wait().unwrap();
+
+    for name in cancelwatch::sim::Simulator::scenario_names() {
+        assert!(
+            out.contains(&format!("== {name}")),
+            "{name} was not played:\n{out}"
+        );
+    }
+    assert!(
+        out.contains("cancel through cancelwatch: not_cancellable"),
+        "{out}"
+    );
+    for rule in ["partial_cancellation", "cancel_not_effective"] {
+        assert!(out.contains(rule), "no {rule} alert:\n{out}");
+    }
+    assert!(out.contains("returned"), "{out}");
+    assert!(dir.path().join("data/cancelwatch.db").exists());
+    assert!(
+        health.starts_with("HTTP/1.1 200"),
+        "the daemon stopped serving: {health}"
+    );
+    assert!(
+        status.success(),
+        "the demo did not stop cleanly on SIGTERM: {status}"
+    );
+}
