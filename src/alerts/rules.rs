@@ -92,7 +92,7 @@ pub async fn on_resource_recorded(
     if resource.kind == JUICE_TRANSFER {
         if let Some(parent_id) = &resource.parent_id {
             if let Some(bulk) =
-                sql::resource_by_key(tx, &resource.provider, JUICE_BULK, parent_id).await?
+                crate::store::resources::get(tx, &resource.provider, JUICE_BULK, parent_id).await?
             {
                 evaluate(tx, config, &bulk, now).await?;
             }
@@ -130,7 +130,9 @@ pub async fn on_observation_recorded(
         }
     }
     for (provider, parent_id) in parents {
-        if let Some(bulk) = sql::resource_by_key(tx, &provider, JUICE_BULK, &parent_id).await? {
+        if let Some(bulk) =
+            crate::store::resources::get(tx, &provider, JUICE_BULK, &parent_id).await?
+        {
             if !seen.contains(&bulk.rid) {
                 evaluate(tx, config, &bulk, now).await?;
             }

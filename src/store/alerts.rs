@@ -334,24 +334,9 @@ async fn insert_attempt(
 
 // ---- What the rules read -------------------------------------------------
 
-/// A tracked resource, as the rules see it.
-#[derive(Debug, Clone, FromRow)]
-pub struct ResourceRow {
-    pub rid: i64,
-    pub provider: String,
-    pub kind: String,
-    pub id: String,
-    pub parent_id: Option<String>,
-    pub status: Option<String>,
-    pub terminal: bool,
-    pub amount: Option<i64>,
-    pub currency: Option<String>,
-    pub status_since: Option<String>,
-    pub cancel_requested_at: Option<String>,
-}
-
-const RESOURCE_COLUMNS: &str = "rid, provider, kind, id, parent_id, status, terminal, amount, \
-                                currency, status_since, cancel_requested_at";
+/// A tracked resource, as the rules see it: the resources table's own row.
+pub use super::resources::Resource as ResourceRow;
+use super::resources::RESOURCE_COLUMNS;
 
 /// The resource with row id `rid`.
 pub async fn resource(tx: &mut Tx<'_>, rid: i64) -> Result<Option<ResourceRow>, sqlx::Error> {
@@ -359,23 +344,6 @@ pub async fn resource(tx: &mut Tx<'_>, rid: i64) -> Result<Option<ResourceRow>, 
         "SELECT {RESOURCE_COLUMNS} FROM resources WHERE rid = ?"
     ))
     .bind(rid)
-    .fetch_optional(&mut **tx)
-    .await
-}
-
-/// The resource `(provider, kind, id)`.
-pub async fn resource_by_key(
-    tx: &mut Tx<'_>,
-    provider: &str,
-    kind: &str,
-    id: &str,
-) -> Result<Option<ResourceRow>, sqlx::Error> {
-    sqlx::query_as::<_, ResourceRow>(&format!(
-        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE provider = ? AND kind = ? AND id = ?"
-    ))
-    .bind(provider)
-    .bind(kind)
-    .bind(id)
     .fetch_optional(&mut **tx)
     .await
 }

@@ -30,7 +30,7 @@ pub struct Resource {
     pub reconcile_failures: i64,
 }
 
-const RESOURCE_COLUMNS: &str =
+pub(super) const RESOURCE_COLUMNS: &str =
     "rid, provider, kind, id, parent_id, status, terminal, livemode, context,
      amount, currency, snapshot, provider_updated_at, status_since, first_seen_at, last_observed_at,
      not_found, cancel_requested_at, next_reconcile_at, reconcile_failures";
