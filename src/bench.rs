@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// Where the temporary database goes (default: the system temp folder).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// Hostile mode: sign with a secret the daemon does not know, so every
+    /// delivery is refused (a flood of forged signatures).
+    #[arg(long, conflicts_with = "e2e")]
+    pub forged: bool,
     /// End to end: the daemon fetches from a simulator started here, and the
     /// report adds the time from sending a delivery to its recorded transition.
     #[arg(long)]
@@ -226,6 +230,11 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
         let next_id = next_id.clone();
         let run_tag = run_tag.clone();
         let prepared = world.as_ref().map(|w| w.bodies.clone());
+        let secret = if args.forged {
+            "whsec_forged_by_bench"
+        } else {
+            SECRET
+        };
         // At a fixed rate, each connection owns every `connections`-th slot.
         let interval = (args.rate > 0)
             .then(|| Duration::from_secs_f64(args.connections as f64 / args.rate as f64));
@@ -257,7 +266,7 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
                     },
                     None => delivery(&run_tag, n),
                 };
-                let header = signature::sign_header(SECRET, chrono::Utc::now().timestamp(), &body);
+                let header = signature::sign_header(secret, chrono::Utc::now().timestamp(), &body);
                 let result = client
                     .post(&url)
                     .header("Stripe-Signature", header)
