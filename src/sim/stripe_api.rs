@@ -75,23 +75,36 @@ fn check(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Answers a GET of one object: its JSON, or Stripe's 404 naming `what`.
+fn object_or_404(
+    s: &Shared,
+    headers: &HeaderMap,
+    what: &str,
+    id: &str,
+    lookup: impl FnOnce(&World) -> Option<Value>,
+) -> Response {
+    if let Err(r) = check(s, headers) {
+        return r.into_response();
+    }
+    match lookup(&s.world()) {
+        Some(object) => Json(object).into_response(),
+        None => invalid(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("No such {what}: {id}"),
+        )
+        .into_response(),
+    }
+}
+
 async fn get_transfer(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = check(&s, &headers) {
-        return r.into_response();
-    }
-    match s.world().transfers.get(&id) {
-        Some(t) => Json(t.to_json()).into_response(),
-        None => invalid(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("No such outbound transfer: {id}"),
-        )
-        .into_response(),
-    }
+    object_or_404(&s, &headers, "outbound transfer", &id, |w| {
+        w.transfers.get(&id).map(|t| t.to_json())
+    })
 }
 
 async fn get_batch_job(
@@ -99,18 +112,9 @@ async fn get_batch_job(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = check(&s, &headers) {
-        return r.into_response();
-    }
-    match s.world().batch_jobs.get(&id) {
-        Some(j) => Json(j.to_json()).into_response(),
-        None => invalid(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("No such batch job: {id}"),
-        )
-        .into_response(),
-    }
+    object_or_404(&s, &headers, "batch job", &id, |w| {
+        w.batch_jobs.get(&id).map(|j| j.to_json())
+    })
 }
 
 async fn get_event(
@@ -118,18 +122,7 @@ async fn get_event(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = check(&s, &headers) {
-        return r.into_response();
-    }
-    match s.world().event(&id) {
-        Some(e) => Json(e.clone()).into_response(),
-        None => invalid(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("No such event: {id}"),
-        )
-        .into_response(),
-    }
+    object_or_404(&s, &headers, "event", &id, |w| w.event(&id).cloned())
 }
 
 /// The answer of one cancel call, and what it set in motion.
