@@ -184,7 +184,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            concurrency: 8,
+            concurrency: 32,
             lease_secs: 60,
             max_attempts: 12,
             backoff_base_ms: 1_000,

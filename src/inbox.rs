@@ -161,7 +161,10 @@ async fn write_loop(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, wake:
 /// One transaction for the whole batch, synced to disk before it returns;
 /// per job, whether a row was added.
 async fn commit(db: &Db, batch: &[Job]) -> Result<Vec<bool>, sqlx::Error> {
-    let mut conn = db.write.acquire().await?;
+    let mut conn = {
+        let _waiting = db.ack_waiting();
+        db.write.acquire().await?
+    };
     db.acknowledge_durably(&mut conn, true).await?;
     let result = async {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;

@@ -191,7 +191,7 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
-    if app.workers_alive.load(Ordering::SeqCst) == 0 {
+    if app.workers_alive.load(Ordering::SeqCst) < pipeline::worker::TASKS {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "unavailable", "reason": "workers not running"})),

@@ -1025,6 +1025,17 @@ fn by_hand(key: &str, resource: Option<&str>) -> store::inbox::NewDelivery {
     }
 }
 
+/// Stores deliveries made [`by_hand`], all new.
+async fn insert_by_hand(ctx: &Context, deliveries: &[(&str, Option<&str>)]) {
+    let mut tx = ctx.db.write.begin().await.unwrap();
+    for (key, resource) in deliveries {
+        assert!(store::inbox::insert(&mut tx, &by_hand(key, *resource))
+            .await
+            .unwrap());
+    }
+    tx.commit().await.unwrap();
+}
+
 /// Claims go in arrival order and never hand out two deliveries of one
 /// resource at once; a lapsed lease frees the resource again.
 #[tokio::test]
@@ -1033,18 +1044,16 @@ async fn claims_keep_one_resource_to_one_worker() {
     let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
         .await
         .unwrap();
-    let mut tx = ctx.db.write.begin().await.unwrap();
-    for (key, resource) in [
-        ("evt_a1", Some("batchv2_a")),
-        ("evt_a2", Some("batchv2_a")),
-        ("evt_b1", Some("batchv2_b")),
-        ("evt_none", None),
-    ] {
-        assert!(store::inbox::insert(&mut tx, &by_hand(key, resource))
-            .await
-            .unwrap());
-    }
-    tx.commit().await.unwrap();
+    insert_by_hand(
+        &ctx,
+        &[
+            ("evt_a1", Some("batchv2_a")),
+            ("evt_a2", Some("batchv2_a")),
+            ("evt_b1", Some("batchv2_b")),
+            ("evt_none", None),
+        ],
+    )
+    .await;
     let now = cancelwatch::time::now();
     let now_s = cancelwatch::time::fmt(now);
     let short = cancelwatch::time::fmt(now + chrono::Duration::seconds(30));
@@ -1074,6 +1083,131 @@ async fn claims_keep_one_resource_to_one_worker() {
     assert!(
         next.as_ref().map_or(true, |n| n.dedupe_key != "evt_a2"),
         "two deliveries of batchv2_a at once"
+    );
+    ctx.db.close().await;
+}
+
+#[tokio::test]
+async fn a_batch_claim_takes_one_delivery_per_resource_in_arrival_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
+        .await
+        .unwrap();
+    insert_by_hand(
+        &ctx,
+        &[
+            ("evt_a1", Some("batchv2_a")),
+            ("evt_a2", Some("batchv2_a")),
+            ("evt_b1", Some("batchv2_b")),
+            ("evt_none1", None),
+            ("evt_c1", Some("batchv2_c")),
+            ("evt_none2", None),
+            ("evt_d1", Some("batchv2_d")),
+        ],
+    )
+    .await;
+    let now = cancelwatch::time::now();
+    let now_s = cancelwatch::time::fmt(now);
+    let lease = cancelwatch::time::fmt(now + chrono::Duration::seconds(30));
+    let claim = |limit: usize| {
+        let (db, now_s, lease) = (ctx.db.clone(), now_s.clone(), lease.clone());
+        async move {
+            let mut tx = db.write.begin().await.unwrap();
+            let claimed = store::inbox::claim_batch(&mut tx, &now_s, &lease, limit)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            claimed
+                .into_iter()
+                .map(|d| d.dedupe_key)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        claim(4).await,
+        vec!["evt_a1", "evt_b1", "evt_none1", "evt_c1"],
+        "the limit holds, and evt_a2 waits for evt_a1 even inside one batch"
+    );
+    assert_eq!(
+        claim(10).await,
+        vec!["evt_none2", "evt_d1"],
+        "batchv2_a is leased, so evt_a2 still waits"
+    );
+    assert!(claim(10).await.is_empty());
+    ctx.db.close().await;
+}
+
+/// Outcomes written together: each delivery ends as its own outcome says,
+/// and one whose lease was lost meanwhile is left to its new holder.
+#[tokio::test]
+async fn a_batch_of_outcomes_is_written_together_and_a_lost_lease_is_left_alone() {
+    use cancelwatch::pipeline::worker::{Decided, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
+        .await
+        .unwrap();
+    insert_by_hand(
+        &ctx,
+        &[
+            ("evt_ignore", Some("batchv2_ignore")),
+            ("evt_fail", Some("batchv2_fail")),
+            ("evt_lost", Some("batchv2_lost")),
+            ("evt_released", Some("batchv2_released")),
+        ],
+    )
+    .await;
+    let lease = pipeline::worker::lease_until(&ctx.config);
+    let mut tx = ctx.db.write.begin().await.unwrap();
+    let claimed = store::inbox::claim_batch(&mut tx, &cancelwatch::time::now_str(), &lease, 10)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(claimed.len(), 4);
+    let batch: Vec<Decided> = claimed
+        .into_iter()
+        .map(|d| {
+            let (outcome, lease_until) = match d.dedupe_key.as_str() {
+                "evt_ignore" => (Outcome::Ignore("not followed".into()), lease.clone()),
+                "evt_fail" => (
+                    Outcome::Failed {
+                        error: "provider answered 503".into(),
+                        retry_after: None,
+                    },
+                    lease.clone(),
+                ),
+                // A worker whose lease ran out: another one holds it now.
+                "evt_lost" => (
+                    Outcome::Ignore("too late".into()),
+                    "2000-01-01T00:00:00.000Z".to_string(),
+                ),
+                _ => (
+                    Outcome::Released("401 from the provider".into()),
+                    lease.clone(),
+                ),
+            };
+            Decided {
+                delivery: d,
+                lease_until,
+                outcome,
+                slot: None,
+            }
+        })
+        .collect();
+    let left = pipeline::worker::write_and_report(&ctx, batch).await;
+    assert!(left.is_empty(), "no acknowledgement was waiting");
+    let states: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT dedupe_key, state, attempts FROM inbox ORDER BY id")
+            .fetch_all(&ctx.db.read)
+            .await
+            .unwrap();
+    assert_eq!(
+        states,
+        vec![
+            ("evt_ignore".into(), "ignored".into(), 1),
+            ("evt_fail".into(), "failed".into(), 1),
+            ("evt_lost".into(), "processing".into(), 1),
+            ("evt_released".into(), "pending".into(), 0),
+        ]
     );
     ctx.db.close().await;
 }

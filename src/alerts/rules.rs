@@ -102,27 +102,25 @@ pub async fn on_resource_recorded(
 }
 
 /// [`on_resource_recorded`] for every resource one observation wrote (a
-/// bulk transfer and its items): each is evaluated once, and a Juice item's
-/// bulk transfer once however many of its items are in `rids`.
+/// bulk transfer and its items), given as they are now: each is evaluated
+/// once, and a Juice item's bulk transfer once however many of its items
+/// are in `resources`.
 pub async fn on_observation_recorded(
     tx: &mut Tx<'_>,
     config: &Config,
-    rids: &[i64],
+    resources: &[ResourceRow],
     now: &str,
 ) -> Result<(), sqlx::Error> {
     let mut seen = std::collections::HashSet::new();
     let mut parents = Vec::new();
-    for &rid in rids {
-        if !seen.insert(rid) {
+    for resource in resources {
+        if !seen.insert(resource.rid) {
             continue;
         }
-        let Some(resource) = sql::resource(tx, rid).await? else {
-            continue;
-        };
-        evaluate(tx, config, &resource, now).await?;
+        evaluate(tx, config, resource, now).await?;
         if resource.kind == JUICE_TRANSFER {
-            if let Some(parent_id) = resource.parent_id {
-                let key = (resource.provider, parent_id);
+            if let Some(parent_id) = &resource.parent_id {
+                let key = (resource.provider.clone(), parent_id.clone());
                 if !parents.contains(&key) {
                     parents.push(key);
                 }
@@ -147,6 +145,9 @@ async fn evaluate(
     resource: &ResourceRow,
     now: &str,
 ) -> Result<(), sqlx::Error> {
+    // One read for every rule below: most resources have no open alert.
+    let open = sql::open_about(tx, &resource.provider, &resource.kind, &resource.id).await?;
+    let open_of = |rule: &str| open.iter().find(|a| a.rule == rule);
     if config.alerts.partial_cancellation.enabled {
         let found = match resource.kind.as_str() {
             JUICE_BULK => juice_partial(tx, config, resource).await?,
@@ -165,9 +166,10 @@ async fn evaluate(
                 super::raise(tx, config, &alert, now).await?;
             }
             // E.g. an item seen `pending` in a cancelled bulk was then seen cancelled.
-            None => {
+            None if open_of(PARTIAL_CANCELLATION).is_some() => {
                 super::resolve(tx, config, &alert_key(PARTIAL_CANCELLATION, resource), now).await?;
             }
+            None => {}
         }
     }
     if config.alerts.cancel_not_effective.enabled {
@@ -182,7 +184,15 @@ async fn evaluate(
             super::raise(tx, config, &alert, now).await?;
         }
     }
-    resolve_stale(tx, config, resource, now).await
+    resolve_stale(
+        tx,
+        config,
+        resource,
+        open_of(STUCK),
+        open_of(REFUND_OVERDUE),
+        now,
+    )
+    .await
 }
 
 fn alert_key(rule: &str, r: &ResourceRow) -> AlertKey {
@@ -364,27 +374,26 @@ fn not_effective(r: &ResourceRow) -> Option<(String, Value)> {
     Some((summary, details))
 }
 
-/// Resolves a `stuck` alert once the resource left the status it was stuck
-/// in, and a `refund_overdue` alert once the refund is no longer pending.
+/// Resolves an open `stuck` alert once the resource left the status it was
+/// stuck in, and an open `refund_overdue` alert once the refund is no longer
+/// pending.
 async fn resolve_stale(
     tx: &mut Tx<'_>,
     config: &Config,
     r: &ResourceRow,
+    stuck: Option<&sql::Alert>,
+    overdue: Option<&sql::Alert>,
     now: &str,
 ) -> Result<(), sqlx::Error> {
-    let stuck_key = alert_key(STUCK, r);
-    if let Some(alert) = sql::find(tx, &stuck_key).await? {
-        if alert.state == "open" && !still_stuck_in(&alert.details, r) {
-            super::resolve(tx, config, &stuck_key, now).await?;
+    if let Some(alert) = stuck {
+        if !still_stuck_in(&alert.details, r) {
+            super::resolve(tx, config, &alert_key(STUCK, r), now).await?;
         }
     }
-    let overdue_key = alert_key(REFUND_OVERDUE, r);
-    if let Some(alert) = sql::find(tx, &overdue_key).await? {
-        if alert.state == "open" {
-            let refund = sql::refund_of(tx, r.rid).await?;
-            if !matches!(refund, Some(f) if f.status == "pending") {
-                super::resolve(tx, config, &overdue_key, now).await?;
-            }
+    if overdue.is_some() {
+        let refund = sql::refund_of(tx, r.rid).await?;
+        if !matches!(refund, Some(f) if f.status == "pending") {
+            super::resolve(tx, config, &alert_key(REFUND_OVERDUE, r), now).await?;
         }
     }
     Ok(())

@@ -62,7 +62,9 @@ pub async fn request(
 
     let now = time::now_str();
     let mut tx = ctx.db.begin().await?;
-    let rid = resources::ensure(&mut tx, &provider_name, kind, id, None, None, &now).await?;
+    let rid = resources::ensure(&mut tx, &provider_name, kind, id, None, None, &now)
+        .await?
+        .rid;
     let context = resources::get(&mut tx, &provider_name, kind, id)
         .await?
         .and_then(|r| r.context);

@@ -175,17 +175,20 @@ pub async fn record(
     now: Timestamp,
 ) -> Result<Recorded, sqlx::Error> {
     let mut recorded = Recorded::default();
-    let verdict = record_one(tx, config, obs, trigger, context, now, &mut recorded).await?;
+    let mut rows = Vec::with_capacity(1 + obs.children.len());
+    let (verdict, row) = record_one(tx, config, obs, trigger, context, now, &mut recorded).await?;
+    rows.push(row);
     recorded.stale = verdict == Verdict::Stale;
     // Children came in the same answer: when it is stale, so are they.
     if !recorded.stale {
         for child in &obs.children {
-            record_one(tx, config, child, trigger, context, now, &mut recorded).await?;
+            let (_, row) =
+                record_one(tx, config, child, trigger, context, now, &mut recorded).await?;
+            rows.push(row);
         }
     }
     // Alert rules see what was just written, and commit or roll back with it.
-    crate::alerts::rules::on_observation_recorded(tx, config, &recorded.rids, &time::fmt(now))
-        .await?;
+    crate::alerts::rules::on_observation_recorded(tx, config, &rows, &time::fmt(now)).await?;
     Ok(recorded)
 }
 
@@ -197,9 +200,9 @@ async fn record_one(
     context: Option<&str>,
     now: Timestamp,
     recorded: &mut Recorded,
-) -> Result<Verdict, sqlx::Error> {
+) -> Result<(Verdict, resources::Resource), sqlx::Error> {
     let now_s = time::fmt(now);
-    let rid = resources::ensure(
+    let current = resources::ensure(
         tx,
         obs.provider,
         &obs.kind,
@@ -209,10 +212,8 @@ async fn record_one(
         &now_s,
     )
     .await?;
+    let rid = current.rid;
     recorded.rids.push(rid);
-    let current = resources::get(tx, obs.provider, &obs.kind, &obs.id)
-        .await?
-        .expect("ensured just above");
     let stored = Stored {
         status: current.status.clone(),
         terminal: current.terminal,
@@ -229,13 +230,18 @@ async fn record_one(
     if verdict == Verdict::Stale {
         tracing::debug!(resource = %obs.id, stored = ?stored.status, observed = %obs.status, "stale observation ignored");
         resources::touch(tx, rid, &now_s).await?;
-        return Ok(verdict);
+        return Ok((verdict, current));
     }
     let snapshot = obs.snapshot.to_string();
     let trigger_id = trigger.id.as_deref();
 
     // Refund first: whether one stays pending decides the reconcile time.
-    let mut refund_status = resources::refund_of(tx, rid).await?.map(|r| r.status);
+    // Refunds are opened only by observations, so a resource never observed
+    // before has none: one statement fewer for every new resource.
+    let mut refund_status = match &current.status {
+        None => None,
+        Some(_) => resources::refund_of(tx, rid).await?.map(|r| r.status),
+    };
     if let Some(signal) = &obs.refund {
         if let Some(change) = refund_change(refund_status.as_deref(), signal.status) {
             apply_refund(tx, obs, rid, signal, change, &now_s, trigger).await?;
@@ -264,7 +270,7 @@ async fn record_one(
         now,
         config.reconcile.interval_secs,
     );
-    resources::update_state(
+    let updated = resources::update_state(
         tx,
         &StateUpdate {
             rid,
@@ -322,7 +328,7 @@ async fn record_one(
         )
         .await?;
     }
-    Ok(verdict)
+    Ok((verdict, updated))
 }
 
 async fn apply_refund(

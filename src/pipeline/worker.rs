@@ -1,14 +1,29 @@
-//! Workers: claim a delivery (lease, arrival order, one per resource at a
-//! time), decide what it is about, fetch that resource, and record the
-//! observation and the delivery's end in ONE write transaction. A failed
-//! attempt is retried with backoff; after `workers.max_attempts` the delivery
-//! goes `dead` and the others go on.
+//! Workers, in three parts, so that the one writer connection is shared the
+//! way the inbox's group commit shares its sync to disk:
+//!
+//! - the **feeder** claims ready deliveries in batches, one write transaction
+//!   a batch (lapsed leases first, then in arrival order; never two of one
+//!   resource at once), each leased, as far as `workers.concurrency` allows;
+//! - each claimed delivery is **decided** in a task of its own: what it asks
+//!   for ([`plan`]) and what the provider answers ([`Outcome`]). Nothing is
+//!   written and no transaction is open across the HTTP call;
+//! - the **recorder** writes the outcomes as they come, as many as are
+//!   waiting in one transaction, each in a savepoint of its own: an
+//!   observation, the delivery's end and its alerts commit together or not
+//!   at all, and one outcome's error or panic costs only that outcome.
+//!
+//! A failed attempt is retried with backoff; after `workers.max_attempts` the
+//! delivery goes `dead` and the others go on.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use serde_json::Value;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -17,10 +32,25 @@ use super::Context;
 use crate::config::{Config, JuiceConfig, StripeConfig};
 use crate::providers::http::backoff;
 use crate::providers::juice::event as juice_event;
-use crate::providers::{juice, stripe, ApiError, Target};
+use crate::providers::{juice, stripe, ApiError, Observation, Target};
 use crate::store::inbox::Delivery;
-use crate::store::{self, resources};
+use crate::store::{self, resources, Tx};
 use crate::time;
+
+/// Most deliveries claimed in one transaction.
+const CLAIM_BATCH: usize = 128;
+/// How long the feeder waits for a quarter of the slots to be free before
+/// it claims for fewer.
+const CLAIM_GATHER: Duration = Duration::from_millis(10);
+/// How long an acknowledgement commit may wait for a batch of the
+/// recorder's to let it through (plus the one outcome being written).
+const ACK_WAIT: Duration = Duration::from_millis(3);
+/// Most outcomes written in one transaction. A batch holds the writer
+/// connection while it runs, and an acknowledgement may wait behind one, so
+/// this bounds that wait (a few milliseconds) as well.
+const WRITE_BATCH: usize = 64;
+/// The long-running tasks [`spawn`] starts: the feeder and the recorder.
+pub const TASKS: usize = 2;
 
 /// What a delivery asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,21 +141,89 @@ pub fn lease_until(config: &Config) -> String {
     time::fmt(time::now() + chrono::Duration::seconds(config.workers.lease_secs as i64))
 }
 
-/// Starts `workers.concurrency` workers into `tasks`; they stop when
-/// `shutdown` fires. `alive` counts the running ones (readiness).
+/// What deciding a delivery learned, for the recorder to write.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Nothing to fetch: the delivery ends `ignored`.
+    Ignore(String),
+    /// The resource as the provider has it now; with `reversal`, also
+    /// complete that transfer's refund.
+    Observed {
+        obs: Box<Observation>,
+        context: Option<String>,
+        reversal: Option<String>,
+    },
+    /// A reversal event naming only a transfer: complete its refund.
+    Reversal(String),
+    /// The provider says the resource does not exist: the delivery is dead.
+    NotFound { target: Target, detail: String },
+    /// The attempt failed: retried with backoff (at least `retry_after`),
+    /// or `dead` after the last attempt.
+    Failed {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    /// Our credentials were refused or are missing: the attempt is given
+    /// back uncounted, and the delivery waits for a working key.
+    Released(String),
+}
+
+/// What writing an outcome did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    Ignored(String),
+    Processed {
+        status: String,
+        transitions: usize,
+        stale: bool,
+    },
+    Reversal(String),
+    Retry {
+        error: String,
+        next_attempt_at: String,
+    },
+    Dead(String),
+    Released {
+        error: String,
+        next_attempt_at: String,
+    },
+    /// The lease ran out first and another worker owns the delivery now:
+    /// nothing of this attempt was kept.
+    LeaseLost,
+}
+
+/// A decided delivery on its way to the recorder.
+pub struct Decided {
+    pub delivery: Delivery,
+    pub lease_until: String,
+    pub outcome: Outcome,
+    /// The feeder's slot, held until the outcome is written.
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Starts the feeder and the recorder into `tasks`; they stop when
+/// `shutdown` fires (the recorder once the last decided delivery is
+/// written). `alive` counts the running ones (readiness wants [`TASKS`]).
 pub fn spawn(
     ctx: Arc<Context>,
-    tasks: &mut tokio::task::JoinSet<()>,
+    tasks: &mut JoinSet<()>,
     shutdown: CancellationToken,
     alive: Arc<AtomicUsize>,
 ) {
-    for n in 0..ctx.config.workers.concurrency {
-        tasks.spawn(run(ctx.clone(), n, shutdown.clone(), alive.clone()));
-    }
+    let (decided, outcomes) = mpsc::channel(ctx.config.workers.concurrency.max(1));
+    tasks.spawn(record_outcomes(ctx.clone(), outcomes, alive.clone()));
+    tasks.spawn(feed(ctx, decided, shutdown, alive));
 }
 
-/// Decrements the live-worker count however the worker ends (panics too).
+/// Decrements the live-task count however the task ends (panics too).
 struct AliveGuard(Arc<AtomicUsize>);
+
+impl AliveGuard {
+    fn new(alive: Arc<AtomicUsize>) -> AliveGuard {
+        alive.fetch_add(1, Ordering::SeqCst);
+        AliveGuard(alive)
+    }
+}
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
@@ -133,221 +231,543 @@ impl Drop for AliveGuard {
     }
 }
 
-/// One worker: claim, process, repeat; idle until woken or the poll interval.
-pub async fn run(
+/// The feeder: waits for free slots, claims that many deliveries in one
+/// transaction and starts a task for each; idle until woken or the poll
+/// interval when nothing is due. On shutdown it claims no more and waits for
+/// its tasks.
+async fn feed(
     ctx: Arc<Context>,
-    n: usize,
+    decided: mpsc::Sender<Decided>,
     shutdown: CancellationToken,
     alive: Arc<AtomicUsize>,
 ) {
-    alive.fetch_add(1, Ordering::SeqCst);
-    let _guard = AliveGuard(alive);
+    let _alive = AliveGuard::new(alive);
+    let concurrency = ctx.config.workers.concurrency.max(1);
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let gather = (concurrency / 4).clamp(1, CLAIM_BATCH);
     let poll = Duration::from_millis(ctx.config.workers.poll_interval_ms.max(10));
-    tracing::debug!(worker = n, "worker started");
-    while !shutdown.is_cancelled() {
+    let mut running = JoinSet::new();
+    tracing::debug!("feeder started");
+    loop {
+        while running.try_join_next().is_some() {}
         // Registered before the claim so a delivery arriving in between still wakes us.
         let woken = ctx.wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let lease = lease_until(&ctx.config);
-        let claimed = {
-            let _slot = ctx.db.write_slot().await;
-            store::inbox::claim(&ctx.db.write, &time::now_str(), &lease).await
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
         };
-        match claimed {
-            Ok(Some(d)) => {
-                process_guarded(&ctx, d, lease).await;
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => tracing::error!(worker = n, error = %e, "claiming a delivery failed"),
+        // When slots come back a few at a time (the pipeline is busy), wait
+        // a moment for more, so one claim serves many: claims share the
+        // writer with everything else.
+        let mut free = vec![first];
+        let gather_until = tokio::time::Instant::now() + CLAIM_GATHER;
+        while free.len() < CLAIM_BATCH {
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) if free.len() >= gather => break,
+                Err(_) => {
+                    match tokio::time::timeout_at(gather_until, slots.clone().acquire_owned()).await
+                    {
+                        Ok(slot) => slot.expect("the semaphore is never closed"),
+                        Err(_) => break,
+                    }
+                }
+            };
+            free.push(slot);
         }
+        let wanted = free.len();
+        let lease = lease_until(&ctx.config);
+        match claim(&ctx, &lease, wanted).await {
+            Ok(claimed) => {
+                let full = claimed.len() == wanted;
+                for (delivery, slot) in claimed.into_iter().zip(free.drain(..)) {
+                    running.spawn(decide_and_send(
+                        ctx.clone(),
+                        delivery,
+                        lease.clone(),
+                        slot,
+                        decided.clone(),
+                    ));
+                }
+                if full {
+                    continue;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "claiming deliveries failed"),
+        }
+        drop(free);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = &mut woken => {}
             _ = tokio::time::sleep(poll) => {}
         }
     }
-    tracing::debug!(worker = n, "worker stopped");
+    while running.join_next().await.is_some() {}
+    tracing::debug!("feeder stopped");
 }
 
-/// Processes a delivery in a task of its own, so a panic in one event's
-/// processing costs that attempt (and in the end dead-letters the event),
-/// never the worker.
-async fn process_guarded(ctx: &Arc<Context>, d: Delivery, lease: String) {
-    let task = tokio::spawn({
-        let ctx = ctx.clone();
-        let d = d.clone();
-        let lease = lease.clone();
-        async move { process(&ctx, d, &lease).await }
-    });
-    if let Err(e) = task.await {
-        let span = tracing::error_span!("delivery", key = %d.dedupe_key, resource = %d.resource_id.as_deref().unwrap_or("-"));
-        async {
-            let error = if e.is_panic() {
-                "processing panicked (a bug): see the log"
-            } else {
-                "processing was cancelled"
-            };
-            tracing::error!(error = %e, "{error}");
-            if let Err(e) = fail(ctx, &d, &lease, error, None).await {
-                tracing::error!(error = %e, "recording the failed attempt failed; the lease will run out");
-            }
-        }
-        .instrument(span)
-        .await
-    }
+async fn claim(ctx: &Context, lease: &str, limit: usize) -> Result<Vec<Delivery>, sqlx::Error> {
+    let mut tx = ctx.db.begin().await?;
+    let claimed = store::inbox::claim_batch(&mut tx, &time::now_str(), lease, limit).await?;
+    tx.commit().await?;
+    Ok(claimed)
 }
 
-/// Processes one claimed delivery to its end for this attempt. Errors are
-/// handled here (retry, dead letter, release); nothing is returned.
-pub async fn process(ctx: &Context, d: Delivery, lease_until: &str) {
-    let span = tracing::info_span!(
+fn delivery_span(d: &Delivery) -> tracing::Span {
+    tracing::info_span!(
         "delivery",
         key = %d.dedupe_key,
         resource = %d.resource_id.as_deref().unwrap_or("-"),
         provider = %d.provider,
         event_type = %d.event_type,
         attempt = d.attempts,
-    );
-    async {
-        if let Err(e) = process_inner(ctx, &d, lease_until).await {
-            // Only database errors reach here; the lease runs out and the delivery comes back.
-            tracing::error!(error = %e, "processing a delivery failed on the database; it will be retried when its lease runs out");
-        }
-    }
-    .instrument(span)
-    .await
+    )
 }
 
-async fn process_inner(ctx: &Context, d: &Delivery, lease_until: &str) -> Result<(), sqlx::Error> {
+/// One claimed delivery: decide it, then hand it to the recorder along with
+/// its slot.
+async fn decide_and_send(
+    ctx: Arc<Context>,
+    delivery: Delivery,
+    lease_until: String,
+    slot: OwnedSemaphorePermit,
+    recorder: mpsc::Sender<Decided>,
+) {
+    let outcome = decide(&ctx, &delivery)
+        .instrument(delivery_span(&delivery))
+        .await;
+    let decided = Decided {
+        delivery,
+        lease_until,
+        outcome,
+        slot: Some(slot),
+    };
+    if recorder.send(decided).await.is_err() {
+        // Only when the daemon is being stopped; the lease runs out and the
+        // delivery is processed again after the restart.
+        tracing::warn!("the recorder is gone; this attempt is dropped");
+    }
+}
+
+/// The recorder: writes what is waiting, many outcomes a transaction, until
+/// every sender is gone.
+async fn record_outcomes(
+    ctx: Arc<Context>,
+    mut outcomes: mpsc::Receiver<Decided>,
+    alive: Arc<AtomicUsize>,
+) {
+    let _alive = AliveGuard::new(alive);
+    // What a batch that ended early (to let an acknowledgement through) left.
+    let mut waiting = Vec::new();
+    loop {
+        if waiting.is_empty() {
+            match outcomes.recv().await {
+                Some(decided) => waiting.push(decided),
+                None => break,
+            }
+        }
+        while waiting.len() < WRITE_BATCH {
+            match outcomes.try_recv() {
+                Ok(decided) => waiting.push(decided),
+                Err(_) => break,
+            }
+        }
+        waiting = write_and_report(&ctx, waiting).await;
+    }
+    tracing::debug!("recorder stopped");
+}
+
+/// Processes one claimed delivery to its end for this attempt, here and now
+/// (replay, tests): decide, then write in a transaction of its own. Errors
+/// are handled and logged here (retry, dead letter, release).
+pub async fn process(ctx: &Context, d: Delivery, lease_until: &str) {
+    let outcome = decide(ctx, &d).instrument(delivery_span(&d)).await;
+    let mut batch = vec![Decided {
+        delivery: d,
+        lease_until: lease_until.to_string(),
+        outcome,
+        slot: None,
+    }];
+    while !batch.is_empty() {
+        batch = write_and_report(ctx, batch).await;
+    }
+}
+
+/// Decides a delivery: plan, then fetch. A panic in here (a bug) costs this
+/// attempt only: it becomes a failure, and in the end a dead letter.
+pub async fn decide(ctx: &Context, d: &Delivery) -> Outcome {
+    match AssertUnwindSafe(decide_inner(ctx, d)).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            tracing::error!("processing panicked (a bug): the attempt fails");
+            Outcome::Failed {
+                error: "processing panicked (a bug): see the log".into(),
+                retry_after: None,
+            }
+        }
+    }
+}
+
+async fn decide_inner(ctx: &Context, d: &Delivery) -> Outcome {
     let config = &ctx.config;
     if d.attempts > i64::from(config.workers.max_attempts) {
         // Earlier holders never finished (the process died, or hung past its
         // lease): after the last attempt the delivery is given up, not retried forever.
-        let error = format!(
-            "{} attempts whose worker never finished (lease ran out each time)",
-            d.attempts - 1
-        );
-        return fail(ctx, d, lease_until, &error, None).await;
+        return Outcome::Failed {
+            error: format!(
+                "{} attempts whose worker never finished (lease ran out each time)",
+                d.attempts - 1
+            ),
+            retry_after: None,
+        };
     }
-    let trigger = trigger_of(d);
     match plan(&config.stripe, &config.juice, d) {
-        Plan::Ignore(reason) => {
-            let mut tx = ctx.db.begin().await?;
-            if store::inbox::finish(&mut tx, d.id, lease_until, "ignored", &time::now_str()).await?
-            {
-                tx.commit().await?;
-                tracing::debug!(%reason, "delivery ignored");
-            } else {
-                lease_lost(tx).await?;
-            }
-            Ok(())
-        }
-        Plan::Reversal(transfer) => {
-            let now = time::now();
-            let mut tx = ctx.db.begin().await?;
-            if !record::record_reversal(&mut tx, config, &transfer, &trigger, now).await? {
-                tx.rollback().await?;
-                let error = format!("reversal of transfer {transfer}, which is not known yet");
-                return fail(ctx, d, lease_until, &error, None).await;
-            }
-            if store::inbox::finish(&mut tx, d.id, lease_until, "processed", &time::fmt(now))
-                .await?
-            {
-                tx.commit().await?;
-                tracing::info!(%transfer, "reversal recorded");
-            } else {
-                lease_lost(tx).await?;
-            }
-            Ok(())
-        }
+        Plan::Ignore(reason) => Outcome::Ignore(reason),
+        Plan::Reversal(transfer) => Outcome::Reversal(transfer),
         Plan::Fetch { target, reversal } => {
             let Some(provider) = ctx.providers.api(&d.provider).cloned() else {
-                return release(
-                    ctx,
-                    d,
-                    lease_until,
-                    &ApiError::NotConfigured(provider_name(d)),
-                )
-                .await;
+                return Outcome::Released(ApiError::NotConfigured(provider_name(d)).to_string());
             };
             match provider.fetch(&target).await {
-                Ok(obs) => {
-                    let now = time::now();
-                    let mut tx = ctx.db.begin().await?;
-                    let recorded = record::record(
-                        &mut tx,
-                        config,
-                        &obs,
-                        &trigger,
-                        target.context.as_deref(),
-                        now,
-                    )
-                    .await?;
-                    if let Some(transfer) = &reversal {
-                        if !record::record_reversal(&mut tx, config, transfer, &trigger, now)
-                            .await?
-                        {
-                            tx.rollback().await?;
-                            let error = format!("reversal of transfer {transfer}, which bulk transfer {} does not list", target.id);
-                            return fail(ctx, d, lease_until, &error, None).await;
-                        }
-                    }
-                    if store::inbox::finish(
-                        &mut tx,
-                        d.id,
-                        lease_until,
-                        "processed",
-                        &time::fmt(now),
-                    )
-                    .await?
-                    {
-                        tx.commit().await?;
-                        tracing::debug!(status = %obs.status, transitions = recorded.transitions, stale = recorded.stale, "delivery processed");
-                    } else {
-                        lease_lost(tx).await?;
-                    }
-                    Ok(())
-                }
+                Ok(obs) => Outcome::Observed {
+                    obs: Box::new(obs),
+                    context: target.context,
+                    reversal,
+                },
                 Err(e @ (ApiError::Unauthorized(_) | ApiError::NotConfigured(_))) => {
-                    release(ctx, d, lease_until, &e).await
+                    Outcome::Released(e.to_string())
                 }
-                Err(ApiError::NotFound(detail)) => {
-                    let now = time::now_str();
-                    let mut tx = ctx.db.begin().await?;
-                    let rid = resources::ensure(
-                        &mut tx,
-                        &d.provider,
-                        &target.kind,
-                        &target.id,
-                        None,
-                        target.context.as_deref(),
-                        &now,
-                    )
-                    .await?;
-                    resources::mark_not_found(&mut tx, rid, &now, None).await?;
-                    let error = format!("the resource does not exist: {detail}");
-                    if store::inbox::fail(&mut tx, d.id, lease_until, &error, &now, true).await? {
-                        crate::alerts::rules::on_dead_letter(&mut tx, config, d.id, &error, &now)
-                            .await?;
-                        tx.commit().await?;
-                        metrics::counter!("cancelwatch_deliveries_dead_total", "provider" => provider_name(d)).increment(1);
-                        tracing::error!(%error, "delivery dead: its resource is not found");
-                    } else {
-                        lease_lost(tx).await?;
-                    }
-                    Ok(())
-                }
-                Err(e @ ApiError::Retryable { .. }) | Err(e @ ApiError::Permanent(_)) => {
-                    let retry_after = match &e {
+                Err(ApiError::NotFound(detail)) => Outcome::NotFound { target, detail },
+                Err(e) => Outcome::Failed {
+                    retry_after: match &e {
                         ApiError::Retryable { retry_after, .. } => *retry_after,
                         _ => None,
-                    };
-                    fail(ctx, d, lease_until, &e.to_string(), retry_after).await
-                }
+                    },
+                    error: e.to_string(),
+                },
             }
         }
+    }
+}
+
+/// Writes decided deliveries in one transaction, then logs what each came
+/// to, and returns those it left for the next transaction: a batch ends
+/// early when an acknowledgement commit is waiting for the writer. When the
+/// transaction itself fails, nothing of the batch is kept: the leases run
+/// out and the deliveries come back.
+pub async fn write_and_report(ctx: &Context, mut batch: Vec<Decided>) -> Vec<Decided> {
+    match write_batch(ctx, &batch).await {
+        Ok(written) => {
+            let left = batch.split_off(written.len());
+            for (decided, written) in batch.iter().zip(written) {
+                let _span = delivery_span(&decided.delivery).entered();
+                match written {
+                    Some(written) => report(&decided.delivery, &written),
+                    None => tracing::error!(
+                        "recording the delivery failed on the database (see above); it is retried when its lease runs out"
+                    ),
+                }
+            }
+            left
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                deliveries = batch.len(),
+                "recording deliveries failed on the database; they are retried when their leases run out"
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// One transaction for the batch, or for its start; per delivery written
+/// what was written, or `None` when it could not be (logged here).
+///
+/// First the outcomes are written straight into the transaction, after one
+/// statement has checked the leases; that costs a handful of statements a
+/// delivery. Only when something goes wrong there (a database error, a
+/// panic: a bug) is it rolled back and the batch written again with a
+/// savepoint for each outcome, so one outcome's failure costs only that one.
+async fn write_batch(
+    ctx: &Context,
+    batch: &[Decided],
+) -> Result<Vec<Option<Written>>, sqlx::Error> {
+    let mut tx = ctx.db.begin().await?;
+    if let Some(results) = write_straight(&mut tx, ctx, batch).await? {
+        tx.commit().await?;
+        return Ok(results);
+    }
+    tx.rollback().await?;
+    let mut tx = ctx.db.begin().await?;
+    let mut results = Vec::with_capacity(batch.len());
+    for decided in batch {
+        let result = match write_one(&mut tx, &ctx.config, decided, &decided.outcome).await {
+            Ok(Ok(written)) => Some(written),
+            Ok(Err(e)) => {
+                let _span = delivery_span(&decided.delivery).entered();
+                tracing::error!(error = %e, "writing a delivery's outcome failed");
+                None
+            }
+            Err(Panicked) => {
+                // A bug in recording this outcome: the attempt fails instead
+                // (and in the end the delivery is dead), the rest go on.
+                let failed = Outcome::Failed {
+                    error: "recording panicked (a bug): see the log".into(),
+                    retry_after: None,
+                };
+                match write_one(&mut tx, &ctx.config, decided, &failed).await {
+                    Ok(Ok(written)) => Some(written),
+                    _ => None,
+                }
+            }
+        };
+        results.push(result);
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// Writes the outcomes into `tx` with no savepoint, in order, until an
+/// acknowledgement commit has waited for the writer long enough (at least
+/// one is written).
+/// `None` at the first error or panic: `tx` then holds part of the batch
+/// and must be rolled back.
+async fn write_straight(
+    tx: &mut Tx<'static>,
+    ctx: &Context,
+    batch: &[Decided],
+) -> Result<Option<Vec<Option<Written>>>, sqlx::Error> {
+    let leases: Vec<(i64, &str)> = batch
+        .iter()
+        .map(|d| (d.delivery.id, d.lease_until.as_str()))
+        .collect();
+    let held = store::inbox::hold_leases(tx, &leases).await?;
+    let started = std::time::Instant::now();
+    let mut results = Vec::with_capacity(batch.len());
+    for decided in batch {
+        if !results.is_empty() && ctx.db.acks_waiting() && started.elapsed() >= ACK_WAIT {
+            break;
+        }
+        if !held.contains(&decided.delivery.id) {
+            results.push(Some(Written::LeaseLost));
+            continue;
+        }
+        let d = &decided.delivery;
+        let outcome = &decided.outcome;
+        let written = AssertUnwindSafe(write(tx, &ctx.config, d, &decided.lease_until, outcome))
+            .catch_unwind()
+            .await;
+        match written {
+            // The lease was checked above, so a lost one here is a surprise too.
+            Ok(Ok(written)) if written != Written::LeaseLost => results.push(Some(written)),
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(results))
+}
+
+struct Panicked;
+
+/// Writes one outcome in a savepoint, kept unless the lease was lost, the
+/// database refused or the code panicked.
+async fn write_one(
+    tx: &mut Tx<'static>,
+    config: &Config,
+    decided: &Decided,
+    outcome: &Outcome,
+) -> Result<Result<Written, sqlx::Error>, Panicked> {
+    let mut savepoint = match sqlx::Connection::begin(&mut **tx).await {
+        Ok(savepoint) => savepoint,
+        Err(e) => return Ok(Err(e)),
+    };
+    let written = AssertUnwindSafe(write(
+        &mut savepoint,
+        config,
+        &decided.delivery,
+        &decided.lease_until,
+        outcome,
+    ))
+    .catch_unwind()
+    .await;
+    let keep = matches!(&written, Ok(Ok(w)) if *w != Written::LeaseLost);
+    let ended = if keep {
+        savepoint.commit().await
+    } else {
+        savepoint.rollback().await
+    };
+    match (written, ended) {
+        (Err(_), _) => {
+            let _span = delivery_span(&decided.delivery).entered();
+            tracing::error!("recording panicked (a bug)");
+            Err(Panicked)
+        }
+        (Ok(written), Ok(())) => Ok(written),
+        (Ok(_), Err(e)) => Ok(Err(e)),
+    }
+}
+
+/// Writes what an outcome means for its delivery, in `tx`.
+async fn write(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    d: &Delivery,
+    lease_until: &str,
+    outcome: &Outcome,
+) -> Result<Written, sqlx::Error> {
+    let now = time::now();
+    let now_s = time::fmt(now);
+    let trigger = trigger_of(d);
+    let finished = |done: bool, written: Written| if done { written } else { Written::LeaseLost };
+    match outcome {
+        Outcome::Ignore(reason) => {
+            let done = store::inbox::finish(tx, d.id, lease_until, "ignored", &now_s).await?;
+            Ok(finished(done, Written::Ignored(reason.clone())))
+        }
+        Outcome::Reversal(transfer) => {
+            if !record::record_reversal(tx, config, transfer, &trigger, now).await? {
+                let error = format!("reversal of transfer {transfer}, which is not known yet");
+                return write_failure(tx, config, d, lease_until, &error, None).await;
+            }
+            let done = store::inbox::finish(tx, d.id, lease_until, "processed", &now_s).await?;
+            Ok(finished(done, Written::Reversal(transfer.clone())))
+        }
+        Outcome::Observed {
+            obs,
+            context,
+            reversal,
+        } => {
+            let recorded = match reversal {
+                None => record::record(tx, config, obs, &trigger, context.as_deref(), now).await?,
+                Some(transfer) => {
+                    // The observation and the reversal stand or fall together.
+                    let mut both = sqlx::Connection::begin(&mut **tx).await?;
+                    let recorded =
+                        record::record(&mut both, config, obs, &trigger, context.as_deref(), now)
+                            .await?;
+                    if !record::record_reversal(&mut both, config, transfer, &trigger, now).await? {
+                        both.rollback().await?;
+                        let error = format!(
+                            "reversal of transfer {transfer}, which bulk transfer {} does not list",
+                            obs.id
+                        );
+                        return write_failure(tx, config, d, lease_until, &error, None).await;
+                    }
+                    both.commit().await?;
+                    recorded
+                }
+            };
+            let done = store::inbox::finish(tx, d.id, lease_until, "processed", &now_s).await?;
+            Ok(finished(
+                done,
+                Written::Processed {
+                    status: obs.status.clone(),
+                    transitions: recorded.transitions,
+                    stale: recorded.stale,
+                },
+            ))
+        }
+        Outcome::NotFound { target, detail } => {
+            let resource = resources::ensure(
+                tx,
+                &d.provider,
+                &target.kind,
+                &target.id,
+                None,
+                target.context.as_deref(),
+                &now_s,
+            )
+            .await?;
+            resources::mark_not_found(tx, resource.rid, &now_s, None).await?;
+            let error = format!("the resource does not exist: {detail}");
+            if !store::inbox::fail(tx, d.id, lease_until, &error, &now_s, true).await? {
+                return Ok(Written::LeaseLost);
+            }
+            crate::alerts::rules::on_dead_letter(tx, config, d.id, &error, &now_s).await?;
+            Ok(Written::Dead(error))
+        }
+        Outcome::Failed { error, retry_after } => {
+            write_failure(tx, config, d, lease_until, error, *retry_after).await
+        }
+        Outcome::Released(error) => {
+            let wait = Duration::from_secs(config.workers.backoff_max_secs.clamp(1, 60));
+            let next = time::fmt(now + chrono::Duration::from_std(wait).unwrap_or_default());
+            let done = store::inbox::release(tx, d.id, lease_until, error, &next).await?;
+            Ok(finished(
+                done,
+                Written::Released {
+                    error: error.clone(),
+                    next_attempt_at: next,
+                },
+            ))
+        }
+    }
+}
+
+/// A failed attempt: retry later with backoff (at least what the provider
+/// asked for), or `dead` once `workers.max_attempts` is reached.
+async fn write_failure(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    d: &Delivery,
+    lease_until: &str,
+    error: &str,
+    retry_after: Option<Duration>,
+) -> Result<Written, sqlx::Error> {
+    let w = &config.workers;
+    let dead = d.attempts >= i64::from(w.max_attempts);
+    let wait = backoff(
+        Duration::from_millis(w.backoff_base_ms.max(1)),
+        Duration::from_secs(w.backoff_max_secs.max(1)),
+        d.attempts.max(1) as u32,
+    )
+    .max(retry_after.unwrap_or_default());
+    let next = time::fmt(time::now() + chrono::Duration::from_std(wait).unwrap_or_default());
+    if !store::inbox::fail(tx, d.id, lease_until, error, &next, dead).await? {
+        return Ok(Written::LeaseLost);
+    }
+    if dead {
+        crate::alerts::rules::on_dead_letter(tx, config, d.id, error, &time::now_str()).await?;
+        return Ok(Written::Dead(error.to_string()));
+    }
+    Ok(Written::Retry {
+        error: error.to_string(),
+        next_attempt_at: next,
+    })
+}
+
+/// Logs (and counts) what a delivery's attempt came to, once it is committed.
+fn report(d: &Delivery, written: &Written) {
+    match written {
+        Written::Ignored(reason) => tracing::debug!(%reason, "delivery ignored"),
+        Written::Processed {
+            status,
+            transitions,
+            stale,
+        } => tracing::debug!(%status, transitions, stale, "delivery processed"),
+        Written::Reversal(transfer) => tracing::info!(%transfer, "reversal recorded"),
+        Written::Retry {
+            error,
+            next_attempt_at,
+        } => {
+            tracing::warn!(%error, attempts = d.attempts, %next_attempt_at, "delivery attempt failed; will retry")
+        }
+        Written::Dead(error) => {
+            metrics::counter!("cancelwatch_deliveries_dead_total", "provider" => provider_name(d))
+                .increment(1);
+            tracing::error!(%error, attempts = d.attempts, "delivery dead");
+        }
+        Written::Released {
+            error,
+            next_attempt_at,
+        } => {
+            tracing::error!(%error, %next_attempt_at, "PROVIDER CREDENTIALS REFUSED OR MISSING: the delivery stays pending until the API key works")
+        }
+        Written::LeaseLost => tracing::warn!(
+            "the lease ran out before the delivery was finished; this attempt is dropped"
+        ),
     }
 }
 
@@ -357,66 +777,6 @@ fn provider_name(d: &Delivery) -> &'static str {
         juice::NAME => juice::NAME,
         _ => "unknown",
     }
-}
-
-/// Our lease ran out while we worked: another worker owns the delivery now,
-/// so nothing of this attempt is kept.
-async fn lease_lost(tx: store::GatedTx) -> Result<(), sqlx::Error> {
-    tx.rollback().await?;
-    tracing::warn!("the lease ran out before the delivery was finished; this attempt is dropped");
-    Ok(())
-}
-
-/// A failed attempt: retry later with backoff (at least what the provider
-/// asked for), or `dead` once `workers.max_attempts` is reached.
-async fn fail(
-    ctx: &Context,
-    d: &Delivery,
-    lease_until: &str,
-    error: &str,
-    retry_after: Option<Duration>,
-) -> Result<(), sqlx::Error> {
-    let w = &ctx.config.workers;
-    let dead = d.attempts >= i64::from(w.max_attempts);
-    let wait = backoff(
-        Duration::from_millis(w.backoff_base_ms.max(1)),
-        Duration::from_secs(w.backoff_max_secs.max(1)),
-        d.attempts.max(1) as u32,
-    )
-    .max(retry_after.unwrap_or_default());
-    let next = time::fmt(time::now() + chrono::Duration::from_std(wait).unwrap_or_default());
-    let mut tx = ctx.db.begin().await?;
-    if !store::inbox::fail(&mut tx, d.id, lease_until, error, &next, dead).await? {
-        return lease_lost(tx).await;
-    }
-    if dead {
-        crate::alerts::rules::on_dead_letter(&mut tx, &ctx.config, d.id, error, &time::now_str())
-            .await?;
-    }
-    tx.commit().await?;
-    if dead {
-        metrics::counter!("cancelwatch_deliveries_dead_total", "provider" => provider_name(d))
-            .increment(1);
-        tracing::error!(%error, attempts = d.attempts, "delivery dead after its last attempt");
-    } else {
-        tracing::warn!(%error, attempts = d.attempts, next_attempt_at = %next, "delivery attempt failed; will retry");
-    }
-    Ok(())
-}
-
-/// The provider refused our credentials (or has none): the delivery waits,
-/// its attempt not counted, so a fixed key loses nothing.
-async fn release(
-    ctx: &Context,
-    d: &Delivery,
-    lease_until: &str,
-    e: &ApiError,
-) -> Result<(), sqlx::Error> {
-    let wait = Duration::from_secs(ctx.config.workers.backoff_max_secs.clamp(1, 60));
-    let next = time::fmt(time::now() + chrono::Duration::from_std(wait).unwrap_or_default());
-    tracing::error!(error = %e, next_attempt_at = %next, "PROVIDER CREDENTIALS REFUSED OR MISSING: the delivery stays pending until the API key works");
-    let _slot = ctx.db.write_slot().await;
-    store::inbox::release(&ctx.db.write, d.id, lease_until, &e.to_string(), &next).await
 }
 
 #[cfg(test)]

@@ -101,6 +101,24 @@ pub async fn find(tx: &mut Tx<'_>, key: &AlertKey) -> Result<Option<Alert>, sqlx
     .await
 }
 
+/// The open alerts about one resource, whatever their rule.
+pub async fn open_about(
+    tx: &mut Tx<'_>,
+    provider: &str,
+    kind: &str,
+    resource_id: &str,
+) -> Result<Vec<Alert>, sqlx::Error> {
+    sqlx::query_as::<_, Alert>(&format!(
+        "SELECT {ALERT_COLUMNS} FROM alerts
+         WHERE provider = ? AND kind = ? AND resource_id = ? AND state = 'open'"
+    ))
+    .bind(provider)
+    .bind(kind)
+    .bind(resource_id)
+    .fetch_all(&mut **tx)
+    .await
+}
+
 /// Open alerts of one rule.
 pub async fn open_of_rule(tx: &mut Tx<'_>, rule: &str) -> Result<Vec<Alert>, sqlx::Error> {
     sqlx::query_as::<_, Alert>(&format!(

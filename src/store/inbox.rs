@@ -106,43 +106,99 @@ const DELIVERY_COLUMNS: &str =
      context, livemode, raw_body, body_size, source, received_at, state, attempts, next_attempt_at,
      last_error, processed_at";
 
-/// Claims the next ready delivery whose resource no live lease holds, and
-/// leases it until `lease_until`. First a delivery whose lease ran out (a
-/// crashed worker; there are at most a few `processing` rows), else the due
-/// delivery first in line: `next_attempt_at` is the receipt time for a first
+/// Claims up to `limit` ready deliveries and leases them until
+/// `lease_until`, in one go: first deliveries whose lease ran out (a crashed
+/// worker's; there are at most a few `processing` rows), then the due
+/// deliveries in line (`next_attempt_at` is the receipt time for a first
 /// attempt, so new deliveries go in arrival order and retries when they fall
-/// due. Both lookups are index range scans (`inbox_ready`, `inbox_due`).
-pub async fn claim(
-    pool: &SqlitePool,
+/// due). Never one whose resource a live lease holds, and never two of one
+/// resource in a batch: the later ones wait for the next claim. Both lookups
+/// are index range scans (`inbox_ready`, `inbox_due`).
+///
+/// Runs in the caller's write transaction, so the pick and the lease are one
+/// step for every other writer of the database.
+pub async fn claim_batch(
+    tx: &mut Tx<'_>,
     now: &str,
     lease_until: &str,
-) -> Result<Option<Delivery>, sqlx::Error> {
+    limit: usize,
+) -> Result<Vec<Delivery>, sqlx::Error> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
     let free = |alias: &str| {
         format!(
             "({alias}.resource_id IS NULL OR NOT EXISTS (
                 SELECT 1 FROM inbox o
                 WHERE o.resource_id = {alias}.resource_id AND o.state = 'processing'
-                  AND o.lease_until > ?2 AND o.id <> {alias}.id))"
+                  AND o.lease_until > ?1 AND o.id <> {alias}.id))"
         )
     };
-    let sql = format!(
-        "UPDATE inbox SET state = 'processing', lease_until = ?1, attempts = attempts + 1
-         WHERE id = COALESCE(
-            (SELECT l.id FROM inbox l
-             WHERE l.state = 'processing' AND l.lease_until <= ?2 AND {lapsed_free}
-             ORDER BY l.id LIMIT 1),
-            (SELECT c.id FROM inbox c
-             WHERE c.state IN ('pending', 'failed') AND c.next_attempt_at <= ?2 AND {due_free}
-             ORDER BY c.next_attempt_at, c.id LIMIT 1))
-         RETURNING {DELIVERY_COLUMNS}",
-        lapsed_free = free("l"),
-        due_free = free("c"),
-    );
-    sqlx::query_as::<_, Delivery>(&sql)
-        .bind(lease_until)
+    // A few more candidates than wanted: some may share a resource.
+    let scan = (limit * 2) as i64;
+    let mut candidates: Vec<(i64, Option<String>)> = sqlx::query_as(&format!(
+        "SELECT l.id, l.resource_id FROM inbox l
+         WHERE l.state = 'processing' AND l.lease_until <= ?1 AND {}
+         ORDER BY l.id LIMIT ?2",
+        free("l")
+    ))
+    .bind(now)
+    .bind(scan)
+    .fetch_all(&mut **tx)
+    .await?;
+    candidates.extend(
+        sqlx::query_as::<_, (i64, Option<String>)>(&format!(
+            "SELECT c.id, c.resource_id FROM inbox c
+             WHERE c.state IN ('pending', 'failed') AND c.next_attempt_at <= ?1 AND {}
+             ORDER BY c.next_attempt_at, c.id LIMIT ?2",
+            free("c")
+        ))
         .bind(now)
-        .fetch_optional(pool)
-        .await
+        .bind(scan)
+        .fetch_all(&mut **tx)
+        .await?,
+    );
+    let mut resources = std::collections::HashSet::new();
+    let picked: Vec<i64> = candidates
+        .into_iter()
+        .filter(|(_, resource)| match resource {
+            Some(r) => resources.insert(r.clone()),
+            None => true,
+        })
+        .map(|(id, _)| id)
+        .take(limit)
+        .collect();
+    if picked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "UPDATE inbox SET state = 'processing', lease_until = ",
+    );
+    qb.push_bind(lease_until)
+        .push(", attempts = attempts + 1 WHERE id IN (");
+    let mut ids = qb.separated(", ");
+    for id in &picked {
+        ids.push_bind(id);
+    }
+    qb.push(format!(") RETURNING {DELIVERY_COLUMNS}"));
+    let mut claimed: Vec<Delivery> = qb.build_query_as().fetch_all(&mut **tx).await?;
+    let order: std::collections::HashMap<i64, usize> =
+        picked.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    claimed.sort_by_key(|d| order[&d.id]);
+    Ok(claimed)
+}
+
+/// Claims the next ready delivery (see [`claim_batch`]) in a transaction of
+/// its own.
+pub async fn claim(
+    pool: &SqlitePool,
+    now: &str,
+    lease_until: &str,
+) -> Result<Option<Delivery>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let claimed = claim_batch(&mut tx, now, lease_until, 1).await?;
+    tx.commit().await?;
+    Ok(claimed.into_iter().next())
 }
 
 /// Claims one given delivery (replay processes it inline), under the same
@@ -213,6 +269,35 @@ pub async fn finish(
     Ok(done.rows_affected() == 1)
 }
 
+/// Of the given (delivery, lease end) pairs, the deliveries whose lease
+/// still holds. A write (a no-op one), so the transaction takes the write
+/// lock here and nobody can take a lease away before it ends.
+pub async fn hold_leases(
+    tx: &mut Tx<'_>,
+    leases: &[(i64, &str)],
+) -> Result<std::collections::HashSet<i64>, sqlx::Error> {
+    let mut held = std::collections::HashSet::new();
+    // SQLite allows 32766 bound values; 2 a delivery.
+    for chunk in leases.chunks(1_000) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "UPDATE inbox SET lease_until = lease_until
+             WHERE state = 'processing' AND (id, lease_until) IN (VALUES ",
+        );
+        let mut rows = qb.separated(", ");
+        for (id, lease) in chunk {
+            rows.push("(")
+                .push_bind_unseparated(*id)
+                .push_unseparated(", ")
+                .push_bind_unseparated(*lease)
+                .push_unseparated(")");
+        }
+        qb.push(") RETURNING id");
+        let ids: Vec<i64> = qb.build_query_scalar().fetch_all(&mut **tx).await?;
+        held.extend(ids);
+    }
+    Ok(held)
+}
+
 /// A failed attempt: retry at `next_attempt_at`, or `dead` when `dead` is set.
 pub async fn fail(
     tx: &mut Tx<'_>,
@@ -239,13 +324,13 @@ pub async fn fail(
 /// Gives an attempt back without counting it (e.g. the provider key is wrong:
 /// no event is dropped for that).
 pub async fn release(
-    pool: &SqlitePool,
+    tx: &mut Tx<'_>,
     id: i64,
     lease_until: &str,
     error: &str,
     next_attempt_at: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
         "UPDATE inbox SET state = 'pending', attempts = MAX(attempts - 1, 0), next_attempt_at = ?,
                           last_error = ?, lease_until = NULL
          WHERE id = ? AND state = 'processing' AND lease_until = ?",
@@ -254,9 +339,9 @@ pub async fn release(
     .bind(error)
     .bind(id)
     .bind(lease_until)
-    .execute(pool)
+    .execute(&mut **tx)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// Puts a stored delivery back in line (replay), whatever its state.

@@ -17,6 +17,7 @@ pub mod resources;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +57,18 @@ pub struct Db {
     /// they queue for the writer connection, so an acknowledgement never waits
     /// behind more than one of their transactions however many workers run.
     background_writers: Arc<Semaphore>,
+    /// Acknowledgement commits waiting for the writer connection: a batch
+    /// of the pipeline's that sees one ends early and lets it through.
+    acks_waiting: Arc<AtomicUsize>,
+}
+
+/// Counts an acknowledgement commit as waiting while it lives.
+pub struct AckWaiting(Arc<AtomicUsize>);
+
+impl Drop for AckWaiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A write transaction of the pipeline, alerts or a command, holding the
@@ -132,6 +145,7 @@ impl Db {
             read,
             ack_full,
             background_writers: Arc::new(Semaphore::new(1)),
+            acks_waiting: Arc::default(),
         })
     }
 
@@ -162,6 +176,18 @@ impl Db {
             .acquire_owned()
             .await
             .expect("the semaphore is never closed")
+    }
+
+    /// Marks an acknowledgement commit as waiting for the writer connection
+    /// until the guard is dropped.
+    pub fn ack_waiting(&self) -> AckWaiting {
+        self.acks_waiting.fetch_add(1, Ordering::SeqCst);
+        AckWaiting(self.acks_waiting.clone())
+    }
+
+    /// True while an acknowledgement commit waits for the writer connection.
+    pub fn acks_waiting(&self) -> bool {
+        self.acks_waiting.load(Ordering::SeqCst) > 0
     }
 
     /// Switches the writer connection to syncing every commit (before an

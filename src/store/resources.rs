@@ -67,8 +67,9 @@ pub async fn find(
     .await
 }
 
-/// Adds a resource not seen before (status NULL) and returns its rid; an
-/// existing one is left alone and its rid returned.
+/// Adds a resource not seen before (status NULL) and returns its row; an
+/// existing one is returned as it is. One statement: the no-op update on a
+/// conflict is what makes `RETURNING` answer for an existing row too.
 pub async fn ensure(
     tx: &mut Tx<'_>,
     provider: &str,
@@ -77,26 +78,21 @@ pub async fn ensure(
     parent_id: Option<&str>,
     context: Option<&str>,
     now: &str,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query(
+) -> Result<Resource, sqlx::Error> {
+    sqlx::query_as::<_, Resource>(&format!(
         "INSERT INTO resources (provider, kind, id, parent_id, context, first_seen_at)
          VALUES (?, ?, ?, ?, ?, ?)
-         ON CONFLICT (provider, kind, id) DO NOTHING",
-    )
+         ON CONFLICT (provider, kind, id) DO UPDATE SET provider = excluded.provider
+         RETURNING {RESOURCE_COLUMNS}"
+    ))
     .bind(provider)
     .bind(kind)
     .bind(id)
     .bind(parent_id)
     .bind(context)
     .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query_scalar("SELECT rid FROM resources WHERE provider = ? AND kind = ? AND id = ?")
-        .bind(provider)
-        .bind(kind)
-        .bind(id)
-        .fetch_one(&mut **tx)
-        .await
+    .fetch_one(&mut **tx)
+    .await
 }
 
 /// The new current state of a resource after an accepted observation.
@@ -118,16 +114,18 @@ pub struct StateUpdate<'a> {
 }
 
 /// Writes the current state; fields the observation lacks keep their value.
-pub async fn update_state(tx: &mut Tx<'_>, u: &StateUpdate<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query(
+/// Returns the row as it is now.
+pub async fn update_state(tx: &mut Tx<'_>, u: &StateUpdate<'_>) -> Result<Resource, sqlx::Error> {
+    sqlx::query_as::<_, Resource>(&format!(
         "UPDATE resources SET
             parent_id = COALESCE(?, parent_id), status = ?, terminal = ?,
             livemode = COALESCE(?, livemode), context = COALESCE(?, context),
             amount = COALESCE(?, amount), currency = COALESCE(?, currency), snapshot = ?,
             provider_updated_at = COALESCE(?, provider_updated_at), status_since = ?,
             last_observed_at = ?, not_found = 0, next_reconcile_at = ?, reconcile_failures = 0
-         WHERE rid = ?",
-    )
+         WHERE rid = ?
+         RETURNING {RESOURCE_COLUMNS}"
+    ))
     .bind(u.parent_id)
     .bind(u.status)
     .bind(u.terminal)
@@ -141,9 +139,8 @@ pub async fn update_state(tx: &mut Tx<'_>, u: &StateUpdate<'_>) -> Result<(), sq
     .bind(u.observed_at)
     .bind(u.next_reconcile_at)
     .bind(u.rid)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .fetch_one(&mut **tx)
+    .await
 }
 
 /// A stale observation: only the time it was seen moves.
