@@ -61,6 +61,45 @@ impl IntoResponse for IngressError {
     }
 }
 
+/// Refusals write at most one log line a second, each telling how many were
+/// left out since the previous one: a flood of forged deliveries must not
+/// fill the disk. Every refusal is still counted in metrics and kept in the
+/// `refusals` table.
+static REFUSAL_LOG: std::sync::LazyLock<LogLimiter> =
+    std::sync::LazyLock::new(|| LogLimiter::new(std::time::Duration::from_secs(1)));
+
+/// Lets one log line through per interval and counts the others.
+pub struct LogLimiter {
+    interval: std::time::Duration,
+    /// When the last line went out, and how many were left out since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogLimiter {
+    pub fn new(interval: std::time::Duration) -> LogLimiter {
+        LogLimiter {
+            interval,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(left out since the last line)` when a line may go out at `now`.
+    pub fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, left_out) = &mut *state;
+        match last {
+            Some(at) if now.duration_since(*at) < self.interval => {
+                *left_out += 1;
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(std::mem::take(left_out))
+            }
+        }
+    }
+}
+
 async fn receive(
     State(app): State<Arc<App>>,
     Path(provider_name): Path<String>,
@@ -78,7 +117,9 @@ async fn receive(
     let refuse = |refused: Refused, size: Option<usize>| {
         metrics::counter!("cancelwatch_deliveries_refused_total", "provider" => name, "reason" => refused.code)
             .increment(1);
-        tracing::warn!(provider = name, reason = refused.code, message = %refused.message, remote = %remote, "delivery refused");
+        if let Some(left_out) = REFUSAL_LOG.admit(std::time::Instant::now()) {
+            tracing::warn!(provider = name, reason = refused.code, message = %refused.message, remote = %remote, left_out, "delivery refused");
+        }
         app.inbox.record_refusal(Refusal {
             provider: name.to_string(),
             reason: refused.code.to_string(),
@@ -173,4 +214,23 @@ async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<B
             BodyError::Read(e.to_string())
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogLimiter;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn refusal_lines_are_limited_and_count_what_they_left_out() {
+        let limiter = LogLimiter::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(limiter.admit(t0), Some(0));
+        for ms in [1, 10, 999] {
+            assert_eq!(limiter.admit(t0 + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(limiter.admit(t0 + Duration::from_millis(1_000)), Some(3));
+        assert_eq!(limiter.admit(t0 + Duration::from_millis(1_001)), None);
+        assert_eq!(limiter.admit(t0 + Duration::from_millis(5_000)), Some(1));
+    }
 }
