@@ -1211,3 +1211,136 @@ async fn a_batch_of_outcomes_is_written_together_and_a_lost_lease_is_left_alone(
     );
     ctx.db.close().await;
 }
+
+fn observation(
+    kind: &str,
+    id: &str,
+    status: &str,
+    children: Vec<cancelwatch::providers::Observation>,
+) -> cancelwatch::providers::Observation {
+    use cancelwatch::providers::{classify, Observation};
+    let provider = if kind.starts_with("juice.") {
+        "juice"
+    } else {
+        "stripe"
+    };
+    Observation {
+        provider,
+        kind: kind.into(),
+        id: id.into(),
+        parent_id: None,
+        status: status.into(),
+        class: classify(kind, status, &[]),
+        provider_at: None,
+        amount: Some(100),
+        currency: Some("usd".into()),
+        livemode: Some(false),
+        snapshot: serde_json::json!({"id": id, "status": status}),
+        progress: None,
+        children,
+        refund: None,
+    }
+}
+
+/// Many observations recorded together: each resource's transitions are
+/// those it would get one observation at a time, also when two observations
+/// of one resource share a call (they are recorded in turn), and a stale
+/// one moves nothing.
+#[tokio::test]
+async fn observations_recorded_together_match_one_at_a_time() {
+    use pipeline::record::{self, ToRecord, Trigger};
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
+        .await
+        .unwrap();
+    let obt = "stripe.outbound_transfer";
+    let mut item = observation("juice.transfer", "it_1", "cancelled", vec![]);
+    item.parent_id = Some("bulk_1".into());
+    let observations = [
+        observation(obt, "obt_a", "processing", vec![]),
+        observation(obt, "obt_b", "processing", vec![]),
+        // obt_a again, later: recorded after the first, in the same call.
+        observation(obt, "obt_a", "canceled", vec![]),
+        observation("juice.bulk_transfer", "bulk_1", "cancelled", vec![item]),
+    ];
+    let triggers: Vec<Trigger> = (0..observations.len())
+        .map(|n| Trigger::event(format!("evt_{n}")))
+        .collect();
+    let items: Vec<ToRecord> = observations
+        .iter()
+        .zip(&triggers)
+        .map(|(obs, trigger)| ToRecord {
+            obs,
+            trigger,
+            context: None,
+        })
+        .collect();
+    let mut tx = ctx.db.write.begin().await.unwrap();
+    let recorded = record::record_all(&mut tx, &ctx.config, &items, cancelwatch::time::now())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let counts: Vec<(usize, bool, usize)> = recorded
+        .iter()
+        .map(|r| (r.transitions, r.stale, r.rids.len()))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![(1, false, 1), (1, false, 1), (1, false, 1), (2, false, 2)]
+    );
+    let history = |id: &'static str| {
+        let pool = ctx.db.read.clone();
+        async move {
+            resources::transitions_of(&pool, id)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|t| (t.from_status, t.to_status, t.trigger_id))
+                .collect::<Vec<_>>()
+        }
+    };
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        history("obt_a").await,
+        vec![
+            (None, "processing".into(), some("evt_0")),
+            (some("processing"), "canceled".into(), some("evt_2")),
+        ]
+    );
+    assert_eq!(
+        history("it_1").await,
+        vec![(None, "cancelled".into(), some("evt_3"))]
+    );
+    let item_row = resources::find(&ctx.db.read, "juice.transfer", "it_1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(item_row.parent_id.as_deref(), Some("bulk_1"));
+
+    // A late `processing` of obt_a is stale: canceled is final.
+    let late = observation(obt, "obt_a", "processing", vec![]);
+    let trigger = Trigger::event("evt_late");
+    let mut tx = ctx.db.write.begin().await.unwrap();
+    let recorded = record::record_all(
+        &mut tx,
+        &ctx.config,
+        &[ToRecord {
+            obs: &late,
+            trigger: &trigger,
+            context: None,
+        }],
+        cancelwatch::time::now(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(recorded[0].stale);
+    assert_eq!(recorded[0].transitions, 0);
+    assert_eq!(history("obt_a").await.len(), 2);
+    let row = resources::find(&ctx.db.read, obt, "obt_a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status.as_deref(), Some("canceled"));
+    ctx.db.close().await;
+}

@@ -88,13 +88,13 @@ pub async fn on_resource_recorded(
     let Some(resource) = sql::resource(tx, rid).await? else {
         return Ok(());
     };
-    evaluate(tx, config, &resource, now).await?;
+    evaluate_alone(tx, config, &resource, now).await?;
     if resource.kind == JUICE_TRANSFER {
         if let Some(parent_id) = &resource.parent_id {
             if let Some(bulk) =
                 crate::store::resources::get(tx, &resource.provider, JUICE_BULK, parent_id).await?
             {
-                evaluate(tx, config, &bulk, now).await?;
+                evaluate_alone(tx, config, &bulk, now).await?;
             }
         }
     }
@@ -111,13 +111,20 @@ pub async fn on_observation_recorded(
     resources: &[ResourceRow],
     now: &str,
 ) -> Result<(), sqlx::Error> {
+    // One read of the open alerts for all of them: most have none.
+    let keys: Vec<(&str, &str, &str)> = resources
+        .iter()
+        .map(|r| (r.provider.as_str(), r.kind.as_str(), r.id.as_str()))
+        .collect();
+    let open = sql::open_about_many(tx, &keys).await?;
     let mut seen = std::collections::HashSet::new();
     let mut parents = Vec::new();
     for resource in resources {
         if !seen.insert(resource.rid) {
             continue;
         }
-        evaluate(tx, config, resource, now).await?;
+        let about: Vec<&sql::Alert> = open.iter().filter(|a| is_about(a, resource)).collect();
+        evaluate(tx, config, resource, &about, now).await?;
         if resource.kind == JUICE_TRANSFER {
             if let Some(parent_id) = &resource.parent_id {
                 let key = (resource.provider.clone(), parent_id.clone());
@@ -132,22 +139,38 @@ pub async fn on_observation_recorded(
             crate::store::resources::get(tx, &provider, JUICE_BULK, &parent_id).await?
         {
             if !seen.contains(&bulk.rid) {
-                evaluate(tx, config, &bulk, now).await?;
+                evaluate_alone(tx, config, &bulk, now).await?;
             }
         }
     }
     Ok(())
 }
 
-async fn evaluate(
+fn is_about(alert: &sql::Alert, r: &ResourceRow) -> bool {
+    alert.provider == r.provider && alert.kind == r.kind && alert.resource_id == r.id
+}
+
+/// [`evaluate`], reading the resource's open alerts first.
+async fn evaluate_alone(
     tx: &mut Tx<'_>,
     config: &Config,
     resource: &ResourceRow,
     now: &str,
 ) -> Result<(), sqlx::Error> {
-    // One read for every rule below: most resources have no open alert.
     let open = sql::open_about(tx, &resource.provider, &resource.kind, &resource.id).await?;
-    let open_of = |rule: &str| open.iter().find(|a| a.rule == rule);
+    let about: Vec<&sql::Alert> = open.iter().collect();
+    evaluate(tx, config, resource, &about, now).await
+}
+
+/// Runs every rule on a resource as it is now; `open` holds its open alerts.
+async fn evaluate(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    resource: &ResourceRow,
+    open: &[&sql::Alert],
+    now: &str,
+) -> Result<(), sqlx::Error> {
+    let open_of = |rule: &str| open.iter().copied().find(|a| a.rule == rule);
     if config.alerts.partial_cancellation.enabled {
         let found = match resource.kind.as_str() {
             JUICE_BULK => juice_partial(tx, config, resource).await?,

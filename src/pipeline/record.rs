@@ -165,6 +165,15 @@ pub struct Recorded {
     pub stale: bool,
 }
 
+/// An observation to record, with what caused it.
+#[derive(Debug, Clone, Copy)]
+pub struct ToRecord<'a> {
+    pub obs: &'a Observation,
+    pub trigger: &'a Trigger,
+    /// Stripe account context, kept on the resource.
+    pub context: Option<&'a str>,
+}
+
 /// Records an observation (and its children) in `tx`.
 pub async fn record(
     tx: &mut Tx<'_>,
@@ -174,161 +183,304 @@ pub async fn record(
     context: Option<&str>,
     now: Timestamp,
 ) -> Result<Recorded, sqlx::Error> {
-    let mut recorded = Recorded::default();
-    let mut rows = Vec::with_capacity(1 + obs.children.len());
-    let (verdict, row) = record_one(tx, config, obs, trigger, context, now, &mut recorded).await?;
-    rows.push(row);
-    recorded.stale = verdict == Verdict::Stale;
-    // Children came in the same answer: when it is stale, so are they.
-    if !recorded.stale {
-        for child in &obs.children {
-            let (_, row) =
-                record_one(tx, config, child, trigger, context, now, &mut recorded).await?;
-            rows.push(row);
+    let item = ToRecord {
+        obs,
+        trigger,
+        context,
+    };
+    let mut recorded = record_all(tx, config, &[item], now).await?;
+    Ok(recorded.pop().unwrap_or_default())
+}
+
+/// Records many observations (and their children) in `tx`, with a few
+/// statements for all of them rather than a few each: what is stored is
+/// read in one go, every decision is made in memory by the pure functions
+/// above, and states, transitions and alerts are written in one go each.
+/// Observations that share a resource are recorded in turn, each seeing the
+/// one before. What was recorded, per observation.
+pub async fn record_all(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    items: &[ToRecord<'_>],
+    now: Timestamp,
+) -> Result<Vec<Recorded>, sqlx::Error> {
+    let mut recorded = Vec::with_capacity(items.len());
+    let mut start = 0;
+    while start < items.len() {
+        // The longest run from `start` in which no resource comes twice.
+        let mut seen = std::collections::HashSet::new();
+        let mut end = start;
+        while end < items.len() {
+            let keys = resource_keys(items[end].obs);
+            if end > start && keys.iter().any(|k| seen.contains(k)) {
+                break;
+            }
+            seen.extend(keys);
+            end += 1;
         }
+        recorded.extend(record_run(tx, config, &items[start..end], now).await?);
+        start = end;
     }
-    // Alert rules see what was just written, and commit or roll back with it.
-    crate::alerts::rules::on_observation_recorded(tx, config, &rows, &time::fmt(now)).await?;
     Ok(recorded)
 }
 
-async fn record_one(
+/// The resources an observation may write: itself and its children.
+fn resource_keys(obs: &Observation) -> Vec<(&str, &str)> {
+    std::iter::once(obs)
+        .chain(&obs.children)
+        .map(|o| (o.kind.as_str(), o.id.as_str()))
+        .collect()
+}
+
+/// One observed resource (an item's own, or one of its children) with what
+/// is stored of it.
+struct Seen<'a> {
+    item: usize,
+    /// True for the item's own resource, false for its children.
+    own: bool,
+    obs: &'a Observation,
+    current: resources::Resource,
+    verdict: Verdict,
+}
+
+/// What is decided for a fresh observation, owned so that the statements
+/// below can borrow it.
+struct Decided<'a> {
+    seen: &'a Seen<'a>,
+    snapshot: String,
+    status_since: String,
+    next_reconcile_at: Option<String>,
+    changed: bool,
+}
+
+/// [`record_all`] for observations none of whose resources come twice.
+async fn record_run(
     tx: &mut Tx<'_>,
     config: &Config,
-    obs: &Observation,
-    trigger: &Trigger,
-    context: Option<&str>,
+    items: &[ToRecord<'_>],
     now: Timestamp,
-    recorded: &mut Recorded,
-) -> Result<(Verdict, resources::Resource), sqlx::Error> {
+) -> Result<Vec<Recorded>, sqlx::Error> {
     let now_s = time::fmt(now);
-    let current = resources::ensure(
-        tx,
-        obs.provider,
-        &obs.kind,
-        &obs.id,
-        obs.parent_id.as_deref(),
-        context,
-        &now_s,
-    )
-    .await?;
-    let rid = current.rid;
-    recorded.rids.push(rid);
-    let stored = Stored {
-        status: current.status.clone(),
-        terminal: current.terminal,
-        provider_at: current.provider_updated_at.clone(),
-    };
     let reversed = &config.juice.reversed_statuses;
-    let verdict = judge(
-        &stored,
-        &obs.kind,
-        &obs.status,
-        obs.provider_at.as_deref(),
-        reversed,
-    );
-    if verdict == Verdict::Stale {
-        tracing::debug!(resource = %obs.id, stored = ?stored.status, observed = %obs.status, "stale observation ignored");
-        resources::touch(tx, rid, &now_s).await?;
-        return Ok((verdict, current));
-    }
-    let snapshot = obs.snapshot.to_string();
-    let trigger_id = trigger.id.as_deref();
-
-    // Refund first: whether one stays pending decides the reconcile time.
-    // Refunds are opened only by observations, so a resource never observed
-    // before has none: one statement fewer for every new resource.
-    let mut refund_status = match &current.status {
-        None => None,
-        Some(_) => resources::refund_of(tx, rid).await?.map(|r| r.status),
+    let judged = |item: usize, obs: &'_ Observation, current: resources::Resource| {
+        let stored = Stored {
+            status: current.status.clone(),
+            terminal: current.terminal,
+            provider_at: current.provider_updated_at.clone(),
+        };
+        let verdict = judge(
+            &stored,
+            &obs.kind,
+            &obs.status,
+            obs.provider_at.as_deref(),
+            reversed,
+        );
+        (item, current, verdict)
     };
-    if let Some(signal) = &obs.refund {
-        if let Some(change) = refund_change(refund_status.as_deref(), signal.status) {
-            apply_refund(tx, obs, rid, signal, change, &now_s, trigger).await?;
-            refund_status = Some(
-                match change {
-                    RefundChange::Open(s) | RefundChange::Settle(s) => s,
-                }
-                .as_str()
-                .to_string(),
-            );
+
+    // The observed resources as stored, then the children of those that are
+    // not stale: children came in the same answer, so when it is stale, so are they.
+    let keys: Vec<_> = items.iter().map(|i| key_of(i.obs, i.context)).collect();
+    let mut seen: Vec<Seen> = resources::ensure_many(tx, &keys, &now_s)
+        .await?
+        .into_iter()
+        .enumerate()
+        .map(|(i, current)| {
+            let (item, current, verdict) = judged(i, items[i].obs, current);
+            Seen {
+                item,
+                own: true,
+                obs: items[item].obs,
+                current,
+                verdict,
+            }
+        })
+        .collect();
+    // An answer that lists an item twice is recorded with its first listing.
+    let mut listed: std::collections::HashSet<(&str, &str)> = items
+        .iter()
+        .map(|i| (i.obs.kind.as_str(), i.obs.id.as_str()))
+        .collect();
+    let children: Vec<(usize, &Observation)> = seen
+        .iter()
+        .filter(|s| s.verdict != Verdict::Stale)
+        .flat_map(|s| s.obs.children.iter().map(move |c| (s.item, c)))
+        .filter(|(_, c)| listed.insert((c.kind.as_str(), c.id.as_str())))
+        .collect();
+    if !children.is_empty() {
+        let keys: Vec<_> = children
+            .iter()
+            .map(|(item, c)| key_of(c, items[*item].context))
+            .collect();
+        let stored = resources::ensure_many(tx, &keys, &now_s).await?;
+        for ((item, obs), current) in children.into_iter().zip(stored) {
+            let (item, current, verdict) = judged(item, obs, current);
+            seen.push(Seen {
+                item,
+                own: false,
+                obs,
+                current,
+                verdict,
+            });
         }
     }
 
-    let changed = matches!(verdict, Verdict::First | Verdict::Changed);
-    let status_since = if changed {
-        now_s.clone()
+    // Refunds are opened only by observations, so a resource never observed
+    // before has none to read.
+    let observed_before: Vec<i64> = seen
+        .iter()
+        .filter(|s| s.verdict != Verdict::Stale && s.current.status.is_some())
+        .map(|s| s.current.rid)
+        .collect();
+    let mut refunds = if observed_before.is_empty() {
+        Default::default()
     } else {
-        current
-            .status_since
-            .clone()
-            .unwrap_or_else(|| now_s.clone())
+        resources::refund_statuses(tx, &observed_before).await?
     };
-    let next = next_reconcile(
-        obs.class,
-        refund_status.as_deref() == Some("pending"),
-        now,
-        config.reconcile.interval_secs,
-    );
-    let updated = resources::update_state(
-        tx,
-        &StateUpdate {
-            rid,
-            parent_id: obs.parent_id.as_deref(),
-            status: &obs.status,
-            terminal: obs.class == StatusClass::Terminal,
-            livemode: obs.livemode,
-            context,
-            amount: obs.amount,
-            currency: obs.currency.as_deref(),
-            snapshot: &snapshot,
-            provider_updated_at: obs.provider_at.as_deref(),
-            status_since: &status_since,
-            observed_at: &now_s,
-            next_reconcile_at: next.as_deref(),
-        },
-    )
-    .await?;
-    if changed {
-        resources::insert_transition(
-            tx,
-            &NewTransition {
+
+    let mut stale = Vec::new();
+    let mut fresh = Vec::new();
+    for s in &seen {
+        if s.verdict == Verdict::Stale {
+            tracing::debug!(resource = %s.obs.id, stored = ?s.current.status, observed = %s.obs.status, "stale observation ignored");
+            stale.push(s.current.rid);
+            continue;
+        }
+        let item = &items[s.item];
+        let rid = s.current.rid;
+        // Refund first: whether one stays pending decides the reconcile time.
+        if let Some(signal) = &s.obs.refund {
+            let existing = refunds.get(&rid).map(String::as_str);
+            if let Some(change) = refund_change(existing, signal.status) {
+                apply_refund(tx, s.obs, rid, signal, change, &now_s, item.trigger).await?;
+                let (RefundChange::Open(status) | RefundChange::Settle(status)) = change;
+                refunds.insert(rid, status.as_str().to_string());
+            }
+        }
+        if let Some(p) = s.obs.progress {
+            resources::insert_progress(
+                tx,
                 rid,
+                &now_s,
+                &s.obs.status,
+                p.success,
+                p.failure,
+                p.validated,
+                item.trigger.kind,
+                item.trigger.id.as_deref(),
+            )
+            .await?;
+        }
+        let changed = matches!(s.verdict, Verdict::First | Verdict::Changed);
+        fresh.push(Decided {
+            seen: s,
+            snapshot: s.obs.snapshot.to_string(),
+            status_since: if changed {
+                now_s.clone()
+            } else {
+                s.current
+                    .status_since
+                    .clone()
+                    .unwrap_or_else(|| now_s.clone())
+            },
+            next_reconcile_at: next_reconcile(
+                s.obs.class,
+                refunds.get(&rid).map(String::as_str) == Some("pending"),
+                now,
+                config.reconcile.interval_secs,
+            ),
+            changed,
+        });
+    }
+
+    if !stale.is_empty() {
+        resources::touch_many(tx, &stale, &now_s).await?;
+    }
+    let updates: Vec<StateUpdate> = fresh
+        .iter()
+        .map(|d| StateUpdate {
+            rid: d.seen.current.rid,
+            parent_id: d.seen.obs.parent_id.as_deref(),
+            status: &d.seen.obs.status,
+            terminal: d.seen.obs.class == StatusClass::Terminal,
+            livemode: d.seen.obs.livemode,
+            context: items[d.seen.item].context,
+            amount: d.seen.obs.amount,
+            currency: d.seen.obs.currency.as_deref(),
+            snapshot: &d.snapshot,
+            provider_updated_at: d.seen.obs.provider_at.as_deref(),
+            status_since: &d.status_since,
+            observed_at: &now_s,
+            next_reconcile_at: d.next_reconcile_at.as_deref(),
+        })
+        .collect();
+    let updated = if updates.is_empty() {
+        Vec::new()
+    } else {
+        resources::update_states(tx, &updates).await?
+    };
+    let transitions: Vec<NewTransition> = fresh
+        .iter()
+        .filter(|d| d.changed)
+        .map(|d| {
+            let (obs, current) = (d.seen.obs, &d.seen.current);
+            let trigger = items[d.seen.item].trigger;
+            NewTransition {
+                rid: current.rid,
                 provider: obs.provider,
                 kind: &obs.kind,
                 resource_id: &obs.id,
                 parent_id: obs.parent_id.as_deref().or(current.parent_id.as_deref()),
-                from_status: stored.status.as_deref(),
+                from_status: current.status.as_deref(),
                 to_status: &obs.status,
                 observed_at: &now_s,
                 provider_at: obs.provider_at.as_deref(),
                 trigger_type: trigger.kind,
-                trigger_id,
+                trigger_id: trigger.id.as_deref(),
                 livemode: obs.livemode.or(current.livemode),
-                snapshot: &snapshot,
-            },
-        )
-        .await?;
-        recorded.transitions += 1;
-        metrics::counter!("cancelwatch_transitions_total", "kind" => obs.kind.clone(), "to_status" => obs.status.clone())
+                snapshot: &d.snapshot,
+            }
+        })
+        .collect();
+    if !transitions.is_empty() {
+        resources::insert_transitions(tx, &transitions).await?;
+    }
+    for t in &transitions {
+        metrics::counter!("cancelwatch_transitions_total", "kind" => t.kind.to_string(), "to_status" => t.to_status.to_string())
             .increment(1);
-        tracing::info!(resource = %obs.id, kind = %obs.kind, from = ?stored.status, to = %obs.status, trigger = trigger.kind, "transition");
+        tracing::info!(resource = %t.resource_id, kind = %t.kind, from = ?t.from_status, to = %t.to_status, trigger = t.trigger_type, "transition");
     }
-    if let Some(p) = obs.progress {
-        resources::insert_progress(
-            tx,
-            rid,
-            &now_s,
-            &obs.status,
-            p.success,
-            p.failure,
-            p.validated,
-            trigger.kind,
-            trigger_id,
-        )
-        .await?;
+
+    // Alert rules see every resource looked at as it is now, and commit or
+    // roll back with what was written.
+    let mut updated = updated.into_iter();
+    let mut rows = Vec::with_capacity(seen.len());
+    let mut recorded = vec![Recorded::default(); items.len()];
+    for s in &seen {
+        let r = &mut recorded[s.item];
+        r.rids.push(s.current.rid);
+        if s.verdict == Verdict::Stale {
+            r.stale |= s.own;
+            rows.push(s.current.clone());
+        } else {
+            r.transitions += usize::from(matches!(s.verdict, Verdict::First | Verdict::Changed));
+            rows.push(updated.next().ok_or_else(|| {
+                sqlx::Error::Protocol("fewer updated rows than fresh observations".into())
+            })?);
+        }
     }
-    Ok((verdict, updated))
+    crate::alerts::rules::on_observation_recorded(tx, config, &rows, &now_s).await?;
+    Ok(recorded)
+}
+
+fn key_of<'a>(obs: &'a Observation, context: Option<&'a str>) -> resources::ResourceKey<'a> {
+    resources::ResourceKey {
+        provider: obs.provider,
+        kind: &obs.kind,
+        id: &obs.id,
+        parent_id: obs.parent_id.as_deref(),
+        context,
+    }
 }
 
 async fn apply_refund(

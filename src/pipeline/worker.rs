@@ -45,10 +45,12 @@ const CLAIM_GATHER: Duration = Duration::from_millis(10);
 /// How long an acknowledgement commit may wait for a batch of the
 /// recorder's to let it through (plus the one outcome being written).
 const ACK_WAIT: Duration = Duration::from_millis(3);
+/// Most plain observations recorded together (a run of `record_all`).
+const RECORD_RUN: usize = 64;
 /// Most outcomes written in one transaction. A batch holds the writer
 /// connection while it runs, and an acknowledgement may wait behind one, so
 /// this bounds that wait (a few milliseconds) as well.
-const WRITE_BATCH: usize = 64;
+const WRITE_BATCH: usize = 256;
 /// The long-running tasks [`spawn`] starts: the feeder and the recorder.
 pub const TASKS: usize = 2;
 
@@ -547,10 +549,29 @@ async fn write_straight(
     let held = store::inbox::hold_leases(tx, &leases).await?;
     let started = std::time::Instant::now();
     let mut results = Vec::with_capacity(batch.len());
-    for decided in batch {
+    while results.len() < batch.len() {
         if !results.is_empty() && ctx.db.acks_waiting() && started.elapsed() >= ACK_WAIT {
             break;
         }
+        let rest = &batch[results.len()..];
+        // Plain observations (the bulk of the work) are recorded together.
+        let run = rest
+            .iter()
+            .take(RECORD_RUN)
+            .take_while(|d| plain_observation(d).is_some())
+            .count();
+        if run > 0 {
+            let written =
+                AssertUnwindSafe(write_observations(tx, &ctx.config, &rest[..run], &held))
+                    .catch_unwind()
+                    .await;
+            match written {
+                Ok(Ok(Some(written))) => results.extend(written.into_iter().map(Some)),
+                _ => return Ok(None),
+            }
+            continue;
+        }
+        let decided = &rest[0];
         if !held.contains(&decided.delivery.id) {
             results.push(Some(Written::LeaseLost));
             continue;
@@ -567,6 +588,71 @@ async fn write_straight(
         }
     }
     Ok(Some(results))
+}
+
+/// The observation of an `Observed` outcome with no reversal to complete.
+fn plain_observation(d: &Decided) -> Option<(&Observation, Option<&str>)> {
+    match &d.outcome {
+        Outcome::Observed {
+            obs,
+            context,
+            reversal: None,
+        } => Some((&**obs, context.as_deref())),
+        _ => None,
+    }
+}
+
+/// Records plain observations together ([`record::record_all`]) and ends
+/// their deliveries `processed` with one statement. `None` when an end did
+/// not take (a surprise: the leases were checked in this transaction).
+async fn write_observations(
+    tx: &mut Tx<'static>,
+    config: &Config,
+    run: &[Decided],
+    held: &std::collections::HashSet<i64>,
+) -> Result<Option<Vec<Written>>, sqlx::Error> {
+    let now = time::now();
+    let live: Vec<(&Decided, Trigger)> = run
+        .iter()
+        .filter(|d| held.contains(&d.delivery.id))
+        .map(|d| (d, trigger_of(&d.delivery)))
+        .collect();
+    let items: Vec<record::ToRecord> = live
+        .iter()
+        .filter_map(|(d, trigger)| {
+            plain_observation(d).map(|(obs, context)| record::ToRecord {
+                obs,
+                trigger,
+                context,
+            })
+        })
+        .collect();
+    let recorded = record::record_all(tx, config, &items, now).await?;
+    let ends: Vec<(i64, &str)> = live
+        .iter()
+        .map(|(d, _)| (d.delivery.id, "processed"))
+        .collect();
+    if store::inbox::finish_many(tx, &ends, &time::fmt(now)).await? != ends.len() as u64 {
+        return Ok(None);
+    }
+    let mut recorded = recorded.into_iter().zip(items.iter());
+    let written = run
+        .iter()
+        .map(|d| {
+            if !held.contains(&d.delivery.id) {
+                return Written::LeaseLost;
+            }
+            match recorded.next() {
+                Some((r, item)) => Written::Processed {
+                    status: item.obs.status.clone(),
+                    transitions: r.transitions,
+                    stale: r.stale,
+                },
+                None => Written::LeaseLost,
+            }
+        })
+        .collect();
+    Ok(Some(written))
 }
 
 struct Panicked;

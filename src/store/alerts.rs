@@ -108,15 +108,33 @@ pub async fn open_about(
     kind: &str,
     resource_id: &str,
 ) -> Result<Vec<Alert>, sqlx::Error> {
-    sqlx::query_as::<_, Alert>(&format!(
-        "SELECT {ALERT_COLUMNS} FROM alerts
-         WHERE provider = ? AND kind = ? AND resource_id = ? AND state = 'open'"
-    ))
-    .bind(provider)
-    .bind(kind)
-    .bind(resource_id)
-    .fetch_all(&mut **tx)
-    .await
+    open_about_many(tx, &[(provider, kind, resource_id)]).await
+}
+
+/// The open alerts about any of the given (provider, kind, resource id).
+pub async fn open_about_many(
+    tx: &mut Tx<'_>,
+    resources: &[(&str, &str, &str)],
+) -> Result<Vec<Alert>, sqlx::Error> {
+    let mut open = Vec::new();
+    // SQLite allows 32766 bound values.
+    for chunk in resources.chunks(10_000) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+            "SELECT {ALERT_COLUMNS} FROM alerts WHERE state = 'open' AND resource_id IN ("
+        ));
+        let mut ids = qb.separated(", ");
+        for (_, _, id) in chunk {
+            ids.push_bind(*id);
+        }
+        qb.push(")");
+        let found: Vec<Alert> = qb.build_query_as().fetch_all(&mut **tx).await?;
+        open.extend(found.into_iter().filter(|a| {
+            chunk.iter().any(|(provider, kind, id)| {
+                a.provider == *provider && a.kind == *kind && a.resource_id == *id
+            })
+        }));
+    }
+    Ok(open)
 }
 
 /// Open alerts of one rule.

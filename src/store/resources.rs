@@ -67,9 +67,19 @@ pub async fn find(
     .await
 }
 
+/// A resource to ensure: its key, and what is known of it before its first
+/// observation.
+#[derive(Debug, Clone, Copy)]
+pub struct ResourceKey<'a> {
+    pub provider: &'a str,
+    pub kind: &'a str,
+    pub id: &'a str,
+    pub parent_id: Option<&'a str>,
+    pub context: Option<&'a str>,
+}
+
 /// Adds a resource not seen before (status NULL) and returns its row; an
-/// existing one is returned as it is. One statement: the no-op update on a
-/// conflict is what makes `RETURNING` answer for an existing row too.
+/// existing one is returned as it is.
 pub async fn ensure(
     tx: &mut Tx<'_>,
     provider: &str,
@@ -79,21 +89,61 @@ pub async fn ensure(
     context: Option<&str>,
     now: &str,
 ) -> Result<Resource, sqlx::Error> {
-    sqlx::query_as::<_, Resource>(&format!(
-        "INSERT INTO resources (provider, kind, id, parent_id, context, first_seen_at)
-         VALUES (?, ?, ?, ?, ?, ?)
-         ON CONFLICT (provider, kind, id) DO UPDATE SET provider = excluded.provider
-         RETURNING {RESOURCE_COLUMNS}"
-    ))
-    .bind(provider)
-    .bind(kind)
-    .bind(id)
-    .bind(parent_id)
-    .bind(context)
-    .bind(now)
-    .fetch_one(&mut **tx)
-    .await
+    let key = ResourceKey {
+        provider,
+        kind,
+        id,
+        parent_id,
+        context,
+    };
+    let mut rows = ensure_many(tx, &[key], now).await?;
+    rows.pop()
+        .ok_or_else(|| sqlx::Error::Protocol("ensure returned no row".into()))
 }
+
+/// [`ensure`] for many resources in one statement (per thousand), rows in
+/// the order of `keys`, which must be distinct. The no-op update on a
+/// conflict is what makes `RETURNING` answer for an existing row too.
+pub async fn ensure_many(
+    tx: &mut Tx<'_>,
+    keys: &[ResourceKey<'_>],
+    now: &str,
+) -> Result<Vec<Resource>, sqlx::Error> {
+    let mut found = std::collections::HashMap::with_capacity(keys.len());
+    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO resources (provider, kind, id, parent_id, context, first_seen_at) ",
+        );
+        qb.push_values(chunk, |mut row, k| {
+            row.push_bind(k.provider)
+                .push_bind(k.kind)
+                .push_bind(k.id)
+                .push_bind(k.parent_id)
+                .push_bind(k.context)
+                .push_bind(now);
+        });
+        qb.push(format!(
+            " ON CONFLICT (provider, kind, id) DO UPDATE SET provider = excluded.provider
+             RETURNING {RESOURCE_COLUMNS}"
+        ));
+        for r in qb.build_query_as::<Resource>().fetch_all(&mut **tx).await? {
+            found.insert((r.provider.clone(), r.kind.clone(), r.id.clone()), r);
+        }
+    }
+    keys.iter()
+        .map(|k| {
+            found
+                .remove(&(k.provider.to_string(), k.kind.to_string(), k.id.to_string()))
+                .ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("ensure returned no row for {}", k.id))
+                })
+        })
+        .collect()
+}
+
+/// Most rows one multi-row statement carries: SQLite allows 32766 bound
+/// values, and no row here binds more than 14.
+const ROWS_PER_STATEMENT: usize = 1_000;
 
 /// The new current state of a resource after an accepted observation.
 #[derive(Debug, Clone)]
@@ -113,43 +163,74 @@ pub struct StateUpdate<'a> {
     pub next_reconcile_at: Option<&'a str>,
 }
 
-/// Writes the current state; fields the observation lacks keep their value.
-/// Returns the row as it is now.
-pub async fn update_state(tx: &mut Tx<'_>, u: &StateUpdate<'_>) -> Result<Resource, sqlx::Error> {
-    sqlx::query_as::<_, Resource>(&format!(
-        "UPDATE resources SET
-            parent_id = COALESCE(?, parent_id), status = ?, terminal = ?,
-            livemode = COALESCE(?, livemode), context = COALESCE(?, context),
-            amount = COALESCE(?, amount), currency = COALESCE(?, currency), snapshot = ?,
-            provider_updated_at = COALESCE(?, provider_updated_at), status_since = ?,
-            last_observed_at = ?, not_found = 0, next_reconcile_at = ?, reconcile_failures = 0
-         WHERE rid = ?
-         RETURNING {RESOURCE_COLUMNS}"
-    ))
-    .bind(u.parent_id)
-    .bind(u.status)
-    .bind(u.terminal)
-    .bind(super::bool_int(u.livemode))
-    .bind(u.context)
-    .bind(u.amount)
-    .bind(u.currency)
-    .bind(u.snapshot)
-    .bind(u.provider_updated_at)
-    .bind(u.status_since)
-    .bind(u.observed_at)
-    .bind(u.next_reconcile_at)
-    .bind(u.rid)
-    .fetch_one(&mut **tx)
-    .await
+/// Writes the current state of many resources, one statement per
+/// thousand; fields an observation lacks keep their value. Returns the rows
+/// as they are now, in the order of `updates` (one per resource).
+pub async fn update_states(
+    tx: &mut Tx<'_>,
+    updates: &[StateUpdate<'_>],
+) -> Result<Vec<Resource>, sqlx::Error> {
+    let mut written = std::collections::HashMap::with_capacity(updates.len());
+    for chunk in updates.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "UPDATE resources SET
+                parent_id = COALESCE(v.column2, parent_id), status = v.column3, terminal = v.column4,
+                livemode = COALESCE(v.column5, livemode), context = COALESCE(v.column6, context),
+                amount = COALESCE(v.column7, amount), currency = COALESCE(v.column8, currency),
+                snapshot = v.column9, provider_updated_at = COALESCE(v.column10, provider_updated_at),
+                status_since = v.column11, last_observed_at = v.column12, not_found = 0,
+                next_reconcile_at = v.column13, reconcile_failures = 0
+             FROM (",
+        );
+        qb.push_values(chunk, |mut row, u| {
+            row.push_bind(u.rid)
+                .push_bind(u.parent_id)
+                .push_bind(u.status)
+                .push_bind(u.terminal)
+                .push_bind(super::bool_int(u.livemode))
+                .push_bind(u.context)
+                .push_bind(u.amount)
+                .push_bind(u.currency)
+                .push_bind(u.snapshot)
+                .push_bind(u.provider_updated_at)
+                .push_bind(u.status_since)
+                .push_bind(u.observed_at)
+                .push_bind(u.next_reconcile_at);
+        });
+        qb.push(format!(
+            ") AS v WHERE resources.rid = v.column1 RETURNING {RESOURCE_COLUMNS}"
+        ));
+        for r in qb.build_query_as::<Resource>().fetch_all(&mut **tx).await? {
+            written.insert(r.rid, r);
+        }
+    }
+    updates
+        .iter()
+        .map(|u| {
+            written
+                .remove(&u.rid)
+                .ok_or_else(|| sqlx::Error::Protocol(format!("no resource with rid {}", u.rid)))
+        })
+        .collect()
 }
 
-/// A stale observation: only the time it was seen moves.
-pub async fn touch(tx: &mut Tx<'_>, rid: i64, observed_at: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE resources SET last_observed_at = ? WHERE rid = ?")
-        .bind(observed_at)
-        .bind(rid)
-        .execute(&mut **tx)
-        .await?;
+/// Stale observations: only the time the resources were seen moves.
+pub async fn touch_many(
+    tx: &mut Tx<'_>,
+    rids: &[i64],
+    observed_at: &str,
+) -> Result<(), sqlx::Error> {
+    for chunk in rids.chunks(ROWS_PER_STATEMENT) {
+        let mut qb =
+            sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE resources SET last_observed_at = ");
+        qb.push_bind(observed_at).push(" WHERE rid IN (");
+        let mut ids = qb.separated(", ");
+        for rid in chunk {
+            ids.push_bind(*rid);
+        }
+        qb.push(")");
+        qb.build().execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
@@ -199,28 +280,34 @@ pub struct NewTransition<'a> {
     pub snapshot: &'a str,
 }
 
-pub async fn insert_transition(tx: &mut Tx<'_>, t: &NewTransition<'_>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status, to_status,
-                                  observed_at, provider_at, trigger_type, trigger_id, livemode, snapshot)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         RETURNING id",
-    )
-    .bind(t.rid)
-    .bind(t.provider)
-    .bind(t.kind)
-    .bind(t.resource_id)
-    .bind(t.parent_id)
-    .bind(t.from_status)
-    .bind(t.to_status)
-    .bind(t.observed_at)
-    .bind(t.provider_at)
-    .bind(t.trigger_type)
-    .bind(t.trigger_id)
-    .bind(super::bool_int(t.livemode))
-    .bind(t.snapshot)
-    .fetch_one(&mut **tx)
-    .await
+/// Inserts transition rows in the order given, one statement per thousand.
+pub async fn insert_transitions(
+    tx: &mut Tx<'_>,
+    transitions: &[NewTransition<'_>],
+) -> Result<(), sqlx::Error> {
+    for chunk in transitions.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status, to_status,
+                                      observed_at, provider_at, trigger_type, trigger_id, livemode, snapshot) ",
+        );
+        qb.push_values(chunk, |mut row, t| {
+            row.push_bind(t.rid)
+                .push_bind(t.provider)
+                .push_bind(t.kind)
+                .push_bind(t.resource_id)
+                .push_bind(t.parent_id)
+                .push_bind(t.from_status)
+                .push_bind(t.to_status)
+                .push_bind(t.observed_at)
+                .push_bind(t.provider_at)
+                .push_bind(t.trigger_type)
+                .push_bind(t.trigger_id)
+                .push_bind(super::bool_int(t.livemode))
+                .push_bind(t.snapshot);
+        });
+        qb.build().execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// One progress row.
@@ -285,6 +372,27 @@ pub async fn refund_of(tx: &mut Tx<'_>, rid: i64) -> Result<Option<Refund>, sqlx
     .bind(rid)
     .fetch_optional(&mut **tx)
     .await
+}
+
+/// The refund status of each of `rids` that has a refund.
+pub async fn refund_statuses(
+    tx: &mut Tx<'_>,
+    rids: &[i64],
+) -> Result<std::collections::HashMap<i64, String>, sqlx::Error> {
+    let mut statuses = std::collections::HashMap::new();
+    for chunk in rids.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "SELECT rid, status FROM refunds WHERE rid IN (",
+        );
+        let mut ids = qb.separated(", ");
+        for rid in chunk {
+            ids.push_bind(*rid);
+        }
+        qb.push(")");
+        let rows: Vec<(i64, String)> = qb.build_query_as().fetch_all(&mut **tx).await?;
+        statuses.extend(rows);
+    }
+    Ok(statuses)
 }
 
 /// A refund to open.
