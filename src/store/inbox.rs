@@ -113,7 +113,8 @@ const DELIVERY_COLUMNS: &str =
 /// attempt, so new deliveries go in arrival order and retries when they fall
 /// due). Never one whose resource a live lease holds, and never two of one
 /// resource in a batch: the later ones wait for the next claim. Both lookups
-/// are index range scans (`inbox_ready`, `inbox_due`).
+/// are index range scans that stop at the limit (`inbox_state_id`,
+/// `inbox_ready`).
 ///
 /// Runs in the caller's write transaction, so the pick and the lease are one
 /// step for every other writer of the database.
@@ -147,16 +148,26 @@ pub async fn claim_batch(
     .fetch_all(&mut **tx)
     .await?;
     candidates.extend(
-        sqlx::query_as::<_, (i64, Option<String>)>(&format!(
-            "SELECT c.id, c.resource_id FROM inbox c
-             WHERE c.state IN ('pending', 'failed') AND c.next_attempt_at <= ?1 AND {}
-             ORDER BY c.next_attempt_at, c.id LIMIT ?2",
-            free("c")
+        sqlx::query_as::<_, (i64, Option<String>, String)>(&format!(
+            // One ordered range scan of `inbox_ready` per state, merged, that
+            // stops at the limit. (`state IN (…)` would gather and sort every
+            // due row first, checking each one's resource: a cost that grows
+            // with the backlog.)
+            "SELECT c.id, c.resource_id, c.next_attempt_at FROM inbox c
+             WHERE c.state = 'pending' AND c.next_attempt_at <= ?1 AND {}
+             UNION ALL
+             SELECT f.id, f.resource_id, f.next_attempt_at FROM inbox f
+             WHERE f.state = 'failed' AND f.next_attempt_at <= ?1 AND {}
+             ORDER BY 3, 1 LIMIT ?2",
+            free("c"),
+            free("f")
         ))
         .bind(now)
         .bind(scan)
         .fetch_all(&mut **tx)
-        .await?,
+        .await?
+        .into_iter()
+        .map(|(id, resource, _)| (id, resource)),
     );
     let mut resources = std::collections::HashSet::new();
     let picked: Vec<i64> = candidates
