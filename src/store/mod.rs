@@ -43,6 +43,9 @@ pub enum StoreError {
     },
 }
 
+/// WAL pages past which the writer checkpoints (SQLite's default: 1,000).
+const WAL_CHECKPOINT_PAGES: u32 = 10_000;
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Clone, Debug)]
@@ -124,8 +127,18 @@ impl Db {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))
-            // Statements are cached per connection; WAL checkpoints stay automatic.
-            .statement_cache_capacity(256);
+            // Statements are cached per connection.
+            .statement_cache_capacity(256)
+            // A statement that changes many rows inside a transaction keeps a
+            // journal of its own (to undo just itself on a constraint error);
+            // in memory rather than in a temporary file that is created,
+            // written and deleted for each such statement.
+            .pragma("temp_store", "memory")
+            // The writer copies the WAL into the database file (a checkpoint)
+            // once the WAL holds this many pages: 40 MiB rather than SQLite's
+            // 4 MiB, so pages written again and again (index pages, the
+            // inbox's newest rows) are copied once instead of many times.
+            .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES.to_string());
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
