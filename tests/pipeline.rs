@@ -1344,3 +1344,50 @@ async fn observations_recorded_together_match_one_at_a_time() {
     assert_eq!(row.status.as_deref(), Some("canceled"));
     ctx.db.close().await;
 }
+
+/// A command run beside the daemon (its own writer connection) writes while
+/// the daemon's claim has read but not yet written: the claim must wait its
+/// turn, not fail with SQLITE_BUSY_SNAPSHOT.
+#[tokio::test]
+async fn a_claim_and_a_command_beside_the_daemon_take_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_for(dir.path(), "http://127.0.0.1:9");
+    let daemon = Context::open(config.clone()).await.unwrap();
+    insert_by_hand(
+        &daemon,
+        &[("evt_x", Some("batchv2_x")), ("evt_y", Some("batchv2_y"))],
+    )
+    .await;
+    let command = Context::open(config).await.unwrap();
+
+    let mut tx = daemon.db.begin().await.unwrap();
+    let (waiting,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inbox")
+        .fetch_one(&mut **tx)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 2);
+    let write = tokio::spawn(async move {
+        sqlx::query("UPDATE inbox SET last_error = 'noted by a command' WHERE dedupe_key = 'evt_y'")
+            .execute(&command.db.write)
+            .await
+    });
+    // Give the command the chance to write now (it may not: the daemon's
+    // transaction holds the write lock, and then it waits for the commit).
+    let _ = tokio::time::timeout(Duration::from_millis(300), async {
+        while !write.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let lease = pipeline::worker::lease_until(&daemon.config);
+    let claimed = store::inbox::claim_batch(&mut tx, &cancelwatch::time::now_str(), &lease, 10)
+        .await
+        .expect("the claim is not refused for a write beside it");
+    tx.commit().await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    write
+        .await
+        .unwrap()
+        .expect("the command's write went through after the claim");
+    daemon.db.close().await;
+}

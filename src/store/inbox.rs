@@ -206,7 +206,7 @@ pub async fn claim(
     now: &str,
     lease_until: &str,
 ) -> Result<Option<Delivery>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin_immediate(pool).await?;
     let claimed = claim_batch(&mut tx, now, lease_until, 1).await?;
     tx.commit().await?;
     Ok(claimed.into_iter().next())

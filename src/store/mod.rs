@@ -176,7 +176,7 @@ impl Db {
     pub async fn begin(&self) -> Result<GatedTx, sqlx::Error> {
         let slot = self.write_slot().await;
         Ok(GatedTx {
-            tx: self.write.begin().await?,
+            tx: begin_immediate(&self.write).await?,
             _slot: slot,
         })
     }
@@ -226,6 +226,14 @@ impl Db {
         self.read.close().await;
         self.write.close().await;
     }
+}
+
+/// A write transaction that takes the write lock at its start. One that
+/// reads first and writes later could find, when it comes to write, that
+/// another connection (a command run beside the daemon) wrote in between,
+/// and fail with SQLITE_BUSY_SNAPSHOT instead of waiting its turn.
+pub async fn begin_immediate(pool: &SqlitePool) -> Result<Tx<'static>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
 }
 
 /// SQLite stores booleans as 0/1.
