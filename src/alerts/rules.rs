@@ -414,7 +414,7 @@ async fn resolve_stale(
         }
     }
     if overdue.is_some() {
-        let refund = sql::refund_of(tx, r.rid).await?;
+        let refund = crate::store::resources::refund_of(tx, r.rid).await?;
         if !matches!(refund, Some(f) if f.status == "pending") {
             super::resolve(tx, config, &alert_key(REFUND_OVERDUE, r), now).await?;
         }

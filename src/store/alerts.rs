@@ -482,16 +482,6 @@ pub struct RefundRow {
 const REFUND_COLUMNS: &str =
     "rid, provider, kind, resource_id, parent_id, status, reason, amount, currency, opened_at";
 
-/// The refund of one resource, if any.
-pub async fn refund_of(tx: &mut Tx<'_>, rid: i64) -> Result<Option<RefundRow>, sqlx::Error> {
-    sqlx::query_as::<_, RefundRow>(&format!(
-        "SELECT {REFUND_COLUMNS} FROM refunds WHERE rid = ?"
-    ))
-    .bind(rid)
-    .fetch_optional(&mut **tx)
-    .await
-}
-
 /// Refunds still pending that were opened before `cutoff`.
 pub async fn pending_refunds_opened_before(
     tx: &mut Tx<'_>,
