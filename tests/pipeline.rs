@@ -1242,6 +1242,34 @@ fn observation(
     }
 }
 
+/// Records the observations in one call of `record_all` and commits; the
+/// n-th is triggered by the event `{prefix}_{n}`.
+async fn record_together(
+    ctx: &Context,
+    observations: &[cancelwatch::providers::Observation],
+    prefix: &str,
+) -> Vec<pipeline::record::Recorded> {
+    use pipeline::record::{self, ToRecord, Trigger};
+    let triggers: Vec<Trigger> = (0..observations.len())
+        .map(|n| Trigger::event(format!("{prefix}_{n}")))
+        .collect();
+    let items: Vec<ToRecord> = observations
+        .iter()
+        .zip(&triggers)
+        .map(|(obs, trigger)| ToRecord {
+            obs,
+            trigger,
+            context: None,
+        })
+        .collect();
+    let mut tx = ctx.db.write.begin().await.unwrap();
+    let recorded = record::record_all(&mut tx, &ctx.config, &items, cancelwatch::time::now())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    recorded
+}
+
 /// Many observations recorded together: each resource's transitions are
 /// those it would get one observation at a time, also when two observations
 /// of one resource share a call (they are recorded in turn), and a stale
@@ -1263,23 +1291,7 @@ async fn observations_recorded_together_match_one_at_a_time() {
         observation(obt, "obt_a", "canceled", vec![]),
         observation("juice.bulk_transfer", "bulk_1", "cancelled", vec![item]),
     ];
-    let triggers: Vec<Trigger> = (0..observations.len())
-        .map(|n| Trigger::event(format!("evt_{n}")))
-        .collect();
-    let items: Vec<ToRecord> = observations
-        .iter()
-        .zip(&triggers)
-        .map(|(obs, trigger)| ToRecord {
-            obs,
-            trigger,
-            context: None,
-        })
-        .collect();
-    let mut tx = ctx.db.write.begin().await.unwrap();
-    let recorded = record::record_all(&mut tx, &ctx.config, &items, cancelwatch::time::now())
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let recorded = record_together(&ctx, &observations, "evt").await;
     let counts: Vec<(usize, bool, usize)> = recorded
         .iter()
         .map(|r| (r.transitions, r.stale, r.rids.len()))
@@ -1342,6 +1354,117 @@ async fn observations_recorded_together_match_one_at_a_time() {
         .unwrap()
         .unwrap();
     assert_eq!(row.status.as_deref(), Some("canceled"));
+    ctx.db.close().await;
+}
+
+/// Refunds and progress of many observations are written together: each
+/// resource gets the refund and progress rows it would get on its own,
+/// opened in one call and settled in the next.
+#[tokio::test]
+async fn refunds_and_progress_recorded_together() {
+    use cancelwatch::providers::{Progress, RefundSignal, RefundStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
+        .await
+        .unwrap();
+    let obt = "stripe.outbound_transfer";
+    let with_refund = |id: &str, status: &str, refund: RefundStatus| {
+        let mut obs = observation(obt, id, status, vec![]);
+        obs.refund = Some(RefundSignal {
+            status: refund,
+            reason: status.into(),
+            amount: Some(100),
+            currency: Some("usd".into()),
+        });
+        obs
+    };
+    let with_progress = |id: &str, status: &str, success: i64| {
+        let mut obs = observation("stripe.batch_job", id, status, vec![]);
+        obs.progress = Some(Progress {
+            success: Some(success),
+            failure: Some(0),
+            validated: None,
+        });
+        obs
+    };
+    record_together(
+        &ctx,
+        &[
+            with_refund("obt_p", "canceled", RefundStatus::Pending),
+            with_refund("obt_q", "canceled", RefundStatus::Pending),
+            with_refund("obt_r", "returned", RefundStatus::Completed),
+            with_progress("batchv2_1", "cancelling", 3),
+            with_progress("batchv2_2", "processing", 5),
+        ],
+        "evt_1",
+    )
+    .await;
+    record_together(
+        &ctx,
+        &[
+            with_refund("obt_p", "canceled", RefundStatus::Completed),
+            with_refund("obt_q", "canceled", RefundStatus::Failed),
+            with_progress("batchv2_1", "canceled", 4),
+        ],
+        "evt_2",
+    )
+    .await;
+    let refunds: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT resource_id, status, trigger_id, CASE WHEN completed_at IS NULL THEN NULL ELSE 'set' END
+         FROM refunds ORDER BY resource_id",
+    )
+    .fetch_all(&ctx.db.read)
+    .await
+    .unwrap();
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        refunds,
+        vec![
+            (
+                "obt_p".into(),
+                "completed".into(),
+                some("evt_2_0"),
+                some("set")
+            ),
+            ("obt_q".into(), "failed".into(), some("evt_2_1"), None),
+            (
+                "obt_r".into(),
+                "completed".into(),
+                some("evt_1_2"),
+                some("set")
+            ),
+        ]
+    );
+    let progress: Vec<(String, String, Option<i64>, String)> = sqlx::query_as(
+        "SELECT r.id, p.status, p.success_count, p.trigger_id
+         FROM progress p JOIN resources r ON r.rid = p.rid ORDER BY p.id",
+    )
+    .fetch_all(&ctx.db.read)
+    .await
+    .unwrap();
+    assert_eq!(
+        progress,
+        vec![
+            (
+                "batchv2_1".into(),
+                "cancelling".into(),
+                Some(3),
+                "evt_1_3".into()
+            ),
+            (
+                "batchv2_2".into(),
+                "processing".into(),
+                Some(5),
+                "evt_1_4".into()
+            ),
+            (
+                "batchv2_1".into(),
+                "canceled".into(),
+                Some(4),
+                "evt_2_2".into()
+            ),
+        ]
+    );
     ctx.db.close().await;
 }
 

@@ -340,6 +340,7 @@ async fn record_run(
 
     let mut stale = Vec::new();
     let mut fresh = Vec::new();
+    let mut side = RefundsAndProgress::default();
     for s in &seen {
         if s.verdict == Verdict::Stale {
             tracing::debug!(resource = %s.obs.id, stored = ?s.current.status, observed = %s.obs.status, "stale observation ignored");
@@ -352,24 +353,22 @@ async fn record_run(
         if let Some(signal) = &s.obs.refund {
             let existing = refunds.get(&rid).map(String::as_str);
             if let Some(change) = refund_change(existing, signal.status) {
-                apply_refund(tx, s.obs, rid, signal, change, &now_s, item.trigger).await?;
+                side.refund(s.obs, rid, signal, change, &now_s, item.trigger);
                 let (RefundChange::Open(status) | RefundChange::Settle(status)) = change;
                 refunds.insert(rid, status.as_str().to_string());
             }
         }
         if let Some(p) = s.obs.progress {
-            resources::insert_progress(
-                tx,
+            side.progress.push(resources::NewProgress {
                 rid,
-                &now_s,
-                &s.obs.status,
-                p.success,
-                p.failure,
-                p.validated,
-                item.trigger.kind,
-                item.trigger.id.as_deref(),
-            )
-            .await?;
+                observed_at: &now_s,
+                status: &s.obs.status,
+                success: p.success,
+                failure: p.failure,
+                validated: p.validated,
+                trigger_type: item.trigger.kind,
+                trigger_id: item.trigger.id.as_deref(),
+            });
         }
         let changed = matches!(s.verdict, Verdict::First | Verdict::Changed);
         fresh.push(Decided {
@@ -393,6 +392,7 @@ async fn record_run(
         });
     }
 
+    side.write(tx, &now_s).await?;
     if !stale.is_empty() {
         resources::touch_many(tx, &stale, &now_s).await?;
     }
@@ -483,47 +483,61 @@ fn key_of<'a>(obs: &'a Observation, context: Option<&'a str>) -> resources::Reso
     }
 }
 
-async fn apply_refund(
-    tx: &mut Tx<'_>,
-    obs: &Observation,
-    rid: i64,
-    signal: &RefundSignal,
-    change: RefundChange,
-    now: &str,
-    trigger: &Trigger,
-) -> Result<(), sqlx::Error> {
-    match change {
-        RefundChange::Open(status) => {
-            resources::insert_refund(
-                tx,
-                &NewRefund {
-                    rid,
-                    provider: obs.provider,
-                    kind: &obs.kind,
-                    resource_id: &obs.id,
-                    parent_id: obs.parent_id.as_deref(),
-                    status: status.as_str(),
-                    reason: &signal.reason,
-                    amount: signal.amount,
-                    currency: signal.currency.as_deref(),
-                    now,
-                    trigger_type: trigger.kind,
-                    trigger_id: trigger.id.as_deref(),
-                },
-            )
-            .await
-        }
-        RefundChange::Settle(status) => {
-            resources::settle_refund(
-                tx,
+/// The refund and progress rows a run writes, gathered so that each kind
+/// is one statement however many observations the run holds.
+#[derive(Default)]
+struct RefundsAndProgress<'a> {
+    opened: Vec<NewRefund<'a>>,
+    settled: Vec<resources::RefundSettlement<'a>>,
+    progress: Vec<resources::NewProgress<'a>>,
+}
+
+impl<'a> RefundsAndProgress<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn refund(
+        &mut self,
+        obs: &'a Observation,
+        rid: i64,
+        signal: &'a RefundSignal,
+        change: RefundChange,
+        now: &'a str,
+        trigger: &'a Trigger,
+    ) {
+        match change {
+            RefundChange::Open(status) => self.opened.push(NewRefund {
                 rid,
-                status.as_str(),
+                provider: obs.provider,
+                kind: &obs.kind,
+                resource_id: &obs.id,
+                parent_id: obs.parent_id.as_deref(),
+                status: status.as_str(),
+                reason: &signal.reason,
+                amount: signal.amount,
+                currency: signal.currency.as_deref(),
                 now,
-                trigger.kind,
-                trigger.id.as_deref(),
-            )
-            .await
+                trigger_type: trigger.kind,
+                trigger_id: trigger.id.as_deref(),
+            }),
+            RefundChange::Settle(status) => self.settled.push(resources::RefundSettlement {
+                rid,
+                status: status.as_str(),
+                trigger_type: trigger.kind,
+                trigger_id: trigger.id.as_deref(),
+            }),
         }
+    }
+
+    async fn write(&self, tx: &mut Tx<'_>, now: &str) -> Result<(), sqlx::Error> {
+        if !self.opened.is_empty() {
+            resources::insert_refunds(tx, &self.opened).await?;
+        }
+        if !self.settled.is_empty() {
+            resources::settle_refunds(tx, &self.settled, now).await?;
+        }
+        if !self.progress.is_empty() {
+            resources::insert_progress(tx, &self.progress).await?;
+        }
+        Ok(())
     }
 }
 
@@ -571,7 +585,9 @@ pub async fn record_reversal(
             children: Vec::new(),
             refund: None,
         };
-        apply_refund(tx, &obs, item.rid, &signal, change, &now_s, trigger).await?;
+        let mut side = RefundsAndProgress::default();
+        side.refund(&obs, item.rid, &signal, change, &now_s, trigger);
+        side.write(tx, &now_s).await?;
         // The refund no longer holds the item in reconcile unless its status moves.
         let class = providers::classify(
             &item.kind,

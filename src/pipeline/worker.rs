@@ -538,7 +538,7 @@ async fn write_batch(
 /// `None` at the first error or panic: `tx` then holds part of the batch
 /// and must be rolled back.
 async fn write_straight(
-    tx: &mut Tx<'static>,
+    tx: &mut store::GatedTx,
     ctx: &Context,
     batch: &[Decided],
 ) -> Result<Option<Vec<Option<Written>>>, sqlx::Error> {

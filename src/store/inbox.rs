@@ -281,29 +281,25 @@ pub async fn finish(
 }
 
 /// Of the given (delivery, lease end) pairs, the deliveries whose lease
-/// still holds. A write (a no-op one), so the transaction takes the write
-/// lock here and nobody can take a lease away before it ends.
+/// still holds. A read: the transaction began `IMMEDIATE` ([`super::Db::begin`]),
+/// so it holds the write lock and nobody can take a lease away before it ends.
 pub async fn hold_leases(
-    tx: &mut Tx<'_>,
+    tx: &mut super::GatedTx,
     leases: &[(i64, &str)],
 ) -> Result<std::collections::HashSet<i64>, sqlx::Error> {
     let mut held = std::collections::HashSet::new();
     // SQLite allows 32766 bound values; 2 a delivery.
     for chunk in leases.chunks(1_000) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "UPDATE inbox SET lease_until = lease_until
-             WHERE state = 'processing' AND (id, lease_until) IN (VALUES ",
+        // Led by the list, so each delivery is one lookup by id.
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT inbox.id FROM (");
+        qb.push_values(chunk, |mut row, (id, lease)| {
+            row.push_bind(*id).push_bind(*lease);
+        });
+        qb.push(
+            ") AS v JOIN inbox ON inbox.id = v.column1
+             WHERE inbox.state = 'processing' AND inbox.lease_until = v.column2",
         );
-        let mut rows = qb.separated(", ");
-        for (id, lease) in chunk {
-            rows.push("(")
-                .push_bind_unseparated(*id)
-                .push_unseparated(", ")
-                .push_bind_unseparated(*lease)
-                .push_unseparated(")");
-        }
-        qb.push(") RETURNING id");
-        let ids: Vec<i64> = qb.build_query_scalar().fetch_all(&mut **tx).await?;
+        let ids: Vec<i64> = qb.build_query_scalar().fetch_all(&mut ***tx).await?;
         held.extend(ids);
     }
     Ok(held)

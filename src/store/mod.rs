@@ -139,9 +139,13 @@ impl Db {
             // 4 MiB, so pages written again and again (index pages, the
             // inbox's newest rows) are copied once instead of many times.
             .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES.to_string());
+        // The pools' connections live in this process, beside it: a
+        // liveness ping before each use (sqlx's default) would be one more
+        // round trip to the connection's thread per transaction.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .idle_timeout(None)
             .max_lifetime(None)
@@ -150,6 +154,7 @@ impl Db {
         MIGRATOR.run(&write).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(cfg.read_connections)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.read_only(true))
             .await?;

@@ -310,34 +310,38 @@ pub async fn insert_transitions(
     Ok(())
 }
 
-/// One progress row.
-#[allow(clippy::too_many_arguments)]
-pub async fn insert_progress(
-    tx: &mut Tx<'_>,
-    rid: i64,
-    observed_at: &str,
-    status: &str,
-    success: Option<i64>,
-    failure: Option<i64>,
-    validated: Option<i64>,
-    trigger_type: &str,
-    trigger_id: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO progress (rid, observed_at, status, success_count, failure_count, validated_count,
-                               trigger_type, trigger_id)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(rid)
-    .bind(observed_at)
-    .bind(status)
-    .bind(success)
-    .bind(failure)
-    .bind(validated)
-    .bind(trigger_type)
-    .bind(trigger_id)
-    .execute(&mut **tx)
-    .await?;
+/// One progress row: a bulk job's counts as observed.
+#[derive(Debug, Clone)]
+pub struct NewProgress<'a> {
+    pub rid: i64,
+    pub observed_at: &'a str,
+    pub status: &'a str,
+    pub success: Option<i64>,
+    pub failure: Option<i64>,
+    pub validated: Option<i64>,
+    pub trigger_type: &'a str,
+    pub trigger_id: Option<&'a str>,
+}
+
+/// Inserts progress rows, one statement per thousand.
+pub async fn insert_progress(tx: &mut Tx<'_>, rows: &[NewProgress<'_>]) -> Result<(), sqlx::Error> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO progress (rid, observed_at, status, success_count, failure_count, validated_count,
+                                   trigger_type, trigger_id) ",
+        );
+        qb.push_values(chunk, |mut row, p| {
+            row.push_bind(p.rid)
+                .push_bind(p.observed_at)
+                .push_bind(p.status)
+                .push_bind(p.success)
+                .push_bind(p.failure)
+                .push_bind(p.validated)
+                .push_bind(p.trigger_type)
+                .push_bind(p.trigger_id);
+        });
+        qb.build().execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
@@ -412,56 +416,66 @@ pub struct NewRefund<'a> {
     pub trigger_id: Option<&'a str>,
 }
 
-pub async fn insert_refund(tx: &mut Tx<'_>, r: &NewRefund<'_>) -> Result<(), sqlx::Error> {
-    let completed_at = (r.status == "completed").then_some(r.now);
-    sqlx::query(
-        "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason, amount,
-                              currency, opened_at, completed_at, updated_at, trigger_type, trigger_id)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (rid) DO NOTHING",
-    )
-    .bind(r.rid)
-    .bind(r.provider)
-    .bind(r.kind)
-    .bind(r.resource_id)
-    .bind(r.parent_id)
-    .bind(r.status)
-    .bind(r.reason)
-    .bind(r.amount)
-    .bind(r.currency)
-    .bind(r.now)
-    .bind(completed_at)
-    .bind(r.now)
-    .bind(r.trigger_type)
-    .bind(r.trigger_id)
-    .execute(&mut **tx)
-    .await?;
+/// Opens refunds (a resource has at most one: a second is not opened), one
+/// statement per thousand.
+pub async fn insert_refunds(tx: &mut Tx<'_>, refunds: &[NewRefund<'_>]) -> Result<(), sqlx::Error> {
+    for chunk in refunds.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason, amount,
+                                  currency, opened_at, completed_at, updated_at, trigger_type, trigger_id) ",
+        );
+        qb.push_values(chunk, |mut row, r| {
+            row.push_bind(r.rid)
+                .push_bind(r.provider)
+                .push_bind(r.kind)
+                .push_bind(r.resource_id)
+                .push_bind(r.parent_id)
+                .push_bind(r.status)
+                .push_bind(r.reason)
+                .push_bind(r.amount)
+                .push_bind(r.currency)
+                .push_bind(r.now)
+                .push_bind((r.status == "completed").then_some(r.now))
+                .push_bind(r.now)
+                .push_bind(r.trigger_type)
+                .push_bind(r.trigger_id);
+        });
+        qb.push(" ON CONFLICT (rid) DO NOTHING");
+        qb.build().execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
-/// Moves a pending refund to `completed` or `failed`.
-pub async fn settle_refund(
+/// A pending refund's end: `completed` or `failed`.
+#[derive(Debug, Clone)]
+pub struct RefundSettlement<'a> {
+    pub rid: i64,
+    pub status: &'a str,
+    pub trigger_type: &'a str,
+    pub trigger_id: Option<&'a str>,
+}
+
+/// Moves pending refunds to `completed` or `failed`, one statement per thousand.
+pub async fn settle_refunds(
     tx: &mut Tx<'_>,
-    rid: i64,
-    status: &str,
+    settlements: &[RefundSettlement<'_>],
     now: &str,
-    trigger_type: &str,
-    trigger_id: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    let completed_at = (status == "completed").then_some(now);
-    sqlx::query(
-        "UPDATE refunds SET status = ?, completed_at = COALESCE(?, completed_at), updated_at = ?,
-                            trigger_type = ?, trigger_id = ?
-         WHERE rid = ? AND status = 'pending'",
-    )
-    .bind(status)
-    .bind(completed_at)
-    .bind(now)
-    .bind(trigger_type)
-    .bind(trigger_id)
-    .bind(rid)
-    .execute(&mut **tx)
-    .await?;
+    for chunk in settlements.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE refunds SET status = v.column2, completed_at = CASE WHEN v.column2 = 'completed' THEN ");
+        qb.push_bind(now)
+            .push(" ELSE completed_at END, updated_at = ")
+            .push_bind(now)
+            .push(", trigger_type = v.column3, trigger_id = v.column4 FROM (");
+        qb.push_values(chunk, |mut row, r| {
+            row.push_bind(r.rid)
+                .push_bind(r.status)
+                .push_bind(r.trigger_type)
+                .push_bind(r.trigger_id);
+        });
+        qb.push(") AS v WHERE refunds.rid = v.column1 AND refunds.status = 'pending'");
+        qb.build().execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
@@ -556,6 +570,15 @@ pub async fn refunds_under(
     .bind(resource_id)
     .fetch_all(pool)
     .await
+}
+
+/// How many transitions have this trigger type: what the benchmark polls
+/// while it waits, so that waiting costs the daemon under test little.
+pub async fn count_by_trigger(pool: &SqlitePool, trigger_type: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM transitions WHERE trigger_type = ?")
+        .bind(trigger_type)
+        .fetch_one(pool)
+        .await
 }
 
 /// (trigger id, observed at) of every transition with this trigger type: the
