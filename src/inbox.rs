@@ -165,6 +165,7 @@ async fn commit(db: &Db, batch: &[Job]) -> Result<Vec<bool>, sqlx::Error> {
         let _waiting = db.ack_waiting();
         db.write.acquire().await?
     };
+    let _hold = store::WriterHold::start("acknowledge");
     db.acknowledge_durably(&mut conn, true).await?;
     let result = async {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;

@@ -722,6 +722,11 @@ async fn failing_deliveries_go_dead_and_the_rest_go_on() {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
+    // How long each use held the writer connection.
+    for what in ["acknowledge", "claim", "record"] {
+        let count = format!("cancelwatch_writer_hold_seconds_count{{use=\"{what}\"}}");
+        assert!(metrics.contains(&count), "{count} missing from /metrics");
+    }
     daemon.stop().await;
 }
 

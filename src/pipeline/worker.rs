@@ -311,7 +311,7 @@ async fn feed(
 }
 
 async fn claim(ctx: &Context, lease: &str, limit: usize) -> Result<Vec<Delivery>, sqlx::Error> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_for("claim").await?;
     let claimed = store::inbox::claim_batch(&mut tx, &time::now_str(), lease, limit).await?;
     tx.commit().await?;
     Ok(claimed)
@@ -497,13 +497,13 @@ async fn write_batch(
     ctx: &Context,
     batch: &[Decided],
 ) -> Result<Vec<Option<Written>>, sqlx::Error> {
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_for("record").await?;
     if let Some(results) = write_straight(&mut tx, ctx, batch).await? {
         tx.commit().await?;
         return Ok(results);
     }
     tx.rollback().await?;
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = ctx.db.begin_for("record").await?;
     let mut results = Vec::with_capacity(batch.len());
     for decided in batch {
         let result = match write_one(&mut tx, &ctx.config, decided, &decided.outcome).await {

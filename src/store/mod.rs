@@ -74,10 +74,37 @@ impl Drop for AckWaiting {
     }
 }
 
+/// Measures how long a use holds the one writer connection, into the
+/// histogram `cancelwatch_writer_hold_seconds{use}`: its rate of sum is the
+/// share of time the writer is busy (near 1, writes queue up).
+pub struct WriterHold {
+    started: std::time::Instant,
+    what: &'static str,
+}
+
+impl WriterHold {
+    /// From now until dropped, for `what`: `acknowledge`, `claim`, `record`
+    /// or `other`.
+    pub fn start(what: &'static str) -> WriterHold {
+        WriterHold {
+            started: std::time::Instant::now(),
+            what,
+        }
+    }
+}
+
+impl Drop for WriterHold {
+    fn drop(&mut self) {
+        metrics::histogram!("cancelwatch_writer_hold_seconds", "use" => self.what)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
 /// A write transaction of the pipeline, alerts or a command, holding the
 /// background writers' slot until it ends.
 pub struct GatedTx {
     tx: Tx<'static>,
+    _hold: WriterHold,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -179,9 +206,16 @@ impl Db {
 
     /// A write transaction for anything but the inbox's group commit.
     pub async fn begin(&self) -> Result<GatedTx, sqlx::Error> {
+        self.begin_for("other").await
+    }
+
+    /// [`Db::begin`], its writer time counted for `what` (see [`WriterHold`]).
+    pub async fn begin_for(&self, what: &'static str) -> Result<GatedTx, sqlx::Error> {
         let slot = self.write_slot().await;
+        let tx = begin_immediate(&self.write).await?;
         Ok(GatedTx {
-            tx: begin_immediate(&self.write).await?,
+            tx,
+            _hold: WriterHold::start(what),
             _slot: slot,
         })
     }
