@@ -1310,6 +1310,57 @@ async fn simulator_scenarios_raise_exactly_their_expected_alerts() {
     }
 }
 
+/// A dead letter replayed once the provider answers again is processed,
+/// and its `dead_letter` alert is resolved (the sink gets the resolved
+/// version too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replayed_dead_letter_resolves_its_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = None;
+    let pair = SimPair::start(dir.path(), |c| {
+        c.workers.max_attempts = 2;
+        config = Some(c.clone());
+    })
+    .await;
+    let config = config.unwrap();
+    let scenario = pair.sim.scenario("outbound_transfer_canceled").unwrap();
+    for step in &scenario.steps {
+        pair.sim.apply_step(step);
+    }
+    let last = scenario.steps.last().unwrap().deliveries.last().unwrap();
+    let key = last.event_id().unwrap().to_string();
+    pair.sim.faults().fail_next(1_000, 500);
+    pair.sim.deliver(last).await.unwrap();
+    let db = pair.db.clone();
+    let alert_state = || async {
+        sqlx::query_scalar::<_, String>("SELECT state FROM alerts WHERE rule = 'dead_letter'")
+            .fetch_optional(&db)
+            .await
+            .unwrap()
+    };
+    wait_for("the dead_letter alert", || async {
+        alert_state().await.as_deref() == Some("open")
+    })
+    .await;
+
+    pair.sim.faults().clear();
+    let ctx = cancelwatch::pipeline::Context::open(config).await.unwrap();
+    let report = cancelwatch::pipeline::replay(&ctx, &key, true)
+        .await
+        .unwrap();
+    assert_eq!(report.previous_state, "dead");
+    assert_eq!(report.state, "processed");
+    assert_eq!(alert_state().await.as_deref(), Some("resolved"));
+    ctx.db.close().await;
+    let received = pair.finish().await;
+    let states: Vec<&str> = received
+        .iter()
+        .filter(|p| p["type"] == "dead_letter")
+        .filter_map(|p| p["state"].as_str())
+        .collect();
+    assert_eq!(states, ["open", "resolved"], "{received:?}");
+}
+
 /// A delivery about an object the provider never had goes dead in the
 /// worker, and that raises a `dead_letter` alert about its resource.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

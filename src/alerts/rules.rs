@@ -452,10 +452,11 @@ pub async fn on_dead_letter(
     let Some(d) = sql::delivery(tx, delivery_id).await? else {
         return Ok(());
     };
-    let (kind, resource_id) = match (&d.resource_kind, &d.resource_id) {
-        (Some(kind), Some(id)) => (kind.clone(), id.clone()),
-        _ => ("delivery".to_string(), d.dedupe_key.clone()),
-    };
+    let (kind, resource_id) = dead_letter_subject(
+        d.resource_kind.as_deref(),
+        d.resource_id.as_deref(),
+        &d.dedupe_key,
+    );
     let alert = NewAlert {
         rule: DEAD_LETTER.into(),
         severity: rule.severity.clone(),
@@ -476,6 +477,53 @@ pub async fn on_dead_letter(
         }),
     };
     super::raise(tx, config, &alert, now).await?;
+    Ok(())
+}
+
+/// What a `dead_letter` alert is about: the delivery's resource when
+/// known, else `("delivery", dedupe key)`.
+fn dead_letter_subject(
+    kind: Option<&str>,
+    resource_id: Option<&str>,
+    dedupe_key: &str,
+) -> (String, String) {
+    match (kind, resource_id) {
+        (Some(kind), Some(id)) => (kind.to_string(), id.to_string()),
+        _ => ("delivery".to_string(), dedupe_key.to_string()),
+    }
+}
+
+/// A delivery that had failed before was processed after all (a replay of
+/// a dead letter, or a retry): the open `dead_letter` alert raised for this
+/// very delivery, if any, is resolved. An alert that names another delivery
+/// of the same resource stays open.
+pub async fn on_delivery_recovered(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    d: &crate::store::inbox::Delivery,
+    now: &str,
+) -> Result<(), sqlx::Error> {
+    let (kind, resource_id) = dead_letter_subject(
+        d.resource_kind.as_deref(),
+        d.resource_id.as_deref(),
+        &d.dedupe_key,
+    );
+    let key = AlertKey {
+        rule: DEAD_LETTER.into(),
+        provider: d.provider.clone(),
+        kind,
+        resource_id,
+    };
+    let Some(open) = sql::find(tx, &key).await?.filter(|a| a.state == "open") else {
+        return Ok(());
+    };
+    let names_this_one = serde_json::from_str::<Value>(&open.details)
+        .ok()
+        .and_then(|details| details.get("delivery_id").and_then(Value::as_i64))
+        == Some(d.id);
+    if names_this_one {
+        super::resolve(tx, config, &key, now).await?;
+    }
     Ok(())
 }
 

@@ -635,6 +635,9 @@ async fn write_observations(
     if store::inbox::finish_many(tx, &ends, &time::fmt(now)).await? != ends.len() as u64 {
         return Ok(None);
     }
+    for (d, _) in &live {
+        recovered(tx, config, &d.delivery).await?;
+    }
     let mut recorded = recorded.into_iter().zip(items.iter());
     let written = run
         .iter()
@@ -697,6 +700,32 @@ async fn write_one(
 
 /// Writes what an outcome means for its delivery, in `tx`.
 async fn write(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    d: &Delivery,
+    lease_until: &str,
+    outcome: &Outcome,
+) -> Result<Written, sqlx::Error> {
+    let written = write_outcome(tx, config, d, lease_until, outcome).await?;
+    if matches!(
+        written,
+        Written::Ignored(_) | Written::Processed { .. } | Written::Reversal(_)
+    ) {
+        recovered(tx, config, d).await?;
+    }
+    Ok(written)
+}
+
+/// After a delivery ended well: when it had failed before (a replayed dead
+/// letter carries its last error), its `dead_letter` alert is resolved.
+async fn recovered(tx: &mut Tx<'_>, config: &Config, d: &Delivery) -> Result<(), sqlx::Error> {
+    if d.last_error.is_some() {
+        crate::alerts::rules::on_delivery_recovered(tx, config, d, &time::now_str()).await?;
+    }
+    Ok(())
+}
+
+async fn write_outcome(
     tx: &mut Tx<'_>,
     config: &Config,
     d: &Delivery,
