@@ -33,7 +33,7 @@ pub struct Accepted {
 }
 
 enum Job {
-    Delivery(Box<NewDelivery>, oneshot::Sender<Result<bool, InboxError>>),
+    Delivery(Box<NewDelivery>, Reply),
     Refusal(Refusal),
 }
 
@@ -128,20 +128,22 @@ impl Inbox {
 
 async fn write_loop(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, wake: Arc<Notify>) {
     let mut batch = Vec::with_capacity(max_batch);
+    // Syncs under way, each answering the requests of one commit.
+    let mut syncing = tokio::task::JoinSet::new();
     while rx.recv_many(&mut batch, max_batch).await > 0 {
+        while syncing.try_join_next().is_some() {}
         let size = batch.len();
         let result = commit(&db, &batch).await;
         metrics::histogram!("cancelwatch_inbox_batch_size").record(size as f64);
-        let mut added = false;
-        match result {
-            Ok(inserted) => {
-                for (job, new) in batch.drain(..).zip(inserted) {
-                    if let Job::Delivery(_, reply) = job {
-                        added |= new;
-                        let _ = reply.send(Ok(new));
-                    }
-                }
-            }
+        let replies: Vec<(Reply, bool)> = match result {
+            Ok(inserted) => batch
+                .drain(..)
+                .zip(inserted)
+                .filter_map(|(job, new)| match job {
+                    Job::Delivery(_, reply) => Some((reply, new)),
+                    Job::Refusal(_) => None,
+                })
+                .collect(),
             Err(e) => {
                 tracing::error!(error = %e, batch = size, "inbox commit failed; the deliveries are refused");
                 for job in batch.drain(..) {
@@ -149,24 +151,54 @@ async fn write_loop(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, wake:
                         let _ = reply.send(Err(InboxError::Write(e.to_string())));
                     }
                 }
+                continue;
             }
-        }
-        if added {
+        };
+        if replies.iter().any(|(_, new)| *new) {
             wake.notify_waiters();
             wake.notify_one();
+        }
+        // Answered once on disk. With group commit the next batch is
+        // inserted while this one syncs; one commit per request (the
+        // benchmark's baseline) waits for its sync before the next.
+        let answer = answer_when_durable(db.clone(), replies);
+        if max_batch > 1 {
+            syncing.spawn(answer);
+        } else {
+            answer.await;
+        }
+    }
+    while syncing.join_next().await.is_some() {}
+}
+
+type Reply = oneshot::Sender<Result<bool, InboxError>>;
+
+/// Syncs what was committed to disk, then answers each request (whether
+/// its delivery was new), or refuses them all when the sync failed.
+async fn answer_when_durable(db: Db, replies: Vec<(Reply, bool)>) {
+    match db.sync_commits().await {
+        Ok(()) => {
+            for (reply, new) in replies {
+                let _ = reply.send(Ok(new));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, deliveries = replies.len(), "the commit could not be made durable; the deliveries are refused");
+            for (reply, _) in replies {
+                let _ = reply.send(Err(InboxError::Write(e.to_string())));
+            }
         }
     }
 }
 
-/// One transaction for the whole batch, synced to disk before it returns;
-/// per job, whether a row was added.
+/// One transaction for the whole batch; per job, whether a row was added.
+/// Durable once [`Db::sync_commits`] returned after it.
 async fn commit(db: &Db, batch: &[Job]) -> Result<Vec<bool>, sqlx::Error> {
     let mut conn = {
         let _waiting = db.ack_waiting();
         db.write.acquire().await?
     };
     let _hold = store::WriterHold::start("acknowledge");
-    db.acknowledge_durably(&mut conn, true).await?;
     let result = async {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let deliveries: Vec<&NewDelivery> = batch
@@ -193,9 +225,5 @@ async fn commit(db: &Db, batch: &[Job]) -> Result<Vec<bool>, sqlx::Error> {
         Ok(inserted)
     }
     .await;
-    if let Err(e) = db.acknowledge_durably(&mut conn, false).await {
-        // Only slower: the pipeline's commits would sync too.
-        tracing::warn!(error = %e, "could not return the writer to synchronous=NORMAL");
-    }
     result
 }

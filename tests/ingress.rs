@@ -440,6 +440,38 @@ async fn a_restart_keeps_what_was_acknowledged() {
     d.stop().await;
 }
 
+/// A 2xx means the write-ahead log was synced to disk after the commit:
+/// when the WAL cannot be synced (here: its file moved away under SQLite),
+/// the delivery is refused, and its retry is acknowledged once it can.
+#[tokio::test]
+async fn no_acknowledgement_without_the_wal_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(config(dir.path())).await;
+    let wal = dir.path().join("cw.db-wal");
+    let moved = dir.path().join("cw.db-wal.moved");
+
+    let first = thin_event("evt_wal_first");
+    let (status, _) = post_stripe(&d.url, &first, Some(&signed_now(STRIPE_SECRET, &first))).await;
+    assert_eq!(status, 200);
+
+    std::fs::rename(&wal, &moved).unwrap();
+    let body = thin_event("evt_wal_unsynced");
+    let (status, answer) =
+        post_stripe(&d.url, &body, Some(&signed_now(STRIPE_SECRET, &body))).await;
+    assert_eq!(status, 500, "{answer}");
+    let text = answer.to_string();
+    assert!(
+        !text.contains("cw.db"),
+        "no internals in the answer: {text}"
+    );
+
+    std::fs::rename(&moved, &wal).unwrap();
+    let (status, answer) =
+        post_stripe(&d.url, &body, Some(&signed_now(STRIPE_SECRET, &body))).await;
+    assert_eq!((status, answer["duplicate"].as_bool()), (200, Some(true)));
+    d.stop().await;
+}
+
 /// The case that matters most: the real binary answers 2xx to many concurrent
 /// deliveries, is killed with SIGKILL right after, and every acknowledged
 /// delivery is in the database.

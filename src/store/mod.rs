@@ -35,6 +35,8 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database: syncing the write-ahead log to disk: {0}")]
+    Sync(#[source] std::io::Error),
     #[error("database: cannot create the folder {path}")]
     CreateDir {
         path: String,
@@ -54,8 +56,9 @@ pub struct Db {
     pub write: SqlitePool,
     /// Readers.
     pub read: SqlitePool,
-    /// `database.synchronous = "full"`: acknowledgement commits sync to disk.
-    ack_full: bool,
+    /// `database.synchronous = "full"`: what makes acknowledged commits
+    /// durable (`None` at `normal`).
+    wal_sync: Option<Arc<WalSync>>,
     /// Writers other than the inbox's group commit take this one slot before
     /// they queue for the writer connection, so an acknowledgement never waits
     /// behind more than one of their transactions however many workers run.
@@ -140,10 +143,11 @@ impl Db {
                 source,
             })?;
         }
-        // The connection runs at NORMAL: in WAL mode a commit is then written
-        // but not synced, and the next synced commit (or checkpoint) makes it
-        // durable along with everything before it. Only the commits behind an
-        // acknowledgement need the sync (see `acknowledge_durably`); the
+        // The connections run at NORMAL: in WAL mode a commit is then
+        // written but not synced, and the next sync of the WAL file (or a
+        // checkpoint) makes it durable along with everything before it. Only
+        // the commits behind an acknowledgement need that sync, and they get
+        // it from `WalSync` after the commit, off the writer connection; the
         // pipeline's commits ride on the next one. Losing one of those on
         // power loss means its delivery is processed again, never lost.
         let ack_full = cfg.synchronous != "normal";
@@ -179,6 +183,13 @@ impl Db {
             .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&write).await?;
+        // Migrations wrote through the writer connection, which stays open:
+        // the WAL file exists from here on.
+        let wal_sync = if ack_full {
+            Some(Arc::new(WalSync::open(path)?))
+        } else {
+            None
+        };
         let read = SqlitePoolOptions::new()
             .max_connections(cfg.read_connections)
             .test_before_acquire(false)
@@ -188,7 +199,7 @@ impl Db {
         Ok(Db {
             write,
             read,
-            ack_full,
+            wal_sync,
             background_writers: Arc::new(Semaphore::new(1)),
             acks_waiting: Arc::default(),
         })
@@ -242,28 +253,75 @@ impl Db {
         self.acks_waiting.load(Ordering::SeqCst) > 0
     }
 
-    /// Switches the writer connection to syncing every commit (before an
-    /// acknowledgement commit) or back to NORMAL. A no-op when configured
-    /// `normal`.
-    pub async fn acknowledge_durably(
-        &self,
-        conn: &mut sqlx::SqliteConnection,
-        on: bool,
-    ) -> Result<(), sqlx::Error> {
-        if self.ack_full {
-            let pragma = if on {
-                "PRAGMA synchronous = FULL"
-            } else {
-                "PRAGMA synchronous = NORMAL"
-            };
-            sqlx::query(pragma).execute(&mut *conn).await?;
-        }
-        Ok(())
+    /// Makes every commit made so far durable (`synchronous = "full"`; a
+    /// no-op at `normal`), without holding the writer connection: see
+    /// [`WalSync`].
+    pub async fn sync_commits(&self) -> Result<(), StoreError> {
+        let Some(wal) = self.wal_sync.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || wal.sync())
+            .await
+            .map_err(|e| StoreError::Sync(std::io::Error::other(e)))?
+            .map_err(StoreError::Sync)
     }
 
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
+    }
+}
+
+/// Durability for `synchronous = "full"`, outside the writer connection.
+///
+/// Every connection runs at `synchronous = NORMAL`: in WAL mode a commit
+/// then appends its frames to the WAL file with `write()` and returns, and
+/// only checkpoints sync. A commit whose frames reached the disk survives a
+/// power loss (recovery replays the WAL up to its last whole commit), so
+/// syncing the WAL file after the commit returned makes that commit, and
+/// every one before it, durable. Doing that here rather than inside SQLite
+/// (`synchronous = FULL`) keeps the one writer connection free while the
+/// disk works: the pipeline writes during an acknowledgement's sync, and the
+/// next group of acknowledgements is inserted while the last one syncs.
+///
+/// SQLite rewrites the WAL file in place after a checkpoint (which synced
+/// everything before it) and deletes it only when the last connection
+/// closes (the writer stays open). Should the file be a new one (another
+/// inode), it is opened afresh, and its folder synced so that the file
+/// itself survives.
+#[derive(Debug)]
+pub struct WalSync {
+    path: std::path::PathBuf,
+    file: std::sync::Mutex<Option<(std::fs::File, u64)>>,
+}
+
+impl WalSync {
+    fn open(db_path: &Path) -> Result<WalSync, StoreError> {
+        let mut path = db_path.as_os_str().to_owned();
+        path.push("-wal");
+        let wal = WalSync {
+            path: path.into(),
+            file: std::sync::Mutex::new(None),
+        };
+        wal.sync().map_err(StoreError::Sync)?;
+        Ok(wal)
+    }
+
+    /// Syncs the WAL file as it is now (blocking).
+    pub fn sync(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let current = std::fs::metadata(&self.path)?.ino();
+        if !matches!(&*file, Some((_, ino)) if *ino == current) {
+            let opened = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+            let ino = opened.metadata()?.ino();
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            *file = Some((opened, ino));
+        }
+        let (f, _) = file.as_ref().expect("opened above");
+        f.sync_data()
     }
 }
 
@@ -278,4 +336,42 @@ pub async fn begin_immediate(pool: &SqlitePool) -> Result<Tx<'static>, sqlx::Err
 /// SQLite stores booleans as 0/1.
 pub fn bool_int(b: Option<bool>) -> Option<i64> {
     b.map(i64::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WalSync;
+
+    /// The WAL file is synced where it is now: a new file at the path (a
+    /// new inode) is opened afresh, and a missing one is an error, never a
+    /// silent success.
+    #[test]
+    fn wal_sync_follows_the_file_at_its_path() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let wal_path = dir.path().join("x.db-wal");
+        assert!(WalSync::open(&db).is_err(), "no WAL file yet");
+
+        std::fs::write(&wal_path, b"first").unwrap();
+        let wal = WalSync::open(&db).unwrap();
+        let inode = |w: &WalSync| w.file.lock().unwrap().as_ref().map(|(_, ino)| *ino);
+        let first = inode(&wal);
+        assert_eq!(first, Some(std::fs::metadata(&wal_path).unwrap().ino()));
+
+        // Replaced by a new file (made before the old one goes, so the
+        // inode number cannot be reused).
+        let next = dir.path().join("x.db-wal.next");
+        std::fs::write(&next, b"second").unwrap();
+        std::fs::rename(&next, &wal_path).unwrap();
+        wal.sync().unwrap();
+        assert_ne!(inode(&wal), first);
+        assert_eq!(
+            inode(&wal),
+            Some(std::fs::metadata(&wal_path).unwrap().ino())
+        );
+
+        std::fs::remove_file(&wal_path).unwrap();
+        assert_eq!(wal.sync().unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    }
 }
