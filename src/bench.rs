@@ -78,6 +78,9 @@ pub struct Report {
     pub peak_rss_kib: Option<u64>,
     /// End to end: per recorded transition, milliseconds from send to record.
     pub e2e_ms: Option<E2eReport>,
+    /// Per use of the daemon's writer connection (acknowledge, claim, …),
+    /// the share of the run it held the connection, from its own metrics.
+    pub writer_busy: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +129,14 @@ impl Report {
                 percentile(&e.latencies_ms, 0.999),
                 percentile(&e.latencies_ms, 1.0)
             );
+        }
+        if !self.writer_busy.is_empty() {
+            let shares: Vec<String> = self
+                .writer_busy
+                .iter()
+                .map(|(what, share)| format!("{what} {:.0}%", share * 100.0))
+                .collect();
+            println!("daemon writer connection held: {}", shares.join(", "));
         }
         match self.peak_rss_kib {
             Some(kib) => println!("daemon peak RSS: {:.1} MiB", kib as f64 / 1024.0),
@@ -295,6 +306,7 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
         Some(_) => Some(e2e_report(&tmp.path().join("bench.db"), &sent).await?),
         None => None,
     };
+    let writer_busy = writer_busy(&client, &url, started.elapsed().as_secs_f64()).await;
     let peak_rss_kib = daemon.peak_rss_kib();
     daemon.stop();
     Ok(Report {
@@ -307,7 +319,34 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
         latencies_us,
         peak_rss_kib,
         e2e_ms,
+        writer_busy,
     })
+}
+
+/// From the daemon's `/metrics`: per use, the seconds it held the writer
+/// connection (`cancelwatch_writer_hold_seconds_sum{use}`) over `seconds`.
+/// Empty when the metrics cannot be read.
+async fn writer_busy(client: &reqwest::Client, url: &str, seconds: f64) -> Vec<(String, f64)> {
+    let text = match client.get(format!("{url}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return Vec::new(),
+    };
+    parse_writer_hold(&text)
+        .into_iter()
+        .map(|(what, held)| (what, held / seconds.max(f64::MIN_POSITIVE)))
+        .collect()
+}
+
+/// `(use, seconds)` of each `cancelwatch_writer_hold_seconds_sum` line.
+fn parse_writer_hold(metrics: &str) -> Vec<(String, f64)> {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("cancelwatch_writer_hold_seconds_sum{use=\"")?;
+            let (what, value) = rest.split_once("\"} ")?;
+            Some((what.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// A simulator started in this process and, for each delivery to send, a
@@ -578,6 +617,20 @@ mod tests {
         assert_eq!(percentile(&s, 0.999), 999);
         assert_eq!(percentile(&s, 1.0), 1000);
         assert_eq!(percentile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn writer_hold_sums_are_read_from_prometheus_text() {
+        let text = "# TYPE cancelwatch_writer_hold_seconds histogram\n\
+            cancelwatch_writer_hold_seconds_bucket{use=\"claim\",le=\"0.001\"} 3\n\
+            cancelwatch_writer_hold_seconds_sum{use=\"claim\"} 0.25\n\
+            cancelwatch_writer_hold_seconds_count{use=\"claim\"} 9\n\
+            cancelwatch_writer_hold_seconds_sum{use=\"record\"} 1.5\n\
+            cancelwatch_inbox_depth 4\n";
+        assert_eq!(
+            parse_writer_hold(text),
+            vec![("claim".to_string(), 0.25), ("record".to_string(), 1.5)]
+        );
     }
 
     #[test]
