@@ -182,7 +182,7 @@ impl Db {
             .max_lifetime(None)
             .connect_with(options.clone())
             .await?;
-        MIGRATOR.run(&write).await?;
+        migrate(&write).await?;
         // Migrations wrote through the writer connection, which stays open:
         // the WAL file exists from here on.
         let wal_sync = if ack_full {
@@ -272,6 +272,30 @@ impl Db {
     }
 }
 
+/// Applies the migrations not yet applied. Each one runs in a transaction of
+/// its own; when another process (a command started beside the daemon on a
+/// brand-new database) applies the same one at the same moment, ours fails
+/// on a table that now exists, so it looks again at what is applied, a few
+/// times, before it gives up.
+async fn migrate(write: &SqlitePool) -> Result<(), StoreError> {
+    const ATTEMPTS: u32 = 8;
+    let mut attempt = 1;
+    loop {
+        match MIGRATOR.run(write).await {
+            Ok(()) => return Ok(()),
+            Err(
+                e @ (sqlx::migrate::MigrateError::Execute(_)
+                | sqlx::migrate::MigrateError::ExecuteMigration(..)),
+            ) if attempt < ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "migrating raced another process; looking again");
+                tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Durability for `synchronous = "full"`, outside the writer connection.
 ///
 /// Every connection runs at `synchronous = NORMAL`: in WAL mode a commit
@@ -340,7 +364,32 @@ pub fn bool_int(b: Option<bool>) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::WalSync;
+    use super::{Db, WalSync};
+
+    /// Several processes (here: pools) opening a brand-new database at once
+    /// all get it migrated: none fails on a table another one just created.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_first_opens_all_succeed() {
+        for round in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("fresh.db");
+            let opens: Vec<_> = (0..4)
+                .map(|_| {
+                    let path = path.clone();
+                    tokio::spawn(async move {
+                        Db::open(&path, &crate::config::DatabaseConfig::default()).await
+                    })
+                })
+                .collect();
+            for open in opens {
+                let db = open
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("round {round}: {e}"));
+                db.close().await;
+            }
+        }
+    }
 
     /// The WAL file is synced where it is now: a new file at the path (a
     /// new inode) is opened afresh, and a missing one is an error, never a
