@@ -14,6 +14,8 @@ use base64::Engine;
 use serde::{Serialize, Serializer};
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 
+use super::resources::{Resource, RESOURCE_COLUMNS};
+
 /// Rows per page when none is asked for.
 pub const DEFAULT_LIMIT: i64 = 100;
 /// Most rows one page may hold.
@@ -177,7 +179,7 @@ fn json_text<S: Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
     }
 }
 
-fn json_text_opt<S: Serializer>(text: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+pub(super) fn json_text_opt<S: Serializer>(text: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match text {
         Some(t) => json_text(t, s),
         None => s.serialize_none(),
@@ -213,35 +215,6 @@ pub struct Transition {
 
 const TRANSITION_COLUMNS: &str = "id, provider, kind, resource_id, parent_id, from_status, \
      to_status, observed_at, provider_at, trigger_type, trigger_id, livemode";
-
-/// A tracked resource's current state.
-#[derive(Debug, Clone, FromRow, Serialize)]
-pub struct Resource {
-    #[serde(skip)]
-    pub rid: i64,
-    pub provider: String,
-    pub kind: String,
-    pub id: String,
-    pub parent_id: Option<String>,
-    pub status: Option<String>,
-    pub terminal: bool,
-    pub livemode: Option<bool>,
-    pub amount: Option<i64>,
-    pub currency: Option<String>,
-    pub provider_updated_at: Option<String>,
-    pub status_since: Option<String>,
-    pub first_seen_at: String,
-    pub last_observed_at: Option<String>,
-    pub not_found: bool,
-    pub cancel_requested_at: Option<String>,
-    /// The last fetched object.
-    #[serde(serialize_with = "json_text_opt")]
-    pub snapshot: Option<String>,
-}
-
-const RESOURCE_COLUMNS: &str = "rid, provider, kind, id, parent_id, status, terminal, livemode, \
-     amount, currency, provider_updated_at, status_since, first_seen_at, last_observed_at, \
-     not_found, cancel_requested_at, snapshot";
 
 /// Progress counts of a batch job at one observation.
 #[derive(Debug, Clone, FromRow, Serialize)]

@@ -5,9 +5,12 @@ use sqlx::{FromRow, SqlitePool};
 
 use super::Tx;
 
-/// A resource's stored current state.
+/// A resource's stored current state: what the pipeline reads before it
+/// records, and (without its bookkeeping fields) what the API and the CLI
+/// show of it.
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
 pub struct Resource {
+    #[serde(skip)]
     pub rid: i64,
     pub provider: String,
     pub kind: String,
@@ -16,17 +19,23 @@ pub struct Resource {
     pub status: Option<String>,
     pub terminal: bool,
     pub livemode: Option<bool>,
-    pub context: Option<String>,
     pub amount: Option<i64>,
     pub currency: Option<String>,
-    pub snapshot: Option<String>,
     pub provider_updated_at: Option<String>,
     pub status_since: Option<String>,
     pub first_seen_at: String,
     pub last_observed_at: Option<String>,
     pub not_found: bool,
     pub cancel_requested_at: Option<String>,
+    /// The last fetched object.
+    #[serde(serialize_with = "super::queries::json_text_opt")]
+    pub snapshot: Option<String>,
+    /// The Stripe account context to fetch with.
+    #[serde(skip)]
+    pub context: Option<String>,
+    #[serde(skip)]
     pub next_reconcile_at: Option<String>,
+    #[serde(skip)]
     pub reconcile_failures: i64,
 }
 
