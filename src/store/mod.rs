@@ -173,16 +173,17 @@ impl Db {
         // The pools' connections live in this process, beside it: a
         // liveness ping before each use (sqlx's default) would be one more
         // round trip to the connection's thread per transaction.
-        let write = SqlitePoolOptions::new()
+        let write_pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options.clone())
-            .await?;
-        migrate(&write).await?;
+            .max_lifetime(None);
+        let write =
+            while_racing(|| async { Ok(write_pool.clone().connect_with(options.clone()).await?) })
+                .await?;
+        while_racing(|| async { Ok(MIGRATOR.run(&write).await?) }).await?;
         // Migrations wrote through the writer connection, which stays open:
         // the WAL file exists from here on.
         let wal_sync = if ack_full {
@@ -272,26 +273,45 @@ impl Db {
     }
 }
 
-/// Applies the migrations not yet applied. Each one runs in a transaction of
-/// its own; when another process (a command started beside the daemon on a
-/// brand-new database) applies the same one at the same moment, ours fails
-/// on a table that now exists, so it looks again at what is applied, a few
-/// times, before it gives up.
-async fn migrate(write: &SqlitePool) -> Result<(), StoreError> {
+/// Runs `open` again, a few times after a short pause, when it failed the
+/// way a race with another process opening the same brand-new database
+/// fails (a command started beside the daemon): SQLite busy while the other
+/// switches the file to WAL, or a migration that the other applied first
+/// (each migration runs in a transaction of its own, so looking again at
+/// what is applied and going on is safe).
+async fn while_racing<T, F, Fut>(mut open: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
     const ATTEMPTS: u32 = 8;
     let mut attempt = 1;
     loop {
-        match MIGRATOR.run(write).await {
-            Ok(()) => return Ok(()),
-            Err(
-                e @ (sqlx::migrate::MigrateError::Execute(_)
-                | sqlx::migrate::MigrateError::ExecuteMigration(..)),
-            ) if attempt < ATTEMPTS => {
-                tracing::debug!(error = %e, attempt, "migrating raced another process; looking again");
+        match open().await {
+            Err(e) if attempt < ATTEMPTS && e.is_race() => {
+                tracing::debug!(error = %e, attempt, "opening the database raced another process; trying again");
                 tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))).await;
                 attempt += 1;
             }
-            Err(e) => return Err(e.into()),
+            result => return result,
+        }
+    }
+}
+
+impl StoreError {
+    /// See [`while_racing`].
+    fn is_race(&self) -> bool {
+        use sqlx::migrate::MigrateError;
+        match self {
+            StoreError::Sql(sqlx::Error::Database(e)) => e
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                // SQLITE_BUSY and its extended codes.
+                .is_some_and(|code| code & 0xff == 5),
+            StoreError::Migrate(MigrateError::Execute(_) | MigrateError::ExecuteMigration(..)) => {
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -367,7 +387,8 @@ mod tests {
     use super::{Db, WalSync};
 
     /// Several processes (here: pools) opening a brand-new database at once
-    /// all get it migrated: none fails on a table another one just created.
+    /// all get it migrated: none fails on a table another one just created,
+    /// nor on the lock another one holds while it switches the file to WAL.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_first_opens_all_succeed() {
         for round in 0..5 {
