@@ -746,6 +746,27 @@ async fn raise_one(config: &Config, resource_id: &str) -> Alert {
     outcome.alert().clone()
 }
 
+/// Alerts queued for a sink that was then removed from the configuration
+/// are kept (pending) and named at start, with how many wait.
+#[tokio::test]
+async fn alerts_waiting_for_a_removed_sink_are_kept_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.alerts.sinks = vec![
+        command_sink("kept", &dir.path().join("kept.json")),
+        command_sink("gone", &dir.path().join("gone.json")),
+    ];
+    raise_one(&config, "bulk_orphan_1").await;
+    raise_one(&config, "bulk_orphan_2").await;
+    config.alerts.sinks.truncate(1);
+    let db = cancelwatch::open_db(&config).await.unwrap();
+    let orphaned = cancelwatch::alerts::outbox::orphaned(&db, &config)
+        .await
+        .unwrap();
+    assert_eq!(orphaned, vec![("gone".to_string(), 2)]);
+    db.close().await;
+}
+
 /// A running daemon; dropping the sender stops it.
 struct Daemon {
     stop: tokio::sync::oneshot::Sender<()>,

@@ -34,7 +34,8 @@ pub fn backoff(cfg: &AlertDeliveryConfig, failures: i64, jitter: f64) -> Duratio
     Duration::from_millis((half + half * jitter.clamp(0.0, 1.0)) as u64)
 }
 
-/// Spawns one delivery loop per configured sink into `tasks`.
+/// Spawns one delivery loop per configured sink into `tasks`, and warns
+/// once about alerts waiting for a sink that is no longer configured.
 pub fn spawn(
     db: &Db,
     config: &Arc<Config>,
@@ -45,6 +46,34 @@ pub fn spawn(
     for sink in super::sinks::from_config(config, &http) {
         tasks.spawn(run_sink(db.clone(), config.clone(), sink, shutdown.clone()));
     }
+    let (db, config) = (db.clone(), config.clone());
+    tasks.spawn(async move {
+        match orphaned(&db, &config).await {
+            Ok(orphaned) => {
+                for (sink, waiting) in orphaned {
+                    tracing::warn!(
+                        %sink,
+                        waiting,
+                        "alert deliveries wait for a sink that is no longer configured; they stay pending (nothing is dropped) and go out if a sink of that name comes back"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "alert outbox: database error"),
+        }
+    });
+}
+
+/// Sinks that are not configured (any more) with how many alert deliveries
+/// wait for them.
+pub async fn orphaned(db: &Db, config: &Config) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let configured: Vec<String> = (0..config.alerts.sinks.len())
+        .map(|i| config.sink_name(i))
+        .collect();
+    Ok(sql::pending_by_sink(&db.read)
+        .await?
+        .into_iter()
+        .filter(|(sink, _)| !configured.contains(sink))
+        .collect())
 }
 
 /// Delivers the due rows of one sink until `shutdown`.

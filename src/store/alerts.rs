@@ -281,6 +281,15 @@ pub struct OutboxRow {
     pub attempts: i64,
 }
 
+/// How many outbox rows wait, per sink name (due or not).
+pub async fn pending_by_sink(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT sink, COUNT(*) FROM alert_outbox WHERE state = 'pending' GROUP BY sink ORDER BY sink",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// Pending rows of one sink that are due at `now`, oldest first.
 pub async fn due(
     pool: &SqlitePool,
