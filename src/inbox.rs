@@ -154,6 +154,10 @@ async fn write_loop(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, wake:
                 continue;
             }
         };
+        if replies.is_empty() {
+            // Only refusal records: nobody waits for them to be on disk.
+            continue;
+        }
         if replies.iter().any(|(_, new)| *new) {
             wake.notify_waiters();
             wake.notify_one();
@@ -211,16 +215,23 @@ async fn commit(db: &Db, batch: &[Job]) -> Result<Vec<bool>, sqlx::Error> {
         let mut new = store::inbox::insert_many(&mut tx, &deliveries)
             .await?
             .into_iter();
-        let mut inserted = Vec::with_capacity(batch.len());
-        for job in batch {
-            match job {
-                Job::Delivery(..) => inserted.push(new.next().unwrap_or(false)),
-                Job::Refusal(r) => {
-                    store::refusals::insert_tx(&mut tx, r).await?;
-                    inserted.push(false);
-                }
-            }
+        let refusals: Vec<&Refusal> = batch
+            .iter()
+            .filter_map(|job| match job {
+                Job::Refusal(r) => Some(r),
+                Job::Delivery(..) => None,
+            })
+            .collect();
+        if !refusals.is_empty() {
+            store::refusals::insert_many(&mut tx, &refusals).await?;
         }
+        let inserted: Vec<bool> = batch
+            .iter()
+            .map(|job| match job {
+                Job::Delivery(..) => new.next().unwrap_or(false),
+                Job::Refusal(_) => false,
+            })
+            .collect();
         tx.commit().await?;
         Ok(inserted)
     }

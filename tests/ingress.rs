@@ -733,6 +733,12 @@ async fn a_flood_of_bad_signatures_does_not_keep_good_deliveries_out() {
         .unwrap();
     assert_eq!(stored, 50, "only the good deliveries are stored");
     d.stop().await;
+    // Recorded many to a statement, each one (the queue never filled here).
+    let recorded: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM refusals")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 32 * 60, "every refusal is recorded");
 }
 
 /// Oversized headers are refused by the HTTP layer and the daemon serves on.

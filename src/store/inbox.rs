@@ -32,8 +32,10 @@ pub async fn insert_many(
     tx: &mut Tx<'_>,
     batch: &[&NewDelivery],
 ) -> Result<Vec<bool>, sqlx::Error> {
-    // SQLite allows 32766 bound values; 13 a row.
-    const ROWS_PER_STATEMENT: usize = 1_000;
+    // Every row count is a statement of its own in the connection's cache
+    // (up to 256, each sized by its bound values): at most 128 rows a
+    // statement keeps that cache small whatever the batch sizes.
+    const ROWS_PER_STATEMENT: usize = 128;
     let mut new = vec![false; batch.len()];
     let mut seen = std::collections::HashMap::new();
     let mut firsts = Vec::with_capacity(batch.len());

@@ -13,20 +13,25 @@ pub struct Refusal {
     pub received_at: String,
 }
 
-pub async fn insert_tx(tx: &mut super::Tx<'_>, r: &Refusal) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO refusals (provider, reason, message, http_status, body_size, remote_addr, received_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&r.provider)
-    .bind(&r.reason)
-    .bind(&r.message)
-    .bind(r.http_status as i64)
-    .bind(r.body_size)
-    .bind(&r.remote_addr)
-    .bind(&r.received_at)
-    .execute(&mut **tx)
-    .await?;
+/// Records refusals, one statement per 64: every row count is a statement
+/// of its own in the connection's cache, so a flood's batches of all sizes
+/// add at most 64 small ones.
+pub async fn insert_many(tx: &mut super::Tx<'_>, refusals: &[&Refusal]) -> Result<(), sqlx::Error> {
+    for chunk in refusals.chunks(64) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO refusals (provider, reason, message, http_status, body_size, remote_addr, received_at) ",
+        );
+        qb.push_values(chunk, |mut row, r| {
+            row.push_bind(&r.provider)
+                .push_bind(&r.reason)
+                .push_bind(&r.message)
+                .push_bind(i64::from(r.http_status))
+                .push_bind(r.body_size)
+                .push_bind(&r.remote_addr)
+                .push_bind(&r.received_at);
+        });
+        qb.build().execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
