@@ -1217,6 +1217,81 @@ async fn a_batch_of_outcomes_is_written_together_and_a_lost_lease_is_left_alone(
     ctx.db.close().await;
 }
 
+/// When one outcome's SQL fails inside a batch, the batch is written again
+/// with a savepoint per outcome: the others are kept, and the failing one
+/// costs only itself (its delivery stays leased, to come back when the
+/// lease runs out). A trigger stands in for the failure.
+#[tokio::test]
+async fn one_failing_outcome_in_a_batch_costs_only_itself() {
+    use cancelwatch::pipeline::worker::{Decided, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
+        .await
+        .unwrap();
+    insert_by_hand(
+        &ctx,
+        &[
+            ("evt_ok_1", Some("batchv2_ok_1")),
+            ("evt_bad", Some("batchv2_bad")),
+            ("evt_ok_2", Some("batchv2_ok_2")),
+        ],
+    )
+    .await;
+    sqlx::query(
+        "CREATE TRIGGER refuse_bad BEFORE INSERT ON transitions
+         WHEN NEW.resource_id = 'batchv2_bad'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(&ctx.db.write)
+    .await
+    .unwrap();
+    let lease = pipeline::worker::lease_until(&ctx.config);
+    let mut tx = ctx.db.write.begin().await.unwrap();
+    let claimed = store::inbox::claim_batch(&mut tx, &cancelwatch::time::now_str(), &lease, 10)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    let batch: Vec<Decided> = claimed
+        .into_iter()
+        .map(|d| {
+            let id = d.resource_id.clone().unwrap();
+            Decided {
+                delivery: d,
+                lease_until: lease.clone(),
+                outcome: Outcome::Observed {
+                    obs: Box::new(observation("stripe.batch_job", &id, "canceled", vec![])),
+                    context: None,
+                    reversal: None,
+                },
+                slot: None,
+            }
+        })
+        .collect();
+    let left = pipeline::worker::write_and_report(&ctx, batch).await;
+    assert!(left.is_empty());
+    let states: Vec<(String, String)> =
+        sqlx::query_as("SELECT dedupe_key, state FROM inbox ORDER BY id")
+            .fetch_all(&ctx.db.read)
+            .await
+            .unwrap();
+    assert_eq!(
+        states,
+        vec![
+            ("evt_ok_1".into(), "processed".into()),
+            ("evt_bad".into(), "processing".into()),
+            ("evt_ok_2".into(), "processed".into()),
+        ]
+    );
+    let recorded: Vec<String> =
+        sqlx::query_scalar("SELECT resource_id FROM transitions ORDER BY id")
+            .fetch_all(&ctx.db.read)
+            .await
+            .unwrap();
+    assert_eq!(recorded, ["batchv2_ok_1", "batchv2_ok_2"]);
+    ctx.db.close().await;
+}
+
 fn observation(
     kind: &str,
     id: &str,
