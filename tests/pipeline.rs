@@ -1031,6 +1031,16 @@ fn by_hand(key: &str, resource: Option<&str>) -> store::inbox::NewDelivery {
 }
 
 /// Stores deliveries made [`by_hand`], all new.
+/// Claims what is ready (at most ten) in a transaction of its own.
+async fn claim_up_to_ten(ctx: &Context, lease: &str) -> Vec<store::inbox::Delivery> {
+    let mut tx = ctx.db.write.begin().await.unwrap();
+    let claimed = store::inbox::claim_batch(&mut tx, &cancelwatch::time::now_str(), lease, 10)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    claimed
+}
+
 async fn insert_by_hand(ctx: &Context, deliveries: &[(&str, Option<&str>)]) {
     let mut tx = ctx.db.write.begin().await.unwrap();
     for (key, resource) in deliveries {
@@ -1162,11 +1172,7 @@ async fn a_batch_of_outcomes_is_written_together_and_a_lost_lease_is_left_alone(
     )
     .await;
     let lease = pipeline::worker::lease_until(&ctx.config);
-    let mut tx = ctx.db.write.begin().await.unwrap();
-    let claimed = store::inbox::claim_batch(&mut tx, &cancelwatch::time::now_str(), &lease, 10)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let claimed = claim_up_to_ten(&ctx, &lease).await;
     assert_eq!(claimed.len(), 4);
     let batch: Vec<Decided> = claimed
         .into_iter()
@@ -1246,11 +1252,7 @@ async fn one_failing_outcome_in_a_batch_costs_only_itself() {
     .await
     .unwrap();
     let lease = pipeline::worker::lease_until(&ctx.config);
-    let mut tx = ctx.db.write.begin().await.unwrap();
-    let claimed = store::inbox::claim_batch(&mut tx, &cancelwatch::time::now_str(), &lease, 10)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let claimed = claim_up_to_ten(&ctx, &lease).await;
     assert_eq!(claimed.len(), 3);
     let batch: Vec<Decided> = claimed
         .into_iter()
