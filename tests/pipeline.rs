@@ -1031,6 +1031,16 @@ fn by_hand(key: &str, resource: Option<&str>) -> store::inbox::NewDelivery {
 }
 
 /// Stores deliveries made [`by_hand`], all new.
+/// A pipeline context on a fresh database whose provider APIs are a closed
+/// port (nothing is fetched); the folder lives as long as the guard.
+async fn offline_context() -> (tempfile::TempDir, Context) {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
+        .await
+        .unwrap();
+    (dir, ctx)
+}
+
 /// Claims what is ready (at most ten) in a transaction of its own.
 async fn claim_up_to_ten(ctx: &Context, lease: &str) -> Vec<store::inbox::Delivery> {
     let mut tx = ctx.db.write.begin().await.unwrap();
@@ -1055,10 +1065,7 @@ async fn insert_by_hand(ctx: &Context, deliveries: &[(&str, Option<&str>)]) {
 /// resource at once; a lapsed lease frees the resource again.
 #[tokio::test]
 async fn claims_keep_one_resource_to_one_worker() {
-    let dir = tempfile::tempdir().unwrap();
-    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
-        .await
-        .unwrap();
+    let (_dir, ctx) = offline_context().await;
     insert_by_hand(
         &ctx,
         &[
@@ -1104,10 +1111,7 @@ async fn claims_keep_one_resource_to_one_worker() {
 
 #[tokio::test]
 async fn a_batch_claim_takes_one_delivery_per_resource_in_arrival_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
-        .await
-        .unwrap();
+    let (_dir, ctx) = offline_context().await;
     insert_by_hand(
         &ctx,
         &[
@@ -1157,10 +1161,7 @@ async fn a_batch_claim_takes_one_delivery_per_resource_in_arrival_order() {
 #[tokio::test]
 async fn a_batch_of_outcomes_is_written_together_and_a_lost_lease_is_left_alone() {
     use cancelwatch::pipeline::worker::{Decided, Outcome};
-    let dir = tempfile::tempdir().unwrap();
-    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
-        .await
-        .unwrap();
+    let (_dir, ctx) = offline_context().await;
     insert_by_hand(
         &ctx,
         &[
@@ -1230,10 +1231,7 @@ async fn a_batch_of_outcomes_is_written_together_and_a_lost_lease_is_left_alone(
 #[tokio::test]
 async fn one_failing_outcome_in_a_batch_costs_only_itself() {
     use cancelwatch::pipeline::worker::{Decided, Outcome};
-    let dir = tempfile::tempdir().unwrap();
-    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
-        .await
-        .unwrap();
+    let (_dir, ctx) = offline_context().await;
     insert_by_hand(
         &ctx,
         &[
@@ -1359,10 +1357,7 @@ async fn record_together(
 #[tokio::test]
 async fn observations_recorded_together_match_one_at_a_time() {
     use pipeline::record::{self, ToRecord, Trigger};
-    let dir = tempfile::tempdir().unwrap();
-    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
-        .await
-        .unwrap();
+    let (_dir, ctx) = offline_context().await;
     let obt = "stripe.outbound_transfer";
     let mut item = observation("juice.transfer", "it_1", "cancelled", vec![]);
     item.parent_id = Some("bulk_1".into());
@@ -1445,10 +1440,7 @@ async fn observations_recorded_together_match_one_at_a_time() {
 #[tokio::test]
 async fn refunds_and_progress_recorded_together() {
     use cancelwatch::providers::{Progress, RefundSignal, RefundStatus};
-    let dir = tempfile::tempdir().unwrap();
-    let ctx = Context::open(config_for(dir.path(), "http://127.0.0.1:9"))
-        .await
-        .unwrap();
+    let (_dir, ctx) = offline_context().await;
     let obt = "stripe.outbound_transfer";
     let with_refund = |id: &str, status: &str, refund: RefundStatus| {
         let mut obs = observation(obt, id, status, vec![]);
