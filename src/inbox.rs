@@ -6,15 +6,20 @@
 //! request is answered only after the commit that holds its row. With
 //! `database.group_commit = false` every delivery gets a transaction of its
 //! own (the baseline the benchmark compares against).
+//!
+//! When the pipeline has free slots, the same commit leases the new
+//! deliveries it stores and hands them over ([`Handoff`]): they need no
+//! claim transaction of their own.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::DatabaseConfig;
-use crate::store::inbox::NewDelivery;
+use crate::pipeline::worker::{Handoff, Reserved};
+use crate::store::inbox::{Delivery, NewDelivery};
 use crate::store::refusals::Refusal;
 use crate::store::{self, Db};
 
@@ -76,8 +81,11 @@ impl RecentKeys {
 pub struct Inbox {
     jobs: mpsc::Sender<Job>,
     recent: Arc<RecentKeys>,
-    /// Woken after each commit that added deliveries, so workers start at once.
+    /// Woken after each commit that added deliveries it did not hand over,
+    /// so workers claim them at once.
     pub wake: Arc<Notify>,
+    /// The pipeline's slots, once it runs in this process.
+    handoff: Arc<OnceLock<Arc<Handoff>>>,
 }
 
 impl Inbox {
@@ -85,15 +93,30 @@ impl Inbox {
         let (jobs, rx) = mpsc::channel(cfg.max_batch.max(1) * 8);
         let wake = Arc::new(Notify::new());
         let max_batch = if cfg.group_commit { cfg.max_batch } else { 1 };
-        let writer = tokio::spawn(write_loop(db.clone(), rx, max_batch, wake.clone()));
+        let handoff = Arc::new(OnceLock::new());
+        let writer = tokio::spawn(write_loop(
+            db.clone(),
+            rx,
+            max_batch,
+            wake.clone(),
+            handoff.clone(),
+        ));
         (
             Inbox {
                 jobs,
                 recent: Arc::default(),
                 wake,
+                handoff,
             },
             writer,
         )
+    }
+
+    /// From now on new deliveries go straight to the pipeline's free slots.
+    pub fn hand_to(&self, handoff: Arc<Handoff>) {
+        if self.handoff.set(handoff).is_err() {
+            tracing::warn!("the inbox already hands its deliveries to a pipeline");
+        }
     }
 
     /// Commits a delivery durably, or tells that it is a duplicate. A key
@@ -126,24 +149,30 @@ impl Inbox {
     }
 }
 
-async fn write_loop(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, wake: Arc<Notify>) {
+async fn write_loop(
+    db: Db,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    wake: Arc<Notify>,
+    handoff: Arc<OnceLock<Arc<Handoff>>>,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     // Syncs under way, each answering the requests of one commit.
     let mut syncing = tokio::task::JoinSet::new();
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         while syncing.try_join_next().is_some() {}
         let size = batch.len();
-        let result = commit(&db, &batch).await;
+        let reserved = handoff.get().map(|h| {
+            let deliveries = batch
+                .iter()
+                .filter(|job| matches!(job, Job::Delivery(..)))
+                .count();
+            h.reserve(deliveries)
+        });
+        let result = commit(&db, &batch, reserved.as_ref()).await;
         metrics::histogram!("cancelwatch_inbox_batch_size").record(size as f64);
-        let replies: Vec<(Reply, bool)> = match result {
-            Ok(inserted) => batch
-                .drain(..)
-                .zip(inserted)
-                .filter_map(|(job, new)| match job {
-                    Job::Delivery(_, reply) => Some((reply, new)),
-                    Job::Refusal(_) => None,
-                })
-                .collect(),
+        let (inserted, leased) = match result {
+            Ok(committed) => committed,
             Err(e) => {
                 tracing::error!(error = %e, batch = size, "inbox commit failed; the deliveries are refused");
                 for job in batch.drain(..) {
@@ -154,11 +183,24 @@ async fn write_loop(db: Db, mut rx: mpsc::Receiver<Job>, max_batch: usize, wake:
                 continue;
             }
         };
+        let left_in_line = inserted.iter().filter(|new| **new).count() > leased.len();
+        if let (Some(h), Some(reserved)) = (handoff.get(), reserved) {
+            metrics::counter!("cancelwatch_inbox_handed_over_total").increment(leased.len() as u64);
+            h.start(leased, reserved);
+        }
+        let replies: Vec<(Reply, bool)> = batch
+            .drain(..)
+            .zip(inserted)
+            .filter_map(|(job, new)| match job {
+                Job::Delivery(_, reply) => Some((reply, new)),
+                Job::Refusal(_) => None,
+            })
+            .collect();
         if replies.is_empty() {
             // Only refusal records: nobody waits for them to be on disk.
             continue;
         }
-        if replies.iter().any(|(_, new)| *new) {
+        if left_in_line {
             wake.notify_waiters();
             wake.notify_one();
         }
@@ -195,9 +237,14 @@ async fn answer_when_durable(db: Db, replies: Vec<(Reply, bool)>) {
     }
 }
 
-/// One transaction for the whole batch; per job, whether a row was added.
-/// Durable once [`Db::sync_commits`] returned after it.
-async fn commit(db: &Db, batch: &[Job]) -> Result<Vec<bool>, sqlx::Error> {
+/// One transaction for the whole batch; per job, whether a row was added,
+/// and the new deliveries it leased with `reserved` slots (at most one a
+/// resource). Durable once [`Db::sync_commits`] returned after it.
+async fn commit(
+    db: &Db,
+    batch: &[Job],
+    reserved: Option<&Reserved>,
+) -> Result<(Vec<bool>, Vec<Delivery>), sqlx::Error> {
     let mut conn = {
         let _waiting = db.ack_waiting();
         db.write.acquire().await?
@@ -212,9 +259,24 @@ async fn commit(db: &Db, batch: &[Job]) -> Result<Vec<bool>, sqlx::Error> {
                 Job::Refusal(_) => None,
             })
             .collect();
-        let mut new = store::inbox::insert_many(&mut tx, &deliveries)
-            .await?
-            .into_iter();
+        let handed = match reserved.filter(|r| !r.is_empty()) {
+            Some(reserved) => {
+                to_hand_over(&mut tx, &deliveries, reserved.len(), &reserved.lease_until).await?
+            }
+            None => vec![None; deliveries.len()],
+        };
+        let rows: Vec<(&NewDelivery, Option<&str>)> =
+            deliveries.iter().copied().zip(handed).collect();
+        let ids = store::inbox::insert_many(&mut tx, &rows).await?;
+        let leased: Vec<Delivery> = rows
+            .iter()
+            .zip(&ids)
+            .filter_map(|((d, lease), id)| match (lease, id) {
+                (Some(_), Some(id)) => Some(Delivery::inserted_leased(*id, d)),
+                _ => None,
+            })
+            .collect();
+        let mut new = ids.iter().map(Option::is_some);
         let refusals: Vec<&Refusal> = batch
             .iter()
             .filter_map(|job| match job {
@@ -233,8 +295,141 @@ async fn commit(db: &Db, batch: &[Job]) -> Result<Vec<bool>, sqlx::Error> {
             })
             .collect();
         tx.commit().await?;
-        Ok(inserted)
+        Ok((inserted, leased))
     }
     .await;
     result
+}
+
+/// Which deliveries of a batch go to the pipeline at once: per delivery,
+/// the lease to insert it with, or `None` to put it in line. At most
+/// `slots`, in order, each of a resource no live lease holds and no earlier
+/// one of the batch names (the claim's rule).
+async fn to_hand_over<'l>(
+    tx: &mut store::Tx<'_>,
+    deliveries: &[&NewDelivery],
+    slots: usize,
+    lease_until: &'l str,
+) -> Result<Vec<Option<&'l str>>, sqlx::Error> {
+    let named: Vec<&str> = deliveries
+        .iter()
+        .filter_map(|d| d.resource_id.as_deref())
+        .collect();
+    let now = crate::time::now_str();
+    let mut taken = store::inbox::leased_resources(tx, &now, &named).await?;
+    let mut keys = HashSet::new();
+    let mut left = slots;
+    Ok(deliveries
+        .iter()
+        .map(|d| {
+            let free = match &d.resource_id {
+                Some(resource) => !taken.contains(resource),
+                None => true,
+            };
+            // A key twice in one batch is stored once: only its first may be.
+            let first = keys.insert((d.provider.as_str(), d.dedupe_key.as_str()));
+            if left == 0 || !free || !first {
+                return None;
+            }
+            if let Some(resource) = &d.resource_id {
+                taken.insert(resource.clone());
+            }
+            left -= 1;
+            Some(lease_until)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(key: &str, resource: Option<&str>) -> NewDelivery {
+        NewDelivery {
+            provider: "stripe".into(),
+            dedupe_key: key.into(),
+            event_type: "v2.core.batch_job.updated".into(),
+            event_id: Some(key.into()),
+            resource_kind: resource.map(|_| "stripe.batch_job".to_string()),
+            resource_id: resource.map(str::to_string),
+            context: None,
+            livemode: Some(false),
+            raw_body: b"{}".to_vec(),
+            source: "webhook",
+            received_at: crate::time::now_str(),
+        }
+    }
+
+    /// Handed over: in order, as many as there are slots, one a resource,
+    /// none whose resource a live lease holds, a key twice only once.
+    #[tokio::test]
+    async fn hand_over_follows_the_claims_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("x.db"), &DatabaseConfig::default())
+            .await
+            .unwrap();
+        let far = "2999-01-01T00:00:00.000Z";
+        let mut tx = db.write.begin().await.unwrap();
+        let held = delivery("held", Some("r_held"));
+        store::inbox::insert_many(&mut tx, &[(&held, Some(far))])
+            .await
+            .unwrap();
+        let lapsed = delivery("lapsed", Some("r_lapsed"));
+        store::inbox::insert_many(&mut tx, &[(&lapsed, Some("2000-01-01T00:00:00.000Z"))])
+            .await
+            .unwrap();
+
+        let batch = [
+            delivery("a", Some("r_held")),   // a live lease holds it
+            delivery("b", Some("r_1")),      // first of r_1
+            delivery("c", Some("r_1")),      // r_1 again
+            delivery("b", Some("r_2")),      // key b again
+            delivery("d", None),             // names no resource
+            delivery("e", Some("r_lapsed")), // its lease ran out
+            delivery("f", Some("r_3")),      // no slot left
+        ];
+        let refs: Vec<&NewDelivery> = batch.iter().collect();
+        let handed = to_hand_over(&mut tx, &refs, 3, far).await.unwrap();
+        let picked: Vec<&str> = refs
+            .iter()
+            .zip(&handed)
+            .filter(|(_, lease)| lease.is_some())
+            .map(|(d, _)| d.dedupe_key.as_str())
+            .collect();
+        assert_eq!(picked, ["b", "d", "e"]);
+
+        // Inserted as handed: leased, first attempt; the rest in line.
+        let rows: Vec<(&NewDelivery, Option<&str>)> = refs.iter().copied().zip(handed).collect();
+        let ids = store::inbox::insert_many(&mut tx, &rows).await.unwrap();
+        assert_eq!(ids.iter().filter(|id| id.is_some()).count(), 6, "{ids:?}");
+        let stored: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT dedupe_key, state, attempts, lease_until FROM inbox
+             WHERE dedupe_key NOT IN ('held', 'lapsed') ORDER BY id",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        let leased = |key: &str| {
+            (
+                key.to_string(),
+                "processing".to_string(),
+                1,
+                Some(far.to_string()),
+            )
+        };
+        let waiting = |key: &str| (key.to_string(), "pending".to_string(), 0, None);
+        assert_eq!(
+            stored,
+            [
+                waiting("a"),
+                leased("b"),
+                waiting("c"),
+                leased("d"),
+                leased("e"),
+                waiting("f")
+            ]
+        );
+        tx.commit().await.unwrap();
+        db.close().await;
+    }
 }

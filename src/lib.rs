@@ -115,12 +115,13 @@ pub async fn run_until(
 
     let mut tasks = tokio::task::JoinSet::<()>::new();
     alerts::spawn(&app, &mut tasks);
-    pipeline::worker::spawn(
+    let handoff = pipeline::worker::spawn(
         app.pipeline.clone(),
         &mut tasks,
         app.shutdown.clone(),
         app.workers_alive.clone(),
     );
+    app.inbox.hand_to(handoff);
     if app.config.reconcile.enabled {
         tasks.spawn(pipeline::reconcile::run(
             app.pipeline.clone(),

@@ -634,6 +634,109 @@ async fn a_refused_api_key_keeps_deliveries_pending() {
     daemon.stop().await;
 }
 
+/// A delivery that arrives while a worker is free goes to it in the commit
+/// that stores it (no claim of its own), but never while a live lease of
+/// another worker (here: another process's) holds its resource; it waits in
+/// line for a claim once that lease ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_deliveries_go_straight_to_free_workers_but_never_past_a_lease() {
+    let (sim, daemon) = start_pair().await;
+    let pool = daemon.reader().await;
+    let writer = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&daemon.db_path)
+                .busy_timeout(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+    let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+    let resource = scenario.steps[0].expect_status[0].0.clone();
+    // Another worker holds the resource for an hour.
+    let mut tx = writer.begin().await.unwrap();
+    assert!(
+        store::inbox::insert(&mut tx, &by_hand("held-elsewhere", Some(&resource)))
+            .await
+            .unwrap()
+    );
+    sqlx::query(
+        "UPDATE inbox SET state = 'processing', attempts = 1,
+                lease_until = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 hour')
+         WHERE dedupe_key = 'held-elsewhere'",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let states = || async {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT state, attempts FROM inbox WHERE dedupe_key <> 'held-elsewhere'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let stored = states().await;
+    assert!(!stored.is_empty(), "the delivery is stored before its 2xx");
+    // Ten poll intervals: the delivery is neither handed over nor claimed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = states().await;
+    assert!(
+        waiting
+            .iter()
+            .all(|(state, attempts)| state == "pending" && *attempts == 0),
+        "processed past the other worker's lease: {waiting:?}"
+    );
+    assert_eq!(status_of(&pool, &resource).await, None);
+
+    // The lease ends: the delivery is claimed and processed.
+    sqlx::query("UPDATE inbox SET state = 'processed' WHERE dedupe_key = 'held-elsewhere'")
+        .execute(&writer)
+        .await
+        .unwrap();
+    wait_step(&pool, &scenario.steps[0]).await;
+    let handed_before = handed_over(&daemon.url).await;
+
+    // Nothing holds the resource now: the next delivery goes straight to a
+    // free worker, in its first attempt.
+    sim.play_step(&scenario.steps[1], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    wait_step(&pool, &scenario.steps[1]).await;
+    let handed_after = handed_over(&daemon.url).await;
+    assert!(
+        handed_after > handed_before,
+        "no delivery was handed over ({handed_before} then {handed_after})"
+    );
+    let attempts: Vec<i64> =
+        sqlx::query_scalar("SELECT attempts FROM inbox WHERE dedupe_key <> 'held-elsewhere'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(attempts.iter().all(|a| *a == 1), "{attempts:?}");
+    writer.close().await;
+    daemon.stop().await;
+}
+
+/// The daemon's count of deliveries handed to a worker by their own commit.
+async fn handed_over(url: &str) -> u64 {
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cancelwatch_inbox_handed_over_total "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
 /// After `workers.max_attempts` a delivery goes dead with its last error, and
 /// the others go on; a resource the provider does not know is dead at once
 /// and marked not found.

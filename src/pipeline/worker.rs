@@ -1,9 +1,12 @@
 //! Workers, in three parts, so that the one writer connection is shared the
 //! way the inbox's group commit shares its sync to disk:
 //!
-//! - the **feeder** claims ready deliveries in batches, one write transaction
-//!   a batch (lapsed leases first, then in arrival order; never two of one
-//!   resource at once), each leased, as far as `workers.concurrency` allows;
+//! - a new delivery that arrives while a slot is free is leased by the very
+//!   commit that stores it and handed over ([`Handoff`]); the **feeder**
+//!   claims the rest (those that found no free slot, retries, lapsed leases)
+//!   in batches, one write transaction a batch (lapsed leases first, then in
+//!   arrival order). Either way never two of one resource at once, and no
+//!   more than `workers.concurrency` in all;
 //! - each claimed delivery is **decided** in a task of its own: what it asks
 //!   for ([`plan`]) and what the provider answers ([`Outcome`]). Nothing is
 //!   written and no transaction is open across the HTTP call;
@@ -206,15 +209,119 @@ pub struct Decided {
 /// Starts the feeder and the recorder into `tasks`; they stop when
 /// `shutdown` fires (the recorder once the last decided delivery is
 /// written). `alive` counts the running ones (readiness wants [`TASKS`]).
+///
+/// Returns the [`Handoff`] through which the inbox's group commit gives new
+/// deliveries to free slots directly.
 pub fn spawn(
     ctx: Arc<Context>,
     tasks: &mut JoinSet<()>,
     shutdown: CancellationToken,
     alive: Arc<AtomicUsize>,
-) {
-    let (decided, outcomes) = mpsc::channel(ctx.config.workers.concurrency.max(1));
+) -> Arc<Handoff> {
+    let concurrency = ctx.config.workers.concurrency.max(1);
+    let (decided, outcomes) = mpsc::channel(concurrency);
+    let handoff = Arc::new(Handoff {
+        ctx: ctx.clone(),
+        slots: Arc::new(Semaphore::new(concurrency)),
+        recorder: std::sync::Mutex::new(Some(decided.clone())),
+    });
     tasks.spawn(record_outcomes(ctx.clone(), outcomes, alive.clone()));
-    tasks.spawn(feed(ctx, decided, shutdown, alive));
+    tasks.spawn(feed(ctx, handoff.clone(), decided, shutdown, alive));
+    handoff
+}
+
+/// The pipeline's slots (`workers.concurrency`), shared by the feeder and
+/// the inbox's group commit. When a slot is free as new deliveries are
+/// stored, the commit that stores them also leases them
+/// ([`store::inbox::lease_new`]) and hands them over here: no claim
+/// transaction of their own, and no wait for the feeder. Under load the
+/// feeder, queued for the slots, gets them first (a reservation never jumps
+/// that queue), and what was not handed over waits in the inbox for a claim.
+pub struct Handoff {
+    ctx: Arc<Context>,
+    slots: Arc<Semaphore>,
+    /// `None` once the feeder has stopped: nothing more is handed over.
+    recorder: std::sync::Mutex<Option<mpsc::Sender<Decided>>>,
+}
+
+/// Slots reserved for deliveries about to be stored, and the lease they get.
+pub struct Reserved {
+    slots: Vec<OwnedSemaphorePermit>,
+    pub lease_until: String,
+}
+
+impl Reserved {
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+impl Handoff {
+    /// Takes up to `wanted` slots that are free right now (none while the
+    /// feeder waits for one, or after shutdown).
+    pub fn reserve(&self, wanted: usize) -> Reserved {
+        let mut slots = Vec::new();
+        if self.open() {
+            while slots.len() < wanted.min(CLAIM_BATCH) {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(slot) => slots.push(slot),
+                    Err(_) => break,
+                }
+            }
+        }
+        Reserved {
+            slots,
+            lease_until: lease_until(&self.ctx.config),
+        }
+    }
+
+    /// Starts a task for each delivery leased with `reserved`'s slots;
+    /// slots left over are free again. After shutdown the deliveries stay
+    /// leased until their lease runs out, and are claimed then.
+    pub fn start(&self, leased: Vec<Delivery>, reserved: Reserved) {
+        let recorder = self
+            .recorder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(recorder) = recorder else {
+            if !leased.is_empty() {
+                tracing::warn!(
+                    deliveries = leased.len(),
+                    "the pipeline stopped as deliveries were handed to it; they are processed once their lease runs out"
+                );
+            }
+            return;
+        };
+        for (delivery, slot) in leased.into_iter().zip(reserved.slots) {
+            tokio::spawn(decide_and_send(
+                self.ctx.clone(),
+                delivery,
+                reserved.lease_until.clone(),
+                slot,
+                recorder.clone(),
+            ));
+        }
+    }
+
+    fn open(&self) -> bool {
+        self.recorder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Hands nothing over from now on; tasks already started finish.
+    fn close(&self) {
+        self.recorder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
 }
 
 /// Decrements the live-task count however the task ends (panics too).
@@ -239,13 +346,14 @@ impl Drop for AliveGuard {
 /// its tasks.
 async fn feed(
     ctx: Arc<Context>,
+    handoff: Arc<Handoff>,
     decided: mpsc::Sender<Decided>,
     shutdown: CancellationToken,
     alive: Arc<AtomicUsize>,
 ) {
     let _alive = AliveGuard::new(alive);
     let concurrency = ctx.config.workers.concurrency.max(1);
-    let slots = Arc::new(Semaphore::new(concurrency));
+    let slots = handoff.slots.clone();
     let gather = (concurrency / 4).clamp(1, CLAIM_BATCH);
     let poll = Duration::from_millis(ctx.config.workers.poll_interval_ms.max(10));
     let mut running = JoinSet::new();
@@ -306,6 +414,7 @@ async fn feed(
             _ = tokio::time::sleep(poll) => {}
         }
     }
+    handoff.close();
     while running.join_next().await.is_some() {}
     tracing::debug!("feeder stopped");
 }

@@ -1,5 +1,7 @@
 //! SQL of the inbox: durable accept with dedupe, claims with leases, outcomes.
 
+use std::collections::HashSet;
+
 use sqlx::{FromRow, SqlitePool};
 
 use super::Tx;
@@ -22,24 +24,27 @@ pub struct NewDelivery {
 
 /// Inserts unless the (provider, dedupe key) is already there. True when new.
 pub async fn insert(tx: &mut Tx<'_>, d: &NewDelivery) -> Result<bool, sqlx::Error> {
-    Ok(insert_many(tx, &[d]).await?[0])
+    Ok(insert_many(tx, &[(d, None)]).await?[0].is_some())
 }
 
 /// Inserts many deliveries with one statement (a group commit's batch): one
-/// round trip instead of one per row. Returns, per delivery, whether it was
-/// new; of two with the same key in one batch only the first can be.
+/// round trip instead of one per row. Each goes in line (`pending`), or,
+/// with a lease time, straight to a worker of this process (`processing`,
+/// first attempt; see [`leased_resources`]). Returns, per delivery, its new
+/// row's id, or `None` when the key was already there; of two with the same
+/// key in one batch only the first can be new.
 pub async fn insert_many(
     tx: &mut Tx<'_>,
-    batch: &[&NewDelivery],
-) -> Result<Vec<bool>, sqlx::Error> {
+    batch: &[(&NewDelivery, Option<&str>)],
+) -> Result<Vec<Option<i64>>, sqlx::Error> {
     // Every row count is a statement of its own in the connection's cache
     // (up to 256, each sized by its bound values): at most 128 rows a
     // statement keeps that cache small whatever the batch sizes.
     const ROWS_PER_STATEMENT: usize = 128;
-    let mut new = vec![false; batch.len()];
+    let mut new = vec![None; batch.len()];
     let mut seen = std::collections::HashMap::new();
     let mut firsts = Vec::with_capacity(batch.len());
-    for (i, d) in batch.iter().enumerate() {
+    for (i, (d, _)) in batch.iter().enumerate() {
         if seen
             .insert((d.provider.as_str(), d.dedupe_key.as_str()), i)
             .is_none()
@@ -50,10 +55,11 @@ pub async fn insert_many(
     for chunk in firsts.chunks(ROWS_PER_STATEMENT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO inbox (provider, dedupe_key, event_type, event_id, resource_kind, resource_id,
-                                context, livemode, raw_body, body_size, source, received_at, next_attempt_at) ",
+                                context, livemode, raw_body, body_size, source, received_at, next_attempt_at,
+                                state, attempts, lease_until) ",
         );
         qb.push_values(chunk, |mut row, &i| {
-            let d = batch[i];
+            let (d, lease_until) = batch[i];
             row.push_bind(&d.provider)
                 .push_bind(&d.dedupe_key)
                 .push_bind(&d.event_type)
@@ -66,13 +72,22 @@ pub async fn insert_many(
                 .push_bind(d.raw_body.len() as i64)
                 .push_bind(d.source)
                 .push_bind(&d.received_at)
-                .push_bind(&d.received_at);
+                .push_bind(&d.received_at)
+                .push_bind(if lease_until.is_some() {
+                    "processing"
+                } else {
+                    "pending"
+                })
+                .push_bind(i64::from(lease_until.is_some()))
+                .push_bind(lease_until);
         });
-        qb.push(" ON CONFLICT (provider, dedupe_key) DO NOTHING RETURNING provider, dedupe_key");
-        let added: Vec<(String, String)> = qb.build_query_as().fetch_all(&mut **tx).await?;
-        for (provider, key) in &added {
+        qb.push(
+            " ON CONFLICT (provider, dedupe_key) DO NOTHING RETURNING id, provider, dedupe_key",
+        );
+        let added: Vec<(i64, String, String)> = qb.build_query_as().fetch_all(&mut **tx).await?;
+        for (id, provider, key) in &added {
             if let Some(&i) = seen.get(&(provider.as_str(), key.as_str())) {
-                new[i] = true;
+                new[i] = Some(*id);
             }
         }
     }
@@ -129,21 +144,13 @@ pub async fn claim_batch(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let free = |alias: &str| {
-        format!(
-            "({alias}.resource_id IS NULL OR NOT EXISTS (
-                SELECT 1 FROM inbox o
-                WHERE o.resource_id = {alias}.resource_id AND o.state = 'processing'
-                  AND o.lease_until > ?1 AND o.id <> {alias}.id))"
-        )
-    };
     // A few more candidates than wanted: some may share a resource.
     let scan = (limit * 2) as i64;
     let mut candidates: Vec<(i64, Option<String>)> = sqlx::query_as(&format!(
         "SELECT l.id, l.resource_id FROM inbox l
          WHERE l.state = 'processing' AND l.lease_until <= ?1 AND {}
          ORDER BY l.id LIMIT ?2",
-        free("l")
+        resource_free("l")
     ))
     .bind(now)
     .bind(scan)
@@ -161,8 +168,8 @@ pub async fn claim_batch(
              SELECT f.id, f.resource_id, f.next_attempt_at FROM inbox f
              WHERE f.state = 'failed' AND f.next_attempt_at <= ?1 AND {}
              ORDER BY 3, 1 LIMIT ?2",
-            free("c"),
-            free("f")
+            resource_free("c"),
+            resource_free("f")
         ))
         .bind(now)
         .bind(scan)
@@ -199,6 +206,68 @@ pub async fn claim_batch(
         picked.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     claimed.sort_by_key(|d| order[&d.id]);
     Ok(claimed)
+}
+
+/// The SQL condition, for the inbox row `alias` (with `?1` the time now),
+/// that no live lease holds its resource: the claim's rule that one
+/// resource is processed by one worker at a time.
+fn resource_free(alias: &str) -> String {
+    format!(
+        "({alias}.resource_id IS NULL OR NOT EXISTS (
+            SELECT 1 FROM inbox o
+            WHERE o.resource_id = {alias}.resource_id AND o.state = 'processing'
+              AND o.lease_until > ?1 AND o.id <> {alias}.id))"
+    )
+}
+
+/// Of `resources`, those a live lease holds now (the claim's rule: one
+/// resource, one worker at a time). In the group commit's transaction, this
+/// tells which new deliveries may be inserted leased.
+pub async fn leased_resources(
+    tx: &mut Tx<'_>,
+    now: &str,
+    resources: &[&str],
+) -> Result<HashSet<String>, sqlx::Error> {
+    if resources.is_empty() {
+        return Ok(HashSet::new());
+    }
+    // One statement whatever the count: the list goes in as a JSON array.
+    let list = serde_json::to_string(resources).expect("strings serialize");
+    let query = sqlx::query_scalar::<_, String>(
+        "SELECT DISTINCT resource_id FROM inbox
+         WHERE state = 'processing' AND lease_until > ?1
+           AND resource_id IN (SELECT value FROM json_each(?2))",
+    )
+    .bind(now)
+    .bind(list);
+    Ok(query.fetch_all(&mut **tx).await?.into_iter().collect())
+}
+
+impl Delivery {
+    /// The row [`insert_many`] stored for `d` with a lease: what a claim of
+    /// it would have returned.
+    pub fn inserted_leased(id: i64, d: &NewDelivery) -> Delivery {
+        Delivery {
+            id,
+            provider: d.provider.clone(),
+            dedupe_key: d.dedupe_key.clone(),
+            event_type: d.event_type.clone(),
+            event_id: d.event_id.clone(),
+            resource_kind: d.resource_kind.clone(),
+            resource_id: d.resource_id.clone(),
+            context: d.context.clone(),
+            livemode: d.livemode,
+            raw_body: Some(d.raw_body.clone()),
+            body_size: d.raw_body.len() as i64,
+            source: d.source.to_string(),
+            received_at: d.received_at.clone(),
+            state: "processing".into(),
+            attempts: 1,
+            next_attempt_at: d.received_at.clone(),
+            last_error: None,
+            processed_at: None,
+        }
+    }
 }
 
 /// Claims the next ready delivery (see [`claim_batch`]) in a transaction of
