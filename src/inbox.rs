@@ -259,24 +259,23 @@ async fn commit(
                 Job::Refusal(_) => None,
             })
             .collect();
-        let handed = match reserved.filter(|r| !r.is_empty()) {
-            Some(reserved) => {
-                to_hand_over(&mut tx, &deliveries, reserved.len(), &reserved.lease_until).await?
-            }
+        let offered = match reserved {
+            Some(reserved) => to_offer(&deliveries, reserved.len(), &reserved.lease_until),
             None => vec![None; deliveries.len()],
         };
         let rows: Vec<(&NewDelivery, Option<&str>)> =
-            deliveries.iter().copied().zip(handed).collect();
-        let ids = store::inbox::insert_many(&mut tx, &rows).await?;
-        let leased: Vec<Delivery> = rows
+            deliveries.iter().copied().zip(offered).collect();
+        let now = crate::time::now_str();
+        let added = store::inbox::insert_many(&mut tx, &rows, &now).await?;
+        let leased: Vec<Delivery> = deliveries
             .iter()
-            .zip(&ids)
-            .filter_map(|((d, lease), id)| match (lease, id) {
-                (Some(_), Some(id)) => Some(Delivery::inserted_leased(*id, d)),
+            .zip(&added)
+            .filter_map(|(d, added)| match added {
+                Some(row) if row.leased => Some(Delivery::inserted_leased(row.id, d)),
                 _ => None,
             })
             .collect();
-        let mut new = ids.iter().map(Option::is_some);
+        let mut new = added.iter().map(Option::is_some);
         let refusals: Vec<&Refusal> = batch
             .iter()
             .filter_map(|job| match job {
@@ -301,43 +300,37 @@ async fn commit(
     result
 }
 
-/// Which deliveries of a batch go to the pipeline at once: per delivery,
+/// Which deliveries of a batch are offered to the pipeline: per delivery,
 /// the lease to insert it with, or `None` to put it in line. At most
-/// `slots`, in order, each of a resource no live lease holds and no earlier
-/// one of the batch names (the claim's rule).
-async fn to_hand_over<'l>(
-    tx: &mut store::Tx<'_>,
+/// `slots`, in order, the first of each resource and of each key; the
+/// insert itself leaves in line those whose resource a live lease holds.
+fn to_offer<'l>(
     deliveries: &[&NewDelivery],
     slots: usize,
     lease_until: &'l str,
-) -> Result<Vec<Option<&'l str>>, sqlx::Error> {
-    let named: Vec<&str> = deliveries
-        .iter()
-        .filter_map(|d| d.resource_id.as_deref())
-        .collect();
-    let now = crate::time::now_str();
-    let mut taken = store::inbox::leased_resources(tx, &now, &named).await?;
+) -> Vec<Option<&'l str>> {
+    let mut resources = HashSet::new();
     let mut keys = HashSet::new();
     let mut left = slots;
-    Ok(deliveries
+    deliveries
         .iter()
         .map(|d| {
-            let free = match &d.resource_id {
-                Some(resource) => !taken.contains(resource),
+            // A key twice in one batch is stored once: only its first may go.
+            let first_key = keys.insert((d.provider.as_str(), d.dedupe_key.as_str()));
+            let first_of_resource = match &d.resource_id {
+                Some(resource) => !resources.contains(resource.as_str()),
                 None => true,
             };
-            // A key twice in one batch is stored once: only its first may be.
-            let first = keys.insert((d.provider.as_str(), d.dedupe_key.as_str()));
-            if left == 0 || !free || !first {
+            if left == 0 || !first_key || !first_of_resource {
                 return None;
             }
             if let Some(resource) = &d.resource_id {
-                taken.insert(resource.clone());
+                resources.insert(resource.as_str());
             }
             left -= 1;
             Some(lease_until)
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]
@@ -360,24 +353,26 @@ mod tests {
         }
     }
 
-    /// Handed over: in order, as many as there are slots, one a resource,
-    /// none whose resource a live lease holds, a key twice only once.
+    /// Offered: in order, as many as there are slots, the first of each
+    /// resource and key. Leased by the insert: those whose resource no live
+    /// lease holds; the rest wait in line.
     #[tokio::test]
     async fn hand_over_follows_the_claims_rules() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("x.db"), &DatabaseConfig::default())
             .await
             .unwrap();
+        let now = crate::time::now_str();
         let far = "2999-01-01T00:00:00.000Z";
+        let past = "2000-01-01T00:00:00.000Z";
         let mut tx = db.write.begin().await.unwrap();
         let held = delivery("held", Some("r_held"));
-        store::inbox::insert_many(&mut tx, &[(&held, Some(far))])
-            .await
-            .unwrap();
         let lapsed = delivery("lapsed", Some("r_lapsed"));
-        store::inbox::insert_many(&mut tx, &[(&lapsed, Some("2000-01-01T00:00:00.000Z"))])
+        let before = [(&held, Some(far)), (&lapsed, Some(past))];
+        let added = store::inbox::insert_many(&mut tx, &before, &now)
             .await
             .unwrap();
+        assert!(added.iter().all(|a| a.is_some_and(|a| a.leased)));
 
         let batch = [
             delivery("a", Some("r_held")),   // a live lease holds it
@@ -389,19 +384,24 @@ mod tests {
             delivery("f", Some("r_3")),      // no slot left
         ];
         let refs: Vec<&NewDelivery> = batch.iter().collect();
-        let handed = to_hand_over(&mut tx, &refs, 3, far).await.unwrap();
-        let picked: Vec<&str> = refs
-            .iter()
-            .zip(&handed)
-            .filter(|(_, lease)| lease.is_some())
-            .map(|(d, _)| d.dedupe_key.as_str())
-            .collect();
-        assert_eq!(picked, ["b", "d", "e"]);
+        let offered = to_offer(&refs, 4, far);
+        let keys = |flags: &[bool]| -> Vec<&str> {
+            refs.iter()
+                .zip(flags)
+                .filter(|(_, f)| **f)
+                .map(|(d, _)| d.dedupe_key.as_str())
+                .collect()
+        };
+        let flags: Vec<bool> = offered.iter().map(Option::is_some).collect();
+        assert_eq!(keys(&flags), ["a", "b", "d", "e"]);
 
-        // Inserted as handed: leased, first attempt; the rest in line.
-        let rows: Vec<(&NewDelivery, Option<&str>)> = refs.iter().copied().zip(handed).collect();
-        let ids = store::inbox::insert_many(&mut tx, &rows).await.unwrap();
-        assert_eq!(ids.iter().filter(|id| id.is_some()).count(), 6, "{ids:?}");
+        let rows: Vec<(&NewDelivery, Option<&str>)> = refs.iter().copied().zip(offered).collect();
+        let added = store::inbox::insert_many(&mut tx, &rows, &now)
+            .await
+            .unwrap();
+        let flags: Vec<bool> = added.iter().map(|a| a.is_some_and(|a| a.leased)).collect();
+        assert_eq!(keys(&flags), ["b", "d", "e"]);
+        assert_eq!(added.iter().filter(|a| a.is_some()).count(), 6);
         let stored: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
             "SELECT dedupe_key, state, attempts, lease_until FROM inbox
              WHERE dedupe_key NOT IN ('held', 'lapsed') ORDER BY id",

@@ -1,7 +1,5 @@
 //! SQL of the inbox: durable accept with dedupe, claims with leases, outcomes.
 
-use std::collections::HashSet;
-
 use sqlx::{FromRow, SqlitePool};
 
 use super::Tx;
@@ -24,19 +22,29 @@ pub struct NewDelivery {
 
 /// Inserts unless the (provider, dedupe key) is already there. True when new.
 pub async fn insert(tx: &mut Tx<'_>, d: &NewDelivery) -> Result<bool, sqlx::Error> {
-    Ok(insert_many(tx, &[(d, None)]).await?[0].is_some())
+    Ok(insert_many(tx, &[(d, None)], &d.received_at).await?[0].is_some())
+}
+
+/// A new row of [`insert_many`]: its id, and whether it went in leased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    pub id: i64,
+    pub leased: bool,
 }
 
 /// Inserts many deliveries with one statement (a group commit's batch): one
 /// round trip instead of one per row. Each goes in line (`pending`), or,
-/// with a lease time, straight to a worker of this process (`processing`,
-/// first attempt; see [`leased_resources`]). Returns, per delivery, its new
-/// row's id, or `None` when the key was already there; of two with the same
-/// key in one batch only the first can be new.
+/// when it comes with a lease time and no live lease holds its resource at
+/// `now` (the claim's rule), straight to a worker of this process
+/// (`processing`, first attempt). Returns, per delivery, its new row, or
+/// `None` when the key was already there; of two with the same key in one
+/// batch only the first can be new. The caller gives a lease to at most
+/// one delivery of a resource per batch.
 pub async fn insert_many(
     tx: &mut Tx<'_>,
     batch: &[(&NewDelivery, Option<&str>)],
-) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    now: &str,
+) -> Result<Vec<Option<Inserted>>, sqlx::Error> {
     // Every row count is a statement of its own in the connection's cache
     // (up to 256, each sized by its bound values): at most 128 rows a
     // statement keeps that cache small whatever the batch sizes.
@@ -53,11 +61,19 @@ pub async fn insert_many(
         }
     }
     for chunk in firsts.chunks(ROWS_PER_STATEMENT) {
+        // `go`: the row has a lease and its resource is free.
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO inbox (provider, dedupe_key, event_type, event_id, resource_kind, resource_id,
                                 context, livemode, raw_body, body_size, source, received_at, next_attempt_at,
-                                state, attempts, lease_until) ",
+                                state, attempts, lease_until)
+             SELECT column1, column2, column3, column4, column5, column6, column7, column8, column9,
+                    column10, column11, column12, column12,
+                    CASE WHEN go THEN 'processing' ELSE 'pending' END, go, CASE WHEN go THEN column13 END
+             FROM (SELECT v.*, (v.column13 IS NOT NULL AND NOT EXISTS (
+                       SELECT 1 FROM inbox o
+                       WHERE o.resource_id = v.column6 AND o.state = 'processing' AND o.lease_until > ",
         );
+        qb.push_bind(now).push(")) AS go FROM (");
         qb.push_values(chunk, |mut row, &i| {
             let (d, lease_until) = batch[i];
             row.push_bind(&d.provider)
@@ -72,22 +88,20 @@ pub async fn insert_many(
                 .push_bind(d.raw_body.len() as i64)
                 .push_bind(d.source)
                 .push_bind(&d.received_at)
-                .push_bind(&d.received_at)
-                .push_bind(if lease_until.is_some() {
-                    "processing"
-                } else {
-                    "pending"
-                })
-                .push_bind(i64::from(lease_until.is_some()))
                 .push_bind(lease_until);
         });
+        // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the
+        // upsert clause, not a join's.
         qb.push(
-            " ON CONFLICT (provider, dedupe_key) DO NOTHING RETURNING id, provider, dedupe_key",
+            ") AS v) WHERE true
+             ON CONFLICT (provider, dedupe_key) DO NOTHING
+             RETURNING id, provider, dedupe_key, state = 'processing'",
         );
-        let added: Vec<(i64, String, String)> = qb.build_query_as().fetch_all(&mut **tx).await?;
-        for (id, provider, key) in &added {
+        let added: Vec<(i64, String, String, bool)> =
+            qb.build_query_as().fetch_all(&mut **tx).await?;
+        for (id, provider, key, leased) in added {
             if let Some(&i) = seen.get(&(provider.as_str(), key.as_str())) {
-                new[i] = Some(*id);
+                new[i] = Some(Inserted { id, leased });
             }
         }
     }
@@ -220,32 +234,9 @@ fn resource_free(alias: &str) -> String {
     )
 }
 
-/// Of `resources`, those a live lease holds now (the claim's rule: one
-/// resource, one worker at a time). In the group commit's transaction, this
-/// tells which new deliveries may be inserted leased.
-pub async fn leased_resources(
-    tx: &mut Tx<'_>,
-    now: &str,
-    resources: &[&str],
-) -> Result<HashSet<String>, sqlx::Error> {
-    if resources.is_empty() {
-        return Ok(HashSet::new());
-    }
-    // One statement whatever the count: the list goes in as a JSON array.
-    let list = serde_json::to_string(resources).expect("strings serialize");
-    let query = sqlx::query_scalar::<_, String>(
-        "SELECT DISTINCT resource_id FROM inbox
-         WHERE state = 'processing' AND lease_until > ?1
-           AND resource_id IN (SELECT value FROM json_each(?2))",
-    )
-    .bind(now)
-    .bind(list);
-    Ok(query.fetch_all(&mut **tx).await?.into_iter().collect())
-}
-
 impl Delivery {
-    /// The row [`insert_many`] stored for `d` with a lease: what a claim of
-    /// it would have returned.
+    /// The row [`insert_many`] stored for `d` leased: what a claim of it
+    /// would have returned.
     pub fn inserted_leased(id: i64, d: &NewDelivery) -> Delivery {
         Delivery {
             id,
