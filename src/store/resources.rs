@@ -44,6 +44,14 @@ pub(super) const RESOURCE_COLUMNS: &str =
      amount, currency, snapshot, provider_updated_at, status_since, first_seen_at, last_observed_at,
      not_found, cancel_requested_at, next_reconcile_at, reconcile_failures";
 
+/// [`RESOURCE_COLUMNS`] with no snapshot (`None`): what the pipeline's
+/// writes return. Recording never reads the stored object back, and a bulk
+/// transfer's can be large.
+const RESOURCE_COLUMNS_NO_SNAPSHOT: &str =
+    "rid, provider, kind, id, parent_id, status, terminal, livemode, context,
+     amount, currency, NULL AS snapshot, provider_updated_at, status_since, first_seen_at,
+     last_observed_at, not_found, cancel_requested_at, next_reconcile_at, reconcile_failures";
+
 /// One resource by its key, inside a write transaction.
 pub async fn get(
     tx: &mut Tx<'_>,
@@ -88,7 +96,7 @@ pub struct ResourceKey<'a> {
 }
 
 /// Adds a resource not seen before (status NULL) and returns its row; an
-/// existing one is returned as it is.
+/// existing one is returned as it is (without its snapshot: [`get`] has it).
 pub async fn ensure(
     tx: &mut Tx<'_>,
     provider: &str,
@@ -133,7 +141,7 @@ pub async fn ensure_many(
         });
         qb.push(format!(
             " ON CONFLICT (provider, kind, id) DO UPDATE SET provider = excluded.provider
-             RETURNING {RESOURCE_COLUMNS}"
+             RETURNING {RESOURCE_COLUMNS_NO_SNAPSHOT}"
         ));
         for r in qb.build_query_as::<Resource>().fetch_all(&mut **tx).await? {
             found.insert((r.provider.clone(), r.kind.clone(), r.id.clone()), r);
@@ -174,7 +182,8 @@ pub struct StateUpdate<'a> {
 
 /// Writes the current state of many resources, one statement per
 /// thousand; fields an observation lacks keep their value. Returns the rows
-/// as they are now, in the order of `updates` (one per resource).
+/// as they are now (without the snapshot just written), in the order of
+/// `updates` (one per resource).
 pub async fn update_states(
     tx: &mut Tx<'_>,
     updates: &[StateUpdate<'_>],
@@ -207,7 +216,7 @@ pub async fn update_states(
                 .push_bind(u.next_reconcile_at);
         });
         qb.push(format!(
-            ") AS v WHERE resources.rid = v.column1 RETURNING {RESOURCE_COLUMNS}"
+            ") AS v WHERE resources.rid = v.column1 RETURNING {RESOURCE_COLUMNS_NO_SNAPSHOT}"
         ));
         for r in qb.build_query_as::<Resource>().fetch_all(&mut **tx).await? {
             written.insert(r.rid, r);
