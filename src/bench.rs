@@ -81,6 +81,53 @@ pub struct Report {
     /// Per use of the daemon's writer connection (acknowledge, claim, …),
     /// the share of the run it held the connection, from its own metrics.
     pub writer_busy: Vec<(String, f64)>,
+    /// CPU time the daemon used from ready to the end of the run (and, end
+    /// to end, until the last transition was recorded).
+    pub daemon_cpu: Option<CpuTime>,
+    /// CPU time this process (load generator and simulator) used meanwhile.
+    pub bench_cpu: Option<CpuTime>,
+}
+
+/// User and system CPU seconds of a process, from `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTime {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTime {
+    /// Reads it for `pid` (`None` without `/proc`).
+    fn of(pid: u32) -> Option<CpuTime> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        parse_cpu_time(&stat)
+    }
+
+    fn since(self, start: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user - start.user,
+            system: self.system - start.system,
+        }
+    }
+
+    fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+/// utime and stime (fields 14 and 15) of a `/proc/<pid>/stat` line, in
+/// clock ticks of 1/100 s (the kernel's fixed USER_HZ). The command name
+/// (field 2) may hold spaces and parentheses, so fields are counted from
+/// after its closing parenthesis.
+fn parse_cpu_time(stat: &str) -> Option<CpuTime> {
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: f64 = fields.next()?.parse().ok()?;
+    let system: f64 = fields.next()?.parse().ok()?;
+    Some(CpuTime {
+        user: user / TICKS_PER_SECOND,
+        system: system / TICKS_PER_SECOND,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +184,17 @@ impl Report {
                 .map(|(what, share)| format!("{what} {:.0}%", share * 100.0))
                 .collect();
             println!("daemon writer connection held: {}", shares.join(", "));
+        }
+        if let (Some(daemon), Some(bench)) = (self.daemon_cpu, self.bench_cpu) {
+            println!(
+                "CPU: daemon {:.2} s (user {:.2}, system {:.2}) = {:.0} µs per accepted delivery; load generator{} {:.2} s",
+                daemon.total(),
+                daemon.user,
+                daemon.system,
+                daemon.total() * 1e6 / self.accepted.max(1) as f64,
+                if self.e2e_ms.is_some() { " and simulator" } else { "" },
+                bench.total()
+            );
         }
         match self.peak_rss_kib {
             Some(kib) => println!("daemon peak RSS: {:.1} MiB", kib as f64 / 1024.0),
@@ -223,6 +281,10 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
     )?;
     let url = format!("http://127.0.0.1:{port}");
     daemon.wait_ready(&url).await?;
+    let cpu_at_start = (
+        CpuTime::of(daemon.child.id()),
+        CpuTime::of(std::process::id()),
+    );
 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)
@@ -307,6 +369,12 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
         None => None,
     };
     let writer_busy = writer_busy(&client, &url, started.elapsed().as_secs_f64()).await;
+    let daemon_cpu = CpuTime::of(daemon.child.id())
+        .zip(cpu_at_start.0)
+        .map(|(end, start)| end.since(start));
+    let bench_cpu = CpuTime::of(std::process::id())
+        .zip(cpu_at_start.1)
+        .map(|(end, start)| end.since(start));
     let peak_rss_kib = daemon.peak_rss_kib();
     daemon.stop();
     Ok(Report {
@@ -320,6 +388,8 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
         peak_rss_kib,
         e2e_ms,
         writer_busy,
+        daemon_cpu,
+        bench_cpu,
     })
 }
 
@@ -631,6 +701,23 @@ mod tests {
             parse_writer_hold(text),
             vec![("claim".to_string(), 0.25), ("record".to_string(), 1.5)]
         );
+    }
+
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        // A command name with a space and a parenthesis; utime 250 and
+        // stime 75 ticks (fields 14 and 15).
+        let stat = "4242 (tokio (rt) x) S 1 4242 4242 0 -1 4194560 1200 0 0 0 250 75 0 0 20 0 9 0";
+        assert_eq!(
+            parse_cpu_time(stat),
+            Some(CpuTime {
+                user: 2.5,
+                system: 0.75
+            })
+        );
+        assert_eq!(parse_cpu_time("4242 (cut short) S 1 2"), None);
+        let own = CpuTime::of(std::process::id()).expect("this test runs on Linux");
+        assert!(own.user >= 0.0 && own.system >= 0.0);
     }
 
     #[test]

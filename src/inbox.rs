@@ -14,6 +14,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 
+use sqlx::SqliteConnection;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
@@ -240,6 +241,11 @@ async fn answer_when_durable(db: Db, replies: Vec<(Reply, bool)>) {
 /// One transaction for the whole batch; per job, whether a row was added,
 /// and the new deliveries it leased with `reserved` slots (at most one a
 /// resource). Durable once [`Db::sync_commits`] returned after it.
+///
+/// A batch that fits in one statement (most do) runs it alone: SQLite
+/// commits a lone statement by itself, all of it or nothing, and `BEGIN`
+/// and `COMMIT` would be two more round trips to the connection's thread
+/// while the writer is held.
 async fn commit(
     db: &Db,
     batch: &[Job],
@@ -250,54 +256,69 @@ async fn commit(
         db.write.acquire().await?
     };
     let _hold = store::WriterHold::start("acknowledge");
-    let result = async {
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let deliveries: Vec<&NewDelivery> = batch
-            .iter()
-            .filter_map(|job| match job {
-                Job::Delivery(d, _) => Some(&**d),
-                Job::Refusal(_) => None,
-            })
-            .collect();
-        let offered = match reserved {
-            Some(reserved) => to_offer(&deliveries, reserved.len(), &reserved.lease_until),
-            None => vec![None; deliveries.len()],
-        };
-        let rows: Vec<(&NewDelivery, Option<&str>)> =
-            deliveries.iter().copied().zip(offered).collect();
-        let now = crate::time::now_str();
-        let added = store::inbox::insert_many(&mut tx, &rows, &now).await?;
-        let leased: Vec<Delivery> = deliveries
-            .iter()
-            .zip(&added)
-            .filter_map(|(d, added)| match added {
-                Some(row) if row.leased => Some(Delivery::inserted_leased(row.id, d)),
-                _ => None,
-            })
-            .collect();
-        let mut new = added.iter().map(Option::is_some);
-        let refusals: Vec<&Refusal> = batch
-            .iter()
-            .filter_map(|job| match job {
-                Job::Refusal(r) => Some(r),
-                Job::Delivery(..) => None,
-            })
-            .collect();
-        if !refusals.is_empty() {
-            store::refusals::insert_many(&mut tx, &refusals).await?;
-        }
-        let inserted: Vec<bool> = batch
-            .iter()
-            .map(|job| match job {
-                Job::Delivery(..) => new.next().unwrap_or(false),
-                Job::Refusal(_) => false,
-            })
-            .collect();
-        tx.commit().await?;
-        Ok((inserted, leased))
+    let deliveries = batch
+        .iter()
+        .filter(|job| matches!(job, Job::Delivery(..)))
+        .count();
+    let statements = deliveries.div_ceil(store::inbox::ROWS_PER_INSERT)
+        + (batch.len() - deliveries).div_ceil(store::refusals::ROWS_PER_INSERT);
+    if statements <= 1 {
+        return write(&mut conn, batch, reserved).await;
     }
-    .await;
-    result
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let written = write(&mut tx, batch, reserved).await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// The statements of [`commit`], on `conn` (a transaction, or the
+/// connection itself for a single statement).
+async fn write(
+    conn: &mut SqliteConnection,
+    batch: &[Job],
+    reserved: Option<&Reserved>,
+) -> Result<(Vec<bool>, Vec<Delivery>), sqlx::Error> {
+    let deliveries: Vec<&NewDelivery> = batch
+        .iter()
+        .filter_map(|job| match job {
+            Job::Delivery(d, _) => Some(&**d),
+            Job::Refusal(_) => None,
+        })
+        .collect();
+    let offered = match reserved {
+        Some(reserved) => to_offer(&deliveries, reserved.len(), &reserved.lease_until),
+        None => vec![None; deliveries.len()],
+    };
+    let rows: Vec<(&NewDelivery, Option<&str>)> = deliveries.iter().copied().zip(offered).collect();
+    let now = crate::time::now_str();
+    let added = store::inbox::insert_many(conn, &rows, &now).await?;
+    let leased: Vec<Delivery> = deliveries
+        .iter()
+        .zip(&added)
+        .filter_map(|(d, added)| match added {
+            Some(row) if row.leased => Some(Delivery::inserted_leased(row.id, d)),
+            _ => None,
+        })
+        .collect();
+    let mut new = added.iter().map(Option::is_some);
+    let refusals: Vec<&Refusal> = batch
+        .iter()
+        .filter_map(|job| match job {
+            Job::Refusal(r) => Some(r),
+            Job::Delivery(..) => None,
+        })
+        .collect();
+    if !refusals.is_empty() {
+        store::refusals::insert_many(conn, &refusals).await?;
+    }
+    let inserted: Vec<bool> = batch
+        .iter()
+        .map(|job| match job {
+            Job::Delivery(..) => new.next().unwrap_or(false),
+            Job::Refusal(_) => false,
+        })
+        .collect();
+    Ok((inserted, leased))
 }
 
 /// Which deliveries of a batch are offered to the pipeline: per delivery,

@@ -1,6 +1,6 @@
 //! SQL of the inbox: durable accept with dedupe, claims with leases, outcomes.
 
-use sqlx::{FromRow, SqlitePool};
+use sqlx::{FromRow, SqliteConnection, SqlitePool};
 
 use super::Tx;
 
@@ -25,6 +25,12 @@ pub async fn insert(tx: &mut Tx<'_>, d: &NewDelivery) -> Result<bool, sqlx::Erro
     Ok(insert_many(tx, &[(d, None)], &d.received_at).await?[0].is_some())
 }
 
+/// Most deliveries one statement of [`insert_many`] carries. Every row
+/// count is a statement of its own in the connection's cache (up to 256,
+/// each sized by its bound values): at most 128 rows a statement keeps that
+/// cache small whatever the batch sizes.
+pub const ROWS_PER_INSERT: usize = 128;
+
 /// A new row of [`insert_many`]: its id, and whether it went in leased.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Inserted {
@@ -41,14 +47,10 @@ pub struct Inserted {
 /// batch only the first can be new. The caller gives a lease to at most
 /// one delivery of a resource per batch.
 pub async fn insert_many(
-    tx: &mut Tx<'_>,
+    conn: &mut SqliteConnection,
     batch: &[(&NewDelivery, Option<&str>)],
     now: &str,
 ) -> Result<Vec<Option<Inserted>>, sqlx::Error> {
-    // Every row count is a statement of its own in the connection's cache
-    // (up to 256, each sized by its bound values): at most 128 rows a
-    // statement keeps that cache small whatever the batch sizes.
-    const ROWS_PER_STATEMENT: usize = 128;
     let mut new = vec![None; batch.len()];
     let mut seen = std::collections::HashMap::new();
     let mut firsts = Vec::with_capacity(batch.len());
@@ -60,7 +62,7 @@ pub async fn insert_many(
             firsts.push(i);
         }
     }
-    for chunk in firsts.chunks(ROWS_PER_STATEMENT) {
+    for chunk in firsts.chunks(ROWS_PER_INSERT) {
         // `go`: the row has a lease and its resource is free.
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO inbox (provider, dedupe_key, event_type, event_id, resource_kind, resource_id,
@@ -98,7 +100,7 @@ pub async fn insert_many(
              RETURNING id, provider, dedupe_key, state = 'processing'",
         );
         let added: Vec<(i64, String, String, bool)> =
-            qb.build_query_as().fetch_all(&mut **tx).await?;
+            qb.build_query_as().fetch_all(&mut *conn).await?;
         for (id, provider, key, leased) in added {
             if let Some(&i) = seen.get(&(provider.as_str(), key.as_str())) {
                 new[i] = Some(Inserted { id, leased });

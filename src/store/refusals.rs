@@ -1,6 +1,6 @@
 //! Refused deliveries: reason, source, size, time; never the body.
 
-use sqlx::SqlitePool;
+use sqlx::{SqliteConnection, SqlitePool};
 
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -13,11 +13,17 @@ pub struct Refusal {
     pub received_at: String,
 }
 
-/// Records refusals, one statement per 64: every row count is a statement
-/// of its own in the connection's cache, so a flood's batches of all sizes
-/// add at most 64 small ones.
-pub async fn insert_many(tx: &mut super::Tx<'_>, refusals: &[&Refusal]) -> Result<(), sqlx::Error> {
-    for chunk in refusals.chunks(64) {
+/// Most refusals one statement of [`insert_many`] carries: every row count
+/// is a statement of its own in the connection's cache, so a flood's
+/// batches of all sizes add at most 64 small ones.
+pub const ROWS_PER_INSERT: usize = 64;
+
+/// Records refusals, one statement per [`ROWS_PER_INSERT`].
+pub async fn insert_many(
+    conn: &mut SqliteConnection,
+    refusals: &[&Refusal],
+) -> Result<(), sqlx::Error> {
+    for chunk in refusals.chunks(ROWS_PER_INSERT) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO refusals (provider, reason, message, http_status, body_size, remote_addr, received_at) ",
         );
@@ -30,7 +36,7 @@ pub async fn insert_many(tx: &mut super::Tx<'_>, refusals: &[&Refusal]) -> Resul
                 .push_bind(&r.remote_addr)
                 .push_bind(&r.received_at);
         });
-        qb.build().execute(&mut **tx).await?;
+        qb.build().execute(&mut *conn).await?;
     }
     Ok(())
 }
