@@ -7,7 +7,9 @@
 //! server cannot hide its stalls). It prints accepted per second, latency
 //! percentiles, refusals, errors and the daemon's peak resident memory as the
 //! OS reports it. `--compare` runs the same load against group commit and
-//! against one commit per request, and prints the ratio.
+//! against one commit per request, and prints the ratio; `--against` runs it
+//! against another build's daemon too, in turns (`--repeat`), driven by the
+//! same load generator, and prints the runs side by side.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -36,8 +38,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
     /// Run twice, with group commit and with one commit per request, and print the ratio.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "against")]
     pub compare: bool,
+    /// Another build of cancelwatch: its daemon gets the same load, in turns
+    /// with this build's (this one first), so two builds are compared in the
+    /// same minutes and with the same load generator.
+    #[arg(long, value_name = "BINARY")]
+    pub against: Option<std::path::PathBuf>,
+    /// How many runs of each daemon (and of each mode with `--compare`).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// Commit each request on its own (the baseline) instead of group commit.
     #[arg(long)]
     pub no_group_commit: bool,
@@ -201,6 +211,34 @@ impl Report {
             None => println!("daemon peak RSS: unknown (no /proc)"),
         }
     }
+
+    /// The run's main figures on one line, to set runs side by side.
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "{}: {:.0}/s accepted, ack p99 {:.1} ms",
+            self.label,
+            self.per_second(),
+            self.percentile_ms(0.99)
+        );
+        if let Some(e) = &self.e2e_ms {
+            line += &format!(
+                "; {:.0}/s recorded, delivery-to-recorded p99 {} ms",
+                e.per_second,
+                percentile(&e.latencies_ms, 0.99)
+            );
+        }
+        if let Some(cpu) = self.daemon_cpu {
+            line += &format!(
+                "; daemon CPU {:.0} µs a delivery",
+                cpu.total() * 1e6 / self.accepted.max(1) as f64
+            );
+        }
+        let held: f64 = self.writer_busy.iter().map(|(_, share)| share).sum();
+        if !self.writer_busy.is_empty() {
+            line += &format!("; writer held {:.0}%", held * 100.0);
+        }
+        line
+    }
 }
 
 /// Sorted-copy percentile; `q` = 1.0 is the maximum.
@@ -218,8 +256,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !["full", "normal"].contains(&args.synchronous.as_str()) {
         bail!("--synchronous must be full or normal");
     }
-    if args.connections == 0 || args.duration == 0 {
-        bail!("--connections and --duration must be above 0");
+    if args.connections == 0 || args.duration == 0 || args.repeat == 0 {
+        bail!("--connections, --duration and --repeat must be above 0");
+    }
+    let this = std::env::current_exe().context("finding the cancelwatch binary")?;
+    if let Some(other) = &args.against {
+        if !other.is_file() {
+            bail!("--against {}: no such file", other.display());
+        }
     }
     println!(
         "machine: {} cores; offered: {}; {} connections; {} s per run; synchronous={}",
@@ -235,32 +279,54 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.duration,
         args.synchronous
     );
-    let mut reports = Vec::new();
-    let modes: Vec<bool> = if args.compare {
-        vec![true, false]
+    // (daemon binary, group commit, label) of each run of one round.
+    let mut round: Vec<(&Path, bool, String)> = Vec::new();
+    if args.compare {
+        round.push((&this, true, "group commit".into()));
+        round.push((&this, false, "one commit per request".into()));
     } else {
-        vec![!args.no_group_commit]
-    };
-    for group_commit in modes {
-        let label = if group_commit {
-            "group commit"
-        } else {
-            "one commit per request"
-        };
-        let report = run_once(&args, group_commit, label).await?;
-        report.print();
-        reports.push(report);
+        let mode = !args.no_group_commit;
+        round.push((&this, mode, "this build".into()));
+        if let Some(other) = &args.against {
+            round.push((other, mode, format!("against {}", other.display())));
+        }
     }
-    if let [grouped, single] = &reports[..] {
-        println!(
-            "group commit / one commit per request: {:.1}x accepted per second",
-            grouped.per_second() / single.per_second().max(f64::MIN_POSITIVE)
-        );
+    let mut reports = Vec::new();
+    for n in 1..=args.repeat {
+        for (daemon, group_commit, label) in &round {
+            let label = if args.repeat > 1 {
+                format!("{label}, run {n}")
+            } else {
+                label.clone()
+            };
+            let report = run_once(&args, daemon, *group_commit, &label).await?;
+            report.print();
+            reports.push(report);
+        }
+    }
+    if args.compare && args.repeat == 1 {
+        if let [grouped, single] = &reports[..] {
+            println!(
+                "group commit / one commit per request: {:.1}x accepted per second",
+                grouped.per_second() / single.per_second().max(f64::MIN_POSITIVE)
+            );
+        }
+    }
+    if reports.len() > 2 || args.against.is_some() {
+        println!("== runs side by side");
+        for report in &reports {
+            println!("{}", report.summary());
+        }
     }
     Ok(())
 }
 
-async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::Result<Report> {
+async fn run_once(
+    args: &BenchArgs,
+    daemon_bin: &Path,
+    group_commit: bool,
+    label: &str,
+) -> anyhow::Result<Report> {
     let tmp = match &args.dir {
         Some(d) => tempfile::tempdir_in(d),
         None => tempfile::tempdir(),
@@ -273,6 +339,7 @@ async fn run_once(args: &BenchArgs, group_commit: bool, label: &str) -> anyhow::
         None
     };
     let mut daemon = DaemonProcess::spawn(
+        daemon_bin,
         tmp.path(),
         port,
         group_commit,
@@ -577,6 +644,7 @@ struct DaemonProcess {
 
 impl DaemonProcess {
     fn spawn(
+        exe: &Path,
         dir: &Path,
         port: u16,
         group_commit: bool,
@@ -584,7 +652,6 @@ impl DaemonProcess {
         api_base: Option<String>,
     ) -> anyhow::Result<Self> {
         let api_base = api_base.unwrap_or_else(|| "http://127.0.0.1:9".into());
-        let exe = std::env::current_exe().context("finding the cancelwatch binary")?;
         std::fs::write(dir.join("none.toml"), "").context("writing an empty config")?;
         let mut cmd = Command::new(exe);
         cmd.arg("serve")
@@ -700,6 +767,36 @@ mod tests {
         assert_eq!(
             parse_writer_hold(text),
             vec![("claim".to_string(), 0.25), ("record".to_string(), 1.5)]
+        );
+    }
+
+    #[test]
+    fn a_summary_line_holds_the_main_figures() {
+        let report = Report {
+            label: "this build, run 2".into(),
+            seconds: 2.0,
+            accepted: 3000,
+            duplicates: 0,
+            refused: 0,
+            errors: 0,
+            latencies_us: (1..=100).map(|ms| ms * 1000).collect(),
+            peak_rss_kib: Some(1024),
+            e2e_ms: Some(E2eReport {
+                recorded: 3000,
+                latencies_ms: (1..=100).collect(),
+                per_second: 1400.0,
+            }),
+            writer_busy: vec![("record".into(), 0.5), ("acknowledge".into(), 0.25)],
+            daemon_cpu: Some(CpuTime {
+                user: 1.2,
+                system: 0.6,
+            }),
+            bench_cpu: None,
+        };
+        assert_eq!(
+            report.summary(),
+            "this build, run 2: 1500/s accepted, ack p99 99.0 ms; 1400/s recorded, \
+             delivery-to-recorded p99 99 ms; daemon CPU 600 µs a delivery; writer held 75%"
         );
     }
 
