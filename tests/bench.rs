@@ -1,0 +1,80 @@
+//! `cancelwatch bench` as a user runs it: short runs at a low fixed rate
+//! (so they finish in seconds on a busy CI machine), checking what the
+//! report counts, not how fast anything went.
+
+use std::process::Command;
+
+/// Runs `cancelwatch bench <args>` and returns its standard output.
+fn bench(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cancelwatch"))
+        .arg("bench")
+        .args(["--dir", dir.path().to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The number after `label` on the line that starts with `line_start`.
+fn figure(report: &str, line_start: &str, label: &str) -> u64 {
+    let line = report
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .unwrap_or_else(|| panic!("no line starting {line_start:?} in:\n{report}"));
+    let rest = &line[line
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {line:?}"))
+        + label.len()..];
+    rest.trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {label:?} in {line:?}"))
+}
+
+#[test]
+fn every_delivery_is_accepted_and_recorded_end_to_end() {
+    let report = bench(&[
+        "--e2e",
+        "--duration",
+        "1",
+        "--rate",
+        "100",
+        "--connections",
+        "4",
+    ]);
+    let accepted = figure(&report, "accepted", "accepted");
+    assert!(accepted >= 90, "{report}");
+    assert_eq!(figure(&report, "accepted", "errors"), 0, "{report}");
+    assert_eq!(figure(&report, "accepted", "refused"), 0, "{report}");
+    assert_eq!(figure(&report, "accepted", "duplicates"), 0, "{report}");
+    assert_eq!(
+        figure(&report, "end to end:", "end to end:"),
+        accepted,
+        "{report}"
+    );
+    assert!(report.contains("daemon peak RSS: "), "{report}");
+}
+
+#[test]
+fn forged_deliveries_are_counted_as_refused() {
+    let report = bench(&[
+        "--forged",
+        "--duration",
+        "1",
+        "--rate",
+        "50",
+        "--connections",
+        "2",
+    ]);
+    assert_eq!(figure(&report, "accepted", "accepted"), 0, "{report}");
+    assert!(figure(&report, "accepted", "refused") >= 45, "{report}");
+    assert_eq!(figure(&report, "accepted", "errors"), 0, "{report}");
+}
