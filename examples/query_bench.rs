@@ -391,6 +391,17 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     println!("  transitions --kind juice.transfer, page ~{walked} rows deep\n                                         {line}");
+    let line = time(reps, |i| {
+        let first = &first;
+        let filter = TransitionFilter {
+            kind: Some("stripe.outbound_transfer".into()),
+            resource_id: Some(outbound_ids[i % outbound_ids.len()].clone()),
+            ..TransitionFilter::default()
+        };
+        async move { Ok(queries::transitions(pool, &filter, first).await?) }
+    })
+    .await?;
+    println!("  transitions --kind stripe.outbound_transfer --resource <id>\n                                         {line}");
     let line = time(reps.min(50), |_| async {
         Ok(queries::transitions(pool, &old, &first).await?)
     })

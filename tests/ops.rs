@@ -532,6 +532,39 @@ async fn listings_filter_and_render() {
 }
 
 #[tokio::test]
+async fn one_resources_transitions_are_found_through_its_rid() {
+    let (_dir, _config, db) = seeded_db().await;
+    use cancelwatch::store::queries::{self, PageRequest, TransitionFilter};
+    let filter = TransitionFilter {
+        kind: Some("juice.transfer".into()),
+        resource_id: Some("trf_b".into()),
+        ..Default::default()
+    };
+    let page = queries::transitions(&db.read, &filter, &PageRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(page.data.len(), 2);
+    assert!(page.data.iter().all(|t| t.resource_id == "trf_b"));
+    assert!(page.data[0].id > page.data[1].id, "newest first");
+    // Whatever else is filtered, the one resource's rows are looked up by
+    // rid, never found by walking every transition of a kind.
+    let plan = queries::explain_transitions(&db.read, &filter, &PageRequest::default())
+        .await
+        .unwrap()
+        .join("\n");
+    assert!(plan.contains("transitions_rid"), "{plan}");
+    assert!(!plan.contains("transitions_kind"), "{plan}");
+    let nobody = TransitionFilter {
+        resource_id: Some("trf_nobody".into()),
+        ..Default::default()
+    };
+    let page = queries::transitions(&db.read, &nobody, &PageRequest::default())
+        .await
+        .unwrap();
+    assert!(page.data.is_empty());
+}
+
+#[tokio::test]
 async fn csv_fields_are_quoted() {
     let (_dir, _config, db) = seeded_db().await;
     let args = AlertsArgs {

@@ -569,7 +569,7 @@ pub async fn transitions_of(
     sqlx::query_as::<_, Transition>(
         "SELECT id, provider, kind, resource_id, parent_id, from_status, to_status, observed_at,
                 provider_at, trigger_type, trigger_id, livemode
-         FROM transitions WHERE resource_id = ? ORDER BY id",
+         FROM transitions WHERE rid IN (SELECT rid FROM resources WHERE id = ?) ORDER BY id",
     )
     .bind(resource_id)
     .fetch_all(pool)
