@@ -166,7 +166,8 @@ impl Default for JuiceConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// Deliveries processed at once (never two about one resource).
+    /// Deliveries being decided (fetched from the provider) at once; never
+    /// two about one resource.
     pub concurrency: usize,
     pub lease_secs: u64,
     /// Attempts before a delivery goes `dead`.

@@ -341,6 +341,51 @@ async fn api_faults_are_survived() {
     daemon.stop().await;
 }
 
+/// `workers.concurrency` bounds the calls to the provider at once, even
+/// though a slot comes back as soon as its outcome is queued for the
+/// recorder (before it is written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_more_provider_calls_at_once_than_workers() {
+    let (sim, daemon) = start_pair().await;
+    let pool = daemon.reader().await;
+    // 24 transfers, each announced by one event; every fetch of theirs hangs
+    // a moment, so the calls overlap as much as the daemon lets them.
+    let mut last_events = Vec::new();
+    let mut expected = Vec::new();
+    for _ in 0..24 {
+        let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+        for step in &scenario.steps {
+            sim.apply_step(step);
+        }
+        let step = scenario.steps.last().unwrap();
+        last_events.push(step.deliveries.last().unwrap().clone());
+        expected.extend(step.expect_status.clone());
+    }
+    sim.faults().hang_next(24, Duration::from_millis(150));
+    futures_util::future::try_join_all(last_events.iter().map(|d| sim.deliver(d)))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut done = unfinished(&pool).await == 0;
+        for (id, want) in &expected {
+            done &= status_of(&pool, id).await.as_deref() == Some(want.as_str());
+        }
+        if done {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not all processed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Reached (so the check below can fail), never passed.
+    assert_eq!(
+        sim.peak_concurrent_requests(),
+        4,
+        "workers.concurrency is 4"
+    );
+    daemon.stop().await;
+}
+
 /// A delivery claimed by a worker that died (its lease runs out) is processed
 /// once by another; the dead worker's late finish changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1304,7 +1349,6 @@ async fn a_batch_of_outcomes_is_written_together_and_a_lost_lease_is_left_alone(
                 delivery: d,
                 lease_until,
                 outcome,
-                slot: None,
             }
         })
         .collect();
@@ -1367,7 +1411,6 @@ async fn one_failing_outcome_in_a_batch_costs_only_itself() {
                     context: None,
                     reversal: None,
                 },
-                slot: None,
             }
         })
         .collect();

@@ -6,7 +6,7 @@
 //!   claims the rest (those that found no free slot, retries, lapsed leases)
 //!   in batches, one write transaction a batch (lapsed leases first, then in
 //!   arrival order). Either way never two of one resource at once, and no
-//!   more than `workers.concurrency` in all;
+//!   more than `workers.concurrency` being decided at once;
 //! - each claimed delivery is **decided** in a task of its own: what it asks
 //!   for ([`plan`]) and what the provider answers ([`Outcome`]). Nothing is
 //!   written and no transaction is open across the HTTP call;
@@ -202,8 +202,6 @@ pub struct Decided {
     pub delivery: Delivery,
     pub lease_until: String,
     pub outcome: Outcome,
-    /// The feeder's slot, held until the outcome is written.
-    pub slot: Option<OwnedSemaphorePermit>,
 }
 
 /// Starts the feeder and the recorder into `tasks`; they stop when
@@ -437,8 +435,13 @@ fn delivery_span(d: &Delivery) -> tracing::Span {
     )
 }
 
-/// One claimed delivery: decide it, then hand it to the recorder along with
-/// its slot.
+/// One claimed delivery: decide it, then queue it for the recorder. The
+/// slot comes back once the outcome is in the recorder's queue, not once it
+/// is written: a slot bounds the calls to the provider, and the queue (as
+/// long as `workers.concurrency`) bounds what waits for the writer. Holding
+/// slots through the write kept the recorder's batches below the slots'
+/// number, and its per-turn cost weighed on each delivery. The lease, not
+/// the slot, keeps a resource's next delivery back until this one is written.
 async fn decide_and_send(
     ctx: Arc<Context>,
     delivery: Delivery,
@@ -453,13 +456,13 @@ async fn decide_and_send(
         delivery,
         lease_until,
         outcome,
-        slot: Some(slot),
     };
     if recorder.send(decided).await.is_err() {
         // Only when the daemon is being stopped; the lease runs out and the
         // delivery is processed again after the restart.
         tracing::warn!("the recorder is gone; this attempt is dropped");
     }
+    drop(slot);
 }
 
 /// The recorder: writes what is waiting, many outcomes a transaction, until
@@ -499,7 +502,6 @@ pub async fn process(ctx: &Context, d: Delivery, lease_until: &str) {
         delivery: d,
         lease_until: lease_until.to_string(),
         outcome,
-        slot: None,
     }];
     while !batch.is_empty() {
         batch = write_and_report(ctx, batch).await;

@@ -1,6 +1,7 @@
 //! Injected API faults (errors, rate limits, hangs, outages) and the
 //! middleware that records every API request and applies them.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -98,12 +99,30 @@ impl Faults {
     }
 }
 
+/// Counts an API request as being answered while it lives.
+struct Answering<'a>(&'a Shared);
+
+impl<'a> Answering<'a> {
+    fn start(shared: &'a Shared) -> Self {
+        let now = shared.api_calls.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.api_calls_peak.fetch_max(now, Ordering::SeqCst);
+        Answering(shared)
+    }
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.api_calls.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Records the request, then applies any injected fault before the handler.
 pub(crate) async fn middleware(
     State(shared): State<Arc<Shared>>,
     request: Request,
     next: Next,
 ) -> Response {
+    let _answering = Answering::start(&shared);
     let path = request
         .uri()
         .path_and_query()

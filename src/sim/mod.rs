@@ -125,6 +125,9 @@ pub(crate) struct Shared {
     signer: Signer,
     /// Background tasks (follow-ups and their sends) not yet finished.
     in_flight: AtomicUsize,
+    /// API requests being answered now, and the most there ever were.
+    pub(crate) api_calls: AtomicUsize,
+    pub(crate) api_calls_peak: AtomicUsize,
     background_errors: Mutex<Vec<String>>,
 }
 
@@ -202,6 +205,8 @@ impl Simulator {
             client,
             signer,
             in_flight: AtomicUsize::new(0),
+            api_calls: AtomicUsize::new(0),
+            api_calls_peak: AtomicUsize::new(0),
             background_errors: Mutex::new(Vec::new()),
         });
         let router = router(shared.clone());
@@ -299,6 +304,12 @@ impl Simulator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The most API requests it was ever answering at once (a hang counts
+    /// for as long as it lasts).
+    pub fn peak_concurrent_requests(&self) -> usize {
+        self.shared.api_calls_peak.load(Ordering::SeqCst)
     }
 
     /// Events generated so far: Stripe events (as listed by the events API)
