@@ -9,6 +9,7 @@ use cancelwatch::cli::output::OutputArgs;
 use cancelwatch::cli::read::{
     self, AlertsArgs, EventsArgs, HistoryArgs, PageArgs, TransitionsArgs,
 };
+use cancelwatch::store::queries::{self, PageRequest, TransitionFilter};
 use cancelwatch::Config;
 use serde_json::Value;
 use sqlx::SqlitePool;
@@ -534,7 +535,6 @@ async fn listings_filter_and_render() {
 #[tokio::test]
 async fn one_resources_transitions_are_found_through_its_rid() {
     let (_dir, _config, db) = seeded_db().await;
-    use cancelwatch::store::queries::{self, PageRequest, TransitionFilter};
     let filter = TransitionFilter {
         kind: Some("juice.transfer".into()),
         resource_id: Some("trf_b".into()),
