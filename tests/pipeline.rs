@@ -1461,7 +1461,7 @@ fn observation(
         amount: Some(100),
         currency: Some("usd".into()),
         livemode: Some(false),
-        snapshot: serde_json::json!({"id": id, "status": status}),
+        snapshot: serde_json::json!({"id": id, "status": status}).to_string(),
         progress: None,
         children,
         refund: None,

@@ -247,7 +247,6 @@ struct Seen<'a> {
 /// below can borrow it.
 struct Decided<'a> {
     seen: &'a Seen<'a>,
-    snapshot: String,
     status_since: String,
     next_reconcile_at: Option<String>,
     changed: bool,
@@ -373,7 +372,6 @@ async fn record_run(
         let changed = matches!(s.verdict, Verdict::First | Verdict::Changed);
         fresh.push(Decided {
             seen: s,
-            snapshot: s.obs.snapshot.to_string(),
             status_since: if changed {
                 now_s.clone()
             } else {
@@ -407,7 +405,7 @@ async fn record_run(
             context: items[d.seen.item].context,
             amount: d.seen.obs.amount,
             currency: d.seen.obs.currency.as_deref(),
-            snapshot: &d.snapshot,
+            snapshot: &d.seen.obs.snapshot,
             provider_updated_at: d.seen.obs.provider_at.as_deref(),
             status_since: &d.status_since,
             observed_at: &now_s,
@@ -438,7 +436,7 @@ async fn record_run(
                 trigger_type: trigger.kind,
                 trigger_id: trigger.id.as_deref(),
                 livemode: obs.livemode.or(current.livemode),
-                snapshot: &d.snapshot,
+                snapshot: &d.seen.obs.snapshot,
             }
         })
         .collect();
@@ -580,7 +578,7 @@ pub async fn record_reversal(
             amount: item.amount,
             currency: item.currency.clone(),
             livemode: item.livemode,
-            snapshot: serde_json::Value::Null,
+            snapshot: String::new(),
             progress: None,
             children: Vec::new(),
             refund: None,

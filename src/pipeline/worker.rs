@@ -418,10 +418,8 @@ async fn feed(
 }
 
 async fn claim(ctx: &Context, lease: &str, limit: usize) -> Result<Vec<Delivery>, sqlx::Error> {
-    let mut tx = ctx.db.begin_for("claim").await?;
-    let claimed = store::inbox::claim_batch(&mut tx, &time::now_str(), lease, limit).await?;
-    tx.commit().await?;
-    Ok(claimed)
+    let mut conn = ctx.db.acquire_for("claim").await?;
+    store::inbox::claim_batch(&mut conn, &time::now_str(), lease, limit).await
 }
 
 fn delivery_span(d: &Delivery) -> tracing::Span {

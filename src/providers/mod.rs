@@ -214,8 +214,9 @@ pub struct Observation {
     pub amount: Option<i64>,
     pub currency: Option<String>,
     pub livemode: Option<bool>,
-    /// The object as fetched.
-    pub snapshot: serde_json::Value,
+    /// The object as fetched, as JSON text: written out here, by the task
+    /// that fetched it, rather than by the recorder while it holds the writer.
+    pub snapshot: String,
     pub progress: Option<Progress>,
     /// Juice items, recorded as resources of their own.
     pub children: Vec<Observation>,

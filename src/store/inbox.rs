@@ -140,19 +140,20 @@ const DELIVERY_COLUMNS: &str =
      last_error, processed_at";
 
 /// Claims up to `limit` ready deliveries and leases them until
-/// `lease_until`, in one go: first deliveries whose lease ran out (a crashed
-/// worker's; there are at most a few `processing` rows), then the due
-/// deliveries in line (`next_attempt_at` is the receipt time for a first
+/// `lease_until`, in one statement: first deliveries whose lease ran out (a
+/// crashed worker's; there are at most a few `processing` rows), then the
+/// due deliveries in line (`next_attempt_at` is the receipt time for a first
 /// attempt, so new deliveries go in arrival order and retries when they fall
 /// due). Never one whose resource a live lease holds, and never two of one
 /// resource in a batch: the later ones wait for the next claim. Both lookups
 /// are index range scans that stop at the limit (`inbox_state_id`,
-/// `inbox_ready`).
+/// `inbox_ready`). Returned in the order they fell due (`next_attempt_at`,
+/// then id).
 ///
-/// Runs in the caller's write transaction, so the pick and the lease are one
-/// step for every other writer of the database.
+/// One statement is atomic on its own, so the pick and the lease are one
+/// step for every other writer of the database, inside a transaction or not.
 pub async fn claim_batch(
-    tx: &mut Tx<'_>,
+    conn: &mut SqliteConnection,
     now: &str,
     lease_until: &str,
     limit: usize,
@@ -160,68 +161,54 @@ pub async fn claim_batch(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    // A few more candidates than wanted: some may share a resource.
-    let scan = (limit * 2) as i64;
-    let mut candidates: Vec<(i64, Option<String>)> = sqlx::query_as(&format!(
-        "SELECT l.id, l.resource_id FROM inbox l
-         WHERE l.state = 'processing' AND l.lease_until <= ?1 AND {}
-         ORDER BY l.id LIMIT ?2",
-        resource_free("l")
-    ))
-    .bind(now)
-    .bind(scan)
-    .fetch_all(&mut **tx)
-    .await?;
-    candidates.extend(
-        sqlx::query_as::<_, (i64, Option<String>, String)>(&format!(
-            // One ordered range scan of `inbox_ready` per state, merged, that
-            // stops at the limit. (`state IN (…)` would gather and sort every
-            // due row first, checking each one's resource: a cost that grows
-            // with the backlog.)
-            "SELECT c.id, c.resource_id, c.next_attempt_at FROM inbox c
-             WHERE c.state = 'pending' AND c.next_attempt_at <= ?1 AND {}
-             UNION ALL
-             SELECT f.id, f.resource_id, f.next_attempt_at FROM inbox f
-             WHERE f.state = 'failed' AND f.next_attempt_at <= ?1 AND {}
-             ORDER BY 3, 1 LIMIT ?2",
-            resource_free("c"),
-            resource_free("f")
-        ))
+    let mut claimed: Vec<Delivery> = sqlx::query_as(&claim_sql())
         .bind(now)
-        .bind(scan)
-        .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .map(|(id, resource, _)| (id, resource)),
-    );
-    let mut resources = std::collections::HashSet::new();
-    let picked: Vec<i64> = candidates
-        .into_iter()
-        .filter(|(_, resource)| match resource {
-            Some(r) => resources.insert(r.clone()),
-            None => true,
-        })
-        .map(|(id, _)| id)
-        .take(limit)
-        .collect();
-    if picked.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "UPDATE inbox SET state = 'processing', lease_until = ",
-    );
-    qb.push_bind(lease_until)
-        .push(", attempts = attempts + 1 WHERE id IN (");
-    let mut ids = qb.separated(", ");
-    for id in &picked {
-        ids.push_bind(id);
-    }
-    qb.push(format!(") RETURNING {DELIVERY_COLUMNS}"));
-    let mut claimed: Vec<Delivery> = qb.build_query_as().fetch_all(&mut **tx).await?;
-    let order: std::collections::HashMap<i64, usize> =
-        picked.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    claimed.sort_by_key(|d| order[&d.id]);
+        .bind((limit * 2) as i64)
+        .bind(limit as i64)
+        .bind(lease_until)
+        .fetch_all(conn)
+        .await?;
+    claimed.sort_by(|a, b| (&a.next_attempt_at, a.id).cmp(&(&b.next_attempt_at, b.id)));
     Ok(claimed)
+}
+
+/// The statement of [`claim_batch`]: `?1` now, `?2` how many candidates
+/// each list looks at, `?3` the limit, `?4` the lease's end.
+fn claim_sql() -> String {
+    // A few more candidates than wanted: some may share a resource. Each
+    // candidate list is materialized on its own so that it stays one ordered
+    // index scan stopping at its limit; of the candidates that share a
+    // resource only the first (lapsed ones first, then by due time) is taken.
+    format!(
+        "WITH lapsed AS MATERIALIZED (
+             SELECT l.id, l.resource_id, 0 AS part, '' AS due FROM inbox l
+             WHERE l.state = 'processing' AND l.lease_until <= ?1 AND {lapsed_free}
+             ORDER BY l.id LIMIT ?2),
+         ready AS MATERIALIZED (
+             -- One ordered range scan of `inbox_ready` per state, merged,
+             -- that stops at the limit. (`state IN (…)` would gather and sort
+             -- every due row first, checking each one's resource: a cost
+             -- that grows with the backlog.)
+             SELECT c.id, c.resource_id, 1 AS part, c.next_attempt_at AS due FROM inbox c
+             WHERE c.state = 'pending' AND c.next_attempt_at <= ?1 AND {pending_free}
+             UNION ALL
+             SELECT f.id, f.resource_id, 1 AS part, f.next_attempt_at AS due FROM inbox f
+             WHERE f.state = 'failed' AND f.next_attempt_at <= ?1 AND {failed_free}
+             ORDER BY 4, 1 LIMIT ?2),
+         ranked AS (
+             SELECT id, part, due, ROW_NUMBER() OVER (
+                 PARTITION BY resource_id, CASE WHEN resource_id IS NULL THEN id END
+                 ORDER BY part, due, id) AS nth
+             FROM (SELECT * FROM lapsed UNION ALL SELECT * FROM ready) AS candidates),
+         picked AS (
+             SELECT id FROM ranked WHERE nth = 1 ORDER BY part, due, id LIMIT ?3)
+         UPDATE inbox SET state = 'processing', lease_until = ?4, attempts = attempts + 1
+         WHERE id IN (SELECT id FROM picked)
+         RETURNING {DELIVERY_COLUMNS}",
+        lapsed_free = resource_free("l"),
+        pending_free = resource_free("c"),
+        failed_free = resource_free("f"),
+    )
 }
 
 /// The SQL condition, for the inbox row `alias` (with `?1` the time now),
@@ -263,16 +250,14 @@ impl Delivery {
     }
 }
 
-/// Claims the next ready delivery (see [`claim_batch`]) in a transaction of
-/// its own.
+/// Claims the next ready delivery (see [`claim_batch`]).
 pub async fn claim(
     pool: &SqlitePool,
     now: &str,
     lease_until: &str,
 ) -> Result<Option<Delivery>, sqlx::Error> {
-    let mut tx = super::begin_immediate(pool).await?;
-    let claimed = claim_batch(&mut tx, now, lease_until, 1).await?;
-    tx.commit().await?;
+    let mut conn = pool.acquire().await?;
+    let claimed = claim_batch(&mut conn, now, lease_until, 1).await?;
     Ok(claimed.into_iter().next())
 }
 
@@ -465,4 +450,47 @@ pub async fn count_by_state(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sql
     sqlx::query_as("SELECT state, COUNT(*) FROM inbox GROUP BY state ORDER BY state")
         .fetch_all(pool)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    /// The claim stays index range scans whatever the inbox holds: no step
+    /// of its plan walks the whole table.
+    #[tokio::test]
+    async fn the_claim_walks_indexes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::Db::open(
+            &dir.path().join("plan.db"),
+            &crate::config::DatabaseConfig::default(),
+        )
+        .await
+        .unwrap();
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", super::claim_sql()))
+                .bind("2026-01-01T00:00:00.000Z")
+                .bind(20)
+                .bind(10)
+                .bind("2026-01-01T00:01:00.000Z")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        let plan: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
+        for step in [
+            "SEARCH l USING INDEX inbox_state_id (state=?)",
+            "SEARCH c USING INDEX inbox_ready (state=? AND next_attempt_at<?)",
+            "SEARCH f USING INDEX inbox_ready (state=? AND next_attempt_at<?)",
+            "SEARCH o USING INDEX inbox_leased (resource_id=?)",
+            "MERGE (UNION ALL)",
+        ] {
+            assert!(plan.contains(&step), "no {step:?} in {plan:#?}");
+        }
+        assert!(
+            !plan.iter().any(|s| s.starts_with("SCAN inbox")
+                || s.starts_with("SCAN l ")
+                || s.starts_with("SCAN c ")
+                || s.starts_with("SCAN f ")),
+            "a full scan of the inbox: {plan:#?}"
+        );
+        db.close().await;
+    }
 }

@@ -133,7 +133,7 @@ pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observa
             progress: None,
             children: Vec::new(),
             status: item_status,
-            snapshot: item,
+            snapshot: item.to_string(),
         });
     }
     Ok(Observation {
@@ -154,7 +154,7 @@ pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observa
         children,
         refund: None,
         status,
-        snapshot: bulk,
+        snapshot: bulk.to_string(),
     })
 }
 

@@ -75,7 +75,7 @@ pub fn decode(kind: &str, id: &str, object: Value) -> Result<Observation, String
         amount: None,
         currency: None,
         livemode,
-        snapshot: Value::Null,
+        snapshot: String::new(),
         progress: None,
         children: Vec::new(),
         refund: None,
@@ -121,7 +121,7 @@ pub fn decode(kind: &str, id: &str, object: Value) -> Result<Observation, String
         }
         _ => {}
     }
-    obs.snapshot = object;
+    obs.snapshot = object.to_string();
     Ok(obs)
 }
 
@@ -150,7 +150,8 @@ mod tests {
         assert_eq!(refund.status, RefundStatus::Completed);
         assert_eq!(refund.reason, "canceled");
         assert_eq!(refund.amount, Some(1500));
-        assert_eq!(obs.snapshot["brand_new_field"]["x"], 1);
+        let snapshot: Value = serde_json::from_str(&obs.snapshot).unwrap();
+        assert_eq!(snapshot["brand_new_field"]["x"], 1);
     }
 
     #[test]
