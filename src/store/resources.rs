@@ -590,15 +590,6 @@ pub async fn refunds_under(
     .await
 }
 
-/// How many transitions have this trigger type: what the benchmark polls
-/// while it waits, so that waiting costs the daemon under test little.
-pub async fn count_by_trigger(pool: &SqlitePool, trigger_type: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM transitions WHERE trigger_type = ?")
-        .bind(trigger_type)
-        .fetch_one(pool)
-        .await
-}
-
 /// (trigger id, observed at) of every transition with this trigger type: the
 /// benchmark's end-to-end measurement.
 pub async fn observed_by_trigger(
