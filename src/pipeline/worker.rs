@@ -4,16 +4,17 @@
 //! - a new delivery that arrives while a slot is free is leased by the very
 //!   commit that stores it and handed over ([`Handoff`]); the **feeder**
 //!   claims the rest (those that found no free slot, retries, lapsed leases)
-//!   in batches, one write transaction a batch (lapsed leases first, then in
+//!   in batches, one statement a batch (lapsed leases first, then in
 //!   arrival order). Either way never two of one resource at once, and no
 //!   more than `workers.concurrency` being decided at once;
 //! - each claimed delivery is **decided** in a task of its own: what it asks
 //!   for ([`plan`]) and what the provider answers ([`Outcome`]). Nothing is
 //!   written and no transaction is open across the HTTP call;
 //! - the **recorder** writes the outcomes as they come, as many as are
-//!   waiting in one transaction, each in a savepoint of its own: an
-//!   observation, the delivery's end and its alerts commit together or not
-//!   at all, and one outcome's error or panic costs only that outcome.
+//!   waiting in one transaction: an observation, the delivery's end and its
+//!   alerts commit together or not at all. When one outcome's write fails
+//!   or panics, the batch is written again with a savepoint for each, so
+//!   that outcome costs only itself.
 //!
 //! A failed attempt is retried with backoff; after `workers.max_attempts` the
 //! delivery goes `dead` and the others go on.
@@ -40,7 +41,7 @@ use crate::store::inbox::Delivery;
 use crate::store::{self, resources, Tx};
 use crate::time;
 
-/// Most deliveries claimed in one transaction.
+/// Most deliveries claimed in one statement.
 const CLAIM_BATCH: usize = 128;
 /// How long the feeder waits for a quarter of the slots to be free before
 /// it claims for fewer.
@@ -339,7 +340,7 @@ impl Drop for AliveGuard {
 }
 
 /// The feeder: waits for free slots, claims that many deliveries in one
-/// transaction and starts a task for each; idle until woken or the poll
+/// statement and starts a task for each; idle until woken or the poll
 /// interval when nothing is due. On shutdown it claims no more and waits for
 /// its tasks.
 async fn feed(
