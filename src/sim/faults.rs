@@ -141,15 +141,15 @@ pub(crate) async fn middleware(
             (name, value)
         })
         .collect();
-    shared
-        .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(RecordedRequest {
+    super::remember(
+        &mut shared.requests.lock().unwrap_or_else(|e| e.into_inner()),
+        RecordedRequest {
             method: request.method().as_str().to_string(),
             path: path.clone(),
             headers,
-        });
+        },
+        super::REQUESTS_KEPT,
+    );
 
     let (hang, fault) = shared.faults.take();
     if let Some(d) = hang {

@@ -94,6 +94,22 @@ impl std::fmt::Debug for SimConfig {
     }
 }
 
+/// How many of the latest API requests the simulator keeps for
+/// [`Simulator::requests`].
+pub const REQUESTS_KEPT: usize = 10_000;
+
+/// Adds `request` to the end of `log`, dropping the oldest beyond `keep`.
+fn remember(
+    log: &mut std::collections::VecDeque<RecordedRequest>,
+    request: RecordedRequest,
+    keep: usize,
+) {
+    while log.len() >= keep.max(1) {
+        log.pop_front();
+    }
+    log.push_back(request);
+}
+
 /// One API request the simulator received.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordedRequest {
@@ -120,7 +136,8 @@ pub(crate) struct Shared {
     pub(crate) cfg: SimConfig,
     world: Mutex<World>,
     pub(crate) faults: Faults,
-    pub(crate) requests: Mutex<Vec<RecordedRequest>>,
+    /// The most recent API requests, at most [`REQUESTS_KEPT`].
+    pub(crate) requests: Mutex<std::collections::VecDeque<RecordedRequest>>,
     client: reqwest::Client,
     signer: Signer,
     /// Background tasks (follow-ups and their sends) not yet finished.
@@ -201,7 +218,7 @@ impl Simulator {
             cfg,
             world: Mutex::new(World::default()),
             faults: Faults::default(),
-            requests: Mutex::new(Vec::new()),
+            requests: Mutex::new(std::collections::VecDeque::new()),
             client,
             signer,
             in_flight: AtomicUsize::new(0),
@@ -297,13 +314,17 @@ impl Simulator {
         self.shared.faults.clone()
     }
 
-    /// Every API request received so far.
+    /// The API requests received so far, oldest first: the most recent
+    /// [`REQUESTS_KEPT`], so that a simulator left running (`demo`,
+    /// `simulate`, a benchmark) does not grow without bound.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared
             .requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The most API requests it was ever answering at once (a hang counts
@@ -387,6 +408,22 @@ fn router(shared: Arc<Shared>) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The request log keeps the latest ones, oldest first, and no more.
+    #[test]
+    fn the_request_log_keeps_the_latest_only() {
+        let request = |n: usize| RecordedRequest {
+            method: "GET".into(),
+            path: format!("/v2/x/{n}"),
+            headers: Vec::new(),
+        };
+        let mut log = std::collections::VecDeque::new();
+        for n in 0..5 {
+            remember(&mut log, request(n), 3);
+        }
+        let paths: Vec<&str> = log.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(paths, ["/v2/x/2", "/v2/x/3", "/v2/x/4"]);
+    }
 
     #[test]
     fn debug_hides_secrets() {
