@@ -95,6 +95,11 @@ pub struct Report {
     /// Per use of the daemon's writer connection (acknowledge, claim, …),
     /// the share of the run it held the connection, from its own metrics.
     pub writer_busy: Vec<(String, f64)>,
+    /// The daemon's own p99 acknowledgement time, in ms, as the upper bound
+    /// of the bucket of its `cancelwatch_ack_seconds` histogram that holds
+    /// it: what of `latencies_us` the daemon spent itself rather than the
+    /// load generator's wait for a CPU or the network.
+    pub daemon_ack_p99_ms: Option<f64>,
     /// CPU time the daemon used from ready to the end of the run (and, end
     /// to end, until the last transition was recorded).
     pub daemon_cpu: Option<CpuTime>,
@@ -180,6 +185,11 @@ impl Report {
             self.percentile_ms(0.999),
             self.percentile_ms(1.0)
         );
+        if let Some(bound) = self.daemon_ack_p99_ms {
+            println!(
+                "  of which in the daemon (body read to answer ready): p99 at most {bound} ms"
+            );
+        }
         if let Some(e) = &self.e2e_ms {
             println!(
                 "end to end: {} transitions recorded, {:.0}/s; delivery-to-recorded ms: p50 {}  p99 {}  p99.9 {}  max {}",
@@ -431,7 +441,9 @@ async fn run_once(
         Some(_) => Some(e2e_report(&tmp.path().join("bench.db"), &sent).await?),
         None => None,
     };
-    let writer_busy = writer_busy(&url, started.elapsed().as_secs_f64()).await;
+    let metrics = daemon_metrics(&url).await;
+    let writer_busy = writer_busy(&metrics, started.elapsed().as_secs_f64());
+    let daemon_ack_p99_ms = ack_p99_bound_ms(&metrics);
     let daemon_cpu = CpuTime::of(daemon.child.id())
         .zip(cpu_at_start.0)
         .map(|(end, start)| end.since(start));
@@ -451,23 +463,74 @@ async fn run_once(
         peak_rss_kib,
         e2e_ms,
         writer_busy,
+        daemon_ack_p99_ms,
         daemon_cpu,
         bench_cpu,
     })
 }
 
-/// From the daemon's `/metrics`: per use, the seconds it held the writer
-/// connection (`cancelwatch_writer_hold_seconds_sum{use}`) over `seconds`.
-/// Empty when the metrics cannot be read.
-async fn writer_busy(url: &str, seconds: f64) -> Vec<(String, f64)> {
-    let text = match reqwest::get(format!("{url}/metrics")).await {
+/// The daemon's `/metrics` text; empty when it cannot be read.
+async fn daemon_metrics(url: &str) -> String {
+    match reqwest::get(format!("{url}/metrics")).await {
         Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => return Vec::new(),
-    };
-    parse_writer_hold(&text)
+        Err(_) => String::new(),
+    }
+}
+
+/// From the daemon's metrics: per use, the seconds it held the writer
+/// connection (`cancelwatch_writer_hold_seconds_sum{use}`) over `seconds`.
+fn writer_busy(metrics: &str, seconds: f64) -> Vec<(String, f64)> {
+    parse_writer_hold(metrics)
         .into_iter()
         .map(|(what, held)| (what, held / seconds.max(f64::MIN_POSITIVE)))
         .collect()
+}
+
+/// The upper bound, in ms, of the `cancelwatch_ack_seconds` bucket that
+/// holds the 99th percentile (all providers together); `None` without
+/// acknowledgements, or when it lies past the last finite bucket.
+fn ack_p99_bound_ms(metrics: &str) -> Option<f64> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("cancelwatch_ack_seconds_bucket{") else {
+            continue;
+        };
+        let Some((labels, count)) = rest.split_once("} ") else {
+            continue;
+        };
+        let Some(le) = labels
+            .split(',')
+            .find_map(|label| label.strip_prefix("le=\""))
+            .and_then(|v| v.strip_suffix('"'))
+        else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            match le.parse() {
+                Ok(le) => le,
+                Err(_) => continue,
+            }
+        };
+        let Ok(count) = count.trim().parse::<f64>() else {
+            continue;
+        };
+        match buckets.iter_mut().find(|(bound, _)| *bound == le) {
+            Some((_, total)) => *total += count,
+            None => buckets.push((le, count)),
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let all = buckets.last()?.1;
+    if all <= 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= all * 0.99)
+        .map(|(bound, _)| *bound * 1000.0)
+        .filter(|ms| ms.is_finite())
 }
 
 /// `(use, seconds)` of each `cancelwatch_writer_hold_seconds_sum` line.
@@ -830,6 +893,30 @@ mod tests {
     }
 
     #[test]
+    fn the_daemons_ack_p99_is_read_from_its_histogram_buckets() {
+        let text = "# TYPE cancelwatch_ack_seconds histogram\n\
+            cancelwatch_ack_seconds_bucket{provider=\"stripe\",le=\"0.001\"} 500\n\
+            cancelwatch_ack_seconds_bucket{provider=\"stripe\",le=\"0.0025\"} 980\n\
+            cancelwatch_ack_seconds_bucket{provider=\"stripe\",le=\"0.005\"} 995\n\
+            cancelwatch_ack_seconds_bucket{provider=\"stripe\",le=\"+Inf\"} 1000\n\
+            cancelwatch_ack_seconds_bucket{provider=\"juice\",le=\"0.001\"} 0\n\
+            cancelwatch_ack_seconds_bucket{provider=\"juice\",le=\"0.0025\"} 0\n\
+            cancelwatch_ack_seconds_bucket{provider=\"juice\",le=\"0.005\"} 0\n\
+            cancelwatch_ack_seconds_bucket{provider=\"juice\",le=\"+Inf\"} 0\n\
+            cancelwatch_ack_seconds_sum{provider=\"stripe\"} 1.2\n";
+        // 99% of 1,000 is 990: past the 2.5 ms bucket (980), within 5 ms.
+        assert_eq!(ack_p99_bound_ms(text), Some(5.0));
+        assert_eq!(ack_p99_bound_ms("cancelwatch_inbox_depth 4\n"), None);
+        let beyond = "cancelwatch_ack_seconds_bucket{provider=\"stripe\",le=\"10\"} 1\n\
+            cancelwatch_ack_seconds_bucket{provider=\"stripe\",le=\"+Inf\"} 9\n";
+        assert_eq!(
+            ack_p99_bound_ms(beyond),
+            None,
+            "past the last finite bucket"
+        );
+    }
+
+    #[test]
     fn a_summary_line_holds_the_main_figures() {
         let report = Report {
             label: "this build, run 2".into(),
@@ -846,6 +933,7 @@ mod tests {
                 per_second: 1400.0,
             }),
             writer_busy: vec![("record".into(), 0.5), ("acknowledge".into(), 0.25)],
+            daemon_ack_p99_ms: Some(5.0),
             daemon_cpu: Some(CpuTime {
                 user: 1.2,
                 system: 0.6,

@@ -107,6 +107,7 @@ async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, IngressError> {
+    let started = std::time::Instant::now();
     let provider = app
         .providers
         .get(&provider_name)
@@ -183,6 +184,10 @@ async fn receive(
     } else {
         metrics::counter!("cancelwatch_deliveries_received_total", "provider" => name).increment(1);
     }
+    // From the request's body being read to its answer being ready (durable):
+    // the daemon's own share of the acknowledgement latency a sender sees.
+    metrics::histogram!("cancelwatch_ack_seconds", "provider" => name)
+        .record(started.elapsed().as_secs_f64());
     tracing::debug!(provider = name, key = %verified.dedupe_key, event_type = %verified.event_type, duplicate = accepted.duplicate, "delivery accepted");
     Ok(Json(json!({"received": true, "duplicate": accepted.duplicate})).into_response())
 }
