@@ -873,7 +873,10 @@ async fn failing_deliveries_go_dead_and_the_rest_go_on() {
     // Acknowledgement times, in finer buckets of their own (7.5 ms is not
     // among the other histograms' buckets).
     let ack_bucket = "cancelwatch_ack_seconds_bucket{provider=\"stripe\",le=\"0.0075\"}";
-    assert!(metrics.contains(ack_bucket), "{ack_bucket} missing from /metrics");
+    assert!(
+        metrics.contains(ack_bucket),
+        "{ack_bucket} missing from /metrics"
+    );
     // How long each use held the writer connection.
     for what in ["acknowledge", "claim", "record"] {
         let count = format!("cancelwatch_writer_hold_seconds_count{{use=\"{what}\"}}");
