@@ -95,11 +95,19 @@ pub struct Report {
     /// Per use of the daemon's writer connection (acknowledge, claim, …),
     /// the share of the run it held the connection, from its own metrics.
     pub writer_busy: Vec<(String, f64)>,
+    /// Per use of the writer connection, the bucket bound in ms of the p99
+    /// of one hold (`cancelwatch_writer_hold_seconds`): how long an
+    /// acknowledgement may wait behind one.
+    pub writer_hold_p99_ms: Vec<(String, Option<f64>)>,
     /// The daemon's own p99 acknowledgement time, in ms, as the upper bound
     /// of the bucket of its `cancelwatch_ack_seconds` histogram that holds
     /// it: what of `latencies_us` the daemon spent itself rather than the
     /// load generator's wait for a CPU or the network.
     pub daemon_ack_p99_ms: Option<f64>,
+    /// Per step of the group commit (`queued`, `writer`, `insert`, `sync`,
+    /// `answer`), the bucket bounds in ms of its p50 and p99, from the
+    /// daemon's `cancelwatch_ack_step_seconds`.
+    pub daemon_ack_steps: Vec<(&'static str, Option<f64>, Option<f64>)>,
     /// CPU time the daemon used from ready to the end of the run (and, end
     /// to end, until the last transition was recorded).
     pub daemon_cpu: Option<CpuTime>,
@@ -190,6 +198,15 @@ impl Report {
                 "  of which in the daemon (body read to answer ready): p99 at most {bound} ms"
             );
         }
+        if !self.daemon_ack_steps.is_empty() {
+            let ms = |bound: Option<f64>| bound.map_or("?".to_string(), |b| b.to_string());
+            let steps: Vec<String> = self
+                .daemon_ack_steps
+                .iter()
+                .map(|(step, p50, p99)| format!("{step} {}/{}", ms(*p50), ms(*p99)))
+                .collect();
+            println!("  its steps, p50/p99 at most (ms): {}", steps.join(", "));
+        }
         if let Some(e) = &self.e2e_ms {
             println!(
                 "end to end: {} transitions recorded, {:.0}/s; delivery-to-recorded ms: p50 {}  p99 {}  p99.9 {}  max {}",
@@ -205,7 +222,15 @@ impl Report {
             let shares: Vec<String> = self
                 .writer_busy
                 .iter()
-                .map(|(what, share)| format!("{what} {:.0}%", share * 100.0))
+                .map(|(what, share)| {
+                    let p99 = self
+                        .writer_hold_p99_ms
+                        .iter()
+                        .find(|(use_, _)| use_ == what)
+                        .and_then(|(_, p99)| *p99)
+                        .map_or(String::new(), |ms| format!(" (p99 hold ≤ {ms} ms)"));
+                    format!("{what} {:.0}%{p99}", share * 100.0)
+                })
                 .collect();
             println!("daemon writer connection held: {}", shares.join(", "));
         }
@@ -443,7 +468,19 @@ async fn run_once(
     };
     let metrics = daemon_metrics(&url).await;
     let writer_busy = writer_busy(&metrics, started.elapsed().as_secs_f64());
+    let writer_hold_p99_ms = writer_busy
+        .iter()
+        .map(|(what, _)| {
+            let only = Some(("use", what.as_str()));
+            let metric = "cancelwatch_writer_hold_seconds";
+            (
+                what.clone(),
+                quantile_bound_ms(&metrics, metric, only, 0.99),
+            )
+        })
+        .collect();
     let daemon_ack_p99_ms = ack_p99_bound_ms(&metrics);
+    let daemon_ack_steps = ack_step_bounds_ms(&metrics);
     let daemon_cpu = CpuTime::of(daemon.child.id())
         .zip(cpu_at_start.0)
         .map(|(end, start)| end.since(start));
@@ -463,7 +500,9 @@ async fn run_once(
         peak_rss_kib,
         e2e_ms,
         writer_busy,
+        writer_hold_p99_ms,
         daemon_ack_p99_ms,
+        daemon_ack_steps,
         daemon_cpu,
         bench_cpu,
     })
@@ -490,14 +529,55 @@ fn writer_busy(metrics: &str, seconds: f64) -> Vec<(String, f64)> {
 /// holds the 99th percentile (all providers together); `None` without
 /// acknowledgements, or when it lies past the last finite bucket.
 fn ack_p99_bound_ms(metrics: &str) -> Option<f64> {
+    quantile_bound_ms(metrics, "cancelwatch_ack_seconds", None, 0.99)
+}
+
+/// The steps of the group commit, in order (`cancelwatch_ack_step_seconds`).
+const ACK_STEPS: [&str; 5] = ["queued", "writer", "insert", "sync", "answer"];
+
+/// Per step of an acknowledgement in the daemon, the upper bounds in ms of
+/// the buckets that hold its median and its 99th percentile.
+fn ack_step_bounds_ms(metrics: &str) -> Vec<(&'static str, Option<f64>, Option<f64>)> {
+    let metric = "cancelwatch_ack_step_seconds";
+    ACK_STEPS
+        .into_iter()
+        .map(|step| {
+            let only = Some(("step", step));
+            (
+                step,
+                quantile_bound_ms(metrics, metric, only, 0.50),
+                quantile_bound_ms(metrics, metric, only, 0.99),
+            )
+        })
+        .filter(|(_, p50, _)| p50.is_some())
+        .collect()
+}
+
+/// The upper bound, in ms, of the bucket of histogram `metric` that holds
+/// its `q`-quantile, over the series that carry label `only` (or all
+/// series); `None` without samples, or when it lies past the last finite
+/// bucket.
+fn quantile_bound_ms(
+    metrics: &str,
+    metric: &str,
+    only: Option<(&str, &str)>,
+    q: f64,
+) -> Option<f64> {
+    let prefix = format!("{metric}_bucket{{");
+    let wanted = only.map(|(name, value)| format!("{name}=\"{value}\""));
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("cancelwatch_ack_seconds_bucket{") else {
+        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
             continue;
         };
         let Some((labels, count)) = rest.split_once("} ") else {
             continue;
         };
+        if let Some(wanted) = &wanted {
+            if !labels.split(',').any(|label| label == wanted) {
+                continue;
+            }
+        }
         let Some(le) = labels
             .split(',')
             .find_map(|label| label.strip_prefix("le=\""))
@@ -528,7 +608,7 @@ fn ack_p99_bound_ms(metrics: &str) -> Option<f64> {
     }
     buckets
         .iter()
-        .find(|(_, count)| *count >= all * 0.99)
+        .find(|(_, count)| *count >= all * q)
         .map(|(bound, _)| *bound * 1000.0)
         .filter(|ms| ms.is_finite())
 }
@@ -917,6 +997,25 @@ mod tests {
     }
 
     #[test]
+    fn each_ack_step_is_read_from_its_own_series() {
+        let text = "cancelwatch_ack_step_seconds_bucket{step=\"writer\",le=\"0.001\"} 60\n\
+            cancelwatch_ack_step_seconds_bucket{step=\"writer\",le=\"0.003\"} 99\n\
+            cancelwatch_ack_step_seconds_bucket{step=\"writer\",le=\"+Inf\"} 100\n\
+            cancelwatch_ack_step_seconds_bucket{step=\"sync\",le=\"0.001\"} 0\n\
+            cancelwatch_ack_step_seconds_bucket{step=\"sync\",le=\"0.003\"} 40\n\
+            cancelwatch_ack_step_seconds_bucket{step=\"sync\",le=\"0.01\"} 100\n\
+            cancelwatch_ack_step_seconds_bucket{step=\"sync\",le=\"+Inf\"} 100\n";
+        // In the order of the commit; steps without samples are left out.
+        assert_eq!(
+            ack_step_bounds_ms(text),
+            vec![
+                ("writer", Some(1.0), Some(3.0)),
+                ("sync", Some(10.0), Some(10.0))
+            ]
+        );
+    }
+
+    #[test]
     fn a_summary_line_holds_the_main_figures() {
         let report = Report {
             label: "this build, run 2".into(),
@@ -933,7 +1032,9 @@ mod tests {
                 per_second: 1400.0,
             }),
             writer_busy: vec![("record".into(), 0.5), ("acknowledge".into(), 0.25)],
+            writer_hold_p99_ms: Vec::new(),
             daemon_ack_p99_ms: Some(5.0),
+            daemon_ack_steps: Vec::new(),
             daemon_cpu: Some(CpuTime {
                 user: 1.2,
                 system: 0.6,

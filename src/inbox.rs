@@ -1,9 +1,11 @@
 //! The durable inbox. Every verified delivery is committed here before its 2xx.
 //!
-//! Group commit: requests hand their row to one writer task and wait. The
-//! writer takes whatever is waiting (up to `database.max_batch`), inserts it in
-//! one transaction and commits once, so one fsync covers many deliveries; each
-//! request is answered only after the commit that holds its row. With
+//! Group commit: requests hand their row to one writer task and wait. Once
+//! a request waits, the writer task takes the writer connection, then
+//! whatever is waiting by then (up to `database.max_batch`: what came while
+//! the connection was busy rides along), inserts it in one transaction and
+//! commits once, so one fsync covers many deliveries; each request is
+//! answered only after the commit that holds its row. With
 //! `database.group_commit = false` every delivery gets a transaction of its
 //! own (the baseline the benchmark compares against).
 //!
@@ -13,6 +15,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use sqlx::SqliteConnection;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -39,8 +42,19 @@ pub struct Accepted {
 }
 
 enum Job {
-    Delivery(Box<NewDelivery>, Reply),
+    /// A delivery, the request waiting for it, and when it was queued.
+    Delivery(Box<NewDelivery>, Reply, Instant),
     Refusal(Refusal),
+}
+
+/// Records how long `count` acknowledgements spent in one step of the group
+/// commit (`cancelwatch_ack_step_seconds{step}`): `queued` for the writer
+/// task, waiting for the `writer` connection, the `insert`, the `sync` to
+/// disk, and the `answer` reaching the request's task. Together with the
+/// request's own work they make up `cancelwatch_ack_seconds`.
+fn ack_step(step: &'static str, took: Duration, count: usize) {
+    metrics::histogram!("cancelwatch_ack_step_seconds", "step" => step)
+        .record_many(took.as_secs_f64(), count);
 }
 
 /// The keys of the deliveries committed most recently, bounded, so that a
@@ -131,10 +145,11 @@ impl Inbox {
         }
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job::Delivery(Box::new(delivery), reply))
+            .send(Job::Delivery(Box::new(delivery), reply, Instant::now()))
             .await
             .map_err(|_| InboxError::Stopped)?;
-        let inserted = answer.await.map_err(|_| InboxError::Stopped)??;
+        let (inserted, answered_at) = answer.await.map_err(|_| InboxError::Stopped)??;
+        ack_step("answer", answered_at.elapsed(), 1);
         self.recent.remember(key);
         Ok(Accepted {
             duplicate: !inserted,
@@ -162,6 +177,28 @@ async fn write_loop(
     let mut syncing = tokio::task::JoinSet::new();
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         while syncing.try_join_next().is_some() {}
+        let waited = Instant::now();
+        let conn = {
+            let _waiting = db.ack_waiting();
+            db.write.acquire().await
+        };
+        let hold = store::WriterHold::start("acknowledge");
+        // What arrived while the writer was busy rides in this commit
+        // rather than waiting for the next one.
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let taken = Instant::now();
+        for job in &batch {
+            if let Job::Delivery(_, _, queued_at) = job {
+                let writer_from = (*queued_at).max(waited);
+                ack_step("queued", writer_from.duration_since(*queued_at), 1);
+                ack_step("writer", taken.duration_since(writer_from), 1);
+            }
+        }
         let size = batch.len();
         let reserved = handoff.get().map(|h| {
             let deliveries = batch
@@ -170,14 +207,18 @@ async fn write_loop(
                 .count();
             h.reserve(deliveries)
         });
-        let result = commit(&db, &batch, reserved.as_ref()).await;
+        let result = match conn {
+            Ok(mut conn) => commit(&mut conn, &batch, reserved.as_ref()).await,
+            Err(e) => Err(e),
+        };
+        drop(hold);
         metrics::histogram!("cancelwatch_inbox_batch_size").record(size as f64);
         let (inserted, leased) = match result {
             Ok(committed) => committed,
             Err(e) => {
                 tracing::error!(error = %e, batch = size, "inbox commit failed; the deliveries are refused");
                 for job in batch.drain(..) {
-                    if let Job::Delivery(_, reply) = job {
+                    if let Job::Delivery(_, reply, _) = job {
                         let _ = reply.send(Err(InboxError::Write(e.to_string())));
                     }
                 }
@@ -193,7 +234,7 @@ async fn write_loop(
             .drain(..)
             .zip(inserted)
             .filter_map(|(job, new)| match job {
-                Job::Delivery(_, reply) => Some((reply, new)),
+                Job::Delivery(_, reply, _) => Some((reply, new)),
                 Job::Refusal(_) => None,
             })
             .collect();
@@ -218,15 +259,21 @@ async fn write_loop(
     while syncing.join_next().await.is_some() {}
 }
 
-type Reply = oneshot::Sender<Result<bool, InboxError>>;
+/// The answer to a request: whether its delivery was new, and when the
+/// answer was sent.
+type Reply = oneshot::Sender<Result<(bool, Instant), InboxError>>;
 
 /// Syncs what was committed to disk, then answers each request (whether
 /// its delivery was new), or refuses them all when the sync failed.
 async fn answer_when_durable(db: Db, replies: Vec<(Reply, bool)>) {
-    match db.sync_commits().await {
+    let started = Instant::now();
+    let synced = db.sync_commits().await;
+    ack_step("sync", started.elapsed(), replies.len());
+    match synced {
         Ok(()) => {
+            let now = Instant::now();
             for (reply, new) in replies {
-                let _ = reply.send(Ok(new));
+                let _ = reply.send(Ok((new, now)));
             }
         }
         Err(e) => {
@@ -247,27 +294,26 @@ async fn answer_when_durable(db: Db, replies: Vec<(Reply, bool)>) {
 /// and `COMMIT` would be two more round trips to the connection's thread
 /// while the writer is held.
 async fn commit(
-    db: &Db,
+    conn: &mut SqliteConnection,
     batch: &[Job],
     reserved: Option<&Reserved>,
 ) -> Result<(Vec<bool>, Vec<Delivery>), sqlx::Error> {
-    let mut conn = {
-        let _waiting = db.ack_waiting();
-        db.write.acquire().await?
-    };
-    let _hold = store::WriterHold::start("acknowledge");
     let deliveries = batch
         .iter()
         .filter(|job| matches!(job, Job::Delivery(..)))
         .count();
+    let started = Instant::now();
     let statements = deliveries.div_ceil(store::inbox::ROWS_PER_INSERT)
         + (batch.len() - deliveries).div_ceil(store::refusals::ROWS_PER_INSERT);
-    if statements <= 1 {
-        return write(&mut conn, batch, reserved).await;
-    }
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    let written = write(&mut tx, batch, reserved).await?;
-    tx.commit().await?;
+    let written = if statements <= 1 {
+        write(conn, batch, reserved).await?
+    } else {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let written = write(&mut tx, batch, reserved).await?;
+        tx.commit().await?;
+        written
+    };
+    ack_step("insert", started.elapsed(), deliveries);
     Ok(written)
 }
 
@@ -281,7 +327,7 @@ async fn write(
     let deliveries: Vec<&NewDelivery> = batch
         .iter()
         .filter_map(|job| match job {
-            Job::Delivery(d, _) => Some(&**d),
+            Job::Delivery(d, ..) => Some(&**d),
             Job::Refusal(_) => None,
         })
         .collect();

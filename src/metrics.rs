@@ -7,6 +7,12 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Histogram buckets, in seconds, for times compared with milliseconds.
+const FINE: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03,
+    0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
 pub fn handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
@@ -16,14 +22,15 @@ pub fn handle() -> PrometheusHandle {
                     10.0,
                 ])
                 .expect("static buckets are valid")
-                // Acknowledgement times, where the target (10 ms at
-                // the 99th percentile) needs finer steps than the default.
+                // Acknowledgement times and their steps, and how long each
+                // use holds the writer (which an acknowledgement may wait
+                // behind), where the target (10 ms at the 99th
+                // percentile) needs finer buckets than the default.
+                .set_buckets_for_metric(Matcher::Prefix("cancelwatch_ack_".into()), FINE)
+                .expect("static buckets are valid")
                 .set_buckets_for_metric(
-                    Matcher::Full("cancelwatch_ack_seconds".into()),
-                    &[
-                        0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015,
-                        0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    ],
+                    Matcher::Full("cancelwatch_writer_hold_seconds".into()),
+                    FINE,
                 )
                 .expect("static buckets are valid")
                 .build_recorder();

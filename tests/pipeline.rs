@@ -877,6 +877,12 @@ async fn failing_deliveries_go_dead_and_the_rest_go_on() {
         metrics.contains(ack_bucket),
         "{ack_bucket} missing from /metrics"
     );
+    // And the steps of the group commit that make them up.
+    for step in ["queued", "writer", "insert", "sync", "answer"] {
+        let bucket =
+            format!("cancelwatch_ack_step_seconds_bucket{{step=\"{step}\",le=\"0.0075\"}}");
+        assert!(metrics.contains(&bucket), "{bucket} missing from /metrics");
+    }
     // How long each use held the writer connection.
     for what in ["acknowledge", "claim", "record"] {
         let count = format!("cancelwatch_writer_hold_seconds_count{{use=\"{what}\"}}");
