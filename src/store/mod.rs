@@ -368,10 +368,18 @@ impl StoreError {
 /// closes (the writer stays open). Should the file be a new one (another
 /// inode), it is opened afresh, and its folder synced so that the file
 /// itself survives.
+///
+/// A failed `fdatasync` is final: Linux may drop the pages it could not
+/// write and report success at the next one, so a commit written before the
+/// failure could be acknowledged later (as a duplicate of its retry) without
+/// being on disk. After one, every sync fails, the deliveries are refused,
+/// and the daemon needs a restart (which recovers from the WAL).
 #[derive(Debug)]
 pub struct WalSync {
     path: std::path::PathBuf,
     file: std::sync::Mutex<Option<(std::fs::File, u64)>>,
+    /// Set at the first failed sync; every sync after it fails too.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl WalSync {
@@ -381,15 +389,32 @@ impl WalSync {
         let wal = WalSync {
             path: path.into(),
             file: std::sync::Mutex::new(None),
+            failed: std::sync::atomic::AtomicBool::new(false),
         };
         wal.sync().map_err(StoreError::Sync)?;
         Ok(wal)
     }
 
-    /// Syncs the WAL file as it is now (blocking).
+    /// Syncs the WAL file as it is now (blocking). Once `fdatasync` itself
+    /// has failed, every sync fails (a WAL file that could not be found or
+    /// opened is not such a failure: nothing was lost, and the next sync
+    /// tries again).
     pub fn sync(&self) -> std::io::Result<()> {
+        self.sync_with(|f| f.sync_data())
+    }
+
+    /// [`WalSync::sync`], with `sync_data` doing the `fdatasync`.
+    fn sync_with(
+        &self,
+        sync_data: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "an earlier sync of the WAL failed; restart the daemon to recover",
+            ));
+        }
         let current = std::fs::metadata(&self.path)?.ino();
         if !matches!(&*file, Some((_, ino)) if *ino == current) {
             let opened = std::fs::OpenOptions::new().write(true).open(&self.path)?;
@@ -400,7 +425,12 @@ impl WalSync {
             *file = Some((opened, ino));
         }
         let (f, _) = file.as_ref().expect("opened above");
-        f.sync_data()
+        let synced = sync_data(f);
+        if let Err(e) = &synced {
+            tracing::error!(error = %e, "fdatasync of the WAL failed: no delivery is acknowledged any more until the daemon restarts");
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        synced
     }
 }
 
@@ -419,6 +449,20 @@ pub fn bool_int(b: Option<bool>) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+
+    /// After `fdatasync` failed once, no sync succeeds again: the pages it
+    /// could not write may be gone while the next `fdatasync` succeeds.
+    #[test]
+    fn a_failed_fdatasync_fails_every_sync_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.db-wal"), b"frames").unwrap();
+        let wal = super::WalSync::open(&dir.path().join("x.db")).unwrap();
+        wal.sync().unwrap();
+        let failed = wal.sync_with(|_| Err(std::io::Error::from_raw_os_error(5)));
+        assert_eq!(failed.unwrap_err().raw_os_error(), Some(5));
+        assert!(wal.sync().is_err(), "a sync after the failure succeeded");
+        assert!(wal.sync().is_err());
+    }
     use super::{Db, WalSync};
 
     /// Several processes (here: pools) opening a brand-new database at once
