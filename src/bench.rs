@@ -532,14 +532,11 @@ fn ack_p99_bound_ms(metrics: &str) -> Option<f64> {
     quantile_bound_ms(metrics, "cancelwatch_ack_seconds", None, 0.99)
 }
 
-/// The steps of the group commit, in order (`cancelwatch_ack_step_seconds`).
-const ACK_STEPS: [&str; 5] = ["queued", "writer", "insert", "sync", "answer"];
-
 /// Per step of an acknowledgement in the daemon, the upper bounds in ms of
 /// the buckets that hold its median and its 99th percentile.
 fn ack_step_bounds_ms(metrics: &str) -> Vec<(&'static str, Option<f64>, Option<f64>)> {
     let metric = "cancelwatch_ack_step_seconds";
-    ACK_STEPS
+    crate::inbox::ACK_STEPS
         .into_iter()
         .map(|step| {
             let only = Some(("step", step));

@@ -47,6 +47,10 @@ enum Job {
     Refusal(Refusal),
 }
 
+/// The steps of an acknowledgement in the group commit, in order: see
+/// [`ack_step`].
+pub const ACK_STEPS: [&str; 5] = ["queued", "writer", "insert", "sync", "answer"];
+
 /// Records how long `count` acknowledgements spent in one step of the group
 /// commit (`cancelwatch_ack_step_seconds{step}`): `queued` for the writer
 /// task, waiting for the `writer` connection, the `insert`, the `sync` to

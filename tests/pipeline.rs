@@ -878,7 +878,7 @@ async fn failing_deliveries_go_dead_and_the_rest_go_on() {
         "{ack_bucket} missing from /metrics"
     );
     // And the steps of the group commit that make them up.
-    for step in ["queued", "writer", "insert", "sync", "answer"] {
+    for step in cancelwatch::inbox::ACK_STEPS {
         let bucket =
             format!("cancelwatch_ack_step_seconds_bucket{{step=\"{step}\",le=\"0.0075\"}}");
         assert!(metrics.contains(&bucket), "{bucket} missing from /metrics");

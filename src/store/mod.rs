@@ -449,6 +449,7 @@ pub fn bool_int(b: Option<bool>) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+    use super::{Db, WalSync};
 
     /// After `fdatasync` failed once, no sync succeeds again: the pages it
     /// could not write may be gone while the next `fdatasync` succeeds.
@@ -456,14 +457,13 @@ mod tests {
     fn a_failed_fdatasync_fails_every_sync_after_it() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x.db-wal"), b"frames").unwrap();
-        let wal = super::WalSync::open(&dir.path().join("x.db")).unwrap();
+        let wal = WalSync::open(&dir.path().join("x.db")).unwrap();
         wal.sync().unwrap();
         let failed = wal.sync_with(|_| Err(std::io::Error::from_raw_os_error(5)));
         assert_eq!(failed.unwrap_err().raw_os_error(), Some(5));
         assert!(wal.sync().is_err(), "a sync after the failure succeeded");
         assert!(wal.sync().is_err());
     }
-    use super::{Db, WalSync};
 
     /// Several processes (here: pools) opening a brand-new database at once
     /// all get it migrated: none fails on a table another one just created,
