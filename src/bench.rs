@@ -93,12 +93,8 @@ pub struct Report {
     /// End to end: per recorded transition, milliseconds from send to record.
     pub e2e_ms: Option<E2eReport>,
     /// Per use of the daemon's writer connection (acknowledge, claim, …),
-    /// the share of the run it held the connection, from its own metrics.
-    pub writer_busy: Vec<(String, f64)>,
-    /// Per use of the writer connection, the bucket bound in ms of the p99
-    /// of one hold (`cancelwatch_writer_hold_seconds`): how long an
-    /// acknowledgement may wait behind one.
-    pub writer_hold_p99_ms: Vec<(String, Option<f64>)>,
+    /// from its own metrics.
+    pub writer_uses: Vec<WriterUse>,
     /// The daemon's own p99 acknowledgement time, in ms, as the upper bound
     /// of the bucket of its `cancelwatch_ack_seconds` histogram that holds
     /// it: what of `latencies_us` the daemon spent itself rather than the
@@ -218,18 +214,15 @@ impl Report {
                 percentile(&e.latencies_ms, 1.0)
             );
         }
-        if !self.writer_busy.is_empty() {
+        if !self.writer_uses.is_empty() {
             let shares: Vec<String> = self
-                .writer_busy
+                .writer_uses
                 .iter()
-                .map(|(what, share)| {
-                    let p99 = self
-                        .writer_hold_p99_ms
-                        .iter()
-                        .find(|(use_, _)| use_ == what)
-                        .and_then(|(_, p99)| *p99)
+                .map(|u| {
+                    let p99 = u
+                        .hold_p99_ms
                         .map_or(String::new(), |ms| format!(" (p99 hold ≤ {ms} ms)"));
-                    format!("{what} {:.0}%{p99}", share * 100.0)
+                    format!("{} {:.0}%{p99}", u.what, u.share * 100.0)
                 })
                 .collect();
             println!("daemon writer connection held: {}", shares.join(", "));
@@ -272,8 +265,8 @@ impl Report {
                 cpu.total() * 1e6 / self.accepted.max(1) as f64
             );
         }
-        let held: f64 = self.writer_busy.iter().map(|(_, share)| share).sum();
-        if !self.writer_busy.is_empty() {
+        let held: f64 = self.writer_uses.iter().map(|u| u.share).sum();
+        if !self.writer_uses.is_empty() {
             line += &format!("; writer held {:.0}%", held * 100.0);
         }
         line
@@ -467,18 +460,7 @@ async fn run_once(
         None => None,
     };
     let metrics = daemon_metrics(&url).await;
-    let writer_busy = writer_busy(&metrics, started.elapsed().as_secs_f64());
-    let writer_hold_p99_ms = writer_busy
-        .iter()
-        .map(|(what, _)| {
-            let only = Some(("use", what.as_str()));
-            let metric = "cancelwatch_writer_hold_seconds";
-            (
-                what.clone(),
-                quantile_bound_ms(&metrics, metric, only, 0.99),
-            )
-        })
-        .collect();
+    let writer_uses = writer_uses(&metrics, started.elapsed().as_secs_f64());
     let daemon_ack_p99_ms = ack_p99_bound_ms(&metrics);
     let daemon_ack_steps = ack_step_bounds_ms(&metrics);
     let daemon_cpu = CpuTime::of(daemon.child.id())
@@ -499,8 +481,7 @@ async fn run_once(
         latencies_us,
         peak_rss_kib,
         e2e_ms,
-        writer_busy,
-        writer_hold_p99_ms,
+        writer_uses,
         daemon_ack_p99_ms,
         daemon_ack_steps,
         daemon_cpu,
@@ -516,12 +497,34 @@ async fn daemon_metrics(url: &str) -> String {
     }
 }
 
-/// From the daemon's metrics: per use, the seconds it held the writer
-/// connection (`cancelwatch_writer_hold_seconds_sum{use}`) over `seconds`.
-fn writer_busy(metrics: &str, seconds: f64) -> Vec<(String, f64)> {
+/// One use of the daemon's writer connection, from its
+/// `cancelwatch_writer_hold_seconds{use}` histogram.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriterUse {
+    /// `acknowledge`, `claim`, `record`, `other`.
+    pub what: String,
+    /// The share of the run this use held the connection.
+    pub share: f64,
+    /// The bucket bound in ms of the p99 of one hold: how long an
+    /// acknowledgement may wait behind one.
+    pub hold_p99_ms: Option<f64>,
+}
+
+/// From the daemon's metrics: per use, the share of `seconds` it held the
+/// writer connection, and the p99 of one hold.
+fn writer_uses(metrics: &str, seconds: f64) -> Vec<WriterUse> {
     parse_writer_hold(metrics)
         .into_iter()
-        .map(|(what, held)| (what, held / seconds.max(f64::MIN_POSITIVE)))
+        .map(|(what, held)| WriterUse {
+            share: held / seconds.max(f64::MIN_POSITIVE),
+            hold_p99_ms: quantile_bound_ms(
+                metrics,
+                "cancelwatch_writer_hold_seconds",
+                Some(("use", what.as_str())),
+                0.99,
+            ),
+            what,
+        })
         .collect()
 }
 
@@ -1028,8 +1031,13 @@ mod tests {
                 latencies_ms: (1..=100).collect(),
                 per_second: 1400.0,
             }),
-            writer_busy: vec![("record".into(), 0.5), ("acknowledge".into(), 0.25)],
-            writer_hold_p99_ms: Vec::new(),
+            writer_uses: [("record", 0.5), ("acknowledge", 0.25)]
+                .map(|(what, share)| WriterUse {
+                    what: what.into(),
+                    share,
+                    hold_p99_ms: None,
+                })
+                .into(),
             daemon_ack_p99_ms: Some(5.0),
             daemon_ack_steps: Vec::new(),
             daemon_cpu: Some(CpuTime {

@@ -186,7 +186,9 @@ async fn write_loop(
             let _waiting = db.ack_waiting();
             db.write.acquire().await
         };
-        let hold = store::WriterHold::start("acknowledge");
+        let hold = conn
+            .is_ok()
+            .then(|| store::WriterHold::start("acknowledge"));
         // What arrived while the writer was busy rides in this commit
         // rather than waiting for the next one.
         while batch.len() < max_batch {

@@ -55,6 +55,33 @@ pub struct App {
     pub workers_alive: Arc<AtomicUsize>,
 }
 
+impl App {
+    /// The shared parts, before any background task has started.
+    pub fn new(
+        config: Arc<Config>,
+        db: store::Db,
+        providers: providers::Providers,
+        inbox: inbox::Inbox,
+    ) -> App {
+        let pipeline = Arc::new(pipeline::Context::new(
+            config.clone(),
+            db.clone(),
+            providers.clone(),
+            inbox.wake.clone(),
+        ));
+        App {
+            config,
+            db,
+            providers,
+            inbox,
+            metrics: metrics::handle(),
+            shutdown: CancellationToken::new(),
+            pipeline,
+            workers_alive: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
 /// Opens the database named by the configuration (creating it), migrated.
 pub async fn open_db(config: &Config) -> anyhow::Result<store::Db> {
     let path = config.database_path()?;
@@ -96,22 +123,7 @@ pub async fn run_until(
     }
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let config = Arc::new(config);
-    let pipeline = Arc::new(pipeline::Context::new(
-        config.clone(),
-        db.clone(),
-        providers.clone(),
-        inbox.wake.clone(),
-    ));
-    let app = Arc::new(App {
-        config,
-        db: db.clone(),
-        providers,
-        inbox,
-        metrics: metrics::handle(),
-        shutdown: CancellationToken::new(),
-        pipeline,
-        workers_alive: Arc::new(AtomicUsize::new(0)),
-    });
+    let app = Arc::new(App::new(config, db.clone(), providers, inbox));
 
     let mut tasks = tokio::task::JoinSet::<()>::new();
     alerts::spawn(&app, &mut tasks);
@@ -198,6 +210,14 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
             Json(json!({"status": "unavailable", "reason": "workers not running"})),
         );
     }
+    if app.db.sync_failed() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({"status": "unavailable", "reason": "a sync of the WAL to disk failed: restart the daemon"}),
+            ),
+        );
+    }
     if app.db.ping().await {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     } else {
@@ -272,4 +292,32 @@ pub fn init_logging(config: &config::LogConfig) {
     } else {
         builder.try_init()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/readyz` turns red once a sync of the WAL failed, so that an
+    /// orchestrator restarts the daemon (every delivery is refused until then).
+    #[tokio::test]
+    async fn readyz_fails_after_a_failed_wal_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.database.url = format!("sqlite://{}", dir.path().join("x.db").display());
+        let db = open_db(&config).await.unwrap();
+        let (inbox, _writer) = inbox::Inbox::start(&db, &config.database);
+        let providers = providers::Providers::from_config(&config);
+        let app = App::new(Arc::new(config), db.clone(), providers, inbox);
+        app.workers_alive
+            .store(pipeline::worker::TASKS, Ordering::SeqCst);
+        let app = Arc::new(app);
+        let status = |app: &Arc<App>| {
+            let app = app.clone();
+            async move { readyz(State(app)).await.into_response().status() }
+        };
+        assert_eq!(status(&app).await, StatusCode::OK);
+        db.fail_sync();
+        assert_eq!(status(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+    }
 }

@@ -238,6 +238,20 @@ impl Db {
         )
     }
 
+    /// True once a sync of the WAL has failed: from then on no delivery is
+    /// acknowledged until the daemon restarts (see [`WalSync`]).
+    pub fn sync_failed(&self) -> bool {
+        self.wal_sync.as_ref().is_some_and(|w| w.failed())
+    }
+
+    /// Fails the WAL's sync as a failed `fdatasync` would: every sync after
+    /// it fails.
+    #[cfg(test)]
+    pub(crate) fn fail_sync(&self) {
+        let wal = self.wal_sync.as_ref().expect("synchronous = full");
+        let _ = wal.sync_with(|_| Err(std::io::Error::from_raw_os_error(5)));
+    }
+
     /// A write transaction for anything but the inbox's group commit.
     pub async fn begin(&self) -> Result<GatedTx, sqlx::Error> {
         self.begin_for("other").await
@@ -403,6 +417,11 @@ impl WalSync {
         self.sync_with(|f| f.sync_data())
     }
 
+    /// True once `fdatasync` has failed.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
     /// [`WalSync::sync`], with `sync_data` doing the `fdatasync`.
     fn sync_with(
         &self,
@@ -410,7 +429,7 @@ impl WalSync {
     ) -> std::io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        if self.failed.load(Ordering::SeqCst) {
+        if self.failed() {
             return Err(std::io::Error::other(
                 "an earlier sync of the WAL failed; restart the daemon to recover",
             ));
