@@ -11,7 +11,7 @@ use chrono::Duration;
 use crate::config::Config;
 use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass};
 use crate::store::resources::{self, NewRefund, NewTransition, StateUpdate};
-use crate::store::Tx;
+use crate::store::{self, Tx};
 use crate::time::{self, Timestamp};
 
 /// What caused an observation (the `trigger_type` / `trigger_id` columns).
@@ -252,7 +252,9 @@ struct Decided<'a> {
     changed: bool,
 }
 
-/// [`record_all`] for observations none of whose resources come twice.
+/// [`record_all`] for observations none of whose resources come twice:
+/// their rows are written straight on the writer's handle
+/// ([`store::on_handle`]), then the alert rules see them.
 async fn record_run(
     tx: &mut Tx<'_>,
     config: &Config,
@@ -260,6 +262,24 @@ async fn record_run(
     now: Timestamp,
 ) -> Result<Vec<Recorded>, sqlx::Error> {
     let now_s = time::fmt(now);
+    let (recorded, rows) =
+        store::on_handle(tx, |conn| write_run(conn, config, items, now, &now_s)).await?;
+    // Alert rules see every resource looked at as it is now, and commit or
+    // roll back with what was written.
+    crate::alerts::rules::on_observation_recorded(tx, config, &rows, &now_s).await?;
+    Ok(recorded)
+}
+
+/// The rows of [`record_run`]; what was recorded per item, and every
+/// resource looked at as it is now.
+fn write_run(
+    conn: &rusqlite::Connection,
+    config: &Config,
+    items: &[ToRecord<'_>],
+    now: Timestamp,
+    now_s: &str,
+) -> Result<(Vec<Recorded>, Vec<resources::Resource>), sqlx::Error> {
+    let now_s = now_s.to_string();
     let reversed = &config.juice.reversed_statuses;
     let judged = |item: usize, obs: &'_ Observation, current: resources::Resource| {
         let stored = Stored {
@@ -280,8 +300,7 @@ async fn record_run(
     // The observed resources as stored, then the children of those that are
     // not stale: children came in the same answer, so when it is stale, so are they.
     let keys: Vec<_> = items.iter().map(|i| key_of(i.obs, i.context)).collect();
-    let mut seen: Vec<Seen> = resources::ensure_many(tx, &keys, &now_s)
-        .await?
+    let mut seen: Vec<Seen> = resources::ensure_many(conn, &keys, &now_s)?
         .into_iter()
         .enumerate()
         .map(|(i, current)| {
@@ -311,7 +330,7 @@ async fn record_run(
             .iter()
             .map(|(item, c)| key_of(c, items[*item].context))
             .collect();
-        let stored = resources::ensure_many(tx, &keys, &now_s).await?;
+        let stored = resources::ensure_many(conn, &keys, &now_s)?;
         for ((item, obs), current) in children.into_iter().zip(stored) {
             let (item, current, verdict) = judged(item, obs, current);
             seen.push(Seen {
@@ -334,7 +353,7 @@ async fn record_run(
     let mut refunds = if observed_before.is_empty() {
         Default::default()
     } else {
-        resources::refund_statuses(tx, &observed_before).await?
+        resources::refund_statuses(conn, &observed_before)?
     };
 
     let mut stale = Vec::new();
@@ -390,9 +409,9 @@ async fn record_run(
         });
     }
 
-    side.write(tx, &now_s).await?;
+    side.write(conn, &now_s)?;
     if !stale.is_empty() {
-        resources::touch_many(tx, &stale, &now_s).await?;
+        resources::touch_many(conn, &stale, &now_s)?;
     }
     let updates: Vec<StateUpdate> = fresh
         .iter()
@@ -415,7 +434,7 @@ async fn record_run(
     let updated = if updates.is_empty() {
         Vec::new()
     } else {
-        resources::update_states(tx, &updates).await?
+        resources::update_states(conn, &updates)?
     };
     let transitions: Vec<NewTransition> = fresh
         .iter()
@@ -441,7 +460,7 @@ async fn record_run(
         })
         .collect();
     if !transitions.is_empty() {
-        resources::insert_transitions(tx, &transitions).await?;
+        resources::insert_transitions(conn, &transitions)?;
     }
     for t in &transitions {
         metrics::counter!("cancelwatch_transitions_total", "kind" => t.kind.to_string(), "to_status" => t.to_status.to_string())
@@ -449,8 +468,6 @@ async fn record_run(
         tracing::info!(resource = %t.resource_id, kind = %t.kind, from = ?t.from_status, to = %t.to_status, trigger = t.trigger_type, "transition");
     }
 
-    // Alert rules see every resource looked at as it is now, and commit or
-    // roll back with what was written.
     let mut updated = updated.into_iter();
     let mut rows = Vec::with_capacity(seen.len());
     let mut recorded = vec![Recorded::default(); items.len()];
@@ -467,8 +484,7 @@ async fn record_run(
             })?);
         }
     }
-    crate::alerts::rules::on_observation_recorded(tx, config, &rows, &now_s).await?;
-    Ok(recorded)
+    Ok((recorded, rows))
 }
 
 fn key_of<'a>(obs: &'a Observation, context: Option<&'a str>) -> resources::ResourceKey<'a> {
@@ -525,17 +541,10 @@ impl<'a> RefundsAndProgress<'a> {
         }
     }
 
-    async fn write(&self, tx: &mut Tx<'_>, now: &str) -> Result<(), sqlx::Error> {
-        if !self.opened.is_empty() {
-            resources::insert_refunds(tx, &self.opened).await?;
-        }
-        if !self.settled.is_empty() {
-            resources::settle_refunds(tx, &self.settled, now).await?;
-        }
-        if !self.progress.is_empty() {
-            resources::insert_progress(tx, &self.progress).await?;
-        }
-        Ok(())
+    fn write(&self, conn: &rusqlite::Connection, now: &str) -> Result<(), sqlx::Error> {
+        resources::insert_refunds(conn, &self.opened)?;
+        resources::settle_refunds(conn, &self.settled, now)?;
+        resources::insert_progress(conn, &self.progress)
     }
 }
 
@@ -585,7 +594,7 @@ pub async fn record_reversal(
         };
         let mut side = RefundsAndProgress::default();
         side.refund(&obs, item.rid, &signal, change, &now_s, trigger);
-        side.write(tx, &now_s).await?;
+        store::on_handle(tx, |conn| side.write(conn, &now_s)).await?;
         // The refund no longer holds the item in reconcile unless its status moves.
         let class = providers::classify(
             &item.kind,

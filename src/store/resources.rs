@@ -3,7 +3,7 @@
 
 use sqlx::{FromRow, SqlitePool};
 
-use super::Tx;
+use super::{direct_error, Tx};
 
 /// A resource's stored current state: what the pipeline reads before it
 /// records, and (without its bookkeeping fields) what the API and the CLI
@@ -113,54 +113,65 @@ pub async fn ensure(
         parent_id,
         context,
     };
-    let mut rows = ensure_many(tx, &[key], now).await?;
+    let mut rows = super::on_handle(tx, |conn| ensure_many(conn, &[key], now)).await?;
     rows.pop()
         .ok_or_else(|| sqlx::Error::Protocol("ensure returned no row".into()))
 }
 
-/// [`ensure`] for many resources in one statement (per thousand), rows in
-/// the order of `keys`, which must be distinct. The no-op update on a
-/// conflict is what makes `RETURNING` answer for an existing row too.
-pub async fn ensure_many(
-    tx: &mut Tx<'_>,
+/// [`ensure`] for many resources, straight on the writer's handle (see
+/// [`super::on_handle`]): rows in the order of `keys`. The no-op update on
+/// a conflict is what makes `RETURNING` answer for an existing row too.
+pub fn ensure_many(
+    conn: &rusqlite::Connection,
     keys: &[ResourceKey<'_>],
     now: &str,
 ) -> Result<Vec<Resource>, sqlx::Error> {
-    let mut found = std::collections::HashMap::with_capacity(keys.len());
-    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO resources (provider, kind, id, parent_id, context, first_seen_at) ",
-        );
-        qb.push_values(chunk, |mut row, k| {
-            row.push_bind(k.provider)
-                .push_bind(k.kind)
-                .push_bind(k.id)
-                .push_bind(k.parent_id)
-                .push_bind(k.context)
-                .push_bind(now);
-        });
-        qb.push(format!(
-            " ON CONFLICT (provider, kind, id) DO UPDATE SET provider = excluded.provider
+    let mut insert = conn
+        .prepare_cached(&format!(
+            "INSERT INTO resources (provider, kind, id, parent_id, context, first_seen_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (provider, kind, id) DO UPDATE SET provider = excluded.provider
              RETURNING {RESOURCE_COLUMNS_NO_SNAPSHOT}"
-        ));
-        for r in qb.build_query_as::<Resource>().fetch_all(&mut **tx).await? {
-            found.insert((r.provider.clone(), r.kind.clone(), r.id.clone()), r);
-        }
-    }
+        ))
+        .map_err(direct_error)?;
     keys.iter()
         .map(|k| {
-            found
-                .remove(&(k.provider.to_string(), k.kind.to_string(), k.id.to_string()))
-                .ok_or_else(|| {
-                    sqlx::Error::Protocol(format!("ensure returned no row for {}", k.id))
-                })
+            insert
+                .query_row(
+                    rusqlite::params![k.provider, k.kind, k.id, k.parent_id, k.context, now],
+                    resource_of_row,
+                )
+                .map_err(direct_error)
         })
         .collect()
 }
 
-/// Most rows one multi-row statement carries: SQLite allows 32766 bound
-/// values, and no row here binds more than 14.
-const ROWS_PER_STATEMENT: usize = 1_000;
+/// A row of [`RESOURCE_COLUMNS_NO_SNAPSHOT`] (or [`RESOURCE_COLUMNS`]), as
+/// rusqlite reads it.
+fn resource_of_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Resource> {
+    Ok(Resource {
+        rid: row.get(0)?,
+        provider: row.get(1)?,
+        kind: row.get(2)?,
+        id: row.get(3)?,
+        parent_id: row.get(4)?,
+        status: row.get(5)?,
+        terminal: row.get(6)?,
+        livemode: row.get(7)?,
+        context: row.get(8)?,
+        amount: row.get(9)?,
+        currency: row.get(10)?,
+        snapshot: row.get(11)?,
+        provider_updated_at: row.get(12)?,
+        status_since: row.get(13)?,
+        first_seen_at: row.get(14)?,
+        last_observed_at: row.get(15)?,
+        not_found: row.get(16)?,
+        cancel_requested_at: row.get(17)?,
+        next_reconcile_at: row.get(18)?,
+        reconcile_failures: row.get(19)?,
+    })
+}
 
 /// The new current state of a resource after an accepted observation.
 #[derive(Debug, Clone)]
@@ -180,74 +191,80 @@ pub struct StateUpdate<'a> {
     pub next_reconcile_at: Option<&'a str>,
 }
 
-/// Writes the current state of many resources, one statement per
-/// thousand; fields an observation lacks keep their value. Returns the rows
-/// as they are now (without the snapshot just written), in the order of
-/// `updates` (one per resource).
-pub async fn update_states(
-    tx: &mut Tx<'_>,
+/// Writes the current state of many resources; fields an observation lacks
+/// keep their value. Returns the rows as they are now (without the snapshot
+/// just written), in the order of `updates`.
+pub fn update_states(
+    conn: &rusqlite::Connection,
     updates: &[StateUpdate<'_>],
 ) -> Result<Vec<Resource>, sqlx::Error> {
-    let mut written = std::collections::HashMap::with_capacity(updates.len());
-    for chunk in updates.chunks(ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+    let mut update = conn
+        .prepare_cached(&format!(
             "UPDATE resources SET
-                parent_id = COALESCE(v.column2, parent_id), status = v.column3, terminal = v.column4,
-                livemode = COALESCE(v.column5, livemode), context = COALESCE(v.column6, context),
-                amount = COALESCE(v.column7, amount), currency = COALESCE(v.column8, currency),
-                snapshot = v.column9, provider_updated_at = COALESCE(v.column10, provider_updated_at),
-                status_since = v.column11, last_observed_at = v.column12, not_found = 0,
-                next_reconcile_at = v.column13, reconcile_failures = 0
-             FROM (",
-        );
-        qb.push_values(chunk, |mut row, u| {
-            row.push_bind(u.rid)
-                .push_bind(u.parent_id)
-                .push_bind(u.status)
-                .push_bind(u.terminal)
-                .push_bind(super::bool_int(u.livemode))
-                .push_bind(u.context)
-                .push_bind(u.amount)
-                .push_bind(u.currency)
-                .push_bind(u.snapshot)
-                .push_bind(u.provider_updated_at)
-                .push_bind(u.status_since)
-                .push_bind(u.observed_at)
-                .push_bind(u.next_reconcile_at);
-        });
-        qb.push(format!(
-            ") AS v WHERE resources.rid = v.column1 RETURNING {RESOURCE_COLUMNS_NO_SNAPSHOT}"
-        ));
-        for r in qb.build_query_as::<Resource>().fetch_all(&mut **tx).await? {
-            written.insert(r.rid, r);
-        }
-    }
+                parent_id = COALESCE(?2, parent_id), status = ?3, terminal = ?4,
+                livemode = COALESCE(?5, livemode), context = COALESCE(?6, context),
+                amount = COALESCE(?7, amount), currency = COALESCE(?8, currency),
+                snapshot = ?9, provider_updated_at = COALESCE(?10, provider_updated_at),
+                status_since = ?11, last_observed_at = ?12, not_found = 0,
+                next_reconcile_at = ?13, reconcile_failures = 0
+             WHERE rid = ?1 RETURNING {RESOURCE_COLUMNS_NO_SNAPSHOT}"
+        ))
+        .map_err(direct_error)?;
     updates
         .iter()
         .map(|u| {
-            written
-                .remove(&u.rid)
-                .ok_or_else(|| sqlx::Error::Protocol(format!("no resource with rid {}", u.rid)))
+            let params = rusqlite::params![
+                u.rid,
+                u.parent_id,
+                u.status,
+                u.terminal,
+                super::bool_int(u.livemode),
+                u.context,
+                u.amount,
+                u.currency,
+                u.snapshot,
+                u.provider_updated_at,
+                u.status_since,
+                u.observed_at,
+                u.next_reconcile_at,
+            ];
+            match update.query_row(params, resource_of_row) {
+                Err(rusqlite::Error::QueryReturnedNoRows) => Err(sqlx::Error::Protocol(format!(
+                    "no resource with rid {}",
+                    u.rid
+                ))),
+                row => row.map_err(direct_error),
+            }
         })
         .collect()
 }
 
 /// Stale observations: only the time the resources were seen moves.
-pub async fn touch_many(
-    tx: &mut Tx<'_>,
+pub fn touch_many(
+    conn: &rusqlite::Connection,
     rids: &[i64],
     observed_at: &str,
 ) -> Result<(), sqlx::Error> {
-    for chunk in rids.chunks(ROWS_PER_STATEMENT) {
-        let mut qb =
-            sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE resources SET last_observed_at = ");
-        qb.push_bind(observed_at).push(" WHERE rid IN (");
-        let mut ids = qb.separated(", ");
-        for rid in chunk {
-            ids.push_bind(*rid);
-        }
-        qb.push(")");
-        qb.build().execute(&mut **tx).await?;
+    execute_each(
+        conn,
+        "UPDATE resources SET last_observed_at = ?1 WHERE rid = ?2",
+        rids,
+        |rid| (observed_at, *rid),
+    )
+}
+
+/// Runs the statement `sql` once for each of `rows`, with the parameters
+/// `params` makes of it (straight on the writer's handle: see
+/// [`super::on_handle`]).
+fn execute_each<T, P: rusqlite::Params>(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    rows: &[T],
+    params: impl Fn(&T) -> P,
+) -> Result<(), sqlx::Error> {
+    let mut statement = conn.prepare_cached(sql).map_err(direct_error)?;
+    for row in rows {
+        statement.execute(params(row)).map_err(direct_error)?;
     }
     Ok(())
 }
@@ -298,34 +315,35 @@ pub struct NewTransition<'a> {
     pub snapshot: &'a str,
 }
 
-/// Inserts transition rows in the order given, one statement per thousand.
-pub async fn insert_transitions(
-    tx: &mut Tx<'_>,
+/// Inserts transition rows in the order given.
+pub fn insert_transitions(
+    conn: &rusqlite::Connection,
     transitions: &[NewTransition<'_>],
 ) -> Result<(), sqlx::Error> {
-    for chunk in transitions.chunks(ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status, to_status,
-                                      observed_at, provider_at, trigger_type, trigger_id, livemode, snapshot) ",
-        );
-        qb.push_values(chunk, |mut row, t| {
-            row.push_bind(t.rid)
-                .push_bind(t.provider)
-                .push_bind(t.kind)
-                .push_bind(t.resource_id)
-                .push_bind(t.parent_id)
-                .push_bind(t.from_status)
-                .push_bind(t.to_status)
-                .push_bind(t.observed_at)
-                .push_bind(t.provider_at)
-                .push_bind(t.trigger_type)
-                .push_bind(t.trigger_id)
-                .push_bind(super::bool_int(t.livemode))
-                .push_bind(t.snapshot);
-        });
-        qb.build().execute(&mut **tx).await?;
-    }
-    Ok(())
+    execute_each(
+        conn,
+        "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status, to_status,
+                                  observed_at, provider_at, trigger_type, trigger_id, livemode, snapshot)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        transitions,
+        |t| {
+            (
+                t.rid,
+                t.provider,
+                t.kind,
+                t.resource_id,
+                t.parent_id,
+                t.from_status,
+                t.to_status,
+                t.observed_at,
+                t.provider_at,
+                t.trigger_type,
+                t.trigger_id,
+                super::bool_int(t.livemode),
+                t.snapshot,
+            )
+        },
+    )
 }
 
 /// One progress row: a bulk job's counts as observed.
@@ -341,26 +359,30 @@ pub struct NewProgress<'a> {
     pub trigger_id: Option<&'a str>,
 }
 
-/// Inserts progress rows, one statement per thousand.
-pub async fn insert_progress(tx: &mut Tx<'_>, rows: &[NewProgress<'_>]) -> Result<(), sqlx::Error> {
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO progress (rid, observed_at, status, success_count, failure_count, validated_count,
-                                   trigger_type, trigger_id) ",
-        );
-        qb.push_values(chunk, |mut row, p| {
-            row.push_bind(p.rid)
-                .push_bind(p.observed_at)
-                .push_bind(p.status)
-                .push_bind(p.success)
-                .push_bind(p.failure)
-                .push_bind(p.validated)
-                .push_bind(p.trigger_type)
-                .push_bind(p.trigger_id);
-        });
-        qb.build().execute(&mut **tx).await?;
-    }
-    Ok(())
+/// Inserts progress rows.
+pub fn insert_progress(
+    conn: &rusqlite::Connection,
+    rows: &[NewProgress<'_>],
+) -> Result<(), sqlx::Error> {
+    execute_each(
+        conn,
+        "INSERT INTO progress (rid, observed_at, status, success_count, failure_count, validated_count,
+                               trigger_type, trigger_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        rows,
+        |p| {
+            (
+                p.rid,
+                p.observed_at,
+                p.status,
+                p.success,
+                p.failure,
+                p.validated,
+                p.trigger_type,
+                p.trigger_id,
+            )
+        },
+    )
 }
 
 /// A refund's stored state.
@@ -397,22 +419,21 @@ pub async fn refund_of(tx: &mut Tx<'_>, rid: i64) -> Result<Option<Refund>, sqlx
 }
 
 /// The refund status of each of `rids` that has a refund.
-pub async fn refund_statuses(
-    tx: &mut Tx<'_>,
+pub fn refund_statuses(
+    conn: &rusqlite::Connection,
     rids: &[i64],
 ) -> Result<std::collections::HashMap<i64, String>, sqlx::Error> {
+    use rusqlite::OptionalExtension;
+    let mut select = conn
+        .prepare_cached("SELECT status FROM refunds WHERE rid = ?1")
+        .map_err(direct_error)?;
     let mut statuses = std::collections::HashMap::new();
-    for chunk in rids.chunks(ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "SELECT rid, status FROM refunds WHERE rid IN (",
-        );
-        let mut ids = qb.separated(", ");
-        for rid in chunk {
-            ids.push_bind(*rid);
-        }
-        qb.push(")");
-        let rows: Vec<(i64, String)> = qb.build_query_as().fetch_all(&mut **tx).await?;
-        statuses.extend(rows);
+    for &rid in rids {
+        let status: Option<String> = select
+            .query_row([rid], |row| row.get(0))
+            .optional()
+            .map_err(direct_error)?;
+        statuses.extend(status.map(|status| (rid, status)));
     }
     Ok(statuses)
 }
@@ -434,34 +455,36 @@ pub struct NewRefund<'a> {
     pub trigger_id: Option<&'a str>,
 }
 
-/// Opens refunds (a resource has at most one: a second is not opened), one
-/// statement per thousand.
-pub async fn insert_refunds(tx: &mut Tx<'_>, refunds: &[NewRefund<'_>]) -> Result<(), sqlx::Error> {
-    for chunk in refunds.chunks(ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason, amount,
-                                  currency, opened_at, completed_at, updated_at, trigger_type, trigger_id) ",
-        );
-        qb.push_values(chunk, |mut row, r| {
-            row.push_bind(r.rid)
-                .push_bind(r.provider)
-                .push_bind(r.kind)
-                .push_bind(r.resource_id)
-                .push_bind(r.parent_id)
-                .push_bind(r.status)
-                .push_bind(r.reason)
-                .push_bind(r.amount)
-                .push_bind(r.currency)
-                .push_bind(r.now)
-                .push_bind((r.status == "completed").then_some(r.now))
-                .push_bind(r.now)
-                .push_bind(r.trigger_type)
-                .push_bind(r.trigger_id);
-        });
-        qb.push(" ON CONFLICT (rid) DO NOTHING");
-        qb.build().execute(&mut **tx).await?;
-    }
-    Ok(())
+/// Opens refunds (a resource has at most one: a second is not opened).
+pub fn insert_refunds(
+    conn: &rusqlite::Connection,
+    refunds: &[NewRefund<'_>],
+) -> Result<(), sqlx::Error> {
+    execute_each(
+        conn,
+        "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason, amount,
+                              currency, opened_at, completed_at, updated_at, trigger_type, trigger_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?10, ?12, ?13)
+         ON CONFLICT (rid) DO NOTHING",
+        refunds,
+        |r| {
+            (
+                r.rid,
+                r.provider,
+                r.kind,
+                r.resource_id,
+                r.parent_id,
+                r.status,
+                r.reason,
+                r.amount,
+                r.currency,
+                r.now,
+                (r.status == "completed").then_some(r.now),
+                r.trigger_type,
+                r.trigger_id,
+            )
+        },
+    )
 }
 
 /// A pending refund's end: `completed` or `failed`.
@@ -473,28 +496,21 @@ pub struct RefundSettlement<'a> {
     pub trigger_id: Option<&'a str>,
 }
 
-/// Moves pending refunds to `completed` or `failed`, one statement per thousand.
-pub async fn settle_refunds(
-    tx: &mut Tx<'_>,
+/// Moves pending refunds to `completed` or `failed`.
+pub fn settle_refunds(
+    conn: &rusqlite::Connection,
     settlements: &[RefundSettlement<'_>],
     now: &str,
 ) -> Result<(), sqlx::Error> {
-    for chunk in settlements.chunks(ROWS_PER_STATEMENT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("UPDATE refunds SET status = v.column2, completed_at = CASE WHEN v.column2 = 'completed' THEN ");
-        qb.push_bind(now)
-            .push(" ELSE completed_at END, updated_at = ")
-            .push_bind(now)
-            .push(", trigger_type = v.column3, trigger_id = v.column4 FROM (");
-        qb.push_values(chunk, |mut row, r| {
-            row.push_bind(r.rid)
-                .push_bind(r.status)
-                .push_bind(r.trigger_type)
-                .push_bind(r.trigger_id);
-        });
-        qb.push(") AS v WHERE refunds.rid = v.column1 AND refunds.status = 'pending'");
-        qb.build().execute(&mut **tx).await?;
-    }
-    Ok(())
+    execute_each(
+        conn,
+        "UPDATE refunds SET status = ?2,
+                completed_at = CASE WHEN ?2 = 'completed' THEN ?3 ELSE completed_at END,
+                updated_at = ?3, trigger_type = ?4, trigger_id = ?5
+         WHERE rid = ?1 AND status = 'pending'",
+        settlements,
+        |r| (r.rid, r.status, now, r.trigger_type, r.trigger_id),
+    )
 }
 
 /// Resources whose reconcile time has come, oldest first.
