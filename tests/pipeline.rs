@@ -1390,17 +1390,7 @@ async fn a_batch_of_outcomes_is_written_together_and_a_lost_lease_is_left_alone(
 /// lease runs out). A trigger stands in for the failure.
 #[tokio::test]
 async fn one_failing_outcome_in_a_batch_costs_only_itself() {
-    use cancelwatch::pipeline::worker::{Decided, Outcome};
     let (_dir, ctx) = offline_context().await;
-    insert_by_hand(
-        &ctx,
-        &[
-            ("evt_ok_1", Some("batchv2_ok_1")),
-            ("evt_bad", Some("batchv2_bad")),
-            ("evt_ok_2", Some("batchv2_ok_2")),
-        ],
-    )
-    .await;
     sqlx::query(
         "CREATE TRIGGER refuse_bad BEFORE INSERT ON transitions
          WHEN NEW.resource_id = 'batchv2_bad'
@@ -1409,31 +1399,7 @@ async fn one_failing_outcome_in_a_batch_costs_only_itself() {
     .execute(&ctx.db.write)
     .await
     .unwrap();
-    let lease = pipeline::worker::lease_until(&ctx.config);
-    let claimed = claim_up_to_ten(&ctx, &lease).await;
-    assert_eq!(claimed.len(), 3);
-    let batch: Vec<Decided> = claimed
-        .into_iter()
-        .map(|d| {
-            let id = d.resource_id.clone().unwrap();
-            Decided {
-                delivery: d,
-                lease_until: lease.clone(),
-                outcome: Outcome::Observed {
-                    obs: Box::new(observation("stripe.batch_job", &id, "canceled", vec![])),
-                    context: None,
-                    reversal: None,
-                },
-            }
-        })
-        .collect();
-    let left = pipeline::worker::write_and_report(&ctx, batch).await;
-    assert!(left.is_empty());
-    let states: Vec<(String, String)> =
-        sqlx::query_as("SELECT dedupe_key, state FROM inbox ORDER BY id")
-            .fetch_all(&ctx.db.read)
-            .await
-            .unwrap();
+    let (states, recorded) = write_observed_batch(&ctx, &["ok_1", "bad", "ok_2"], None).await;
     assert_eq!(
         states,
         vec![
@@ -1442,13 +1408,85 @@ async fn one_failing_outcome_in_a_batch_costs_only_itself() {
             ("evt_ok_2".into(), "processed".into()),
         ]
     );
-    let recorded: Vec<String> =
-        sqlx::query_scalar("SELECT resource_id FROM transitions ORDER BY id")
-            .fetch_all(&ctx.db.read)
-            .await
-            .unwrap();
     assert_eq!(recorded, ["batchv2_ok_1", "batchv2_ok_2"]);
     ctx.db.close().await;
+}
+
+/// Observations recorded together: one whose lease was lost meanwhile
+/// (another worker holds the delivery now) records nothing and leaves the
+/// delivery to its holder; the others are recorded and end `processed`.
+#[tokio::test]
+async fn an_observation_whose_lease_was_lost_records_nothing() {
+    let (_dir, ctx) = offline_context().await;
+    let (states, recorded) =
+        write_observed_batch(&ctx, &["ok_1", "lost", "ok_2"], Some("lost")).await;
+    assert_eq!(
+        states,
+        vec![
+            ("evt_ok_1".into(), "processed".into()),
+            ("evt_lost".into(), "processing".into()),
+            ("evt_ok_2".into(), "processed".into()),
+        ]
+    );
+    assert_eq!(recorded, ["batchv2_ok_1", "batchv2_ok_2"]);
+    ctx.db.close().await;
+}
+
+/// Stores a delivery `evt_<name>` for each of `names` (resource
+/// `batchv2_<name>`), claims them, and writes one batch of their outcomes:
+/// each batch job observed `canceled`, the one named `lost` with a lease
+/// that ran out. Then each delivery's (event, state), and the resources
+/// given a transition, in order.
+async fn write_observed_batch(
+    ctx: &Context,
+    names: &[&str],
+    lost: Option<&str>,
+) -> (Vec<(String, String)>, Vec<String>) {
+    use cancelwatch::pipeline::worker::{Decided, Outcome};
+    let keys: Vec<(String, String)> = names
+        .iter()
+        .map(|n| (format!("evt_{n}"), format!("batchv2_{n}")))
+        .collect();
+    let by_name: Vec<(&str, Option<&str>)> = keys
+        .iter()
+        .map(|(event, resource)| (event.as_str(), Some(resource.as_str())))
+        .collect();
+    insert_by_hand(ctx, &by_name).await;
+    let lease = pipeline::worker::lease_until(&ctx.config);
+    let claimed = claim_up_to_ten(ctx, &lease).await;
+    assert_eq!(claimed.len(), names.len());
+    let lost_key = lost.map(|n| format!("evt_{n}"));
+    let batch: Vec<Decided> = claimed
+        .into_iter()
+        .map(|d| {
+            let id = d.resource_id.clone().unwrap();
+            let lease_until = if Some(&d.dedupe_key) == lost_key.as_ref() {
+                "2000-01-01T00:00:00.000Z".to_string()
+            } else {
+                lease.clone()
+            };
+            Decided {
+                delivery: d,
+                lease_until,
+                outcome: Outcome::Observed {
+                    obs: Box::new(observation("stripe.batch_job", &id, "canceled", vec![])),
+                    context: None,
+                    reversal: None,
+                },
+            }
+        })
+        .collect();
+    let left = pipeline::worker::write_and_report(ctx, batch).await;
+    assert!(left.is_empty());
+    let states = sqlx::query_as("SELECT dedupe_key, state FROM inbox ORDER BY id")
+        .fetch_all(&ctx.db.read)
+        .await
+        .unwrap();
+    let recorded = sqlx::query_scalar("SELECT resource_id FROM transitions ORDER BY id")
+        .fetch_all(&ctx.db.read)
+        .await
+        .unwrap();
+    (states, recorded)
 }
 
 fn observation(

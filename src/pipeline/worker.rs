@@ -598,9 +598,8 @@ pub async fn write_and_report(ctx: &Context, mut batch: Vec<Decided>) -> Vec<Dec
 /// One transaction for the batch, or for its start; per delivery written
 /// what was written, or `None` when it could not be (logged here).
 ///
-/// First the outcomes are written straight into the transaction, after one
-/// statement has checked the leases; that costs a handful of statements a
-/// delivery. Only when something goes wrong there (a database error, a
+/// First the outcomes are written straight into the transaction; that
+/// costs a handful of statements a delivery. Only when something goes wrong there (a database error, a
 /// panic: a bug) is it rolled back and the batch written again with a
 /// savepoint for each outcome, so one outcome's failure costs only that one.
 async fn write_batch(
@@ -652,11 +651,6 @@ async fn write_straight(
     ctx: &Context,
     batch: &[Decided],
 ) -> Result<Option<Vec<Option<Written>>>, sqlx::Error> {
-    let leases: Vec<(i64, &str)> = batch
-        .iter()
-        .map(|d| (d.delivery.id, d.lease_until.as_str()))
-        .collect();
-    let held = store::inbox::hold_leases(tx, &leases).await?;
     let started = std::time::Instant::now();
     let mut results = Vec::with_capacity(batch.len());
     while results.len() < batch.len() {
@@ -671,10 +665,9 @@ async fn write_straight(
             .take_while(|d| plain_observation(d).is_some())
             .count();
         if run > 0 {
-            let written =
-                AssertUnwindSafe(write_observations(tx, &ctx.config, &rest[..run], &held))
-                    .catch_unwind()
-                    .await;
+            let written = AssertUnwindSafe(write_observations(tx, &ctx.config, &rest[..run]))
+                .catch_unwind()
+                .await;
             match written {
                 Ok(Ok(Some(written))) => results.extend(written.into_iter().map(Some)),
                 _ => return Ok(None),
@@ -682,17 +675,14 @@ async fn write_straight(
             continue;
         }
         let decided = &rest[0];
-        if !held.contains(&decided.delivery.id) {
-            results.push(Some(Written::LeaseLost));
-            continue;
-        }
         let d = &decided.delivery;
         let outcome = &decided.outcome;
         let written = AssertUnwindSafe(write(tx, &ctx.config, d, &decided.lease_until, outcome))
             .catch_unwind()
             .await;
         match written {
-            // The lease was checked above, so a lost one here is a surprise too.
+            // A lost lease is rare: the batch is written again, each
+            // outcome in a savepoint, and only that one is dropped.
             Ok(Ok(written)) if written != Written::LeaseLost => results.push(Some(written)),
             _ => return Ok(None),
         }
@@ -713,22 +703,25 @@ fn plain_observation(d: &Decided) -> Option<(&Observation, Option<&str>)> {
 }
 
 /// Records plain observations together ([`record::record_all`]) and ends
-/// their deliveries `processed` with one statement. `None` when an end did
-/// not take (a surprise: the leases were checked in this transaction).
+/// their deliveries `processed` with one statement. `None` when a lease was
+/// lost (its end did not take): the transaction must be rolled back.
 async fn write_observations(
     tx: &mut Tx<'static>,
     config: &Config,
     run: &[Decided],
-    held: &std::collections::HashSet<i64>,
 ) -> Result<Option<Vec<Written>>, sqlx::Error> {
     let now = time::now();
-    let live: Vec<(&Decided, Trigger)> = run
+    let ends: Vec<(i64, &str, &str)> = run
         .iter()
-        .filter(|d| held.contains(&d.delivery.id))
-        .map(|d| (d, trigger_of(&d.delivery)))
+        .map(|d| (d.delivery.id, d.lease_until.as_str(), "processed"))
         .collect();
-    let items: Vec<record::ToRecord> = live
+    if store::inbox::finish_many(tx, &ends, &time::fmt(now)).await? != ends.len() as u64 {
+        return Ok(None);
+    }
+    let triggers: Vec<Trigger> = run.iter().map(|d| trigger_of(&d.delivery)).collect();
+    let items: Vec<record::ToRecord> = run
         .iter()
+        .zip(&triggers)
         .filter_map(|(d, trigger)| {
             plain_observation(d).map(|(obs, context)| record::ToRecord {
                 obs,
@@ -738,31 +731,16 @@ async fn write_observations(
         })
         .collect();
     let recorded = record::record_all(tx, config, &items, now).await?;
-    let ends: Vec<(i64, &str)> = live
-        .iter()
-        .map(|(d, _)| (d.delivery.id, "processed"))
-        .collect();
-    if store::inbox::finish_many(tx, &ends, &time::fmt(now)).await? != ends.len() as u64 {
-        return Ok(None);
-    }
-    for (d, _) in &live {
+    for d in run {
         recovered(tx, config, &d.delivery).await?;
     }
-    let mut recorded = recorded.into_iter().zip(items.iter());
-    let written = run
-        .iter()
-        .map(|d| {
-            if !held.contains(&d.delivery.id) {
-                return Written::LeaseLost;
-            }
-            match recorded.next() {
-                Some((r, item)) => Written::Processed {
-                    status: item.obs.status.clone(),
-                    transitions: r.transitions,
-                    stale: r.stale,
-                },
-                None => Written::LeaseLost,
-            }
+    let written = recorded
+        .into_iter()
+        .zip(&items)
+        .map(|(r, item)| Written::Processed {
+            status: item.obs.status.clone(),
+            transitions: r.transitions,
+            stale: r.stale,
         })
         .collect();
     Ok(Some(written))

@@ -340,50 +340,30 @@ pub async fn finish(
     Ok(done.rows_affected() == 1)
 }
 
-/// Of the given (delivery, lease end) pairs, the deliveries whose lease
-/// still holds. A read: the transaction began `IMMEDIATE` ([`super::Db::begin`]),
-/// so it holds the write lock and nobody can take a lease away before it ends.
-pub async fn hold_leases(
-    tx: &mut super::GatedTx,
-    leases: &[(i64, &str)],
-) -> Result<std::collections::HashSet<i64>, sqlx::Error> {
-    let mut held = std::collections::HashSet::new();
-    // SQLite allows 32766 bound values; 2 a delivery.
-    for chunk in leases.chunks(1_000) {
-        // Led by the list, so each delivery is one lookup by id.
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT inbox.id FROM (");
-        qb.push_values(chunk, |mut row, (id, lease)| {
-            row.push_bind(*id).push_bind(*lease);
-        });
-        qb.push(
-            ") AS v JOIN inbox ON inbox.id = v.column1
-             WHERE inbox.state = 'processing' AND inbox.lease_until = v.column2",
-        );
-        let ids: Vec<i64> = qb.build_query_scalar().fetch_all(&mut ***tx).await?;
-        held.extend(ids);
-    }
-    Ok(held)
-}
-
-/// Ends many processing attempts, each `processed` or `ignored`, in one
-/// statement (per thousand); for callers that checked the leases in this
-/// transaction ([`hold_leases`]). Returns how many rows it changed.
+/// Ends many processing attempts, each `processed` or `ignored`: `ends` holds
+/// (delivery, lease end, state). An attempt whose lease was lost (ran out,
+/// or the delivery was taken again) is left alone. Returns how many rows it
+/// changed.
 pub async fn finish_many(
     tx: &mut Tx<'_>,
-    ends: &[(i64, &str)],
+    ends: &[(i64, &str, &str)],
     now: &str,
 ) -> Result<u64, sqlx::Error> {
     let mut changed = 0;
+    // SQLite allows 32766 bound values; 3 a delivery.
     for chunk in ends.chunks(1_000) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "UPDATE inbox SET state = v.column2, processed_at = ",
+            "UPDATE inbox SET state = v.column3, processed_at = ",
         );
         qb.push_bind(now)
             .push(", lease_until = NULL, last_error = NULL FROM (");
-        qb.push_values(chunk, |mut row, (id, state)| {
-            row.push_bind(*id).push_bind(*state);
+        qb.push_values(chunk, |mut row, (id, lease, state)| {
+            row.push_bind(*id).push_bind(*lease).push_bind(*state);
         });
-        qb.push(") AS v WHERE inbox.id = v.column1 AND inbox.state = 'processing'");
+        qb.push(
+            ") AS v WHERE inbox.id = v.column1 AND inbox.state = 'processing'
+                    AND inbox.lease_until = v.column2",
+        );
         changed += qb.build().execute(&mut **tx).await?.rows_affected();
     }
     Ok(changed)
