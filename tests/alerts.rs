@@ -491,6 +491,52 @@ async fn stuck_fires_past_its_limit_and_resolves_when_the_status_moves() {
     assert_eq!(alert_of(&db, "stuck", "obt_old").await.unwrap().version, 2);
 }
 
+/// The pipeline's path: recording a fetched observation of a resource that
+/// moved on resolves its open `stuck` alert (the open alerts are read with
+/// the recorded rows).
+#[tokio::test]
+async fn a_recorded_observation_resolves_the_stuck_alert_it_ends() {
+    use cancelwatch::pipeline::record::{record_all, ToRecord, Trigger};
+    use cancelwatch::providers::{Observation, StatusClass};
+    let (_dir, config, db) = setup().await;
+    let mut old = Res::new("stripe.outbound_transfer", "obt_old", "processing");
+    old.status_since = ago(7 * 3_600);
+    old.insert(&db).await;
+    scan_at(&db, &config, now()).await;
+    assert_eq!(
+        alert_of(&db, "stuck", "obt_old").await.unwrap().state,
+        "open"
+    );
+
+    let posted = Observation {
+        provider: "stripe",
+        kind: "stripe.outbound_transfer".into(),
+        id: "obt_old".into(),
+        parent_id: None,
+        status: "posted".into(),
+        class: StatusClass::Settled,
+        provider_at: None,
+        amount: Some(100),
+        currency: Some("usd".into()),
+        livemode: Some(false),
+        snapshot: json!({"id": "obt_old", "status": "posted"}).to_string(),
+        progress: None,
+        children: Vec::new(),
+        refund: None,
+    };
+    let trigger = Trigger::event("evt_posted");
+    let item = ToRecord {
+        obs: &posted,
+        trigger: &trigger,
+        context: None,
+    };
+    let mut tx = db.write.begin().await.unwrap();
+    record_all(&mut tx, &config, &[item], now()).await.unwrap();
+    tx.commit().await.unwrap();
+    let resolved = alert_of(&db, "stuck", "obt_old").await.unwrap();
+    assert_eq!((resolved.state.as_str(), resolved.version), ("resolved", 2));
+}
+
 async fn refund(db: &Db, rid: i64, id: &str, status: &str, opened_secs_ago: i64) {
     sqlx::query(
         "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason, amount,

@@ -105,18 +105,16 @@ pub async fn on_resource_recorded(
 /// bulk transfer and its items), given as they are now: each is evaluated
 /// once, and a Juice item's bulk transfer once however many of its items
 /// are in `resources`.
+///
+/// `open` holds their open alerts, read by [`open_alerts`] in the same
+/// transaction.
 pub async fn on_observation_recorded(
     tx: &mut Tx<'_>,
     config: &Config,
     resources: &[ResourceRow],
+    open: &[sql::Alert],
     now: &str,
 ) -> Result<(), sqlx::Error> {
-    // One read of the open alerts for all of them: most have none.
-    let keys: Vec<(&str, &str, &str)> = resources
-        .iter()
-        .map(|r| (r.provider.as_str(), r.kind.as_str(), r.id.as_str()))
-        .collect();
-    let open = sql::open_about_many(tx, &keys).await?;
     let mut seen = std::collections::HashSet::new();
     let mut parents = Vec::new();
     for resource in resources {
@@ -144,6 +142,19 @@ pub async fn on_observation_recorded(
         }
     }
     Ok(())
+}
+
+/// The open alerts about `resources`, in one go (most have none), for
+/// [`on_observation_recorded`]; straight on the writer's handle.
+pub fn open_alerts(
+    conn: &rusqlite::Connection,
+    resources: &[ResourceRow],
+) -> Result<Vec<sql::Alert>, sqlx::Error> {
+    let keys: Vec<(&str, &str, &str)> = resources
+        .iter()
+        .map(|r| (r.provider.as_str(), r.kind.as_str(), r.id.as_str()))
+        .collect();
+    sql::open_about_many(conn, &keys)
 }
 
 fn is_about(alert: &sql::Alert, r: &ResourceRow) -> bool {

@@ -262,11 +262,15 @@ async fn record_run(
     now: Timestamp,
 ) -> Result<Vec<Recorded>, sqlx::Error> {
     let now_s = time::fmt(now);
-    let (recorded, rows) =
-        store::on_handle(tx, |conn| write_run(conn, config, items, now, &now_s)).await?;
+    let (recorded, rows, open) = store::on_handle(tx, |conn| {
+        let (recorded, rows) = write_run(conn, config, items, now, &now_s)?;
+        let open = crate::alerts::rules::open_alerts(conn, &rows)?;
+        Ok((recorded, rows, open))
+    })
+    .await?;
     // Alert rules see every resource looked at as it is now, and commit or
     // roll back with what was written.
-    crate::alerts::rules::on_observation_recorded(tx, config, &rows, &now_s).await?;
+    crate::alerts::rules::on_observation_recorded(tx, config, &rows, &open, &now_s).await?;
     Ok(recorded)
 }
 

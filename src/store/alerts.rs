@@ -108,31 +108,48 @@ pub async fn open_about(
     kind: &str,
     resource_id: &str,
 ) -> Result<Vec<Alert>, sqlx::Error> {
-    open_about_many(tx, &[(provider, kind, resource_id)]).await
+    super::on_handle(tx, |conn| {
+        open_about_many(conn, &[(provider, kind, resource_id)])
+    })
+    .await
 }
 
-/// The open alerts about any of the given (provider, kind, resource id).
-pub async fn open_about_many(
-    tx: &mut Tx<'_>,
+/// The open alerts about each of `resources` (provider, kind, id), whatever
+/// their rule; straight on the writer's handle (see [`super::on_handle`]).
+pub fn open_about_many(
+    conn: &rusqlite::Connection,
     resources: &[(&str, &str, &str)],
 ) -> Result<Vec<Alert>, sqlx::Error> {
+    let mut select = conn
+        .prepare_cached(&format!(
+            "SELECT {ALERT_COLUMNS} FROM alerts
+             WHERE resource_id = ?3 AND provider = ?1 AND kind = ?2 AND state = 'open'"
+        ))
+        .map_err(super::direct_error)?;
     let mut open = Vec::new();
-    // SQLite allows 32766 bound values.
-    for chunk in resources.chunks(10_000) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-            "SELECT {ALERT_COLUMNS} FROM alerts WHERE state = 'open' AND resource_id IN ("
-        ));
-        let mut ids = qb.separated(", ");
-        for (_, _, id) in chunk {
-            ids.push_bind(*id);
-        }
-        qb.push(")");
-        let found: Vec<Alert> = qb.build_query_as().fetch_all(&mut **tx).await?;
-        open.extend(found.into_iter().filter(|a| {
-            chunk.iter().any(|(provider, kind, id)| {
-                a.provider == *provider && a.kind == *kind && a.resource_id == *id
+    for key in resources {
+        let rows = select
+            .query_map(*key, |row| {
+                Ok(Alert {
+                    id: row.get(0)?,
+                    rule: row.get(1)?,
+                    severity: row.get(2)?,
+                    provider: row.get(3)?,
+                    kind: row.get(4)?,
+                    resource_id: row.get(5)?,
+                    summary: row.get(6)?,
+                    details: row.get(7)?,
+                    state: row.get(8)?,
+                    version: row.get(9)?,
+                    created_at: row.get(10)?,
+                    updated_at: row.get(11)?,
+                    resolved_at: row.get(12)?,
+                })
             })
-        }));
+            .map_err(super::direct_error)?;
+        for alert in rows {
+            open.push(alert.map_err(super::direct_error)?);
+        }
     }
     Ok(open)
 }
