@@ -135,56 +135,43 @@ impl Drop for WriterHold {
     }
 }
 
-/// A write transaction of the pipeline, alerts or a command, holding the
-/// background writers' slot until it ends.
-pub struct GatedTx {
-    tx: Tx<'static>,
+/// The writer connection (`T`: a transaction on it, or the connection
+/// itself) for the pipeline, alerts or a command, holding the background
+/// writers' slot, and counting its hold, until it is dropped.
+pub struct Gated<T> {
+    inner: T,
     _hold: WriterHold,
     _slot: OwnedSemaphorePermit,
 }
+
+/// A write transaction of the pipeline, alerts or a command ([`Db::begin`]).
+pub type GatedTx = Gated<Tx<'static>>;
+
+/// The writer connection for statements that each stand alone (SQLite
+/// commits a statement outside a transaction on its own, all or nothing):
+/// [`Db::acquire_for`].
+pub type GatedConn = Gated<sqlx::pool::PoolConnection<sqlx::Sqlite>>;
 
 impl GatedTx {
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+        self.inner.commit().await
     }
 
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.tx.rollback().await
+        self.inner.rollback().await
     }
 }
 
-impl std::ops::Deref for GatedTx {
-    type Target = Tx<'static>;
-    fn deref(&self) -> &Self::Target {
-        &self.tx
+impl<T> std::ops::Deref for Gated<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
     }
 }
 
-impl std::ops::DerefMut for GatedTx {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tx
-    }
-}
-
-/// The writer connection for statements that each stand alone (SQLite
-/// commits a statement outside a transaction on its own, all or nothing),
-/// holding the background writers' slot like [`GatedTx`].
-pub struct GatedConn {
-    conn: sqlx::pool::PoolConnection<sqlx::Sqlite>,
-    _hold: WriterHold,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl std::ops::Deref for GatedConn {
-    type Target = sqlx::SqliteConnection;
-    fn deref(&self) -> &Self::Target {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for GatedConn {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.conn
+impl<T> std::ops::DerefMut for Gated<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
     }
 }
 
@@ -293,8 +280,8 @@ impl Db {
     pub async fn begin_for(&self, what: &'static str) -> Result<GatedTx, sqlx::Error> {
         let slot = self.write_slot().await;
         let tx = begin_immediate(&self.write).await?;
-        Ok(GatedTx {
-            tx,
+        Ok(Gated {
+            inner: tx,
             _hold: WriterHold::start(what),
             _slot: slot,
         })
@@ -306,8 +293,8 @@ impl Db {
     pub async fn acquire_for(&self, what: &'static str) -> Result<GatedConn, sqlx::Error> {
         let slot = self.write_slot().await;
         let conn = self.write.acquire().await?;
-        Ok(GatedConn {
-            conn,
+        Ok(Gated {
+            inner: conn,
             _hold: WriterHold::start(what),
             _slot: slot,
         })
