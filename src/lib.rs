@@ -298,8 +298,8 @@ pub fn init_logging(config: &config::LogConfig) {
 mod tests {
     use super::*;
 
-    /// `/readyz` turns red once a sync of the WAL failed, so that an
-    /// orchestrator restarts the daemon (every delivery is refused until then).
+    /// `/readyz` turns red once a sync of the WAL failed and stays red: every
+    /// delivery is refused until the daemon restarts.
     #[tokio::test]
     async fn readyz_fails_after_a_failed_wal_sync() {
         let dir = tempfile::tempdir().unwrap();

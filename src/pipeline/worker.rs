@@ -669,7 +669,7 @@ async fn write_straight(
                 .catch_unwind()
                 .await;
             match written {
-                Ok(Ok(Some(written))) => results.extend(written.into_iter().map(Some)),
+                Ok(Ok(written)) => results.extend(written.into_iter().map(Some)),
                 _ => return Ok(None),
             }
             continue;
@@ -702,24 +702,27 @@ fn plain_observation(d: &Decided) -> Option<(&Observation, Option<&str>)> {
     }
 }
 
-/// Records plain observations together ([`record::record_all`]) and ends
-/// their deliveries `processed` with one statement. `None` when a lease was
-/// lost (its end did not take): the transaction must be rolled back.
+/// Ends the deliveries of plain observations `processed` with one statement
+/// and records the observations of those it ended together
+/// ([`record::record_all`]); a delivery whose lease was lost meanwhile (its
+/// end did not take) records nothing.
 async fn write_observations(
     tx: &mut Tx<'static>,
     config: &Config,
     run: &[Decided],
-) -> Result<Option<Vec<Written>>, sqlx::Error> {
+) -> Result<Vec<Written>, sqlx::Error> {
     let now = time::now();
     let ends: Vec<(i64, &str, &str)> = run
         .iter()
         .map(|d| (d.delivery.id, d.lease_until.as_str(), "processed"))
         .collect();
-    if store::inbox::finish_many(tx, &ends, &time::fmt(now)).await? != ends.len() as u64 {
-        return Ok(None);
-    }
-    let triggers: Vec<Trigger> = run.iter().map(|d| trigger_of(&d.delivery)).collect();
-    let items: Vec<record::ToRecord> = run
+    let ended = store::inbox::finish_many(tx, &ends, &time::fmt(now)).await?;
+    let live: Vec<&Decided> = run
+        .iter()
+        .filter(|d| ended.contains(&d.delivery.id))
+        .collect();
+    let triggers: Vec<Trigger> = live.iter().map(|d| trigger_of(&d.delivery)).collect();
+    let items: Vec<record::ToRecord> = live
         .iter()
         .zip(&triggers)
         .filter_map(|(d, trigger)| {
@@ -730,20 +733,30 @@ async fn write_observations(
             })
         })
         .collect();
-    let recorded = record::record_all(tx, config, &items, now).await?;
-    for d in run {
+    let mut recorded = record::record_all(tx, config, &items, now)
+        .await?
+        .into_iter()
+        .zip(&items);
+    for d in &live {
         recovered(tx, config, &d.delivery).await?;
     }
-    let written = recorded
-        .into_iter()
-        .zip(&items)
-        .map(|(r, item)| Written::Processed {
-            status: item.obs.status.clone(),
-            transitions: r.transitions,
-            stale: r.stale,
+    let written = run
+        .iter()
+        .map(|d| {
+            if !ended.contains(&d.delivery.id) {
+                return Written::LeaseLost;
+            }
+            match recorded.next() {
+                Some((r, item)) => Written::Processed {
+                    status: item.obs.status.clone(),
+                    transitions: r.transitions,
+                    stale: r.stale,
+                },
+                None => Written::LeaseLost,
+            }
         })
         .collect();
-    Ok(Some(written))
+    Ok(written)
 }
 
 struct Panicked;

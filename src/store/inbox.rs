@@ -341,15 +341,15 @@ pub async fn finish(
 }
 
 /// Ends many processing attempts, each `processed` or `ignored`: `ends` holds
-/// (delivery, lease end, state). An attempt whose lease was lost (ran out,
-/// or the delivery was taken again) is left alone. Returns how many rows it
-/// changed.
+/// (delivery, lease end, state). An attempt whose lease was lost (the
+/// delivery was claimed again, with a lease of its own) is left alone.
+/// Returns the deliveries it ended.
 pub async fn finish_many(
     tx: &mut Tx<'_>,
     ends: &[(i64, &str, &str)],
     now: &str,
-) -> Result<u64, sqlx::Error> {
-    let mut changed = 0;
+) -> Result<std::collections::HashSet<i64>, sqlx::Error> {
+    let mut ended = std::collections::HashSet::with_capacity(ends.len());
     // SQLite allows 32766 bound values; 3 a delivery.
     for chunk in ends.chunks(1_000) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
@@ -362,11 +362,13 @@ pub async fn finish_many(
         });
         qb.push(
             ") AS v WHERE inbox.id = v.column1 AND inbox.state = 'processing'
-                    AND inbox.lease_until = v.column2",
+                    AND inbox.lease_until = v.column2
+             RETURNING inbox.id",
         );
-        changed += qb.build().execute(&mut **tx).await?.rows_affected();
+        let ids: Vec<i64> = qb.build_query_scalar().fetch_all(&mut **tx).await?;
+        ended.extend(ids);
     }
-    Ok(changed)
+    Ok(ended)
 }
 
 /// A failed attempt: retry at `next_attempt_at`, or `dead` when `dead` is set.

@@ -37,9 +37,11 @@ pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 /// record turn is many statements, so it runs them here, straight on the
 /// handle (through rusqlite, which links the same SQLite), for the price of
 /// one round trip to take the handle. sqlx's thread makes no call on the
-/// handle until it is given back; `f` must not begin or end transactions
-/// (sqlx keeps track of those).
-pub async fn on_handle<T>(
+/// handle until it is given back. `f` must not begin or end transactions
+/// (sqlx keeps track of those), change the connection's settings, or keep a
+/// statement past its return (sqlx could not close the connection): hence
+/// only this crate's store calls it.
+pub(crate) async fn on_handle<T>(
     conn: &mut sqlx::SqliteConnection,
     f: impl FnOnce(&rusqlite::Connection) -> Result<T, sqlx::Error>,
 ) -> Result<T, sqlx::Error> {
@@ -49,7 +51,16 @@ pub async fn on_handle<T>(
     // finalizing the statements it prepared, also when `f` panics.
     let handle = unsafe { rusqlite::Connection::from_handle(locked.as_raw_handle().as_ptr()) }
         .map_err(direct_error)?;
-    let out = f(&handle);
+    // The work may be long (a bulk transfer with thousands of items): on a
+    // multi-threaded runtime this worker's other tasks move to another
+    // thread meanwhile.
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let out = if multi_thread {
+        tokio::task::block_in_place(|| f(&handle))
+    } else {
+        f(&handle)
+    };
     drop(handle);
     drop(locked);
     out
@@ -508,6 +519,17 @@ mod tests {
     /// and after a panic in it the connection is there for the next use.
     #[tokio::test]
     async fn on_handle_runs_inside_the_transaction() {
+        on_handle_belongs_to_the_transaction().await;
+    }
+
+    /// [`on_handle_runs_inside_the_transaction`] where `on_handle` runs its
+    /// work in `block_in_place`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_handle_runs_inside_the_transaction_on_many_threads() {
+        on_handle_belongs_to_the_transaction().await;
+    }
+
+    async fn on_handle_belongs_to_the_transaction() {
         use futures_util::FutureExt;
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("x.db"), &Default::default())

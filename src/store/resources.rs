@@ -262,6 +262,9 @@ fn execute_each<T, P: rusqlite::Params>(
     rows: &[T],
     params: impl Fn(&T) -> P,
 ) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
     let mut statement = conn.prepare_cached(sql).map_err(direct_error)?;
     for row in rows {
         statement.execute(params(row)).map_err(direct_error)?;
