@@ -283,7 +283,6 @@ fn write_run(
     now: Timestamp,
     now_s: &str,
 ) -> Result<(Vec<Recorded>, Vec<resources::Resource>), sqlx::Error> {
-    let now_s = now_s.to_string();
     let reversed = &config.juice.reversed_statuses;
     let judged = |item: usize, obs: &'_ Observation, current: resources::Resource| {
         let stored = Stored {
@@ -304,7 +303,7 @@ fn write_run(
     // The observed resources as stored, then the children of those that are
     // not stale: children came in the same answer, so when it is stale, so are they.
     let keys: Vec<_> = items.iter().map(|i| key_of(i.obs, i.context)).collect();
-    let mut seen: Vec<Seen> = resources::ensure_many(conn, &keys, &now_s)?
+    let mut seen: Vec<Seen> = resources::ensure_many(conn, &keys, now_s)?
         .into_iter()
         .enumerate()
         .map(|(i, current)| {
@@ -334,7 +333,7 @@ fn write_run(
             .iter()
             .map(|(item, c)| key_of(c, items[*item].context))
             .collect();
-        let stored = resources::ensure_many(conn, &keys, &now_s)?;
+        let stored = resources::ensure_many(conn, &keys, now_s)?;
         for ((item, obs), current) in children.into_iter().zip(stored) {
             let (item, current, verdict) = judged(item, obs, current);
             seen.push(Seen {
@@ -375,7 +374,7 @@ fn write_run(
         if let Some(signal) = &s.obs.refund {
             let existing = refunds.get(&rid).map(String::as_str);
             if let Some(change) = refund_change(existing, signal.status) {
-                side.refund(s.obs, rid, signal, change, &now_s, item.trigger);
+                side.refund(s.obs, rid, signal, change, now_s, item.trigger);
                 let (RefundChange::Open(status) | RefundChange::Settle(status)) = change;
                 refunds.insert(rid, status.as_str().to_string());
             }
@@ -383,7 +382,7 @@ fn write_run(
         if let Some(p) = s.obs.progress {
             side.progress.push(resources::NewProgress {
                 rid,
-                observed_at: &now_s,
+                observed_at: now_s,
                 status: &s.obs.status,
                 success: p.success,
                 failure: p.failure,
@@ -396,12 +395,12 @@ fn write_run(
         fresh.push(Decided {
             seen: s,
             status_since: if changed {
-                now_s.clone()
+                now_s.to_string()
             } else {
                 s.current
                     .status_since
                     .clone()
-                    .unwrap_or_else(|| now_s.clone())
+                    .unwrap_or_else(|| now_s.to_string())
             },
             next_reconcile_at: next_reconcile(
                 s.obs.class,
@@ -413,9 +412,9 @@ fn write_run(
         });
     }
 
-    side.write(conn, &now_s)?;
+    side.write(conn, now_s)?;
     if !stale.is_empty() {
-        resources::touch_many(conn, &stale, &now_s)?;
+        resources::touch_many(conn, &stale, now_s)?;
     }
     let updates: Vec<StateUpdate> = fresh
         .iter()
@@ -431,7 +430,7 @@ fn write_run(
             snapshot: &d.seen.obs.snapshot,
             provider_updated_at: d.seen.obs.provider_at.as_deref(),
             status_since: &d.status_since,
-            observed_at: &now_s,
+            observed_at: now_s,
             next_reconcile_at: d.next_reconcile_at.as_deref(),
         })
         .collect();
@@ -454,7 +453,7 @@ fn write_run(
                 parent_id: obs.parent_id.as_deref().or(current.parent_id.as_deref()),
                 from_status: current.status.as_deref(),
                 to_status: &obs.status,
-                observed_at: &now_s,
+                observed_at: now_s,
                 provider_at: obs.provider_at.as_deref(),
                 trigger_type: trigger.kind,
                 trigger_id: trigger.id.as_deref(),

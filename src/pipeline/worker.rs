@@ -599,9 +599,10 @@ pub async fn write_and_report(ctx: &Context, mut batch: Vec<Decided>) -> Vec<Dec
 /// what was written, or `None` when it could not be (logged here).
 ///
 /// First the outcomes are written straight into the transaction; that
-/// costs a handful of statements a delivery. Only when something goes wrong there (a database error, a
-/// panic: a bug) is it rolled back and the batch written again with a
-/// savepoint for each outcome, so one outcome's failure costs only that one.
+/// costs a handful of statements a delivery. Only when something goes wrong
+/// there (a database error, a panic: a bug) is it rolled back and the batch
+/// written again with a savepoint for each outcome, so one outcome's
+/// failure costs only that one.
 async fn write_batch(
     ctx: &Context,
     batch: &[Decided],
