@@ -123,7 +123,7 @@ pub async fn request(
         Ok(obs) => {
             let now = time::now();
             let mut tx = ctx.db.begin().await?;
-            record::record(
+            let recorded = record::record(
                 &mut tx,
                 &ctx.config,
                 &obs,
@@ -133,6 +133,7 @@ pub async fn request(
             )
             .await?;
             tx.commit().await?;
+            recorded.report();
             (Some(obs.status), None)
         }
         Err(e) => {

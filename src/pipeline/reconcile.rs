@@ -112,6 +112,7 @@ async fn reconcile_one(
             )
             .await?;
             tx.commit().await?;
+            recorded.report();
             // A due resource the answer did not mention (an item gone from its
             // bulk transfer) is pushed back rather than fetched every pass.
             let missing: Vec<Resource> = covered

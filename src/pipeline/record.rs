@@ -159,10 +159,40 @@ pub fn next_reconcile(
 pub struct Recorded {
     /// Every resource looked at: the observed one first, then its children.
     pub rids: Vec<i64>,
-    /// Transition rows written.
-    pub transitions: usize,
+    /// Transition rows written (the observed resource's and its children's).
+    pub transitions: Vec<Moved>,
     /// True when the observed resource itself (not a child) was stale.
     pub stale: bool,
+}
+
+impl Recorded {
+    /// Counts and logs the transitions written; call it once the
+    /// transaction that wrote them has committed.
+    pub fn report(&self) {
+        report(&self.transitions);
+    }
+}
+
+/// A transition written, as it is counted and logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub kind: String,
+    pub resource_id: String,
+    pub from: Option<String>,
+    pub to: String,
+    /// The trigger's kind (`event`, `reconcile`, …).
+    pub trigger: &'static str,
+}
+
+/// Counts (`cancelwatch_transitions_total`) and logs transitions that are
+/// committed: counted before, a transaction rolled back (or written again
+/// after a failure) would count them though they were not kept, or twice.
+pub fn report(transitions: &[Moved]) {
+    for t in transitions {
+        metrics::counter!("cancelwatch_transitions_total", "kind" => t.kind.clone(), "to_status" => t.to.clone())
+            .increment(1);
+        tracing::info!(resource = %t.resource_id, kind = %t.kind, from = ?t.from, to = %t.to, trigger = t.trigger, "transition");
+    }
 }
 
 /// An observation to record, with what caused it.
@@ -465,15 +495,19 @@ fn write_run(
     if !transitions.is_empty() {
         resources::insert_transitions(conn, &transitions)?;
     }
-    for t in &transitions {
-        metrics::counter!("cancelwatch_transitions_total", "kind" => t.kind.to_string(), "to_status" => t.to_status.to_string())
-            .increment(1);
-        tracing::info!(resource = %t.resource_id, kind = %t.kind, from = ?t.from_status, to = %t.to_status, trigger = t.trigger_type, "transition");
-    }
 
+    let mut recorded = vec![Recorded::default(); items.len()];
+    for (d, t) in fresh.iter().filter(|d| d.changed).zip(&transitions) {
+        recorded[d.seen.item].transitions.push(Moved {
+            kind: t.kind.to_string(),
+            resource_id: t.resource_id.to_string(),
+            from: t.from_status.map(str::to_string),
+            to: t.to_status.to_string(),
+            trigger: items[d.seen.item].trigger.kind,
+        });
+    }
     let mut updated = updated.into_iter();
     let mut rows = Vec::with_capacity(seen.len());
-    let mut recorded = vec![Recorded::default(); items.len()];
     for s in &seen {
         let r = &mut recorded[s.item];
         r.rids.push(s.current.rid);
@@ -481,7 +515,6 @@ fn write_run(
             r.stale |= s.own;
             rows.push(s.current.clone());
         } else {
-            r.transitions += usize::from(matches!(s.verdict, Verdict::First | Verdict::Changed));
             rows.push(updated.next().ok_or_else(|| {
                 sqlx::Error::Protocol("fewer updated rows than fresh observations".into())
             })?);
@@ -837,22 +870,62 @@ mod db_tests {
         .unwrap()
     }
 
+    /// Recording counts and logs nothing: whoever commits reports what was
+    /// written ([`Recorded::report`]), so a transaction rolled back, or a
+    /// batch written again after a failure, is not counted.
+    #[test]
+    fn transitions_are_counted_only_when_reported() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let counted = recorder.handle();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            rt.block_on(async {
+                let (_dir, db, config) = db().await;
+                let mut tx = db.write.begin().await.unwrap();
+                let trigger = Trigger::event("evt_1");
+                let r = record(&mut tx, &config, &obt("canceled"), &trigger, None, time::now())
+                    .await
+                    .unwrap();
+                tx.rollback().await.unwrap();
+                assert_eq!(r.transitions.len(), 1);
+                assert!(!counted.render().contains("cancelwatch_transitions_total"));
+                r.report();
+                let line = r#"cancelwatch_transitions_total{kind="stripe.outbound_transfer",to_status="canceled"} 1"#;
+                assert!(counted.render().contains(line), "{}", counted.render());
+                db.close().await;
+            })
+        });
+    }
+
     #[tokio::test]
     async fn one_transition_per_change_and_never_backwards() {
         let (_dir, db, config) = db().await;
         let r = put(&db, &config, &obt("processing"), &Trigger::event("evt_1")).await;
-        assert_eq!(r.transitions, 1);
-        assert_eq!(
+        assert_eq!(r.transitions.len(), 1);
+        assert!(
             put(&db, &config, &obt("processing"), &Trigger::event("evt_2"))
                 .await
-                .transitions,
-            0
+                .transitions
+                .is_empty()
         );
         let r = put(&db, &config, &obt("canceled"), &Trigger::cancel(7)).await;
-        assert_eq!(r.transitions, 1);
+        // What is counted and logged once committed.
+        assert_eq!(
+            r.transitions,
+            [Moved {
+                kind: OUTBOUND_TRANSFER.into(),
+                resource_id: "obt_1".into(),
+                from: Some("processing".into()),
+                to: "canceled".into(),
+                trigger: "cancel",
+            }]
+        );
         let r = put(&db, &config, &obt("processing"), &Trigger::reconcile()).await;
         assert!(r.stale);
-        assert_eq!(r.transitions, 0);
+        assert!(r.transitions.is_empty());
 
         let ts = resources::transitions_of(&db.read, "obt_1").await.unwrap();
         assert_eq!(
@@ -995,7 +1068,7 @@ mod db_tests {
         )
         .await;
         assert!(stale.stale);
-        assert_eq!(stale.transitions, 0);
+        assert!(stale.transitions.is_empty());
 
         let it1 = resources::find(&db.read, "juice.transfer", "it_1")
             .await

@@ -180,7 +180,7 @@ pub enum Written {
     Ignored(String),
     Processed {
         status: String,
-        transitions: usize,
+        transitions: Vec<record::Moved>,
         stale: bool,
     },
     Reversal(String),
@@ -963,7 +963,10 @@ fn report(d: &Delivery, written: &Written) {
             status,
             transitions,
             stale,
-        } => tracing::debug!(%status, transitions, stale, "delivery processed"),
+        } => {
+            record::report(transitions);
+            tracing::debug!(%status, transitions = transitions.len(), stale, "delivery processed");
+        }
         Written::Reversal(transfer) => tracing::info!(%transfer, "reversal recorded"),
         Written::Retry {
             error,
