@@ -30,13 +30,15 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn stop(mut self) {
+    /// Stops the daemon; its folder (and database) lives on in what is returned.
+    async fn stop(mut self) -> tempfile::TempDir {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
         if let Some(h) = self.handle.take() {
             h.await.unwrap().unwrap();
         }
+        self._dir
     }
 
     async fn reader(&self) -> SqlitePool {
@@ -348,11 +350,96 @@ async fn api_faults_are_survived() {
 async fn no_more_provider_calls_at_once_than_workers() {
     let (sim, daemon) = start_pair().await;
     let pool = daemon.reader().await;
-    // 24 transfers, each announced by one event; every fetch of theirs hangs
-    // a moment, so the calls overlap as much as the daemon lets them.
+    // Every fetch hangs a moment, so the calls overlap as much as the
+    // daemon lets them.
+    let expected = announce_transfers(&sim, 24, Duration::from_millis(150)).await;
+    wait_all_processed(&pool, &expected).await;
+    // Reached (so the check below can fail), never passed.
+    assert_eq!(
+        sim.peak_concurrent_requests(),
+        4,
+        "workers.concurrency is 4"
+    );
+    daemon.stop().await;
+}
+
+/// The feeder claims deliveries ahead of the free workers (twice as many as
+/// there are workers); at shutdown those no worker started are given back:
+/// pending again with their attempt uncounted, not left leased until their
+/// lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_no_worker_started_are_given_back_at_shutdown() {
+    let (sim, daemon) = start_pair().await;
+    let pool = daemon.reader().await;
+    // The 4 workers' fetches hang a while: the rest wait, some claimed.
+    announce_transfers(&sim, 16, Duration::from_millis(600)).await;
+    let count = |state: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM inbox WHERE state = ?")
+                .bind(state)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while count("processing").await < 12 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "4 started and 8 claimed ahead never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _dir = daemon.stop().await;
+    let states: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, attempts FROM inbox ORDER BY state")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let pending_uncounted = states
+        .iter()
+        .filter(|(state, attempts)| state == "pending" && *attempts == 0)
+        .count();
+    assert_eq!(count("processing").await, 0, "{states:?}");
+    assert_eq!(count("processed").await, 4, "{states:?}");
+    assert_eq!(pending_uncounted, 12, "{states:?}");
+}
+
+/// A claim that waited for a worker past half its lease is given back
+/// rather than started (its lease could run out before it is written, and
+/// the delivery be taken twice); claimed afresh, every delivery ends
+/// processed in one counted attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_that_waited_past_half_its_lease_is_given_back() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = sim_for(Some(format!("http://{}", listener.local_addr().unwrap()))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), &sim.base_url());
+    config.workers.lease_secs = 2;
+    config.workers.fetch_timeout_secs = 5;
+    let daemon = start_daemon(listener, config, dir);
+    wait_ready(&daemon.url).await;
+    let pool = daemon.reader().await;
+    // Each fetch takes 1.5 s: those claimed behind the 4 busy workers wait
+    // that long, past half the 2 s lease.
+    let expected = announce_transfers(&sim, 12, Duration::from_millis(1_500)).await;
+    wait_all_processed(&pool, &expected).await;
+    let attempts: Vec<i64> = sqlx::query_scalar("SELECT attempts FROM inbox")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, [1; 12]);
+    daemon.stop().await;
+}
+
+/// Moves `n` new outbound transfers to canceled in the simulator and
+/// delivers the last event of each at once, after making each of the next
+/// `n` fetches hang `hang`. The statuses each transfer should end with.
+async fn announce_transfers(sim: &Simulator, n: u32, hang: Duration) -> Vec<(String, String)> {
     let mut last_events = Vec::new();
     let mut expected = Vec::new();
-    for _ in 0..24 {
+    for _ in 0..n {
         let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
         for step in &scenario.steps {
             sim.apply_step(step);
@@ -361,15 +448,21 @@ async fn no_more_provider_calls_at_once_than_workers() {
         last_events.push(step.deliveries.last().unwrap().clone());
         expected.extend(step.expect_status.clone());
     }
-    sim.faults().hang_next(24, Duration::from_millis(150));
+    sim.faults().hang_next(n, hang);
     futures_util::future::try_join_all(last_events.iter().map(|d| sim.deliver(d)))
         .await
         .unwrap();
+    expected
+}
+
+/// Waits (at most [`WAIT`]) until no delivery is unfinished and every
+/// resource has its expected status.
+async fn wait_all_processed(pool: &SqlitePool, expected: &[(String, String)]) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let mut done = unfinished(&pool).await == 0;
-        for (id, want) in &expected {
-            done &= status_of(&pool, id).await.as_deref() == Some(want.as_str());
+        let mut done = unfinished(pool).await == 0;
+        for (id, want) in expected {
+            done &= status_of(pool, id).await.as_deref() == Some(want.as_str());
         }
         if done {
             break;
@@ -377,13 +470,6 @@ async fn no_more_provider_calls_at_once_than_workers() {
         assert!(tokio::time::Instant::now() < deadline, "not all processed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Reached (so the check below can fail), never passed.
-    assert_eq!(
-        sim.peak_concurrent_requests(),
-        4,
-        "workers.concurrency is 4"
-    );
-    daemon.stop().await;
 }
 
 /// A delivery claimed by a worker that died (its lease runs out) is processed

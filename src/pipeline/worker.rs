@@ -5,8 +5,9 @@
 //!   commit that stores it and handed over ([`Handoff`]); the **feeder**
 //!   claims the rest (those that found no free slot, retries, lapsed leases)
 //!   in batches, one statement a batch (lapsed leases first, then in
-//!   arrival order). Either way never two of one resource at once, and no
-//!   more than `workers.concurrency` being decided at once;
+//!   arrival order), ahead of the slots: up to `workers.concurrency` wait
+//!   claimed for the next free slot. Either way never two of one resource
+//!   at once, and no more than `workers.concurrency` being decided at once;
 //! - each claimed delivery is **decided** in a task of its own: what it asks
 //!   for ([`plan`]) and what the provider answers ([`Outcome`]). Nothing is
 //!   written and no transaction is open across the HTTP call;
@@ -43,9 +44,6 @@ use crate::time;
 
 /// Most deliveries claimed in one statement.
 const CLAIM_BATCH: usize = 128;
-/// How long the feeder waits for a quarter of the slots to be free before
-/// it claims for fewer.
-const CLAIM_GATHER: Duration = Duration::from_millis(10);
 /// How long an acknowledgement commit may wait for a batch of the
 /// recorder's to let it through (plus the one outcome being written).
 const ACK_WAIT: Duration = Duration::from_millis(3);
@@ -339,10 +337,12 @@ impl Drop for AliveGuard {
     }
 }
 
-/// The feeder: waits for free slots, claims that many deliveries in one
-/// statement and starts a task for each; idle until woken or the poll
-/// interval when nothing is due. On shutdown it claims no more and waits for
-/// its tasks.
+/// The feeder, in two halves run together: the claimer keeps a queue of
+/// claimed deliveries (twice `workers.concurrency`) topped up, and the
+/// starter gives each the next free slot. Claimed ahead of the slots, the
+/// next delivery starts the moment a slot comes back, rather than after a
+/// claim has had its turn at the writer. On shutdown both stop, the claims
+/// no slot took are given back, and the feeder waits for its tasks.
 async fn feed(
     ctx: Arc<Context>,
     handoff: Arc<Handoff>,
@@ -351,71 +351,134 @@ async fn feed(
     alive: Arc<AtomicUsize>,
 ) {
     let _alive = AliveGuard::new(alive);
-    let concurrency = ctx.config.workers.concurrency.max(1);
-    let slots = handoff.slots.clone();
-    let gather = (concurrency / 4).clamp(1, CLAIM_BATCH);
-    let poll = Duration::from_millis(ctx.config.workers.poll_interval_ms.max(10));
+    let (queue, mut claimed) = mpsc::channel::<Claimed>(2 * ctx.config.workers.concurrency.max(1));
+    // A claim that waited this long for a slot is given back rather than
+    // started: its lease could run out before it is written.
+    let too_long = Duration::from_secs(ctx.config.workers.lease_secs) / 2;
     let mut running = JoinSet::new();
     tracing::debug!("feeder started");
+    let starter = async {
+        loop {
+            while running.try_join_next().is_some() {}
+            // None at shutdown: nothing taken from the queue.
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => None,
+                next = claimed.recv() => next,
+            }?;
+            let slot = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Some(next),
+                slot = handoff.slots.clone().acquire_owned() => {
+                    slot.expect("the semaphore is never closed")
+                }
+            };
+            if next.at.elapsed() >= too_long {
+                give_back(&ctx, &[next]).await;
+                continue;
+            }
+            running.spawn(decide_and_send(
+                ctx.clone(),
+                next.delivery,
+                next.lease,
+                slot,
+                decided.clone(),
+            ));
+        }
+    };
+    let ((), held) = tokio::join!(claim_ahead(&ctx, queue, &shutdown), starter);
+    handoff.close();
+    // The claimer is gone: what is in the queue now is all it left.
+    let mut unstarted: Vec<Claimed> = held.into_iter().collect();
+    while let Ok(c) = claimed.try_recv() {
+        unstarted.push(c);
+    }
+    give_back(&ctx, &unstarted).await;
+    while running.join_next().await.is_some() {}
+    tracing::debug!("feeder stopped");
+}
+
+/// A delivery the feeder claimed, waiting for a slot.
+struct Claimed {
+    delivery: Delivery,
+    lease: String,
+    /// When it was claimed.
+    at: tokio::time::Instant,
+}
+
+/// The feeder's claimer: whenever half of the queue is free, claims that
+/// many deliveries in one statement (lapsed leases first, then in arrival
+/// order) and queues them; idle until woken or the poll interval when
+/// nothing more is due. Returns on shutdown.
+async fn claim_ahead(ctx: &Context, queue: mpsc::Sender<Claimed>, shutdown: &CancellationToken) {
+    let batch = (queue.max_capacity() / 2).clamp(1, CLAIM_BATCH);
+    let poll = Duration::from_millis(ctx.config.workers.poll_interval_ms.max(10));
     loop {
-        while running.try_join_next().is_some() {}
         // Registered before the claim so a delivery arriving in between still wakes us.
         let woken = ctx.wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        let room = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            room = queue.reserve_many(batch) => match room {
+                Ok(room) => room,
+                Err(_) => return,
+            },
         };
-        // When slots come back a few at a time (the pipeline is busy), wait
-        // a moment for more, so one claim serves many: claims share the
-        // writer with everything else.
-        let mut free = vec![first];
-        let gather_until = tokio::time::Instant::now() + CLAIM_GATHER;
-        while free.len() < CLAIM_BATCH {
-            let slot = match slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) if free.len() >= gather => break,
-                Err(_) => {
-                    match tokio::time::timeout_at(gather_until, slots.clone().acquire_owned()).await
-                    {
-                        Ok(slot) => slot.expect("the semaphore is never closed"),
-                        Err(_) => break,
-                    }
-                }
-            };
-            free.push(slot);
-        }
-        let wanted = free.len();
         let lease = lease_until(&ctx.config);
-        match claim(&ctx, &lease, wanted).await {
-            Ok(claimed) => {
-                let full = claimed.len() == wanted;
-                for (delivery, slot) in claimed.into_iter().zip(free.drain(..)) {
-                    running.spawn(decide_and_send(
-                        ctx.clone(),
-                        delivery,
-                        lease.clone(),
-                        slot,
-                        decided.clone(),
-                    ));
-                }
-                if full {
-                    continue;
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "claiming deliveries failed"),
+        let at = tokio::time::Instant::now();
+        let claimed = claim(ctx, &lease, batch).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "claiming deliveries failed");
+            Vec::new()
+        });
+        let full = claimed.len() == batch;
+        for (delivery, place) in claimed.into_iter().zip(room) {
+            place.send(Claimed {
+                delivery,
+                lease: lease.clone(),
+                at,
+            });
         }
-        drop(free);
+        if full {
+            continue;
+        }
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            biased;
+            _ = shutdown.cancelled() => return,
             _ = &mut woken => {}
             _ = tokio::time::sleep(poll) => {}
         }
     }
-    handoff.close();
-    while running.join_next().await.is_some() {}
-    tracing::debug!("feeder stopped");
+}
+
+/// Gives back claims no slot took: at shutdown, so that they are processed
+/// at once after a restart rather than when their lease runs out, or after
+/// a long wait for a slot.
+async fn give_back(ctx: &Context, unstarted: &[Claimed]) {
+    if unstarted.is_empty() {
+        return;
+    }
+    let claims: Vec<(i64, &str)> = unstarted
+        .iter()
+        .map(|c| (c.delivery.id, c.lease.as_str()))
+        .collect();
+    let given_back = async {
+        let mut tx = ctx.db.begin().await?;
+        let n = store::inbox::unclaim(&mut tx, &claims).await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(n)
+    }
+    .await;
+    match given_back {
+        Ok(n) => tracing::debug!(
+            deliveries = n,
+            "claimed deliveries no worker started were given back"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, deliveries = claims.len(), "giving back claimed deliveries failed; they are processed once their lease runs out")
+        }
+    }
 }
 
 async fn claim(ctx: &Context, lease: &str, limit: usize) -> Result<Vec<Delivery>, sqlx::Error> {

@@ -419,6 +419,26 @@ pub async fn release(
     Ok(done.rows_affected() == 1)
 }
 
+/// Gives back claims no attempt was started for (`claims` holds delivery and
+/// lease end): each delivery is pending again, due as it was, its attempt
+/// uncounted. A claim whose lease was lost meanwhile is left alone. Returns
+/// how many were given back.
+pub async fn unclaim(tx: &mut Tx<'_>, claims: &[(i64, &str)]) -> Result<u64, sqlx::Error> {
+    let mut given_back = 0;
+    for (id, lease_until) in claims {
+        let done = sqlx::query(
+            "UPDATE inbox SET state = 'pending', attempts = MAX(attempts - 1, 0), lease_until = NULL
+             WHERE id = ? AND state = 'processing' AND lease_until = ?",
+        )
+        .bind(id)
+        .bind(lease_until)
+        .execute(&mut **tx)
+        .await?;
+        given_back += done.rows_affected();
+    }
+    Ok(given_back)
+}
+
 /// Puts a stored delivery back in line (replay), whatever its state.
 pub async fn requeue(pool: &SqlitePool, id: i64, now: &str) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
