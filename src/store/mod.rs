@@ -105,6 +105,11 @@ pub struct Db {
     /// `database.synchronous = "full"`: what makes acknowledged commits
     /// durable (`None` at `normal`).
     wal_sync: Option<Arc<WalSync>>,
+    /// Held while a sync of the WAL runs: those that come meanwhile wait
+    /// here, as tasks, rather than each on a thread of its own (a disk that
+    /// stalls for half a second at 1,000 commits a second would otherwise
+    /// pile up dozens of threads, each with its own memory).
+    sync_turn: Arc<tokio::sync::Mutex<()>>,
     /// Writers other than the inbox's group commit take this one slot before
     /// they queue for the writer connection, so an acknowledgement never waits
     /// behind more than one of their transactions however many workers run.
@@ -260,6 +265,7 @@ impl Db {
             wal_sync,
             background_writers: Arc::new(Semaphore::new(1)),
             acks_waiting: Arc::default(),
+            sync_turn: Arc::default(),
             checkpointer,
         })
     }
@@ -346,10 +352,21 @@ impl Db {
         let Some(wal) = self.wal_sync.clone() else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || wal.sync())
-            .await
-            .map_err(|e| StoreError::Sync(std::io::Error::other(e)))?
-            .map_err(StoreError::Sync)
+        let _turn = self.sync_turn.lock().await;
+        tokio::task::spawn_blocking(move || {
+            #[cfg(test)]
+            {
+                let now = wal.threads.0.fetch_add(1, Ordering::SeqCst) + 1;
+                wal.threads.1.fetch_max(now, Ordering::SeqCst);
+            }
+            let synced = wal.sync();
+            #[cfg(test)]
+            wal.threads.0.fetch_sub(1, Ordering::SeqCst);
+            synced
+        })
+        .await
+        .map_err(|e| StoreError::Sync(std::io::Error::other(e)))?
+        .map_err(StoreError::Sync)
     }
 
     pub async fn close(&self) {
@@ -509,6 +526,9 @@ pub struct WalSync {
     file: std::sync::Mutex<Option<(std::fs::File, u64)>>,
     /// Set at the first failed sync; every sync after it fails too.
     failed: std::sync::atomic::AtomicBool,
+    /// Threads in [`Db::sync_commits`] at once: now, and the most.
+    #[cfg(test)]
+    threads: (AtomicUsize, AtomicUsize),
 }
 
 impl WalSync {
@@ -519,6 +539,8 @@ impl WalSync {
             path: path.into(),
             file: std::sync::Mutex::new(None),
             failed: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            threads: Default::default(),
         };
         wal.sync().map_err(StoreError::Sync)?;
         Ok(wal)
@@ -652,6 +674,24 @@ mod tests {
         assert!(panicked.is_err());
         tx.commit().await.unwrap();
         assert_eq!(count("b").fetch_one(&db.read).await.unwrap(), 1);
+        db.close().await;
+    }
+
+    /// Syncs asked for while one runs wait their turn as tasks, not each
+    /// blocked on a thread of its own: a disk that stalls does not pile up
+    /// threads (and their memory).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn syncs_wait_their_turn_without_a_thread_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("x.db"), &Default::default())
+            .await
+            .unwrap();
+        let syncs = (0..32).map(|_| db.sync_commits());
+        for synced in futures_util::future::join_all(syncs).await {
+            synced.unwrap();
+        }
+        let wal = db.wal_sync.as_ref().unwrap();
+        assert_eq!(wal.threads.1.load(std::sync::atomic::Ordering::SeqCst), 1);
         db.close().await;
     }
 
