@@ -5,8 +5,8 @@
 //!   commit that stores it and handed over ([`Handoff`]); the **feeder**
 //!   claims the rest (those that found no free slot, retries, lapsed leases)
 //!   in batches, one statement a batch (lapsed leases first, then in
-//!   arrival order), ahead of the slots: up to `workers.concurrency` wait
-//!   claimed for the next free slot. Either way never two of one resource
+//!   arrival order), ahead of the slots: up to twice `workers.concurrency`
+//!   wait, claimed, for the next free slot. Either way never two of one resource
 //!   at once, and no more than `workers.concurrency` being decided at once;
 //! - each claimed delivery is **decided** in a task of its own: what it asks
 //!   for ([`plan`]) and what the provider answers ([`Outcome`]). Nothing is
