@@ -90,6 +90,8 @@ pub struct Report {
     pub errors: u64,
     pub latencies_us: Vec<u64>,
     pub peak_rss_kib: Option<u64>,
+    /// The most threads the daemon had, sampled every 100 ms during the run.
+    pub peak_threads: Option<u64>,
     /// End to end: per recorded transition, milliseconds from send to record.
     pub e2e_ms: Option<E2eReport>,
     /// Per use of the daemon's writer connection (acknowledge, claim, …),
@@ -109,6 +111,19 @@ pub struct Report {
     pub daemon_cpu: Option<CpuTime>,
     /// CPU time this process (load generator and simulator) used meanwhile.
     pub bench_cpu: Option<CpuTime>,
+}
+
+/// A number from `/proc/<pid>/status`: `VmHWM:` (the most resident memory
+/// the process ever had, KiB), `Threads:`. None once the process is gone.
+fn proc_status(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// User and system CPU seconds of a process, from `/proc/<pid>/stat`.
@@ -238,9 +253,13 @@ impl Report {
                 bench.total()
             );
         }
-        match self.peak_rss_kib {
-            Some(kib) => println!("daemon peak RSS: {:.1} MiB", kib as f64 / 1024.0),
-            None => println!("daemon peak RSS: unknown (no /proc)"),
+        match (self.peak_rss_kib, self.peak_threads) {
+            (Some(kib), Some(threads)) => println!(
+                "daemon peak RSS: {:.1} MiB; threads: at most {threads}",
+                kib as f64 / 1024.0
+            ),
+            (Some(kib), None) => println!("daemon peak RSS: {:.1} MiB", kib as f64 / 1024.0),
+            (None, _) => println!("daemon peak RSS: unknown (no /proc)"),
         }
     }
 
@@ -384,6 +403,19 @@ async fn run_once(
         CpuTime::of(daemon.child.id()),
         CpuTime::of(std::process::id()),
     );
+    // Each thread costs memory (a stack, an allocator heap): a count that
+    // climbs under load explains a peak RSS that does.
+    let pid = daemon.child.id();
+    let most_threads = Arc::new(AtomicU64::new(0));
+    let threads = tokio::spawn({
+        let most = most_threads.clone();
+        async move {
+            while let Some(now) = proc_status(pid, "Threads:") {
+                most.fetch_max(now, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
 
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let counters = Arc::new(Counters::default());
@@ -469,7 +501,9 @@ async fn run_once(
     let bench_cpu = CpuTime::of(std::process::id())
         .zip(cpu_at_start.1)
         .map(|(end, start)| end.since(start));
-    let peak_rss_kib = daemon.peak_rss_kib();
+    let peak_rss_kib = proc_status(pid, "VmHWM:");
+    threads.abort();
+    let peak_threads = Some(most_threads.load(Ordering::Relaxed)).filter(|n| *n > 0);
     daemon.stop();
     Ok(Report {
         label: label.to_string(),
@@ -480,6 +514,7 @@ async fn run_once(
         errors: counters.errors.load(Ordering::Relaxed),
         latencies_us,
         peak_rss_kib,
+        peak_threads,
         e2e_ms,
         writer_uses,
         daemon_ack_p99_ms,
@@ -908,18 +943,6 @@ impl DaemonProcess {
         bail!("the daemon under test did not become ready within 30 s")
     }
 
-    /// VmHWM: the most resident memory the process ever had.
-    fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    }
-
     fn stop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -1026,6 +1049,7 @@ mod tests {
             errors: 0,
             latencies_us: (1..=100).map(|ms| ms * 1000).collect(),
             peak_rss_kib: Some(1024),
+            peak_threads: Some(12),
             e2e_ms: Some(E2eReport {
                 recorded: 3000,
                 latencies_ms: (1..=100).collect(),

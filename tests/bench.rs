@@ -61,6 +61,7 @@ fn every_delivery_is_accepted_and_recorded_end_to_end() {
         "{report}"
     );
     assert!(report.contains("daemon peak RSS: "), "{report}");
+    assert!(report.contains("; threads: at most "), "{report}");
 }
 
 #[test]
