@@ -42,3 +42,21 @@ pub fn handle() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// Runs `test` on a runtime of its own with a metrics recorder of its own
+/// (not the process-wide one, which other tests share); `test` gets the
+/// handle that renders what was counted.
+#[cfg(test)]
+pub(crate) fn with_local_metrics<F, Fut>(test: F)
+where
+    F: FnOnce(PrometheusHandle) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let counted = recorder.handle();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a test runtime");
+    metrics::with_local_recorder(&recorder, || rt.block_on(test(counted)));
+}

@@ -127,7 +127,7 @@ impl<'a> Res<'a> {
 
 async fn recorded(db: &Db, config: &Config, rid: i64) {
     let mut tx = db.write.begin().await.unwrap();
-    rules::on_resource_recorded(&mut tx, config, rid, NOW)
+    rules::on_resource_recorded(&mut tx, config, rid, NOW, &mut Vec::new())
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -531,7 +531,9 @@ async fn a_recorded_observation_resolves_the_stuck_alert_it_ends() {
         context: None,
     };
     let mut tx = db.write.begin().await.unwrap();
-    record_all(&mut tx, &config, &[item], now()).await.unwrap();
+    record_all(&mut tx, &config, &[item], now(), &mut Vec::new())
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     let resolved = alert_of(&db, "stuck", "obt_old").await.unwrap();
     assert_eq!((resolved.state.as_str(), resolved.version), ("resolved", 2));
@@ -615,9 +617,16 @@ async fn dead_letter_names_the_resource_or_the_delivery() {
     let without = insert("evt_2", None, None).await;
     for id in [with_resource, without] {
         let mut tx = db.write.begin().await.unwrap();
-        rules::on_dead_letter(&mut tx, &config, id, "fetch failed: HTTP 500", NOW)
-            .await
-            .unwrap();
+        rules::on_dead_letter(
+            &mut tx,
+            &config,
+            id,
+            "fetch failed: HTTP 500",
+            NOW,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
     }
     let a = alert_of(&db, "dead_letter", "obt_9").await.unwrap();
@@ -784,6 +793,7 @@ async fn raise_one(config: &Config, resource_id: &str) -> Alert {
             details: json!({"cancelled": {"count": 1, "amount": 100}}),
         },
         &cancelwatch::time::now_str(),
+        &mut Vec::new(),
     )
     .await
     .unwrap();

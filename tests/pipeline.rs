@@ -397,13 +397,19 @@ async fn claims_no_worker_started_are_given_back_at_shutdown() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    let pending_uncounted = states
-        .iter()
-        .filter(|(state, attempts)| state == "pending" && *attempts == 0)
-        .count();
+    // At most 4 were started when 12 were leased: at least 8 waited,
+    // claimed, and none of those stays leased. Each delivery is pending
+    // with no attempt counted (given back, or never claimed), or ended its
+    // one started attempt (a slow machine may time its fetch out: failed).
     assert_eq!(count("processing").await, 0, "{states:?}");
-    assert_eq!(count("processed").await, 4, "{states:?}");
-    assert_eq!(pending_uncounted, 12, "{states:?}");
+    assert!(
+        states.iter().all(|(state, attempts)| match state.as_str() {
+            "pending" => *attempts == 0,
+            "processed" | "failed" => *attempts == 1,
+            _ => false,
+        }),
+        "{states:?}"
+    );
 }
 
 /// A claim that waited for a worker past half its lease is given back
@@ -416,14 +422,15 @@ async fn a_claim_that_waited_past_half_its_lease_is_given_back() {
     let sim = sim_for(Some(format!("http://{}", listener.local_addr().unwrap()))).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = config_for(dir.path(), &sim.base_url());
-    config.workers.lease_secs = 2;
-    config.workers.fetch_timeout_secs = 5;
+    config.workers.lease_secs = 4;
+    config.workers.fetch_timeout_secs = 10;
     let daemon = start_daemon(listener, config, dir);
     wait_ready(&daemon.url).await;
     let pool = daemon.reader().await;
-    // Each fetch takes 1.5 s: those claimed behind the 4 busy workers wait
-    // that long, past half the 2 s lease.
-    let expected = announce_transfers(&sim, 12, Duration::from_millis(1_500)).await;
+    // Each fetch takes 2.5 s: those claimed behind the 4 busy workers wait
+    // that long, past half the 4 s lease (a started one ends 1.5 s before
+    // its lease does).
+    let expected = announce_transfers(&sim, 12, Duration::from_millis(2_500)).await;
     wait_all_processed(&pool, &expected).await;
     let attempts: Vec<i64> = sqlx::query_scalar("SELECT attempts FROM inbox")
         .fetch_all(&pool)
@@ -1626,7 +1633,8 @@ async fn record_together(
         })
         .collect();
     let mut tx = ctx.db.write.begin().await.unwrap();
-    let recorded = record::record_all(&mut tx, &ctx.config, &items, cancelwatch::time::now())
+    let now = cancelwatch::time::now();
+    let recorded = record::record_all(&mut tx, &ctx.config, &items, now, &mut Vec::new())
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -1702,6 +1710,7 @@ async fn observations_recorded_together_match_one_at_a_time() {
             context: None,
         }],
         cancelwatch::time::now(),
+        &mut Vec::new(),
     )
     .await
     .unwrap();

@@ -57,31 +57,74 @@ pub fn route(config: &Config, rule: &str, severity: &str) -> Vec<String> {
         .collect()
 }
 
+/// An alert raised (a new version) or resolved inside a transaction, noted
+/// in the transaction's [`Changes`] for whoever commits it to [`report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    pub id: String,
+    pub rule: String,
+    pub version: i64,
+    pub resource_id: String,
+    /// Resolved, rather than raised.
+    pub resolved: bool,
+}
+
+impl Changed {
+    fn of(a: &Alert, resolved: bool) -> Changed {
+        Changed {
+            id: a.id.clone(),
+            rule: a.rule.clone(),
+            version: a.version,
+            resource_id: a.resource_id.clone(),
+            resolved,
+        }
+    }
+}
+
+/// The alerts one transaction raised or resolved so far.
+pub type Changes = Vec<Changed>;
+
+/// Counts (`cancelwatch_alerts_raised_total`) and logs alerts raised or
+/// resolved in a transaction that committed: counted before, a transaction
+/// rolled back (or written again after a failure) would count them though
+/// they were not kept, or twice.
+pub fn report(changes: &[Changed]) {
+    for c in changes {
+        if c.resolved {
+            tracing::info!(alert = %c.id, rule = %c.rule, resource = %c.resource_id, "alert resolved");
+        } else {
+            metrics::counter!("cancelwatch_alerts_raised_total", "rule" => c.rule.clone())
+                .increment(1);
+            tracing::info!(alert = %c.id, rule = %c.rule, version = c.version, resource = %c.resource_id, "alert raised");
+        }
+    }
+}
+
 /// Raises (creates or updates) an alert and queues each new version for its
-/// sinks, inside the caller's transaction.
+/// sinks, inside the caller's transaction; a new version is noted in `changes`.
 pub async fn raise(
     tx: &mut Tx<'_>,
     config: &Config,
     alert: &NewAlert,
     now: &str,
+    changes: &mut Changes,
 ) -> Result<RaiseOutcome, sqlx::Error> {
     let sinks = route(config, &alert.rule, &alert.severity);
     let outcome = sql::raise(tx, alert, &sinks, now).await?;
     if !matches!(outcome, RaiseOutcome::Unchanged(_)) {
-        metrics::counter!("cancelwatch_alerts_raised_total", "rule" => alert.rule.clone())
-            .increment(1);
-        let a = outcome.alert();
-        tracing::info!(alert = %a.id, rule = %a.rule, version = a.version, resource = %a.resource_id, "alert raised");
+        changes.push(Changed::of(outcome.alert(), false));
     }
     Ok(outcome)
 }
 
-/// Resolves the open alert of `key`, if any, and queues the resolved version.
+/// Resolves the open alert of `key`, if any, and queues the resolved
+/// version; noted in `changes`.
 pub async fn resolve(
     tx: &mut Tx<'_>,
     config: &Config,
     key: &AlertKey,
     now: &str,
+    changes: &mut Changes,
 ) -> Result<Option<Alert>, sqlx::Error> {
     let Some(open) = sql::find(tx, key).await?.filter(|a| a.state == "open") else {
         return Ok(None);
@@ -89,7 +132,7 @@ pub async fn resolve(
     let sinks = route(config, &key.rule, &open.severity);
     let resolved = sql::resolve(tx, key, &sinks, now).await?;
     if let Some(a) = &resolved {
-        tracing::info!(alert = %a.id, rule = %a.rule, resource = %a.resource_id, "alert resolved");
+        changes.push(Changed::of(a, true));
     }
     Ok(resolved)
 }
@@ -98,6 +141,67 @@ pub async fn resolve(
 mod tests {
     use super::*;
     use crate::config::SinkConfig;
+
+    /// Raising and resolving count and log nothing: they are noted in the
+    /// transaction's changes, which whoever commits reports ([`report`]), so
+    /// a transaction rolled back, or a batch written again after a
+    /// failure, is not counted.
+    #[test]
+    fn alerts_are_counted_only_when_reported() {
+        crate::metrics::with_local_metrics(|counted| async move {
+            let dir = tempfile::tempdir().unwrap();
+            let config = Config::default();
+            let db = crate::store::Db::open(&dir.path().join("cw.db"), &config.database)
+                .await
+                .unwrap();
+            let alert = NewAlert {
+                rule: PARTIAL_CANCELLATION.into(),
+                severity: "critical".into(),
+                provider: "juice".into(),
+                kind: "juice.bulk_transfer".into(),
+                resource_id: "bt_1".into(),
+                summary: "1 of 2 items cancelled".into(),
+                details: serde_json::json!({}),
+            };
+            let mut changes = Changes::new();
+            let mut tx = db.write.begin().await.unwrap();
+            raise(
+                &mut tx,
+                &config,
+                &alert,
+                "2026-11-23T00:00:00Z",
+                &mut changes,
+            )
+            .await
+            .unwrap();
+            let key = AlertKey {
+                rule: PARTIAL_CANCELLATION.into(),
+                provider: "juice".into(),
+                kind: "juice.bulk_transfer".into(),
+                resource_id: "bt_1".into(),
+            };
+            resolve(&mut tx, &config, &key, "2026-11-23T00:01:00Z", &mut changes)
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+            let noted: Vec<(&str, i64, bool)> = changes
+                .iter()
+                .map(|c| (c.rule.as_str(), c.version, c.resolved))
+                .collect();
+            assert_eq!(
+                noted,
+                [
+                    (PARTIAL_CANCELLATION, 1, false),
+                    (PARTIAL_CANCELLATION, 2, true)
+                ]
+            );
+            assert!(!counted.render().contains("cancelwatch_alerts_raised_total"));
+            report(&changes);
+            let line = r#"cancelwatch_alerts_raised_total{rule="partial_cancellation"} 1"#;
+            assert!(counted.render().contains(line), "{}", counted.render());
+            db.close().await;
+        });
+    }
 
     fn sink(name: &str, rules: &[&str], min: &str) -> SinkConfig {
         SinkConfig {

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::{CANCEL_NOT_EFFECTIVE, DEAD_LETTER, PARTIAL_CANCELLATION, REFUND_OVERDUE, STUCK};
+use super::{
+    Changes, CANCEL_NOT_EFFECTIVE, DEAD_LETTER, PARTIAL_CANCELLATION, REFUND_OVERDUE, STUCK,
+};
 use crate::config::Config;
 use crate::store::alerts::{self as sql, AlertKey, NewAlert, ResourceRow};
 use crate::store::Tx;
@@ -84,17 +86,18 @@ pub async fn on_resource_recorded(
     config: &Config,
     rid: i64,
     now: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     let Some(resource) = sql::resource(tx, rid).await? else {
         return Ok(());
     };
-    evaluate_alone(tx, config, &resource, now).await?;
+    evaluate_alone(tx, config, &resource, now, changes).await?;
     if resource.kind == JUICE_TRANSFER {
         if let Some(parent_id) = &resource.parent_id {
             if let Some(bulk) =
                 crate::store::resources::get(tx, &resource.provider, JUICE_BULK, parent_id).await?
             {
-                evaluate_alone(tx, config, &bulk, now).await?;
+                evaluate_alone(tx, config, &bulk, now, changes).await?;
             }
         }
     }
@@ -114,6 +117,7 @@ pub async fn on_observation_recorded(
     resources: &[ResourceRow],
     open: &[sql::Alert],
     now: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     let mut seen = std::collections::HashSet::new();
     let mut parents = Vec::new();
@@ -122,7 +126,7 @@ pub async fn on_observation_recorded(
             continue;
         }
         let about: Vec<&sql::Alert> = open.iter().filter(|a| is_about(a, resource)).collect();
-        evaluate(tx, config, resource, &about, now).await?;
+        evaluate(tx, config, resource, &about, now, changes).await?;
         if resource.kind == JUICE_TRANSFER {
             if let Some(parent_id) = &resource.parent_id {
                 let key = (resource.provider.clone(), parent_id.clone());
@@ -137,7 +141,7 @@ pub async fn on_observation_recorded(
             crate::store::resources::get(tx, &provider, JUICE_BULK, &parent_id).await?
         {
             if !seen.contains(&bulk.rid) {
-                evaluate_alone(tx, config, &bulk, now).await?;
+                evaluate_alone(tx, config, &bulk, now, changes).await?;
             }
         }
     }
@@ -167,10 +171,11 @@ async fn evaluate_alone(
     config: &Config,
     resource: &ResourceRow,
     now: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     let open = sql::open_about(tx, &resource.provider, &resource.kind, &resource.id).await?;
     let about: Vec<&sql::Alert> = open.iter().collect();
-    evaluate(tx, config, resource, &about, now).await
+    evaluate(tx, config, resource, &about, now, changes).await
 }
 
 /// Runs every rule on a resource as it is now; `open` holds its open alerts.
@@ -180,6 +185,7 @@ async fn evaluate(
     resource: &ResourceRow,
     open: &[&sql::Alert],
     now: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     let open_of = |rule: &str| open.iter().copied().find(|a| a.rule == rule);
     if config.alerts.partial_cancellation.enabled {
@@ -197,11 +203,18 @@ async fn evaluate(
                     summary,
                     details,
                 );
-                super::raise(tx, config, &alert, now).await?;
+                super::raise(tx, config, &alert, now, changes).await?;
             }
             // E.g. an item seen `pending` in a cancelled bulk was then seen cancelled.
             None if open_of(PARTIAL_CANCELLATION).is_some() => {
-                super::resolve(tx, config, &alert_key(PARTIAL_CANCELLATION, resource), now).await?;
+                super::resolve(
+                    tx,
+                    config,
+                    &alert_key(PARTIAL_CANCELLATION, resource),
+                    now,
+                    changes,
+                )
+                .await?;
             }
             None => {}
         }
@@ -215,7 +228,7 @@ async fn evaluate(
                 summary,
                 details,
             );
-            super::raise(tx, config, &alert, now).await?;
+            super::raise(tx, config, &alert, now, changes).await?;
         }
     }
     resolve_stale(
@@ -225,6 +238,7 @@ async fn evaluate(
         open_of(STUCK),
         open_of(REFUND_OVERDUE),
         now,
+        changes,
     )
     .await
 }
@@ -418,16 +432,17 @@ async fn resolve_stale(
     stuck: Option<&sql::Alert>,
     overdue: Option<&sql::Alert>,
     now: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     if let Some(alert) = stuck {
         if !still_stuck_in(&alert.details, r) {
-            super::resolve(tx, config, &alert_key(STUCK, r), now).await?;
+            super::resolve(tx, config, &alert_key(STUCK, r), now, changes).await?;
         }
     }
     if overdue.is_some() {
         let refund = crate::store::resources::refund_of(tx, r.rid).await?;
         if !matches!(refund, Some(f) if f.status == "pending") {
-            super::resolve(tx, config, &alert_key(REFUND_OVERDUE, r), now).await?;
+            super::resolve(tx, config, &alert_key(REFUND_OVERDUE, r), now, changes).await?;
         }
     }
     Ok(())
@@ -455,6 +470,7 @@ pub async fn on_dead_letter(
     delivery_id: i64,
     error: &str,
     now: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     let rule = &config.alerts.dead_letter;
     if !rule.enabled {
@@ -487,7 +503,7 @@ pub async fn on_dead_letter(
             "error": error,
         }),
     };
-    super::raise(tx, config, &alert, now).await?;
+    super::raise(tx, config, &alert, now, changes).await?;
     Ok(())
 }
 
@@ -513,6 +529,7 @@ pub async fn on_delivery_recovered(
     config: &Config,
     d: &crate::store::inbox::Delivery,
     now: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     let (kind, resource_id) = dead_letter_subject(
         d.resource_kind.as_deref(),
@@ -533,7 +550,7 @@ pub async fn on_delivery_recovered(
         .and_then(|details| details.get("delivery_id").and_then(Value::as_i64))
         == Some(d.id);
     if names_this_one {
-        super::resolve(tx, config, &key, now).await?;
+        super::resolve(tx, config, &key, now, changes).await?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::rules::{is_transitional, still_stuck_in};
-use super::{REFUND_OVERDUE, STUCK, VERIFICATION_FAILURES};
+use super::{Changes, REFUND_OVERDUE, STUCK, VERIFICATION_FAILURES};
 use crate::config::Config;
 use crate::store::alerts::{self as sql, AlertKey, NewAlert};
 use crate::store::{Db, Tx};
@@ -38,16 +38,19 @@ pub async fn run(db: Db, config: Arc<Config>, shutdown: tokio_util::sync::Cancel
 pub async fn scan_once(db: &Db, config: &Config, now: Timestamp) -> Result<(), sqlx::Error> {
     let now_s = time::fmt(now);
     let mut tx = db.begin().await?;
+    let mut changes = Changes::new();
     if config.alerts.stuck.enabled {
-        stuck(&mut tx, config, now, &now_s).await?;
+        stuck(&mut tx, config, now, &now_s, &mut changes).await?;
     }
     if config.alerts.refund_overdue.enabled {
-        refund_overdue(&mut tx, config, now, &now_s).await?;
+        refund_overdue(&mut tx, config, now, &now_s, &mut changes).await?;
     }
     if config.alerts.verification_failures.enabled {
-        verification_failures(&mut tx, config, now, &now_s).await?;
+        verification_failures(&mut tx, config, now, &now_s, &mut changes).await?;
     }
-    tx.commit().await
+    tx.commit().await?;
+    super::report(&changes);
+    Ok(())
 }
 
 fn ago(now: Timestamp, secs: u64) -> String {
@@ -70,6 +73,7 @@ async fn resolve_others(
     rule: &str,
     holding: &HashSet<(String, String, String)>,
     now: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     for alert in sql::open_of_rule(tx, rule).await? {
         let k = (
@@ -79,7 +83,7 @@ async fn resolve_others(
         );
         if !holding.contains(&k) {
             let key = key(rule, &alert.provider, &alert.kind, &alert.resource_id);
-            super::resolve(tx, config, &key, now).await?;
+            super::resolve(tx, config, &key, now, changes).await?;
         }
     }
     Ok(())
@@ -92,6 +96,7 @@ async fn stuck(
     config: &Config,
     now: Timestamp,
     now_s: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     let rule = &config.alerts.stuck;
     let mut holding = HashSet::new();
@@ -131,9 +136,9 @@ async fn stuck(
                 "cancel_requested_at": r.cancel_requested_at,
             }),
         };
-        super::raise(tx, config, &alert, now_s).await?;
+        super::raise(tx, config, &alert, now_s, changes).await?;
     }
-    resolve_others(tx, config, STUCK, &holding, now_s).await
+    resolve_others(tx, config, STUCK, &holding, now_s, changes).await
 }
 
 /// Refunds pending for longer than `alerts.refund_overdue.after_secs`.
@@ -142,6 +147,7 @@ async fn refund_overdue(
     config: &Config,
     now: Timestamp,
     now_s: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     let rule = &config.alerts.refund_overdue;
     let cutoff = ago(now, rule.after_secs);
@@ -173,9 +179,9 @@ async fn refund_overdue(
                 "limit_secs": rule.after_secs,
             }),
         };
-        super::raise(tx, config, &alert, now_s).await?;
+        super::raise(tx, config, &alert, now_s, changes).await?;
     }
-    resolve_others(tx, config, REFUND_OVERDUE, &holding, now_s).await
+    resolve_others(tx, config, REFUND_OVERDUE, &holding, now_s, changes).await
 }
 
 /// More than `threshold` refused deliveries per provider in the last
@@ -185,6 +191,7 @@ async fn verification_failures(
     config: &Config,
     now: Timestamp,
     now_s: &str,
+    changes: &mut Changes,
 ) -> Result<(), sqlx::Error> {
     let rule = &config.alerts.verification_failures;
     let mut per_provider: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
@@ -222,7 +229,7 @@ async fn verification_failures(
                 "threshold": rule.threshold,
             }),
         };
-        super::raise(tx, config, &alert, now_s).await?;
+        super::raise(tx, config, &alert, now_s, changes).await?;
     }
-    resolve_others(tx, config, VERIFICATION_FAILURES, &holding, now_s).await
+    resolve_others(tx, config, VERIFICATION_FAILURES, &holding, now_s, changes).await
 }

@@ -123,6 +123,7 @@ pub async fn request(
         Ok(obs) => {
             let now = time::now();
             let mut tx = ctx.db.begin().await?;
+            let mut changes = crate::alerts::Changes::new();
             let recorded = record::record(
                 &mut tx,
                 &ctx.config,
@@ -130,10 +131,12 @@ pub async fn request(
                 &Trigger::cancel(request_id),
                 target.context.as_deref(),
                 now,
+                &mut changes,
             )
             .await?;
             tx.commit().await?;
             recorded.report();
+            crate::alerts::report(&changes);
             (Some(obs.status), None)
         }
         Err(e) => {

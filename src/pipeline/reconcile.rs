@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use super::record::{self, Trigger};
 use super::Context;
+use crate::alerts::Changes;
 use crate::providers::juice::event::{BULK_TRANSFER, TRANSFER};
 use crate::providers::{provider_of, ApiError, Target};
 use crate::store::resources::{self, Resource};
@@ -102,6 +103,7 @@ async fn reconcile_one(
         Ok(obs) => {
             let now = time::now();
             let mut tx = ctx.db.begin().await?;
+            let mut changes = Changes::new();
             let recorded = record::record(
                 &mut tx,
                 &ctx.config,
@@ -109,10 +111,12 @@ async fn reconcile_one(
                 &Trigger::reconcile(),
                 target.context.as_deref(),
                 now,
+                &mut changes,
             )
             .await?;
             tx.commit().await?;
             recorded.report();
+            crate::alerts::report(&changes);
             // A due resource the answer did not mention (an item gone from its
             // bulk transfer) is pushed back rather than fetched every pass.
             let missing: Vec<Resource> = covered

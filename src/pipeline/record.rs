@@ -8,6 +8,7 @@
 
 use chrono::Duration;
 
+use crate::alerts::Changes;
 use crate::config::Config;
 use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass};
 use crate::store::resources::{self, NewRefund, NewTransition, StateUpdate};
@@ -212,13 +213,14 @@ pub async fn record(
     trigger: &Trigger,
     context: Option<&str>,
     now: Timestamp,
+    changes: &mut Changes,
 ) -> Result<Recorded, sqlx::Error> {
     let item = ToRecord {
         obs,
         trigger,
         context,
     };
-    let mut recorded = record_all(tx, config, &[item], now).await?;
+    let mut recorded = record_all(tx, config, &[item], now, changes).await?;
     Ok(recorded.pop().unwrap_or_default())
 }
 
@@ -233,6 +235,7 @@ pub async fn record_all(
     config: &Config,
     items: &[ToRecord<'_>],
     now: Timestamp,
+    changes: &mut Changes,
 ) -> Result<Vec<Recorded>, sqlx::Error> {
     let mut recorded = Vec::with_capacity(items.len());
     let mut start = 0;
@@ -248,7 +251,7 @@ pub async fn record_all(
             seen.extend(keys);
             end += 1;
         }
-        recorded.extend(record_run(tx, config, &items[start..end], now).await?);
+        recorded.extend(record_run(tx, config, &items[start..end], now, changes).await?);
         start = end;
     }
     Ok(recorded)
@@ -290,6 +293,7 @@ async fn record_run(
     config: &Config,
     items: &[ToRecord<'_>],
     now: Timestamp,
+    changes: &mut Changes,
 ) -> Result<Vec<Recorded>, sqlx::Error> {
     let now_s = time::fmt(now);
     let (recorded, rows, open) = store::on_handle(tx, |conn| {
@@ -300,7 +304,8 @@ async fn record_run(
     .await?;
     // Alert rules see every resource looked at as it is now, and commit or
     // roll back with what was written.
-    crate::alerts::rules::on_observation_recorded(tx, config, &rows, &open, &now_s).await?;
+    crate::alerts::rules::on_observation_recorded(tx, config, &rows, &open, &now_s, changes)
+        .await?;
     Ok(recorded)
 }
 
@@ -592,6 +597,7 @@ pub async fn record_reversal(
     transfer_id: &str,
     trigger: &Trigger,
     now: Timestamp,
+    changes: &mut Changes,
 ) -> Result<bool, sqlx::Error> {
     let now_s = time::fmt(now);
     let Some(item) = resources::get(
@@ -641,7 +647,7 @@ pub async fn record_reversal(
             resources::mark_reconciled(tx, item.rid, None).await?;
         }
     }
-    crate::alerts::rules::on_resource_recorded(tx, config, item.rid, &now_s).await?;
+    crate::alerts::rules::on_resource_recorded(tx, config, item.rid, &now_s, changes).await?;
     Ok(true)
 }
 
@@ -846,9 +852,18 @@ mod db_tests {
 
     async fn put(db: &Db, config: &Config, obs: &Observation, trigger: &Trigger) -> Recorded {
         let mut tx = db.write.begin().await.unwrap();
-        let r = record(&mut tx, config, obs, trigger, Some("acct_1"), time::now())
-            .await
-            .unwrap();
+        let context = Some("acct_1");
+        let r = record(
+            &mut tx,
+            config,
+            obs,
+            trigger,
+            context,
+            time::now(),
+            &mut Changes::new(),
+        )
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
         r
     }
@@ -875,28 +890,29 @@ mod db_tests {
     /// batch written again after a failure, is not counted.
     #[test]
     fn transitions_are_counted_only_when_reported() {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        let counted = recorder.handle();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        crate::metrics::with_local_metrics(|counted| async move {
+            let (_dir, db, config) = db().await;
+            let mut tx = db.write.begin().await.unwrap();
+            let trigger = Trigger::event("evt_1");
+            let obs = obt("canceled");
+            let r = record(
+                &mut tx,
+                &config,
+                &obs,
+                &trigger,
+                None,
+                time::now(),
+                &mut Changes::new(),
+            )
+            .await
             .unwrap();
-        metrics::with_local_recorder(&recorder, || {
-            rt.block_on(async {
-                let (_dir, db, config) = db().await;
-                let mut tx = db.write.begin().await.unwrap();
-                let trigger = Trigger::event("evt_1");
-                let r = record(&mut tx, &config, &obt("canceled"), &trigger, None, time::now())
-                    .await
-                    .unwrap();
-                tx.rollback().await.unwrap();
-                assert_eq!(r.transitions.len(), 1);
-                assert!(!counted.render().contains("cancelwatch_transitions_total"));
-                r.report();
-                let line = r#"cancelwatch_transitions_total{kind="stripe.outbound_transfer",to_status="canceled"} 1"#;
-                assert!(counted.render().contains(line), "{}", counted.render());
-                db.close().await;
-            })
+            tx.rollback().await.unwrap();
+            assert_eq!(r.transitions.len(), 1);
+            assert!(!counted.render().contains("cancelwatch_transitions_total"));
+            r.report();
+            let line = r#"cancelwatch_transitions_total{kind="stripe.outbound_transfer",to_status="canceled"} 1"#;
+            assert!(counted.render().contains(line), "{}", counted.render());
+            db.close().await;
         });
     }
 
@@ -1087,17 +1103,23 @@ mod db_tests {
 
         // The reversal event completes it.
         let mut tx = db.write.begin().await.unwrap();
-        assert!(
-            record_reversal(&mut tx, &config, "it_1", &Trigger::event("k3"), time::now())
-                .await
-                .unwrap()
-        );
+        assert!(record_reversal(
+            &mut tx,
+            &config,
+            "it_1",
+            &Trigger::event("k3"),
+            time::now(),
+            &mut Changes::new()
+        )
+        .await
+        .unwrap());
         assert!(!record_reversal(
             &mut tx,
             &config,
             "it_404",
             &Trigger::event("k4"),
-            time::now()
+            time::now(),
+            &mut Changes::new()
         )
         .await
         .unwrap());

@@ -34,6 +34,7 @@ use tracing::Instrument;
 
 use super::record::{self, Trigger};
 use super::Context;
+use crate::alerts::Changes;
 use crate::config::{Config, JuiceConfig, StripeConfig};
 use crate::providers::http::backoff;
 use crate::providers::juice::event as juice_event;
@@ -634,7 +635,8 @@ async fn decide_inner(ctx: &Context, d: &Delivery) -> Outcome {
 /// out and the deliveries come back.
 pub async fn write_and_report(ctx: &Context, mut batch: Vec<Decided>) -> Vec<Decided> {
     match write_batch(ctx, &batch).await {
-        Ok(written) => {
+        Ok((written, changes)) => {
+            crate::alerts::report(&changes);
             let left = batch.split_off(written.len());
             for (decided, written) in batch.iter().zip(written) {
                 let _span = delivery_span(&decided.delivery).entered();
@@ -669,17 +671,27 @@ pub async fn write_and_report(ctx: &Context, mut batch: Vec<Decided>) -> Vec<Dec
 async fn write_batch(
     ctx: &Context,
     batch: &[Decided],
-) -> Result<Vec<Option<Written>>, sqlx::Error> {
+) -> Result<(Vec<Option<Written>>, Changes), sqlx::Error> {
     let mut tx = ctx.db.begin_for("record").await?;
-    if let Some(results) = write_straight(&mut tx, ctx, batch).await? {
+    let mut changes = Changes::new();
+    if let Some(results) = write_straight(&mut tx, ctx, batch, &mut changes).await? {
         tx.commit().await?;
-        return Ok(results);
+        return Ok((results, changes));
     }
     tx.rollback().await?;
     let mut tx = ctx.db.begin_for("record").await?;
+    let mut changes = Changes::new();
     let mut results = Vec::with_capacity(batch.len());
     for decided in batch {
-        let result = match write_one(&mut tx, &ctx.config, decided, &decided.outcome).await {
+        let result = match write_one(
+            &mut tx,
+            &ctx.config,
+            decided,
+            &decided.outcome,
+            &mut changes,
+        )
+        .await
+        {
             Ok(Ok(written)) => Some(written),
             Ok(Err(e)) => {
                 let _span = delivery_span(&decided.delivery).entered();
@@ -693,7 +705,7 @@ async fn write_batch(
                     error: "recording panicked (a bug): see the log".into(),
                     retry_after: None,
                 };
-                match write_one(&mut tx, &ctx.config, decided, &failed).await {
+                match write_one(&mut tx, &ctx.config, decided, &failed, &mut changes).await {
                     Ok(Ok(written)) => Some(written),
                     _ => None,
                 }
@@ -702,7 +714,7 @@ async fn write_batch(
         results.push(result);
     }
     tx.commit().await?;
-    Ok(results)
+    Ok((results, changes))
 }
 
 /// Writes the outcomes into `tx` with no savepoint, in order, until an
@@ -714,6 +726,7 @@ async fn write_straight(
     tx: &mut store::GatedTx,
     ctx: &Context,
     batch: &[Decided],
+    changes: &mut Changes,
 ) -> Result<Option<Vec<Option<Written>>>, sqlx::Error> {
     let started = std::time::Instant::now();
     let mut results = Vec::with_capacity(batch.len());
@@ -729,9 +742,10 @@ async fn write_straight(
             .take_while(|d| plain_observation(d).is_some())
             .count();
         if run > 0 {
-            let written = AssertUnwindSafe(write_observations(tx, &ctx.config, &rest[..run]))
-                .catch_unwind()
-                .await;
+            let written =
+                AssertUnwindSafe(write_observations(tx, &ctx.config, &rest[..run], changes))
+                    .catch_unwind()
+                    .await;
             match written {
                 Ok(Ok(written)) => results.extend(written.into_iter().map(Some)),
                 _ => return Ok(None),
@@ -741,9 +755,16 @@ async fn write_straight(
         let decided = &rest[0];
         let d = &decided.delivery;
         let outcome = &decided.outcome;
-        let written = AssertUnwindSafe(write(tx, &ctx.config, d, &decided.lease_until, outcome))
-            .catch_unwind()
-            .await;
+        let written = AssertUnwindSafe(write(
+            tx,
+            &ctx.config,
+            d,
+            &decided.lease_until,
+            outcome,
+            changes,
+        ))
+        .catch_unwind()
+        .await;
         match written {
             // A lost lease is rare: the batch is written again, each
             // outcome in a savepoint, and only that one is dropped.
@@ -774,6 +795,7 @@ async fn write_observations(
     tx: &mut Tx<'static>,
     config: &Config,
     run: &[Decided],
+    changes: &mut Changes,
 ) -> Result<Vec<Written>, sqlx::Error> {
     let now = time::now();
     let ends: Vec<(i64, &str, &str)> = run
@@ -797,12 +819,12 @@ async fn write_observations(
             })
         })
         .collect();
-    let mut recorded = record::record_all(tx, config, &items, now)
+    let mut recorded = record::record_all(tx, config, &items, now, changes)
         .await?
         .into_iter()
         .zip(&items);
     for d in &live {
-        recovered(tx, config, &d.delivery).await?;
+        recovered(tx, config, &d.delivery, changes).await?;
     }
     let written = run
         .iter()
@@ -832,17 +854,21 @@ async fn write_one(
     config: &Config,
     decided: &Decided,
     outcome: &Outcome,
+    changes: &mut Changes,
 ) -> Result<Result<Written, sqlx::Error>, Panicked> {
     let mut savepoint = match sqlx::Connection::begin(&mut **tx).await {
         Ok(savepoint) => savepoint,
         Err(e) => return Ok(Err(e)),
     };
+    // What this outcome raised or resolved counts only if its savepoint is kept.
+    let mut its_changes = Changes::new();
     let written = AssertUnwindSafe(write(
         &mut savepoint,
         config,
         &decided.delivery,
         &decided.lease_until,
         outcome,
+        &mut its_changes,
     ))
     .catch_unwind()
     .await;
@@ -852,6 +878,9 @@ async fn write_one(
     } else {
         savepoint.rollback().await
     };
+    if keep && ended.is_ok() {
+        changes.append(&mut its_changes);
+    }
     match (written, ended) {
         (Err(_), _) => {
             let _span = delivery_span(&decided.delivery).entered();
@@ -870,22 +899,29 @@ async fn write(
     d: &Delivery,
     lease_until: &str,
     outcome: &Outcome,
+    changes: &mut Changes,
 ) -> Result<Written, sqlx::Error> {
-    let written = write_outcome(tx, config, d, lease_until, outcome).await?;
+    let written = write_outcome(tx, config, d, lease_until, outcome, changes).await?;
     if matches!(
         written,
         Written::Ignored(_) | Written::Processed { .. } | Written::Reversal(_)
     ) {
-        recovered(tx, config, d).await?;
+        recovered(tx, config, d, changes).await?;
     }
     Ok(written)
 }
 
 /// After a delivery ended well: when it had failed before (a replayed dead
 /// letter carries its last error), its `dead_letter` alert is resolved.
-async fn recovered(tx: &mut Tx<'_>, config: &Config, d: &Delivery) -> Result<(), sqlx::Error> {
+async fn recovered(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    d: &Delivery,
+    changes: &mut Changes,
+) -> Result<(), sqlx::Error> {
     if d.last_error.is_some() {
-        crate::alerts::rules::on_delivery_recovered(tx, config, d, &time::now_str()).await?;
+        crate::alerts::rules::on_delivery_recovered(tx, config, d, &time::now_str(), changes)
+            .await?;
     }
     Ok(())
 }
@@ -896,6 +932,7 @@ async fn write_outcome(
     d: &Delivery,
     lease_until: &str,
     outcome: &Outcome,
+    changes: &mut Changes,
 ) -> Result<Written, sqlx::Error> {
     let now = time::now();
     let now_s = time::fmt(now);
@@ -907,9 +944,9 @@ async fn write_outcome(
             Ok(finished(done, Written::Ignored(reason.clone())))
         }
         Outcome::Reversal(transfer) => {
-            if !record::record_reversal(tx, config, transfer, &trigger, now).await? {
+            if !record::record_reversal(tx, config, transfer, &trigger, now, changes).await? {
                 let error = format!("reversal of transfer {transfer}, which is not known yet");
-                return write_failure(tx, config, d, lease_until, &error, None).await;
+                return write_failure(tx, config, d, lease_until, &error, None, changes).await;
             }
             let done = store::inbox::finish(tx, d.id, lease_until, "processed", &now_s).await?;
             Ok(finished(done, Written::Reversal(transfer.clone())))
@@ -920,22 +957,45 @@ async fn write_outcome(
             reversal,
         } => {
             let recorded = match reversal {
-                None => record::record(tx, config, obs, &trigger, context.as_deref(), now).await?,
+                None => {
+                    let context = context.as_deref();
+                    record::record(tx, config, obs, &trigger, context, now, changes).await?
+                }
                 Some(transfer) => {
                     // The observation and the reversal stand or fall together.
                     let mut both = sqlx::Connection::begin(&mut **tx).await?;
-                    let recorded =
-                        record::record(&mut both, config, obs, &trigger, context.as_deref(), now)
-                            .await?;
-                    if !record::record_reversal(&mut both, config, transfer, &trigger, now).await? {
+                    let mut both_changes = Changes::new();
+                    let context = context.as_deref();
+                    let recorded = record::record(
+                        &mut both,
+                        config,
+                        obs,
+                        &trigger,
+                        context,
+                        now,
+                        &mut both_changes,
+                    )
+                    .await?;
+                    if !record::record_reversal(
+                        &mut both,
+                        config,
+                        transfer,
+                        &trigger,
+                        now,
+                        &mut both_changes,
+                    )
+                    .await?
+                    {
                         both.rollback().await?;
                         let error = format!(
                             "reversal of transfer {transfer}, which bulk transfer {} does not list",
                             obs.id
                         );
-                        return write_failure(tx, config, d, lease_until, &error, None).await;
+                        return write_failure(tx, config, d, lease_until, &error, None, changes)
+                            .await;
                     }
                     both.commit().await?;
+                    changes.append(&mut both_changes);
                     recorded
                 }
             };
@@ -965,11 +1025,11 @@ async fn write_outcome(
             if !store::inbox::fail(tx, d.id, lease_until, &error, &now_s, true).await? {
                 return Ok(Written::LeaseLost);
             }
-            crate::alerts::rules::on_dead_letter(tx, config, d.id, &error, &now_s).await?;
+            crate::alerts::rules::on_dead_letter(tx, config, d.id, &error, &now_s, changes).await?;
             Ok(Written::Dead(error))
         }
         Outcome::Failed { error, retry_after } => {
-            write_failure(tx, config, d, lease_until, error, *retry_after).await
+            write_failure(tx, config, d, lease_until, error, *retry_after, changes).await
         }
         Outcome::Released(error) => {
             let wait = Duration::from_secs(config.workers.backoff_max_secs.clamp(1, 60));
@@ -995,6 +1055,7 @@ async fn write_failure(
     lease_until: &str,
     error: &str,
     retry_after: Option<Duration>,
+    changes: &mut Changes,
 ) -> Result<Written, sqlx::Error> {
     let w = &config.workers;
     let dead = d.attempts >= i64::from(w.max_attempts);
@@ -1009,7 +1070,8 @@ async fn write_failure(
         return Ok(Written::LeaseLost);
     }
     if dead {
-        crate::alerts::rules::on_dead_letter(tx, config, d.id, error, &time::now_str()).await?;
+        let now = time::now_str();
+        crate::alerts::rules::on_dead_letter(tx, config, d.id, error, &now, changes).await?;
         return Ok(Written::Dead(error.to_string()));
     }
     Ok(Written::Retry {
