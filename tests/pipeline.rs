@@ -26,7 +26,7 @@ struct Daemon {
     config: Config,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Daemon {
@@ -38,7 +38,7 @@ impl Daemon {
         if let Some(h) = self.handle.take() {
             h.await.unwrap().unwrap();
         }
-        self._dir
+        self.dir
     }
 
     async fn reader(&self) -> SqlitePool {
@@ -114,7 +114,7 @@ fn start_daemon(
         config,
         stop: Some(stop),
         handle: Some(handle),
-        _dir: dir,
+        dir,
     }
 }
 
