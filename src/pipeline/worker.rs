@@ -12,7 +12,8 @@
 //!   for ([`plan`]) and what the provider answers ([`Outcome`]). Nothing is
 //!   written and no transaction is open across the HTTP call;
 //! - the **recorder** writes the outcomes as they come, as many as are
-//!   waiting in one transaction: an observation, the delivery's end and its
+//!   waiting in one transaction (when few wait, it waits up to [`LINGER`]
+//!   for more): an observation, the delivery's end and its
 //!   alerts commit together or not at all. When one outcome's write fails
 //!   or panics, the batch is written again with a savepoint for each, so
 //!   that outcome costs only itself.
@@ -50,6 +51,14 @@ const CLAIM_BATCH: usize = 128;
 const ACK_WAIT: Duration = Duration::from_millis(3);
 /// Most plain observations recorded together (a run of `record_all`).
 const RECORD_RUN: usize = 64;
+/// How long the recorder waits for more outcomes when fewer than half of
+/// `workers.concurrency` are waiting. Each transaction has fixed costs (its
+/// turn at the writer, `BEGIN`, preparing its statements, the pages of its
+/// commit, many of them index pages it shares with the next one); at 1,000
+/// deliveries a second, writing them one or two at a time held the writer
+/// over half of the time, and gathering them for this long halved that, for
+/// a millisecond or two more from delivery to record.
+const LINGER: Duration = Duration::from_millis(2);
 /// Most outcomes written in one transaction. A batch holds the writer
 /// connection while it runs, and an acknowledgement may wait behind one, so
 /// this bounds that wait (a few milliseconds) as well.
@@ -536,6 +545,7 @@ async fn record_outcomes(
     alive: Arc<AtomicUsize>,
 ) {
     let _alive = AliveGuard::new(alive);
+    let linger_below = ctx.config.workers.concurrency / 2;
     // What a batch that ended early (to let an acknowledgement through) left.
     let mut waiting = Vec::new();
     loop {
@@ -545,15 +555,33 @@ async fn record_outcomes(
                 None => break,
             }
         }
-        while waiting.len() < WRITE_BATCH {
-            match outcomes.try_recv() {
-                Ok(decided) => waiting.push(decided),
-                Err(_) => break,
-            }
-        }
+        gather(&mut outcomes, &mut waiting, linger_below, LINGER).await;
         waiting = write_and_report(&ctx, waiting).await;
     }
     tracing::debug!("recorder stopped");
+}
+
+/// Adds to `waiting` what comes next from `outcomes`, up to [`WRITE_BATCH`]:
+/// whatever is there already, and, while fewer than `linger_below` wait,
+/// what arrives within `linger`. Returns early when every sender is gone.
+async fn gather<T>(
+    outcomes: &mut mpsc::Receiver<T>,
+    waiting: &mut Vec<T>,
+    linger_below: usize,
+    linger: Duration,
+) {
+    let until = tokio::time::Instant::now() + linger;
+    while waiting.len() < WRITE_BATCH {
+        let next = match outcomes.try_recv() {
+            Ok(next) => next,
+            Err(_) if waiting.len() >= linger_below => break,
+            Err(_) => match tokio::time::timeout_at(until, outcomes.recv()).await {
+                Ok(Some(next)) => next,
+                Ok(None) | Err(_) => break,
+            },
+        };
+        waiting.push(next);
+    }
 }
 
 /// Processes one claimed delivery to its end for this attempt, here and now
@@ -1157,6 +1185,63 @@ mod tests {
             last_error: None,
             processed_at: None,
         }
+    }
+
+    /// The recorder takes what waits at once; with few waiting, it waits
+    /// up to the linger for more, and no longer.
+    #[tokio::test(start_paused = true)]
+    async fn the_recorder_gathers_what_arrives_within_its_linger() {
+        let linger = Duration::from_millis(2);
+        let (tx, mut rx) = mpsc::channel(300);
+        let mut waiting = Vec::new();
+        for n in 0..3 {
+            tx.send(n).await.unwrap();
+        }
+        // Enough waiting: no wait.
+        let started = tokio::time::Instant::now();
+        gather(&mut rx, &mut waiting, 2, linger).await;
+        assert_eq!(
+            (waiting.as_slice(), started.elapsed()),
+            (&[0, 1, 2][..], Duration::ZERO)
+        );
+
+        // Few waiting: what comes within the linger rides along, what comes after does not.
+        let late = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            late.send(3).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            late.send(4).await.unwrap();
+        });
+        let started = tokio::time::Instant::now();
+        gather(&mut rx, &mut waiting, 10, linger).await;
+        assert_eq!(waiting, [0, 1, 2, 3]);
+        assert_eq!(started.elapsed(), linger);
+
+        // No more than a transaction's worth, and no wait once every sender is gone.
+        waiting.clear();
+        for n in 0..WRITE_BATCH + 5 {
+            tx.send(n).await.unwrap();
+        }
+        drop(tx);
+        gather(&mut rx, &mut waiting, WRITE_BATCH, linger).await;
+        assert_eq!(waiting.len(), WRITE_BATCH);
+        waiting.clear();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = tokio::time::Instant::now();
+        gather(&mut rx, &mut waiting, 100, linger).await;
+        assert_eq!(
+            waiting,
+            [
+                WRITE_BATCH,
+                WRITE_BATCH + 1,
+                WRITE_BATCH + 2,
+                WRITE_BATCH + 3,
+                WRITE_BATCH + 4,
+                4
+            ]
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[test]
