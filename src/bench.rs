@@ -236,8 +236,13 @@ impl Report {
                 .map(|u| {
                     let p99 = u
                         .hold_p99_ms
-                        .map_or(String::new(), |ms| format!(" (p99 hold ≤ {ms} ms)"));
-                    format!("{} {:.0}%{p99}", u.what, u.share * 100.0)
+                        .map_or(String::new(), |ms| format!("; p99 hold ≤ {ms} ms"));
+                    format!(
+                        "{} {:.0}% ({:.0} µs a delivery{p99})",
+                        u.what,
+                        u.share * 100.0,
+                        self.per_delivery_us(u.held)
+                    )
                 })
                 .collect();
             println!("daemon writer connection held: {}", shares.join(", "));
@@ -248,7 +253,7 @@ impl Report {
                 daemon.total(),
                 daemon.user,
                 daemon.system,
-                daemon.total() * 1e6 / self.accepted.max(1) as f64,
+                self.per_delivery_us(daemon.total()),
                 if self.e2e_ms.is_some() { " and simulator" } else { "" },
                 bench.total()
             );
@@ -281,14 +286,26 @@ impl Report {
         if let Some(cpu) = self.daemon_cpu {
             line += &format!(
                 "; daemon CPU {:.0} µs a delivery",
-                cpu.total() * 1e6 / self.accepted.max(1) as f64
+                self.per_delivery_us(cpu.total())
             );
         }
-        let held: f64 = self.writer_uses.iter().map(|u| u.share).sum();
+        let share: f64 = self.writer_uses.iter().map(|u| u.share).sum();
+        let held: f64 = self.writer_uses.iter().map(|u| u.held).sum();
         if !self.writer_uses.is_empty() {
-            line += &format!("; writer held {:.0}%", held * 100.0);
+            line += &format!(
+                "; writer held {:.0}% ({:.0} µs a delivery)",
+                share * 100.0,
+                self.per_delivery_us(held)
+            );
         }
         line
+    }
+
+    /// `seconds` of the run spread over its accepted deliveries, in µs:
+    /// unlike a share of the run, comparable between runs of other lengths
+    /// and rates.
+    fn per_delivery_us(&self, seconds: f64) -> f64 {
+        seconds * 1e6 / self.accepted.max(1) as f64
     }
 }
 
@@ -540,6 +557,8 @@ pub struct WriterUse {
     pub what: String,
     /// The share of the run this use held the connection.
     pub share: f64,
+    /// How long, in all, it held the connection, in seconds.
+    pub held: f64,
     /// The bucket bound in ms of the p99 of one hold: how long an
     /// acknowledgement may wait behind one.
     pub hold_p99_ms: Option<f64>,
@@ -552,6 +571,7 @@ fn writer_uses(metrics: &str, seconds: f64) -> Vec<WriterUse> {
         .into_iter()
         .map(|(what, held)| WriterUse {
             share: held / seconds.max(f64::MIN_POSITIVE),
+            held,
             hold_p99_ms: quantile_bound_ms(
                 metrics,
                 "cancelwatch_writer_hold_seconds",
@@ -1059,6 +1079,7 @@ mod tests {
                 .map(|(what, share)| WriterUse {
                     what: what.into(),
                     share,
+                    held: share * 2.0,
                     hold_p99_ms: None,
                 })
                 .into(),
@@ -1073,7 +1094,8 @@ mod tests {
         assert_eq!(
             report.summary(),
             "this build, run 2: 1500/s accepted, ack p99 99.0 ms; 1400/s recorded, \
-             delivery-to-recorded p99 99 ms; daemon CPU 600 µs a delivery; writer held 75%"
+             delivery-to-recorded p99 99 ms; daemon CPU 600 µs a delivery; writer held 75% \
+             (500 µs a delivery)"
         );
     }
 
