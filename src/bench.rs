@@ -784,18 +784,31 @@ async fn e2e_report(db: &Path, sent: &[(String, i64)]) -> anyhow::Result<E2eRepo
 
 /// A unique thin event about an outbound transfer that does not exist: the
 /// front door does not care, and the daemon's provider API is a closed port.
+/// Its ids are scattered like a provider's random ones (a bijection of `n`,
+/// so still unique): sequential ids would put each group's keys on a few
+/// neighbouring pages of the inbox's unique index, which real traffic
+/// never does.
 fn delivery(run_tag: &str, n: u64) -> Vec<u8> {
+    let id = format!("{:016x}", scatter(n));
     format!(
         concat!(
-            r#"{{"id":"evt_bench_{tag}_{n}","object":"v2.core.event","#,
+            r#"{{"id":"evt_bench_{tag}_{id}","object":"v2.core.event","#,
             r#""type":"v2.money_management.outbound_transfer.canceled","created":"2026-10-30T12:00:00.000Z","#,
-            r#""livemode":false,"related_object":{{"id":"obt_bench_{n}","type":"v2.money_management.outbound_transfer","#,
-            r#""url":"/v2/money_management/outbound_transfers/obt_bench_{n}"}}}}"#
+            r#""livemode":false,"related_object":{{"id":"obt_bench_{id}","type":"v2.money_management.outbound_transfer","#,
+            r#""url":"/v2/money_management/outbound_transfers/obt_bench_{id}"}}}}"#
         ),
         tag = run_tag,
-        n = n
+        id = id
     )
     .into_bytes()
+}
+
+/// SplitMix64's finalizer: a bijection of `u64` that scatters neighbours.
+fn scatter(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[derive(Default)]
@@ -1122,7 +1135,12 @@ mod tests {
         let b = delivery("t", 2);
         assert_ne!(a, b);
         let e = crate::providers::stripe::event::ThinEvent::decode(&a).unwrap();
-        assert_eq!(e.id, "evt_bench_t_1");
-        assert_eq!(e.resource().unwrap().id, "obt_bench_1");
+        let id = format!("{:016x}", scatter(1));
+        assert_eq!(e.id, format!("evt_bench_t_{id}"));
+        assert_eq!(e.resource().unwrap().id, format!("obt_bench_{id}"));
+        // Neighbours land far apart, and none of many collide.
+        assert!(scatter(1).abs_diff(scatter(2)) > 1 << 32);
+        let ids: std::collections::HashSet<u64> = (0..100_000).map(scatter).collect();
+        assert_eq!(ids.len(), 100_000);
     }
 }
