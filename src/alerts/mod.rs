@@ -174,15 +174,15 @@ mod tests {
             )
             .await
             .unwrap();
-            let key = AlertKey {
-                rule: PARTIAL_CANCELLATION.into(),
-                provider: "juice".into(),
-                kind: "juice.bulk_transfer".into(),
-                resource_id: "bt_1".into(),
-            };
-            resolve(&mut tx, &config, &key, "2026-11-23T00:01:00Z", &mut changes)
-                .await
-                .unwrap();
+            resolve(
+                &mut tx,
+                &config,
+                &alert.key(),
+                "2026-11-23T00:01:00Z",
+                &mut changes,
+            )
+            .await
+            .unwrap();
             tx.rollback().await.unwrap();
             let noted: Vec<(&str, i64, bool)> = changes
                 .iter()

@@ -18,6 +18,18 @@ pub struct NewAlert {
     pub details: Value,
 }
 
+impl NewAlert {
+    /// The (rule, resource) this alert is one of.
+    pub fn key(&self) -> AlertKey {
+        AlertKey {
+            rule: self.rule.clone(),
+            provider: self.provider.clone(),
+            kind: self.kind.clone(),
+            resource_id: self.resource_id.clone(),
+        }
+    }
+}
+
 /// The resource an alert is about: `(provider, kind, id)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlertKey {
@@ -174,12 +186,7 @@ pub async fn raise(
     sinks: &[String],
     now: &str,
 ) -> Result<RaiseOutcome, sqlx::Error> {
-    let key = AlertKey {
-        rule: new.rule.clone(),
-        provider: new.provider.clone(),
-        kind: new.kind.clone(),
-        resource_id: new.resource_id.clone(),
-    };
+    let key = new.key();
     let details = new.details.to_string();
     let outcome = match find(tx, &key).await? {
         None => {
