@@ -298,43 +298,30 @@ async fn answer_when_durable(db: Db, replies: Vec<(Reply, bool)>) {
 /// A batch that fits in one statement (most do) runs it alone: SQLite
 /// commits a lone statement by itself, all of it or nothing, and `BEGIN`
 /// and `COMMIT` would be two more round trips to the connection's thread
-/// while the writer is held.
+/// while the writer is held. A larger one runs whole on the writer's handle
+/// ([`store::transaction_on_handle`]): `BEGIN`, a prepared one-row insert
+/// stepped per row, and `COMMIT`, for one round trip however large the
+/// batch. (Small batches keep the statement sqlx has cached: preparing the
+/// one-row insert anew costs more than the round trip it saves. README,
+/// Performance, item 28.)
 async fn commit(
     conn: &mut SqliteConnection,
     batch: &[Job],
     reserved: Option<&Reserved>,
 ) -> Result<(Vec<bool>, Vec<Delivery>), sqlx::Error> {
-    let deliveries = batch
-        .iter()
-        .filter(|job| matches!(job, Job::Delivery(..)))
-        .count();
     let started = Instant::now();
-    let statements = deliveries.div_ceil(store::inbox::ROWS_PER_INSERT)
-        + (batch.len() - deliveries).div_ceil(store::refusals::ROWS_PER_INSERT);
-    let written = if statements <= 1 {
-        write(conn, batch, reserved).await?
-    } else {
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let written = write(&mut tx, batch, reserved).await?;
-        tx.commit().await?;
-        written
-    };
-    ack_step("insert", started.elapsed(), deliveries);
-    Ok(written)
-}
-
-/// The statements of [`commit`], on `conn` (a transaction, or the
-/// connection itself for a single statement).
-async fn write(
-    conn: &mut SqliteConnection,
-    batch: &[Job],
-    reserved: Option<&Reserved>,
-) -> Result<(Vec<bool>, Vec<Delivery>), sqlx::Error> {
     let deliveries: Vec<&NewDelivery> = batch
         .iter()
         .filter_map(|job| match job {
             Job::Delivery(d, ..) => Some(&**d),
             Job::Refusal(_) => None,
+        })
+        .collect();
+    let refusals: Vec<&Refusal> = batch
+        .iter()
+        .filter_map(|job| match job {
+            Job::Refusal(r) => Some(r),
+            Job::Delivery(..) => None,
         })
         .collect();
     let offered = match reserved {
@@ -343,7 +330,22 @@ async fn write(
     };
     let rows: Vec<(&NewDelivery, Option<&str>)> = deliveries.iter().copied().zip(offered).collect();
     let now = crate::time::now_str();
-    let added = store::inbox::insert_many(conn, &rows, &now).await?;
+    let statements = deliveries.len().div_ceil(store::inbox::ROWS_PER_INSERT)
+        + refusals.len().div_ceil(store::refusals::ROWS_PER_INSERT);
+    let added = if statements <= 1 {
+        // At most one of the two runs a statement.
+        let added = store::inbox::insert_many(conn, &rows, &now).await?;
+        store::refusals::insert_many(conn, &refusals).await?;
+        added
+    } else {
+        store::transaction_on_handle(conn, |conn| {
+            let added = store::inbox::insert_rows(conn, &rows, &now)?;
+            store::refusals::insert_rows(conn, &refusals)?;
+            Ok(added)
+        })
+        .await?
+    };
+    ack_step("insert", started.elapsed(), deliveries.len());
     let leased: Vec<Delivery> = deliveries
         .iter()
         .zip(&added)
@@ -353,16 +355,6 @@ async fn write(
         })
         .collect();
     let mut new = added.iter().map(Option::is_some);
-    let refusals: Vec<&Refusal> = batch
-        .iter()
-        .filter_map(|job| match job {
-            Job::Refusal(r) => Some(r),
-            Job::Delivery(..) => None,
-        })
-        .collect();
-    if !refusals.is_empty() {
-        store::refusals::insert_many(conn, &refusals).await?;
-    }
     let inserted: Vec<bool> = batch
         .iter()
         .map(|job| match job {
@@ -426,11 +418,71 @@ mod tests {
         }
     }
 
+    /// A batch too large for one statement (150 deliveries, 10 of them a
+    /// key again, and 100 refusals, all queued before the writer runs) is
+    /// committed whole, on the writer's handle: each request learns whether
+    /// its delivery was new, each key is stored once, each refusal recorded.
+    #[tokio::test]
+    async fn a_batch_too_large_for_one_statement_commits_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DatabaseConfig::default();
+        let db = Db::open(&dir.path().join("x.db"), &cfg).await.unwrap();
+        let (inbox, writer) = Inbox::start(&db, &cfg);
+        for i in 0..100 {
+            inbox.record_refusal(Refusal {
+                provider: "stripe".into(),
+                reason: "bad_signature".into(),
+                message: format!("forged {i}"),
+                http_status: 401,
+                body_size: Some(2),
+                remote_addr: None,
+                received_at: crate::time::now_str(),
+            });
+        }
+        let keys: Vec<String> = (0..150).map(|i| format!("k{}", i % 140)).collect();
+        let accepts = keys.iter().enumerate().map(|(i, key)| {
+            let resource = format!("r_{i}");
+            inbox.accept(delivery(key, Some(&resource)))
+        });
+        let answers = futures_util::future::join_all(accepts).await;
+        let duplicates: Vec<bool> = answers.into_iter().map(|a| a.unwrap().duplicate).collect();
+        let expected: Vec<bool> = (0..150).map(|i| i >= 140).collect();
+        assert_eq!(duplicates, expected);
+        drop(inbox);
+        writer.await.unwrap();
+        let count = |sql| sqlx::query_scalar::<_, i64>(sql).fetch_one(&db.read);
+        assert_eq!(count("SELECT COUNT(*) FROM inbox").await.unwrap(), 140);
+        assert_eq!(
+            count("SELECT COUNT(DISTINCT dedupe_key) FROM inbox")
+                .await
+                .unwrap(),
+            140
+        );
+        assert_eq!(count("SELECT COUNT(*) FROM refusals").await.unwrap(), 100);
+        db.close().await;
+    }
+
     /// Offered: in order, as many as there are slots, the first of each
     /// resource and key. Leased by the insert: those whose resource no live
     /// lease holds; the rest wait in line.
     #[tokio::test]
     async fn hand_over_follows_the_claims_rules() {
+        hand_over_follows_the_claims_rules_with(Insert::Statement).await;
+    }
+
+    /// [`hand_over_follows_the_claims_rules`] with the insert of batches too
+    /// large for one statement (one row at a time, on the handle).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hand_over_follows_the_claims_rules_in_large_batches() {
+        hand_over_follows_the_claims_rules_with(Insert::RowsOnHandle).await;
+    }
+
+    enum Insert {
+        Statement,
+        RowsOnHandle,
+    }
+
+    async fn hand_over_follows_the_claims_rules_with(insert: Insert) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("x.db"), &DatabaseConfig::default())
             .await
@@ -469,9 +521,13 @@ mod tests {
         assert_eq!(keys(&flags), ["a", "b", "d", "e"]);
 
         let rows: Vec<(&NewDelivery, Option<&str>)> = refs.iter().copied().zip(offered).collect();
-        let added = store::inbox::insert_many(&mut tx, &rows, &now)
-            .await
-            .unwrap();
+        let added = match insert {
+            Insert::Statement => store::inbox::insert_many(&mut tx, &rows, &now).await,
+            Insert::RowsOnHandle => {
+                store::on_handle(&mut tx, |c| store::inbox::insert_rows(c, &rows, &now)).await
+            }
+        }
+        .unwrap();
         let flags: Vec<bool> = added.iter().map(|a| a.is_some_and(|a| a.leased)).collect();
         assert_eq!(keys(&flags), ["b", "d", "e"]);
         assert_eq!(added.iter().filter(|a| a.is_some()).count(), 6);

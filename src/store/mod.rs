@@ -38,9 +38,10 @@ pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 /// handle (through rusqlite, which links the same SQLite), for the price of
 /// one round trip to take the handle. sqlx's thread makes no call on the
 /// handle until it is given back. `f` must not begin or end transactions
-/// (sqlx keeps track of those), change the connection's settings, or keep a
-/// statement past its return (sqlx could not close the connection): hence
-/// only this crate's store calls it.
+/// (sqlx keeps track of those; [`transaction_on_handle`] runs a whole one
+/// outside them), change the connection's settings, or keep a statement
+/// past its return (sqlx could not close the connection): hence only this
+/// crate's store calls it.
 pub(crate) async fn on_handle<T>(
     conn: &mut sqlx::SqliteConnection,
     f: impl FnOnce(&rusqlite::Connection) -> Result<T, sqlx::Error>,
@@ -64,6 +65,43 @@ pub(crate) async fn on_handle<T>(
     drop(handle);
     drop(locked);
     out
+}
+
+/// Runs `f` on `conn`'s SQLite handle (see [`on_handle`]) as one write
+/// transaction of its own, begun and committed there: the whole
+/// transaction costs one round trip to the connection's thread instead of
+/// three or more. `conn` must not be in a transaction (sqlx's, which it
+/// would not know ended). When `f` fails or panics, the transaction is
+/// rolled back before the handle goes back to sqlx.
+pub(crate) async fn transaction_on_handle<T>(
+    conn: &mut sqlx::SqliteConnection,
+    f: impl FnOnce(&rusqlite::Connection) -> Result<T, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
+    on_handle(conn, |handle| {
+        if !handle.is_autocommit() {
+            return Err(sqlx::Error::Protocol(
+                "a transaction on the handle inside another one".into(),
+            ));
+        }
+        handle
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(direct_error)?;
+        let done =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(handle))).map(|out| {
+                out.and_then(|v| {
+                    handle
+                        .execute_batch("COMMIT")
+                        .map_err(direct_error)
+                        .map(|()| v)
+                })
+            });
+        if !handle.is_autocommit() {
+            // Failed or panicked (or, rarely, the commit failed): nothing of it stays.
+            let _ = handle.execute_batch("ROLLBACK");
+        }
+        done.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+    .await
 }
 
 /// A rusqlite error (from [`on_handle`]) as the sqlx error the rest of the
@@ -621,6 +659,22 @@ mod tests {
         assert!(wal.sync().is_err());
     }
 
+    /// Inserts resource `id` on the handle.
+    fn insert_resource(c: &rusqlite::Connection, id: &str) -> Result<usize, sqlx::Error> {
+        c.execute(
+            "INSERT INTO resources (provider, kind, id, first_seen_at) VALUES ('p', 'k', ?1, 'now')",
+            [id],
+        )
+        .map_err(super::direct_error)
+    }
+
+    /// How many resources `id` there are.
+    fn count_resources(
+        id: &str,
+    ) -> sqlx::query::QueryScalar<'_, sqlx::Sqlite, i64, sqlx::sqlite::SqliteArguments<'_>> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM resources WHERE id = ?").bind(id)
+    }
+
     /// What runs on the handle belongs to the transaction it runs in: sqlx
     /// sees it, a rollback takes it back, an error comes back as an error,
     /// and after a panic in it the connection is there for the next use.
@@ -642,18 +696,8 @@ mod tests {
         let db = Db::open(&dir.path().join("x.db"), &Default::default())
             .await
             .unwrap();
-        let insert = |id: &'static str| {
-            move |c: &rusqlite::Connection| {
-                c.execute(
-                    "INSERT INTO resources (provider, kind, id, first_seen_at) VALUES ('p', 'k', ?1, 'now')",
-                    [id],
-                )
-                .map_err(super::direct_error)
-            }
-        };
-        let count = |id: &'static str| {
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM resources WHERE id = ?").bind(id)
-        };
+        let insert = |id: &'static str| move |c: &rusqlite::Connection| insert_resource(c, id);
+        let count = count_resources;
 
         let mut tx = db.begin().await.unwrap();
         assert_eq!(super::on_handle(&mut tx, insert("a")).await.unwrap(), 1);
@@ -674,6 +718,65 @@ mod tests {
         assert!(panicked.is_err());
         tx.commit().await.unwrap();
         assert_eq!(count("b").fetch_one(&db.read).await.unwrap(), 1);
+        db.close().await;
+    }
+
+    /// A transaction on the handle keeps all of its work or none: committed
+    /// when the work succeeds, rolled back when it fails or panics, and
+    /// refused inside a transaction of sqlx's. Each time the connection is
+    /// left outside any transaction, ready for sqlx's next one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_on_the_handle_keeps_all_or_nothing() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("x.db"), &Default::default())
+            .await
+            .unwrap();
+        let insert = insert_resource;
+        let count = count_resources;
+        let mut conn = db.write.acquire().await.unwrap();
+
+        let both = super::transaction_on_handle(&mut conn, |c| {
+            insert(c, "a")?;
+            insert(c, "b")
+        });
+        assert_eq!(both.await.unwrap(), 1);
+        assert_eq!(count("a").fetch_one(&db.read).await.unwrap(), 1);
+        assert_eq!(count("b").fetch_one(&db.read).await.unwrap(), 1);
+
+        // The second insert breaks the unique key: the first goes too.
+        let failed = super::transaction_on_handle(&mut conn, |c| {
+            insert(c, "c")?;
+            insert(c, "a")
+        });
+        assert!(failed.await.is_err());
+        assert_eq!(count("c").fetch_one(&mut *conn).await.unwrap(), 0);
+
+        let panicked = std::panic::AssertUnwindSafe(super::transaction_on_handle(
+            &mut conn,
+            |c| -> Result<(), _> {
+                insert(c, "d")?;
+                panic!("a bug")
+            },
+        ))
+        .catch_unwind()
+        .await;
+        assert!(panicked.is_err());
+        assert_eq!(count("d").fetch_one(&mut *conn).await.unwrap(), 0);
+
+        // sqlx's transactions go on as before, and one on the handle
+        // inside them is refused without harm.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+        let nested = super::transaction_on_handle(&mut tx, |c| insert(c, "e"));
+        assert!(nested.await.is_err());
+        sqlx::query("INSERT INTO resources (provider, kind, id, first_seen_at) VALUES ('p', 'k', 'f', 'now')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(count("e").fetch_one(&db.read).await.unwrap(), 0);
+        assert_eq!(count("f").fetch_one(&db.read).await.unwrap(), 1);
+        drop(conn);
         db.close().await;
     }
 

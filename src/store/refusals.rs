@@ -24,21 +24,50 @@ pub async fn insert_many(
     refusals: &[&Refusal],
 ) -> Result<(), sqlx::Error> {
     for chunk in refusals.chunks(ROWS_PER_INSERT) {
-        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO refusals (provider, reason, message, http_status, body_size, remote_addr, received_at) ",
-        );
-        qb.push_values(chunk, |mut row, r| {
-            row.push_bind(&r.provider)
-                .push_bind(&r.reason)
-                .push_bind(&r.message)
-                .push_bind(i64::from(r.http_status))
-                .push_bind(r.body_size)
-                .push_bind(&r.remote_addr)
-                .push_bind(&r.received_at);
-        });
-        qb.build().execute(&mut *conn).await?;
+        let sql = insert_sql(chunk.len());
+        let mut insert = sqlx::query(&sql);
+        for r in chunk {
+            insert = insert
+                .bind(&r.provider)
+                .bind(&r.reason)
+                .bind(&r.message)
+                .bind(i64::from(r.http_status))
+                .bind(r.body_size)
+                .bind(&r.remote_addr)
+                .bind(&r.received_at);
+        }
+        insert.execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// [`insert_many`] on the writer's handle, one prepared statement stepped
+/// once per refusal (see [`super::inbox::insert_rows`]).
+pub fn insert_rows(conn: &rusqlite::Connection, refusals: &[&Refusal]) -> Result<(), sqlx::Error> {
+    let mut insert = conn.prepare(&insert_sql(1)).map_err(super::direct_error)?;
+    for r in refusals {
+        insert
+            .execute(rusqlite::params![
+                r.provider,
+                r.reason,
+                r.message,
+                r.http_status,
+                r.body_size,
+                r.remote_addr,
+                r.received_at,
+            ])
+            .map_err(super::direct_error)?;
+    }
+    Ok(())
+}
+
+/// The insert of `rows` refusals, 7 values each.
+fn insert_sql(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
+    format!(
+        "INSERT INTO refusals (provider, reason, message, http_status, body_size, remote_addr, received_at)
+         VALUES {values}"
+    )
 }
 
 /// Refusals received at or after `since`.
