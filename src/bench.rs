@@ -249,7 +249,7 @@ impl Report {
         }
         if let (Some(daemon), Some(bench)) = (self.daemon_cpu, self.bench_cpu) {
             println!(
-                "CPU: daemon {:.2} s (user {:.2}, system {:.2}) = {:.0} µs per accepted delivery; load generator{} {:.2} s",
+                "CPU: daemon {:.2} s (user {:.2}, system {:.2}) = {:.0} µs per delivery answered; load generator{} {:.2} s",
                 daemon.total(),
                 daemon.user,
                 daemon.system,
@@ -301,11 +301,13 @@ impl Report {
         line
     }
 
-    /// `seconds` of the run spread over its accepted deliveries, in µs:
-    /// unlike a share of the run, comparable between runs of other lengths
-    /// and rates.
+    /// `seconds` of the run spread over the deliveries the daemon answered
+    /// (accepted, duplicate or refused: a forged flood is measured per
+    /// refusal), in µs: unlike a share of the run, comparable between runs
+    /// of other lengths and rates.
     fn per_delivery_us(&self, seconds: f64) -> f64 {
-        seconds * 1e6 / self.accepted.max(1) as f64
+        let answered = self.accepted + self.duplicates + self.refused;
+        seconds * 1e6 / answered.max(1) as f64
     }
 }
 
@@ -1109,6 +1111,41 @@ mod tests {
             "this build, run 2: 1500/s accepted, ack p99 99.0 ms; 1400/s recorded, \
              delivery-to-recorded p99 99 ms; daemon CPU 600 µs a delivery; writer held 75% \
              (500 µs a delivery)"
+        );
+    }
+
+    /// A forged flood's figures are per refusal (nothing is accepted).
+    #[test]
+    fn a_flood_is_measured_per_refusal() {
+        let report = Report {
+            label: "forged".into(),
+            seconds: 2.0,
+            accepted: 0,
+            duplicates: 0,
+            refused: 4000,
+            errors: 0,
+            latencies_us: vec![1000],
+            peak_rss_kib: None,
+            peak_threads: None,
+            e2e_ms: None,
+            writer_uses: vec![WriterUse {
+                what: "acknowledge".into(),
+                share: 0.5,
+                held: 1.0,
+                hold_p99_ms: None,
+            }],
+            daemon_ack_p99_ms: None,
+            daemon_ack_steps: Vec::new(),
+            daemon_cpu: Some(CpuTime {
+                user: 0.6,
+                system: 0.2,
+            }),
+            bench_cpu: None,
+        };
+        assert_eq!(
+            report.summary(),
+            "forged: 0/s accepted, ack p99 1.0 ms; daemon CPU 200 µs a delivery; \
+             writer held 50% (250 µs a delivery)"
         );
     }
 

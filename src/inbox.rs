@@ -298,12 +298,13 @@ async fn answer_when_durable(db: Db, replies: Vec<(Reply, bool)>) {
 /// A batch that fits in one statement (most do) runs it alone: SQLite
 /// commits a lone statement by itself, all of it or nothing, and `BEGIN`
 /// and `COMMIT` would be two more round trips to the connection's thread
-/// while the writer is held. A larger one runs whole on the writer's handle
-/// ([`store::transaction_on_handle`]): `BEGIN`, a prepared one-row insert
-/// stepped per row, and `COMMIT`, for one round trip however large the
-/// batch. (Small batches keep the statement sqlx has cached: preparing the
-/// one-row insert anew costs more than the round trip it saves. README,
-/// Performance, item 28.)
+/// while the writer is held. One with more deliveries than a statement
+/// takes runs whole on the writer's handle ([`store::transaction_on_handle`]):
+/// `BEGIN`, a prepared one-row insert stepped per row, and `COMMIT`, for one
+/// round trip however large the batch. Smaller batches keep the statements
+/// sqlx has cached: preparing the one-row insert anew costs more than the
+/// round trip it saves, and a flood's refusals go faster many to a
+/// statement than one at a time (README, Performance, item 28).
 async fn commit(
     conn: &mut SqliteConnection,
     batch: &[Job],
@@ -332,18 +333,24 @@ async fn commit(
     let now = crate::time::now_str();
     let statements = deliveries.len().div_ceil(store::inbox::ROWS_PER_INSERT)
         + refusals.len().div_ceil(store::refusals::ROWS_PER_INSERT);
-    let added = if statements <= 1 {
-        // At most one of the two runs a statement.
-        let added = store::inbox::insert_many(conn, &rows, &now).await?;
-        store::refusals::insert_many(conn, &refusals).await?;
-        added
-    } else {
+    let added = if deliveries.len() > store::inbox::ROWS_PER_INSERT {
         store::transaction_on_handle(conn, |conn| {
             let added = store::inbox::insert_rows(conn, &rows, &now)?;
             store::refusals::insert_rows(conn, &refusals)?;
             Ok(added)
         })
         .await?
+    } else if statements <= 1 {
+        // At most one of the two runs a statement.
+        let added = store::inbox::insert_many(conn, &rows, &now).await?;
+        store::refusals::insert_many(conn, &refusals).await?;
+        added
+    } else {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let added = store::inbox::insert_many(&mut tx, &rows, &now).await?;
+        store::refusals::insert_many(&mut tx, &refusals).await?;
+        tx.commit().await?;
+        added
     };
     ack_step("insert", started.elapsed(), deliveries.len());
     let leased: Vec<Delivery> = deliveries
@@ -424,11 +431,24 @@ mod tests {
     /// its delivery was new, each key is stored once, each refusal recorded.
     #[tokio::test]
     async fn a_batch_too_large_for_one_statement_commits_whole() {
+        batch_commits_whole(150, 10, 100).await;
+    }
+
+    /// [`a_batch_too_large_for_one_statement_commits_whole`] where the
+    /// refusals make it too large (a transaction of sqlx's statements).
+    #[tokio::test]
+    async fn a_batch_of_mostly_refusals_commits_whole() {
+        batch_commits_whole(30, 5, 200).await;
+    }
+
+    /// `deliveries` deliveries, the last `again` of them keys already
+    /// given, and `refusals` refusals, queued together.
+    async fn batch_commits_whole(deliveries: usize, again: usize, refusals: usize) {
         let dir = tempfile::tempdir().unwrap();
         let cfg = DatabaseConfig::default();
         let db = Db::open(&dir.path().join("x.db"), &cfg).await.unwrap();
         let (inbox, writer) = Inbox::start(&db, &cfg);
-        for i in 0..100 {
+        for i in 0..refusals {
             inbox.record_refusal(Refusal {
                 provider: "stripe".into(),
                 reason: "bad_signature".into(),
@@ -439,26 +459,27 @@ mod tests {
                 received_at: crate::time::now_str(),
             });
         }
-        let keys: Vec<String> = (0..150).map(|i| format!("k{}", i % 140)).collect();
+        let distinct = deliveries - again;
+        let keys: Vec<String> = (0..deliveries)
+            .map(|i| format!("k{}", i % distinct))
+            .collect();
         let accepts = keys.iter().enumerate().map(|(i, key)| {
             let resource = format!("r_{i}");
             inbox.accept(delivery(key, Some(&resource)))
         });
         let answers = futures_util::future::join_all(accepts).await;
         let duplicates: Vec<bool> = answers.into_iter().map(|a| a.unwrap().duplicate).collect();
-        let expected: Vec<bool> = (0..150).map(|i| i >= 140).collect();
+        let expected: Vec<bool> = (0..deliveries).map(|i| i >= distinct).collect();
         assert_eq!(duplicates, expected);
         drop(inbox);
         writer.await.unwrap();
         let count = |sql| sqlx::query_scalar::<_, i64>(sql).fetch_one(&db.read);
-        assert_eq!(count("SELECT COUNT(*) FROM inbox").await.unwrap(), 140);
-        assert_eq!(
-            count("SELECT COUNT(DISTINCT dedupe_key) FROM inbox")
-                .await
-                .unwrap(),
-            140
-        );
-        assert_eq!(count("SELECT COUNT(*) FROM refusals").await.unwrap(), 100);
+        let stored = count("SELECT COUNT(*) FROM inbox").await.unwrap();
+        assert_eq!(stored, distinct as i64);
+        let keys = count("SELECT COUNT(DISTINCT dedupe_key) FROM inbox");
+        assert_eq!(keys.await.unwrap(), distinct as i64);
+        let recorded = count("SELECT COUNT(*) FROM refusals").await.unwrap();
+        assert_eq!(recorded, refusals as i64);
         db.close().await;
     }
 

@@ -57,10 +57,12 @@ pub async fn insert_many(
     let mut seen = std::collections::HashMap::new();
     let mut firsts = Vec::with_capacity(batch.len());
     for (i, (d, _)) in batch.iter().enumerate() {
-        if seen
-            .insert((d.provider.as_str(), d.dedupe_key.as_str()), i)
-            .is_none()
+        // The first of a key is the one inserted, and the one its new row
+        // is told to.
+        if let std::collections::hash_map::Entry::Vacant(first) =
+            seen.entry((d.provider.as_str(), d.dedupe_key.as_str()))
         {
+            first.insert(i);
             firsts.push(i);
         }
     }
@@ -122,6 +124,9 @@ pub fn insert_rows(
     batch: &[(&NewDelivery, Option<&str>)],
     now: &str,
 ) -> Result<Vec<Option<Inserted>>, sqlx::Error> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
     let e = super::direct_error;
     // `RETURNING` and the lease rule's subquery in each one-row insert cost
     // more than checking the lease apart, only for a delivery that comes

@@ -44,6 +44,9 @@ pub async fn insert_many(
 /// [`insert_many`] on the writer's handle, one prepared statement stepped
 /// once per refusal (see [`super::inbox::insert_rows`]).
 pub fn insert_rows(conn: &rusqlite::Connection, refusals: &[&Refusal]) -> Result<(), sqlx::Error> {
+    if refusals.is_empty() {
+        return Ok(());
+    }
     let mut insert = conn.prepare(&insert_sql(1)).map_err(super::direct_error)?;
     for r in refusals {
         insert
