@@ -441,8 +441,10 @@ async fn a_restart_keeps_what_was_acknowledged() {
 }
 
 /// A 2xx means the write-ahead log was synced to disk after the commit:
-/// when the WAL cannot be synced (here: its file moved away under SQLite),
-/// the delivery is refused, and its retry is acknowledged once it can.
+/// when the WAL cannot be synced (here: its file moved away under SQLite,
+/// and a connection opened since has started a new, empty one at its path,
+/// which the writer does not commit to), the delivery is refused, and its
+/// retry is acknowledged once it can.
 #[tokio::test]
 async fn no_acknowledgement_without_the_wal_synced() {
     let dir = tempfile::tempdir().unwrap();
@@ -455,6 +457,12 @@ async fn no_acknowledgement_without_the_wal_synced() {
     assert_eq!(status, 200);
 
     std::fs::rename(&wal, &moved).unwrap();
+    let late = read_pool(dir.path()).await;
+    let _ = sqlx::query("SELECT COUNT(*) FROM inbox")
+        .fetch_one(&late)
+        .await;
+    late.close().await;
+    assert!(wal.exists(), "the late connection started a new WAL file");
     let body = thin_event("evt_wal_unsynced");
     let (status, answer) =
         post_stripe(&d.url, &body, Some(&signed_now(STRIPE_SECRET, &body))).await;

@@ -549,9 +549,12 @@ impl Drop for Checkpointer {
 ///
 /// SQLite rewrites the WAL file in place after a checkpoint (which synced
 /// everything before it) and deletes it only when the last connection
-/// closes (the writer stays open). Should the file be a new one (another
-/// inode), it is opened afresh, and its folder synced so that the file
-/// itself survives.
+/// closes (the writer stays open), so the file is the one opened first (its
+/// folder synced then, so that the file itself survives) for the daemon's
+/// whole life. Should another file stand at its path (the first moved or
+/// deleted under the daemon, and a connection opened since started a new
+/// one), the writer still commits to the first: syncing the new one would
+/// prove nothing, so every sync fails until the first is back.
 ///
 /// A failed `fdatasync` is final: Linux may drop the pages it could not
 /// write and report success at the next one, so a commit written before the
@@ -585,9 +588,9 @@ impl WalSync {
     }
 
     /// Syncs the WAL file as it is now (blocking). Once `fdatasync` itself
-    /// has failed, every sync fails (a WAL file that could not be found or
-    /// opened is not such a failure: nothing was lost, and the next sync
-    /// tries again).
+    /// has failed, every sync fails (a WAL file that could not be found,
+    /// opened, or was replaced is not such a failure: nothing was lost, and
+    /// the next sync tries again).
     pub fn sync(&self) -> std::io::Result<()> {
         self.sync_with(|f| f.sync_data())
     }
@@ -610,13 +613,21 @@ impl WalSync {
             ));
         }
         let current = std::fs::metadata(&self.path)?.ino();
-        if !matches!(&*file, Some((_, ino)) if *ino == current) {
-            let opened = std::fs::OpenOptions::new().write(true).open(&self.path)?;
-            let ino = opened.metadata()?.ino();
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::File::open(dir)?.sync_all()?;
+        match &*file {
+            Some((_, first)) if *first != current => {
+                return Err(std::io::Error::other(
+                    "the WAL file was replaced under the daemon; the commits are in the one it opened first",
+                ));
             }
-            *file = Some((opened, ino));
+            Some(_) => {}
+            None => {
+                let opened = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+                let ino = opened.metadata()?.ino();
+                if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+                *file = Some((opened, ino));
+            }
         }
         let (f, _) = file.as_ref().expect("opened above");
         let synced = sync_data(f);
@@ -860,11 +871,12 @@ mod tests {
         }
     }
 
-    /// The WAL file is synced where it is now: a new file at the path (a
-    /// new inode) is opened afresh, and a missing one is an error, never a
+    /// The WAL file synced is the one opened first, which the writer
+    /// commits to: another file at its path (a new inode) fails the sync
+    /// until the first is back, and a missing one is an error, never a
     /// silent success.
     #[test]
-    fn wal_sync_follows_the_file_at_its_path() {
+    fn wal_sync_keeps_to_the_file_it_opened_first() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("x.db");
@@ -877,17 +889,18 @@ mod tests {
         let first = inode(&wal);
         assert_eq!(first, Some(std::fs::metadata(&wal_path).unwrap().ino()));
 
-        // Replaced by a new file (made before the old one goes, so the
-        // inode number cannot be reused).
-        let next = dir.path().join("x.db-wal.next");
-        std::fs::write(&next, b"second").unwrap();
-        std::fs::rename(&next, &wal_path).unwrap();
+        // The first moved away and a new file in its place (made while the
+        // first still exists, so the inode number cannot be reused).
+        let moved = dir.path().join("x.db-wal.moved");
+        std::fs::rename(&wal_path, &moved).unwrap();
+        std::fs::write(&wal_path, b"second").unwrap();
+        let replaced = wal.sync().unwrap_err();
+        assert_eq!(replaced.kind(), std::io::ErrorKind::Other);
+        assert!(!wal.failed(), "no fdatasync failed");
+        assert_eq!(inode(&wal), first);
+
+        std::fs::rename(&moved, &wal_path).unwrap();
         wal.sync().unwrap();
-        assert_ne!(inode(&wal), first);
-        assert_eq!(
-            inode(&wal),
-            Some(std::fs::metadata(&wal_path).unwrap().ino())
-        );
 
         std::fs::remove_file(&wal_path).unwrap();
         assert_eq!(wal.sync().unwrap_err().kind(), std::io::ErrorKind::NotFound);
