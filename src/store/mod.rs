@@ -670,6 +670,16 @@ mod tests {
         assert!(wal.sync().is_err());
     }
 
+    /// A database with the default settings in a folder of its own, kept
+    /// as long as the returned guard.
+    async fn temp_db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("x.db"), &Default::default())
+            .await
+            .unwrap();
+        (dir, db)
+    }
+
     /// Inserts resource `id` on the handle.
     fn insert_resource(c: &rusqlite::Connection, id: &str) -> Result<usize, sqlx::Error> {
         c.execute(
@@ -703,10 +713,7 @@ mod tests {
 
     async fn on_handle_belongs_to_the_transaction() {
         use futures_util::FutureExt;
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("x.db"), &Default::default())
-            .await
-            .unwrap();
+        let (_dir, db) = temp_db().await;
         let insert = |id: &'static str| move |c: &rusqlite::Connection| insert_resource(c, id);
         let count = count_resources;
 
@@ -739,12 +746,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_transaction_on_the_handle_keeps_all_or_nothing() {
         use futures_util::FutureExt;
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("x.db"), &Default::default())
-            .await
-            .unwrap();
-        let insert = insert_resource;
-        let count = count_resources;
+        let (_dir, db) = temp_db().await;
+        let (insert, count) = (insert_resource, count_resources);
         let mut conn = db.write.acquire().await.unwrap();
 
         let both = super::transaction_on_handle(&mut conn, |c| {
@@ -796,10 +799,7 @@ mod tests {
     /// threads (and their memory).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn syncs_wait_their_turn_without_a_thread_each() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("x.db"), &Default::default())
-            .await
-            .unwrap();
+        let (_dir, db) = temp_db().await;
         let syncs = (0..32).map(|_| db.sync_commits());
         for synced in futures_util::future::join_all(syncs).await {
             synced.unwrap();
