@@ -282,7 +282,7 @@ impl Db {
         let write =
             while_racing(|| async { Ok(write_pool.clone().connect_with(options.clone()).await?) })
                 .await?;
-        while_racing(|| async { Ok(MIGRATOR.run(&write).await?) }).await?;
+        while_racing(|| migrate(&write)).await?;
         // Migrations wrote through the writer connection, which stays open:
         // the WAL file exists from here on.
         let wal_sync = if ack_full {
@@ -438,6 +438,24 @@ where
             result => return result,
         }
     }
+}
+
+/// Applies the migrations not yet applied, through the writer pool's one
+/// connection, with foreign keys off: a migration that builds a table again
+/// (SQLite cannot change a constraint in place) drops the old one while
+/// other tables still refer to its rows, and copies them with the same keys.
+/// Each migration commits whole or not at all; foreign keys are on again
+/// afterwards, whatever happened.
+async fn migrate(write: &SqlitePool) -> Result<(), StoreError> {
+    debug_assert_eq!(write.options().get_max_connections(), 1);
+    sqlx::query("PRAGMA foreign_keys = OFF")
+        .execute(write)
+        .await?;
+    let migrated = MIGRATOR.run(write).await;
+    sqlx::query("PRAGMA foreign_keys = ON")
+        .execute(write)
+        .await?;
+    Ok(migrated?)
 }
 
 impl StoreError {
@@ -678,6 +696,142 @@ mod tests {
             .await
             .unwrap();
         (dir, db)
+    }
+
+    /// A database written before migration 9 (resources keyed by provider,
+    /// kind, id) comes through the table's rebuild whole: every resource with
+    /// its rid, so the transitions, progress and refunds that refer to it
+    /// still do; foreign keys are enforced again afterwards; and a lookup by
+    /// the provider's id alone uses the key's index, `resources_id` gone.
+    #[tokio::test]
+    async fn resources_keep_their_rids_through_the_rebuild_of_migration_9() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("migrations");
+        std::fs::create_dir(&old).unwrap();
+        for m in super::MIGRATOR.iter().filter(|m| m.version <= 8) {
+            let name = format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"));
+            std::fs::write(old.join(name), m.sql.as_bytes()).unwrap();
+        }
+        let path = dir.path().join("x.db");
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(version, 8);
+        sqlx::raw_sql(
+            "INSERT INTO resources (rid, provider, kind, id, parent_id, status, first_seen_at) VALUES
+                 (7, 'juice', 'juice.bulk_transfer', 'bulk_1', NULL, 'partial_cancellation', 't0'),
+                 (9, 'juice', 'juice.transfer', 'it_1', 'bulk_1', 'cancelled', 't0'),
+                 (12, 'stripe', 'stripe.outbound_transfer', 'obt_1', NULL, 'canceled', 't0');
+             INSERT INTO transitions (rid, provider, kind, resource_id, to_status, observed_at, trigger_type)
+                 VALUES (7, 'juice', 'juice.bulk_transfer', 'bulk_1', 'partial_cancellation', 't1', 'event'),
+                        (12, 'stripe', 'stripe.outbound_transfer', 'obt_1', 'canceled', 't1', 'event');
+             INSERT INTO progress (rid, observed_at, status, trigger_type) VALUES (7, 't1', 'partial_cancellation', 'event');
+             INSERT INTO refunds (rid, provider, kind, resource_id, status, reason, opened_at, updated_at, trigger_type)
+                 VALUES (9, 'juice', 'juice.transfer', 'it_1', 'pending', 'cancelled', 't1', 't1', 'event');",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let db = Db::open(&path, &Default::default()).await.unwrap();
+        let rows: Vec<(i64, String, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT rid, id, parent_id, status FROM resources ORDER BY rid")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        let want = [
+            (7, "bulk_1", None, Some("partial_cancellation")),
+            (9, "it_1", Some("bulk_1"), Some("cancelled")),
+            (12, "obt_1", None, Some("canceled")),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(rid, id, parent, status)| {
+                (
+                    *rid,
+                    id.to_string(),
+                    parent.map(String::from),
+                    status.map(String::from),
+                )
+            })
+            .collect();
+        assert_eq!(rows, want);
+        let dangling: Vec<(String,)> =
+            sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        assert!(dangling.is_empty(), "{dangling:?}");
+        let joined: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM transitions JOIN resources USING (rid))
+                  + (SELECT COUNT(*) FROM progress JOIN resources USING (rid))
+                  + (SELECT COUNT(*) FROM refunds JOIN resources USING (rid))",
+        )
+        .fetch_one(&db.read)
+        .await
+        .unwrap();
+        assert_eq!(joined, 4);
+
+        let indexes: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_index_list('resources') ORDER BY name")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        assert_eq!(
+            indexes,
+            [
+                "resources_parent",
+                "resources_reconcile",
+                "sqlite_autoindex_resources_1"
+            ]
+        );
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as("EXPLAIN QUERY PLAN SELECT rid FROM resources WHERE id = 'obt_1'")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        assert!(
+            plan[0].3.contains("sqlite_autoindex_resources_1 (id=?)"),
+            "{plan:?}"
+        );
+
+        // The key still answers upserts: the existing row, not a new one.
+        let mut tx = db.write.begin().await.unwrap();
+        let r = super::resources::ensure(
+            &mut tx,
+            "stripe",
+            "stripe.outbound_transfer",
+            "obt_1",
+            None,
+            None,
+            "t2",
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.rid, 12);
+        // And foreign keys hold again on the writer.
+        let orphan = sqlx::query(
+            "INSERT INTO progress (rid, observed_at, status, trigger_type) VALUES (999, 't2', 's', 'event')",
+        )
+        .execute(&mut *tx)
+        .await;
+        assert!(
+            orphan.is_err(),
+            "a row referring to no resource was written"
+        );
     }
 
     /// Inserts resource `id` on the handle.
