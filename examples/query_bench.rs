@@ -293,6 +293,17 @@ async fn main() -> anyhow::Result<()> {
         )),
         ..TransitionFilter::default()
     };
+    let old_of_kind = TransitionFilter {
+        kind: Some("juice.transfer".into()),
+        ..old.clone()
+    };
+    let week_of_provider = TransitionFilter {
+        provider: Some("stripe".into()),
+        since: Some(cancelwatch::time::fmt(
+            chrono::Utc::now() - chrono::Duration::days(7),
+        )),
+        ..TransitionFilter::default()
+    };
     let first = PageRequest::default();
 
     // A cursor deep in the by-kind listing (past half of it), reached by walking it.
@@ -319,6 +330,8 @@ async fn main() -> anyhow::Result<()> {
         ("filtered page", &filtered, &first),
         ("by kind, deep cursor", &by_kind, &deep),
         ("until -60d", &old, &first),
+        ("kind, until -60d", &old_of_kind, &first),
+        ("provider, since -7d", &week_of_provider, &first),
     ] {
         for line in queries::explain_transitions(pool, f, p).await? {
             println!("  {name:<22} {line}");
@@ -407,6 +420,16 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     println!("  transitions --until -60d (worst case: newer rows skipped)\n                                         {line}");
+    let line = time(reps.min(50), |_| async {
+        Ok(queries::transitions(pool, &old_of_kind, &first).await?)
+    })
+    .await?;
+    println!("  transitions --kind juice.transfer --until -60d\n                                         {line}");
+    let line = time(reps, |_| async {
+        Ok(queries::transitions(pool, &week_of_provider, &first).await?)
+    })
+    .await?;
+    println!("  transitions --provider stripe --since -7d\n                                         {line}");
 
     db.close().await;
     Ok(())

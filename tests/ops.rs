@@ -564,6 +564,66 @@ async fn one_resources_transitions_are_found_through_its_rid() {
     assert!(page.data.is_empty());
 }
 
+/// A listing filtered by kind, status or provider walks that column's
+/// `(column, id)` index newest first, with or without a time range: the
+/// reason migration 10 could drop the `(column, observed_at)` ones.
+#[tokio::test]
+async fn filtered_listings_walk_the_id_ordered_indexes() {
+    let (_dir, _config, db) = seeded_db().await;
+    let since = Some("2026-10-01T00:00:00Z".to_string());
+    let until = Some("2026-12-01T00:00:00Z".to_string());
+    let cases = [
+        (
+            TransitionFilter {
+                kind: Some("juice.transfer".into()),
+                until: until.clone(),
+                ..Default::default()
+            },
+            "transitions_kind_id",
+        ),
+        (
+            TransitionFilter {
+                to_status: Some("canceled".into()),
+                since: since.clone(),
+                until,
+                ..Default::default()
+            },
+            "transitions_to_id",
+        ),
+        (
+            TransitionFilter {
+                provider: Some("stripe".into()),
+                since,
+                ..Default::default()
+            },
+            "transitions_provider_id",
+        ),
+    ];
+    for (filter, index) in cases {
+        let plan = queries::explain_transitions(&db.read, &filter, &PageRequest::default())
+            .await
+            .unwrap()
+            .join("\n");
+        assert!(plan.contains(index), "{filter:?}: {plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{filter:?} sorts: {plan}");
+    }
+    let indexes: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM pragma_index_list('transitions') ORDER BY name")
+            .fetch_all(&db.read)
+            .await
+            .unwrap();
+    assert_eq!(
+        indexes,
+        [
+            "transitions_kind_id",
+            "transitions_observed",
+            "transitions_provider_id",
+            "transitions_rid",
+            "transitions_to_id"
+        ]
+    );
+}
+
 #[tokio::test]
 async fn csv_fields_are_quoted() {
     let (_dir, _config, db) = seeded_db().await;
