@@ -273,6 +273,8 @@ struct Seen<'a> {
     own: bool,
     obs: &'a Observation,
     current: resources::Resource,
+    /// Not stored yet: written whole with its state ([`resources::find_many`]).
+    new: bool,
     verdict: Verdict,
 }
 
@@ -337,17 +339,19 @@ fn write_run(
 
     // The observed resources as stored, then the children of those that are
     // not stale: children came in the same answer, so when it is stale, so are they.
+    let mut rids = resources::NewRids::default();
     let keys: Vec<_> = items.iter().map(|i| key_of(i.obs, i.context)).collect();
-    let mut seen: Vec<Seen> = resources::ensure_many(conn, &keys, now_s)?
+    let mut seen: Vec<Seen> = resources::find_many(conn, &keys, now_s, &mut rids)?
         .into_iter()
         .enumerate()
-        .map(|(i, current)| {
+        .map(|(i, (current, new))| {
             let (item, current, verdict) = judged(i, items[i].obs, current);
             Seen {
                 item,
                 own: true,
                 obs: items[item].obs,
                 current,
+                new,
                 verdict,
             }
         })
@@ -368,14 +372,15 @@ fn write_run(
             .iter()
             .map(|(item, c)| key_of(c, items[*item].context))
             .collect();
-        let stored = resources::ensure_many(conn, &keys, now_s)?;
-        for ((item, obs), current) in children.into_iter().zip(stored) {
+        let stored = resources::find_many(conn, &keys, now_s, &mut rids)?;
+        for ((item, obs), (current, new)) in children.into_iter().zip(stored) {
             let (item, current, verdict) = judged(item, obs, current);
             seen.push(Seen {
                 item,
                 own: false,
                 obs,
                 current,
+                new,
                 verdict,
             });
         }
@@ -447,14 +452,19 @@ fn write_run(
         });
     }
 
-    side.write(conn, now_s)?;
     if !stale.is_empty() {
         resources::touch_many(conn, &stale, now_s)?;
     }
+    // States first: a new resource's row must exist before the refund,
+    // progress and transition rows that refer to it.
     let updates: Vec<StateUpdate> = fresh
         .iter()
         .map(|d| StateUpdate {
             rid: d.seen.current.rid,
+            new: d
+                .seen
+                .new
+                .then(|| key_of(d.seen.obs, items[d.seen.item].context)),
             parent_id: d.seen.obs.parent_id.as_deref(),
             status: &d.seen.obs.status,
             terminal: d.seen.obs.class == StatusClass::Terminal,
@@ -474,6 +484,7 @@ fn write_run(
     } else {
         resources::update_states(conn, &updates)?
     };
+    side.write(conn, now_s)?;
     let transitions: Vec<NewTransition> = fresh
         .iter()
         .filter(|d| d.changed)
@@ -1032,6 +1043,87 @@ mod db_tests {
             .await
             .unwrap();
         assert!(refunds.is_empty(), "batch jobs move no money");
+    }
+
+    /// A resource observed for the first time is written once, whole
+    /// ([`resources::find_many`]): its row, and the rows that refer to it
+    /// (an item's refund, the transitions), come out as they do for a
+    /// resource that was stored without a status before (a cancel issued
+    /// through cancelwatch adds one so), down to the first-seen time.
+    #[tokio::test]
+    async fn a_first_observation_is_stored_as_if_added_then_updated() {
+        let (_dir_a, added, config) = db().await;
+        let (_dir_b, fresh, _) = db().await;
+        let now = time::now();
+        let now_s = time::fmt(now);
+        let observation = decode_bulk(
+            "bt_1",
+            json!({"data": {"id": "bt_1", "status": "cancelled", "updated_at": "2024-10-02T17:05:00",
+                            "items": [{"id": "it_1", "amount": 100, "status": "cancelled"},
+                                      {"id": "it_2", "amount": 200, "status": "completed"}]}}),
+            &config.juice.reversed_statuses,
+        )
+        .unwrap();
+        // In `added`, the bulk transfer and one item are there already.
+        let mut tx = added.write.begin().await.unwrap();
+        for (kind, id, parent) in [
+            ("juice.bulk_transfer", "bt_1", None),
+            ("juice.transfer", "it_2", Some("bt_1")),
+        ] {
+            resources::ensure(&mut tx, "juice", kind, id, parent, None, &now_s)
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+        for db in [&added, &fresh] {
+            let mut tx = db.write.begin().await.unwrap();
+            let trigger = Trigger::event("k1");
+            record(
+                &mut tx,
+                &config,
+                &observation,
+                &trigger,
+                None,
+                now,
+                &mut Changes::new(),
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+        async fn rows(db: &Db) -> Vec<String> {
+            let resources: Vec<String> = sqlx::query_scalar(
+                "SELECT json_array(kind, id, parent_id, status, terminal, amount, currency,
+                                   snapshot, first_seen_at, last_observed_at, status_since,
+                                   next_reconcile_at, livemode, context, not_found,
+                                   reconcile_failures, cancel_requested_at)
+                 FROM resources ORDER BY id",
+            )
+            .fetch_all(&db.read)
+            .await
+            .unwrap();
+            let linked: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT 'transition', r.id, t.to_status FROM transitions t JOIN resources r USING (rid)
+                 UNION ALL
+                 SELECT 'refund', r.id, f.status FROM refunds f JOIN resources r USING (rid)
+                 ORDER BY 1, 2",
+            )
+            .fetch_all(&db.read)
+            .await
+            .unwrap();
+            let dangling: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pragma_foreign_key_check")
+                .fetch_one(&db.read)
+                .await
+                .unwrap();
+            assert_eq!(dangling, 0);
+            resources
+                .into_iter()
+                .chain(linked.iter().map(|l| format!("{l:?}")))
+                .collect()
+        }
+        let (want, got) = (rows(&added).await, rows(&fresh).await);
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 3 + 3 + 1, "{got:#?}");
     }
 
     #[tokio::test]

@@ -146,6 +146,90 @@ pub fn ensure_many(
         .collect()
 }
 
+/// The rids of resources to be added in a write transaction, given out
+/// before their rows are written (see [`find_many`]): the next rid after
+/// the largest stored, counted on for every resource added in the
+/// transaction. Valid only while the transaction holds the write lock.
+#[derive(Debug, Default)]
+pub struct NewRids {
+    next: Option<i64>,
+}
+
+impl NewRids {
+    fn take(&mut self, conn: &rusqlite::Connection) -> Result<i64, sqlx::Error> {
+        let next = match self.next {
+            Some(next) => next,
+            None => conn
+                .query_row("SELECT COALESCE(MAX(rid), 0) + 1 FROM resources", [], |r| {
+                    r.get(0)
+                })
+                .map_err(direct_error)?,
+        };
+        self.next = Some(next + 1);
+        Ok(next)
+    }
+}
+
+/// What is stored of each resource of `keys`, read without writing it, in
+/// the order of `keys`, with whether it is new. A resource not stored yet
+/// comes back as [`ensure_many`] would add it (no status, first seen
+/// `now`), with a rid from `rids`; it must then be written by
+/// [`update_states`] in the same transaction, before anything refers to
+/// its rid. A resource observed for the first time is so written once,
+/// whole, rather than added empty and then updated.
+pub fn find_many(
+    conn: &rusqlite::Connection,
+    keys: &[ResourceKey<'_>],
+    now: &str,
+    rids: &mut NewRids,
+) -> Result<Vec<(Resource, bool)>, sqlx::Error> {
+    let mut find = conn
+        .prepare_cached(&format!(
+            "SELECT {RESOURCE_COLUMNS_NO_SNAPSHOT} FROM resources
+             WHERE id = ?1 AND provider = ?2 AND kind = ?3"
+        ))
+        .map_err(direct_error)?;
+    keys.iter()
+        .map(|k| {
+            let found = find
+                .query_row((k.id, k.provider, k.kind), resource_of_row)
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(direct_error(e)),
+                })?;
+            Ok(match found {
+                Some(row) => (row, false),
+                None => (
+                    Resource {
+                        rid: rids.take(conn)?,
+                        provider: k.provider.to_string(),
+                        kind: k.kind.to_string(),
+                        id: k.id.to_string(),
+                        parent_id: k.parent_id.map(str::to_string),
+                        status: None,
+                        terminal: false,
+                        livemode: None,
+                        amount: None,
+                        currency: None,
+                        provider_updated_at: None,
+                        status_since: None,
+                        first_seen_at: now.to_string(),
+                        last_observed_at: None,
+                        not_found: false,
+                        cancel_requested_at: None,
+                        snapshot: None,
+                        context: k.context.map(str::to_string),
+                        next_reconcile_at: None,
+                        reconcile_failures: 0,
+                    },
+                    true,
+                ),
+            })
+        })
+        .collect()
+}
+
 /// A row of [`RESOURCE_COLUMNS_NO_SNAPSHOT`] (or [`RESOURCE_COLUMNS`]), as
 /// rusqlite reads it.
 fn resource_of_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Resource> {
@@ -177,6 +261,8 @@ fn resource_of_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Resource> {
 #[derive(Debug, Clone)]
 pub struct StateUpdate<'a> {
     pub rid: i64,
+    /// Not stored yet ([`find_many`]): the row is added, with this key.
+    pub new: Option<ResourceKey<'a>>,
     pub parent_id: Option<&'a str>,
     pub status: &'a str,
     pub terminal: bool,
@@ -192,7 +278,8 @@ pub struct StateUpdate<'a> {
 }
 
 /// Writes the current state of many resources; fields an observation lacks
-/// keep their value. Returns the rows as they are now (without the snapshot
+/// keep their value. A resource [`find_many`] found new is added, with the
+/// rid it gave it. Returns the rows as they are now (without the snapshot
 /// just written), in the order of `updates`.
 pub fn update_states(
     conn: &rusqlite::Connection,
@@ -210,6 +297,10 @@ pub fn update_states(
              WHERE rid = ?1 RETURNING {RESOURCE_COLUMNS_NO_SNAPSHOT}"
         ))
         .map_err(direct_error)?;
+    // The same values, for a resource not stored yet: what it would hold
+    // had it been added empty (first seen now, the key's parent and
+    // context) and then updated as above.
+    let mut insert = None;
     updates
         .iter()
         .map(|u| {
@@ -228,7 +319,37 @@ pub fn update_states(
                 u.observed_at,
                 u.next_reconcile_at,
             ];
-            match update.query_row(params, resource_of_row) {
+            let row = match &u.new {
+                None => update.query_row(params, resource_of_row),
+                Some(key) => {
+                    let insert = match &mut insert {
+                        Some(insert) => insert,
+                        None => insert.insert(
+                            conn.prepare_cached(&format!(
+                                "INSERT INTO resources (
+                                    rid, parent_id, status, terminal, livemode, context,
+                                    amount, currency, snapshot, provider_updated_at,
+                                    status_since, last_observed_at, next_reconcile_at,
+                                    provider, kind, id, first_seen_at)
+                                 VALUES (?1, COALESCE(?2, ?17), ?3, ?4, ?5, COALESCE(?6, ?18),
+                                    ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?12)
+                                 RETURNING {RESOURCE_COLUMNS_NO_SNAPSHOT}"
+                            ))
+                            .map_err(direct_error)?,
+                        ),
+                    };
+                    let mut params = params.to_vec();
+                    params.extend_from_slice(rusqlite::params![
+                        key.provider,
+                        key.kind,
+                        key.id,
+                        key.parent_id,
+                        key.context,
+                    ]);
+                    insert.query_row(params.as_slice(), resource_of_row)
+                }
+            };
+            match row {
                 Err(rusqlite::Error::QueryReturnedNoRows) => Err(sqlx::Error::Protocol(format!(
                     "no resource with rid {}",
                     u.rid
