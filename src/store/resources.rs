@@ -3,12 +3,14 @@
 
 use sqlx::{FromRow, SqlitePool};
 
+use rusqlite::OptionalExtension;
+
 use super::{direct_error, Tx};
 
 /// A resource's stored current state: what the pipeline reads before it
 /// records, and (without its bookkeeping fields) what the API and the CLI
 /// show of it.
-#[derive(Debug, Clone, FromRow, serde::Serialize)]
+#[derive(Debug, Clone, Default, FromRow, serde::Serialize)]
 pub struct Resource {
     #[serde(skip)]
     pub rid: i64,
@@ -193,11 +195,8 @@ pub fn find_many(
         .map(|k| {
             let found = find
                 .query_row((k.id, k.provider, k.kind), resource_of_row)
-                .map(Some)
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                    e => Err(direct_error(e)),
-                })?;
+                .optional()
+                .map_err(direct_error)?;
             Ok(match found {
                 Some(row) => (row, false),
                 None => (
@@ -207,21 +206,9 @@ pub fn find_many(
                         kind: k.kind.to_string(),
                         id: k.id.to_string(),
                         parent_id: k.parent_id.map(str::to_string),
-                        status: None,
-                        terminal: false,
-                        livemode: None,
-                        amount: None,
-                        currency: None,
-                        provider_updated_at: None,
-                        status_since: None,
                         first_seen_at: now.to_string(),
-                        last_observed_at: None,
-                        not_found: false,
-                        cancel_requested_at: None,
-                        snapshot: None,
                         context: k.context.map(str::to_string),
-                        next_reconcile_at: None,
-                        reconcile_failures: 0,
+                        ..Resource::default()
                     },
                     true,
                 ),
