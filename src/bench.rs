@@ -229,23 +229,8 @@ impl Report {
                 percentile(&e.latencies_ms, 1.0)
             );
         }
-        if !self.writer_uses.is_empty() {
-            let shares: Vec<String> = self
-                .writer_uses
-                .iter()
-                .map(|u| {
-                    let p99 = u
-                        .hold_p99_ms
-                        .map_or(String::new(), |ms| format!("; p99 hold ≤ {ms} ms"));
-                    format!(
-                        "{} {:.0}% ({:.0} µs a delivery{p99})",
-                        u.what,
-                        u.share * 100.0,
-                        self.per_delivery_us(u.held)
-                    )
-                })
-                .collect();
-            println!("daemon writer connection held: {}", shares.join(", "));
+        if let Some(line) = self.writer_line() {
+            println!("{line}");
         }
         if let (Some(daemon), Some(bench)) = (self.daemon_cpu, self.bench_cpu) {
             println!(
@@ -305,9 +290,51 @@ impl Report {
     /// (accepted, duplicate or refused: a forged flood is measured per
     /// refusal), in µs: unlike a share of the run, comparable between runs
     /// of other lengths and rates.
+    /// The share of the run each use held the writer connection, its time
+    /// a delivery, deliveries answered a hold (a group commit's size, a
+    /// claim's, a record turn's) and p99 hold; `None` without figures.
+    fn writer_line(&self) -> Option<String> {
+        if self.writer_uses.is_empty() {
+            return None;
+        }
+        let shares: Vec<String> = self
+            .writer_uses
+            .iter()
+            .map(|u| {
+                let p99 = u
+                    .hold_p99_ms
+                    .map_or(String::new(), |ms| format!("; p99 hold ≤ {ms} ms"));
+                // Of a use that barely held it (`other`: a prune, a
+                // reconcile), the size says nothing.
+                let each = match u.holds {
+                    _ if u.share < 0.01 => String::new(),
+                    0 => String::new(),
+                    n => format!(
+                        "; {:.0} deliveries a hold",
+                        self.answered() as f64 / n as f64
+                    ),
+                };
+                format!(
+                    "{} {:.0}% ({:.0} µs a delivery{each}{p99})",
+                    u.what,
+                    u.share * 100.0,
+                    self.per_delivery_us(u.held)
+                )
+            })
+            .collect();
+        Some(format!(
+            "daemon writer connection held: {}",
+            shares.join(", ")
+        ))
+    }
+
     fn per_delivery_us(&self, seconds: f64) -> f64 {
-        let answered = self.accepted + self.duplicates + self.refused;
-        seconds * 1e6 / answered.max(1) as f64
+        seconds * 1e6 / self.answered().max(1) as f64
+    }
+
+    /// Deliveries answered: accepted, duplicate or refused.
+    fn answered(&self) -> u64 {
+        self.accepted + self.duplicates + self.refused
     }
 }
 
@@ -561,6 +588,9 @@ pub struct WriterUse {
     pub share: f64,
     /// How long, in all, it held the connection, in seconds.
     pub held: f64,
+    /// How many times it took the connection (an acknowledgement's group
+    /// commit, a claim, a record turn).
+    pub holds: u64,
     /// The bucket bound in ms of the p99 of one hold: how long an
     /// acknowledgement may wait behind one.
     pub hold_p99_ms: Option<f64>,
@@ -571,9 +601,10 @@ pub struct WriterUse {
 fn writer_uses(metrics: &str, seconds: f64) -> Vec<WriterUse> {
     parse_writer_hold(metrics)
         .into_iter()
-        .map(|(what, held)| WriterUse {
+        .map(|(what, held, holds)| WriterUse {
             share: held / seconds.max(f64::MIN_POSITIVE),
             held,
+            holds,
             hold_p99_ms: quantile_bound_ms(
                 metrics,
                 "cancelwatch_writer_hold_seconds",
@@ -670,14 +701,29 @@ fn quantile_bound_ms(
         .filter(|ms| ms.is_finite())
 }
 
-/// `(use, seconds)` of each `cancelwatch_writer_hold_seconds_sum` line.
-fn parse_writer_hold(metrics: &str) -> Vec<(String, f64)> {
+/// `(use, seconds, holds)` of each use of the writer connection, from the
+/// `cancelwatch_writer_hold_seconds` histogram's `_sum` and `_count` lines,
+/// in the order of the `_sum` lines.
+fn parse_writer_hold(metrics: &str) -> Vec<(String, f64, u64)> {
+    let of = |suffix: &str, line: &str| -> Option<(String, String)> {
+        let rest = line
+            .strip_prefix("cancelwatch_writer_hold_seconds")?
+            .strip_prefix(suffix)?
+            .strip_prefix("{use=\"")?;
+        let (what, value) = rest.split_once("\"} ")?;
+        Some((what.to_string(), value.trim().to_string()))
+    };
+    let counts: Vec<(String, String)> = metrics.lines().filter_map(|l| of("_count", l)).collect();
     metrics
         .lines()
         .filter_map(|line| {
-            let rest = line.strip_prefix("cancelwatch_writer_hold_seconds_sum{use=\"")?;
-            let (what, value) = rest.split_once("\"} ")?;
-            Some((what.to_string(), value.trim().parse().ok()?))
+            let (what, sum) = of("_sum", line)?;
+            let holds = counts
+                .iter()
+                .find(|(w, _)| *w == what)
+                .and_then(|(_, n)| n.parse::<f64>().ok())
+                .map_or(0, |n| n as u64);
+            Some((what, sum.parse().ok()?, holds))
         })
         .collect()
 }
@@ -1026,7 +1072,10 @@ mod tests {
             cancelwatch_inbox_depth 4\n";
         assert_eq!(
             parse_writer_hold(text),
-            vec![("claim".to_string(), 0.25), ("record".to_string(), 1.5)]
+            vec![
+                ("claim".to_string(), 0.25, 9),
+                ("record".to_string(), 1.5, 0)
+            ]
         );
     }
 
@@ -1095,6 +1144,7 @@ mod tests {
                     what: what.into(),
                     share,
                     held: share * 2.0,
+                    holds: 0,
                     hold_p99_ms: None,
                 })
                 .into(),
@@ -1132,7 +1182,8 @@ mod tests {
                 what: "acknowledge".into(),
                 share: 0.5,
                 held: 1.0,
-                hold_p99_ms: None,
+                holds: 50,
+                hold_p99_ms: Some(7.5),
             }],
             daemon_ack_p99_ms: None,
             daemon_ack_steps: Vec::new(),
@@ -1146,6 +1197,11 @@ mod tests {
             report.summary(),
             "forged: 0/s accepted, ack p99 1.0 ms; daemon CPU 200 µs a delivery; \
              writer held 50% (250 µs a delivery)"
+        );
+        assert_eq!(
+            report.writer_line().unwrap(),
+            "daemon writer connection held: acknowledge 50% (250 µs a delivery; \
+             80 deliveries a hold; p99 hold ≤ 7.5 ms)"
         );
     }
 
