@@ -86,8 +86,8 @@ pub async fn find(
     .await
 }
 
-/// A resource to ensure: its key, and what is known of it before its first
-/// observation.
+/// A resource to find or add ([`find_many`], [`ensure`]): its key, and
+/// what is known of it before its first observation.
 #[derive(Debug, Clone, Copy)]
 pub struct ResourceKey<'a> {
     pub provider: &'a str,
