@@ -1214,9 +1214,18 @@ async fn listing_events_follows_every_page() {
 
 /// A provider asking for a longer pause than a call waits inline gets it:
 /// the delivery is retried no earlier than its `Retry-After`.
+/// A rate limit (429) is the provider asking us to slow down, not a fault of
+/// the delivery: it waits what was asked, without using up an attempt, so
+/// even a delivery allowed a single attempt comes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_retry_after_is_honoured_between_attempts() {
-    let (sim, daemon) = start_pair().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = sim_for(Some(format!("http://{}", listener.local_addr().unwrap()))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), &sim.base_url());
+    config.workers.max_attempts = 1;
+    let daemon = start_daemon(listener, config, dir);
+    wait_ready(&daemon.url).await;
     let pool = daemon.reader().await;
     // Every call of the first attempt is rate limited for 3 s (over the 1 s inline cap).
     sim.faults().rate_limit_next(1, 3);
@@ -1228,14 +1237,18 @@ async fn a_long_retry_after_is_honoured_between_attempts() {
     let key = step.deliveries[0].event_id().unwrap().to_string();
     let deadline = tokio::time::Instant::now() + WAIT;
     let (received, next): (String, String) = loop {
-        let row: (String, String, String) = sqlx::query_as(
-            "SELECT state, received_at, next_attempt_at FROM inbox WHERE dedupe_key = ?",
+        let row: (String, String, String, i64, Option<String>) = sqlx::query_as(
+            "SELECT state, received_at, next_attempt_at, attempts, last_error
+             FROM inbox WHERE dedupe_key = ?",
         )
         .bind(&key)
         .fetch_one(&pool)
         .await
         .unwrap();
-        if row.0 == "failed" {
+        if let Some(error) = row.4.as_deref() {
+            assert_eq!(row.0, "pending", "{error}");
+            assert_eq!(row.3, 0, "a rate limit does not use up an attempt");
+            assert!(error.contains("rate limited"), "{error}");
             break (row.1, row.2);
         }
         assert_ne!(row.0, "processed", "the rate limit was not seen");

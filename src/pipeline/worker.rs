@@ -180,6 +180,15 @@ pub enum Outcome {
     /// Our credentials were refused or are missing: the attempt is given
     /// back uncounted, and the delivery waits for a working key.
     Released(String),
+    /// The provider rate-limits us (429): the attempt is given back
+    /// uncounted, and the delivery waits what the provider asked for (or
+    /// else the backoff its next attempt would have had). A rate limit that
+    /// lasts (Juice allows 120 reads a minute) must not turn deliveries
+    /// into dead letters.
+    RateLimited {
+        error: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// What writing an outcome did.
@@ -198,6 +207,10 @@ pub enum Written {
     },
     Dead(String),
     Released {
+        error: String,
+        next_attempt_at: String,
+    },
+    RateLimited {
         error: String,
         next_attempt_at: String,
     },
@@ -644,6 +657,10 @@ async fn decide_inner(ctx: &Context, d: &Delivery) -> Outcome {
                     Outcome::Released(e.to_string())
                 }
                 Err(ApiError::NotFound(detail)) => Outcome::NotFound { target, detail },
+                Err(e @ ApiError::RateLimited { retry_after, .. }) => Outcome::RateLimited {
+                    retry_after,
+                    error: e.to_string(),
+                },
                 Err(e) => Outcome::Failed {
                     retry_after: match &e {
                         ApiError::Retryable { retry_after, .. } => *retry_after,
@@ -1061,17 +1078,49 @@ async fn write_outcome(
         }
         Outcome::Released(error) => {
             let wait = Duration::from_secs(config.workers.backoff_max_secs.clamp(1, 60));
-            let next = time::fmt(now + chrono::Duration::from_std(wait).unwrap_or_default());
-            let done = store::inbox::release(tx, d.id, lease_until, error, &next).await?;
-            Ok(finished(
-                done,
-                Written::Released {
+            let next = release(tx, d, lease_until, error, wait).await?;
+            Ok(
+                next.map_or(Written::LeaseLost, |next_attempt_at| Written::Released {
                     error: error.clone(),
-                    next_attempt_at: next,
-                },
-            ))
+                    next_attempt_at,
+                }),
+            )
+        }
+        Outcome::RateLimited { error, retry_after } => {
+            let wait = retry_after.unwrap_or_else(|| next_backoff(config, d));
+            let next = release(tx, d, lease_until, error, wait).await?;
+            Ok(
+                next.map_or(Written::LeaseLost, |next_attempt_at| Written::RateLimited {
+                    error: error.clone(),
+                    next_attempt_at,
+                }),
+            )
         }
     }
+}
+
+/// Gives the attempt back uncounted: the delivery is pending again, due
+/// after `wait`. The time it is due, or `None` when the lease was lost.
+async fn release(
+    tx: &mut Tx<'_>,
+    d: &Delivery,
+    lease_until: &str,
+    error: &str,
+    wait: Duration,
+) -> Result<Option<String>, sqlx::Error> {
+    let next = time::fmt(time::now() + chrono::Duration::from_std(wait).unwrap_or_default());
+    let done = store::inbox::release(tx, d.id, lease_until, error, &next).await?;
+    Ok(done.then_some(next))
+}
+
+/// The wait before a delivery's next attempt, after `d.attempts` of them.
+fn next_backoff(config: &Config, d: &Delivery) -> Duration {
+    let w = &config.workers;
+    backoff(
+        Duration::from_millis(w.backoff_base_ms.max(1)),
+        Duration::from_secs(w.backoff_max_secs.max(1)),
+        d.attempts.max(1) as u32,
+    )
 }
 
 /// A failed attempt: retry later with backoff (at least what the provider
@@ -1087,12 +1136,7 @@ async fn write_failure(
 ) -> Result<Written, sqlx::Error> {
     let w = &config.workers;
     let dead = d.attempts >= i64::from(w.max_attempts);
-    let wait = backoff(
-        Duration::from_millis(w.backoff_base_ms.max(1)),
-        Duration::from_secs(w.backoff_max_secs.max(1)),
-        d.attempts.max(1) as u32,
-    )
-    .max(retry_after.unwrap_or_default());
+    let wait = next_backoff(config, d).max(retry_after.unwrap_or_default());
     let next = time::fmt(time::now() + chrono::Duration::from_std(wait).unwrap_or_default());
     if !store::inbox::fail(tx, d.id, lease_until, error, &next, dead).await? {
         return Ok(Written::LeaseLost);
@@ -1137,6 +1181,14 @@ fn report(d: &Delivery, written: &Written) {
             next_attempt_at,
         } => {
             tracing::error!(%error, %next_attempt_at, "PROVIDER CREDENTIALS REFUSED OR MISSING: the delivery stays pending until the API key works")
+        }
+        Written::RateLimited {
+            error,
+            next_attempt_at,
+        } => {
+            metrics::counter!("cancelwatch_deliveries_rate_limited_total", "provider" => provider_name(d))
+                .increment(1);
+            tracing::warn!(%error, %next_attempt_at, "the provider rate-limits us: the delivery waits, its attempt not counted")
         }
         Written::LeaseLost => tracing::warn!(
             "the lease ran out before the delivery was finished; this attempt is dropped"

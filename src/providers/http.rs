@@ -91,6 +91,10 @@ impl Answer {
         match self.status {
             404 => ApiError::NotFound(detail),
             401 | 403 => ApiError::Unauthorized(detail),
+            429 if self.retryable() => ApiError::RateLimited {
+                retry_after: self.retry_after(),
+                message: detail,
+            },
             _ if self.retryable() => ApiError::Retryable {
                 retry_after: self.retry_after(),
                 message: detail,
@@ -275,6 +279,14 @@ mod tests {
         assert!(matches!(
             answer(503, &[("stripe-should-retry", "false")], "").into_error("x"),
             ApiError::Permanent(_)
+        ));
+        assert!(matches!(
+            answer(503, &[("retry-after", "3")], "").into_error("x"),
+            ApiError::Retryable { .. }
+        ));
+        assert!(matches!(
+            answer(429, &[("retry-after", "3")], "").into_error("x"),
+            ApiError::RateLimited { retry_after: Some(d), .. } if d == Duration::from_secs(3)
         ));
     }
 

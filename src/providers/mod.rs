@@ -263,9 +263,17 @@ pub struct CancelAnswer {
 /// Why a provider call did not give an answer to use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
-    /// Worth another try later (network, timeout, 5xx, 409, 429).
+    /// Worth another try later (network, timeout, 5xx, 409).
     #[error("{message}")]
     Retryable {
+        message: String,
+        /// What the provider asked for (`Retry-After`, Juice `retry_after`).
+        retry_after: Option<Duration>,
+    },
+    /// 429: the provider asks us to slow down. Nothing is wrong with the
+    /// request, so a delivery waits for it without using up an attempt.
+    #[error("rate limited: {message}")]
+    RateLimited {
         message: String,
         /// What the provider asked for (`Retry-After`, Juice `retry_after`).
         retry_after: Option<Duration>,
@@ -289,6 +297,7 @@ impl ApiError {
     pub fn label(&self) -> &'static str {
         match self {
             ApiError::Retryable { .. } => "retryable",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::NotConfigured(_) => "not_configured",
