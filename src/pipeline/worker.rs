@@ -63,6 +63,14 @@ const LINGER: Duration = Duration::from_millis(2);
 /// connection while it runs, and an acknowledgement may wait behind one, so
 /// this bounds that wait (a few milliseconds) as well.
 const WRITE_BATCH: usize = 256;
+/// The recorder's queue, in slots (`workers.concurrency`): decided
+/// outcomes wait there for their turn at the writer. A slot comes back
+/// once its outcome is queued, so a queue as long as the slots held slots
+/// while a turn was written, and turns stayed at about half the slots (33
+/// deliveries at 32 slots); four times as long, turns gather about 57 and
+/// the writer's time a delivery falls by a fifth (README, Performance,
+/// item 32). The provider still sees no more than the slots at once.
+const RECORDER_QUEUE_PER_SLOT: usize = 4;
 /// The long-running tasks [`spawn`] starts: the feeder and the recorder.
 pub const TASKS: usize = 2;
 
@@ -239,7 +247,7 @@ pub fn spawn(
     alive: Arc<AtomicUsize>,
 ) -> Arc<Handoff> {
     let concurrency = ctx.config.workers.concurrency.max(1);
-    let (decided, outcomes) = mpsc::channel(concurrency);
+    let (decided, outcomes) = mpsc::channel(RECORDER_QUEUE_PER_SLOT * concurrency);
     let handoff = Arc::new(Handoff {
         ctx: ctx.clone(),
         slots: Arc::new(Semaphore::new(concurrency)),
@@ -522,8 +530,8 @@ fn delivery_span(d: &Delivery) -> tracing::Span {
 
 /// One claimed delivery: decide it, then queue it for the recorder. The
 /// slot comes back once the outcome is in the recorder's queue, not once it
-/// is written: a slot bounds the calls to the provider, and the queue (as
-/// long as `workers.concurrency`) bounds what waits for the writer. Holding
+/// is written: a slot bounds the calls to the provider, and the queue
+/// ([`RECORDER_QUEUE_PER_SLOT`]) bounds what waits for the writer. Holding
 /// slots through the write kept the recorder's batches below the slots'
 /// number, and its per-turn cost weighed on each delivery. The lease, not
 /// the slot, keeps a resource's next delivery back until this one is written.
