@@ -118,6 +118,10 @@ pub struct StripeConfig {
     pub tolerance_secs: i64,
     /// Event types followed besides the outbound-transfer and batch-job ones.
     pub follow_event_types: Vec<String>,
+    /// Our own budget of API requests a second (0: none; see
+    /// `providers::limit`), and how many may go at once.
+    pub rate_limit_per_second: f64,
+    pub rate_limit_burst: u32,
 }
 
 impl Default for StripeConfig {
@@ -129,6 +133,11 @@ impl Default for StripeConfig {
             webhook_secrets: Vec::new(),
             tolerance_secs: 300,
             follow_event_types: Vec::new(),
+            // Stripe's limits depend on the account and the mode (about 100
+            // requests a second in live mode, 25 in test mode), and
+            // `workers.concurrency` already bounds the calls in flight.
+            rate_limit_per_second: 0.0,
+            rate_limit_burst: 0,
         }
     }
 }
@@ -145,6 +154,10 @@ pub struct JuiceConfig {
     pub reversed_statuses: Vec<String>,
     /// Events that announce a reversal of one transfer (its id in `data`).
     pub reversal_events: Vec<String>,
+    /// Our own budget of API requests a second (0: none; see
+    /// `providers::limit`), and how many may go at once.
+    pub rate_limit_per_second: f64,
+    pub rate_limit_burst: u32,
 }
 
 impl Default for JuiceConfig {
@@ -159,6 +172,10 @@ impl Default for JuiceConfig {
                 "bulk_transfer.transfer.reversed".into(),
                 "bulk_transfer.transfer.refunded".into(),
             ],
+            // Juice's documented limit on GET details: 120 a minute per key,
+            // bursts of 20.
+            rate_limit_per_second: 2.0,
+            rate_limit_burst: 20,
         }
     }
 }
@@ -511,6 +528,20 @@ impl Config {
         if self.juice.checksum_keys.iter().any(|s| s.is_empty()) {
             return Err(invalid("juice.checksum_keys", "holds an empty key"));
         }
+        for (key, rate) in [
+            (
+                "stripe.rate_limit_per_second",
+                self.stripe.rate_limit_per_second,
+            ),
+            (
+                "juice.rate_limit_per_second",
+                self.juice.rate_limit_per_second,
+            ),
+        ] {
+            if !(rate.is_finite() && rate >= 0.0) {
+                return Err(invalid(key, "must be 0 (no limit) or above"));
+            }
+        }
         if !["raw", "bearer"].contains(&self.juice.auth_scheme.as_str()) {
             return Err(invalid(
                 "juice.auth_scheme",
@@ -736,6 +767,16 @@ mod tests {
             toml::to_string(&example).unwrap(),
             toml::to_string(&Config::default()).unwrap()
         );
+    }
+
+    #[test]
+    fn a_rate_limit_below_zero_is_refused() {
+        let mut c = Config::default();
+        c.juice.rate_limit_per_second = -1.0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("juice.rate_limit_per_second"), "{e}");
+        c.juice.rate_limit_per_second = 0.0;
+        c.validate().unwrap();
     }
 
     #[test]

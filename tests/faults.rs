@@ -109,6 +109,8 @@ fn daemon_env(api_base: &str) -> Vec<(&'static str, String)> {
         ("CANCELWATCH_WORKERS__BACKOFF_MAX_SECS", "1".into()),
         ("CANCELWATCH_WORKERS__MAX_ATTEMPTS", "50".into()),
         ("CANCELWATCH_RECONCILE__INTERVAL_SECS", "3600".into()),
+        // The simulator does not limit its callers (Juice does: 2 a second).
+        ("CANCELWATCH_JUICE__RATE_LIMIT_PER_SECOND", "0".into()),
     ]
 }
 

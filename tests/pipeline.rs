@@ -120,11 +120,17 @@ fn start_daemon(
 
 /// A simulator and a daemon that know each other.
 async fn start_pair() -> (Simulator, Daemon) {
+    start_pair_with(|_| {}).await
+}
+
+/// [`start_pair`], the daemon's configuration changed by `adjust`.
+async fn start_pair_with(adjust: impl FnOnce(&mut Config)) -> (Simulator, Daemon) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let sim = sim_for(Some(url)).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config_for(dir.path(), &sim.base_url());
+    let mut config = config_for(dir.path(), &sim.base_url());
+    adjust(&mut config);
     let daemon = start_daemon(listener, config, dir);
     wait_ready(&daemon.url).await;
     (sim, daemon)
@@ -363,6 +369,44 @@ async fn no_more_provider_calls_at_once_than_workers() {
     daemon.stop().await;
 }
 
+/// With a request budget, calls to the provider are spaced at its rate; a
+/// call whose turn lies further off than a call may wait is not made, and
+/// its delivery waits for that turn without using up an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_budget_spaces_the_calls_and_costs_no_attempt() {
+    // Two calls a second, one at a time: of the four workers' first calls,
+    // the fourth would start 1.5 s on, past the 1 s a call may wait.
+    let (sim, daemon) = start_pair_with(|config| {
+        config.stripe.rate_limit_per_second = 2.0;
+        config.stripe.rate_limit_burst = 1;
+        config.workers.max_attempts = 1;
+    })
+    .await;
+    let pool = daemon.reader().await;
+    let started = tokio::time::Instant::now();
+    let expected = announce_transfers(&sim, 8, Duration::ZERO).await;
+    wait_all_processed(&pool, &expected).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(3_400),
+        "8 calls at 2 a second took only {took:?}"
+    );
+    let gets = sim.requests().iter().filter(|r| r.method == "GET").count();
+    assert_eq!(gets, 8, "one call a transfer, none refused by the provider");
+    let dead: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE state = 'dead'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "waiting for the budget used up no attempt");
+    let not_sent = metric(
+        &daemon.url,
+        r#"cancelwatch_fetch_errors_total{provider="stripe",reason="budget"}"#,
+    )
+    .await;
+    assert!(not_sent > 0, "no call had to wait past its limit");
+    daemon.stop().await;
+}
+
 /// The feeder claims deliveries ahead of the free workers (twice as many as
 /// there are workers); at shutdown those no worker started are given back:
 /// pending again with their attempt uncounted, not left leased until their
@@ -418,14 +462,11 @@ async fn claims_no_worker_started_are_given_back_at_shutdown() {
 /// processed in one counted attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_claim_that_waited_past_half_its_lease_is_given_back() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = sim_for(Some(format!("http://{}", listener.local_addr().unwrap()))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config_for(dir.path(), &sim.base_url());
-    config.workers.lease_secs = 4;
-    config.workers.fetch_timeout_secs = 10;
-    let daemon = start_daemon(listener, config, dir);
-    wait_ready(&daemon.url).await;
+    let (sim, daemon) = start_pair_with(|config| {
+        config.workers.lease_secs = 4;
+        config.workers.fetch_timeout_secs = 10;
+    })
+    .await;
     let pool = daemon.reader().await;
     // Each fetch takes 2.5 s: those claimed behind the 4 busy workers wait
     // that long, past half the 4 s lease (a started one ends 1.5 s before
@@ -739,15 +780,11 @@ async fn backfill_takes_in_missing_events_and_replay_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_api_key_keeps_deliveries_pending() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let sim = sim_for(Some(url)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config_for(dir.path(), &sim.base_url());
-    config.stripe.api_key = "sk_test_wrong".into();
-    config.workers.max_attempts = 1;
-    let daemon = start_daemon(listener, config, dir);
-    wait_ready(&daemon.url).await;
+    let (sim, daemon) = start_pair_with(|config| {
+        config.stripe.api_key = "sk_test_wrong".into();
+        config.workers.max_attempts = 1;
+    })
+    .await;
     let pool = daemon.reader().await;
     let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
     sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
@@ -863,6 +900,11 @@ async fn new_deliveries_go_straight_to_free_workers_but_never_past_a_lease() {
 
 /// The daemon's count of deliveries handed to a worker by their own commit.
 async fn handed_over(url: &str) -> u64 {
+    metric(url, "cancelwatch_inbox_handed_over_total").await
+}
+
+/// One series of the daemon's `/metrics` (0 when it is not there yet).
+async fn metric(url: &str, series: &str) -> u64 {
     let metrics = reqwest::get(format!("{url}/metrics"))
         .await
         .unwrap()
@@ -871,7 +913,7 @@ async fn handed_over(url: &str) -> u64 {
         .unwrap();
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("cancelwatch_inbox_handed_over_total "))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
@@ -1213,19 +1255,13 @@ async fn listing_events_follows_every_page() {
 }
 
 /// A provider asking for a longer pause than a call waits inline gets it:
-/// the delivery is retried no earlier than its `Retry-After`.
-/// A rate limit (429) is the provider asking us to slow down, not a fault of
-/// the delivery: it waits what was asked, without using up an attempt, so
-/// even a delivery allowed a single attempt comes through.
+/// the delivery is retried no earlier than its `Retry-After`. A rate limit
+/// (429) is the provider asking us to slow down, not a fault of the
+/// delivery: the wait uses up no attempt, so even a delivery allowed a
+/// single attempt comes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_retry_after_is_honoured_between_attempts() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = sim_for(Some(format!("http://{}", listener.local_addr().unwrap()))).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config_for(dir.path(), &sim.base_url());
-    config.workers.max_attempts = 1;
-    let daemon = start_daemon(listener, config, dir);
-    wait_ready(&daemon.url).await;
+    let (sim, daemon) = start_pair_with(|config| config.workers.max_attempts = 1).await;
     let pool = daemon.reader().await;
     // Every call of the first attempt is rate limited for 3 s (over the 1 s inline cap).
     sim.faults().rate_limit_next(1, 3);

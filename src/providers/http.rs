@@ -3,12 +3,14 @@
 //! 5xx, honouring `Retry-After` (and Juice's `retry_after`) and
 //! `Stripe-Should-Retry`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::Method;
 
+use super::limit::RateLimit;
 use super::ApiError;
 use crate::config::WorkerConfig;
 
@@ -114,12 +116,20 @@ pub struct HttpClient {
     backoff_base: Duration,
     backoff_max: Duration,
     /// Longest wait between two tries within one call; a provider asking for
-    /// more gets the error back, and the caller retries later.
+    /// more gets the error back, and the caller retries later. Also the
+    /// longest wait for the request budget.
     inline_wait_cap: Duration,
+    /// Our own budget of requests to this provider, shared by every clone.
+    limit: Option<Arc<RateLimit>>,
 }
 
 impl HttpClient {
-    pub fn new(provider: &'static str, base: &str, workers: &WorkerConfig) -> HttpClient {
+    pub fn new(
+        provider: &'static str,
+        base: &str,
+        workers: &WorkerConfig,
+        limit: Option<RateLimit>,
+    ) -> HttpClient {
         let timeout = Duration::from_secs(workers.fetch_timeout_secs.max(1));
         let client = reqwest::Client::builder()
             .timeout(timeout)
@@ -135,6 +145,7 @@ impl HttpClient {
             backoff_base: Duration::from_millis(workers.backoff_base_ms.max(1)),
             backoff_max: Duration::from_secs(workers.backoff_max_secs.max(1)),
             inline_wait_cap: timeout,
+            limit: limit.map(Arc::new),
         }
     }
 
@@ -156,6 +167,21 @@ impl HttpClient {
         }
         let mut attempt = 1;
         loop {
+            if let Some(limit) = &self.limit {
+                if let Err(booked) = limit.acquire(self.inline_wait_cap).await {
+                    metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "budget")
+                        .increment(1);
+                    return Err(ApiError::RateLimited {
+                        message: format!(
+                            "{} {method} {path}: not sent, our request budget for {} is booked for the next {:.1} s",
+                            self.provider,
+                            self.provider,
+                            booked.as_secs_f64()
+                        ),
+                        retry_after: Some(booked),
+                    });
+                }
+            }
             let mut request = self
                 .client
                 .request(method.clone(), &url)

@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod juice;
+pub mod limit;
 pub mod stripe;
 
 use std::sync::Arc;

@@ -6,6 +6,7 @@ use reqwest::Method;
 use super::objects;
 use crate::config::{JuiceConfig, WorkerConfig};
 use crate::providers::http::{Answer, HttpClient};
+use crate::providers::limit::RateLimit;
 use crate::providers::{safe_id, ApiError, CancelAnswer, CancelOutcome, Observation};
 
 /// A Juice API client.
@@ -24,7 +25,12 @@ impl JuiceApi {
             config.api_key.clone()
         };
         JuiceApi {
-            http: HttpClient::new(super::NAME, &config.api_base, workers),
+            http: HttpClient::new(
+                super::NAME,
+                &config.api_base,
+                workers,
+                RateLimit::new(config.rate_limit_per_second, config.rate_limit_burst),
+            ),
             authorization,
             reversed_statuses: config.reversed_statuses.clone(),
         }

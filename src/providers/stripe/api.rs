@@ -9,6 +9,7 @@ use super::event::{BATCH_JOB, OUTBOUND_TRANSFER};
 use super::objects;
 use crate::config::{StripeConfig, WorkerConfig};
 use crate::providers::http::{Answer, HttpClient};
+use crate::providers::limit::RateLimit;
 use crate::providers::{safe_id, ApiError, CancelAnswer, CancelOutcome, Observation, Target};
 
 /// Events asked for per page when backfilling.
@@ -49,7 +50,12 @@ pub struct StripeApi {
 impl StripeApi {
     pub fn new(config: &StripeConfig, workers: &WorkerConfig) -> StripeApi {
         StripeApi {
-            http: HttpClient::new(super::NAME, &config.api_base, workers),
+            http: HttpClient::new(
+                super::NAME,
+                &config.api_base,
+                workers,
+                RateLimit::new(config.rate_limit_per_second, config.rate_limit_burst),
+            ),
             api_key: config.api_key.clone(),
             api_version: config.api_version.clone(),
         }
