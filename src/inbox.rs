@@ -9,9 +9,10 @@
 //! `database.group_commit = false` every delivery gets a transaction of its
 //! own (the baseline the benchmark compares against).
 //!
-//! When the pipeline has free slots, the same commit leases the new
-//! deliveries it stores and hands them over ([`Handoff`]): they need no
-//! claim transaction of their own.
+//! When the pipeline has room (a free slot, or a free place in the queue
+//! ahead of the slots), the same commit leases the new deliveries it
+//! stores and hands them over ([`Handoff`]): they need no claim
+//! transaction of their own.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
@@ -131,7 +132,7 @@ impl Inbox {
         )
     }
 
-    /// From now on new deliveries go straight to the pipeline's free slots.
+    /// From now on new deliveries go straight to the pipeline when it has room.
     pub fn hand_to(&self, handoff: Arc<Handoff>) {
         if self.handoff.set(handoff).is_err() {
             tracing::warn!("the inbox already hands its deliveries to a pipeline");

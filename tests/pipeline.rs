@@ -1929,3 +1929,81 @@ async fn a_claim_and_a_command_beside_the_daemon_take_turns() {
         .expect("the command's write went through after the claim");
     daemon.db.close().await;
 }
+
+/// New deliveries beyond the free slots are leased by the commit that
+/// stores them and queued for the feeder's next free slot, as far as its
+/// queue (twice the slots) has room; every one of them is decided, none is
+/// left leased until its lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deliveries_beyond_the_free_slots_wait_in_the_feeders_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(dir.path(), "http://127.0.0.1:9");
+    config.workers.concurrency = 1;
+    config.workers.lease_secs = 60;
+    // The feeder claims only when woken: nothing here wakes it.
+    config.workers.poll_interval_ms = 60_000;
+    let ctx = std::sync::Arc::new(Context::open(config).await.unwrap());
+    let mut tasks = tokio::task::JoinSet::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handoff = pipeline::worker::spawn(
+        ctx.clone(),
+        &mut tasks,
+        shutdown.clone(),
+        std::sync::Arc::default(),
+    );
+    // Let the feeder's first claim (of an empty inbox) pass.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // One slot and a queue of two: of five wanted, three are reserved, and
+    // then nothing is free.
+    let reserved = handoff.reserve(5);
+    assert_eq!(reserved.len(), 3);
+    assert_eq!(handoff.reserve(5).len(), 0);
+
+    let keys = ["q-1", "q-2", "q-3"];
+    insert_by_hand(
+        &ctx,
+        &keys.map(|k| (k, Some(k))), // one resource each
+    )
+    .await;
+    let mut leased = Vec::new();
+    for key in keys {
+        sqlx::query(
+            "UPDATE inbox SET state = 'processing', attempts = 1, lease_until = ?
+             WHERE dedupe_key = ?",
+        )
+        .bind(&reserved.lease_until)
+        .bind(key)
+        .execute(&ctx.db.write)
+        .await
+        .unwrap();
+        leased.push(
+            store::inbox::by_key(&ctx.db.read, key)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    handoff.start(leased, reserved);
+
+    // Each is decided (the provider's port is closed: each attempt fails
+    // and waits for a retry), well before a lease could run out.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let still_leased: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE state = 'processing'")
+                .fetch_one(&ctx.db.read)
+                .await
+                .unwrap();
+        if still_leased == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{still_leased} handed-over deliveries were never decided"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+}

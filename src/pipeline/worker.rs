@@ -1,13 +1,15 @@
 //! Workers, in three parts, so that the one writer connection is shared the
 //! way the inbox's group commit shares its sync to disk:
 //!
-//! - a new delivery that arrives while a slot is free is leased by the very
-//!   commit that stores it and handed over ([`Handoff`]); the **feeder**
-//!   claims the rest (those that found no free slot, retries, lapsed leases)
-//!   in batches, one statement a batch (lapsed leases first, then in
-//!   arrival order), ahead of the slots: up to twice `workers.concurrency`
-//!   wait, claimed, for the next free slot. Either way never two of one resource
-//!   at once, and no more than `workers.concurrency` being decided at once;
+//! - the **feeder** keeps a queue of leased deliveries (twice
+//!   `workers.concurrency`) ahead of the slots, each started at the next
+//!   free slot. A new delivery that arrives while a slot or a place in that
+//!   queue is free (and the feeder is not waiting for it) is leased by the
+//!   very commit that stores it and handed over ([`Handoff`]); the feeder
+//!   claims the rest (those that found no room, retries, lapsed leases) in
+//!   batches, one statement a batch (lapsed leases first, then in arrival
+//!   order). Either way never two of one resource at once, and no more
+//!   than `workers.concurrency` being decided at once;
 //! - each claimed delivery is **decided** in a task of its own: what it asks
 //!   for ([`plan`]) and what the provider answers ([`Outcome`]). Nothing is
 //!   written and no transaction is open across the HTTP call;
@@ -239,7 +241,7 @@ pub struct Decided {
 /// written). `alive` counts the running ones (readiness wants [`TASKS`]).
 ///
 /// Returns the [`Handoff`] through which the inbox's group commit gives new
-/// deliveries to free slots directly.
+/// deliveries to free slots, or the feeder's queue, directly.
 pub fn spawn(
     ctx: Arc<Context>,
     tasks: &mut JoinSet<()>,
@@ -248,75 +250,106 @@ pub fn spawn(
 ) -> Arc<Handoff> {
     let concurrency = ctx.config.workers.concurrency.max(1);
     let (decided, outcomes) = mpsc::channel(RECORDER_QUEUE_PER_SLOT * concurrency);
+    let (queue, claimed) = mpsc::channel::<Claimed>(2 * concurrency);
     let handoff = Arc::new(Handoff {
         ctx: ctx.clone(),
         slots: Arc::new(Semaphore::new(concurrency)),
-        recorder: std::sync::Mutex::new(Some(decided.clone())),
+        open: std::sync::Mutex::new(Some(Open {
+            recorder: decided.clone(),
+            queue: queue.clone(),
+        })),
     });
     tasks.spawn(record_outcomes(ctx.clone(), outcomes, alive.clone()));
-    tasks.spawn(feed(ctx, handoff.clone(), decided, shutdown, alive));
+    tasks.spawn(feed(
+        ctx,
+        handoff.clone(),
+        (queue, claimed),
+        decided,
+        shutdown,
+        alive,
+    ));
     handoff
 }
 
-/// The pipeline's slots (`workers.concurrency`), shared by the feeder and
-/// the inbox's group commit. When a slot is free as new deliveries are
-/// stored, the commit that stores them also leases them
+/// The pipeline's slots (`workers.concurrency`) and the feeder's queue of
+/// claimed deliveries, shared by the feeder and the inbox's group commit.
+/// When a slot, or else a place in that queue, is free as new deliveries
+/// are stored, the commit that stores them also leases them
 /// ([`store::inbox::lease_new`]) and hands them over here: no claim
 /// transaction of their own, and no wait for the feeder. Under load the
-/// feeder, queued for the slots, gets them first (a reservation never jumps
-/// that queue), and what was not handed over waits in the inbox for a claim.
+/// feeder, queued for the slots and for room in its queue, gets them first
+/// (a reservation never jumps either line), so a backlog is still taken in
+/// arrival order; what was not handed over waits in the inbox for a claim.
 pub struct Handoff {
     ctx: Arc<Context>,
     slots: Arc<Semaphore>,
     /// `None` once the feeder has stopped: nothing more is handed over.
-    recorder: std::sync::Mutex<Option<mpsc::Sender<Decided>>>,
+    open: std::sync::Mutex<Option<Open>>,
 }
 
-/// Slots reserved for deliveries about to be stored, and the lease they get.
+/// Where handed-over deliveries go while the pipeline runs.
+struct Open {
+    recorder: mpsc::Sender<Decided>,
+    /// The feeder's queue of claimed deliveries, waiting for a slot.
+    queue: mpsc::Sender<Claimed>,
+}
+
+/// Slots, and places in the feeder's queue, reserved for deliveries about
+/// to be stored, and the lease they get.
 pub struct Reserved {
     slots: Vec<OwnedSemaphorePermit>,
+    places: Vec<mpsc::OwnedPermit<Claimed>>,
     pub lease_until: String,
 }
 
 impl Reserved {
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.slots.len() + self.places.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.len() == 0
     }
 }
 
 impl Handoff {
-    /// Takes up to `wanted` slots that are free right now (none while the
-    /// feeder waits for one, or after shutdown).
+    /// Takes up to `wanted` slots, then places in the feeder's queue, that
+    /// are free right now (none while the feeder waits for them, or after
+    /// shutdown).
     pub fn reserve(&self, wanted: usize) -> Reserved {
+        let wanted = wanted.min(CLAIM_BATCH);
         let mut slots = Vec::new();
-        if self.open() {
-            while slots.len() < wanted.min(CLAIM_BATCH) {
+        let mut places = Vec::new();
+        if let Some(open) = &*self.open.lock().unwrap_or_else(|e| e.into_inner()) {
+            while slots.len() < wanted {
                 match self.slots.clone().try_acquire_owned() {
                     Ok(slot) => slots.push(slot),
+                    Err(_) => break,
+                }
+            }
+            while slots.len() + places.len() < wanted {
+                match open.queue.clone().try_reserve_owned() {
+                    Ok(place) => places.push(place),
                     Err(_) => break,
                 }
             }
         }
         Reserved {
             slots,
+            places,
             lease_until: lease_until(&self.ctx.config),
         }
     }
 
-    /// Starts a task for each delivery leased with `reserved`'s slots;
-    /// slots left over are free again. After shutdown the deliveries stay
-    /// leased until their lease runs out, and are claimed then.
+    /// Starts a task for each delivery leased with `reserved`'s slots, and
+    /// queues the rest for the feeder's next free slot; what is left over
+    /// is free again. After shutdown the deliveries stay leased until their
+    /// lease runs out, and are claimed then.
     pub fn start(&self, leased: Vec<Delivery>, reserved: Reserved) {
-        let recorder = self
-            .recorder
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Some(recorder) = recorder else {
+        // Held while handing over, so the feeder, which closes this before
+        // it gives back what is left in its queue, finds all of it there.
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(open) = &*open else {
             if !leased.is_empty() {
                 tracing::warn!(
                     deliveries = leased.len(),
@@ -325,30 +358,36 @@ impl Handoff {
             }
             return;
         };
-        for (delivery, slot) in leased.into_iter().zip(reserved.slots) {
+        let Reserved {
+            slots,
+            places,
+            lease_until,
+        } = reserved;
+        let mut leased = leased.into_iter();
+        // Slots first in the zip: once they run out, no delivery is taken
+        // from `leased` and dropped.
+        for (slot, delivery) in slots.into_iter().zip(leased.by_ref()) {
             tokio::spawn(decide_and_send(
                 self.ctx.clone(),
                 delivery,
-                reserved.lease_until.clone(),
+                lease_until.clone(),
                 slot,
-                recorder.clone(),
+                open.recorder.clone(),
             ));
         }
-    }
-
-    fn open(&self) -> bool {
-        self.recorder
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        let at = tokio::time::Instant::now();
+        for (delivery, place) in leased.zip(places) {
+            place.send(Claimed {
+                delivery,
+                lease: lease_until.clone(),
+                at,
+            });
+        }
     }
 
     /// Hands nothing over from now on; tasks already started finish.
     fn close(&self) {
-        self.recorder
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -369,20 +408,23 @@ impl Drop for AliveGuard {
 }
 
 /// The feeder, in two halves run together: the claimer keeps a queue of
-/// claimed deliveries (twice `workers.concurrency`) topped up, and the
-/// starter gives each the next free slot. Claimed ahead of the slots, the
-/// next delivery starts the moment a slot comes back, rather than after a
-/// claim has had its turn at the writer. On shutdown both stop, the claims
-/// no slot took are given back, and the feeder waits for its tasks.
+/// leased deliveries (twice `workers.concurrency`) topped up, and the
+/// starter gives each the next free slot. The inbox's group commit fills
+/// the same queue with new deliveries whenever it has room and the claimer
+/// is not waiting for it ([`Handoff`]). Leased ahead of the slots, the next
+/// delivery starts the moment a slot comes back, rather than after a claim
+/// has had its turn at the writer. On shutdown both stop, the closed
+/// [`Handoff`] adds nothing more, what no slot took is given back, and the
+/// feeder waits for its tasks.
 async fn feed(
     ctx: Arc<Context>,
     handoff: Arc<Handoff>,
+    (queue, mut claimed): (mpsc::Sender<Claimed>, mpsc::Receiver<Claimed>),
     decided: mpsc::Sender<Decided>,
     shutdown: CancellationToken,
     alive: Arc<AtomicUsize>,
 ) {
     let _alive = AliveGuard::new(alive);
-    let (queue, mut claimed) = mpsc::channel::<Claimed>(2 * ctx.config.workers.concurrency.max(1));
     // A claim that waited this long for a slot is given back rather than
     // started: its lease could run out before it is written.
     let too_long = Duration::from_secs(ctx.config.workers.lease_secs) / 2;
