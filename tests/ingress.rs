@@ -771,3 +771,85 @@ async fn oversized_headers_are_refused_and_serving_goes_on() {
     assert_eq!(status, 200);
     d.stop().await;
 }
+
+/// A duplicate is answered without a write: a key this daemon took in
+/// lately from memory, any other stored one by `ON CONFLICT DO NOTHING`,
+/// which commits no page. Another connection's `PRAGMA data_version` moves
+/// at every commit that changes the database; it stays put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_answered_without_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(config(dir.path())).await;
+    let watch = read_pool(dir.path()).await;
+
+    // A key stored before this daemon saw it (so not in its memory) …
+    let stored = thin_event("evt_dup_stored");
+    let mut tx = watch.begin().await.unwrap();
+    let by_hand = cancelwatch::store::inbox::NewDelivery {
+        provider: "stripe".into(),
+        dedupe_key: "evt_dup_stored".into(),
+        event_type: "v2.money_management.outbound_transfer.canceled".into(),
+        event_id: Some("evt_dup_stored".into()),
+        resource_kind: None,
+        resource_id: None,
+        context: None,
+        livemode: Some(false),
+        raw_body: stored.clone(),
+        source: "webhook",
+        received_at: cancelwatch::time::now_str(),
+    };
+    assert!(cancelwatch::store::inbox::insert(&mut tx, &by_hand)
+        .await
+        .unwrap());
+    sqlx::query("UPDATE inbox SET state = 'processed' WHERE dedupe_key = 'evt_dup_stored'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // … and one it takes in now (and remembers).
+    let fresh = thin_event("evt_dup_fresh");
+    let (status, answer) =
+        post_stripe(&d.url, &fresh, Some(&signed_now(STRIPE_SECRET, &fresh))).await;
+    assert_eq!((status, answer["duplicate"].as_bool()), (200, Some(false)));
+    // Its attempt (no API key here: given back, due in a minute) is written.
+    for _ in 0..200 {
+        let attempted: Option<String> =
+            sqlx::query_scalar("SELECT last_error FROM inbox WHERE dedupe_key = 'evt_dup_fresh'")
+                .fetch_one(&watch)
+                .await
+                .unwrap();
+        if attempted.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut conn = watch.acquire().await.unwrap();
+    let before = data_version(&mut conn).await;
+    for body in [&fresh, &stored, &fresh, &stored] {
+        let (status, answer) =
+            post_stripe(&d.url, body, Some(&signed_now(STRIPE_SECRET, body))).await;
+        assert_eq!((status, answer["duplicate"].as_bool()), (200, Some(true)));
+    }
+    assert_eq!(
+        data_version(&mut conn).await,
+        before,
+        "a duplicate changed the database"
+    );
+    // The check can fail: a new delivery does move it.
+    let new = thin_event("evt_dup_new");
+    let (status, _) = post_stripe(&d.url, &new, Some(&signed_now(STRIPE_SECRET, &new))).await;
+    assert_eq!(status, 200);
+    assert_ne!(data_version(&mut conn).await, before);
+    drop(conn);
+    d.stop().await;
+}
+
+/// SQLite's count of changes committed by other connections, as this one sees it.
+async fn data_version(conn: &mut sqlx::SqliteConnection) -> i64 {
+    sqlx::query_scalar("PRAGMA data_version")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
