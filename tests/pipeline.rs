@@ -376,12 +376,7 @@ async fn no_more_provider_calls_at_once_than_workers() {
 async fn a_request_budget_spaces_the_calls_and_costs_no_attempt() {
     // Two calls a second, one at a time: of the four workers' first calls,
     // the fourth would start 1.5 s on, past the 1 s a call may wait.
-    let (sim, daemon) = start_pair_with(|config| {
-        config.stripe.rate_limit_per_second = 2.0;
-        config.stripe.rate_limit_burst = 1;
-        config.workers.max_attempts = 1;
-    })
-    .await;
+    let (sim, daemon) = start_pair_with(one_at_a_time(2.0, 1)).await;
     let pool = daemon.reader().await;
     let started = tokio::time::Instant::now();
     let expected = announce_transfers(&sim, 8, Duration::ZERO).await;
@@ -391,7 +386,7 @@ async fn a_request_budget_spaces_the_calls_and_costs_no_attempt() {
         took >= Duration::from_millis(3_400),
         "8 calls at 2 a second took only {took:?}"
     );
-    let gets = sim.requests().iter().filter(|r| r.method == "GET").count();
+    let gets = api_gets(&sim);
     assert_eq!(gets, 8, "one call a transfer, none refused by the provider");
     let dead: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE state = 'dead'")
         .fetch_one(&pool)
@@ -404,6 +399,61 @@ async fn a_request_budget_spaces_the_calls_and_costs_no_attempt() {
     )
     .await;
     assert!(not_sent > 0, "no call had to wait past its limit");
+    daemon.stop().await;
+}
+
+/// A Stripe request budget of `per_second`, one call at a time, and
+/// `max_attempts` attempts a delivery.
+fn one_at_a_time(per_second: f64, max_attempts: u32) -> impl FnOnce(&mut Config) {
+    move |config| {
+        config.stripe.rate_limit_per_second = per_second;
+        config.stripe.rate_limit_burst = 1;
+        config.workers.max_attempts = max_attempts;
+    }
+}
+
+/// The GETs the simulator's APIs received.
+fn api_gets(sim: &Simulator) -> usize {
+    sim.requests().iter().filter(|r| r.method == "GET").count()
+}
+
+/// Within one call, a retry goes only if the request budget has room at
+/// once: against a failing provider and an empty budget each attempt makes
+/// one call, and its failure counts, so the delivery still ends dead
+/// rather than waiting forever as if only rate limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_within_a_call_wait_for_no_budget_and_failures_still_count() {
+    let (sim, daemon) = start_pair_with(one_at_a_time(1.0, 2)).await;
+    let pool = daemon.reader().await;
+    sim.faults().fail_next(1_000, 500);
+    let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+    let step = &scenario.steps[0];
+    sim.play_step(step, &DeliveryOptions::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (attempts, error) = loop {
+        let row: Option<(String, i64, Option<String>)> =
+            sqlx::query_as("SELECT state, attempts, last_error FROM inbox")
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        if let Some(("dead", attempts, error)) = row.as_ref().map(|(s, a, e)| (s.as_str(), *a, e)) {
+            break (attempts, error.clone().unwrap_or_default());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never went dead: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(attempts, 2);
+    assert!(error.contains("500"), "{error}");
+    let gets = api_gets(&sim);
+    assert_eq!(
+        gets, 2,
+        "one call an attempt: no retry waited for the budget"
+    );
     daemon.stop().await;
 }
 

@@ -165,23 +165,29 @@ impl HttpClient {
                 .map_err(|_| ApiError::Permanent(format!("header {name} holds bad characters")))?;
             header_map.insert(name.clone(), value);
         }
+        // The first try waits its turn in the request budget (up to the
+        // inline cap; beyond, nothing is sent and the caller waits outside,
+        // uncounted). A retry goes only if the budget has room at once:
+        // otherwise the call ends with what the last try got, so a failing
+        // provider's failures still count, and a call stays within the
+        // delivery's lease.
+        if let Some(limit) = &self.limit {
+            if let Err(booked) = limit.acquire(self.inline_wait_cap).await {
+                metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "budget")
+                    .increment(1);
+                return Err(ApiError::RateLimited {
+                    message: format!(
+                        "{} {method} {path}: not sent, our request budget for {} is booked for the next {:.1} s",
+                        self.provider,
+                        self.provider,
+                        booked.as_secs_f64()
+                    ),
+                    retry_after: Some(booked),
+                });
+            }
+        }
         let mut attempt = 1;
         loop {
-            if let Some(limit) = &self.limit {
-                if let Err(booked) = limit.acquire(self.inline_wait_cap).await {
-                    metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "budget")
-                        .increment(1);
-                    return Err(ApiError::RateLimited {
-                        message: format!(
-                            "{} {method} {path}: not sent, our request budget for {} is booked for the next {:.1} s",
-                            self.provider,
-                            self.provider,
-                            booked.as_secs_f64()
-                        ),
-                        retry_after: Some(booked),
-                    });
-                }
-            }
             let mut request = self
                 .client
                 .request(method.clone(), &url)
@@ -206,7 +212,7 @@ impl HttpClient {
             .await;
             metrics::histogram!("cancelwatch_fetch_seconds", "provider" => self.provider)
                 .record(started.elapsed().as_secs_f64());
-            let wait = match result {
+            let (wait, last) = match result {
                 Ok(answer) if answer.is_success() => return Ok(answer),
                 Ok(answer) => {
                     metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "status")
@@ -214,31 +220,40 @@ impl HttpClient {
                     if !answer.retryable() || attempt >= self.attempts {
                         return Ok(answer);
                     }
-                    match answer.retry_after() {
+                    let wait = match answer.retry_after() {
                         Some(asked) if asked > self.inline_wait_cap => return Ok(answer),
                         Some(asked) => asked,
                         None => self.backoff(attempt),
-                    }
+                    };
+                    (wait, Ok(answer))
                 }
                 Err(e) => {
                     let reason = if e.is_timeout() { "timeout" } else { "network" };
                     metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => reason)
                         .increment(1);
+                    let error = ApiError::Retryable {
+                        message: format!(
+                            "{} {method} {path}: {reason} error: {}",
+                            self.provider,
+                            without_url(&e)
+                        ),
+                        retry_after: None,
+                    };
                     if attempt >= self.attempts {
-                        return Err(ApiError::Retryable {
-                            message: format!(
-                                "{} {method} {path}: {reason} error: {}",
-                                self.provider,
-                                without_url(&e)
-                            ),
-                            retry_after: None,
-                        });
+                        return Err(error);
                     }
-                    self.backoff(attempt)
+                    (self.backoff(attempt), Err(error))
                 }
             };
             tracing::debug!(provider = self.provider, %path, attempt, wait_ms = wait.as_millis() as u64, "retrying a provider call");
             tokio::time::sleep(wait).await;
+            if let Some(limit) = &self.limit {
+                if limit.acquire(Duration::ZERO).await.is_err() {
+                    metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "budget")
+                        .increment(1);
+                    return last;
+                }
+            }
             attempt += 1;
         }
     }
