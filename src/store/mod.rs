@@ -339,23 +339,30 @@ impl Db {
 
     /// [`Db::begin`], its writer time counted for `what` (see [`WriterHold`]).
     pub async fn begin_for(&self, what: &'static str) -> Result<GatedTx, sqlx::Error> {
-        let slot = self.write_slot().await;
-        let tx = begin_immediate(&self.write).await?;
-        Ok(Gated {
-            inner: tx,
-            _hold: WriterHold::start(what),
-            _slot: slot,
-        })
+        self.gated(what, || begin_immediate(&self.write)).await
     }
 
     /// The writer connection for statements that each stand alone, its
     /// time counted for `what` (see [`WriterHold`]): one round trip fewer
     /// on each side than a transaction around a single statement.
     pub async fn acquire_for(&self, what: &'static str) -> Result<GatedConn, sqlx::Error> {
+        self.gated(what, || self.write.acquire()).await
+    }
+
+    /// What `open` gives once the background writers' slot is ours, held
+    /// with the slot and its writer time counted for `what`.
+    async fn gated<T, F>(
+        &self,
+        what: &'static str,
+        open: impl FnOnce() -> F,
+    ) -> Result<Gated<T>, sqlx::Error>
+    where
+        F: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
         let slot = self.write_slot().await;
-        let conn = self.write.acquire().await?;
+        let inner = open().await?;
         Ok(Gated {
-            inner: conn,
+            inner,
             _hold: WriterHold::start(what),
             _slot: slot,
         })
