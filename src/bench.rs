@@ -795,12 +795,12 @@ async fn e2e_report(db: &Path, sent: &[(String, i64)]) -> anyhow::Result<E2eRepo
     // transitions would read every row, snapshots and all, ten times a
     // second, beside the daemon still at work); the rows are read once.
     for _ in 0..600 {
-        if crate::store::inbox::count_unfinished(&pool).await? == 0 {
+        if crate::store::sqlite::inbox::count_unfinished(&pool).await? == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let recorded = crate::store::resources::observed_by_trigger(&pool, "event").await?;
+    let recorded = crate::store::sqlite::resources::observed_by_trigger(&pool, "event").await?;
     pool.close().await;
     let sent_at: std::collections::HashMap<&str, i64> =
         sent.iter().map(|(id, t)| (id.as_str(), *t)).collect();

@@ -1,22 +1,26 @@
 //! cancelwatch: the webhook consumer that follows payment cancellations to
 //! their end. The life of one delivery, module by module:
 //!
-//! `ingress` → `providers::<p>::verify` → `inbox::accept` (committed, 2xx) →
-//! `pipeline::worker` claims it → `providers::<p>::fetch` → `pipeline::record`
-//! (transitions, refunds, alerts in one transaction) → `alerts::outbox`
-//! delivers → `api` / `cli` read.
+//! `ingress` → `providers::<p>::verify` → `inbox` (committed, 2xx) →
+//! `pipeline::feed` claims it → `pipeline::decide` (`providers::<p>::fetch`)
+//! → `pipeline::recorder` → `store` records it (`domain` decides the
+//! transitions, refunds and alerts; one transaction) → `jobs::outbox`
+//! delivers the alerts → `api` / `cli` read.
+//!
+//! This file wires the parts and owns start-up and shutdown.
 
 pub mod alerts;
 pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod domain;
 pub mod inbox;
 pub mod ingress;
+pub mod jobs;
 pub mod metrics;
 pub mod pipeline;
 pub mod providers;
-pub mod prune;
 pub mod server;
 pub mod sim;
 pub mod store;
@@ -43,7 +47,7 @@ pub use config::Config;
 /// What every part of the running daemon shares.
 pub struct App {
     pub config: Arc<Config>,
-    pub db: store::Db,
+    pub store: store::Store,
     pub providers: providers::Providers,
     pub inbox: inbox::Inbox,
     pub metrics: PrometheusHandle,
@@ -59,19 +63,19 @@ impl App {
     /// The shared parts, before any background task has started.
     pub fn new(
         config: Arc<Config>,
-        db: store::Db,
+        store: store::Store,
         providers: providers::Providers,
         inbox: inbox::Inbox,
     ) -> App {
         let pipeline = Arc::new(pipeline::Context::new(
             config.clone(),
-            db.clone(),
+            store.clone(),
             providers.clone(),
             inbox.wake.clone(),
         ));
         App {
             config,
-            db,
+            store,
             providers,
             inbox,
             metrics: metrics::handle(),
@@ -83,9 +87,9 @@ impl App {
 }
 
 /// Opens the database named by the configuration (creating it), migrated.
-pub async fn open_db(config: &Config) -> anyhow::Result<store::Db> {
+pub async fn open_store(config: &Config) -> anyhow::Result<store::Store> {
     let path = config.database_path()?;
-    store::Db::open(&path, &config.database)
+    store::open(&config.database, &path)
         .await
         .with_context(|| format!("opening the database at {}", path.display()))
 }
@@ -104,8 +108,8 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let db = open_db(&config).await?;
-    let (inbox, writer) = inbox::Inbox::start(&db, &config.database);
+    let store = open_store(&config).await?;
+    let (inbox, writer) = inbox::Inbox::start(&store, &config.database);
     let providers = providers::Providers::from_config(&config);
     for name in ["stripe", "juice"] {
         if providers.get(name).is_none() {
@@ -123,26 +127,17 @@ pub async fn run_until(
     }
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let config = Arc::new(config);
-    let app = Arc::new(App::new(config, db.clone(), providers, inbox));
+    let app = Arc::new(App::new(config, store.clone(), providers, inbox));
 
     let mut tasks = tokio::task::JoinSet::<()>::new();
-    alerts::spawn(&app, &mut tasks);
-    let handoff = pipeline::worker::spawn(
+    let handoff = pipeline::feed::spawn(
         app.pipeline.clone(),
         &mut tasks,
         app.shutdown.clone(),
         app.workers_alive.clone(),
     );
     app.inbox.hand_to(handoff);
-    if app.config.reconcile.enabled {
-        tasks.spawn(pipeline::reconcile::run(
-            app.pipeline.clone(),
-            app.shutdown.clone(),
-        ));
-    }
-    if app.config.prune.enabled {
-        tasks.spawn(prune::run_scheduled(app.clone()));
-    }
+    jobs::spawn(&app.pipeline, &app.shutdown, &mut tasks);
     let router = router(app.clone());
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "cancelwatch listening");
@@ -174,7 +169,7 @@ pub async fn run_until(
     if tokio::time::timeout(grace, writer).await.is_err() {
         tracing::warn!("inbox writer did not finish within the grace period");
     }
-    db.close().await;
+    store.close().await;
     tracing::info!("cancelwatch stopped");
     Ok(())
 }
@@ -204,13 +199,13 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
-    if app.workers_alive.load(Ordering::SeqCst) < pipeline::worker::TASKS {
+    if app.workers_alive.load(Ordering::SeqCst) < pipeline::feed::TASKS {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "unavailable", "reason": "workers not running"})),
         );
     }
-    if app.db.sync_failed() {
+    if app.store.sync_failed() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(
@@ -218,7 +213,7 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
             ),
         );
     }
-    if app.db.ping().await {
+    if app.store.ping().await {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     } else {
         (
@@ -229,7 +224,7 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
 }
 
 async fn render_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    if let Ok((depth, oldest)) = store::inbox::depth(&app.db.read).await {
+    if let Ok((depth, oldest)) = app.store.inbox_depth().await {
         ::metrics::gauge!("cancelwatch_inbox_depth").set(depth as f64);
         let age = oldest
             .and_then(|t| time::parse_lenient(&t))
@@ -237,8 +232,8 @@ async fn render_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             .unwrap_or(0.0);
         ::metrics::gauge!("cancelwatch_inbox_oldest_pending_seconds").set(age);
     }
-    if let Ok(counts) = store::inbox::count_by_state(&app.db.read).await {
-        for state in store::queries::EVENT_STATES {
+    if let Ok(counts) = app.store.inbox_by_state().await {
+        for state in store::model::EVENT_STATES {
             let n = counts
                 .iter()
                 .find(|(s, _)| s == state)
@@ -305,12 +300,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
         config.database.url = format!("sqlite://{}", dir.path().join("x.db").display());
-        let db = open_db(&config).await.unwrap();
-        let (inbox, _writer) = inbox::Inbox::start(&db, &config.database);
+        let path = config.database_path().unwrap();
+        let engine = store::sqlite::SqliteStore::open(&path, &config.database)
+            .await
+            .unwrap();
+        let db = engine.db().clone();
+        let store: store::Store = Arc::new(engine);
+        let (inbox, _writer) = inbox::Inbox::start(&store, &config.database);
         let providers = providers::Providers::from_config(&config);
-        let app = App::new(Arc::new(config), db.clone(), providers, inbox);
+        let app = App::new(Arc::new(config), store, providers, inbox);
         app.workers_alive
-            .store(pipeline::worker::TASKS, Ordering::SeqCst);
+            .store(pipeline::feed::TASKS, Ordering::SeqCst);
         let app = Arc::new(app);
         let status = |app: &Arc<App>| {
             let app = app.clone();

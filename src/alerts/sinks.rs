@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::{Config, SinkConfig};
-use crate::store::alerts::OutboxRow;
+use crate::store::model::OutboxRow;
 
 /// Longest piece of a sink's answer kept in an attempt's error.
 const MAX_ERROR_CHARS: usize = 300;

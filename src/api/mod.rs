@@ -18,9 +18,8 @@ use subtle::ConstantTimeEq;
 
 use crate::ingress::error_body;
 use crate::pipeline::{self, PipelineError};
-use crate::store::queries::{
-    self, AlertFilter, EventFilter, PageRequest, QueryError, TransitionFilter,
-};
+use crate::store::model::{AlertFilter, EventFilter, PageRequest, TransitionFilter, MAX_LIMIT};
+use crate::store::QueryError;
 use crate::App;
 
 /// The `/v1` routes, guarded by the admin token.
@@ -77,10 +76,13 @@ impl IntoResponse for ApiError {
                 error_body(StatusCode::BAD_REQUEST, code, &message)
             }
             ApiError::NotFound(_) => error_body(StatusCode::NOT_FOUND, "not_found", &message),
-            ApiError::Pipeline(PipelineError::Db(e)) => {
+            ApiError::Pipeline(PipelineError::Store(e)) => {
                 ApiError::Internal(format!("replay or cancel: {e}")).into_response()
             }
-            ApiError::Pipeline(e) => error_body(e.status(), e.code(), &message),
+            ApiError::Pipeline(e) => {
+                let (status, code) = pipeline_answer(&e);
+                error_body(status, code, &message)
+            }
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "/v1 request failed inside cancelwatch");
                 error_body(
@@ -104,8 +106,22 @@ impl From<QueryError> for ApiError {
                 },
                 message: e.to_string(),
             },
-            QueryError::Sql(e) => ApiError::Internal(format!("query: {e}")),
+            QueryError::Store(e) => ApiError::Internal(format!("query: {e}")),
         }
+    }
+}
+
+/// The status and stable code a replay or cancel that could not be done is
+/// answered with.
+fn pipeline_answer(e: &PipelineError) -> (StatusCode, &'static str) {
+    match e {
+        PipelineError::UnknownKind(_) => (StatusCode::BAD_REQUEST, "unknown_kind"),
+        PipelineError::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_id"),
+        PipelineError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
+        PipelineError::NotConfigured(_) => (StatusCode::CONFLICT, "provider_not_configured"),
+        PipelineError::NoSuchDelivery(_) => (StatusCode::NOT_FOUND, "not_found"),
+        PipelineError::Api(_) => (StatusCode::BAD_GATEWAY, "provider_error"),
+        PipelineError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
 
@@ -178,7 +194,7 @@ fn parse_limit(limit: Option<&str>) -> Result<Option<i64>, ApiError> {
                 code: "invalid_parameter",
                 message: format!(
                     "limit: {l:?} is not a whole number between 1 and {}",
-                    queries::MAX_LIMIT
+                    MAX_LIMIT
                 ),
             })
         })
@@ -196,7 +212,7 @@ async fn resource(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match queries::history(&app.db.read, &id).await? {
+    match app.store.history(&id).await? {
         Some(history) => Ok(Json(history).into_response()),
         None => Err(ApiError::NotFound(format!(
             "no resource with id {id:?} is recorded"
@@ -232,7 +248,7 @@ async fn transitions(
         until: p.until,
         resource_id: p.resource_id,
     };
-    let found = queries::transitions(&app.db.read, &filter, &page).await?;
+    let found = app.store.transitions(&filter, &page).await?;
     Ok(Json(found).into_response())
 }
 
@@ -258,7 +274,7 @@ async fn alerts(
         since: p.since,
         state: p.state,
     };
-    let found = queries::alerts(&app.db.read, &filter, &page).await?;
+    let found = app.store.alerts(&filter, &page).await?;
     Ok(Json(found).into_response())
 }
 
@@ -281,7 +297,7 @@ async fn events(
         state: p.state,
         provider: p.provider,
     };
-    let found = queries::events(&app.db.read, &filter, &page).await?;
+    let found = app.store.events(&filter, &page).await?;
     Ok(Json(found).into_response())
 }
 

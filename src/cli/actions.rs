@@ -74,7 +74,7 @@ pub async fn cancel(ctx: &Context, args: &CancelArgs) -> anyhow::Result<String> 
 pub async fn run_replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
     let ctx = Context::open(config).await?;
     let result = replay(&ctx, &args).await;
-    ctx.db.close().await;
+    ctx.store.close().await;
     print!("{}", result?);
     Ok(())
 }
@@ -83,7 +83,7 @@ pub async fn run_replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> 
 pub async fn run_cancel(config: Config, args: CancelArgs) -> anyhow::Result<()> {
     let ctx = Context::open(config).await?;
     let result = cancel(&ctx, &args).await;
-    ctx.db.close().await;
+    ctx.store.close().await;
     print!("{}", result?);
     Ok(())
 }

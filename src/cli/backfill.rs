@@ -30,7 +30,7 @@ pub async fn run(config: Config, args: BackfillArgs) -> anyhow::Result<()> {
     let result = match args.provider {
         BackfillProvider::Stripe => backfill::stripe(&ctx, &args.since).await,
     };
-    ctx.db.close().await;
+    ctx.store.close().await;
     let report = result?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

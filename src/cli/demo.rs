@@ -11,7 +11,8 @@ use anyhow::{bail, Context};
 use crate::cli::read::{self, AlertsArgs, HistoryArgs, PageArgs};
 use crate::pipeline;
 use crate::sim::{DeliveryOptions, SimConfig, Simulator, Step};
-use crate::store::queries;
+use crate::store::model::DEFAULT_LIMIT;
+use crate::store::Store;
 use crate::Config;
 
 /// How long one step may take to be recorded before the demo gives up on it.
@@ -81,7 +82,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     // to create the schema.
     let ctx = pipeline::Context::open(config.clone()).await?;
     let daemon = tokio::spawn(crate::run(config.clone(), listener));
-    let pool = ctx.db.read.clone();
+    let store = ctx.store.clone();
 
     let mut shown = Vec::new();
     for name in Simulator::scenario_names() {
@@ -90,7 +91,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         for (i, step) in scenario.steps.iter().enumerate() {
             println!("   step {}: {}", i + 1, step.label);
             sim.play_step(step, &DeliveryOptions::default()).await?;
-            wait_for(&pool, step).await?;
+            wait_for(&store, step).await?;
             if *name == "outbound_transfer_posted_before_cancel" && i == 0 {
                 // The payments app asks cancelwatch to cancel, but the transfer
                 // posts first: the cancel is not effective and an alert says so.
@@ -123,7 +124,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     for id in &shown {
         println!();
         let out = read::history(
-            &pool,
+            &store,
             &HistoryArgs {
                 resource_id: id.clone(),
                 output: Default::default(),
@@ -136,12 +137,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     println!("== alerts");
     let all_alerts = AlertsArgs {
         page: PageArgs {
-            limit: queries::DEFAULT_LIMIT,
+            limit: DEFAULT_LIMIT,
             cursor: None,
         },
         ..AlertsArgs::default()
     };
-    print!("{}", read::alerts(&pool, &all_alerts).await?);
+    print!("{}", read::alerts(&store, &all_alerts).await?);
     println!();
     println!("The daemon keeps serving at {url} until Ctrl-C. In another terminal:");
     println!(
@@ -156,18 +157,19 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         config.server.admin_token
     );
     println!("  curl -s {url}/metrics | grep cancelwatch_");
-    ctx.db.close().await;
+    ctx.store.close().await;
     daemon.await.context("the daemon task")??;
     Ok(())
 }
 
 /// Waits until every status the step expects is recorded.
-async fn wait_for(pool: &sqlx::SqlitePool, step: &Step) -> anyhow::Result<()> {
+async fn wait_for(store: &Store, step: &Step) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + STEP_DEADLINE;
     loop {
         let mut done = true;
         for (id, status) in &step.expect_status {
-            let current = queries::history(pool, id)
+            let current = store
+                .history(id)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .and_then(|h| h.resources.into_iter().find_map(|r| r.resource.status));

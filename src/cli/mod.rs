@@ -23,9 +23,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn migrate(config: Config) -> anyhow::Result<()> {
-    let db = crate::open_db(&config).await?;
-    let applied: Vec<i64> = crate::store::MIGRATOR.iter().map(|m| m.version).collect();
-    db.close().await;
+    let store = crate::open_store(&config).await?;
+    let applied = store.migrations();
+    store.close().await;
     println!(
         "database {} is at schema version {}",
         config.database_path()?.display(),

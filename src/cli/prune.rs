@@ -15,9 +15,9 @@ pub struct PruneArgs {
 
 /// Prunes the configured database once and prints what went.
 pub async fn run(config: Config, args: PruneArgs) -> anyhow::Result<()> {
-    let db = crate::open_db(&config).await?;
-    let pruned = crate::prune::prune(&db, args.older_than, crate::time::now()).await;
-    db.close().await;
+    let store = crate::open_store(&config).await?;
+    let pruned = crate::jobs::prune::prune(&store, args.older_than, crate::time::now()).await;
+    store.close().await;
     println!("{}", pruned?);
     Ok(())
 }

@@ -4,12 +4,13 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use sqlx::SqlitePool;
 
 use super::output::{self, cell, field, Format, OutputArgs, Table};
-use crate::store::queries::{
-    self, Alert, AlertFilter, EventFilter, Page, PageRequest, Refund, Transition, TransitionFilter,
+use crate::store::model::{
+    AlertFilter, AlertView as Alert, EventFilter, Page, PageRequest, RefundView as Refund,
+    TransitionFilter, TransitionView as Transition, TriggerView, DEFAULT_LIMIT,
 };
+use crate::store::Store;
 use crate::Config;
 
 /// The read commands, as `main.rs` parses them.
@@ -37,7 +38,7 @@ pub struct HistoryArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct PageArgs {
     /// Rows to print (1 to 1000).
-    #[arg(long, default_value_t = queries::DEFAULT_LIMIT)]
+    #[arg(long, default_value_t = DEFAULT_LIMIT)]
     pub limit: i64,
     /// Continue after a previous listing (its `next_cursor`).
     #[arg(long)]
@@ -112,26 +113,27 @@ pub struct EventsArgs {
 
 /// Opens the configured database, runs the command, prints its output.
 pub async fn run(config: Config, command: ReadCommand) -> anyhow::Result<()> {
-    let db = crate::open_db(&config).await?;
-    let rendered = render(&db.read, &command).await;
-    db.close().await;
+    let store = crate::open_store(&config).await?;
+    let rendered = render(&store, &command).await;
+    store.close().await;
     print!("{}", rendered?);
     Ok(())
 }
 
 /// The output of one read command.
-pub async fn render(pool: &SqlitePool, command: &ReadCommand) -> anyhow::Result<String> {
+pub async fn render(store: &Store, command: &ReadCommand) -> anyhow::Result<String> {
     match command {
-        ReadCommand::History(a) => history(pool, a).await,
-        ReadCommand::Transitions(a) => transitions(pool, a).await,
-        ReadCommand::Alerts(a) => alerts(pool, a).await,
-        ReadCommand::Events(a) => events(pool, a).await,
+        ReadCommand::History(a) => history(store, a).await,
+        ReadCommand::Transitions(a) => transitions(store, a).await,
+        ReadCommand::Alerts(a) => alerts(store, a).await,
+        ReadCommand::Events(a) => events(store, a).await,
     }
 }
 
 /// `history <resource-id>`; an error when no resource has that id.
-pub async fn history(pool: &SqlitePool, args: &HistoryArgs) -> anyhow::Result<String> {
-    let history = queries::history(pool, &args.resource_id)
+pub async fn history(store: &Store, args: &HistoryArgs) -> anyhow::Result<String> {
+    let history = store
+        .history(&args.resource_id)
         .await
         .context("reading the history")?
         .ok_or_else(|| anyhow::anyhow!("no resource with id {:?} is recorded", args.resource_id))?;
@@ -278,7 +280,7 @@ pub async fn history(pool: &SqlitePool, args: &HistoryArgs) -> anyhow::Result<St
 }
 
 /// `transitions [--provider P] [--kind K] [--to STATUS] [--since T] [--until T] [--limit N]`.
-pub async fn transitions(pool: &SqlitePool, args: &TransitionsArgs) -> anyhow::Result<String> {
+pub async fn transitions(store: &Store, args: &TransitionsArgs) -> anyhow::Result<String> {
     let filter = TransitionFilter {
         provider: args.provider.clone(),
         kind: args.kind.clone(),
@@ -287,7 +289,7 @@ pub async fn transitions(pool: &SqlitePool, args: &TransitionsArgs) -> anyhow::R
         until: args.until.clone(),
         resource_id: args.resource_id.clone(),
     };
-    let page = queries::transitions(pool, &filter, &args.page.request()).await?;
+    let page = store.transitions(&filter, &args.page.request()).await?;
     match args.output.format() {
         Format::Json => output::json(&page),
         Format::Csv => {
@@ -326,13 +328,13 @@ pub async fn transitions(pool: &SqlitePool, args: &TransitionsArgs) -> anyhow::R
 }
 
 /// `alerts [--type T] [--since T] [--state S]`.
-pub async fn alerts(pool: &SqlitePool, args: &AlertsArgs) -> anyhow::Result<String> {
+pub async fn alerts(store: &Store, args: &AlertsArgs) -> anyhow::Result<String> {
     let filter = AlertFilter {
         rule: args.rule.clone(),
         since: args.since.clone(),
         state: args.state.clone(),
     };
-    let page = queries::alerts(pool, &filter, &args.page.request()).await?;
+    let page = store.alerts(&filter, &args.page.request()).await?;
     match args.output.format() {
         Format::Json => output::json(&page),
         Format::Csv => {
@@ -375,12 +377,12 @@ pub async fn alerts(pool: &SqlitePool, args: &AlertsArgs) -> anyhow::Result<Stri
 }
 
 /// `events [--state S] [--provider P] [--limit N]`.
-pub async fn events(pool: &SqlitePool, args: &EventsArgs) -> anyhow::Result<String> {
+pub async fn events(store: &Store, args: &EventsArgs) -> anyhow::Result<String> {
     let filter = EventFilter {
         state: args.state.clone(),
         provider: args.provider.clone(),
     };
-    let page = queries::events(pool, &filter, &args.page.request()).await?;
+    let page = store.events(&filter, &args.page.request()).await?;
     match args.output.format() {
         Format::Json => output::json(&page),
         Format::Csv => {
@@ -462,7 +464,7 @@ fn bool_text(b: bool) -> &'static str {
     }
 }
 
-fn trigger_text(t: &queries::Trigger) -> String {
+fn trigger_text(t: &TriggerView) -> String {
     match &t.id {
         Some(id) => format!("{} {id}", t.kind),
         None => t.kind.clone(),

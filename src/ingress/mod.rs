@@ -13,8 +13,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::providers::Refused;
-use crate::store::inbox::NewDelivery;
-use crate::store::refusals::Refusal;
+use crate::store::model::{NewDelivery, Refusal};
 use crate::App;
 
 pub fn routes() -> Router<Arc<App>> {

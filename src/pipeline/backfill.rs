@@ -6,7 +6,7 @@ use super::{Context, PipelineError};
 use crate::providers::stripe::api::{StripeApi, PAGE_LIMIT};
 use crate::providers::stripe::event::ThinEvent;
 use crate::providers::stripe::NAME;
-use crate::store::inbox::{self, NewDelivery};
+use crate::store::model::NewDelivery;
 use crate::time;
 
 /// What a backfill found.
@@ -40,7 +40,7 @@ pub async fn stripe(ctx: &Context, since: &str) -> Result<BackfillReport, Pipeli
         ..BackfillReport::default()
     };
     let received_at = time::now_str();
-    let mut tx = ctx.db.begin().await?;
+    let mut found = Vec::new();
     for event in events {
         let raw_body = serde_json::to_vec(&event).unwrap_or_default();
         let thin = match ThinEvent::decode(&raw_body) {
@@ -65,12 +65,11 @@ pub async fn stripe(ctx: &Context, since: &str) -> Result<BackfillReport, Pipeli
             source: "backfill",
             received_at: received_at.clone(),
         };
-        if inbox::insert(&mut tx, &delivery).await? {
-            report.new += 1;
-            metrics::counter!("cancelwatch_backfill_events_total", "provider" => NAME).increment(1);
-        }
+        found.push(delivery);
     }
-    tx.commit().await?;
+    report.new = ctx.store.insert_deliveries(&found).await?;
+    metrics::counter!("cancelwatch_backfill_events_total", "provider" => NAME)
+        .increment(report.new as u64);
     if report.new > 0 {
         ctx.ring();
     }

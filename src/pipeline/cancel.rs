@@ -2,12 +2,12 @@
 //! provider's cancel endpoint with an idempotency key, store its answer, then
 //! fetch the resource at once and record it with trigger `cancel`.
 
-use super::record::{self, Trigger};
 use super::{Context, PipelineError};
+use crate::domain::observe::Trigger;
 use crate::providers::juice::event::BULK_TRANSFER;
 use crate::providers::stripe::event::{BATCH_JOB, OUTBOUND_TRANSFER};
 use crate::providers::{provider_of, safe_id, ApiError, CancelOutcome, Target};
-use crate::store::{cancels, resources};
+use crate::store::CancelRecord;
 use crate::time;
 
 /// Kinds that have a cancel endpoint.
@@ -60,20 +60,22 @@ pub async fn request(
         .cloned()
         .ok_or_else(|| PipelineError::NotConfigured(provider_name.clone()))?;
 
-    let now = time::now_str();
-    let mut tx = ctx.db.begin().await?;
-    let rid = resources::ensure(&mut tx, &provider_name, kind, id, None, None, &now)
-        .await?
-        .rid;
-    let context = resources::get(&mut tx, &provider_name, kind, id)
-        .await?
-        .and_then(|r| r.context);
-    let attempt = cancels::burnt_keys(&mut tx, &provider_name, kind, id).await?;
-    let key = idempotency_key(kind, id, attempt);
-    let request_id =
-        cancels::insert(&mut tx, &provider_name, kind, id, &key, requested_by, &now).await?;
-    resources::set_cancel_requested(&mut tx, rid, &now).await?;
-    tx.commit().await?;
+    let key_for = |attempt: i64| idempotency_key(kind, id, attempt);
+    let opened = ctx
+        .store
+        .open_cancel(
+            (&provider_name, kind, id),
+            requested_by,
+            &time::now_str(),
+            &key_for,
+        )
+        .await?;
+    let (request_id, rid, key, context) = (
+        opened.request_id,
+        opened.rid,
+        opened.idempotency_key,
+        opened.context,
+    );
 
     let target = Target {
         kind: kind.to_string(),
@@ -96,18 +98,15 @@ pub async fn request(
             Some(e.to_string()),
         ),
     };
-    let mut tx = ctx.db.begin().await?;
-    cancels::answer(
-        &mut tx,
-        request_id,
+    let record = CancelRecord {
         http_status,
-        outcome.as_str(),
-        error_code.as_deref(),
-        body.as_deref(),
-        &time::now_str(),
-    )
-    .await?;
-    tx.commit().await?;
+        outcome: outcome.as_str(),
+        error_code: error_code.as_deref(),
+        body: body.as_deref(),
+    };
+    ctx.store
+        .answer_cancel(request_id, &record, &time::now_str())
+        .await?;
     match &answer {
         Ok(a) => {
             tracing::info!(resource = %id, outcome = outcome.as_str(), http_status = a.http_status, "cancel answered")
@@ -121,20 +120,16 @@ pub async fn request(
     // Whatever the answer, the state may have changed (partial cancellation): fetch now.
     let (status, fetch_error) = match provider.fetch(&target).await {
         Ok(obs) => {
-            let now = time::now();
-            let mut tx = ctx.db.begin().await?;
-            let mut changes = crate::alerts::Changes::new();
-            let recorded = record::record(
-                &mut tx,
-                &ctx.config,
-                &obs,
-                &Trigger::cancel(request_id),
-                target.context.as_deref(),
-                now,
-                &mut changes,
-            )
-            .await?;
-            tx.commit().await?;
+            let (recorded, changes) = ctx
+                .store
+                .record_observation(
+                    &ctx.config,
+                    &obs,
+                    &Trigger::cancel(request_id),
+                    target.context.as_deref(),
+                    time::now(),
+                )
+                .await?;
             recorded.report();
             crate::alerts::report(&changes);
             (Some(obs.status), None)
@@ -144,9 +139,7 @@ pub async fn request(
             let next = time::fmt(
                 time::now() + chrono::Duration::seconds(ctx.config.reconcile.interval_secs as i64),
             );
-            let mut tx = ctx.db.begin().await?;
-            resources::mark_reconciled(&mut tx, rid, Some(&next)).await?;
-            tx.commit().await?;
+            ctx.store.mark_reconciled(rid, Some(&next)).await?;
             (None, Some(e.to_string()))
         }
     };

@@ -8,35 +8,39 @@
 
 pub mod backfill;
 pub mod cancel;
-pub mod reconcile;
-pub mod record;
-pub mod worker;
+pub mod decide;
+pub mod feed;
+pub mod recorder;
 
 use std::sync::Arc;
 
-use axum::http::StatusCode;
 use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::providers::{ApiError, Providers};
-use crate::store::{self, Db};
+use crate::store::{Store, StoreError};
 
 /// What the pipeline needs: configuration, database, provider clients, and
 /// the bell that wakes workers when deliveries arrive.
 #[derive(Clone)]
 pub struct Context {
     pub config: Arc<Config>,
-    pub db: Db,
+    pub store: Store,
     pub providers: Providers,
     /// Rung after deliveries are added (the inbox's own bell inside the daemon).
     pub wake: Arc<Notify>,
 }
 
 impl Context {
-    pub fn new(config: Arc<Config>, db: Db, providers: Providers, wake: Arc<Notify>) -> Context {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        providers: Providers,
+        wake: Arc<Notify>,
+    ) -> Context {
         Context {
             config,
-            db,
+            store,
             providers,
             wake,
         }
@@ -46,11 +50,11 @@ impl Context {
     /// clients: what a command needs without the daemon.
     pub async fn open(config: Config) -> anyhow::Result<Context> {
         config.validate()?;
-        let db = crate::open_db(&config).await?;
+        let store = crate::open_store(&config).await?;
         let providers = Providers::from_config(&config);
         Ok(Context::new(
             Arc::new(config),
-            db,
+            store,
             providers,
             Arc::new(Notify::new()),
         ))
@@ -78,36 +82,8 @@ pub enum PipelineError {
     InvalidArgument(String),
     #[error("provider: {0}")]
     Api(#[from] ApiError),
-    #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
-}
-
-impl PipelineError {
-    /// The HTTP status an API answer carries for this error.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            PipelineError::UnknownKind(_)
-            | PipelineError::InvalidId(_)
-            | PipelineError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            PipelineError::NotConfigured(_) => StatusCode::CONFLICT,
-            PipelineError::NoSuchDelivery(_) => StatusCode::NOT_FOUND,
-            PipelineError::Api(_) => StatusCode::BAD_GATEWAY,
-            PipelineError::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    /// A stable code for JSON error bodies.
-    pub fn code(&self) -> &'static str {
-        match self {
-            PipelineError::UnknownKind(_) => "unknown_kind",
-            PipelineError::InvalidId(_) => "invalid_id",
-            PipelineError::NotConfigured(_) => "provider_not_configured",
-            PipelineError::NoSuchDelivery(_) => "not_found",
-            PipelineError::InvalidArgument(_) => "invalid_argument",
-            PipelineError::Api(_) => "provider_error",
-            PipelineError::Db(_) => "internal",
-        }
-    }
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// The outcome of a replay.
@@ -126,28 +102,30 @@ pub struct ReplayReport {
 /// running daemon). A daemon's worker may take it first; the lease keeps it
 /// to one. Only changed state yields new transitions.
 pub async fn replay(ctx: &Context, key: &str, inline: bool) -> Result<ReplayReport, PipelineError> {
-    let delivery = store::inbox::by_key(&ctx.db.write, key)
+    let delivery = ctx
+        .store
+        .delivery_by_key(key)
         .await?
         .ok_or_else(|| PipelineError::NoSuchDelivery(key.to_string()))?;
     let previous_state = delivery.state.clone();
     let now = crate::time::now_str();
-    let requeued = store::inbox::requeue(&ctx.db.write, delivery.id, &now).await?;
+    let requeued = ctx.store.requeue(delivery.id, &now).await?;
     if !requeued {
         tracing::info!(key = %key, "replay: the delivery is being processed right now");
     }
     let mut processed_inline = false;
     if requeued && inline {
-        let lease_until = worker::lease_until(&ctx.config);
-        if let Some(d) =
-            store::inbox::claim_one(&ctx.db.write, delivery.id, &now, &lease_until).await?
-        {
-            worker::process(ctx, d, &lease_until).await;
+        let lease_until = feed::lease_until(&ctx.config);
+        if let Some(d) = ctx.store.claim_one(delivery.id, &now, &lease_until).await? {
+            recorder::process(ctx, d, &lease_until).await;
             processed_inline = true;
         }
     } else if requeued {
         ctx.ring();
     }
-    let state = store::inbox::get(&ctx.db.write, delivery.id)
+    let state = ctx
+        .store
+        .delivery(delivery.id)
         .await?
         .map(|d| d.state)
         .unwrap_or_default();

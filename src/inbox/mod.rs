@@ -18,15 +18,32 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use sqlx::SqliteConnection;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::DatabaseConfig;
-use crate::pipeline::worker::{Handoff, Reserved};
-use crate::store::inbox::{Delivery, NewDelivery};
-use crate::store::refusals::Refusal;
-use crate::store::{self, Db};
+use crate::store::model::{Delivery, NewDelivery, Refusal};
+use crate::store::{Added, Store, StoreError, WriterTurn};
+
+/// Where the inbox hands the deliveries its commits leased: the pipeline.
+/// The inbox asks for room before a commit and hands over what it leased
+/// after it, so a new delivery needs no claim of its own.
+pub trait HandOver: Send + Sync {
+    /// Room for up to `wanted` deliveries, held until [`HandOver::start`].
+    fn reserve(&self, wanted: usize) -> Reservation;
+    /// Starts the deliveries leased under `reservation`.
+    fn start(&self, leased: Vec<Delivery>, reservation: Reservation);
+}
+
+/// Room the pipeline holds for deliveries an acknowledgement commit leases.
+pub struct Reservation {
+    /// How many the commit may lease.
+    pub room: usize,
+    /// The lease end they are leased until.
+    pub lease_until: String,
+    /// The pipeline's own hold on that room, given back with it.
+    pub held: Box<dyn std::any::Any + Send>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
@@ -105,17 +122,17 @@ pub struct Inbox {
     /// so workers claim them at once.
     pub wake: Arc<Notify>,
     /// The pipeline's slots, once it runs in this process.
-    handoff: Arc<OnceLock<Arc<Handoff>>>,
+    handoff: Arc<OnceLock<Arc<dyn HandOver>>>,
 }
 
 impl Inbox {
-    pub fn start(db: &Db, cfg: &DatabaseConfig) -> (Inbox, JoinHandle<()>) {
+    pub fn start(store: &Store, cfg: &DatabaseConfig) -> (Inbox, JoinHandle<()>) {
         let (jobs, rx) = mpsc::channel(cfg.max_batch.max(1) * 8);
         let wake = Arc::new(Notify::new());
         let max_batch = if cfg.group_commit { cfg.max_batch } else { 1 };
         let handoff = Arc::new(OnceLock::new());
         let writer = tokio::spawn(write_loop(
-            db.clone(),
+            store.clone(),
             rx,
             max_batch,
             wake.clone(),
@@ -133,7 +150,7 @@ impl Inbox {
     }
 
     /// From now on new deliveries go straight to the pipeline when it has room.
-    pub fn hand_to(&self, handoff: Arc<Handoff>) {
+    pub fn hand_to(&self, handoff: Arc<dyn HandOver>) {
         if self.handoff.set(handoff).is_err() {
             tracing::warn!("the inbox already hands its deliveries to a pipeline");
         }
@@ -171,11 +188,11 @@ impl Inbox {
 }
 
 async fn write_loop(
-    db: Db,
+    store: Store,
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
     wake: Arc<Notify>,
-    handoff: Arc<OnceLock<Arc<Handoff>>>,
+    handoff: Arc<OnceLock<Arc<dyn HandOver>>>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     // Syncs under way, each answering the requests of one commit.
@@ -183,13 +200,7 @@ async fn write_loop(
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         while syncing.try_join_next().is_some() {}
         let waited = Instant::now();
-        let conn = {
-            let _waiting = db.ack_waiting();
-            db.write.acquire().await
-        };
-        let hold = conn
-            .is_ok()
-            .then(|| store::WriterHold::start("acknowledge"));
+        let turn = store.writer_turn().await;
         // What arrived while the writer was busy rides in this commit
         // rather than waiting for the next one.
         while batch.len() < max_batch {
@@ -214,11 +225,13 @@ async fn write_loop(
                 .count();
             h.reserve(deliveries)
         });
-        let result = match conn {
-            Ok(mut conn) => commit(&mut conn, &batch, reserved.as_ref()).await,
+        let result = match turn {
+            Ok(turn) => {
+                let offer = reserved.as_ref().map(|r| (r.room, r.lease_until.clone()));
+                commit(&store, turn, &batch, offer).await
+            }
             Err(e) => Err(e),
         };
-        drop(hold);
         metrics::histogram!("cancelwatch_inbox_batch_size").record(size as f64);
         let (inserted, leased) = match result {
             Ok(committed) => committed,
@@ -256,7 +269,7 @@ async fn write_loop(
         // Answered once on disk. With group commit the next batch is
         // inserted while this one syncs; one commit per request (the
         // benchmark's baseline) waits for its sync before the next.
-        let answer = answer_when_durable(db.clone(), replies);
+        let answer = answer_when_durable(store.clone(), replies);
         if max_batch > 1 {
             syncing.spawn(answer);
         } else {
@@ -272,9 +285,9 @@ type Reply = oneshot::Sender<Result<(bool, Instant), InboxError>>;
 
 /// Syncs what was committed to disk, then answers each request (whether
 /// its delivery was new), or refuses them all when the sync failed.
-async fn answer_when_durable(db: Db, replies: Vec<(Reply, bool)>) {
+async fn answer_when_durable(store: Store, replies: Vec<(Reply, bool)>) {
     let started = Instant::now();
-    let synced = db.sync_commits().await;
+    let synced = store.make_durable().await;
     ack_step("sync", started.elapsed(), replies.len());
     match synced {
         Ok(()) => {
@@ -307,10 +320,11 @@ async fn answer_when_durable(db: Db, replies: Vec<(Reply, bool)>) {
 /// round trip it saves, and a flood's refusals go faster many to a
 /// statement than one at a time (README, Performance, item 28).
 async fn commit(
-    conn: &mut SqliteConnection,
+    store: &Store,
+    turn: WriterTurn,
     batch: &[Job],
-    reserved: Option<&Reserved>,
-) -> Result<(Vec<bool>, Vec<Delivery>), sqlx::Error> {
+    offer: Option<(usize, String)>,
+) -> Result<(Vec<bool>, Vec<Delivery>), StoreError> {
     let started = Instant::now();
     let deliveries: Vec<&NewDelivery> = batch
         .iter()
@@ -326,39 +340,18 @@ async fn commit(
             Job::Delivery(..) => None,
         })
         .collect();
-    let offered = match reserved {
-        Some(reserved) => to_offer(&deliveries, reserved.len(), &reserved.lease_until),
+    let offered = match &offer {
+        Some((room, lease_until)) => to_offer(&deliveries, *room, lease_until),
         None => vec![None; deliveries.len()],
     };
     let rows: Vec<(&NewDelivery, Option<&str>)> = deliveries.iter().copied().zip(offered).collect();
-    let now = crate::time::now_str();
-    let statements = deliveries.len().div_ceil(store::inbox::ROWS_PER_INSERT)
-        + refusals.len().div_ceil(store::refusals::ROWS_PER_INSERT);
-    let added = if deliveries.len() > store::inbox::ROWS_PER_INSERT {
-        store::transaction_on_handle(conn, |conn| {
-            let added = store::inbox::insert_rows(conn, &rows, &now)?;
-            store::refusals::insert_rows(conn, &refusals)?;
-            Ok(added)
-        })
-        .await?
-    } else if statements <= 1 {
-        // At most one of the two runs a statement.
-        let added = store::inbox::insert_many(conn, &rows, &now).await?;
-        store::refusals::insert_many(conn, &refusals).await?;
-        added
-    } else {
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let added = store::inbox::insert_many(&mut tx, &rows, &now).await?;
-        store::refusals::insert_many(&mut tx, &refusals).await?;
-        tx.commit().await?;
-        added
-    };
+    let added = store.accept(turn, &rows, &refusals).await?;
     ack_step("insert", started.elapsed(), deliveries.len());
     let leased: Vec<Delivery> = deliveries
         .iter()
         .zip(&added)
         .filter_map(|(d, added)| match added {
-            Some(row) if row.leased => Some(Delivery::inserted_leased(row.id, d)),
+            Some(Added { id, leased: true }) => Some(Delivery::inserted_leased(*id, d)),
             _ => None,
         })
         .collect();
@@ -373,11 +366,7 @@ async fn commit(
     Ok((inserted, leased))
 }
 
-/// Which deliveries of a batch are offered to the pipeline: per delivery,
-/// the lease to insert it with, or `None` to put it in line. At most
-/// `slots`, in order, the first of each resource and of each key; the
-/// insert itself leaves in line those whose resource a live lease holds.
-fn to_offer<'l>(
+pub(crate) fn to_offer<'l>(
     deliveries: &[&NewDelivery],
     slots: usize,
     lease_until: &'l str,
@@ -404,183 +393,4 @@ fn to_offer<'l>(
             Some(lease_until)
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn delivery(key: &str, resource: Option<&str>) -> NewDelivery {
-        NewDelivery {
-            provider: "stripe".into(),
-            dedupe_key: key.into(),
-            event_type: "v2.core.batch_job.updated".into(),
-            event_id: Some(key.into()),
-            resource_kind: resource.map(|_| "stripe.batch_job".to_string()),
-            resource_id: resource.map(str::to_string),
-            context: None,
-            livemode: Some(false),
-            raw_body: b"{}".to_vec(),
-            source: "webhook",
-            received_at: crate::time::now_str(),
-        }
-    }
-
-    /// A batch too large for one statement (150 deliveries, 10 of them a
-    /// key again, and 100 refusals, all queued before the writer runs) is
-    /// committed whole, on the writer's handle: each request learns whether
-    /// its delivery was new, each key is stored once, each refusal recorded.
-    #[tokio::test]
-    async fn a_batch_too_large_for_one_statement_commits_whole() {
-        batch_commits_whole(150, 10, 100).await;
-    }
-
-    /// [`a_batch_too_large_for_one_statement_commits_whole`] where the
-    /// refusals make it too large (a transaction of sqlx's statements).
-    #[tokio::test]
-    async fn a_batch_of_mostly_refusals_commits_whole() {
-        batch_commits_whole(30, 5, 200).await;
-    }
-
-    /// `deliveries` deliveries, the last `again` of them keys already
-    /// given, and `refusals` refusals, queued together.
-    async fn batch_commits_whole(deliveries: usize, again: usize, refusals: usize) {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = DatabaseConfig::default();
-        let db = Db::open(&dir.path().join("x.db"), &cfg).await.unwrap();
-        let (inbox, writer) = Inbox::start(&db, &cfg);
-        for i in 0..refusals {
-            inbox.record_refusal(Refusal {
-                provider: "stripe".into(),
-                reason: "bad_signature".into(),
-                message: format!("forged {i}"),
-                http_status: 401,
-                body_size: Some(2),
-                remote_addr: None,
-                received_at: crate::time::now_str(),
-            });
-        }
-        let distinct = deliveries - again;
-        let keys: Vec<String> = (0..deliveries)
-            .map(|i| format!("k{}", i % distinct))
-            .collect();
-        let accepts = keys.iter().enumerate().map(|(i, key)| {
-            let resource = format!("r_{i}");
-            inbox.accept(delivery(key, Some(&resource)))
-        });
-        let answers = futures_util::future::join_all(accepts).await;
-        let duplicates: Vec<bool> = answers.into_iter().map(|a| a.unwrap().duplicate).collect();
-        let expected: Vec<bool> = (0..deliveries).map(|i| i >= distinct).collect();
-        assert_eq!(duplicates, expected);
-        drop(inbox);
-        writer.await.unwrap();
-        let count = |sql| sqlx::query_scalar::<_, i64>(sql).fetch_one(&db.read);
-        let stored = count("SELECT COUNT(*) FROM inbox").await.unwrap();
-        assert_eq!(stored, distinct as i64);
-        let keys = count("SELECT COUNT(DISTINCT dedupe_key) FROM inbox");
-        assert_eq!(keys.await.unwrap(), distinct as i64);
-        let recorded = count("SELECT COUNT(*) FROM refusals").await.unwrap();
-        assert_eq!(recorded, refusals as i64);
-        db.close().await;
-    }
-
-    /// Offered: in order, as many as there are slots, the first of each
-    /// resource and key. Leased by the insert: those whose resource no live
-    /// lease holds; the rest wait in line.
-    #[tokio::test]
-    async fn hand_over_follows_the_claims_rules() {
-        hand_over_follows_the_claims_rules_with(Insert::Statement).await;
-    }
-
-    /// [`hand_over_follows_the_claims_rules`] with the insert of batches too
-    /// large for one statement (one row at a time, on the handle).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn hand_over_follows_the_claims_rules_in_large_batches() {
-        hand_over_follows_the_claims_rules_with(Insert::RowsOnHandle).await;
-    }
-
-    enum Insert {
-        Statement,
-        RowsOnHandle,
-    }
-
-    async fn hand_over_follows_the_claims_rules_with(insert: Insert) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("x.db"), &DatabaseConfig::default())
-            .await
-            .unwrap();
-        let now = crate::time::now_str();
-        let far = "2999-01-01T00:00:00.000Z";
-        let past = "2000-01-01T00:00:00.000Z";
-        let mut tx = db.write.begin().await.unwrap();
-        let held = delivery("held", Some("r_held"));
-        let lapsed = delivery("lapsed", Some("r_lapsed"));
-        let before = [(&held, Some(far)), (&lapsed, Some(past))];
-        let added = store::inbox::insert_many(&mut tx, &before, &now)
-            .await
-            .unwrap();
-        assert!(added.iter().all(|a| a.is_some_and(|a| a.leased)));
-
-        let batch = [
-            delivery("a", Some("r_held")),   // a live lease holds it
-            delivery("b", Some("r_1")),      // first of r_1
-            delivery("c", Some("r_1")),      // r_1 again
-            delivery("b", Some("r_2")),      // key b again
-            delivery("d", None),             // names no resource
-            delivery("e", Some("r_lapsed")), // its lease ran out
-            delivery("f", Some("r_3")),      // no slot left
-        ];
-        let refs: Vec<&NewDelivery> = batch.iter().collect();
-        let offered = to_offer(&refs, 4, far);
-        let keys = |flags: &[bool]| -> Vec<&str> {
-            refs.iter()
-                .zip(flags)
-                .filter(|(_, f)| **f)
-                .map(|(d, _)| d.dedupe_key.as_str())
-                .collect()
-        };
-        let flags: Vec<bool> = offered.iter().map(Option::is_some).collect();
-        assert_eq!(keys(&flags), ["a", "b", "d", "e"]);
-
-        let rows: Vec<(&NewDelivery, Option<&str>)> = refs.iter().copied().zip(offered).collect();
-        let added = match insert {
-            Insert::Statement => store::inbox::insert_many(&mut tx, &rows, &now).await,
-            Insert::RowsOnHandle => {
-                store::on_handle(&mut tx, |c| store::inbox::insert_rows(c, &rows, &now)).await
-            }
-        }
-        .unwrap();
-        let flags: Vec<bool> = added.iter().map(|a| a.is_some_and(|a| a.leased)).collect();
-        assert_eq!(keys(&flags), ["b", "d", "e"]);
-        assert_eq!(added.iter().filter(|a| a.is_some()).count(), 6);
-        let stored: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
-            "SELECT dedupe_key, state, attempts, lease_until FROM inbox
-             WHERE dedupe_key NOT IN ('held', 'lapsed') ORDER BY id",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .unwrap();
-        let leased = |key: &str| {
-            (
-                key.to_string(),
-                "processing".to_string(),
-                1,
-                Some(far.to_string()),
-            )
-        };
-        let waiting = |key: &str| (key.to_string(), "pending".to_string(), 0, None);
-        assert_eq!(
-            stored,
-            [
-                waiting("a"),
-                leased("b"),
-                waiting("c"),
-                leased("d"),
-                leased("e"),
-                waiting("f")
-            ]
-        );
-        tx.commit().await.unwrap();
-        db.close().await;
-    }
 }

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::sinks::Sink;
+use crate::alerts::sinks::{self, Sink};
 use crate::config::{AlertDeliveryConfig, Config};
-use crate::store::alerts::{self as sql, Attempt, OutboxRow};
-use crate::store::Db;
+use crate::store::model::{Attempt, OutboxRow};
+use crate::store::{Store, StoreError};
 use crate::time;
 
 /// Rows taken per look at the outbox.
@@ -37,18 +37,23 @@ pub fn backoff(cfg: &AlertDeliveryConfig, failures: i64, jitter: f64) -> Duratio
 /// Spawns one delivery loop per configured sink into `tasks`, and warns
 /// once about alerts waiting for a sink that is no longer configured.
 pub fn spawn(
-    db: &Db,
+    store: &Store,
     config: &Arc<Config>,
     shutdown: &CancellationToken,
     tasks: &mut tokio::task::JoinSet<()>,
 ) {
-    let http = super::sinks::http_client(config);
-    for sink in super::sinks::from_config(config, &http) {
-        tasks.spawn(run_sink(db.clone(), config.clone(), sink, shutdown.clone()));
+    let http = sinks::http_client(config);
+    for sink in sinks::from_config(config, &http) {
+        tasks.spawn(run_sink(
+            store.clone(),
+            config.clone(),
+            sink,
+            shutdown.clone(),
+        ));
     }
-    let (db, config) = (db.clone(), config.clone());
+    let (store, config) = (store.clone(), config.clone());
     tasks.spawn(async move {
-        match orphaned(&db, &config).await {
+        match orphaned(&store, &config).await {
             Ok(orphaned) => {
                 for (sink, waiting) in orphaned {
                     tracing::warn!(
@@ -65,11 +70,12 @@ pub fn spawn(
 
 /// Sinks that are not configured (any more) with how many alert deliveries
 /// wait for them.
-pub async fn orphaned(db: &Db, config: &Config) -> Result<Vec<(String, i64)>, sqlx::Error> {
+pub async fn orphaned(store: &Store, config: &Config) -> Result<Vec<(String, i64)>, StoreError> {
     let configured: Vec<String> = (0..config.alerts.sinks.len())
         .map(|i| config.sink_name(i))
         .collect();
-    Ok(sql::pending_by_sink(&db.read)
+    Ok(store
+        .outbox_pending()
         .await?
         .into_iter()
         .filter(|(sink, _)| !configured.contains(sink))
@@ -77,10 +83,10 @@ pub async fn orphaned(db: &Db, config: &Config) -> Result<Vec<(String, i64)>, sq
 }
 
 /// Delivers the due rows of one sink until `shutdown`.
-pub async fn run_sink(db: Db, config: Arc<Config>, sink: Sink, shutdown: CancellationToken) {
+pub async fn run_sink(store: Store, config: Arc<Config>, sink: Sink, shutdown: CancellationToken) {
     let poll = Duration::from_millis(config.alerts.delivery.poll_interval_ms.max(10));
     while !shutdown.is_cancelled() {
-        let busy = match deliver_due(&db, &config.alerts.delivery, &sink, &shutdown).await {
+        let busy = match deliver_due(&store, &config.alerts.delivery, &sink, &shutdown).await {
             Ok(n) => n > 0,
             Err(e) => {
                 tracing::error!(sink = %sink.name, error = %e, "alert outbox: database error");
@@ -99,30 +105,32 @@ pub async fn run_sink(db: Db, config: Arc<Config>, sink: Sink, shutdown: Cancell
 /// One pass over the due rows of `sink`: one attempt each, recorded.
 /// Returns how many rows were attempted.
 pub async fn deliver_due(
-    db: &Db,
+    store: &Store,
     cfg: &AlertDeliveryConfig,
     sink: &Sink,
     shutdown: &CancellationToken,
-) -> Result<usize, sqlx::Error> {
-    let rows = sql::due(&db.read, &sink.name, &time::now_str(), BATCH).await?;
+) -> Result<usize, StoreError> {
+    let rows = store
+        .outbox_due(&sink.name, &time::now_str(), BATCH)
+        .await?;
     for row in &rows {
         let outcome = tokio::select! {
             // Not recorded: the row stays pending and goes out after a restart.
             _ = shutdown.cancelled() => return Ok(0),
             o = sink.deliver(row) => o,
         };
-        record(db, cfg, sink, row, &outcome).await?;
+        record(store, cfg, sink, row, &outcome).await?;
     }
     Ok(rows.len())
 }
 
 async fn record(
-    db: &Db,
+    store: &Store,
     cfg: &AlertDeliveryConfig,
     sink: &Sink,
     row: &OutboxRow,
-    outcome: &super::sinks::Outcome,
-) -> Result<(), sqlx::Error> {
+    outcome: &sinks::Outcome,
+) -> Result<(), StoreError> {
     let now = time::now();
     let attempt = Attempt {
         attempted_at: time::fmt(now),
@@ -131,8 +139,7 @@ async fn record(
     };
     if outcome.is_delivered() {
         tracing::debug!(sink = %sink.name, alert = %row.alert_id, version = row.alert_version, "alert delivered");
-        let _slot = db.write_slot().await;
-        return sql::mark_delivered(&db.write, row.id, &attempt).await;
+        return store.outbox_delivered(row.id, &attempt).await;
     }
     metrics::counter!("cancelwatch_alert_delivery_failures_total", "sink" => sink.name.clone())
         .increment(1);
@@ -147,8 +154,7 @@ async fn record(
         error = attempt.error.as_deref().unwrap_or(""),
         "alert delivery failed; will retry"
     );
-    let _slot = db.write_slot().await;
-    sql::reschedule(&db.write, row.id, &attempt, &time::fmt(next)).await
+    store.outbox_retry(row.id, &attempt, &time::fmt(next)).await
 }
 
 #[cfg(test)]

@@ -591,3 +591,189 @@ mod tests {
         db.close().await;
     }
 }
+
+/// The inbox's group commit against this engine: what one commit stores,
+/// and which deliveries it leases for the hand-over.
+#[cfg(test)]
+mod group_commit_tests {
+    use super::super::{on_handle, Db};
+    use super::*;
+    use crate::config::DatabaseConfig;
+    use crate::inbox::{to_offer, Inbox};
+    use crate::store::model::Refusal;
+    use crate::store::Store;
+
+    fn delivery(key: &str, resource: Option<&str>) -> NewDelivery {
+        NewDelivery {
+            provider: "stripe".into(),
+            dedupe_key: key.into(),
+            event_type: "v2.core.batch_job.updated".into(),
+            event_id: Some(key.into()),
+            resource_kind: resource.map(|_| "stripe.batch_job".to_string()),
+            resource_id: resource.map(str::to_string),
+            context: None,
+            livemode: Some(false),
+            raw_body: b"{}".to_vec(),
+            source: "webhook",
+            received_at: crate::time::now_str(),
+        }
+    }
+
+    /// A batch too large for one statement (150 deliveries, 10 of them a
+    /// key again, and 100 refusals, all queued before the writer runs) is
+    /// committed whole, on the writer's handle: each request learns whether
+    /// its delivery was new, each key is stored once, each refusal recorded.
+    #[tokio::test]
+    async fn a_batch_too_large_for_one_statement_commits_whole() {
+        batch_commits_whole(150, 10, 100).await;
+    }
+
+    /// [`a_batch_too_large_for_one_statement_commits_whole`] where the
+    /// refusals make it too large (a transaction of sqlx's statements).
+    #[tokio::test]
+    async fn a_batch_of_mostly_refusals_commits_whole() {
+        batch_commits_whole(30, 5, 200).await;
+    }
+
+    /// `deliveries` deliveries, the last `again` of them keys already
+    /// given, and `refusals` refusals, queued together.
+    async fn batch_commits_whole(deliveries: usize, again: usize, refusals: usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DatabaseConfig::default();
+        let engine = super::super::SqliteStore::open(&dir.path().join("x.db"), &cfg)
+            .await
+            .unwrap();
+        let db = engine.db().clone();
+        let store: Store = std::sync::Arc::new(engine);
+        let (inbox, writer) = Inbox::start(&store, &cfg);
+        for i in 0..refusals {
+            inbox.record_refusal(Refusal {
+                provider: "stripe".into(),
+                reason: "bad_signature".into(),
+                message: format!("forged {i}"),
+                http_status: 401,
+                body_size: Some(2),
+                remote_addr: None,
+                received_at: crate::time::now_str(),
+            });
+        }
+        let distinct = deliveries - again;
+        let keys: Vec<String> = (0..deliveries)
+            .map(|i| format!("k{}", i % distinct))
+            .collect();
+        let accepts = keys.iter().enumerate().map(|(i, key)| {
+            let resource = format!("r_{i}");
+            inbox.accept(delivery(key, Some(&resource)))
+        });
+        let answers = futures_util::future::join_all(accepts).await;
+        let duplicates: Vec<bool> = answers.into_iter().map(|a| a.unwrap().duplicate).collect();
+        let expected: Vec<bool> = (0..deliveries).map(|i| i >= distinct).collect();
+        assert_eq!(duplicates, expected);
+        drop(inbox);
+        writer.await.unwrap();
+        let count = |sql| sqlx::query_scalar::<_, i64>(sql).fetch_one(&db.read);
+        let stored = count("SELECT COUNT(*) FROM inbox").await.unwrap();
+        assert_eq!(stored, distinct as i64);
+        let keys = count("SELECT COUNT(DISTINCT dedupe_key) FROM inbox");
+        assert_eq!(keys.await.unwrap(), distinct as i64);
+        let recorded = count("SELECT COUNT(*) FROM refusals").await.unwrap();
+        assert_eq!(recorded, refusals as i64);
+        db.close().await;
+    }
+
+    /// Offered: in order, as many as there are slots, the first of each
+    /// resource and key. Leased by the insert: those whose resource no live
+    /// lease holds; the rest wait in line.
+    #[tokio::test]
+    async fn hand_over_follows_the_claims_rules() {
+        hand_over_follows_the_claims_rules_with(Insert::Statement).await;
+    }
+
+    /// [`hand_over_follows_the_claims_rules`] with the insert of batches too
+    /// large for one statement (one row at a time, on the handle).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hand_over_follows_the_claims_rules_in_large_batches() {
+        hand_over_follows_the_claims_rules_with(Insert::RowsOnHandle).await;
+    }
+
+    enum Insert {
+        Statement,
+        RowsOnHandle,
+    }
+
+    async fn hand_over_follows_the_claims_rules_with(insert: Insert) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("x.db"), &DatabaseConfig::default())
+            .await
+            .unwrap();
+        let now = crate::time::now_str();
+        let far = "2999-01-01T00:00:00.000Z";
+        let past = "2000-01-01T00:00:00.000Z";
+        let mut tx = db.write.begin().await.unwrap();
+        let held = delivery("held", Some("r_held"));
+        let lapsed = delivery("lapsed", Some("r_lapsed"));
+        let before = [(&held, Some(far)), (&lapsed, Some(past))];
+        let added = insert_many(&mut tx, &before, &now).await.unwrap();
+        assert!(added.iter().all(|a| a.is_some_and(|a| a.leased)));
+
+        let batch = [
+            delivery("a", Some("r_held")),   // a live lease holds it
+            delivery("b", Some("r_1")),      // first of r_1
+            delivery("c", Some("r_1")),      // r_1 again
+            delivery("b", Some("r_2")),      // key b again
+            delivery("d", None),             // names no resource
+            delivery("e", Some("r_lapsed")), // its lease ran out
+            delivery("f", Some("r_3")),      // no slot left
+        ];
+        let refs: Vec<&NewDelivery> = batch.iter().collect();
+        let offered = to_offer(&refs, 4, far);
+        let keys = |flags: &[bool]| -> Vec<&str> {
+            refs.iter()
+                .zip(flags)
+                .filter(|(_, f)| **f)
+                .map(|(d, _)| d.dedupe_key.as_str())
+                .collect()
+        };
+        let flags: Vec<bool> = offered.iter().map(Option::is_some).collect();
+        assert_eq!(keys(&flags), ["a", "b", "d", "e"]);
+
+        let rows: Vec<(&NewDelivery, Option<&str>)> = refs.iter().copied().zip(offered).collect();
+        let added = match insert {
+            Insert::Statement => insert_many(&mut tx, &rows, &now).await,
+            Insert::RowsOnHandle => on_handle(&mut tx, |c| insert_rows(c, &rows, &now)).await,
+        }
+        .unwrap();
+        let flags: Vec<bool> = added.iter().map(|a| a.is_some_and(|a| a.leased)).collect();
+        assert_eq!(keys(&flags), ["b", "d", "e"]);
+        assert_eq!(added.iter().filter(|a| a.is_some()).count(), 6);
+        let stored: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT dedupe_key, state, attempts, lease_until FROM inbox
+             WHERE dedupe_key NOT IN ('held', 'lapsed') ORDER BY id",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        let leased = |key: &str| {
+            (
+                key.to_string(),
+                "processing".to_string(),
+                1,
+                Some(far.to_string()),
+            )
+        };
+        let waiting = |key: &str| (key.to_string(), "pending".to_string(), 0, None);
+        assert_eq!(
+            stored,
+            [
+                waiting("a"),
+                leased("b"),
+                waiting("c"),
+                leased("d"),
+                leased("e"),
+                waiting("f")
+            ]
+        );
+        tx.commit().await.unwrap();
+        db.close().await;
+    }
+}

@@ -6,7 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::{self, Db};
+use crate::store::{Store, StoreError};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
 use crate::time::Timestamp;
 
 /// How long each provider retries a delivery: its dedupe key is kept at least this long.
@@ -46,19 +49,18 @@ fn before(now: Timestamp, age: Duration) -> String {
 
 /// Prunes what is older than `older_than` at `now` (see the module docs).
 pub async fn prune(
-    db: &Db,
+    store: &Store,
     older_than: Duration,
     now: Timestamp,
-) -> Result<PruneReport, sqlx::Error> {
+) -> Result<PruneReport, StoreError> {
     let cutoff = before(now, older_than);
     let mut deliveries_deleted = 0;
     for (provider, window) in PROVIDER_RETRY_WINDOWS {
         let provider_cutoff = before(now, older_than.max(window));
-        deliveries_deleted +=
-            store::prune::delete_deliveries(&db.write, provider, &provider_cutoff).await?;
+        deliveries_deleted += store.prune_deliveries(provider, &provider_cutoff).await?;
     }
-    let bodies_dropped = store::prune::drop_bodies(&db.write, &cutoff).await?;
-    let refusals_deleted = store::prune::delete_refusals(&db.write, &cutoff).await?;
+    let bodies_dropped = store.prune_bodies(&cutoff).await?;
+    let refusals_deleted = store.prune_refusals(&cutoff).await?;
     Ok(PruneReport {
         cutoff,
         bodies_dropped,
@@ -68,23 +70,23 @@ pub async fn prune(
 }
 
 /// Prunes at start and then every `prune.interval_secs` until shutdown.
-pub async fn run_scheduled(app: Arc<crate::App>) {
-    let Ok(older_than) = crate::time::parse_duration(&app.config.prune.older_than) else {
+pub async fn run_scheduled(store: Store, config: Arc<Config>, shutdown: CancellationToken) {
+    let Ok(older_than) = crate::time::parse_duration(&config.prune.older_than) else {
         // Validated at start; nothing sensible to do otherwise.
         tracing::error!("prune.older_than is not a duration; scheduled prune is off");
         return;
     };
-    let every = Duration::from_secs(app.config.prune.interval_secs.max(1));
+    let every = Duration::from_secs(config.prune.interval_secs.max(1));
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
         let pruned = tokio::select! {
-            _ = app.shutdown.cancelled() => return,
-            r = prune(&app.db, older_than, crate::time::now()) => r,
+            _ = shutdown.cancelled() => return,
+            r = prune(&store, older_than, crate::time::now()) => r,
         };
         match pruned {
             Ok(report) => tracing::info!(

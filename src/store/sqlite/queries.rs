@@ -43,18 +43,7 @@ pub const ALERT_TYPES: [&str; 6] = [
 /// Providers cancelwatch knows.
 pub const PROVIDERS: [&str; 2] = ["stripe", "juice"];
 
-/// Why a query could not be answered.
-#[derive(Debug, thiserror::Error)]
-pub enum QueryError {
-    /// A filter, limit or cursor the user gave is not valid.
-    #[error("{field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-    #[error("database: {0}")]
-    Sql(#[from] sqlx::Error),
-}
+pub use crate::store::QueryError;
 
 fn invalid(field: &'static str, message: impl Into<String>) -> QueryError {
     QueryError::Invalid {

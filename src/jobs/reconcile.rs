@@ -11,12 +11,12 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::record::{self, Trigger};
-use super::Context;
-use crate::alerts::Changes;
+use crate::domain::observe::Trigger;
+use crate::pipeline::Context;
 use crate::providers::juice::event::{BULK_TRANSFER, TRANSFER};
 use crate::providers::{provider_of, ApiError, Target};
-use crate::store::resources::{self, Resource};
+use crate::store::model::Resource;
+use crate::store::StoreError;
 use crate::time;
 
 /// Most resources looked at in one run.
@@ -63,9 +63,9 @@ pub fn backoff_after(failures: i64, interval_secs: u64, max_secs: u64) -> Durati
 }
 
 /// One pass; returns how many fetches were made.
-pub async fn run_once(ctx: &Context) -> Result<usize, sqlx::Error> {
+pub async fn run_once(ctx: &Context) -> Result<usize, StoreError> {
     metrics::counter!("cancelwatch_reconcile_runs_total").increment(1);
-    let due = resources::due_for_reconcile(&ctx.db.read, &time::now_str(), BATCH).await?;
+    let due = ctx.store.due_for_reconcile(&time::now_str(), BATCH).await?;
     // One fetch per target, however many due resources it covers.
     let mut targets: BTreeMap<(String, String), (Target, Vec<Resource>)> = BTreeMap::new();
     for r in due {
@@ -94,27 +94,23 @@ async fn reconcile_one(
     ctx: &Context,
     target: Target,
     covered: Vec<Resource>,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let Some(provider) = ctx.providers.api(provider_of(&target.kind)).cloned() else {
         tracing::warn!("cannot reconcile: no API key for this provider");
         return push_back(ctx, &covered).await;
     };
     match provider.fetch(&target).await {
         Ok(obs) => {
-            let now = time::now();
-            let mut tx = ctx.db.begin().await?;
-            let mut changes = Changes::new();
-            let recorded = record::record(
-                &mut tx,
-                &ctx.config,
-                &obs,
-                &Trigger::reconcile(),
-                target.context.as_deref(),
-                now,
-                &mut changes,
-            )
-            .await?;
-            tx.commit().await?;
+            let (recorded, changes) = ctx
+                .store
+                .record_observation(
+                    &ctx.config,
+                    &obs,
+                    &Trigger::reconcile(),
+                    target.context.as_deref(),
+                    time::now(),
+                )
+                .await?;
             recorded.report();
             crate::alerts::report(&changes);
             // A due resource the answer did not mention (an item gone from its
@@ -128,13 +124,8 @@ async fn reconcile_one(
         Err(e) => {
             tracing::warn!(error = %e, "reconcile fetch failed");
             if let ApiError::NotFound(_) = e {
-                let now = time::now_str();
-                let mut tx = ctx.db.begin().await?;
-                for r in &covered {
-                    resources::mark_not_found(&mut tx, r.rid, &now, r.next_reconcile_at.as_deref())
-                        .await?;
-                }
-                tx.commit().await?;
+                let covered: Vec<&Resource> = covered.iter().collect();
+                ctx.store.mark_not_found(&covered, &time::now_str()).await?;
             }
             push_back(ctx, &covered).await
         }
@@ -142,22 +133,24 @@ async fn reconcile_one(
 }
 
 /// Counts a failure for each resource and moves its next fetch back.
-async fn push_back(ctx: &Context, rs: &[Resource]) -> Result<(), sqlx::Error> {
+async fn push_back(ctx: &Context, rs: &[Resource]) -> Result<(), StoreError> {
     if rs.is_empty() {
         return Ok(());
     }
     let cfg = &ctx.config.reconcile;
-    let mut tx = ctx.db.begin().await?;
-    for r in rs {
-        let wait = backoff_after(
-            r.reconcile_failures + 1,
-            cfg.interval_secs,
-            cfg.max_interval_secs,
-        );
-        let next = time::fmt(time::now() + chrono::Duration::from_std(wait).unwrap_or_default());
-        resources::reconcile_failed(&mut tx, r.rid, &next).await?;
-    }
-    tx.commit().await
+    let next: Vec<(i64, String)> = rs
+        .iter()
+        .map(|r| {
+            let wait = backoff_after(
+                r.reconcile_failures + 1,
+                cfg.interval_secs,
+                cfg.max_interval_secs,
+            );
+            let at = time::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            (r.rid, time::fmt(at))
+        })
+        .collect();
+    ctx.store.reconcile_failed(&next).await
 }
 
 #[cfg(test)]

@@ -1,41 +1,24 @@
-//! Time-based rules, evaluated every `alerts.scan_interval_secs`: `stuck`,
-//! `refund_overdue` and `verification_failures`. Each scan raises what holds
-//! now and resolves the open alerts whose condition no longer holds.
+//! Time-based alert rules, evaluated as of a given time in one short write
+//! transaction: `stuck`, `refund_overdue` and `verification_failures`. Each
+//! scan raises what holds now and resolves the open alerts whose condition
+//! no longer holds.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::json;
 
-use super::rules::{is_transitional, still_stuck_in};
-use super::{Changes, REFUND_OVERDUE, STUCK, VERIFICATION_FAILURES};
+use super::alerts::{self as sql, AlertKey, NewAlert};
+use super::rules::{raise, resolve};
+use super::{Db, Tx};
 use crate::config::Config;
-use crate::store::alerts::{self as sql, AlertKey, NewAlert};
-use crate::store::{Db, Tx};
+use crate::domain::alerts::{
+    is_transitional, still_stuck_in, Changes, REFUND_OVERDUE, STUCK, VERIFICATION_FAILURES,
+    WEBHOOK_KIND,
+};
 use crate::time::{self, Timestamp};
 
-/// The `(provider, kind, id)` under which webhook-wide alerts are raised.
-pub const WEBHOOK_KIND: &str = "webhook";
-
-/// Runs [`scan_once`] every `alerts.scan_interval_secs` until `shutdown`.
-pub async fn run(db: Db, config: Arc<Config>, shutdown: tokio_util::sync::CancellationToken) {
-    let every = Duration::from_secs(config.alerts.scan_interval_secs.max(1));
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        if let Err(e) = scan_once(&db, &config, time::now()).await {
-            tracing::error!(error = %e, "alert scan failed; retrying at the next interval");
-        }
-    }
-}
-
 /// Evaluates the time-based rules as of `now`, in one short write transaction.
-pub async fn scan_once(db: &Db, config: &Config, now: Timestamp) -> Result<(), sqlx::Error> {
+pub async fn scan_once(db: &Db, config: &Config, now: Timestamp) -> Result<Changes, sqlx::Error> {
     let now_s = time::fmt(now);
     let mut tx = db.begin().await?;
     let mut changes = Changes::new();
@@ -49,8 +32,7 @@ pub async fn scan_once(db: &Db, config: &Config, now: Timestamp) -> Result<(), s
         verification_failures(&mut tx, config, now, &now_s, &mut changes).await?;
     }
     tx.commit().await?;
-    super::report(&changes);
-    Ok(())
+    Ok(changes)
 }
 
 fn ago(now: Timestamp, secs: u64) -> String {
@@ -83,7 +65,7 @@ async fn resolve_others(
         );
         if !holding.contains(&k) {
             let key = key(rule, &alert.provider, &alert.kind, &alert.resource_id);
-            super::resolve(tx, config, &key, now, changes).await?;
+            resolve(tx, config, &key, now, changes).await?;
         }
     }
     Ok(())
@@ -136,7 +118,7 @@ async fn stuck(
                 "cancel_requested_at": r.cancel_requested_at,
             }),
         };
-        super::raise(tx, config, &alert, now_s, changes).await?;
+        raise(tx, config, &alert, now_s, changes).await?;
     }
     resolve_others(tx, config, STUCK, &holding, now_s, changes).await
 }
@@ -179,7 +161,7 @@ async fn refund_overdue(
                 "limit_secs": rule.after_secs,
             }),
         };
-        super::raise(tx, config, &alert, now_s, changes).await?;
+        raise(tx, config, &alert, now_s, changes).await?;
     }
     resolve_others(tx, config, REFUND_OVERDUE, &holding, now_s, changes).await
 }
@@ -229,7 +211,7 @@ async fn verification_failures(
                 "threshold": rule.threshold,
             }),
         };
-        super::raise(tx, config, &alert, now_s, changes).await?;
+        raise(tx, config, &alert, now_s, changes).await?;
     }
     resolve_others(tx, config, VERIFICATION_FAILURES, &holding, now_s, changes).await
 }

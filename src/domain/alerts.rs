@@ -1,0 +1,428 @@
+//! The alert rules' decisions, made on rows already read: which rule holds
+//! for a resource, what its alert says, where it goes. Storage engines read
+//! the rows, call these, and write what they return, so every engine raises
+//! the same alerts.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::store::model::{Alert, AlertKey, CancelAnswer, NewAlert, ProgressRow, Resource};
+
+/// Rule names, as stored in `alerts.rule` and sent as `type`.
+pub const PARTIAL_CANCELLATION: &str = "partial_cancellation";
+pub const CANCEL_NOT_EFFECTIVE: &str = "cancel_not_effective";
+pub const STUCK: &str = "stuck";
+pub const REFUND_OVERDUE: &str = "refund_overdue";
+pub const DEAD_LETTER: &str = "dead_letter";
+pub const VERIFICATION_FAILURES: &str = "verification_failures";
+
+pub const JUICE_BULK: &str = "juice.bulk_transfer";
+pub const JUICE_TRANSFER: &str = "juice.transfer";
+pub const STRIPE_BATCH: &str = "stripe.batch_job";
+pub const STRIPE_OUTBOUND: &str = "stripe.outbound_transfer";
+
+/// Most not-cancelled items listed one by one in a partial-cancellation alert.
+const MAX_LISTED_ITEMS: usize = 100;
+
+/// Rank of a severity: info < warning < critical (unknown ranks lowest).
+pub fn severity_rank(severity: &str) -> u8 {
+    match severity {
+        "critical" => 2,
+        "warning" => 1,
+        _ => 0,
+    }
+}
+
+/// Names of the sinks an alert of `rule` at `severity` goes to: those whose
+/// `rules` list is empty or names the rule, and whose `min_severity` it meets.
+pub fn route(config: &Config, rule: &str, severity: &str) -> Vec<String> {
+    config
+        .alerts
+        .sinks
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.rules.is_empty() || s.rules.iter().any(|r| r == rule))
+        .filter(|(_, s)| severity_rank(severity) >= severity_rank(&s.min_severity))
+        .map(|(i, _)| config.sink_name(i))
+        .collect()
+}
+
+/// An alert raised (a new version) or resolved inside a transaction, noted
+/// in the transaction's [`Changes`] for whoever commits it to [`report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    pub id: String,
+    pub rule: String,
+    pub version: i64,
+    pub resource_id: String,
+    /// Resolved, rather than raised.
+    pub resolved: bool,
+}
+
+impl Changed {
+    pub fn of(a: &Alert, resolved: bool) -> Changed {
+        Changed {
+            id: a.id.clone(),
+            rule: a.rule.clone(),
+            version: a.version,
+            resource_id: a.resource_id.clone(),
+            resolved,
+        }
+    }
+}
+
+/// The alerts one transaction raised or resolved so far.
+pub type Changes = Vec<Changed>;
+
+/// True for a status in which a resource of `kind` is still on its way
+/// somewhere (the statuses the `stuck` rule watches).
+pub fn is_transitional(kind: &str, status: &str) -> bool {
+    let statuses: &[&str] = match kind {
+        STRIPE_OUTBOUND => &["processing"],
+        STRIPE_BATCH => &[
+            "ready_for_upload",
+            "validating",
+            "in_progress",
+            "cancelling",
+        ],
+        JUICE_BULK => &["created", "executing", "cancelling"],
+        JUICE_TRANSFER => &["pending", "processing"],
+        _ => &[
+            "processing",
+            "cancelling",
+            "in_progress",
+            "validating",
+            "ready_for_upload",
+            "created",
+            "executing",
+            "pending",
+        ],
+    };
+    statuses.contains(&status)
+}
+
+/// True for a status that means a cancel took effect (`reversed` statuses of
+/// Juice items count: the item was cancelled and its money came back).
+pub fn is_cancelled(config: &Config, status: &str) -> bool {
+    matches!(status, "canceled" | "cancelled")
+        || config.juice.reversed_statuses.iter().any(|s| s == status)
+}
+
+/// Statuses in which a resource of `kind` has settled some other way than
+/// cancelled: once there, a cancel can no longer take effect.
+pub fn is_settled_otherwise(kind: &str, status: &str, terminal: bool) -> bool {
+    let settled: &[&str] = match kind {
+        STRIPE_OUTBOUND => &["posted", "failed", "returned"],
+        STRIPE_BATCH => &[
+            "complete",
+            "batch_failed",
+            "timeout",
+            "upload_timeout",
+            "validation_failed",
+        ],
+        JUICE_BULK => &["completed", "expired", "failed", "partially_completed"],
+        JUICE_TRANSFER => &["completed", "failed"],
+        _ => &[],
+    };
+    settled.contains(&status) || (terminal && !is_transitional(kind, status))
+}
+
+pub fn alert_key(rule: &str, r: &Resource) -> AlertKey {
+    AlertKey {
+        rule: rule.into(),
+        provider: r.provider.clone(),
+        kind: r.kind.clone(),
+        resource_id: r.id.clone(),
+    }
+}
+
+pub fn new_alert(
+    rule: &str,
+    severity: &str,
+    r: &Resource,
+    summary: String,
+    details: Value,
+) -> NewAlert {
+    NewAlert {
+        rule: rule.into(),
+        severity: severity.into(),
+        provider: r.provider.clone(),
+        kind: r.kind.clone(),
+        resource_id: r.id.clone(),
+        summary,
+        details,
+    }
+}
+
+/// Count and amount of a group of items.
+#[derive(Default)]
+struct Tally {
+    count: i64,
+    amount: i64,
+}
+
+impl Tally {
+    fn add(&mut self, amount: Option<i64>) {
+        self.count += 1;
+        self.amount += amount.unwrap_or(0);
+    }
+
+    fn json(&self) -> Value {
+        json!({"count": self.count, "amount": self.amount})
+    }
+}
+
+/// Juice: the cancel call answered `partial_cancellation`, or the bulk
+/// transfer is `cancelled` while some of its items ended otherwise.
+pub fn juice_partial(
+    config: &Config,
+    bulk: &Resource,
+    answer: Option<&CancelAnswer>,
+    items: &[Resource],
+) -> Option<(String, Value)> {
+    let bulk_cancelled = bulk.status.as_deref() == Some("cancelled");
+    let mut cancelled = Tally::default();
+    let mut not_cancelled = Tally::default();
+    let mut by_status: BTreeMap<String, Tally> = BTreeMap::new();
+    let mut listed = Vec::new();
+    for item in items {
+        let status = item.status.clone().unwrap_or_else(|| "unknown".into());
+        by_status
+            .entry(status.clone())
+            .or_default()
+            .add(item.amount);
+        if is_cancelled(config, &status) {
+            cancelled.add(item.amount);
+        } else {
+            not_cancelled.add(item.amount);
+            if listed.len() < MAX_LISTED_ITEMS {
+                listed.push(json!({"id": item.id, "status": status, "amount": item.amount}));
+            }
+        }
+    }
+    if answer.is_none() && !(bulk_cancelled && not_cancelled.count > 0) {
+        return None;
+    }
+    let currency = bulk
+        .currency
+        .clone()
+        .or_else(|| items.iter().find_map(|i| i.currency.clone()));
+    let others: Vec<String> = by_status
+        .iter()
+        .filter(|(s, _)| !is_cancelled(config, s))
+        .map(|(s, t)| format!("{s}: {}", t.count))
+        .collect();
+    let summary = if items.is_empty() {
+        format!(
+            "Juice bulk transfer {} was cancelled only in part (the cancel answered partial_cancellation)",
+            bulk.id
+        )
+    } else {
+        format!(
+            "Juice bulk transfer {} was cancelled only in part: {} of {} items cancelled ({} {}), {} not cancelled ({} {}; {})",
+            bulk.id,
+            cancelled.count,
+            items.len(),
+            cancelled.amount,
+            currency.as_deref().unwrap_or(""),
+            not_cancelled.count,
+            not_cancelled.amount,
+            currency.as_deref().unwrap_or(""),
+            others.join(", "),
+        )
+    };
+    let details = json!({
+        "bulk_status": bulk.status,
+        "cancel_request": answer.map(|a| json!({
+            "id": a.id,
+            "requested_at": a.requested_at,
+            "http_status": a.http_status,
+            "outcome": a.outcome,
+            "error_code": a.error_code,
+        })),
+        "currency": currency,
+        "items_total": items.len(),
+        "cancelled": cancelled.json(),
+        "not_cancelled": not_cancelled.json(),
+        "by_status": by_status.iter().map(|(s, t)| (s.clone(), t.json())).collect::<serde_json::Map<_, _>>(),
+        "not_cancelled_items": listed,
+    });
+    Some((summary, details))
+}
+
+/// Stripe batch job: `canceled` with records already applied or failed.
+pub fn batch_partial(job: &Resource, progress: Option<&ProgressRow>) -> Option<(String, Value)> {
+    if job.status.as_deref() != Some("canceled") {
+        return None;
+    }
+    let progress = progress?;
+    let success = progress.success_count.unwrap_or(0);
+    let failure = progress.failure_count.unwrap_or(0);
+    if success == 0 && failure == 0 {
+        return None;
+    }
+    let summary = format!(
+        "Stripe batch job {} was canceled after {success} records succeeded and {failure} failed",
+        job.id
+    );
+    let details = json!({
+        "status": job.status,
+        "success_count": success,
+        "failure_count": failure,
+        "validated_count": progress.validated_count,
+        "counts_observed_at": progress.observed_at,
+    });
+    Some((summary, details))
+}
+
+/// A cancel went out through cancelwatch, yet the resource settled otherwise.
+pub fn not_effective(r: &Resource) -> Option<(String, Value)> {
+    let requested_at = r.cancel_requested_at.as_deref()?;
+    let status = r.status.as_deref()?;
+    if matches!(status, "canceled" | "cancelled")
+        || !is_settled_otherwise(&r.kind, status, r.terminal)
+    {
+        return None;
+    }
+    let summary = format!(
+        "cancel of {} {} requested at {requested_at} did not take effect: it is {status}",
+        r.kind, r.id
+    );
+    let details = json!({
+        "status": status,
+        "cancel_requested_at": requested_at,
+        "status_since": r.status_since,
+        "amount": r.amount,
+        "currency": r.currency,
+    });
+    Some((summary, details))
+}
+
+/// True while the resource is still in the status a `stuck` alert names.
+pub fn still_stuck_in(details: &str, r: &Resource) -> bool {
+    let named = serde_json::from_str::<Value>(details)
+        .ok()
+        .and_then(|d| d.get("status").and_then(Value::as_str).map(str::to_owned));
+    match (&r.status, named) {
+        (Some(status), Some(named)) => {
+            !r.terminal && *status == named && is_transitional(&r.kind, status)
+        }
+        _ => false,
+    }
+}
+
+/// What a `dead_letter` alert is about: the delivery's resource when
+/// known, else `("delivery", dedupe key)`.
+pub fn dead_letter_subject(
+    kind: Option<&str>,
+    resource_id: Option<&str>,
+    dedupe_key: &str,
+) -> (String, String) {
+    match (kind, resource_id) {
+        (Some(kind), Some(id)) => (kind.to_string(), id.to_string()),
+        _ => ("delivery".to_string(), dedupe_key.to_string()),
+    }
+}
+
+/// The `(provider, kind, id)` under which webhook-wide alerts are raised.
+pub const WEBHOOK_KIND: &str = "webhook";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SinkConfig;
+
+    #[test]
+    fn transitional_statuses_per_kind() {
+        assert!(is_transitional(STRIPE_OUTBOUND, "processing"));
+        assert!(!is_transitional(STRIPE_OUTBOUND, "posted"));
+        assert!(is_transitional(STRIPE_BATCH, "cancelling"));
+        assert!(!is_transitional(STRIPE_BATCH, "canceled"));
+        assert!(is_transitional(JUICE_BULK, "executing"));
+        assert!(!is_transitional(JUICE_BULK, "cancelled"));
+        assert!(is_transitional(JUICE_TRANSFER, "pending"));
+    }
+
+    #[test]
+    fn settled_otherwise() {
+        assert!(is_settled_otherwise(STRIPE_OUTBOUND, "posted", false));
+        assert!(!is_settled_otherwise(STRIPE_OUTBOUND, "processing", false));
+        assert!(is_settled_otherwise(JUICE_BULK, "completed", true));
+        assert!(!is_settled_otherwise(JUICE_BULK, "executing", false));
+        assert!(is_settled_otherwise("other.kind", "done", true));
+    }
+
+    fn sink(name: &str, rules: &[&str], min: &str) -> SinkConfig {
+        SinkConfig {
+            name: name.into(),
+            kind: "log".into(),
+            rules: rules.iter().map(|r| r.to_string()).collect(),
+            min_severity: min.into(),
+            ..SinkConfig::default()
+        }
+    }
+
+    #[test]
+    fn routing_by_rule_and_severity() {
+        let mut config = Config::default();
+        config.alerts.sinks = vec![
+            sink("all", &[], "info"),
+            sink("partial-only", &[PARTIAL_CANCELLATION], "info"),
+            sink("critical", &[], "critical"),
+            SinkConfig {
+                kind: "log".into(),
+                min_severity: "warning".into(),
+                ..SinkConfig::default()
+            },
+        ];
+        assert_eq!(
+            route(&config, PARTIAL_CANCELLATION, "critical"),
+            vec!["all", "partial-only", "critical", "log-3"]
+        );
+        assert_eq!(route(&config, STUCK, "warning"), vec!["all", "log-3"]);
+        assert_eq!(route(&config, STUCK, "info"), vec!["all"]);
+        config.alerts.sinks.clear();
+        assert!(route(&config, STUCK, "critical").is_empty());
+    }
+
+    #[test]
+    fn severity_order() {
+        assert!(severity_rank("critical") > severity_rank("warning"));
+        assert!(severity_rank("warning") > severity_rank("info"));
+    }
+
+    #[test]
+    fn payload_has_the_contract_fields() {
+        let alert = Alert {
+            id: "alrt_1".into(),
+            rule: STUCK.into(),
+            severity: "warning".into(),
+            provider: "stripe".into(),
+            kind: "stripe.outbound_transfer".into(),
+            resource_id: "obt_1".into(),
+            summary: "stuck".into(),
+            details: r#"{"status":"processing"}"#.into(),
+            state: "open".into(),
+            version: 2,
+            created_at: "2026-10-30T12:00:00.000Z".into(),
+            updated_at: "2026-10-30T12:05:00.000Z".into(),
+            resolved_at: None,
+        };
+        let p = alert.payload();
+        assert_eq!(p["id"], "alrt_1");
+        assert_eq!(p["type"], "stuck");
+        assert_eq!(p["severity"], "warning");
+        assert_eq!(
+            p["resource"],
+            serde_json::json!({"provider": "stripe", "kind": "stripe.outbound_transfer", "id": "obt_1"})
+        );
+        assert_eq!(p["summary"], "stuck");
+        assert_eq!(p["details"]["status"], "processing");
+        assert_eq!(p["created_at"], "2026-10-30T12:00:00.000Z");
+        assert_eq!(p["updated_at"], "2026-10-30T12:05:00.000Z");
+        assert_eq!(p["state"], "open");
+        assert_eq!(p["version"], 2);
+    }
+}

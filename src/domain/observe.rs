@@ -1,0 +1,380 @@
+//! What an observation changes, decided without a database: whether a
+//! status may replace the stored one (the kind's ranks, the provider's
+//! times, terminal statuses), what happens to a refund, when to look again.
+//! Every storage engine records through these functions, so both agree.
+
+use chrono::Duration;
+
+use crate::providers::{self, Observation, RefundStatus, StatusClass};
+use crate::time::{self, Timestamp};
+
+/// What caused an observation (the `trigger_type` / `trigger_id` columns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    /// `event`, `reconcile`, `cancel` or `backfill`.
+    pub kind: &'static str,
+    /// Event id (Juice: dedupe key), cancel request id; none for reconcile.
+    pub id: Option<String>,
+}
+
+impl Trigger {
+    pub fn event(id: impl Into<String>) -> Trigger {
+        Trigger {
+            kind: "event",
+            id: Some(id.into()),
+        }
+    }
+    pub fn backfill(id: impl Into<String>) -> Trigger {
+        Trigger {
+            kind: "backfill",
+            id: Some(id.into()),
+        }
+    }
+    pub fn cancel(request_id: i64) -> Trigger {
+        Trigger {
+            kind: "cancel",
+            id: Some(request_id.to_string()),
+        }
+    }
+    pub fn reconcile() -> Trigger {
+        Trigger {
+            kind: "reconcile",
+            id: None,
+        }
+    }
+}
+
+/// What is known of a resource before an observation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    pub status: Option<String>,
+    pub terminal: bool,
+    pub provider_at: Option<String>,
+}
+
+/// The verdict on one observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// First status ever seen: a transition from nothing.
+    First,
+    /// A newer status: one transition.
+    Changed,
+    /// Same status: the snapshot is refreshed, no transition.
+    Same,
+    /// Older than what is stored: nothing moves.
+    Stale,
+}
+
+/// Decides whether an observed status may replace the stored one. A stale
+/// fetch never moves a resource backwards: a terminal status is final; the
+/// provider's own timestamps decide when both sides have one; otherwise the
+/// kind's status ranks do; an unknown status is accepted only while the
+/// stored one is not terminal.
+pub fn judge(
+    stored: &Stored,
+    kind: &str,
+    status: &str,
+    provider_at: Option<&str>,
+    reversed: &[String],
+) -> Verdict {
+    let Some(old) = stored.status.as_deref() else {
+        return Verdict::First;
+    };
+    let older_than_stored = match (provider_at, stored.provider_at.as_deref()) {
+        (Some(new), Some(old)) => Some(new < old),
+        _ => None,
+    };
+    if old == status {
+        return if older_than_stored == Some(true) {
+            Verdict::Stale
+        } else {
+            Verdict::Same
+        };
+    }
+    if stored.terminal {
+        return Verdict::Stale;
+    }
+    if let (Some(new), Some(old_at)) = (provider_at, stored.provider_at.as_deref()) {
+        if new != old_at {
+            return if new > old_at {
+                Verdict::Changed
+            } else {
+                Verdict::Stale
+            };
+        }
+    }
+    match (
+        providers::rank(kind, status, reversed),
+        providers::rank(kind, old, reversed),
+    ) {
+        (Some(new), Some(old)) if new < old => Verdict::Stale,
+        _ => Verdict::Changed,
+    }
+}
+
+/// What to do with a resource's refund.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundChange {
+    /// Open one (pending, or completed at once).
+    Open(RefundStatus),
+    /// Move the pending one to completed or failed.
+    Settle(RefundStatus),
+}
+
+/// A refund is opened by the first signal that money is coming back (pending)
+/// or came back (completed); a pending one moves once to completed or failed;
+/// completed and failed are final. A failure with no refund open opens none
+/// (a transfer that failed on its own has nothing to give back).
+pub fn refund_change(existing: Option<&str>, signal: RefundStatus) -> Option<RefundChange> {
+    match (existing, signal) {
+        (None, RefundStatus::Failed) => None,
+        (None, s) => Some(RefundChange::Open(s)),
+        (Some("pending"), RefundStatus::Completed | RefundStatus::Failed) => {
+            Some(RefundChange::Settle(signal))
+        }
+        _ => None,
+    }
+}
+
+/// When to fetch a resource again: soon while it moves or while its refund is
+/// pending; never once it rests.
+pub fn next_reconcile(
+    class: StatusClass,
+    refund_pending: bool,
+    now: Timestamp,
+    interval_secs: u64,
+) -> Option<String> {
+    let due = class == StatusClass::Transitional || refund_pending;
+    due.then(|| time::fmt(now + Duration::seconds(interval_secs as i64)))
+}
+
+/// What one call of [`record`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Every resource looked at: the observed one first, then its children.
+    pub rids: Vec<i64>,
+    /// Transition rows written (the observed resource's and its children's).
+    pub transitions: Vec<Moved>,
+    /// True when the observed resource itself (not a child) was stale.
+    pub stale: bool,
+}
+
+impl Recorded {
+    /// Counts and logs the transitions written; call it once the
+    /// transaction that wrote them has committed.
+    pub fn report(&self) {
+        report(&self.transitions);
+    }
+}
+
+/// A transition written, as it is counted and logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub kind: String,
+    pub resource_id: String,
+    pub from: Option<String>,
+    pub to: String,
+    /// The trigger's kind (`event`, `reconcile`, …).
+    pub trigger: &'static str,
+}
+
+/// Counts (`cancelwatch_transitions_total`) and logs transitions that are
+/// committed: counted before, a transaction rolled back (or written again
+/// after a failure) would count them though they were not kept, or twice.
+pub fn report(transitions: &[Moved]) {
+    for t in transitions {
+        metrics::counter!("cancelwatch_transitions_total", "kind" => t.kind.clone(), "to_status" => t.to.clone())
+            .increment(1);
+        tracing::info!(resource = %t.resource_id, kind = %t.kind, from = ?t.from, to = %t.to, trigger = t.trigger, "transition");
+    }
+}
+
+/// An observation to record, with what caused it.
+#[derive(Debug, Clone, Copy)]
+pub struct ToRecord<'a> {
+    pub obs: &'a Observation,
+    pub trigger: &'a Trigger,
+    /// Stripe account context, kept on the resource.
+    pub context: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::juice::event::{BULK_TRANSFER, TRANSFER};
+    use crate::providers::stripe::event::{BATCH_JOB, OUTBOUND_TRANSFER};
+
+    fn stored(status: &str, terminal: bool, at: Option<&str>) -> Stored {
+        Stored {
+            status: Some(status.into()),
+            terminal,
+            provider_at: at.map(str::to_string),
+        }
+    }
+
+    fn rev() -> Vec<String> {
+        vec!["reversed".into(), "refunded".into()]
+    }
+
+    #[test]
+    fn first_observation() {
+        assert_eq!(
+            judge(&Stored::default(), BATCH_JOB, "in_progress", None, &[]),
+            Verdict::First
+        );
+    }
+
+    #[test]
+    fn terminal_never_goes_back() {
+        let s = stored("canceled", true, Some("2026-10-30T12:01:00.000Z"));
+        assert_eq!(
+            judge(&s, OUTBOUND_TRANSFER, "processing", None, &[]),
+            Verdict::Stale
+        );
+        // Not even with a newer provider time, nor to an unknown status.
+        assert_eq!(
+            judge(
+                &s,
+                OUTBOUND_TRANSFER,
+                "posted",
+                Some("2026-10-30T13:00:00.000Z"),
+                &[]
+            ),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(&s, OUTBOUND_TRANSFER, "brand_new", None, &[]),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(&s, OUTBOUND_TRANSFER, "canceled", None, &[]),
+            Verdict::Same
+        );
+    }
+
+    #[test]
+    fn ranks_decide_without_timestamps() {
+        let s = stored("cancelling", false, None);
+        assert_eq!(
+            judge(&s, BATCH_JOB, "in_progress", None, &[]),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(&s, BATCH_JOB, "canceled", None, &[]),
+            Verdict::Changed
+        );
+        let s = stored("posted", false, Some("2026-10-30T12:00:00.000Z"));
+        assert_eq!(
+            judge(&s, OUTBOUND_TRANSFER, "processing", None, &[]),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(
+                &s,
+                OUTBOUND_TRANSFER,
+                "returned",
+                Some("2026-10-31T12:00:00.000Z"),
+                &[]
+            ),
+            Verdict::Changed
+        );
+        let s = stored("cancelled", false, None);
+        assert_eq!(
+            judge(&s, TRANSFER, "reversed", None, &rev()),
+            Verdict::Changed
+        );
+        assert_eq!(judge(&s, TRANSFER, "pending", None, &rev()), Verdict::Stale);
+    }
+
+    #[test]
+    fn provider_timestamps_win() {
+        let s = stored("executing", false, Some("2026-10-30T12:00:05.000Z"));
+        assert_eq!(
+            judge(
+                &s,
+                BULK_TRANSFER,
+                "created",
+                Some("2026-10-30T12:00:01.000Z"),
+                &[]
+            ),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge(
+                &s,
+                BULK_TRANSFER,
+                "cancelled",
+                Some("2026-10-30T12:00:09.000Z"),
+                &[]
+            ),
+            Verdict::Changed
+        );
+        // An older copy of the same status is stale too (its snapshot is not kept).
+        assert_eq!(
+            judge(
+                &s,
+                BULK_TRANSFER,
+                "executing",
+                Some("2026-10-30T12:00:01.000Z"),
+                &[]
+            ),
+            Verdict::Stale
+        );
+    }
+
+    #[test]
+    fn unknown_statuses_only_while_not_terminal() {
+        let s = stored("in_progress", false, None);
+        assert_eq!(
+            judge(&s, BATCH_JOB, "paused_new", None, &[]),
+            Verdict::Changed
+        );
+        let s = stored("paused_new", false, None);
+        assert_eq!(
+            judge(&s, BATCH_JOB, "in_progress", None, &[]),
+            Verdict::Changed
+        );
+        let s = stored("complete", true, None);
+        assert_eq!(
+            judge(&s, BATCH_JOB, "paused_new", None, &[]),
+            Verdict::Stale
+        );
+    }
+
+    #[test]
+    fn refund_moves_once() {
+        use RefundStatus::*;
+        assert_eq!(
+            refund_change(None, Pending),
+            Some(RefundChange::Open(Pending))
+        );
+        assert_eq!(
+            refund_change(None, Completed),
+            Some(RefundChange::Open(Completed))
+        );
+        assert_eq!(refund_change(None, Failed), None);
+        assert_eq!(refund_change(Some("pending"), Pending), None);
+        assert_eq!(
+            refund_change(Some("pending"), Completed),
+            Some(RefundChange::Settle(Completed))
+        );
+        assert_eq!(
+            refund_change(Some("pending"), Failed),
+            Some(RefundChange::Settle(Failed))
+        );
+        assert_eq!(refund_change(Some("completed"), Failed), None);
+        assert_eq!(refund_change(Some("failed"), Completed), None);
+    }
+
+    #[test]
+    fn reconcile_schedule() {
+        let now = time::parse_lenient("2026-10-30T12:00:00Z").unwrap();
+        assert_eq!(
+            next_reconcile(StatusClass::Transitional, false, now, 60).as_deref(),
+            Some("2026-10-30T12:01:00.000Z")
+        );
+        assert_eq!(next_reconcile(StatusClass::Terminal, false, now, 60), None);
+        assert_eq!(next_reconcile(StatusClass::Settled, false, now, 60), None);
+        assert!(next_reconcile(StatusClass::Settled, true, now, 60).is_some());
+    }
+}

@@ -1,0 +1,323 @@
+//! Deciding one leased delivery, in a task of its own: what it asks for
+//! ([`plan`]) and what the provider answers ([`Outcome`]). Nothing is
+//! written and no transaction is open across the HTTP call; the recorder
+//! writes the outcome.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use serde_json::Value;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tracing::Instrument;
+
+use super::Context;
+use crate::config::{JuiceConfig, StripeConfig};
+use crate::domain::outcome::{delivery_span, Decided, Outcome};
+use crate::providers::juice::event as juice_event;
+use crate::providers::{juice, stripe, ApiError, Target};
+use crate::store::model::Delivery;
+
+/// What a delivery asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Nothing to fetch: the delivery is marked `ignored`.
+    Ignore(String),
+    /// Fetch this resource; with `reversal`, also complete that transfer's refund.
+    Fetch {
+        target: Target,
+        reversal: Option<String>,
+    },
+    /// A reversal event naming only a transfer: complete its refund.
+    Reversal(String),
+}
+
+/// Decides what a stored delivery is about (pure: from its columns and body).
+pub fn plan(stripe_cfg: &StripeConfig, juice_cfg: &JuiceConfig, d: &Delivery) -> Plan {
+    let body: Option<Value> = d
+        .raw_body
+        .as_deref()
+        .and_then(|b| serde_json::from_slice(b).ok());
+    match d.provider.as_str() {
+        stripe::NAME => {
+            let followed = d
+                .event_type
+                .starts_with("v2.money_management.outbound_transfer.")
+                || d.event_type.starts_with("v2.core.batch_job.")
+                || stripe_cfg.follow_event_types.contains(&d.event_type);
+            let (Some(kind), Some(id)) = (&d.resource_kind, &d.resource_id) else {
+                return Plan::Ignore("the event names no related object".into());
+            };
+            if !followed {
+                return Plan::Ignore(format!("event type {} is not followed", d.event_type));
+            }
+            let url = body
+                .as_ref()
+                .and_then(|b| b.pointer("/related_object/url"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            Plan::Fetch {
+                target: Target {
+                    kind: kind.clone(),
+                    id: id.clone(),
+                    context: d.context.clone(),
+                    url,
+                    trigger_event: d.event_id.clone(),
+                },
+                reversal: None,
+            }
+        }
+        juice::NAME => {
+            let reversal = if juice_cfg.reversal_events.contains(&d.event_type) {
+                body.as_ref()
+                    .and_then(|b| b.get("data"))
+                    .and_then(|data| juice_event::transfer_id(&d.event_type, data))
+            } else {
+                None
+            };
+            match (&d.resource_kind, &d.resource_id, reversal) {
+                (Some(kind), Some(id), reversal) => Plan::Fetch {
+                    target: Target {
+                        kind: kind.clone(),
+                        id: id.clone(),
+                        ..Target::default()
+                    },
+                    reversal,
+                },
+                (_, _, Some(transfer)) => Plan::Reversal(transfer),
+                _ => Plan::Ignore(format!("event {} names no bulk transfer", d.event_type)),
+            }
+        }
+        other => Plan::Ignore(format!("unknown provider {other}")),
+    }
+}
+
+/// One claimed delivery: decide it, then queue it for the recorder. The
+/// slot comes back once the outcome is in the recorder's queue, not once it
+/// is written: a slot bounds the calls to the provider, and the queue
+/// ([`RECORDER_QUEUE_PER_SLOT`]) bounds what waits for the writer. Holding
+/// slots through the write kept the recorder's batches below the slots'
+/// number, and its per-turn cost weighed on each delivery. The lease, not
+/// the slot, keeps a resource's next delivery back until this one is written.
+pub(super) async fn decide_and_send(
+    ctx: Arc<Context>,
+    delivery: Delivery,
+    lease_until: String,
+    slot: OwnedSemaphorePermit,
+    recorder: mpsc::Sender<Decided>,
+) {
+    let outcome = decide(&ctx, &delivery)
+        .instrument(delivery_span(&delivery))
+        .await;
+    let decided = Decided {
+        delivery,
+        lease_until,
+        outcome,
+    };
+    if recorder.send(decided).await.is_err() {
+        // Only when the daemon is being stopped; the lease runs out and the
+        // delivery is processed again after the restart.
+        tracing::warn!("the recorder is gone; this attempt is dropped");
+    }
+    drop(slot);
+}
+
+/// Decides a delivery: plan, then fetch. A panic in here (a bug) costs this
+/// attempt only: it becomes a failure, and in the end a dead letter.
+pub async fn decide(ctx: &Context, d: &Delivery) -> Outcome {
+    match AssertUnwindSafe(decide_inner(ctx, d)).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            tracing::error!("processing panicked (a bug): the attempt fails");
+            Outcome::Failed {
+                error: "processing panicked (a bug): see the log".into(),
+                retry_after: None,
+            }
+        }
+    }
+}
+
+async fn decide_inner(ctx: &Context, d: &Delivery) -> Outcome {
+    let config = &ctx.config;
+    if d.attempts > i64::from(config.workers.max_attempts) {
+        // Earlier holders never finished (the process died, or hung past its
+        // lease): after the last attempt the delivery is given up, not retried forever.
+        return Outcome::Failed {
+            error: format!(
+                "{} attempts whose worker never finished (lease ran out each time)",
+                d.attempts - 1
+            ),
+            retry_after: None,
+        };
+    }
+    match plan(&config.stripe, &config.juice, d) {
+        Plan::Ignore(reason) => Outcome::Ignore(reason),
+        Plan::Reversal(transfer) => Outcome::Reversal(transfer),
+        Plan::Fetch { target, reversal } => {
+            let Some(provider) = ctx.providers.api(&d.provider).cloned() else {
+                return Outcome::Released(
+                    ApiError::NotConfigured(super::recorder::provider_name(d)).to_string(),
+                );
+            };
+            match provider.fetch(&target).await {
+                Ok(obs) => Outcome::Observed {
+                    obs: Box::new(obs),
+                    context: target.context,
+                    reversal,
+                },
+                Err(e @ (ApiError::Unauthorized(_) | ApiError::NotConfigured(_))) => {
+                    Outcome::Released(e.to_string())
+                }
+                Err(ApiError::NotFound(detail)) => Outcome::NotFound { target, detail },
+                Err(e @ ApiError::RateLimited { retry_after, .. }) => Outcome::RateLimited {
+                    retry_after,
+                    error: e.to_string(),
+                },
+                Err(e) => Outcome::Failed {
+                    retry_after: match &e {
+                        ApiError::Retryable { retry_after, .. } => *retry_after,
+                        _ => None,
+                    },
+                    error: e.to_string(),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::observe::Trigger;
+    use crate::domain::outcome::trigger_of;
+    use crate::providers::stripe::event as stripe_event;
+    use serde_json::json;
+
+    fn delivery(
+        provider: &str,
+        event_type: &str,
+        kind: Option<&str>,
+        id: Option<&str>,
+        body: Value,
+    ) -> Delivery {
+        Delivery {
+            id: 1,
+            provider: provider.into(),
+            dedupe_key: "k1".into(),
+            event_type: event_type.into(),
+            event_id: (provider == "stripe").then(|| "evt_1".to_string()),
+            resource_kind: kind.map(str::to_string),
+            resource_id: id.map(str::to_string),
+            context: None,
+            livemode: None,
+            raw_body: Some(body.to_string().into_bytes()),
+            body_size: 0,
+            source: "webhook".into(),
+            received_at: String::new(),
+            state: "processing".into(),
+            attempts: 1,
+            next_attempt_at: String::new(),
+            last_error: None,
+            processed_at: None,
+        }
+    }
+
+    /// The recorder takes what waits at once; with few waiting, it waits
+    /// up to the linger for more, and no longer.
+
+    #[test]
+    fn stripe_plans() {
+        let s = StripeConfig::default();
+        let j = JuiceConfig::default();
+        let body =
+            json!({"related_object": {"url": "/v2/money_management/outbound_transfers/obt_1"}});
+        let d = delivery(
+            "stripe",
+            "v2.money_management.outbound_transfer.canceled",
+            Some(stripe_event::OUTBOUND_TRANSFER),
+            Some("obt_1"),
+            body,
+        );
+        match plan(&s, &j, &d) {
+            Plan::Fetch { target, reversal } => {
+                assert_eq!(
+                    target.url.as_deref(),
+                    Some("/v2/money_management/outbound_transfers/obt_1")
+                );
+                assert_eq!(target.trigger_event.as_deref(), Some("evt_1"));
+                assert!(reversal.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        let d = delivery(
+            "stripe",
+            "v2.core.account.updated",
+            Some("stripe.account"),
+            Some("acct_1"),
+            json!({}),
+        );
+        assert!(matches!(plan(&s, &j, &d), Plan::Ignore(_)));
+        let mut followed = StripeConfig::default();
+        assert!(followed.follow_event_types.is_empty());
+        followed
+            .follow_event_types
+            .push("v2.core.account.updated".into());
+        assert!(matches!(plan(&followed, &j, &d), Plan::Fetch { .. }));
+        let d = delivery(
+            "stripe",
+            "v2.core.batch_job.completed",
+            None,
+            None,
+            json!({}),
+        );
+        assert!(matches!(plan(&s, &j, &d), Plan::Ignore(_)));
+    }
+
+    #[test]
+    fn juice_plans() {
+        let s = StripeConfig::default();
+        let j = JuiceConfig::default();
+        let d = delivery(
+            "juice",
+            "bulk_transfer.cancelled",
+            Some(juice_event::BULK_TRANSFER),
+            Some("b1"),
+            json!({"data": {"id": "b1"}}),
+        );
+        assert!(matches!(
+            plan(&s, &j, &d),
+            Plan::Fetch { reversal: None, .. }
+        ));
+        let d = delivery(
+            "juice",
+            "card.transaction",
+            None,
+            None,
+            json!({"data": {"id": "x"}}),
+        );
+        assert!(matches!(plan(&s, &j, &d), Plan::Ignore(_)));
+        let d = delivery(
+            "juice",
+            "bulk_transfer.transfer.reversed",
+            None,
+            None,
+            json!({"data": {"id": "it_1"}}),
+        );
+        assert_eq!(plan(&s, &j, &d), Plan::Reversal("it_1".into()));
+        let d = delivery(
+            "juice",
+            "bulk_transfer.transfer.reversed",
+            Some(juice_event::BULK_TRANSFER),
+            Some("b1"),
+            json!({"data": {"id": "it_1", "bulk_transfer_id": "b1"}}),
+        );
+        match plan(&s, &j, &d) {
+            Plan::Fetch { target, reversal } => {
+                assert_eq!(target.id, "b1");
+                assert_eq!(reversal.as_deref(), Some("it_1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(trigger_of(&d), Trigger::event("k1"));
+    }
+}

@@ -1,0 +1,41 @@
+//! The storage layer's errors. Callers see what went wrong in storage terms;
+//! the engine's own error is kept as the source, for the log.
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database: syncing the write-ahead log to disk: {0}")]
+    Sync(#[source] std::io::Error),
+    #[error("database: cannot create the folder {path}")]
+    CreateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A rule of the store's own was broken (a bug, never bad input).
+    #[error("database: broken invariant: {0}")]
+    Invariant(&'static str),
+}
+
+/// Why a read query could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// A filter, limit or cursor the user gave is not valid.
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for QueryError {
+    fn from(e: sqlx::Error) -> QueryError {
+        QueryError::Store(StoreError::Sql(e))
+    }
+}

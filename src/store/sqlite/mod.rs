@@ -1,0 +1,1060 @@
+//! The SQLite engine: the embedded default, for one machine.
+//!
+//! There is one writer path: a pool of exactly one connection. Every write
+//! goes through it, so writes never fight over SQLite's lock inside the
+//! process; reads use their own pool and WAL lets them run beside the
+//! writer. An acknowledgement is durable once the WAL is synced
+//! ([`WalSync`]); a checkpointer thread keeps the WAL short.
+
+pub mod alerts;
+pub mod cancels;
+mod engine;
+pub mod inbox;
+mod outcomes;
+pub mod prune;
+pub mod queries;
+mod record;
+pub mod refusals;
+pub mod resources;
+mod rules;
+mod scan;
+
+pub use engine::SqliteStore;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::DatabaseConfig;
+use crate::store::StoreError;
+
+pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+
+/// Runs `f` on `conn`'s SQLite handle, on this thread, inside whatever
+/// transaction `conn` is in.
+///
+/// Every sqlx statement is a round trip to the connection's own thread:
+/// two thread wake-ups, and on a busy machine a wait for a CPU at each. A
+/// record turn is many statements, so it runs them here, straight on the
+/// handle (through rusqlite, which links the same SQLite), for the price of
+/// one round trip to take the handle. sqlx's thread makes no call on the
+/// handle until it is given back. `f` must not begin or end transactions
+/// (sqlx keeps track of those; [`transaction_on_handle`] runs a whole one
+/// outside them), change the connection's settings, or keep a statement
+/// past its return (sqlx could not close the connection): hence only this
+/// crate's store calls it.
+pub(crate) async fn on_handle<T>(
+    conn: &mut sqlx::SqliteConnection,
+    f: impl FnOnce(&rusqlite::Connection) -> Result<T, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
+    let mut locked = conn.lock_handle().await?;
+    // SAFETY: the handle is open and ours alone while `locked` lives, and
+    // `handle` (which does not close it) is dropped before `locked`,
+    // finalizing the statements it prepared, also when `f` panics.
+    let handle = unsafe { rusqlite::Connection::from_handle(locked.as_raw_handle().as_ptr()) }
+        .map_err(direct_error)?;
+    // The work may be long (a bulk transfer with thousands of items): on a
+    // multi-threaded runtime this worker's other tasks move to another
+    // thread meanwhile.
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let out = if multi_thread {
+        tokio::task::block_in_place(|| f(&handle))
+    } else {
+        f(&handle)
+    };
+    drop(handle);
+    drop(locked);
+    out
+}
+
+/// Runs `f` on `conn`'s SQLite handle (see [`on_handle`]) as one write
+/// transaction of its own, begun and committed there: the whole
+/// transaction costs one round trip to the connection's thread instead of
+/// three or more. `conn` must not be in a transaction (sqlx's, which it
+/// would not know ended). When `f` fails or panics, the transaction is
+/// rolled back before the handle goes back to sqlx.
+pub(crate) async fn transaction_on_handle<T>(
+    conn: &mut sqlx::SqliteConnection,
+    f: impl FnOnce(&rusqlite::Connection) -> Result<T, sqlx::Error>,
+) -> Result<T, sqlx::Error> {
+    on_handle(conn, |handle| {
+        if !handle.is_autocommit() {
+            return Err(sqlx::Error::Protocol(
+                "a transaction on the handle inside another one".into(),
+            ));
+        }
+        handle
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(direct_error)?;
+        let done =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(handle))).map(|out| {
+                out.and_then(|v| {
+                    handle
+                        .execute_batch("COMMIT")
+                        .map_err(direct_error)
+                        .map(|()| v)
+                })
+            });
+        if !handle.is_autocommit() {
+            // Failed or panicked (or, rarely, the commit failed): nothing of it stays.
+            let _ = handle.execute_batch("ROLLBACK");
+        }
+        done.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+    .await
+}
+
+/// A rusqlite error (from [`on_handle`]) as the sqlx error the rest of the
+/// store returns.
+pub fn direct_error(e: rusqlite::Error) -> sqlx::Error {
+    sqlx::Error::AnyDriverError(Box::new(e))
+}
+
+/// WAL pages past which the writer checkpoints (SQLite's default: 1,000).
+const WAL_CHECKPOINT_PAGES: u32 = 10_000;
+
+/// How often the [`Checkpointer`] copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone, Debug)]
+pub struct Db {
+    /// The one writer connection.
+    pub write: SqlitePool,
+    /// Readers.
+    pub read: SqlitePool,
+    /// `database.synchronous = "full"`: what makes acknowledged commits
+    /// durable (`None` at `normal`).
+    wal_sync: Option<Arc<WalSync>>,
+    /// Held while a sync of the WAL runs: those that come meanwhile wait
+    /// here, as tasks, rather than each on a thread of its own (a disk that
+    /// stalls for half a second at 1,000 commits a second would otherwise
+    /// pile up dozens of threads, each with its own memory).
+    sync_turn: Arc<tokio::sync::Mutex<()>>,
+    /// Writers other than the inbox's group commit take this one slot before
+    /// they queue for the writer connection, so an acknowledgement never waits
+    /// behind more than one of their transactions however many workers run.
+    background_writers: Arc<Semaphore>,
+    /// Acknowledgement commits waiting for the writer connection: a batch
+    /// of the pipeline's that sees one ends early and lets it through.
+    acks_waiting: Arc<AtomicUsize>,
+    checkpointer: Arc<Checkpointer>,
+}
+
+/// Counts an acknowledgement commit as waiting while it lives.
+pub struct AckWaiting(Arc<AtomicUsize>);
+
+impl Drop for AckWaiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Measures how long a use holds the one writer connection, into the
+/// histogram `cancelwatch_writer_hold_seconds{use}`: its rate of sum is the
+/// share of time the writer is busy (near 1, writes queue up).
+pub struct WriterHold {
+    started: std::time::Instant,
+    what: &'static str,
+}
+
+impl WriterHold {
+    /// From now until dropped, for `what`: `acknowledge`, `claim`, `record`
+    /// or `other`.
+    pub fn start(what: &'static str) -> WriterHold {
+        WriterHold {
+            started: std::time::Instant::now(),
+            what,
+        }
+    }
+}
+
+impl Drop for WriterHold {
+    fn drop(&mut self) {
+        metrics::histogram!("cancelwatch_writer_hold_seconds", "use" => self.what)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The writer connection (`T`: a transaction on it, or the connection
+/// itself) for the pipeline, alerts or a command, holding the background
+/// writers' slot, and counting its hold, until it is dropped.
+pub struct Gated<T> {
+    inner: T,
+    _hold: WriterHold,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// A write transaction of the pipeline, alerts or a command ([`Db::begin`]).
+pub type GatedTx = Gated<Tx<'static>>;
+
+/// The writer connection for statements that each stand alone (SQLite
+/// commits a statement outside a transaction on its own, all or nothing):
+/// [`Db::acquire_for`].
+pub type GatedConn = Gated<sqlx::pool::PoolConnection<sqlx::Sqlite>>;
+
+impl GatedTx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.inner.commit().await
+    }
+
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.inner.rollback().await
+    }
+}
+
+impl<T> std::ops::Deref for Gated<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T> std::ops::DerefMut for Gated<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+impl Db {
+    /// Opens (creating the file and its folder if needed) and migrates.
+    pub async fn open(path: &Path, cfg: &DatabaseConfig) -> Result<Db, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        // The connections run at NORMAL: in WAL mode a commit is then
+        // written but not synced, and the next sync of the WAL file (or a
+        // checkpoint) makes it durable along with everything before it. Only
+        // the commits behind an acknowledgement need that sync, and they get
+        // it from `WalSync` after the commit, off the writer connection; the
+        // pipeline's commits ride on the next one. Losing one of those on
+        // power loss means its delivery is processed again, never lost.
+        let ack_full = cfg.synchronous != "normal";
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))
+            // Statements are cached per connection.
+            .statement_cache_capacity(256)
+            // A statement that changes many rows inside a transaction keeps a
+            // journal of its own (to undo just itself on a constraint error);
+            // in memory rather than in a temporary file that is created,
+            // written and deleted for each such statement.
+            .pragma("temp_store", "memory")
+            // The writer copies the WAL into the database file (a checkpoint)
+            // once the WAL holds this many pages: 40 MiB rather than SQLite's
+            // 4 MiB, so pages written again and again (index pages, the
+            // inbox's newest rows) are copied once instead of many times.
+            .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES.to_string());
+        // The pools' connections live in this process, beside it: a
+        // liveness ping before each use (sqlx's default) would be one more
+        // round trip to the connection's thread per transaction.
+        let write_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(30))
+            .idle_timeout(None)
+            .max_lifetime(None);
+        let write =
+            while_racing(|| async { Ok(write_pool.clone().connect_with(options.clone()).await?) })
+                .await?;
+        while_racing(|| migrate(&write)).await?;
+        // Migrations wrote through the writer connection, which stays open:
+        // the WAL file exists from here on.
+        let wal_sync = if ack_full {
+            Some(Arc::new(WalSync::open(path)?))
+        } else {
+            None
+        };
+        let checkpointer = Arc::new(Checkpointer::start(path, cfg.busy_timeout_ms)?);
+        let read = SqlitePoolOptions::new()
+            .max_connections(cfg.read_connections)
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Db {
+            write,
+            read,
+            wal_sync,
+            background_writers: Arc::new(Semaphore::new(1)),
+            acks_waiting: Arc::default(),
+            sync_turn: Arc::default(),
+            checkpointer,
+        })
+    }
+
+    /// True when both pools answer a trivial query.
+    pub async fn ping(&self) -> bool {
+        let w = sqlx::query("SELECT 1").execute(&self.write);
+        let r = sqlx::query("SELECT 1").execute(&self.read);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), async { tokio::join!(w, r) }).await,
+            Ok((Ok(_), Ok(_)))
+        )
+    }
+
+    /// True once a sync of the WAL has failed: from then on no delivery is
+    /// acknowledged until the daemon restarts (see [`WalSync`]).
+    pub fn sync_failed(&self) -> bool {
+        self.wal_sync.as_ref().is_some_and(|w| w.failed())
+    }
+
+    /// Fails the WAL's sync as a failed `fdatasync` would: every sync after
+    /// it fails.
+    #[cfg(test)]
+    pub(crate) fn fail_sync(&self) {
+        let wal = self.wal_sync.as_ref().expect("synchronous = full");
+        let _ = wal.sync_with(|_| Err(std::io::Error::from_raw_os_error(5)));
+    }
+
+    /// A write transaction for anything but the inbox's group commit.
+    pub async fn begin(&self) -> Result<GatedTx, sqlx::Error> {
+        self.begin_for("other").await
+    }
+
+    /// [`Db::begin`], its writer time counted for `what` (see [`WriterHold`]).
+    pub async fn begin_for(&self, what: &'static str) -> Result<GatedTx, sqlx::Error> {
+        self.gated(what, || begin_immediate(&self.write)).await
+    }
+
+    /// The writer connection for statements that each stand alone, its
+    /// time counted for `what` (see [`WriterHold`]): one round trip fewer
+    /// on each side than a transaction around a single statement.
+    pub async fn acquire_for(&self, what: &'static str) -> Result<GatedConn, sqlx::Error> {
+        self.gated(what, || self.write.acquire()).await
+    }
+
+    /// What `open` gives once the background writers' slot is ours, held
+    /// with the slot and its writer time counted for `what`.
+    async fn gated<T, F>(
+        &self,
+        what: &'static str,
+        open: impl FnOnce() -> F,
+    ) -> Result<Gated<T>, sqlx::Error>
+    where
+        F: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        let slot = self.write_slot().await;
+        let inner = open().await?;
+        Ok(Gated {
+            inner,
+            _hold: WriterHold::start(what),
+            _slot: slot,
+        })
+    }
+
+    /// The background writers' slot, for a single write statement outside
+    /// [`Db::begin`] (claims and the like).
+    pub async fn write_slot(&self) -> OwnedSemaphorePermit {
+        self.background_writers
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Marks an acknowledgement commit as waiting for the writer connection
+    /// until the guard is dropped.
+    pub fn ack_waiting(&self) -> AckWaiting {
+        self.acks_waiting.fetch_add(1, Ordering::SeqCst);
+        AckWaiting(self.acks_waiting.clone())
+    }
+
+    /// True while an acknowledgement commit waits for the writer connection.
+    pub fn acks_waiting(&self) -> bool {
+        self.acks_waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// Makes every commit made so far durable (`synchronous = "full"`; a
+    /// no-op at `normal`), without holding the writer connection: see
+    /// [`WalSync`].
+    pub async fn sync_commits(&self) -> Result<(), StoreError> {
+        let Some(wal) = self.wal_sync.clone() else {
+            return Ok(());
+        };
+        let _turn = self.sync_turn.lock().await;
+        tokio::task::spawn_blocking(move || {
+            #[cfg(test)]
+            {
+                let now = wal.threads.0.fetch_add(1, Ordering::SeqCst) + 1;
+                wal.threads.1.fetch_max(now, Ordering::SeqCst);
+            }
+            let synced = wal.sync();
+            #[cfg(test)]
+            wal.threads.0.fetch_sub(1, Ordering::SeqCst);
+            synced
+        })
+        .await
+        .map_err(|e| StoreError::Sync(std::io::Error::other(e)))?
+        .map_err(StoreError::Sync)
+    }
+
+    pub async fn close(&self) {
+        let checkpointer = self.checkpointer.clone();
+        let _ = tokio::task::spawn_blocking(move || checkpointer.stop()).await;
+        self.read.close().await;
+        self.write.close().await;
+    }
+}
+
+/// Runs `open` again, a few times after a short pause, when it failed the
+/// way a race with another process opening the same brand-new database
+/// fails (a command started beside the daemon): SQLite busy while the other
+/// switches the file to WAL, or a migration that the other applied first
+/// (each migration runs in a transaction of its own, so looking again at
+/// what is applied and going on is safe).
+async fn while_racing<T, F, Fut>(mut open: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    const ATTEMPTS: u32 = 8;
+    let mut attempt = 1;
+    loop {
+        match open().await {
+            Err(e) if attempt < ATTEMPTS && e.is_race() => {
+                tracing::debug!(error = %e, attempt, "opening the database raced another process; trying again");
+                tokio::time::sleep(Duration::from_millis(25 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Applies the migrations not yet applied, through the writer pool's one
+/// connection, with foreign keys off: a migration that builds a table again
+/// (SQLite cannot change a constraint in place) drops the old one while
+/// other tables still refer to its rows, and copies them with the same keys.
+/// Each migration commits whole or not at all; foreign keys are on again
+/// afterwards, whatever happened.
+async fn migrate(write: &SqlitePool) -> Result<(), StoreError> {
+    debug_assert_eq!(write.options().get_max_connections(), 1);
+    sqlx::query("PRAGMA foreign_keys = OFF")
+        .execute(write)
+        .await?;
+    let migrated = MIGRATOR.run(write).await;
+    sqlx::query("PRAGMA foreign_keys = ON")
+        .execute(write)
+        .await?;
+    Ok(migrated?)
+}
+
+impl StoreError {
+    /// See [`while_racing`].
+    fn is_race(&self) -> bool {
+        use sqlx::migrate::MigrateError;
+        match self {
+            StoreError::Sql(sqlx::Error::Database(e)) => e
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                // SQLITE_BUSY and its extended codes.
+                .is_some_and(|code| code & 0xff == 5),
+            StoreError::Migrate(MigrateError::Execute(_) | MigrateError::ExecuteMigration(..)) => {
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Copies the WAL into the database file (a `PASSIVE` checkpoint) every
+/// [`CHECKPOINT_EVERY`], on a thread and a connection of its own.
+///
+/// Left to itself, the writer connection checkpoints once the WAL holds
+/// [`WAL_CHECKPOINT_PAGES`], inside the commit that got there: at full load
+/// end to end, half of the writer's time in commits went to those (about
+/// 50 ms each, an acknowledgement or a record turn waiting behind it). A
+/// passive checkpoint waits for no one, and writers go on appending to the
+/// WAL while it copies. The writer still checkpoints at that size, but only
+/// what came since the last pass is left to copy; and because a checkpoint
+/// of the writer's own ends when nobody writes, SQLite can start the WAL
+/// over from its beginning after it, so the WAL stays as small as before.
+///
+/// The connection runs at `synchronous = NORMAL`, like the others: a
+/// checkpoint syncs the WAL before it copies and the database file after.
+/// A pass with nothing new to copy does nothing.
+#[derive(Debug)]
+struct Checkpointer {
+    /// Dropped to stop the thread.
+    stop: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path, busy_timeout_ms: u64) -> Result<Checkpointer, StoreError> {
+        use rusqlite::OpenFlags;
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(direct_error)?;
+        conn.busy_timeout(Duration::from_millis(busy_timeout_ms))
+            .map_err(direct_error)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(direct_error)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("cancelwatch-checkpoint".into())
+            .spawn(move || {
+                let mut failing = false;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    let pass = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    match &pass {
+                        Err(e) if !failing => tracing::warn!(error = %e, "checkpointing the WAL failed; the writer checkpoints it instead"),
+                        Ok(()) if failing => tracing::info!("checkpointing the WAL works again"),
+                        _ => {}
+                    }
+                    failing = pass.is_err();
+                }
+            })
+            .map_err(|e| StoreError::Sql(sqlx::Error::Io(e)))?;
+        Ok(Checkpointer {
+            stop: std::sync::Mutex::new(Some(stop)),
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Stops the thread and waits for it (at most the end of a pass).
+    fn stop(&self) {
+        self.stop.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    /// The last [`Db`] is gone without [`Db::close`]: the thread stops at
+    /// its next wake-up, unwaited.
+    fn drop(&mut self) {
+        self.stop.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// Durability for `synchronous = "full"`, outside the writer connection.
+///
+/// Every connection runs at `synchronous = NORMAL`: in WAL mode a commit
+/// then appends its frames to the WAL file with `write()` and returns, and
+/// only checkpoints sync. A commit whose frames reached the disk survives a
+/// power loss (recovery replays the WAL up to its last whole commit), so
+/// syncing the WAL file after the commit returned makes that commit, and
+/// every one before it, durable. Doing that here rather than inside SQLite
+/// (`synchronous = FULL`) keeps the one writer connection free while the
+/// disk works: the pipeline writes during an acknowledgement's sync, and the
+/// next group of acknowledgements is inserted while the last one syncs.
+///
+/// SQLite rewrites the WAL file in place after a checkpoint (which synced
+/// everything before it) and deletes it only when the last connection
+/// closes (the writer stays open), so the file is the one opened first (its
+/// folder synced then, so that the file itself survives) for the daemon's
+/// whole life. Should another file stand at its path (the first moved or
+/// deleted under the daemon, and a connection opened since started a new
+/// one), the writer still commits to the first: syncing the new one would
+/// prove nothing, so every sync fails until the first is back.
+///
+/// A failed `fdatasync` is final: Linux may drop the pages it could not
+/// write and report success at the next one, so a commit written before the
+/// failure could be acknowledged later (as a duplicate of its retry) without
+/// being on disk. After one, every sync fails, the deliveries are refused,
+/// and the daemon needs a restart (which recovers from the WAL).
+#[derive(Debug)]
+pub struct WalSync {
+    path: std::path::PathBuf,
+    file: std::sync::Mutex<Option<(std::fs::File, u64)>>,
+    /// Set at the first failed sync; every sync after it fails too.
+    failed: std::sync::atomic::AtomicBool,
+    /// Threads in [`Db::sync_commits`] at once: now, and the most.
+    #[cfg(test)]
+    threads: (AtomicUsize, AtomicUsize),
+}
+
+impl WalSync {
+    fn open(db_path: &Path) -> Result<WalSync, StoreError> {
+        let mut path = db_path.as_os_str().to_owned();
+        path.push("-wal");
+        let wal = WalSync {
+            path: path.into(),
+            file: std::sync::Mutex::new(None),
+            failed: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            threads: Default::default(),
+        };
+        wal.sync().map_err(StoreError::Sync)?;
+        Ok(wal)
+    }
+
+    /// Syncs the WAL file as it is now (blocking). Once `fdatasync` itself
+    /// has failed, every sync fails (a WAL file that could not be found,
+    /// opened, or was replaced is not such a failure: nothing was lost, and
+    /// the next sync tries again).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.sync_with(|f| f.sync_data())
+    }
+
+    /// True once `fdatasync` has failed.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// [`WalSync::sync`], with `sync_data` doing the `fdatasync`.
+    fn sync_with(
+        &self,
+        sync_data: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if self.failed() {
+            return Err(std::io::Error::other(
+                "an earlier sync of the WAL failed; restart the daemon to recover",
+            ));
+        }
+        let current = std::fs::metadata(&self.path)?.ino();
+        match &*file {
+            Some((_, first)) if *first != current => {
+                return Err(std::io::Error::other(
+                    "the WAL file was replaced under the daemon; the commits are in the one it opened first",
+                ));
+            }
+            Some(_) => {}
+            None => {
+                let opened = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+                let ino = opened.metadata()?.ino();
+                if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+                *file = Some((opened, ino));
+            }
+        }
+        let (f, _) = file.as_ref().expect("opened above");
+        let synced = sync_data(f);
+        if let Err(e) = &synced {
+            tracing::error!(error = %e, "fdatasync of the WAL failed: no delivery is acknowledged any more until the daemon restarts");
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        synced
+    }
+}
+
+/// A write transaction that takes the write lock at its start. One that
+/// reads first and writes later could find, when it comes to write, that
+/// another connection (a command run beside the daemon) wrote in between,
+/// and fail with SQLITE_BUSY_SNAPSHOT instead of waiting its turn.
+pub async fn begin_immediate(pool: &SqlitePool) -> Result<Tx<'static>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
+}
+
+/// SQLite stores booleans as 0/1.
+pub fn bool_int(b: Option<bool>) -> Option<i64> {
+    b.map(i64::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Db, WalSync};
+
+    /// After `fdatasync` failed once, no sync succeeds again: the pages it
+    /// could not write may be gone while the next `fdatasync` succeeds.
+    #[test]
+    fn a_failed_fdatasync_fails_every_sync_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.db-wal"), b"frames").unwrap();
+        let wal = WalSync::open(&dir.path().join("x.db")).unwrap();
+        wal.sync().unwrap();
+        let failed = wal.sync_with(|_| Err(std::io::Error::from_raw_os_error(5)));
+        assert_eq!(failed.unwrap_err().raw_os_error(), Some(5));
+        assert!(wal.sync().is_err(), "a sync after the failure succeeded");
+        assert!(wal.sync().is_err());
+    }
+
+    /// A database with the default settings in a folder of its own, kept
+    /// as long as the returned guard.
+    async fn temp_db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("x.db"), &Default::default())
+            .await
+            .unwrap();
+        (dir, db)
+    }
+
+    /// A database written before migration 9 (resources keyed by provider,
+    /// kind, id) comes through the table's rebuild whole: every resource with
+    /// its rid, so the transitions, progress and refunds that refer to it
+    /// still do; foreign keys are enforced again afterwards; and a lookup by
+    /// the provider's id alone uses the key's index, `resources_id` gone.
+    #[tokio::test]
+    async fn resources_keep_their_rids_through_the_rebuild_of_migration_9() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("migrations");
+        std::fs::create_dir(&old).unwrap();
+        for m in super::MIGRATOR.iter().filter(|m| m.version <= 8) {
+            let name = format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"));
+            std::fs::write(old.join(name), m.sql.as_bytes()).unwrap();
+        }
+        let path = dir.path().join("x.db");
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(version, 8);
+        sqlx::raw_sql(
+            "INSERT INTO resources (rid, provider, kind, id, parent_id, status, first_seen_at) VALUES
+                 (7, 'juice', 'juice.bulk_transfer', 'bulk_1', NULL, 'partial_cancellation', 't0'),
+                 (9, 'juice', 'juice.transfer', 'it_1', 'bulk_1', 'cancelled', 't0'),
+                 (12, 'stripe', 'stripe.outbound_transfer', 'obt_1', NULL, 'canceled', 't0');
+             INSERT INTO transitions (rid, provider, kind, resource_id, to_status, observed_at, trigger_type)
+                 VALUES (7, 'juice', 'juice.bulk_transfer', 'bulk_1', 'partial_cancellation', 't1', 'event'),
+                        (12, 'stripe', 'stripe.outbound_transfer', 'obt_1', 'canceled', 't1', 'event');
+             INSERT INTO progress (rid, observed_at, status, trigger_type) VALUES (7, 't1', 'partial_cancellation', 'event');
+             INSERT INTO refunds (rid, provider, kind, resource_id, status, reason, opened_at, updated_at, trigger_type)
+                 VALUES (9, 'juice', 'juice.transfer', 'it_1', 'pending', 'cancelled', 't1', 't1', 'event');",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let db = Db::open(&path, &Default::default()).await.unwrap();
+        let rows: Vec<(i64, String, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT rid, id, parent_id, status FROM resources ORDER BY rid")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        let want = [
+            (7, "bulk_1", None, Some("partial_cancellation")),
+            (9, "it_1", Some("bulk_1"), Some("cancelled")),
+            (12, "obt_1", None, Some("canceled")),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(rid, id, parent, status)| {
+                (
+                    *rid,
+                    id.to_string(),
+                    parent.map(String::from),
+                    status.map(String::from),
+                )
+            })
+            .collect();
+        assert_eq!(rows, want);
+        let dangling: Vec<(String,)> =
+            sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        assert!(dangling.is_empty(), "{dangling:?}");
+        let joined: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM transitions JOIN resources USING (rid))
+                  + (SELECT COUNT(*) FROM progress JOIN resources USING (rid))
+                  + (SELECT COUNT(*) FROM refunds JOIN resources USING (rid))",
+        )
+        .fetch_one(&db.read)
+        .await
+        .unwrap();
+        assert_eq!(joined, 4);
+
+        let indexes: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_index_list('resources') ORDER BY name")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        assert_eq!(
+            indexes,
+            [
+                "resources_parent",
+                "resources_reconcile",
+                "sqlite_autoindex_resources_1"
+            ]
+        );
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as("EXPLAIN QUERY PLAN SELECT rid FROM resources WHERE id = 'obt_1'")
+                .fetch_all(&db.read)
+                .await
+                .unwrap();
+        assert!(
+            plan[0].3.contains("sqlite_autoindex_resources_1 (id=?)"),
+            "{plan:?}"
+        );
+
+        // The key still answers upserts: the existing row, not a new one.
+        let mut tx = db.write.begin().await.unwrap();
+        let r = super::resources::ensure(
+            &mut tx,
+            "stripe",
+            "stripe.outbound_transfer",
+            "obt_1",
+            None,
+            None,
+            "t2",
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.rid, 12);
+        // And foreign keys hold again on the writer.
+        let orphan = sqlx::query(
+            "INSERT INTO progress (rid, observed_at, status, trigger_type) VALUES (999, 't2', 's', 'event')",
+        )
+        .execute(&mut *tx)
+        .await;
+        assert!(
+            orphan.is_err(),
+            "a row referring to no resource was written"
+        );
+    }
+
+    /// Inserts resource `id` on the handle.
+    fn insert_resource(c: &rusqlite::Connection, id: &str) -> Result<usize, sqlx::Error> {
+        c.execute(
+            "INSERT INTO resources (provider, kind, id, first_seen_at) VALUES ('p', 'k', ?1, 'now')",
+            [id],
+        )
+        .map_err(super::direct_error)
+    }
+
+    /// How many resources `id` there are.
+    fn count_resources(
+        id: &str,
+    ) -> sqlx::query::QueryScalar<'_, sqlx::Sqlite, i64, sqlx::sqlite::SqliteArguments<'_>> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM resources WHERE id = ?").bind(id)
+    }
+
+    /// What runs on the handle belongs to the transaction it runs in: sqlx
+    /// sees it, a rollback takes it back, an error comes back as an error,
+    /// and after a panic in it the connection is there for the next use.
+    #[tokio::test]
+    async fn on_handle_runs_inside_the_transaction() {
+        on_handle_belongs_to_the_transaction().await;
+    }
+
+    /// [`on_handle_runs_inside_the_transaction`] where `on_handle` runs its
+    /// work in `block_in_place`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_handle_runs_inside_the_transaction_on_many_threads() {
+        on_handle_belongs_to_the_transaction().await;
+    }
+
+    async fn on_handle_belongs_to_the_transaction() {
+        use futures_util::FutureExt;
+        let (_dir, db) = temp_db().await;
+        let insert = |id: &'static str| move |c: &rusqlite::Connection| insert_resource(c, id);
+        let count = count_resources;
+
+        let mut tx = db.begin().await.unwrap();
+        assert_eq!(super::on_handle(&mut tx, insert("a")).await.unwrap(), 1);
+        assert_eq!(count("a").fetch_one(&mut **tx).await.unwrap(), 1);
+        tx.rollback().await.unwrap();
+        assert_eq!(count("a").fetch_one(&db.read).await.unwrap(), 0);
+
+        let mut tx = db.begin().await.unwrap();
+        super::on_handle(&mut tx, insert("b")).await.unwrap();
+        let twice = super::on_handle(&mut tx, insert("b")).await;
+        assert!(twice.is_err(), "the unique key holds on the handle too");
+        let panicked =
+            std::panic::AssertUnwindSafe(super::on_handle(&mut tx, |_| -> Result<(), _> {
+                panic!("a bug")
+            }))
+            .catch_unwind()
+            .await;
+        assert!(panicked.is_err());
+        tx.commit().await.unwrap();
+        assert_eq!(count("b").fetch_one(&db.read).await.unwrap(), 1);
+        db.close().await;
+    }
+
+    /// A transaction on the handle keeps all of its work or none: committed
+    /// when the work succeeds, rolled back when it fails or panics, and
+    /// refused inside a transaction of sqlx's. Each time the connection is
+    /// left outside any transaction, ready for sqlx's next one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_on_the_handle_keeps_all_or_nothing() {
+        use futures_util::FutureExt;
+        let (_dir, db) = temp_db().await;
+        let (insert, count) = (insert_resource, count_resources);
+        let mut conn = db.write.acquire().await.unwrap();
+
+        let both = super::transaction_on_handle(&mut conn, |c| {
+            insert(c, "a")?;
+            insert(c, "b")
+        });
+        assert_eq!(both.await.unwrap(), 1);
+        assert_eq!(count("a").fetch_one(&db.read).await.unwrap(), 1);
+        assert_eq!(count("b").fetch_one(&db.read).await.unwrap(), 1);
+
+        // The second insert breaks the unique key: the first goes too.
+        let failed = super::transaction_on_handle(&mut conn, |c| {
+            insert(c, "c")?;
+            insert(c, "a")
+        });
+        assert!(failed.await.is_err());
+        assert_eq!(count("c").fetch_one(&mut *conn).await.unwrap(), 0);
+
+        let panicked = std::panic::AssertUnwindSafe(super::transaction_on_handle(
+            &mut conn,
+            |c| -> Result<(), _> {
+                insert(c, "d")?;
+                panic!("a bug")
+            },
+        ))
+        .catch_unwind()
+        .await;
+        assert!(panicked.is_err());
+        assert_eq!(count("d").fetch_one(&mut *conn).await.unwrap(), 0);
+
+        // sqlx's transactions go on as before, and one on the handle
+        // inside them is refused without harm.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+        let nested = super::transaction_on_handle(&mut tx, |c| insert(c, "e"));
+        assert!(nested.await.is_err());
+        sqlx::query("INSERT INTO resources (provider, kind, id, first_seen_at) VALUES ('p', 'k', 'f', 'now')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(count("e").fetch_one(&db.read).await.unwrap(), 0);
+        assert_eq!(count("f").fetch_one(&db.read).await.unwrap(), 1);
+        drop(conn);
+        db.close().await;
+    }
+
+    /// Syncs asked for while one runs wait their turn as tasks, not each
+    /// blocked on a thread of its own: a disk that stalls does not pile up
+    /// threads (and their memory).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn syncs_wait_their_turn_without_a_thread_each() {
+        let (_dir, db) = temp_db().await;
+        let syncs = (0..32).map(|_| db.sync_commits());
+        for synced in futures_util::future::join_all(syncs).await {
+            synced.unwrap();
+        }
+        let wal = db.wal_sync.as_ref().unwrap();
+        assert_eq!(wal.threads.1.load(std::sync::atomic::Ordering::SeqCst), 1);
+        db.close().await;
+    }
+
+    /// What is committed reaches the database file well before the WAL
+    /// holds enough for the writer to checkpoint on its own (40 MiB): the
+    /// checkpointer copies it, within a few of its passes.
+    #[tokio::test]
+    async fn the_checkpointer_copies_the_wal_into_the_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let db = Db::open(&path, &Default::default()).await.unwrap();
+        let size = || std::fs::metadata(&path).unwrap().len();
+        // 2 MiB written (500 pages: far below the writer's 10,000), in one
+        // transaction.
+        let mut tx = db.begin().await.unwrap();
+        for i in 0..256 {
+            sqlx::query(
+                "INSERT INTO resources (provider, kind, id, first_seen_at, snapshot)
+                 VALUES ('p', 'k', ?, 'now', ?)",
+            )
+            .bind(i.to_string())
+            .bind("x".repeat(8_192))
+            .execute(&mut **tx)
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while size() < 2 << 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file is still {} bytes",
+                size()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        db.close().await;
+    }
+
+    /// Several processes (here: pools) opening a brand-new database at once
+    /// all get it migrated: none fails on a table another one just created,
+    /// nor on the lock another one holds while it switches the file to WAL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_first_opens_all_succeed() {
+        for round in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("fresh.db");
+            let opens: Vec<_> = (0..4)
+                .map(|_| {
+                    let path = path.clone();
+                    tokio::spawn(async move {
+                        Db::open(&path, &crate::config::DatabaseConfig::default()).await
+                    })
+                })
+                .collect();
+            for open in opens {
+                let db = open
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("round {round}: {e}"));
+                db.close().await;
+            }
+        }
+    }
+
+    /// The WAL file synced is the one opened first, which the writer
+    /// commits to: another file at its path (a new inode) fails the sync
+    /// until the first is back, and a missing one is an error, never a
+    /// silent success.
+    #[test]
+    fn wal_sync_keeps_to_the_file_it_opened_first() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let wal_path = dir.path().join("x.db-wal");
+        assert!(WalSync::open(&db).is_err(), "no WAL file yet");
+
+        std::fs::write(&wal_path, b"first").unwrap();
+        let wal = WalSync::open(&db).unwrap();
+        let inode = |w: &WalSync| w.file.lock().unwrap().as_ref().map(|(_, ino)| *ino);
+        let first = inode(&wal);
+        assert_eq!(first, Some(std::fs::metadata(&wal_path).unwrap().ino()));
+
+        // The first moved away and a new file in its place (made while the
+        // first still exists, so the inode number cannot be reused).
+        let moved = dir.path().join("x.db-wal.moved");
+        std::fs::rename(&wal_path, &moved).unwrap();
+        std::fs::write(&wal_path, b"second").unwrap();
+        let replaced = wal.sync().unwrap_err();
+        assert_eq!(replaced.kind(), std::io::ErrorKind::Other);
+        assert!(!wal.failed(), "no fdatasync failed");
+        assert_eq!(inode(&wal), first);
+
+        std::fs::rename(&moved, &wal_path).unwrap();
+        wal.sync().unwrap();
+
+        std::fs::remove_file(&wal_path).unwrap();
+        assert_eq!(wal.sync().unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    }
+}
