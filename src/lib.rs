@@ -18,7 +18,6 @@ pub mod pipeline;
 pub mod providers;
 pub mod prune;
 pub mod server;
-pub mod sim;
 pub mod store;
 pub mod time;
 
