@@ -25,7 +25,7 @@ use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 
 use crate::providers::stripe::signature;
-use crate::sim::{SimConfig, Simulator};
+use cancelwatch_sim::{SimConfig, Simulator};
 
 const SECRET: &str = "whsec_bench_only";
 const API_KEY: &str = "sk_test_bench_only";

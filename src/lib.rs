@@ -22,7 +22,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod providers;
 pub mod server;
-pub mod sim;
 pub mod store;
 pub mod time;
 

@@ -1229,7 +1229,7 @@ async fn command_sink_is_killed_at_its_timeout() {
 /// A daemon with a simulator in front of it, and a command sink appending
 /// each alert as a line to `alerts.jsonl` in `dir`.
 struct SimPair {
-    sim: cancelwatch::sim::Simulator,
+    sim: cancelwatch_sim::Simulator,
     db: SqlitePool,
     out: PathBuf,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -1238,7 +1238,7 @@ struct SimPair {
 
 impl SimPair {
     async fn start(dir: &Path, tune: impl FnOnce(&mut Config)) -> SimPair {
-        use cancelwatch::sim::{SimConfig, Simulator};
+        use cancelwatch_sim::{SimConfig, Simulator};
         const STRIPE_KEY: &str = "sk_test_alerts";
         const JUICE_KEY: &str = "juice_key_alerts";
         const WEBHOOK_SECRET: &str = "whsec_alerts_test";
@@ -1331,7 +1331,7 @@ impl SimPair {
 /// alerts the scenario expects, and they reach a command sink.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn simulator_scenarios_raise_exactly_their_expected_alerts() {
-    use cancelwatch::sim::{DeliveryOptions, Simulator};
+    use cancelwatch_sim::{DeliveryOptions, Simulator};
     let dir = tempfile::tempdir().unwrap();
     let pair = SimPair::start(dir.path(), |_| {}).await;
     let (sim, db) = (&pair.sim, pair.db.clone());
@@ -1445,14 +1445,14 @@ async fn a_dead_delivery_raises_dead_letter() {
     let dir = tempfile::tempdir().unwrap();
     let pair = SimPair::start(dir.path(), |c| c.workers.max_attempts = 2).await;
     let ghost = "obt_alerts_does_not_exist";
-    let event = cancelwatch::sim::state::thin_event(
+    let event = cancelwatch_sim::state::thin_event(
         "v2.money_management.outbound_transfer.updated",
         "v2.money_management.outbound_transfer",
         ghost,
-        &cancelwatch::sim::state::outbound_transfer_path(ghost),
+        &cancelwatch_sim::state::outbound_transfer_path(ghost),
     );
     pair.sim
-        .deliver(&cancelwatch::sim::Delivery::stripe(event))
+        .deliver(&cancelwatch_sim::Delivery::stripe(event))
         .await
         .unwrap();
     let db = pair.db.clone();

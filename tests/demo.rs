@@ -63,7 +63,7 @@ fn demo_plays_every_scenario_then_keeps_serving() {
     assert!(stop.success());
     let status = child.wait().unwrap();
 
-    for name in cancelwatch::sim::Simulator::scenario_names() {
+    for name in cancelwatch_sim::Simulator::scenario_names() {
         assert!(
             out.contains(&format!("== {name}")),
             "{name} was not played:\n{out}"

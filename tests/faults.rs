@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cancelwatch::providers::{juice, stripe};
-use cancelwatch::sim::{Delivery, Provider, Scenario, SimConfig, Simulator};
 use cancelwatch::Config;
+use cancelwatch_sim::{Delivery, Provider, Scenario, SimConfig, Simulator};
 use rand::Rng;
 use sqlx::SqlitePool;
 

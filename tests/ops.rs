@@ -1126,11 +1126,11 @@ async fn serve_prunes_on_schedule_when_enabled() {
 const STRIPE_KEY: &str = "sk_test_ops_sim";
 
 /// A simulated Stripe holding one processing outbound transfer; returns its id.
-async fn sim_with_transfer() -> (cancelwatch::sim::Simulator, Vec<String>) {
+async fn sim_with_transfer() -> (cancelwatch_sim::Simulator, Vec<String>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = cancelwatch::sim::Simulator::start(
+    let sim = cancelwatch_sim::Simulator::start(
         listener,
-        cancelwatch::sim::SimConfig {
+        cancelwatch_sim::SimConfig {
             stripe_api_key: STRIPE_KEY.into(),
             ..Default::default()
         },

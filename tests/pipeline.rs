@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cancelwatch::pipeline::{self, Context};
-use cancelwatch::sim::{DeliveryOptions, Expectation, Scenario, SimConfig, Simulator, Step};
 use cancelwatch::store::{self, resources};
 use cancelwatch::Config;
+use cancelwatch_sim::{DeliveryOptions, Expectation, Scenario, SimConfig, Simulator, Step};
 use sqlx::SqlitePool;
 use tokio::task::JoinHandle;
 
@@ -1016,13 +1016,13 @@ async fn failing_deliveries_go_dead_and_the_rest_go_on() {
 
     // An event about an object the provider never had.
     let ghost = "obt_sim_does_not_exist";
-    let event = cancelwatch::sim::state::thin_event(
+    let event = cancelwatch_sim::state::thin_event(
         "v2.money_management.outbound_transfer.updated",
         "v2.money_management.outbound_transfer",
         ghost,
-        &cancelwatch::sim::state::outbound_transfer_path(ghost),
+        &cancelwatch_sim::state::outbound_transfer_path(ghost),
     );
-    sim.deliver(&cancelwatch::sim::Delivery::stripe(event))
+    sim.deliver(&cancelwatch_sim::Delivery::stripe(event))
         .await
         .unwrap();
 
@@ -1356,7 +1356,7 @@ async fn a_long_retry_after_is_honoured_between_attempts() {
         &pool,
         "after the pause",
         &Expectation {
-            histories: vec![cancelwatch::sim::ExpectedHistory {
+            histories: vec![cancelwatch_sim::ExpectedHistory {
                 statuses: vec!["processing".into()],
                 ..scenario.expect.histories[0].clone()
             }],

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cancelwatch::sim::{DeliveryOptions, SimConfig, Simulator};
+use cancelwatch_sim::{DeliveryOptions, SimConfig, Simulator};
 
 mod support;
 use support::{free_port, BinaryDaemon};

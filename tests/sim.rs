@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use cancelwatch::providers::{juice, stripe};
-use cancelwatch::sim::{DeliveryOptions, Provider, Scenario, SimConfig, Simulator};
+use cancelwatch_sim::{DeliveryOptions, Provider, Scenario, SimConfig, Simulator};
 use serde_json::{json, Value};
 
 const STRIPE_KEY: &str = "sk_test_sim";

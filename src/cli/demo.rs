@@ -10,10 +10,10 @@ use anyhow::{bail, Context};
 
 use crate::cli::read::{self, AlertsArgs, HistoryArgs, PageArgs};
 use crate::pipeline;
-use crate::sim::{DeliveryOptions, SimConfig, Simulator, Step};
 use crate::store::model::DEFAULT_LIMIT;
 use crate::store::Store;
 use crate::Config;
+use cancelwatch_sim::{DeliveryOptions, SimConfig, Simulator, Step};
 
 /// How long one step may take to be recorded before the demo gives up on it.
 const STEP_DEADLINE: Duration = Duration::from_secs(20);

@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::sim::{DeliveryOptions, Provider, SimConfig, Simulator};
 use crate::Config;
+use cancelwatch_sim::{DeliveryOptions, Provider, SimConfig, Simulator};
 
 #[derive(Args, Debug)]
 pub struct SimulateArgs {

@@ -366,7 +366,7 @@ fn parse_filter(params: &[(String, String)]) -> Result<EventFilter, ApiError> {
     let bad = |code: &str, message: String| invalid(StatusCode::BAD_REQUEST, code, &message);
     for (k, v) in params {
         let time = || {
-            crate::time::parse_lenient(v)
+            crate::time::parse(v)
                 .ok_or_else(|| bad("invalid_created", format!("{k} is not an RFC 3339 time")))
         };
         match k.as_str() {

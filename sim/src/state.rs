@@ -563,7 +563,7 @@ impl World {
         }
         let created = body["created"]
             .as_str()
-            .and_then(crate::time::parse_lenient)
+            .and_then(crate::time::parse)
             .unwrap_or_else(Utc::now);
         self.events.push(StoredEvent {
             created,
@@ -574,7 +574,7 @@ impl World {
     /// Counts a Juice delivery (once per event + data).
     pub fn record_juice_event(&mut self, event: &str, data: &Value) {
         self.juice_events
-            .insert(crate::providers::juice::checksum::message(event, data));
+            .insert(crate::signing::juice_message(event, data));
     }
 
     /// The Stripe event with this id.

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use super::state::World;
-use crate::providers::{juice, stripe};
+use crate::signing;
 
 /// Which provider a delivery comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +47,7 @@ impl Delivery {
 
     /// A Juice delivery, its checksum computed with `key`.
     pub fn juice(key: &str, event: &str, data: Value) -> Self {
-        let checksum = juice::checksum::sign(key, event, &data);
+        let checksum = signing::juice_checksum(key, event, &data);
         Self {
             provider: Provider::Juice,
             body: json!({"checksum": checksum, "event": event, "data": data}),
@@ -113,7 +113,7 @@ pub(crate) fn prepare(signer: &Signer, d: &Delivery) -> anyhow::Result<(Vec<u8>,
     match d.provider {
         Provider::Stripe => {
             let body = serde_json::to_vec(&d.body)?;
-            let header = stripe::signature::sign_header(
+            let header = signing::stripe_signature(
                 &signer.stripe_webhook_secret,
                 chrono::Utc::now().timestamp(),
                 &body,
@@ -125,7 +125,7 @@ pub(crate) fn prepare(signer: &Signer, d: &Delivery) -> anyhow::Result<(Vec<u8>,
                 .as_str()
                 .context("a Juice delivery needs `event`")?;
             let data = &d.body["data"];
-            let checksum = juice::checksum::sign(&signer.juice_checksum_key, event, data);
+            let checksum = signing::juice_checksum(&signer.juice_checksum_key, event, data);
             let body = json!({"checksum": checksum, "event": event, "data": data});
             Ok((serde_json::to_vec(&body)?, None))
         }
@@ -159,10 +159,12 @@ pub(crate) async fn send(
             .header("content-type", "application/json")
             .body(body);
         if let Some(sig) = signature {
-            request = request.header(stripe::SIGNATURE_HEADER, sig).header(
-                "user-agent",
-                "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
-            );
+            request = request
+                .header(signing::STRIPE_SIGNATURE_HEADER, sig)
+                .header(
+                    "user-agent",
+                    "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+                );
         }
         match request.send().await {
             Ok(response) if response.status().is_success() => return Ok(()),

@@ -9,8 +9,12 @@ use super::state::{
     batch_job_path, outbound_transfer_path, thin_event, BatchJob, BulkItem, BulkTransfer, Change,
     OutboundTransfer, BATCH_JOB_OBJECT, OUTBOUND_TRANSFER_OBJECT,
 };
-use crate::providers::juice::event::{BULK_TRANSFER, TRANSFER};
-use crate::providers::stripe::event::{BATCH_JOB, OUTBOUND_TRANSFER};
+
+// The resource kinds cancelwatch records (its SPEC), as expectations name them.
+const OUTBOUND_TRANSFER: &str = "stripe.outbound_transfer";
+const BATCH_JOB: &str = "stripe.batch_job";
+const BULK_TRANSFER: &str = "juice.bulk_transfer";
+const TRANSFER: &str = "juice.transfer";
 
 /// Every scenario, in the order `simulate` plays them.
 pub const NAMES: &[&str] = &[

@@ -24,7 +24,7 @@
 //!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
-//! use cancelwatch::sim::{DeliveryOptions, SimConfig, Simulator};
+//! use cancelwatch_sim::{DeliveryOptions, SimConfig, Simulator};
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let sim = Simulator::start(listener, SimConfig {
 //!     target: Some("http://127.0.0.1:8080".into()),
@@ -41,8 +41,10 @@ pub mod deliver;
 pub mod faults;
 mod juice_api;
 pub mod scenarios;
+pub mod signing;
 pub mod state;
 mod stripe_api;
+mod time;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
