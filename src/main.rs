@@ -9,8 +9,8 @@ use cancelwatch::Config;
 
 /// mimalloc rather than glibc's malloc: hyper takes a fresh 8 KiB read
 /// buffer for each request, and glibc consolidates its fast bins before each
-/// such allocation (a fifth of the daemon's profile went to malloc and free).
-/// See the README, Performance, item 20.
+/// such allocation, which made malloc and free a large share of the
+/// daemon's CPU (docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -21,8 +21,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Memory freed in whole pages goes back to the OS at once, not a second
 /// later (mimalloc's default): under full load the daemon otherwise holds
-/// each thread's freed pages on top of what it uses, 8–15 MiB of peak RSS
-/// (README, Performance, item 28). Called first thing, on one thread.
+/// each thread's freed pages on top of what it uses, which raises peak RSS
+/// by several MiB. Called first thing, on one thread.
 fn return_freed_memory_at_once() {
     // SAFETY: no other thread runs yet (the option setter is not thread safe).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }

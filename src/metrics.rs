@@ -24,7 +24,7 @@ pub fn handle() -> PrometheusHandle {
                 .expect("static buckets are valid")
                 // Acknowledgement times and their steps, and how long each
                 // use holds the writer (which an acknowledgement may wait
-                // behind), where the target (10 ms at the 99th
+                // behind), where the acknowledgement target (10 ms at the 99th
                 // percentile) needs finer buckets than the default.
                 .set_buckets_for_metric(Matcher::Prefix("cancelwatch_ack_".into()), FINE)
                 .expect("static buckets are valid")

@@ -305,20 +305,10 @@ async fn answer_when_durable(store: Store, replies: Vec<(Reply, bool)>) {
     }
 }
 
-/// One transaction for the whole batch; per job, whether a row was added,
-/// and the new deliveries it leased with `reserved` slots (at most one a
-/// resource). Durable once [`Db::sync_commits`] returned after it.
-///
-/// A batch that fits in one statement (most do) runs it alone: SQLite
-/// commits a lone statement by itself, all of it or nothing, and `BEGIN`
-/// and `COMMIT` would be two more round trips to the connection's thread
-/// while the writer is held. One with more deliveries than a statement
-/// takes runs whole on the writer's handle ([`store::transaction_on_handle`]):
-/// `BEGIN`, a prepared one-row insert stepped per row, and `COMMIT`, for one
-/// round trip however large the batch. Smaller batches keep the statements
-/// sqlx has cached: preparing the one-row insert anew costs more than the
-/// round trip it saves, and a flood's refusals go faster many to a
-/// statement than one at a time (README, Performance, item 28).
+/// One commit for the whole batch; per job, whether a row was added, and
+/// the new deliveries it leased with the `offer`ed room (at most one a
+/// resource). Durable once [`crate::store::Storage::make_durable`] returned
+/// after it.
 async fn commit(
     store: &Store,
     turn: WriterTurn,

@@ -30,11 +30,11 @@ const CLAIM_BATCH: usize = 128;
 
 /// The recorder's queue, in slots (`workers.concurrency`): decided
 /// outcomes wait there for their turn at the writer. A slot comes back
-/// once its outcome is queued, so a queue as long as the slots held slots
-/// while a turn was written, and turns stayed at about half the slots (33
-/// deliveries at 32 slots); four times as long, turns gather about 57 and
-/// the writer's time a delivery falls by a fifth (README, Performance,
-/// item 32). The provider still sees no more than the slots at once.
+/// once its outcome is queued, so with a queue only as long as the slots,
+/// deciding tasks would hold their slots while a turn is written and turns
+/// would stay small; four times as long, turns gather more outcomes and the
+/// writer's time per delivery falls. The provider still sees no more than
+/// the slots at once.
 const RECORDER_QUEUE_PER_SLOT: usize = 4;
 /// The long-running tasks [`spawn`] starts: the feeder and the recorder.
 pub const TASKS: usize = 2;

@@ -339,10 +339,18 @@ impl Storage for SqliteStore {
     }
 }
 
-/// One group commit of deliveries and refusal records. A large batch runs
-/// straight on the writer's handle (one round trip to the connection's
-/// thread for the whole transaction); a batch of one statement needs no
-/// transaction of its own; otherwise one sqlx transaction.
+/// One group commit of deliveries and refusal records.
+///
+/// A batch that fits in one statement (most do) runs it alone: SQLite
+/// commits a lone statement by itself, all of it or nothing, and `BEGIN`
+/// and `COMMIT` would be two more round trips to the connection's thread
+/// while the writer is held. One with more deliveries than a statement
+/// takes runs whole on the writer's handle ([`transaction_on_handle`]):
+/// `BEGIN`, a prepared one-row insert stepped per row, and `COMMIT`, for one
+/// round trip however large the batch. Smaller batches keep the statements
+/// sqlx has cached: preparing the one-row insert anew costs more than the
+/// round trip it saves, and a flood's refusals go faster many to a
+/// statement than one at a time.
 async fn insert_batch(
     conn: &mut sqlx::SqliteConnection,
     rows: &[(&NewDelivery, Option<&str>)],

@@ -130,7 +130,7 @@ pub fn insert_rows(
     let e = super::direct_error;
     // `RETURNING` and the lease rule's subquery in each one-row insert cost
     // more than checking the lease apart, only for a delivery that comes
-    // with one, and reading the new row's id (README, Performance, item 28).
+    // with one, and reading the new row's id.
     let mut insert = conn
         .prepare(
             "INSERT INTO inbox (provider, dedupe_key, event_type, event_id, resource_kind, resource_id,
