@@ -110,7 +110,7 @@ pub async fn run_until(
     let store = open_store(&config).await?;
     let (inbox, writer) = inbox::Inbox::start(&store, &config.database);
     let providers = providers::Providers::from_config(&config);
-    for name in ["stripe", "juice"] {
+    for name in providers::knowledge::names() {
         if providers.get(name).is_none() {
             tracing::warn!(
                 provider = name,

@@ -1,20 +1,15 @@
 //! `cancelwatch backfill stripe --since <RFC 3339>`.
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use crate::pipeline::{backfill, Context};
 use crate::Config;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum BackfillProvider {
-    Stripe,
-}
-
 #[derive(Args, Debug)]
 pub struct BackfillArgs {
-    /// Provider to list events from.
-    #[arg(value_enum)]
-    pub provider: BackfillProvider,
+    /// Provider to list events from (one whose API lists its events: stripe).
+    #[arg(value_parser = known_provider)]
+    pub provider: String,
     /// Take events created at or after this time (RFC 3339).
     #[arg(long)]
     pub since: String,
@@ -27,9 +22,7 @@ pub struct BackfillArgs {
 /// (or the next `serve`) processes them with trigger `backfill`.
 pub async fn run(config: Config, args: BackfillArgs) -> anyhow::Result<()> {
     let ctx = Context::open(config).await?;
-    let result = match args.provider {
-        BackfillProvider::Stripe => backfill::stripe(&ctx, &args.since).await,
-    };
+    let result = backfill::events(&ctx, &args.provider, &args.since).await;
     ctx.store.close().await;
     let report = result?;
     if args.json {
@@ -47,4 +40,14 @@ pub async fn run(config: Config, args: BackfillArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A provider cancelwatch knows, by name.
+fn known_provider(name: &str) -> Result<String, String> {
+    let known = crate::providers::knowledge::names();
+    if known.contains(&name) {
+        Ok(name.to_string())
+    } else {
+        Err(format!("unknown provider (one of {})", known.join(", ")))
+    }
 }

@@ -39,10 +39,9 @@ pub fn check_config(config: &Config) -> anyhow::Result<()> {
         toml::to_string_pretty(&config.redacted()).context("rendering the configuration")?;
     println!("# effective configuration (secrets redacted)");
     println!("{shown}");
-    for (name, enabled, what) in [
-        ("stripe", config.stripe_enabled(), "stripe.webhook_secrets"),
-        ("juice", config.juice_enabled(), "juice.checksum_keys"),
-    ] {
+    for provider in crate::providers::knowledge::all() {
+        let name = provider.name();
+        let (what, enabled) = provider.webhook_secrets(config);
         if enabled {
             println!("# {name}: mounted at POST /webhooks/{name}");
         } else {

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::config::Config;
+use crate::providers::knowledge::{self, is_cancelled, is_settled_otherwise, is_transitional};
 use crate::store::model::{Alert, AlertKey, CancelAnswer, NewAlert, ProgressRow, Resource};
 
 /// Rule names, as stored in `alerts.rule` and sent as `type`.
@@ -17,11 +18,6 @@ pub const STUCK: &str = "stuck";
 pub const REFUND_OVERDUE: &str = "refund_overdue";
 pub const DEAD_LETTER: &str = "dead_letter";
 pub const VERIFICATION_FAILURES: &str = "verification_failures";
-
-pub const JUICE_BULK: &str = "juice.bulk_transfer";
-pub const JUICE_TRANSFER: &str = "juice.transfer";
-pub const STRIPE_BATCH: &str = "stripe.batch_job";
-pub const STRIPE_OUTBOUND: &str = "stripe.outbound_transfer";
 
 /// Most not-cancelled items listed one by one in a partial-cancellation alert.
 const MAX_LISTED_ITEMS: usize = 100;
@@ -76,59 +72,6 @@ impl Changed {
 /// The alerts one transaction raised or resolved so far.
 pub type Changes = Vec<Changed>;
 
-/// True for a status in which a resource of `kind` is still on its way
-/// somewhere (the statuses the `stuck` rule watches).
-pub fn is_transitional(kind: &str, status: &str) -> bool {
-    let statuses: &[&str] = match kind {
-        STRIPE_OUTBOUND => &["processing"],
-        STRIPE_BATCH => &[
-            "ready_for_upload",
-            "validating",
-            "in_progress",
-            "cancelling",
-        ],
-        JUICE_BULK => &["created", "executing", "cancelling"],
-        JUICE_TRANSFER => &["pending", "processing"],
-        _ => &[
-            "processing",
-            "cancelling",
-            "in_progress",
-            "validating",
-            "ready_for_upload",
-            "created",
-            "executing",
-            "pending",
-        ],
-    };
-    statuses.contains(&status)
-}
-
-/// True for a status that means a cancel took effect (`reversed` statuses of
-/// Juice items count: the item was cancelled and its money came back).
-pub fn is_cancelled(config: &Config, status: &str) -> bool {
-    matches!(status, "canceled" | "cancelled")
-        || config.juice.reversed_statuses.iter().any(|s| s == status)
-}
-
-/// Statuses in which a resource of `kind` has settled some other way than
-/// cancelled: once there, a cancel can no longer take effect.
-pub fn is_settled_otherwise(kind: &str, status: &str, terminal: bool) -> bool {
-    let settled: &[&str] = match kind {
-        STRIPE_OUTBOUND => &["posted", "failed", "returned"],
-        STRIPE_BATCH => &[
-            "complete",
-            "batch_failed",
-            "timeout",
-            "upload_timeout",
-            "validation_failed",
-        ],
-        JUICE_BULK => &["completed", "expired", "failed", "partially_completed"],
-        JUICE_TRANSFER => &["completed", "failed"],
-        _ => &[],
-    };
-    settled.contains(&status) || (terminal && !is_transitional(kind, status))
-}
-
 pub fn alert_key(rule: &str, r: &Resource) -> AlertKey {
     AlertKey {
         rule: rule.into(),
@@ -174,15 +117,19 @@ impl Tally {
     }
 }
 
-/// Juice: the cancel call answered `partial_cancellation`, or the bulk
-/// transfer is `cancelled` while some of its items ended otherwise.
-pub fn juice_partial(
+/// A resource with items ([`knowledge::PartialRule::Items`]): the cancel call answered
+/// `partial_cancellation`, or the resource is cancelled while some of its
+/// items ended otherwise.
+pub fn partial_by_items(
     config: &Config,
     bulk: &Resource,
     answer: Option<&CancelAnswer>,
     items: &[Resource],
 ) -> Option<(String, Value)> {
-    let bulk_cancelled = bulk.status.as_deref() == Some("cancelled");
+    let bulk_cancelled = bulk
+        .status
+        .as_deref()
+        .is_some_and(|s| is_cancelled(config, &bulk.kind, s));
     let mut cancelled = Tally::default();
     let mut not_cancelled = Tally::default();
     let mut by_status: BTreeMap<String, Tally> = BTreeMap::new();
@@ -193,7 +140,7 @@ pub fn juice_partial(
             .entry(status.clone())
             .or_default()
             .add(item.amount);
-        if is_cancelled(config, &status) {
+        if is_cancelled(config, &item.kind, &status) {
             cancelled.add(item.amount);
         } else {
             not_cancelled.add(item.amount);
@@ -211,17 +158,18 @@ pub fn juice_partial(
         .or_else(|| items.iter().find_map(|i| i.currency.clone()));
     let others: Vec<String> = by_status
         .iter()
-        .filter(|(s, _)| !is_cancelled(config, s))
+        .filter(|(s, _)| !items.iter().any(|i| is_cancelled(config, &i.kind, s)))
         .map(|(s, t)| format!("{s}: {}", t.count))
         .collect();
+    let title = title_of(&bulk.kind);
     let summary = if items.is_empty() {
         format!(
-            "Juice bulk transfer {} was cancelled only in part (the cancel answered partial_cancellation)",
+            "{title} {} was cancelled only in part (the cancel answered partial_cancellation)",
             bulk.id
         )
     } else {
         format!(
-            "Juice bulk transfer {} was cancelled only in part: {} of {} items cancelled ({} {}), {} not cancelled ({} {}; {})",
+            "{title} {} was cancelled only in part: {} of {} items cancelled ({} {}), {} not cancelled ({} {}; {})",
             bulk.id,
             cancelled.count,
             items.len(),
@@ -252,9 +200,18 @@ pub fn juice_partial(
     Some((summary, details))
 }
 
-/// Stripe batch job: `canceled` with records already applied or failed.
-pub fn batch_partial(job: &Resource, progress: Option<&ProgressRow>) -> Option<(String, Value)> {
-    if job.status.as_deref() != Some("canceled") {
+/// A resource whose progress is counted ([`knowledge::PartialRule::Progress`]):
+/// cancelled with records already applied or failed.
+pub fn partial_by_progress(
+    config: &Config,
+    job: &Resource,
+    progress: Option<&ProgressRow>,
+) -> Option<(String, Value)> {
+    if !job
+        .status
+        .as_deref()
+        .is_some_and(|s| is_cancelled(config, &job.kind, s))
+    {
         return None;
     }
     let progress = progress?;
@@ -264,7 +221,8 @@ pub fn batch_partial(job: &Resource, progress: Option<&ProgressRow>) -> Option<(
         return None;
     }
     let summary = format!(
-        "Stripe batch job {} was canceled after {success} records succeeded and {failure} failed",
+        "{} {} was canceled after {success} records succeeded and {failure} failed",
+        title_of(&job.kind),
         job.id
     );
     let details = json!({
@@ -275,6 +233,12 @@ pub fn batch_partial(job: &Resource, progress: Option<&ProgressRow>) -> Option<(
         "counts_observed_at": progress.observed_at,
     });
     Some((summary, details))
+}
+
+/// How alerts name a kind (`Juice bulk transfer`); the kind itself when
+/// no provider knows it.
+fn title_of(kind: &str) -> &str {
+    knowledge::kind_info(kind).map_or(kind, |k| k.title)
 }
 
 /// A cancel went out through cancelwatch, yet the resource settled otherwise.
@@ -333,26 +297,6 @@ pub const WEBHOOK_KIND: &str = "webhook";
 mod tests {
     use super::*;
     use crate::config::SinkConfig;
-
-    #[test]
-    fn transitional_statuses_per_kind() {
-        assert!(is_transitional(STRIPE_OUTBOUND, "processing"));
-        assert!(!is_transitional(STRIPE_OUTBOUND, "posted"));
-        assert!(is_transitional(STRIPE_BATCH, "cancelling"));
-        assert!(!is_transitional(STRIPE_BATCH, "canceled"));
-        assert!(is_transitional(JUICE_BULK, "executing"));
-        assert!(!is_transitional(JUICE_BULK, "cancelled"));
-        assert!(is_transitional(JUICE_TRANSFER, "pending"));
-    }
-
-    #[test]
-    fn settled_otherwise() {
-        assert!(is_settled_otherwise(STRIPE_OUTBOUND, "posted", false));
-        assert!(!is_settled_otherwise(STRIPE_OUTBOUND, "processing", false));
-        assert!(is_settled_otherwise(JUICE_BULK, "completed", true));
-        assert!(!is_settled_otherwise(JUICE_BULK, "executing", false));
-        assert!(is_settled_otherwise("other.kind", "done", true));
-    }
 
     fn sink(name: &str, rules: &[&str], min: &str) -> SinkConfig {
         SinkConfig {

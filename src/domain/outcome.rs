@@ -29,10 +29,10 @@ pub enum Outcome {
     Observed {
         obs: Box<Observation>,
         context: Option<String>,
-        reversal: Option<String>,
+        reversal: Option<Target>,
     },
     /// A reversal event naming only a transfer: complete its refund.
-    Reversal(String),
+    Reversal(Target),
     /// The provider says the resource does not exist: the delivery is dead.
     NotFound { target: Target, detail: String },
     /// The attempt failed: retried with backoff (at least `retry_after`),

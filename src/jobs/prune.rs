@@ -12,12 +12,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::time::Timestamp;
 
-/// How long each provider retries a delivery: its dedupe key is kept at least this long.
-pub const PROVIDER_RETRY_WINDOWS: [(&str, Duration); 2] = [
-    ("stripe", Duration::from_secs(3 * 86_400)),
-    ("juice", Duration::from_secs(48 * 3_600)),
-];
-
 /// What one prune removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PruneReport {
@@ -55,9 +49,11 @@ pub async fn prune(
 ) -> Result<PruneReport, StoreError> {
     let cutoff = before(now, older_than);
     let mut deliveries_deleted = 0;
-    for (provider, window) in PROVIDER_RETRY_WINDOWS {
-        let provider_cutoff = before(now, older_than.max(window));
-        deliveries_deleted += store.prune_deliveries(provider, &provider_cutoff).await?;
+    for provider in crate::providers::knowledge::all() {
+        let provider_cutoff = before(now, older_than.max(provider.retry_window()));
+        deliveries_deleted += store
+            .prune_deliveries(provider.name(), &provider_cutoff)
+            .await?;
     }
     let bodies_dropped = store.prune_bodies(&cutoff).await?;
     let refusals_deleted = store.prune_refusals(&cutoff).await?;

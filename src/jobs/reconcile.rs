@@ -13,8 +13,7 @@ use tracing::Instrument;
 
 use crate::domain::observe::Trigger;
 use crate::pipeline::Context;
-use crate::providers::juice::event::{BULK_TRANSFER, TRANSFER};
-use crate::providers::{provider_of, ApiError, Target};
+use crate::providers::{knowledge, provider_of, ApiError, Target};
 use crate::store::model::Resource;
 use crate::store::StoreError;
 use crate::time;
@@ -40,19 +39,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 
 /// The fetch target that brings news of a resource: Juice items come with their bulk transfer.
 pub fn target_of(r: &Resource) -> Option<Target> {
-    if r.kind == TRANSFER {
-        return r.parent_id.as_ref().map(|parent| Target {
-            kind: BULK_TRANSFER.into(),
-            id: parent.clone(),
-            ..Target::default()
-        });
-    }
-    Some(Target {
-        kind: r.kind.clone(),
-        id: r.id.clone(),
-        context: r.context.clone(),
-        ..Target::default()
-    })
+    knowledge::reconcile_target(&r.kind, &r.id, r.parent_id.as_deref(), r.context.as_deref())
 }
 
 /// The wait after `failures` failed fetches in a row: interval·2^failures, capped.

@@ -1,11 +1,8 @@
-//! Backfill: list Stripe events since a time and take into the inbox the ones
-//! it lacks (source `backfill`), to be processed like any delivery (trigger
-//! `backfill`).
+//! Backfill: list a provider's events since a time and take into the inbox
+//! the ones it lacks (source `backfill`), to be processed like any delivery
+//! (trigger `backfill`).
 
 use super::{Context, PipelineError};
-use crate::providers::stripe::api::{StripeApi, PAGE_LIMIT};
-use crate::providers::stripe::event::ThinEvent;
-use crate::providers::stripe::NAME;
 use crate::store::model::NewDelivery;
 use crate::time;
 
@@ -20,9 +17,13 @@ pub struct BackfillReport {
     pub skipped: usize,
 }
 
-/// Lists Stripe events created at or after `since` (RFC 3339) and stores the
-/// missing ones; the dedupe key is the event id, as for webhooks.
-pub async fn stripe(ctx: &Context, since: &str) -> Result<BackfillReport, PipelineError> {
+/// Lists `provider`'s events created at or after `since` (RFC 3339) and
+/// stores the missing ones, with the dedupe key a webhook of it would have.
+pub async fn events(
+    ctx: &Context,
+    provider: &str,
+    since: &str,
+) -> Result<BackfillReport, PipelineError> {
     let since = time::parse_lenient(since)
         .filter(|_| chrono::DateTime::parse_from_rfc3339(since).is_ok())
         .ok_or_else(|| {
@@ -30,45 +31,36 @@ pub async fn stripe(ctx: &Context, since: &str) -> Result<BackfillReport, Pipeli
                 "--since {since:?} is not an RFC 3339 time (e.g. 2026-10-30T00:00:00Z)"
             ))
         })?;
-    if ctx.config.stripe.api_key.is_empty() {
-        return Err(PipelineError::NotConfigured(NAME.into()));
-    }
-    let api = StripeApi::new(&ctx.config.stripe, &ctx.config.workers);
-    let events = api.list_events(&time::fmt(since), PAGE_LIMIT).await?;
+    let api = ctx
+        .providers
+        .api(provider)
+        .ok_or_else(|| PipelineError::NotConfigured(provider.to_string()))?;
+    let listing = api.list_events(&time::fmt(since)).await?;
     let mut report = BackfillReport {
-        listed: events.len(),
+        listed: listing.events.len() + listing.skipped,
+        skipped: listing.skipped,
         ..BackfillReport::default()
     };
     let received_at = time::now_str();
-    let mut found = Vec::new();
-    for event in events {
-        let raw_body = serde_json::to_vec(&event).unwrap_or_default();
-        let thin = match ThinEvent::decode(&raw_body) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "backfill: skipping a listed object that is not a v2 event");
-                report.skipped += 1;
-                continue;
-            }
-        };
-        let resource = thin.resource();
-        let delivery = NewDelivery {
-            provider: NAME.into(),
-            dedupe_key: thin.id.clone(),
-            event_type: thin.event_type.clone(),
-            event_id: Some(thin.id.clone()),
-            resource_kind: resource.as_ref().map(|r| r.kind.clone()),
-            resource_id: resource.as_ref().map(|r| r.id.clone()),
-            context: thin.context.clone(),
-            livemode: thin.livemode,
+    let found: Vec<NewDelivery> = listing
+        .events
+        .into_iter()
+        .map(|(event, raw_body)| NewDelivery {
+            provider: event.provider.into(),
+            dedupe_key: event.dedupe_key,
+            event_type: event.event_type,
+            event_id: event.event_id,
+            resource_kind: event.resource.as_ref().map(|r| r.kind.clone()),
+            resource_id: event.resource.as_ref().map(|r| r.id.clone()),
+            context: event.resource.and_then(|r| r.context),
+            livemode: event.livemode,
             raw_body,
             source: "backfill",
             received_at: received_at.clone(),
-        };
-        found.push(delivery);
-    }
+        })
+        .collect();
     report.new = ctx.store.insert_deliveries(&found).await?;
-    metrics::counter!("cancelwatch_backfill_events_total", "provider" => NAME)
+    metrics::counter!("cancelwatch_backfill_events_total", "provider" => api.name())
         .increment(report.new as u64);
     if report.new > 0 {
         ctx.ring();
@@ -76,7 +68,8 @@ pub async fn stripe(ctx: &Context, since: &str) -> Result<BackfillReport, Pipeli
     tracing::info!(
         listed = report.listed,
         new = report.new,
-        "stripe backfill done"
+        provider = api.name(),
+        "backfill done"
     );
     Ok(report)
 }

@@ -4,14 +4,9 @@
 
 use super::{Context, PipelineError};
 use crate::domain::observe::Trigger;
-use crate::providers::juice::event::BULK_TRANSFER;
-use crate::providers::stripe::event::{BATCH_JOB, OUTBOUND_TRANSFER};
-use crate::providers::{provider_of, safe_id, ApiError, CancelOutcome, Target};
+use crate::providers::{knowledge, provider_of, safe_id, ApiError, CancelOutcome, Target};
 use crate::store::CancelRecord;
 use crate::time;
-
-/// Kinds that have a cancel endpoint.
-pub const CANCELLABLE: [&str; 3] = [OUTBOUND_TRANSFER, BATCH_JOB, BULK_TRANSFER];
 
 /// What a cancel request came to.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -47,7 +42,7 @@ pub async fn request(
     id: &str,
     requested_by: &str,
 ) -> Result<CancelReport, PipelineError> {
-    if !CANCELLABLE.contains(&kind) {
+    if !knowledge::cancellable_kinds().contains(&kind) {
         return Err(PipelineError::UnknownKind(kind.to_string()));
     }
     if !safe_id(id) {
@@ -160,6 +155,8 @@ pub async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const BATCH_JOB: &str = "stripe.batch_job";
 
     #[test]
     fn keys_are_stable_per_resource_and_attempt() {

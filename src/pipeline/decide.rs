@@ -12,84 +12,28 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::Instrument;
 
 use super::Context;
-use crate::config::{JuiceConfig, StripeConfig};
+use crate::config::Config;
 use crate::domain::outcome::{delivery_span, Decided, Outcome};
-use crate::providers::juice::event as juice_event;
-use crate::providers::{juice, stripe, ApiError, Target};
+use crate::providers::knowledge::{self, EventFacts, Plan};
+use crate::providers::ApiError;
 use crate::store::model::Delivery;
 
-/// What a delivery asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
-    /// Nothing to fetch: the delivery is marked `ignored`.
-    Ignore(String),
-    /// Fetch this resource; with `reversal`, also complete that transfer's refund.
-    Fetch {
-        target: Target,
-        reversal: Option<String>,
-    },
-    /// A reversal event naming only a transfer: complete its refund.
-    Reversal(String),
-}
-
-/// Decides what a stored delivery is about (pure: from its columns and body).
-pub fn plan(stripe_cfg: &StripeConfig, juice_cfg: &JuiceConfig, d: &Delivery) -> Plan {
+/// What a stored delivery asks for (pure: from its columns and body); the
+/// provider it came from decides ([`knowledge::plan`]).
+pub fn plan(config: &Config, d: &Delivery) -> Plan {
     let body: Option<Value> = d
         .raw_body
         .as_deref()
         .and_then(|b| serde_json::from_slice(b).ok());
-    match d.provider.as_str() {
-        stripe::NAME => {
-            let followed = d
-                .event_type
-                .starts_with("v2.money_management.outbound_transfer.")
-                || d.event_type.starts_with("v2.core.batch_job.")
-                || stripe_cfg.follow_event_types.contains(&d.event_type);
-            let (Some(kind), Some(id)) = (&d.resource_kind, &d.resource_id) else {
-                return Plan::Ignore("the event names no related object".into());
-            };
-            if !followed {
-                return Plan::Ignore(format!("event type {} is not followed", d.event_type));
-            }
-            let url = body
-                .as_ref()
-                .and_then(|b| b.pointer("/related_object/url"))
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            Plan::Fetch {
-                target: Target {
-                    kind: kind.clone(),
-                    id: id.clone(),
-                    context: d.context.clone(),
-                    url,
-                    trigger_event: d.event_id.clone(),
-                },
-                reversal: None,
-            }
-        }
-        juice::NAME => {
-            let reversal = if juice_cfg.reversal_events.contains(&d.event_type) {
-                body.as_ref()
-                    .and_then(|b| b.get("data"))
-                    .and_then(|data| juice_event::transfer_id(&d.event_type, data))
-            } else {
-                None
-            };
-            match (&d.resource_kind, &d.resource_id, reversal) {
-                (Some(kind), Some(id), reversal) => Plan::Fetch {
-                    target: Target {
-                        kind: kind.clone(),
-                        id: id.clone(),
-                        ..Target::default()
-                    },
-                    reversal,
-                },
-                (_, _, Some(transfer)) => Plan::Reversal(transfer),
-                _ => Plan::Ignore(format!("event {} names no bulk transfer", d.event_type)),
-            }
-        }
-        other => Plan::Ignore(format!("unknown provider {other}")),
-    }
+    let event = EventFacts {
+        event_type: &d.event_type,
+        event_id: d.event_id.as_deref(),
+        resource_kind: d.resource_kind.as_deref(),
+        resource_id: d.resource_id.as_deref(),
+        context: d.context.as_deref(),
+        body: body.as_ref(),
+    };
+    knowledge::plan(config, &d.provider, &event)
 }
 
 /// One claimed delivery: decide it, then queue it for the recorder. The
@@ -150,7 +94,7 @@ async fn decide_inner(ctx: &Context, d: &Delivery) -> Outcome {
             retry_after: None,
         };
     }
-    match plan(&config.stripe, &config.juice, d) {
+    match plan(config, d) {
         Plan::Ignore(reason) => Outcome::Ignore(reason),
         Plan::Reversal(transfer) => Outcome::Reversal(transfer),
         Plan::Fetch { target, reversal } => {
@@ -190,6 +134,7 @@ mod tests {
     use super::*;
     use crate::domain::observe::Trigger;
     use crate::domain::outcome::trigger_of;
+    use crate::providers::juice::event as juice_event;
     use crate::providers::stripe::event as stripe_event;
     use serde_json::json;
 
@@ -222,13 +167,9 @@ mod tests {
         }
     }
 
-    /// The recorder takes what waits at once; with few waiting, it waits
-    /// up to the linger for more, and no longer.
-
     #[test]
     fn stripe_plans() {
-        let s = StripeConfig::default();
-        let j = JuiceConfig::default();
+        let c = Config::default();
         let body =
             json!({"related_object": {"url": "/v2/money_management/outbound_transfers/obt_1"}});
         let d = delivery(
@@ -238,7 +179,7 @@ mod tests {
             Some("obt_1"),
             body,
         );
-        match plan(&s, &j, &d) {
+        match plan(&c, &d) {
             Plan::Fetch { target, reversal } => {
                 assert_eq!(
                     target.url.as_deref(),
@@ -256,13 +197,14 @@ mod tests {
             Some("acct_1"),
             json!({}),
         );
-        assert!(matches!(plan(&s, &j, &d), Plan::Ignore(_)));
-        let mut followed = StripeConfig::default();
-        assert!(followed.follow_event_types.is_empty());
+        assert!(matches!(plan(&c, &d), Plan::Ignore(_)));
+        let mut followed = Config::default();
+        assert!(followed.stripe.follow_event_types.is_empty());
         followed
+            .stripe
             .follow_event_types
             .push("v2.core.account.updated".into());
-        assert!(matches!(plan(&followed, &j, &d), Plan::Fetch { .. }));
+        assert!(matches!(plan(&followed, &d), Plan::Fetch { .. }));
         let d = delivery(
             "stripe",
             "v2.core.batch_job.completed",
@@ -270,13 +212,12 @@ mod tests {
             None,
             json!({}),
         );
-        assert!(matches!(plan(&s, &j, &d), Plan::Ignore(_)));
+        assert!(matches!(plan(&c, &d), Plan::Ignore(_)));
     }
 
     #[test]
     fn juice_plans() {
-        let s = StripeConfig::default();
-        let j = JuiceConfig::default();
+        let c = Config::default();
         let d = delivery(
             "juice",
             "bulk_transfer.cancelled",
@@ -284,10 +225,7 @@ mod tests {
             Some("b1"),
             json!({"data": {"id": "b1"}}),
         );
-        assert!(matches!(
-            plan(&s, &j, &d),
-            Plan::Fetch { reversal: None, .. }
-        ));
+        assert!(matches!(plan(&c, &d), Plan::Fetch { reversal: None, .. }));
         let d = delivery(
             "juice",
             "card.transaction",
@@ -295,7 +233,7 @@ mod tests {
             None,
             json!({"data": {"id": "x"}}),
         );
-        assert!(matches!(plan(&s, &j, &d), Plan::Ignore(_)));
+        assert!(matches!(plan(&c, &d), Plan::Ignore(_)));
         let d = delivery(
             "juice",
             "bulk_transfer.transfer.reversed",
@@ -303,7 +241,12 @@ mod tests {
             None,
             json!({"data": {"id": "it_1"}}),
         );
-        assert_eq!(plan(&s, &j, &d), Plan::Reversal("it_1".into()));
+        let item = |id: &str| crate::providers::Target {
+            kind: juice_event::TRANSFER.into(),
+            id: id.into(),
+            ..Default::default()
+        };
+        assert_eq!(plan(&c, &d), Plan::Reversal(item("it_1")));
         let d = delivery(
             "juice",
             "bulk_transfer.transfer.reversed",
@@ -311,10 +254,10 @@ mod tests {
             Some("b1"),
             json!({"data": {"id": "it_1", "bulk_transfer_id": "b1"}}),
         );
-        match plan(&s, &j, &d) {
+        match plan(&c, &d) {
             Plan::Fetch { target, reversal } => {
                 assert_eq!(target.id, "b1");
-                assert_eq!(reversal.as_deref(), Some("it_1"));
+                assert_eq!(reversal, Some(item("it_1")));
             }
             other => panic!("{other:?}"),
         }

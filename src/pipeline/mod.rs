@@ -70,7 +70,10 @@ impl Context {
 /// Errors of the pipeline's library functions, each with its HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("unknown resource kind {0:?} (stripe.outbound_transfer, stripe.batch_job or juice.bulk_transfer)")]
+    #[error(
+        "unknown resource kind {0:?} (one of {kinds})",
+        kinds = crate::providers::knowledge::cancellable_kinds().join(", ")
+    )]
     UnknownKind(String),
     #[error("invalid id {0:?}")]
     InvalidId(String),

@@ -14,7 +14,7 @@ use super::feed::AliveGuard;
 use super::Context;
 use crate::domain::observe;
 use crate::domain::outcome::{delivery_span, Decided, Written};
-use crate::providers::{juice, stripe};
+use crate::providers::knowledge;
 use crate::store::model::Delivery;
 
 /// How long the recorder waits for more outcomes when fewer than half of
@@ -169,11 +169,7 @@ fn report(d: &Delivery, written: &Written) {
 }
 
 pub(super) fn provider_name(d: &Delivery) -> &'static str {
-    match d.provider.as_str() {
-        stripe::NAME => stripe::NAME,
-        juice::NAME => juice::NAME,
-        _ => "unknown",
-    }
+    knowledge::of_provider(&d.provider).map_or("unknown", |k| k.name())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod juice;
+pub mod knowledge;
 pub mod limit;
 pub mod stripe;
 
@@ -89,6 +90,24 @@ pub trait Provider: Send + Sync {
         target: &Target,
         idempotency_key: &str,
     ) -> Result<CancelAnswer, ApiError>;
+    /// Lists the events created at or after `since` (RFC 3339), for a
+    /// backfill. A provider whose API lists no events refuses.
+    async fn list_events(&self, since: &str) -> Result<Listing, ApiError> {
+        let _ = since;
+        Err(ApiError::Permanent(format!(
+            "{} has no API that lists its events",
+            self.name()
+        )))
+    }
+}
+
+/// What a provider's event listing found.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Every listed event, as the inbox stores a delivery of it.
+    pub events: Vec<(Verified, Vec<u8>)>,
+    /// Listed objects that were not events the provider's decoder accepts.
+    pub skipped: usize,
 }
 
 /// The configured providers. A provider is built when it has webhook secrets
@@ -307,33 +326,7 @@ impl ApiError {
     }
 }
 
-/// How a status of a kind behaves (SPEC "Resources it tracks"). Unknown kinds
-/// and statuses are transitional, except statuses of kinds nobody ranks.
-pub fn classify(kind: &str, status: &str, juice_reversed: &[String]) -> StatusClass {
-    match kind {
-        stripe::event::OUTBOUND_TRANSFER | stripe::event::BATCH_JOB => {
-            stripe::objects::classify(kind, status)
-        }
-        juice::event::BULK_TRANSFER | juice::event::TRANSFER => {
-            juice::objects::classify(kind, status, juice_reversed)
-        }
-        _ => StatusClass::Settled,
-    }
-}
-
-/// Order of statuses within a kind: a fetch never moves a resource to a lower
-/// rank. `None` for statuses (or kinds) not known.
-pub fn rank(kind: &str, status: &str, juice_reversed: &[String]) -> Option<u8> {
-    match kind {
-        stripe::event::OUTBOUND_TRANSFER | stripe::event::BATCH_JOB => {
-            stripe::objects::rank(kind, status)
-        }
-        juice::event::BULK_TRANSFER | juice::event::TRANSFER => {
-            juice::objects::rank(kind, status, juice_reversed)
-        }
-        _ => None,
-    }
-}
+pub use knowledge::{classify, rank};
 
 /// An id safe to put in a URL path: letters, digits, `_` and `-`.
 pub(crate) fn safe_id(id: &str) -> bool {

@@ -8,7 +8,6 @@ pub use super::sqlite::inbox::{Delivery, NewDelivery};
 pub use super::sqlite::queries::{
     parse_time, AlertFilter, Event, EventFilter, History, Page, PageRequest, TransitionFilter,
     Trigger as TriggerView, ALERT_STATES, ALERT_TYPES, DEFAULT_LIMIT, EVENT_STATES, MAX_LIMIT,
-    PROVIDERS,
 };
 pub use super::sqlite::queries::{
     Alert as AlertView, Refund as RefundView, Transition as TransitionView,

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod checksum;
 pub mod event;
+pub mod knowledge;
 pub mod objects;
 
 use axum::http::HeaderMap;

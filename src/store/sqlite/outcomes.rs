@@ -294,13 +294,16 @@ async fn write_outcome(
             let done = inbox::finish(tx, d.id, lease_until, "ignored", &now_s).await?;
             Ok(finished(done, Written::Ignored(reason.clone())))
         }
-        Outcome::Reversal(transfer) => {
-            if !record::record_reversal(tx, config, transfer, &trigger, now, changes).await? {
-                let error = format!("reversal of transfer {transfer}, which is not known yet");
+        Outcome::Reversal(item) => {
+            if !record::record_reversal(tx, config, item, &trigger, now, changes).await? {
+                let error = format!(
+                    "reversal of {} {}, which is not known yet",
+                    item.kind, item.id
+                );
                 return write_failure(tx, config, d, lease_until, &error, None, changes).await;
             }
             let done = inbox::finish(tx, d.id, lease_until, "processed", &now_s).await?;
-            Ok(finished(done, Written::Reversal(transfer.clone())))
+            Ok(finished(done, Written::Reversal(item.id.clone())))
         }
         Outcome::Observed {
             obs,
@@ -312,7 +315,7 @@ async fn write_outcome(
                     let context = context.as_deref();
                     record::record(tx, config, obs, &trigger, context, now, changes).await?
                 }
-                Some(transfer) => {
+                Some(item) => {
                     // The observation and the reversal stand or fall together.
                     let mut both = sqlx::Connection::begin(&mut **tx).await?;
                     let mut both_changes = Changes::new();
@@ -330,7 +333,7 @@ async fn write_outcome(
                     if !record::record_reversal(
                         &mut both,
                         config,
-                        transfer,
+                        item,
                         &trigger,
                         now,
                         &mut both_changes,
@@ -339,8 +342,8 @@ async fn write_outcome(
                     {
                         both.rollback().await?;
                         let error = format!(
-                            "reversal of transfer {transfer}, which bulk transfer {} does not list",
-                            obs.id
+                            "reversal of {} {}, which {} {} does not list",
+                            item.kind, item.id, obs.kind, obs.id
                         );
                         return write_failure(tx, config, d, lease_until, &error, None, changes)
                             .await;

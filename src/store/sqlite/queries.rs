@@ -40,9 +40,8 @@ pub const ALERT_TYPES: [&str; 6] = [
     "dead_letter",
     "verification_failures",
 ];
-/// Providers cancelwatch knows.
-pub const PROVIDERS: [&str; 2] = ["stripe", "juice"];
 
+use crate::providers::knowledge;
 pub use crate::store::QueryError;
 
 fn invalid(field: &'static str, message: impl Into<String>) -> QueryError {
@@ -586,7 +585,7 @@ fn transitions_query(
     ));
     if let Some(p) = &filter.provider {
         q.push(" AND provider = ")
-            .push_bind(one_of("provider", p, &PROVIDERS)?);
+            .push_bind(one_of("provider", p, &knowledge::names())?);
     }
     if let Some(k) = &filter.kind {
         q.push(" AND kind = ").push_bind(non_empty("kind", k)?);
@@ -729,7 +728,7 @@ pub async fn events(
     }
     if let Some(p) = &filter.provider {
         q.push(" AND provider = ")
-            .push_bind(one_of("provider", p, &PROVIDERS)?);
+            .push_bind(one_of("provider", p, &knowledge::names())?);
     }
     if let Some(c) = cursor {
         q.push(" AND id < ").push_bind(c);

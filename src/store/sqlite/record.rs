@@ -8,7 +8,7 @@ use crate::domain::observe::{
     judge, next_reconcile, refund_change, Moved, Recorded, RefundChange, Stored, ToRecord, Trigger,
     Verdict,
 };
-use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass};
+use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass, Target};
 use crate::time::{self, Timestamp};
 
 use super::resources::{self, NewRefund, NewTransition, StateUpdate};
@@ -408,25 +408,21 @@ impl<'a> RefundsAndProgress<'a> {
     }
 }
 
-/// A reversal event named a transfer: its refund is completed (opened as
-/// completed when none was open). False when the transfer is not known yet.
+/// A reversal event named an item: its refund is completed (opened as
+/// completed when none was open). False when the item is not known yet.
 pub async fn record_reversal(
     tx: &mut Tx<'_>,
     config: &Config,
-    transfer_id: &str,
+    target: &Target,
     trigger: &Trigger,
     now: Timestamp,
     changes: &mut Changes,
 ) -> Result<bool, sqlx::Error> {
     let now_s = time::fmt(now);
-    let Some(item) = resources::get(
-        tx,
-        providers::juice::NAME,
-        providers::juice::event::TRANSFER,
-        transfer_id,
-    )
-    .await?
-    else {
+    let Some(provider) = providers::knowledge::of_kind(&target.kind) else {
+        return Ok(false);
+    };
+    let Some(item) = resources::get(tx, provider.name(), &target.kind, &target.id).await? else {
         return Ok(false);
     };
     let existing = resources::refund_of(tx, item.rid).await?.map(|r| r.status);
@@ -438,7 +434,7 @@ pub async fn record_reversal(
     };
     if let Some(change) = refund_change(existing.as_deref(), signal.status) {
         let obs = Observation {
-            provider: providers::juice::NAME,
+            provider: provider.name(),
             kind: item.kind.clone(),
             id: item.id.clone(),
             parent_id: item.parent_id.clone(),
@@ -822,10 +818,15 @@ mod db_tests {
 
         // The reversal event completes it.
         let mut tx = db.write.begin().await.unwrap();
+        let item = |id: &str| Target {
+            kind: "juice.transfer".into(),
+            id: id.into(),
+            ..Target::default()
+        };
         assert!(record_reversal(
             &mut tx,
             &config,
-            "it_1",
+            &item("it_1"),
             &Trigger::event("k3"),
             time::now(),
             &mut Changes::new()
@@ -835,7 +836,7 @@ mod db_tests {
         assert!(!record_reversal(
             &mut tx,
             &config,
-            "it_404",
+            &item("it_404"),
             &Trigger::event("k4"),
             time::now(),
             &mut Changes::new()

@@ -10,9 +10,9 @@ use super::Tx;
 use crate::config::Config;
 use crate::domain::alerts::{
     self, alert_key, dead_letter_subject, new_alert, not_effective, route, still_stuck_in, Changed,
-    Changes, CANCEL_NOT_EFFECTIVE, DEAD_LETTER, JUICE_BULK, JUICE_TRANSFER, PARTIAL_CANCELLATION,
-    REFUND_OVERDUE, STRIPE_BATCH, STUCK,
+    Changes, CANCEL_NOT_EFFECTIVE, DEAD_LETTER, PARTIAL_CANCELLATION, REFUND_OVERDUE, STUCK,
 };
+use crate::providers::knowledge::{kind_info, PartialRule};
 
 /// Evaluates the observation-driven rules for resource `rid` after it (and,
 /// for a Juice bulk transfer, its items) was recorded in `tx`: raises or
@@ -31,16 +31,20 @@ pub async fn on_resource_recorded(
         return Ok(());
     };
     evaluate_alone(tx, config, &resource, now, changes).await?;
-    if resource.kind == JUICE_TRANSFER {
-        if let Some(parent_id) = &resource.parent_id {
-            if let Some(bulk) =
-                super::resources::get(tx, &resource.provider, JUICE_BULK, parent_id).await?
-            {
-                evaluate_alone(tx, config, &bulk, now, changes).await?;
-            }
+    if let Some((parent_kind, parent_id)) = parent_of(&resource) {
+        if let Some(parent) =
+            super::resources::get(tx, &resource.provider, parent_kind, parent_id).await?
+        {
+            evaluate_alone(tx, config, &parent, now, changes).await?;
         }
     }
     Ok(())
+}
+
+/// An item's parent, whose rules read its items: `(kind, id)`.
+fn parent_of(r: &ResourceRow) -> Option<(&'static str, &str)> {
+    let parent_kind = kind_info(&r.kind)?.parent_kind?;
+    Some((parent_kind, r.parent_id.as_deref()?))
 }
 
 /// [`on_resource_recorded`] for every resource one observation wrote (a
@@ -66,19 +70,21 @@ pub async fn on_observation_recorded(
         }
         let about: Vec<&sql::Alert> = open.iter().filter(|a| is_about(a, resource)).collect();
         evaluate(tx, config, resource, &about, now, changes).await?;
-        if resource.kind == JUICE_TRANSFER {
-            if let Some(parent_id) = &resource.parent_id {
-                let key = (resource.provider.clone(), parent_id.clone());
-                if !parents.contains(&key) {
-                    parents.push(key);
-                }
+        if let Some((parent_kind, parent_id)) = parent_of(resource) {
+            let key = (
+                resource.provider.clone(),
+                parent_kind,
+                parent_id.to_string(),
+            );
+            if !parents.contains(&key) {
+                parents.push(key);
             }
         }
     }
-    for (provider, parent_id) in parents {
-        if let Some(bulk) = super::resources::get(tx, &provider, JUICE_BULK, &parent_id).await? {
-            if !seen.contains(&bulk.rid) {
-                evaluate_alone(tx, config, &bulk, now, changes).await?;
+    for (provider, parent_kind, parent_id) in parents {
+        if let Some(parent) = super::resources::get(tx, &provider, parent_kind, &parent_id).await? {
+            if !seen.contains(&parent.rid) {
+                evaluate_alone(tx, config, &parent, now, changes).await?;
             }
         }
     }
@@ -126,10 +132,13 @@ async fn evaluate(
 ) -> Result<(), sqlx::Error> {
     let open_of = |rule: &str| open.iter().copied().find(|a| a.rule == rule);
     if config.alerts.partial_cancellation.enabled {
-        let found = match resource.kind.as_str() {
-            JUICE_BULK => juice_partial(tx, config, resource).await?,
-            STRIPE_BATCH => batch_partial(tx, resource).await?,
-            _ => None,
+        let rule = kind_info(&resource.kind).map_or(PartialRule::None, |k| k.partial);
+        let found = match rule {
+            PartialRule::Items { item_kind } => {
+                partial_by_items(tx, config, resource, item_kind).await?
+            }
+            PartialRule::Progress => partial_by_progress(tx, config, resource).await?,
+            PartialRule::None => None,
         };
         match found {
             Some((summary, details)) => {
@@ -180,29 +189,41 @@ async fn evaluate(
     .await
 }
 
-/// Juice: the rows [`alerts::juice_partial`] decides on.
-async fn juice_partial(
+/// The rows [`alerts::partial_by_items`] decides on.
+async fn partial_by_items(
     tx: &mut Tx<'_>,
     config: &Config,
     bulk: &ResourceRow,
+    item_kind: &str,
 ) -> Result<Option<(String, Value)>, sqlx::Error> {
     let answer =
         sql::latest_cancel_with_outcome(tx, &bulk.provider, &bulk.id, "partial_cancellation")
             .await?;
-    let items = sql::children(tx, &bulk.provider, JUICE_TRANSFER, &bulk.id).await?;
-    Ok(alerts::juice_partial(config, bulk, answer.as_ref(), &items))
+    let items = sql::children(tx, &bulk.provider, item_kind, &bulk.id).await?;
+    Ok(alerts::partial_by_items(
+        config,
+        bulk,
+        answer.as_ref(),
+        &items,
+    ))
 }
 
-/// Stripe batch job: the rows [`alerts::batch_partial`] decides on.
-async fn batch_partial(
+/// The rows [`alerts::partial_by_progress`] decides on.
+async fn partial_by_progress(
     tx: &mut Tx<'_>,
+    config: &Config,
     job: &ResourceRow,
 ) -> Result<Option<(String, Value)>, sqlx::Error> {
-    if job.status.as_deref() != Some("canceled") {
+    let cancelled = job
+        .status
+        .as_deref()
+        .is_some_and(|s| crate::providers::knowledge::is_cancelled(config, &job.kind, s));
+    if !cancelled {
+        // Nothing to read: only a cancelled one was cancelled in part.
         return Ok(None);
     }
     let progress = sql::latest_progress(tx, job.rid).await?;
-    Ok(alerts::batch_partial(job, progress.as_ref()))
+    Ok(alerts::partial_by_progress(config, job, progress.as_ref()))
 }
 
 /// Resolves an open `stuck` alert once the resource left the status it was

@@ -12,9 +12,9 @@ use super::rules::{raise, resolve};
 use super::{Db, Tx};
 use crate::config::Config;
 use crate::domain::alerts::{
-    is_transitional, still_stuck_in, Changes, REFUND_OVERDUE, STUCK, VERIFICATION_FAILURES,
-    WEBHOOK_KIND,
+    still_stuck_in, Changes, REFUND_OVERDUE, STUCK, VERIFICATION_FAILURES, WEBHOOK_KIND,
 };
+use crate::providers::knowledge::is_transitional;
 use crate::time::{self, Timestamp};
 
 /// Evaluates the time-based rules as of `now`, in one short write transaction.

@@ -1,0 +1,120 @@
+//! What cancelwatch knows of Stripe's resources and events.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::event::{BATCH_JOB, OUTBOUND_TRANSFER};
+use super::objects;
+use crate::config::Config;
+use crate::providers::knowledge::{EventFacts, KindInfo, Knowledge, PartialRule, Plan};
+use crate::providers::{StatusClass, Target};
+
+/// Stripe's entry in the registry.
+pub struct Stripe;
+
+pub const STRIPE: Stripe = Stripe;
+
+const KINDS: [KindInfo; 2] = [
+    KindInfo {
+        kind: OUTBOUND_TRANSFER,
+        title: "Stripe outbound transfer",
+        cancellable: true,
+        transitional: &["processing"],
+        settled_otherwise: &["posted", "failed", "returned"],
+        parent_kind: None,
+        partial: PartialRule::None,
+    },
+    KindInfo {
+        kind: BATCH_JOB,
+        title: "Stripe batch job",
+        cancellable: true,
+        transitional: &[
+            "ready_for_upload",
+            "validating",
+            "in_progress",
+            "cancelling",
+        ],
+        settled_otherwise: &[
+            "complete",
+            "batch_failed",
+            "timeout",
+            "upload_timeout",
+            "validation_failed",
+        ],
+        parent_kind: None,
+        partial: PartialRule::Progress,
+    },
+];
+
+/// Event types followed whatever the configuration says.
+const FOLLOWED_PREFIXES: [&str; 2] = [
+    "v2.money_management.outbound_transfer.",
+    "v2.core.batch_job.",
+];
+
+impl Knowledge for Stripe {
+    fn name(&self) -> &'static str {
+        super::NAME
+    }
+
+    fn kinds(&self) -> &'static [KindInfo] {
+        &KINDS
+    }
+
+    fn classify(&self, kind: &str, status: &str, _reversed: &[String]) -> StatusClass {
+        objects::classify(kind, status)
+    }
+
+    fn rank(&self, kind: &str, status: &str, _reversed: &[String]) -> Option<u8> {
+        objects::rank(kind, status)
+    }
+
+    fn is_cancelled(&self, _config: &Config, status: &str) -> bool {
+        status == "canceled"
+    }
+
+    /// Outbound transfer and batch job events are followed, and those
+    /// `stripe.follow_event_types` names; the fetch goes to the related
+    /// object, by the URL the event gives when it gives one.
+    fn plan(&self, config: &Config, event: &EventFacts<'_>) -> Plan {
+        let followed = FOLLOWED_PREFIXES
+            .iter()
+            .any(|p| event.event_type.starts_with(p))
+            || config
+                .stripe
+                .follow_event_types
+                .iter()
+                .any(|t| t == event.event_type);
+        let (Some(kind), Some(id)) = (event.resource_kind, event.resource_id) else {
+            return Plan::Ignore("the event names no related object".into());
+        };
+        if !followed {
+            return Plan::Ignore(format!("event type {} is not followed", event.event_type));
+        }
+        let url = event
+            .body
+            .and_then(|b| b.pointer("/related_object/url"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Plan::Fetch {
+            target: Target {
+                kind: kind.to_string(),
+                id: id.to_string(),
+                context: event.context.map(str::to_string),
+                url,
+                trigger_event: event.event_id.map(str::to_string),
+            },
+            reversal: None,
+        }
+    }
+
+    /// Stripe retries a webhook for up to three days.
+    fn retry_window(&self) -> Duration {
+        Duration::from_secs(3 * 86_400)
+    }
+
+    fn webhook_secrets(&self, config: &Config) -> (&'static str, bool) {
+        ("stripe.webhook_secrets", config.stripe_enabled())
+    }
+}
