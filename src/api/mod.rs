@@ -120,7 +120,7 @@ fn pipeline_answer(e: &PipelineError) -> (StatusCode, &'static str) {
         PipelineError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
         PipelineError::NotConfigured(_) => (StatusCode::CONFLICT, "provider_not_configured"),
         PipelineError::NoSuchDelivery(_) => (StatusCode::NOT_FOUND, "not_found"),
-        PipelineError::Api(_) => (StatusCode::BAD_GATEWAY, "provider_error"),
+        PipelineError::Provider(_) => (StatusCode::BAD_GATEWAY, "provider_error"),
         PipelineError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }

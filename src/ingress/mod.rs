@@ -12,9 +12,18 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::providers::Refused;
+use crate::providers::{RefusalKind, Refused};
 use crate::store::model::{NewDelivery, Refusal};
 use crate::App;
+
+/// The HTTP answer to a refused delivery.
+fn status_of(kind: RefusalKind) -> StatusCode {
+    match kind {
+        RefusalKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+        RefusalKind::Malformed => StatusCode::BAD_REQUEST,
+        RefusalKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+    }
+}
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new().route("/webhooks/{provider}", post(receive))
@@ -42,7 +51,7 @@ pub fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
 impl IntoResponse for IngressError {
     fn into_response(self) -> Response {
         match self {
-            IngressError::Refused(r) => error_body(r.status, r.code, &r.message),
+            IngressError::Refused(r) => error_body(status_of(r.kind), r.code, &r.message),
             IngressError::UnknownProvider(p) => error_body(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -124,7 +133,7 @@ async fn receive(
             provider: name.to_string(),
             reason: refused.code.to_string(),
             message: refused.message.clone(),
-            http_status: refused.status.as_u16(),
+            http_status: status_of(refused.kind).as_u16(),
             body_size: size.map(|s| s as i64),
             remote_addr: Some(remote.to_string()),
             received_at: received_at.clone(),
@@ -137,7 +146,7 @@ async fn receive(
         Err(BodyError::TooLarge(size)) => {
             return Err(refuse(
                 Refused {
-                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    kind: RefusalKind::TooLarge,
                     code: "payload_too_large",
                     message: format!(
                         "the body is over {} bytes",

@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::domain::observe::Trigger;
 use crate::pipeline::Context;
-use crate::providers::{knowledge, provider_of, ApiError, Target};
+use crate::providers::{knowledge, provider_of, ProviderError, Target};
 use crate::store::model::Resource;
 use crate::store::StoreError;
 use crate::time;
@@ -110,7 +110,7 @@ async fn reconcile_one(
         }
         Err(e) => {
             tracing::warn!(error = %e, "reconcile fetch failed");
-            if let ApiError::NotFound(_) = e {
+            if let ProviderError::NotFound(_) = e {
                 let covered: Vec<&Resource> = covered.iter().collect();
                 ctx.store.mark_not_found(&covered, &time::now_str()).await?;
             }

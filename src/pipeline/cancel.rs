@@ -4,7 +4,7 @@
 
 use super::{Context, PipelineError};
 use crate::domain::observe::Trigger;
-use crate::providers::{knowledge, provider_of, safe_id, ApiError, CancelOutcome, Target};
+use crate::providers::{knowledge, provider_of, safe_id, ProviderError, CancelOutcome, Target};
 use crate::store::CancelRecord;
 use crate::time;
 
@@ -106,7 +106,7 @@ pub async fn request(
         Ok(a) => {
             tracing::info!(resource = %id, outcome = outcome.as_str(), http_status = a.http_status, "cancel answered")
         }
-        Err(e @ ApiError::Unauthorized(_)) => {
+        Err(e @ ProviderError::Unauthorized(_)) => {
             tracing::error!(resource = %id, error = %e, "cancel refused: the API key was not accepted")
         }
         Err(e) => tracing::warn!(resource = %id, error = %e, "cancel call failed"),

@@ -15,7 +15,7 @@ use super::Context;
 use crate::config::Config;
 use crate::domain::outcome::{delivery_span, Decided, Outcome};
 use crate::providers::knowledge::{self, EventFacts, Plan};
-use crate::providers::ApiError;
+use crate::providers::ProviderError;
 use crate::store::model::Delivery;
 
 /// What a stored delivery asks for (pure: from its columns and body); the
@@ -100,7 +100,7 @@ async fn decide_inner(ctx: &Context, d: &Delivery) -> Outcome {
         Plan::Fetch { target, reversal } => {
             let Some(provider) = ctx.providers.api(&d.provider).cloned() else {
                 return Outcome::Released(
-                    ApiError::NotConfigured(super::recorder::provider_name(d)).to_string(),
+                    ProviderError::NotConfigured(super::recorder::provider_name(d)).to_string(),
                 );
             };
             match provider.fetch(&target).await {
@@ -109,17 +109,17 @@ async fn decide_inner(ctx: &Context, d: &Delivery) -> Outcome {
                     context: target.context,
                     reversal,
                 },
-                Err(e @ (ApiError::Unauthorized(_) | ApiError::NotConfigured(_))) => {
+                Err(e @ (ProviderError::Unauthorized(_) | ProviderError::NotConfigured(_))) => {
                     Outcome::Released(e.to_string())
                 }
-                Err(ApiError::NotFound(detail)) => Outcome::NotFound { target, detail },
-                Err(e @ ApiError::RateLimited { retry_after, .. }) => Outcome::RateLimited {
+                Err(ProviderError::NotFound(detail)) => Outcome::NotFound { target, detail },
+                Err(e @ ProviderError::RateLimited { retry_after, .. }) => Outcome::RateLimited {
                     retry_after,
                     error: e.to_string(),
                 },
                 Err(e) => Outcome::Failed {
                     retry_after: match &e {
-                        ApiError::Retryable { retry_after, .. } => *retry_after,
+                        ProviderError::Retryable { retry_after, .. } => *retry_after,
                         _ => None,
                     },
                     error: e.to_string(),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::providers::{ApiError, Providers};
+use crate::providers::{ProviderError, Providers};
 use crate::store::{Store, StoreError};
 
 /// What the pipeline needs: configuration, database, provider clients, and
@@ -84,7 +84,7 @@ pub enum PipelineError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("provider: {0}")]
-    Api(#[from] ApiError),
+    Provider(#[from] ProviderError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -11,7 +11,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::Method;
 
 use super::limit::RateLimit;
-use super::ApiError;
+use super::ProviderError;
 use crate::config::WorkerConfig;
 
 /// A provider's answer: status, headers and the raw body.
@@ -84,24 +84,24 @@ impl Answer {
     }
 
     /// The error a failed fetch becomes.
-    pub fn into_error(self, what: &str) -> ApiError {
+    pub fn into_error(self, what: &str) -> ProviderError {
         let detail = format!(
             "{what}: HTTP {} {}",
             self.status,
             self.error_code().unwrap_or_default()
         );
         match self.status {
-            404 => ApiError::NotFound(detail),
-            401 | 403 => ApiError::Unauthorized(detail),
-            429 if self.retryable() => ApiError::RateLimited {
+            404 => ProviderError::NotFound(detail),
+            401 | 403 => ProviderError::Unauthorized(detail),
+            429 if self.retryable() => ProviderError::RateLimited {
                 retry_after: self.retry_after(),
                 message: detail,
             },
-            _ if self.retryable() => ApiError::Retryable {
+            _ if self.retryable() => ProviderError::Retryable {
                 retry_after: self.retry_after(),
                 message: detail,
             },
-            _ => ApiError::Permanent(detail),
+            _ => ProviderError::Permanent(detail),
         }
     }
 }
@@ -157,12 +157,12 @@ impl HttpClient {
         path: &str,
         headers: &[(HeaderName, String)],
         body: Option<Vec<u8>>,
-    ) -> Result<Answer, ApiError> {
+    ) -> Result<Answer, ProviderError> {
         let url = format!("{}{}", self.base, path);
         let mut header_map = HeaderMap::new();
         for (name, value) in headers {
             let value = HeaderValue::from_str(value)
-                .map_err(|_| ApiError::Permanent(format!("header {name} holds bad characters")))?;
+                .map_err(|_| ProviderError::Permanent(format!("header {name} holds bad characters")))?;
             header_map.insert(name.clone(), value);
         }
         // The first try waits its turn in the request budget (up to the
@@ -175,7 +175,7 @@ impl HttpClient {
             if let Err(booked) = limit.acquire(self.inline_wait_cap).await {
                 metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "budget")
                     .increment(1);
-                return Err(ApiError::RateLimited {
+                return Err(ProviderError::RateLimited {
                     message: format!(
                         "{} {method} {path}: not sent, our request budget for {} is booked for the next {:.1} s",
                         self.provider,
@@ -231,7 +231,7 @@ impl HttpClient {
                     let reason = if e.is_timeout() { "timeout" } else { "network" };
                     metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => reason)
                         .increment(1);
-                    let error = ApiError::Retryable {
+                    let error = ProviderError::Retryable {
                         message: format!(
                             "{} {method} {path}: {reason} error: {}",
                             self.provider,
@@ -311,23 +311,23 @@ mod tests {
         assert!(!answer(503, &[("stripe-should-retry", "false")], "").retryable());
         assert!(matches!(
             answer(404, &[], "").into_error("x"),
-            ApiError::NotFound(_)
+            ProviderError::NotFound(_)
         ));
         assert!(matches!(
             answer(403, &[], "").into_error("x"),
-            ApiError::Unauthorized(_)
+            ProviderError::Unauthorized(_)
         ));
         assert!(matches!(
             answer(503, &[("stripe-should-retry", "false")], "").into_error("x"),
-            ApiError::Permanent(_)
+            ProviderError::Permanent(_)
         ));
         assert!(matches!(
             answer(503, &[("retry-after", "3")], "").into_error("x"),
-            ApiError::Retryable { .. }
+            ProviderError::Retryable { .. }
         ));
         assert!(matches!(
             answer(429, &[("retry-after", "3")], "").into_error("x"),
-            ApiError::RateLimited { retry_after: Some(d), .. } if d == Duration::from_secs(3)
+            ProviderError::RateLimited { retry_after: Some(d), .. } if d == Duration::from_secs(3)
         ));
     }
 

@@ -12,7 +12,7 @@ pub mod stripe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -44,19 +44,31 @@ pub struct ResourceRef {
     pub context: Option<String>,
 }
 
-/// Why a delivery was refused, with the HTTP answer it gets.
+/// Why a delivery was refused: what is wrong with it, a stable code and a
+/// message for the sender. The webhook route decides the HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct Refused {
-    pub status: StatusCode,
+    pub kind: RefusalKind,
     pub code: &'static str,
     pub message: String,
+}
+
+/// What is wrong with a refused delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// Its signature is missing, wrong or too old.
+    Unauthenticated,
+    /// It is not a well-formed delivery of this provider.
+    Malformed,
+    /// Its body is over the size limit.
+    TooLarge,
 }
 
 impl Refused {
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::UNAUTHORIZED,
+            kind: RefusalKind::Unauthenticated,
             code,
             message: message.into(),
         }
@@ -64,7 +76,7 @@ impl Refused {
 
     pub fn malformed(message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            kind: RefusalKind::Malformed,
             code: "malformed_payload",
             message: message.into(),
         }
@@ -83,18 +95,18 @@ pub trait Provider: Send + Sync {
     /// Checks the signature over the exact bytes, then decodes what the inbox needs.
     fn verify(&self, headers: &HeaderMap, body: &[u8], now_unix: i64) -> Result<Verified, Refused>;
     /// Fetches the current state of a resource.
-    async fn fetch(&self, target: &Target) -> Result<Observation, ApiError>;
+    async fn fetch(&self, target: &Target) -> Result<Observation, ProviderError>;
     /// Calls the provider's cancel endpoint with an idempotency key.
     async fn cancel(
         &self,
         target: &Target,
         idempotency_key: &str,
-    ) -> Result<CancelAnswer, ApiError>;
+    ) -> Result<CancelAnswer, ProviderError>;
     /// Lists the events created at or after `since` (RFC 3339), for a
     /// backfill. A provider whose API lists no events refuses.
-    async fn list_events(&self, since: &str) -> Result<Listing, ApiError> {
+    async fn list_events(&self, since: &str) -> Result<Listing, ProviderError> {
         let _ = since;
-        Err(ApiError::Permanent(format!(
+        Err(ProviderError::Permanent(format!(
             "{} has no API that lists its events",
             self.name()
         )))
@@ -282,7 +294,7 @@ pub struct CancelAnswer {
 
 /// Why a provider call did not give an answer to use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ApiError {
+pub enum ProviderError {
     /// Worth another try later (network, timeout, 5xx, 409).
     #[error("{message}")]
     Retryable {
@@ -312,16 +324,16 @@ pub enum ApiError {
     Permanent(String),
 }
 
-impl ApiError {
+impl ProviderError {
     /// A short label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            ApiError::Retryable { .. } => "retryable",
-            ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::NotConfigured(_) => "not_configured",
-            ApiError::Permanent(_) => "permanent",
+            ProviderError::Retryable { .. } => "retryable",
+            ProviderError::RateLimited { .. } => "rate_limited",
+            ProviderError::NotFound(_) => "not_found",
+            ProviderError::Unauthorized(_) => "unauthorized",
+            ProviderError::NotConfigured(_) => "not_configured",
+            ProviderError::Permanent(_) => "permanent",
         }
     }
 }

@@ -7,7 +7,7 @@ use super::objects;
 use crate::config::{JuiceConfig, WorkerConfig};
 use crate::providers::http::{Answer, HttpClient};
 use crate::providers::limit::RateLimit;
-use crate::providers::{safe_id, ApiError, CancelAnswer, CancelOutcome, Observation};
+use crate::providers::{safe_id, ProviderError, CancelAnswer, CancelOutcome, Observation};
 
 /// A Juice API client.
 #[derive(Clone)]
@@ -40,18 +40,18 @@ impl JuiceApi {
         vec![(AUTHORIZATION, self.authorization.clone())]
     }
 
-    fn path(id: &str) -> Result<String, ApiError> {
+    fn path(id: &str) -> Result<String, ProviderError> {
         if safe_id(id) {
             Ok(format!("/bulk-transfers/{id}"))
         } else {
-            Err(ApiError::Permanent(format!(
+            Err(ProviderError::Permanent(format!(
                 "juice: unsafe bulk transfer id {id:?}"
             )))
         }
     }
 
     /// GETs a bulk transfer with its items.
-    pub async fn fetch_bulk(&self, id: &str) -> Result<Observation, ApiError> {
+    pub async fn fetch_bulk(&self, id: &str) -> Result<Observation, ProviderError> {
         let path = Self::path(id)?;
         let answer = self
             .http
@@ -61,9 +61,9 @@ impl JuiceApi {
             return Err(answer.into_error(&format!("juice GET {path}")));
         }
         let body = answer.json().ok_or_else(|| {
-            ApiError::Permanent(format!("juice GET {path}: the answer is not JSON"))
+            ProviderError::Permanent(format!("juice GET {path}: the answer is not JSON"))
         })?;
-        objects::decode_bulk(id, body, &self.reversed_statuses).map_err(ApiError::Permanent)
+        objects::decode_bulk(id, body, &self.reversed_statuses).map_err(ProviderError::Permanent)
     }
 
     /// POSTs `/bulk-transfers/{id}/cancel` and maps the answer.
@@ -71,7 +71,7 @@ impl JuiceApi {
         &self,
         id: &str,
         idempotency_key: &str,
-    ) -> Result<CancelAnswer, ApiError> {
+    ) -> Result<CancelAnswer, ProviderError> {
         let path = format!("{}/cancel", Self::path(id)?);
         let mut headers = self.headers();
         headers.push((

@@ -9,7 +9,7 @@ pub mod objects;
 use axum::http::HeaderMap;
 
 use super::{
-    json_object, required_str, ApiError, CancelAnswer, Observation, Provider, Refused, Target,
+    json_object, required_str, ProviderError, CancelAnswer, Observation, Provider, Refused, Target,
     Verified,
 };
 use crate::config::{JuiceConfig, WorkerConfig};
@@ -29,10 +29,10 @@ impl Juice {
 }
 
 /// Only bulk transfers are fetched; an item is fetched through its parent.
-fn bulk_id(target: &Target) -> Result<&str, ApiError> {
+fn bulk_id(target: &Target) -> Result<&str, ProviderError> {
     match target.kind.as_str() {
         event::BULK_TRANSFER => Ok(&target.id),
-        other => Err(ApiError::Permanent(format!(
+        other => Err(ProviderError::Permanent(format!(
             "juice: {other} is fetched through its bulk transfer"
         ))),
     }
@@ -52,9 +52,9 @@ impl Provider for Juice {
         !self.config.api_key.is_empty()
     }
 
-    async fn fetch(&self, target: &Target) -> Result<Observation, ApiError> {
+    async fn fetch(&self, target: &Target) -> Result<Observation, ProviderError> {
         if !self.api_enabled() {
-            return Err(ApiError::NotConfigured(NAME));
+            return Err(ProviderError::NotConfigured(NAME));
         }
         self.api.fetch_bulk(bulk_id(target)?).await
     }
@@ -63,9 +63,9 @@ impl Provider for Juice {
         &self,
         target: &Target,
         idempotency_key: &str,
-    ) -> Result<CancelAnswer, ApiError> {
+    ) -> Result<CancelAnswer, ProviderError> {
         if !self.api_enabled() {
-            return Err(ApiError::NotConfigured(NAME));
+            return Err(ProviderError::NotConfigured(NAME));
         }
         self.api
             .cancel_bulk(bulk_id(target)?, idempotency_key)

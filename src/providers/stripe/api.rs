@@ -10,7 +10,7 @@ use super::objects;
 use crate::config::{StripeConfig, WorkerConfig};
 use crate::providers::http::{Answer, HttpClient};
 use crate::providers::limit::RateLimit;
-use crate::providers::{safe_id, ApiError, CancelAnswer, CancelOutcome, Observation, Target};
+use crate::providers::{safe_id, ProviderError, CancelAnswer, CancelOutcome, Observation, Target};
 
 /// Events asked for per page when backfilling.
 pub const PAGE_LIMIT: u32 = 100;
@@ -26,14 +26,14 @@ pub fn safe_path(path: &str) -> bool {
 }
 
 /// The object path of a kind and id, when the event gave none.
-pub fn object_path(kind: &str, id: &str) -> Result<String, ApiError> {
+pub fn object_path(kind: &str, id: &str) -> Result<String, ProviderError> {
     if !safe_id(id) {
-        return Err(ApiError::Permanent(format!("{kind}: unsafe id {id:?}")));
+        return Err(ProviderError::Permanent(format!("{kind}: unsafe id {id:?}")));
     }
     match kind {
         OUTBOUND_TRANSFER => Ok(format!("/v2/money_management/outbound_transfers/{id}")),
         BATCH_JOB => Ok(format!("/v2/core/batch_jobs/{id}")),
-        other => Err(ApiError::Permanent(format!(
+        other => Err(ProviderError::Permanent(format!(
             "no known path for {other} (the event carried no url)"
         ))),
     }
@@ -86,7 +86,7 @@ impl StripeApi {
     }
 
     /// GETs the related object and decodes it.
-    pub async fn fetch(&self, target: &Target) -> Result<Observation, ApiError> {
+    pub async fn fetch(&self, target: &Target) -> Result<Observation, ProviderError> {
         let path = match target.url.as_deref() {
             Some(url) if safe_path(url) => url.to_string(),
             Some(url) => {
@@ -108,9 +108,9 @@ impl StripeApi {
             return Err(answer.into_error(&format!("stripe GET {path}")));
         }
         let object = answer.json().ok_or_else(|| {
-            ApiError::Permanent(format!("stripe GET {path}: the answer is not JSON"))
+            ProviderError::Permanent(format!("stripe GET {path}: the answer is not JSON"))
         })?;
-        objects::decode(&target.kind, &target.id, object).map_err(ApiError::Permanent)
+        objects::decode(&target.kind, &target.id, object).map_err(ProviderError::Permanent)
     }
 
     /// POSTs `…/cancel` with an `Idempotency-Key` and maps the answer.
@@ -118,7 +118,7 @@ impl StripeApi {
         &self,
         target: &Target,
         idempotency_key: &str,
-    ) -> Result<CancelAnswer, ApiError> {
+    ) -> Result<CancelAnswer, ProviderError> {
         let path = format!("{}/cancel", object_path(&target.kind, &target.id)?);
         let mut headers = self.headers(target.context.as_deref(), None);
         headers.push((
@@ -137,7 +137,7 @@ impl StripeApi {
 
     /// Lists events created at or after `since` (RFC 3339), `page_limit` per
     /// page, following `next_page_url` until it is null. Each event as its JSON object.
-    pub async fn list_events(&self, since: &str, page_limit: u32) -> Result<Vec<Value>, ApiError> {
+    pub async fn list_events(&self, since: &str, page_limit: u32) -> Result<Vec<Value>, ProviderError> {
         let mut path = format!(
             "/v2/core/events?created[gte]={}&limit={page_limit}",
             url::form_urlencoded::byte_serialize(since.as_bytes()).collect::<String>()
@@ -146,7 +146,7 @@ impl StripeApi {
         let mut seen_pages = std::collections::HashSet::new();
         loop {
             if !seen_pages.insert(path.clone()) {
-                return Err(ApiError::Permanent(format!(
+                return Err(ProviderError::Permanent(format!(
                     "stripe event listing loops back to {path}"
                 )));
             }
@@ -158,7 +158,7 @@ impl StripeApi {
                 return Err(answer.into_error("stripe GET /v2/core/events"));
             }
             let page = answer.json().ok_or_else(|| {
-                ApiError::Permanent("stripe GET /v2/core/events: the answer is not JSON".into())
+                ProviderError::Permanent("stripe GET /v2/core/events: the answer is not JSON".into())
             })?;
             if let Some(data) = page.get("data").and_then(Value::as_array) {
                 events.extend(data.iter().cloned());
@@ -166,7 +166,7 @@ impl StripeApi {
             match page.get("next_page_url").and_then(Value::as_str) {
                 Some(next) if safe_path(next) => path = next.to_string(),
                 Some(next) => {
-                    return Err(ApiError::Permanent(format!(
+                    return Err(ProviderError::Permanent(format!(
                         "stripe next_page_url {next:?} is not a /v2/ path"
                     )))
                 }

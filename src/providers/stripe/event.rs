@@ -31,14 +31,14 @@ impl ThinEvent {
         let object = required_str(&map, "object")?;
         if object == "event" {
             return Err(Refused {
-                status: axum::http::StatusCode::BAD_REQUEST,
+                kind: super::super::RefusalKind::Malformed,
                 code: "unexpected_object",
                 message: "this is a v1 snapshot event (object \"event\"); this endpoint takes v2 thin events (object \"v2.core.event\")".into(),
             });
         }
         if object != "v2.core.event" {
             return Err(Refused {
-                status: axum::http::StatusCode::BAD_REQUEST,
+                kind: super::super::RefusalKind::Malformed,
                 code: "unexpected_object",
                 message: format!("object is {object:?}, expected \"v2.core.event\""),
             });

@@ -8,7 +8,7 @@ pub mod signature;
 
 use axum::http::HeaderMap;
 
-use super::{ApiError, CancelAnswer, Listing, Observation, Provider, Refused, Target, Verified};
+use super::{ProviderError, CancelAnswer, Listing, Observation, Provider, Refused, Target, Verified};
 use crate::config::{StripeConfig, WorkerConfig};
 
 pub const NAME: &str = "stripe";
@@ -45,9 +45,9 @@ impl Provider for Stripe {
         !self.config.api_key.is_empty()
     }
 
-    async fn fetch(&self, target: &Target) -> Result<Observation, ApiError> {
+    async fn fetch(&self, target: &Target) -> Result<Observation, ProviderError> {
         if !self.api_enabled() {
-            return Err(ApiError::NotConfigured(NAME));
+            return Err(ProviderError::NotConfigured(NAME));
         }
         self.api.fetch(target).await
     }
@@ -56,9 +56,9 @@ impl Provider for Stripe {
         &self,
         target: &Target,
         idempotency_key: &str,
-    ) -> Result<CancelAnswer, ApiError> {
+    ) -> Result<CancelAnswer, ProviderError> {
         if !self.api_enabled() {
-            return Err(ApiError::NotConfigured(NAME));
+            return Err(ProviderError::NotConfigured(NAME));
         }
         self.api.cancel(target, idempotency_key).await
     }
@@ -106,9 +106,9 @@ impl Provider for Stripe {
 
     /// Events newest first, a page at a time; the dedupe key is the event
     /// id, as for webhooks, so a listed event already delivered is known.
-    async fn list_events(&self, since: &str) -> Result<Listing, ApiError> {
+    async fn list_events(&self, since: &str) -> Result<Listing, ProviderError> {
         if !self.api_enabled() {
-            return Err(ApiError::NotConfigured(NAME));
+            return Err(ProviderError::NotConfigured(NAME));
         }
         let mut listing = Listing::default();
         for object in self.api.list_events(since, api::PAGE_LIMIT).await? {
