@@ -26,18 +26,12 @@ pub mod store;
 pub mod time;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -137,7 +131,7 @@ pub async fn run_until(
     );
     app.inbox.hand_to(handoff);
     jobs::spawn(&app.pipeline, &app.shutdown, &mut tasks);
-    let router = router(app.clone());
+    let router = api::router(app.clone());
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "cancelwatch listening");
 
@@ -171,85 +165,6 @@ pub async fn run_until(
     store.close().await;
     tracing::info!("cancelwatch stopped");
     Ok(())
-}
-
-/// Every HTTP route of the daemon.
-pub fn router(app: Arc<App>) -> Router {
-    let limits = tower::ServiceBuilder::new()
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(app.config.server.request_timeout_secs),
-        ))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            app.config.server.max_concurrent_requests,
-        ));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .merge(ingress::routes())
-        .merge(api::routes(app.clone()))
-        .layer(limits)
-        .with_state(app)
-}
-
-async fn healthz() -> impl IntoResponse {
-    Json(json!({"status": "ok"}))
-}
-
-async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
-    if app.workers_alive.load(Ordering::SeqCst) < pipeline::feed::TASKS {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "reason": "workers not running"})),
-        );
-    }
-    if app.store.sync_failed() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({"status": "unavailable", "reason": "a sync of the WAL to disk failed: restart the daemon"}),
-            ),
-        );
-    }
-    if app.store.ping().await {
-        (StatusCode::OK, Json(json!({"status": "ready"})))
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "reason": "database not usable"})),
-        )
-    }
-}
-
-async fn render_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    if let Ok((depth, oldest)) = app.store.inbox_depth().await {
-        ::metrics::gauge!("cancelwatch_inbox_depth").set(depth as f64);
-        let age = oldest
-            .and_then(|t| time::parse_lenient(&t))
-            .map(|t| (time::now() - t).num_milliseconds() as f64 / 1000.0)
-            .unwrap_or(0.0);
-        ::metrics::gauge!("cancelwatch_inbox_oldest_pending_seconds").set(age);
-    }
-    if let Ok(counts) = app.store.inbox_by_state().await {
-        for state in store::model::EVENT_STATES {
-            let n = counts
-                .iter()
-                .find(|(s, _)| s == state)
-                .map_or(0, |(_, n)| *n);
-            ::metrics::gauge!("cancelwatch_inbox_deliveries", "state" => state).set(n as f64);
-            if state == "dead" {
-                ::metrics::gauge!("cancelwatch_deliveries_dead").set(n as f64);
-            }
-        }
-    }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        app.metrics.render(),
-    )
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -286,37 +201,4 @@ pub fn init_logging(config: &config::LogConfig) {
     } else {
         builder.try_init()
     };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `/readyz` turns red once a sync of the WAL failed and stays red: every
-    /// delivery is refused until the daemon restarts.
-    #[tokio::test]
-    async fn readyz_fails_after_a_failed_wal_sync() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.database.url = format!("sqlite://{}", dir.path().join("x.db").display());
-        let path = config.database_path().unwrap();
-        let engine = store::sqlite::SqliteStore::open(&path, &config.database)
-            .await
-            .unwrap();
-        let db = engine.db().clone();
-        let store: store::Store = Arc::new(engine);
-        let (inbox, _writer) = inbox::Inbox::start(&store, &config.database);
-        let providers = providers::Providers::from_config(&config);
-        let app = App::new(Arc::new(config), store, providers, inbox);
-        app.workers_alive
-            .store(pipeline::feed::TASKS, Ordering::SeqCst);
-        let app = Arc::new(app);
-        let status = |app: &Arc<App>| {
-            let app = app.clone();
-            async move { readyz(State(app)).await.into_response().status() }
-        };
-        assert_eq!(status(&app).await, StatusCode::OK);
-        db.fail_sync();
-        assert_eq!(status(&app).await, StatusCode::SERVICE_UNAVAILABLE);
-    }
 }

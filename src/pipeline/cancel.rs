@@ -4,7 +4,7 @@
 
 use super::{Context, PipelineError};
 use crate::domain::observe::Trigger;
-use crate::providers::{knowledge, provider_of, safe_id, ProviderError, CancelOutcome, Target};
+use crate::providers::{knowledge, provider_of, safe_id, CancelOutcome, ProviderError, Target};
 use crate::store::CancelRecord;
 use crate::time;
 

@@ -161,8 +161,9 @@ impl HttpClient {
         let url = format!("{}{}", self.base, path);
         let mut header_map = HeaderMap::new();
         for (name, value) in headers {
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| ProviderError::Permanent(format!("header {name} holds bad characters")))?;
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                ProviderError::Permanent(format!("header {name} holds bad characters"))
+            })?;
             header_map.insert(name.clone(), value);
         }
         // The first try waits its turn in the request budget (up to the

@@ -7,7 +7,7 @@ use super::objects;
 use crate::config::{JuiceConfig, WorkerConfig};
 use crate::providers::http::{Answer, HttpClient};
 use crate::providers::limit::RateLimit;
-use crate::providers::{safe_id, ProviderError, CancelAnswer, CancelOutcome, Observation};
+use crate::providers::{safe_id, CancelAnswer, CancelOutcome, Observation, ProviderError};
 
 /// A Juice API client.
 #[derive(Clone)]

@@ -9,7 +9,7 @@ pub mod objects;
 use axum::http::HeaderMap;
 
 use super::{
-    json_object, required_str, ProviderError, CancelAnswer, Observation, Provider, Refused, Target,
+    json_object, required_str, CancelAnswer, Observation, Provider, ProviderError, Refused, Target,
     Verified,
 };
 use crate::config::{JuiceConfig, WorkerConfig};

@@ -10,7 +10,7 @@ use super::objects;
 use crate::config::{StripeConfig, WorkerConfig};
 use crate::providers::http::{Answer, HttpClient};
 use crate::providers::limit::RateLimit;
-use crate::providers::{safe_id, ProviderError, CancelAnswer, CancelOutcome, Observation, Target};
+use crate::providers::{safe_id, CancelAnswer, CancelOutcome, Observation, ProviderError, Target};
 
 /// Events asked for per page when backfilling.
 pub const PAGE_LIMIT: u32 = 100;
@@ -28,7 +28,9 @@ pub fn safe_path(path: &str) -> bool {
 /// The object path of a kind and id, when the event gave none.
 pub fn object_path(kind: &str, id: &str) -> Result<String, ProviderError> {
     if !safe_id(id) {
-        return Err(ProviderError::Permanent(format!("{kind}: unsafe id {id:?}")));
+        return Err(ProviderError::Permanent(format!(
+            "{kind}: unsafe id {id:?}"
+        )));
     }
     match kind {
         OUTBOUND_TRANSFER => Ok(format!("/v2/money_management/outbound_transfers/{id}")),
@@ -137,7 +139,11 @@ impl StripeApi {
 
     /// Lists events created at or after `since` (RFC 3339), `page_limit` per
     /// page, following `next_page_url` until it is null. Each event as its JSON object.
-    pub async fn list_events(&self, since: &str, page_limit: u32) -> Result<Vec<Value>, ProviderError> {
+    pub async fn list_events(
+        &self,
+        since: &str,
+        page_limit: u32,
+    ) -> Result<Vec<Value>, ProviderError> {
         let mut path = format!(
             "/v2/core/events?created[gte]={}&limit={page_limit}",
             url::form_urlencoded::byte_serialize(since.as_bytes()).collect::<String>()
@@ -158,7 +164,9 @@ impl StripeApi {
                 return Err(answer.into_error("stripe GET /v2/core/events"));
             }
             let page = answer.json().ok_or_else(|| {
-                ProviderError::Permanent("stripe GET /v2/core/events: the answer is not JSON".into())
+                ProviderError::Permanent(
+                    "stripe GET /v2/core/events: the answer is not JSON".into(),
+                )
             })?;
             if let Some(data) = page.get("data").and_then(Value::as_array) {
                 events.extend(data.iter().cloned());

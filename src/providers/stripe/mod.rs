@@ -8,7 +8,9 @@ pub mod signature;
 
 use axum::http::HeaderMap;
 
-use super::{ProviderError, CancelAnswer, Listing, Observation, Provider, Refused, Target, Verified};
+use super::{
+    CancelAnswer, Listing, Observation, Provider, ProviderError, Refused, Target, Verified,
+};
 use crate::config::{StripeConfig, WorkerConfig};
 
 pub const NAME: &str = "stripe";

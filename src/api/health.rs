@@ -1,0 +1,108 @@
+//! Health and metrics: `/healthz` (the process answers), `/readyz` (it can
+//! do its job: workers running, the database usable, commits durable) and
+//! `/metrics` (Prometheus text).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::json;
+
+use crate::{pipeline, store, time, App};
+
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    if app.workers_alive.load(Ordering::SeqCst) < pipeline::feed::TASKS {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": "workers not running"})),
+        );
+    }
+    if app.store.sync_failed() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({"status": "unavailable", "reason": "a sync of the WAL to disk failed: restart the daemon"}),
+            ),
+        );
+    }
+    if app.store.ping().await {
+        (StatusCode::OK, Json(json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": "database not usable"})),
+        )
+    }
+}
+
+pub async fn render_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    if let Ok((depth, oldest)) = app.store.inbox_depth().await {
+        ::metrics::gauge!("cancelwatch_inbox_depth").set(depth as f64);
+        let age = oldest
+            .and_then(|t| time::parse_lenient(&t))
+            .map(|t| (time::now() - t).num_milliseconds() as f64 / 1000.0)
+            .unwrap_or(0.0);
+        ::metrics::gauge!("cancelwatch_inbox_oldest_pending_seconds").set(age);
+    }
+    if let Ok(counts) = app.store.inbox_by_state().await {
+        for state in store::model::EVENT_STATES {
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == state)
+                .map_or(0, |(_, n)| *n);
+            ::metrics::gauge!("cancelwatch_inbox_deliveries", "state" => state).set(n as f64);
+            if state == "dead" {
+                ::metrics::gauge!("cancelwatch_deliveries_dead").set(n as f64);
+            }
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        app.metrics.render(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::{inbox, providers};
+
+    /// `/readyz` turns red once a sync of the WAL failed and stays red: every
+    /// delivery is refused until the daemon restarts.
+    #[tokio::test]
+    async fn readyz_fails_after_a_failed_wal_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.database.url = format!("sqlite://{}", dir.path().join("x.db").display());
+        let path = config.database_path().unwrap();
+        let engine = store::sqlite::SqliteStore::open(&path, &config.database)
+            .await
+            .unwrap();
+        let db = engine.db().clone();
+        let store: store::Store = Arc::new(engine);
+        let (inbox, _writer) = inbox::Inbox::start(&store, &config.database);
+        let providers = providers::Providers::from_config(&config);
+        let app = App::new(Arc::new(config), store, providers, inbox);
+        app.workers_alive
+            .store(pipeline::feed::TASKS, Ordering::SeqCst);
+        let app = Arc::new(app);
+        let status = |app: &Arc<App>| {
+            let app = app.clone();
+            async move { readyz(State(app)).await.into_response().status() }
+        };
+        assert_eq!(status(&app).await, StatusCode::OK);
+        db.fail_sync();
+        assert_eq!(status(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
