@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CONFIG_PATH: &str = "config/cancelwatch.toml";
 const REDACTED: &str = "<redacted>";
 
+pub use crate::providers::juice::config::JuiceConfig;
+pub use crate::providers::stripe::config::StripeConfig;
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -104,78 +107,6 @@ impl Default for DatabaseConfig {
             group_commit: true,
             max_batch: 512,
             read_connections: 4,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StripeConfig {
-    pub api_base: String,
-    pub api_key: String,
-    pub api_version: String,
-    pub webhook_secrets: Vec<String>,
-    pub tolerance_secs: i64,
-    /// Event types followed besides the outbound-transfer and batch-job ones.
-    pub follow_event_types: Vec<String>,
-    /// Our own budget of API requests a second (0: none; see
-    /// `providers::limit`), and how many may go at once.
-    pub rate_limit_per_second: f64,
-    pub rate_limit_burst: u32,
-}
-
-impl Default for StripeConfig {
-    fn default() -> Self {
-        Self {
-            api_base: "https://api.stripe.com".into(),
-            api_key: String::new(),
-            api_version: "2026-10-14.preview".into(),
-            webhook_secrets: Vec::new(),
-            tolerance_secs: 300,
-            follow_event_types: Vec::new(),
-            // Stripe's limits depend on the account and the mode (about 100
-            // requests a second in live mode, 25 in test mode), and
-            // `workers.concurrency` already bounds the calls in flight.
-            rate_limit_per_second: 0.0,
-            rate_limit_burst: 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct JuiceConfig {
-    pub api_base: String,
-    pub api_key: String,
-    /// `raw` (`Authorization: <key>`) or `bearer` (`Authorization: Bearer <key>`).
-    pub auth_scheme: String,
-    pub checksum_keys: Vec<String>,
-    /// Item statuses that mean a cancelled transfer's money is back.
-    pub reversed_statuses: Vec<String>,
-    /// Events that announce a reversal of one transfer (its id in `data`).
-    pub reversal_events: Vec<String>,
-    /// Our own budget of API requests a second (0: none; see
-    /// `providers::limit`), and how many may go at once.
-    pub rate_limit_per_second: f64,
-    pub rate_limit_burst: u32,
-}
-
-impl Default for JuiceConfig {
-    fn default() -> Self {
-        Self {
-            api_base: "https://api.spendjuice.com".into(),
-            api_key: String::new(),
-            auth_scheme: "raw".into(),
-            checksum_keys: Vec::new(),
-            reversed_statuses: vec!["reversed".into(), "refunded".into()],
-            reversal_events: vec![
-                "bulk_transfer.transfer.reversed".into(),
-                "bulk_transfer.transfer.refunded".into(),
-            ],
-            // Juice's documented limit on GET details: 120 a minute per key,
-            // bursts of 20.
-            rate_limit_per_second: 2.0,
-            rate_limit_burst: 20,
         }
     }
 }
@@ -439,7 +370,7 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
         message: message.into(),
@@ -517,37 +448,8 @@ impl Config {
         if self.database.read_connections == 0 {
             return Err(invalid("database.read_connections", "must be above 0"));
         }
-        if self.stripe.tolerance_secs <= 0 {
-            return Err(invalid("stripe.tolerance_secs", "must be above 0"));
-        }
-        check_url("stripe.api_base", &self.stripe.api_base)?;
-        check_url("juice.api_base", &self.juice.api_base)?;
-        if self.stripe.webhook_secrets.iter().any(|s| s.is_empty()) {
-            return Err(invalid("stripe.webhook_secrets", "holds an empty secret"));
-        }
-        if self.juice.checksum_keys.iter().any(|s| s.is_empty()) {
-            return Err(invalid("juice.checksum_keys", "holds an empty key"));
-        }
-        for (key, rate) in [
-            (
-                "stripe.rate_limit_per_second",
-                self.stripe.rate_limit_per_second,
-            ),
-            (
-                "juice.rate_limit_per_second",
-                self.juice.rate_limit_per_second,
-            ),
-        ] {
-            if !(rate.is_finite() && rate >= 0.0) {
-                return Err(invalid(key, "must be 0 (no limit) or above"));
-            }
-        }
-        if !["raw", "bearer"].contains(&self.juice.auth_scheme.as_str()) {
-            return Err(invalid(
-                "juice.auth_scheme",
-                "must be \"raw\" or \"bearer\"",
-            ));
-        }
+        self.stripe.validate()?;
+        self.juice.validate()?;
         if self.workers.concurrency == 0 {
             return Err(invalid("workers.concurrency", "must be above 0"));
         }
@@ -658,11 +560,11 @@ impl Config {
     }
 
     pub fn stripe_enabled(&self) -> bool {
-        !self.stripe.webhook_secrets.is_empty()
+        self.stripe.webhooks_enabled()
     }
 
     pub fn juice_enabled(&self) -> bool {
-        !self.juice.checksum_keys.is_empty()
+        self.juice.webhooks_enabled()
     }
 
     /// The effective configuration with every secret replaced, for display.
@@ -674,15 +576,8 @@ impl Config {
             }
         };
         hide(&mut c.server.admin_token);
-        hide(&mut c.stripe.api_key);
-        hide(&mut c.juice.api_key);
-        for s in c
-            .stripe
-            .webhook_secrets
-            .iter_mut()
-            .chain(c.juice.checksum_keys.iter_mut())
-        {
-            *s = REDACTED.into();
+        for s in c.stripe.secrets_mut().chain(c.juice.secrets_mut()) {
+            hide(s);
         }
         for sink in &mut c.alerts.sinks {
             hide(&mut sink.secret);
@@ -696,20 +591,17 @@ impl Config {
 
     /// Every configured secret, for tests that check nothing leaks.
     pub fn secrets(&self) -> Vec<String> {
-        let mut out: Vec<String> = vec![
-            self.server.admin_token.clone(),
-            self.stripe.api_key.clone(),
-            self.juice.api_key.clone(),
-        ];
-        out.extend(self.stripe.webhook_secrets.iter().cloned());
-        out.extend(self.juice.checksum_keys.iter().cloned());
+        let mut c = self.clone();
+        let mut out: Vec<String> = vec![self.server.admin_token.clone()];
+        out.extend(c.stripe.secrets_mut().map(|s| s.clone()));
+        out.extend(c.juice.secrets_mut().map(|s| s.clone()));
         out.extend(self.alerts.sinks.iter().map(|s| s.secret.clone()));
         out.retain(|s| !s.is_empty());
         out
     }
 }
 
-fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
     match url::Url::parse(value) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
         _ => Err(invalid(key, format!("{value:?} is not an http(s) URL"))),

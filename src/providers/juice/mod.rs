@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod checksum;
+pub mod config;
 pub mod event;
 pub mod knowledge;
 pub mod objects;

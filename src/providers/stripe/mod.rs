@@ -1,6 +1,7 @@
 //! Stripe v2: thin events signed with `Stripe-Signature`.
 
 pub mod api;
+pub mod config;
 pub mod event;
 pub mod knowledge;
 pub mod objects;

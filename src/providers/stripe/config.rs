@@ -1,0 +1,68 @@
+//! The `[stripe]` section of the configuration.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{check_url, invalid, ConfigError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StripeConfig {
+    pub api_base: String,
+    pub api_key: String,
+    pub api_version: String,
+    pub webhook_secrets: Vec<String>,
+    pub tolerance_secs: i64,
+    /// Event types followed besides the outbound-transfer and batch-job ones.
+    pub follow_event_types: Vec<String>,
+    /// Our own budget of API requests a second (0: none; see
+    /// `providers::limit`), and how many may go at once.
+    pub rate_limit_per_second: f64,
+    pub rate_limit_burst: u32,
+}
+
+impl Default for StripeConfig {
+    fn default() -> Self {
+        Self {
+            api_base: "https://api.stripe.com".into(),
+            api_key: String::new(),
+            api_version: "2026-10-14.preview".into(),
+            webhook_secrets: Vec::new(),
+            tolerance_secs: 300,
+            follow_event_types: Vec::new(),
+            // Stripe's limits depend on the account and the mode (about 100
+            // requests a second in live mode, 25 in test mode), and
+            // `workers.concurrency` already bounds the calls in flight.
+            rate_limit_per_second: 0.0,
+            rate_limit_burst: 0,
+        }
+    }
+}
+
+impl StripeConfig {
+    /// True when webhook secrets are set: `/webhooks/stripe` is mounted.
+    pub fn webhooks_enabled(&self) -> bool {
+        !self.webhook_secrets.is_empty()
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.tolerance_secs <= 0 {
+            return Err(invalid("stripe.tolerance_secs", "must be above 0"));
+        }
+        check_url("stripe.api_base", &self.api_base)?;
+        if self.webhook_secrets.iter().any(|s| s.is_empty()) {
+            return Err(invalid("stripe.webhook_secrets", "holds an empty secret"));
+        }
+        if !(self.rate_limit_per_second.is_finite() && self.rate_limit_per_second >= 0.0) {
+            return Err(invalid(
+                "stripe.rate_limit_per_second",
+                "must be 0 (no limit) or above",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every secret of the section, for redaction.
+    pub(crate) fn secrets_mut(&mut self) -> impl Iterator<Item = &mut String> {
+        std::iter::once(&mut self.api_key).chain(self.webhook_secrets.iter_mut())
+    }
+}
