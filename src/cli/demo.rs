@@ -24,16 +24,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         config.log.level = "warn".into();
     }
     crate::init_logging(&config.log);
-
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    config.stripe.webhook_secrets = vec![format!("whsec_demo_{tag}")];
-    config.stripe.api_key = format!("sk_test_demo_{tag}");
-    config.juice.checksum_keys = vec![format!("demo-business-{tag}")];
-    config.juice.api_key = format!("juice_demo_{tag}");
-    if config.server.admin_token.is_empty() {
-        config.server.admin_token = format!("demo-admin-{tag}");
-    }
-    config.reconcile.interval_secs = config.reconcile.interval_secs.min(5);
+    use_throwaway_secrets(&mut config);
 
     let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -59,7 +50,39 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         },
     )
     .await?;
+    print_banner(&config, &url, &sim_url)?;
 
+    // Opened (and migrated) before the daemon starts, so the two never race
+    // to create the schema.
+    let ctx = pipeline::Context::open(config.clone()).await?;
+    let daemon = tokio::spawn(crate::run(config.clone(), listener));
+    let store = ctx.store.clone();
+
+    let shown = play_scenarios(&ctx, &sim, &store).await?;
+    // Let the last follow-ups (reversals, late cancels) land before printing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    print_results(&store, &shown).await?;
+    print_next_steps(&config, &url, &shown);
+    ctx.store.close().await;
+    daemon.await.context("the daemon task")??;
+    Ok(())
+}
+
+/// Secrets and keys made up for this run only, and a short reconcile interval.
+fn use_throwaway_secrets(config: &mut Config) {
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    config.stripe.webhook_secrets = vec![format!("whsec_demo_{tag}")];
+    config.stripe.api_key = format!("sk_test_demo_{tag}");
+    config.juice.checksum_keys = vec![format!("demo-business-{tag}")];
+    config.juice.api_key = format!("juice_demo_{tag}");
+    if config.server.admin_token.is_empty() {
+        config.server.admin_token = format!("demo-admin-{tag}");
+    }
+    config.reconcile.interval_secs = config.reconcile.interval_secs.min(5);
+}
+
+/// Where the daemon and the simulator listen, and the secrets of this run.
+fn print_banner(config: &Config, url: &str, sim_url: &str) -> anyhow::Result<()> {
     println!("cancelwatch demo");
     println!(
         "  daemon:     {url}   (database {})",
@@ -77,13 +100,16 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     );
     println!("    /v1 admin token        {}", config.server.admin_token);
     println!();
+    Ok(())
+}
 
-    // Opened (and migrated) before the daemon starts, so the two never race
-    // to create the schema.
-    let ctx = pipeline::Context::open(config.clone()).await?;
-    let daemon = tokio::spawn(crate::run(config.clone(), listener));
-    let store = ctx.store.clone();
-
+/// Plays every scenario step by step, each step waited for until recorded;
+/// the ids of the top-level resources the scenarios expect a history of.
+async fn play_scenarios(
+    ctx: &pipeline::Context,
+    sim: &Simulator,
+    store: &Store,
+) -> anyhow::Result<Vec<String>> {
     let mut shown = Vec::new();
     for name in Simulator::scenario_names() {
         let scenario = sim.scenario(name).context("a listed scenario builds")?;
@@ -91,13 +117,13 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         for (i, step) in scenario.steps.iter().enumerate() {
             println!("   step {}: {}", i + 1, step.label);
             sim.play_step(step, &DeliveryOptions::default()).await?;
-            wait_for(&store, step).await?;
+            wait_for(store, step).await?;
             if *name == "outbound_transfer_posted_before_cancel" && i == 0 {
                 // The payments app asks cancelwatch to cancel, but the transfer
                 // posts first: the cancel is not effective and an alert says so.
                 let id = &step.expect_status[0].0;
                 let report =
-                    pipeline::cancel::request(&ctx, "stripe.outbound_transfer", id, "demo").await?;
+                    pipeline::cancel::request(ctx, "stripe.outbound_transfer", id, "demo").await?;
                 println!(
                     "   cancel through cancelwatch: {} (HTTP {})",
                     report.outcome,
@@ -118,13 +144,15 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             shown.push(h.id.clone());
         }
     }
-    // Let the last follow-ups (reversals, late cancels) land before printing.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(shown)
+}
 
-    for id in &shown {
+/// Prints the history of each resource in `shown`, then every alert.
+async fn print_results(store: &Store, shown: &[String]) -> anyhow::Result<()> {
+    for id in shown {
         println!();
         let out = read::history(
-            &store,
+            store,
             &HistoryArgs {
                 resource_id: id.clone(),
                 output: Default::default(),
@@ -142,7 +170,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         },
         ..AlertsArgs::default()
     };
-    print!("{}", read::alerts(&store, &all_alerts).await?);
+    print!("{}", read::alerts(store, &all_alerts).await?);
+    Ok(())
+}
+
+/// Commands to try against the running demo.
+fn print_next_steps(config: &Config, url: &str, shown: &[String]) {
     println!();
     println!("The daemon keeps serving at {url} until Ctrl-C. In another terminal:");
     println!(
@@ -157,9 +190,6 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         config.server.admin_token
     );
     println!("  curl -s {url}/metrics | grep cancelwatch_");
-    ctx.store.close().await;
-    daemon.await.context("the daemon task")??;
-    Ok(())
 }
 
 /// Waits until every status the step expects is recorded.

@@ -7,8 +7,9 @@ use clap::{Args, Subcommand};
 
 use super::output::{self, cell, field, Format, OutputArgs, Table};
 use crate::store::model::{
-    AlertFilter, AlertView as Alert, EventFilter, Page, PageRequest, RefundView as Refund,
-    TransitionFilter, TransitionView as Transition, TriggerView, DEFAULT_LIMIT,
+    AlertFilter, AlertView as Alert, CancelRequestView as CancelRequest, ChildHistory, EventFilter,
+    History, Page, PageRequest, ProgressView as Progress, RefundView as Refund, Resource,
+    ResourceHistory, TransitionFilter, TransitionView as Transition, TriggerView, DEFAULT_LIMIT,
 };
 use crate::store::Store;
 use crate::Config;
@@ -139,144 +140,173 @@ pub async fn history(store: &Store, args: &HistoryArgs) -> anyhow::Result<String
         .ok_or_else(|| anyhow::anyhow!("no resource with id {:?} is recorded", args.resource_id))?;
     match args.output.format() {
         Format::Json => output::json(&history),
-        Format::Csv => {
-            let mut t = transitions_csv_table();
-            for r in &history.resources {
-                for tr in &r.transitions {
-                    push_transition_csv(&mut t, tr);
-                }
-                for c in &r.children {
-                    for tr in &c.transitions {
-                        push_transition_csv(&mut t, tr);
-                    }
-                }
-            }
-            Ok(t.csv())
-        }
+        Format::Csv => Ok(history_csv(&history)),
         Format::Table => {
             let mut out = String::new();
             for (i, r) in history.resources.iter().enumerate() {
                 if i > 0 {
                     out.push('\n');
                 }
-                let res = &r.resource;
-                let mut facts = Table::new(&["FIELD", "VALUE"]);
-                let status = match (&res.status, res.terminal) {
-                    (Some(s), true) => format!("{s} (terminal)"),
-                    (Some(s), false) => s.clone(),
-                    (None, _) => "- (not fetched yet)".into(),
-                };
-                let amount = match (res.amount, &res.currency) {
-                    (Some(a), Some(c)) => format!("{a} {c}"),
-                    (Some(a), None) => a.to_string(),
-                    _ => "-".into(),
-                };
-                for (k, v) in [
-                    ("resource", format!("{} {}", res.kind, res.id)),
-                    ("status", status),
-                    ("status since", cell(res.status_since.as_deref())),
-                    ("amount", amount),
-                    ("parent", cell(res.parent_id.as_deref())),
-                    ("livemode", cell(res.livemode.map(bool_text))),
-                    ("first seen", res.first_seen_at.clone()),
-                    ("last observed", cell(res.last_observed_at.as_deref())),
-                    ("provider updated", cell(res.provider_updated_at.as_deref())),
-                    ("cancel requested", cell(res.cancel_requested_at.as_deref())),
-                    ("not found", bool_text(res.not_found).to_string()),
-                ] {
-                    facts.push(vec![k.to_string(), v]);
-                }
-                out.push_str(&facts.render());
-
-                out.push_str("\nTRANSITIONS\n");
-                out.push_str(&own_transitions_table(&r.transitions).render());
-                if !r.progress.is_empty() {
-                    let mut t = Table::new(&[
-                        "OBSERVED_AT",
-                        "STATUS",
-                        "SUCCESS",
-                        "FAILURE",
-                        "VALIDATED",
-                        "TRIGGER",
-                    ]);
-                    for p in &r.progress {
-                        t.push(vec![
-                            p.observed_at.clone(),
-                            p.status.clone(),
-                            cell(p.success_count.map(|n| n.to_string()).as_deref()),
-                            cell(p.failure_count.map(|n| n.to_string()).as_deref()),
-                            cell(p.validated_count.map(|n| n.to_string()).as_deref()),
-                            trigger_text(&p.trigger),
-                        ]);
-                    }
-                    out.push_str("\nPROGRESS\n");
-                    out.push_str(&t.render());
-                }
-                let mut refunds: Vec<&Refund> = r.refunds.iter().collect();
-                refunds.extend(r.children.iter().flat_map(|c| &c.refunds));
-                out.push_str("\nREFUNDS\n");
-                out.push_str(&refunds_table(&refunds).render());
-                out.push_str("\nALERTS\n");
-                out.push_str(&alerts_table(&r.alerts).render());
-                if !r.cancel_requests.is_empty() {
-                    let mut t = Table::new(&[
-                        "REQUESTED_AT",
-                        "BY",
-                        "HTTP",
-                        "OUTCOME",
-                        "ERROR_CODE",
-                        "ANSWERED_AT",
-                    ]);
-                    for c in &r.cancel_requests {
-                        t.push(vec![
-                            c.requested_at.clone(),
-                            c.requested_by.clone(),
-                            cell(c.http_status.map(|s| s.to_string()).as_deref()),
-                            cell(c.outcome.as_deref()),
-                            cell(c.error_code.as_deref()),
-                            cell(c.answered_at.as_deref()),
-                        ]);
-                    }
-                    out.push_str("\nCANCEL REQUESTS\n");
-                    out.push_str(&t.render());
-                }
-                if !r.children.is_empty() {
-                    let mut items =
-                        Table::new(&["ITEM", "STATUS", "AMOUNT", "REFUND", "LAST_OBSERVED"]);
-                    let mut item_transitions =
-                        Table::new(&["OBSERVED_AT", "ITEM", "FROM", "TO", "TRIGGER"]);
-                    for c in &r.children {
-                        let res = &c.resource;
-                        items.push(vec![
-                            res.id.clone(),
-                            cell(res.status.as_deref()),
-                            match (res.amount, &res.currency) {
-                                (Some(a), Some(cur)) => format!("{a} {cur}"),
-                                (Some(a), None) => a.to_string(),
-                                _ => "-".into(),
-                            },
-                            cell(c.refunds.last().map(|f| f.status.as_str())),
-                            cell(res.last_observed_at.as_deref()),
-                        ]);
-                        for t in &c.transitions {
-                            item_transitions.push(vec![
-                                t.observed_at.clone(),
-                                t.resource_id.clone(),
-                                cell(t.from_status.as_deref()),
-                                t.to_status.clone(),
-                                trigger_text(&t.trigger),
-                            ]);
-                        }
-                    }
-                    out.push_str(&format!("\nITEMS ({})\n", r.children.len()));
-                    out.push_str(&items.render());
-                    out.push_str("\nITEM TRANSITIONS\n");
-                    out.push_str(&item_transitions.render());
-                }
+                out.push_str(&resource_history_text(r));
             }
             Ok(out)
         }
     }
+}
+
+/// Every transition of a history, the resources' and their items', as CSV.
+fn history_csv(history: &History) -> String {
+    let mut t = transitions_csv_table();
+    for r in &history.resources {
+        for tr in &r.transitions {
+            push_transition_csv(&mut t, tr);
+        }
+        for c in &r.children {
+            for tr in &c.transitions {
+                push_transition_csv(&mut t, tr);
+            }
+        }
+    }
+    t.csv()
+}
+
+/// One resource's history as tables: its state, transitions, progress,
+/// refunds (its items' too), alerts, cancel requests and items.
+fn resource_history_text(r: &ResourceHistory) -> String {
+    let mut out = String::new();
+    out.push_str(&facts_table(&r.resource).render());
+
+    out.push_str("\nTRANSITIONS\n");
+    out.push_str(&own_transitions_table(&r.transitions).render());
+    if !r.progress.is_empty() {
+        out.push_str("\nPROGRESS\n");
+        out.push_str(&progress_table(&r.progress).render());
+    }
+    let mut refunds: Vec<&Refund> = r.refunds.iter().collect();
+    refunds.extend(r.children.iter().flat_map(|c| &c.refunds));
+    out.push_str("\nREFUNDS\n");
+    out.push_str(&refunds_table(&refunds).render());
+    out.push_str("\nALERTS\n");
+    out.push_str(&alerts_table(&r.alerts).render());
+    if !r.cancel_requests.is_empty() {
+        out.push_str("\nCANCEL REQUESTS\n");
+        out.push_str(&cancel_requests_table(&r.cancel_requests).render());
+    }
+    if !r.children.is_empty() {
+        out.push_str(&items_text(&r.children));
+    }
+    out
+}
+
+/// A resource's current state, one field a row.
+fn facts_table(res: &Resource) -> Table {
+    let mut facts = Table::new(&["FIELD", "VALUE"]);
+    let status = match (&res.status, res.terminal) {
+        (Some(s), true) => format!("{s} (terminal)"),
+        (Some(s), false) => s.clone(),
+        (None, _) => "- (not fetched yet)".into(),
+    };
+    let amount = match (res.amount, &res.currency) {
+        (Some(a), Some(c)) => format!("{a} {c}"),
+        (Some(a), None) => a.to_string(),
+        _ => "-".into(),
+    };
+    for (k, v) in [
+        ("resource", format!("{} {}", res.kind, res.id)),
+        ("status", status),
+        ("status since", cell(res.status_since.as_deref())),
+        ("amount", amount),
+        ("parent", cell(res.parent_id.as_deref())),
+        ("livemode", cell(res.livemode.map(bool_text))),
+        ("first seen", res.first_seen_at.clone()),
+        ("last observed", cell(res.last_observed_at.as_deref())),
+        ("provider updated", cell(res.provider_updated_at.as_deref())),
+        ("cancel requested", cell(res.cancel_requested_at.as_deref())),
+        ("not found", bool_text(res.not_found).to_string()),
+    ] {
+        facts.push(vec![k.to_string(), v]);
+    }
+    facts
+}
+
+/// A batch job's progress counts, one observation a row.
+fn progress_table(progress: &[Progress]) -> Table {
+    let mut t = Table::new(&[
+        "OBSERVED_AT",
+        "STATUS",
+        "SUCCESS",
+        "FAILURE",
+        "VALIDATED",
+        "TRIGGER",
+    ]);
+    for p in progress {
+        t.push(vec![
+            p.observed_at.clone(),
+            p.status.clone(),
+            cell(p.success_count.map(|n| n.to_string()).as_deref()),
+            cell(p.failure_count.map(|n| n.to_string()).as_deref()),
+            cell(p.validated_count.map(|n| n.to_string()).as_deref()),
+            trigger_text(&p.trigger),
+        ]);
+    }
+    t
+}
+
+/// The cancels issued through cancelwatch, with the provider's answers.
+fn cancel_requests_table(requests: &[CancelRequest]) -> Table {
+    let mut t = Table::new(&[
+        "REQUESTED_AT",
+        "BY",
+        "HTTP",
+        "OUTCOME",
+        "ERROR_CODE",
+        "ANSWERED_AT",
+    ]);
+    for c in requests {
+        t.push(vec![
+            c.requested_at.clone(),
+            c.requested_by.clone(),
+            cell(c.http_status.map(|s| s.to_string()).as_deref()),
+            cell(c.outcome.as_deref()),
+            cell(c.error_code.as_deref()),
+            cell(c.answered_at.as_deref()),
+        ]);
+    }
+    t
+}
+
+/// A bulk transfer's items: one row each, then all their transitions.
+fn items_text(children: &[ChildHistory]) -> String {
+    let mut items = Table::new(&["ITEM", "STATUS", "AMOUNT", "REFUND", "LAST_OBSERVED"]);
+    let mut item_transitions = Table::new(&["OBSERVED_AT", "ITEM", "FROM", "TO", "TRIGGER"]);
+    for c in children {
+        let res = &c.resource;
+        items.push(vec![
+            res.id.clone(),
+            cell(res.status.as_deref()),
+            match (res.amount, &res.currency) {
+                (Some(a), Some(cur)) => format!("{a} {cur}"),
+                (Some(a), None) => a.to_string(),
+                _ => "-".into(),
+            },
+            cell(c.refunds.last().map(|f| f.status.as_str())),
+            cell(res.last_observed_at.as_deref()),
+        ]);
+        for t in &c.transitions {
+            item_transitions.push(vec![
+                t.observed_at.clone(),
+                t.resource_id.clone(),
+                cell(t.from_status.as_deref()),
+                t.to_status.clone(),
+                trigger_text(&t.trigger),
+            ]);
+        }
+    }
+    let mut out = format!("\nITEMS ({})\n", children.len());
+    out.push_str(&items.render());
+    out.push_str("\nITEM TRANSITIONS\n");
+    out.push_str(&item_transitions.render());
+    out
 }
 
 /// `transitions [--provider P] [--kind K] [--to STATUS] [--since T] [--until T] [--limit N]`.

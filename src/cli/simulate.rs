@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::Config;
-use cancelwatch_sim::{DeliveryOptions, Provider, SimConfig, Simulator};
+use cancelwatch_sim::{DeliveryOptions, Provider, Scenario, SimConfig, Simulator};
 
 #[derive(Args, Debug)]
 pub struct SimulateArgs {
@@ -75,26 +75,7 @@ fn choose(args: &SimulateArgs, stripe: bool, juice: bool) -> anyhow::Result<Vec<
 }
 
 pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
-    let stripe_secret = config.stripe.webhook_secrets.first().cloned();
-    let juice_key = config.juice.checksum_keys.first().cloned();
-    if stripe_secret.is_none() && juice_key.is_none() {
-        bail!(
-            "no secrets configured: set stripe.webhook_secrets and/or juice.checksum_keys \
-             (the simulator signs with the first of each, so it matches the daemon using the same config)"
-        );
-    }
-    for (enabled, key, name) in [
-        (
-            stripe_secret.is_some(),
-            &config.stripe.api_key,
-            "stripe.api_key",
-        ),
-        (juice_key.is_some(), &config.juice.api_key, "juice.api_key"),
-    ] {
-        if enabled && key.is_empty() {
-            bail!("{name} is empty: the daemon needs it to fetch from the simulator; set any value (the same for both)");
-        }
-    }
+    let (stripe_secret, juice_key) = signing_secrets(config)?;
     let scenarios = choose(&args, stripe_secret.is_some(), juice_key.is_some())?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -143,22 +124,7 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
             }
             tokio::time::sleep(step_delay).await;
         }
-        println!("  expected:");
-        for h in &scenario.expect.histories {
-            println!("    {} {}: {}", h.kind, h.id, h.statuses.join(" -> "));
-        }
-        for r in &scenario.expect.refunds {
-            println!(
-                "    refund {} {} {} {}",
-                r.resource_id, r.status, r.amount, r.currency
-            );
-        }
-        if scenario.expect.alerts.is_empty() {
-            println!("    no alerts");
-        }
-        for (rule, id) in &scenario.expect.alerts {
-            println!("    alert {rule} on {id}");
-        }
+        print_expected(&scenario);
     }
     if args.keep_running {
         println!("\nscenarios done; still serving the APIs at {base} (Ctrl-C to stop)");
@@ -175,6 +141,53 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
         eprintln!("warning: {e}");
     }
     Ok(())
+}
+
+/// The Stripe webhook secret and Juice checksum key to sign with (the first
+/// of each configured); an error when there is neither, or when a provider
+/// with one has no API key.
+fn signing_secrets(config: &Config) -> anyhow::Result<(Option<String>, Option<String>)> {
+    let stripe_secret = config.stripe.webhook_secrets.first().cloned();
+    let juice_key = config.juice.checksum_keys.first().cloned();
+    if stripe_secret.is_none() && juice_key.is_none() {
+        bail!(
+            "no secrets configured: set stripe.webhook_secrets and/or juice.checksum_keys \
+             (the simulator signs with the first of each, so it matches the daemon using the same config)"
+        );
+    }
+    for (enabled, key, name) in [
+        (
+            stripe_secret.is_some(),
+            &config.stripe.api_key,
+            "stripe.api_key",
+        ),
+        (juice_key.is_some(), &config.juice.api_key, "juice.api_key"),
+    ] {
+        if enabled && key.is_empty() {
+            bail!("{name} is empty: the daemon needs it to fetch from the simulator; set any value (the same for both)");
+        }
+    }
+    Ok((stripe_secret, juice_key))
+}
+
+/// What a scenario should leave recorded: histories, refunds and alerts.
+fn print_expected(scenario: &Scenario) {
+    println!("  expected:");
+    for h in &scenario.expect.histories {
+        println!("    {} {}: {}", h.kind, h.id, h.statuses.join(" -> "));
+    }
+    for r in &scenario.expect.refunds {
+        println!(
+            "    refund {} {} {} {}",
+            r.resource_id, r.status, r.amount, r.currency
+        );
+    }
+    if scenario.expect.alerts.is_empty() {
+        println!("    no alerts");
+    }
+    for (rule, id) in &scenario.expect.alerts {
+        println!("    alert {rule} on {id}");
+    }
 }
 
 #[cfg(test)]

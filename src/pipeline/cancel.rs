@@ -4,7 +4,9 @@
 
 use super::{Context, PipelineError};
 use crate::domain::observe::Trigger;
-use crate::providers::{knowledge, provider_of, safe_id, CancelOutcome, ProviderError, Target};
+use crate::providers::{
+    knowledge, provider_of, safe_id, CancelAnswer, CancelOutcome, Provider, ProviderError, Target,
+};
 use crate::store::CancelRecord;
 use crate::time;
 
@@ -79,7 +81,34 @@ pub async fn request(
         ..Target::default()
     };
     let answer = provider.cancel(&target, &key).await;
-    let (outcome, http_status, error_code, body) = match &answer {
+    let (outcome, http_status, error_code) = store_answer(ctx, request_id, id, &answer).await?;
+
+    // Whatever the answer, the state may have changed (partial cancellation): fetch now.
+    let (status, fetch_error) =
+        fetch_after_cancel(ctx, &*provider, &target, request_id, rid).await?;
+    Ok(CancelReport {
+        request_id,
+        provider: provider_name,
+        kind: kind.to_string(),
+        id: id.to_string(),
+        idempotency_key: key,
+        outcome: outcome.as_str().to_string(),
+        http_status,
+        error_code,
+        status,
+        fetch_error,
+    })
+}
+
+/// Stores the provider's answer to a cancel (or why there was none) and
+/// logs it; the outcome, HTTP status and error code it came to.
+async fn store_answer(
+    ctx: &Context,
+    request_id: i64,
+    id: &str,
+    answer: &Result<CancelAnswer, ProviderError>,
+) -> Result<(CancelOutcome, Option<u16>, Option<String>), PipelineError> {
+    let (outcome, http_status, error_code, body) = match answer {
         Ok(a) => (
             a.outcome,
             Some(a.http_status),
@@ -102,7 +131,7 @@ pub async fn request(
     ctx.store
         .answer_cancel(request_id, &record, &time::now_str())
         .await?;
-    match &answer {
+    match answer {
         Ok(a) => {
             tracing::info!(resource = %id, outcome = outcome.as_str(), http_status = a.http_status, "cancel answered")
         }
@@ -111,9 +140,21 @@ pub async fn request(
         }
         Err(e) => tracing::warn!(resource = %id, error = %e, "cancel call failed"),
     }
+    Ok((outcome, http_status, error_code))
+}
 
-    // Whatever the answer, the state may have changed (partial cancellation): fetch now.
-    let (status, fetch_error) = match provider.fetch(&target).await {
+/// Fetches the resource right after its cancel was answered and records it
+/// with trigger `cancel`; when the fetch fails, the reconciler is due to look
+/// again. The status fetched, or why the fetch failed.
+async fn fetch_after_cancel(
+    ctx: &Context,
+    provider: &dyn Provider,
+    target: &Target,
+    request_id: i64,
+    rid: i64,
+) -> Result<(Option<String>, Option<String>), PipelineError> {
+    let id = &target.id;
+    match provider.fetch(target).await {
         Ok(obs) => {
             let (recorded, changes) = ctx
                 .store
@@ -127,7 +168,7 @@ pub async fn request(
                 .await?;
             recorded.report();
             crate::alerts::report(&changes);
-            (Some(obs.status), None)
+            Ok((Some(obs.status), None))
         }
         Err(e) => {
             tracing::warn!(resource = %id, error = %e, "fetch after cancel failed; the reconciler will look again");
@@ -135,21 +176,9 @@ pub async fn request(
                 time::now() + chrono::Duration::seconds(ctx.config.reconcile.interval_secs as i64),
             );
             ctx.store.mark_reconciled(rid, Some(&next)).await?;
-            (None, Some(e.to_string()))
+            Ok((None, Some(e.to_string())))
         }
-    };
-    Ok(CancelReport {
-        request_id,
-        provider: provider_name,
-        kind: kind.to_string(),
-        id: id.to_string(),
-        idempotency_key: key,
-        outcome: outcome.as_str().to_string(),
-        http_status,
-        error_code,
-        status,
-        fetch_error,
-    })
+    }
 }
 
 #[cfg(test)]

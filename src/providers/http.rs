@@ -159,60 +159,19 @@ impl HttpClient {
         body: Option<Vec<u8>>,
     ) -> Result<Answer, ProviderError> {
         let url = format!("{}{}", self.base, path);
-        let mut header_map = HeaderMap::new();
-        for (name, value) in headers {
-            let value = HeaderValue::from_str(value).map_err(|_| {
-                ProviderError::Permanent(format!("header {name} holds bad characters"))
-            })?;
-            header_map.insert(name.clone(), value);
-        }
+        let header_map = to_header_map(headers)?;
         // The first try waits its turn in the request budget (up to the
         // inline cap; beyond, nothing is sent and the caller waits outside,
         // uncounted). A retry goes only if the budget has room at once:
         // otherwise the call ends with what the last try got, so a failing
         // provider's failures still count, and a call stays within the
         // delivery's lease.
-        if let Some(limit) = &self.limit {
-            if let Err(booked) = limit.acquire(self.inline_wait_cap).await {
-                metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "budget")
-                    .increment(1);
-                return Err(ProviderError::RateLimited {
-                    message: format!(
-                        "{} {method} {path}: not sent, our request budget for {} is booked for the next {:.1} s",
-                        self.provider,
-                        self.provider,
-                        booked.as_secs_f64()
-                    ),
-                    retry_after: Some(booked),
-                });
-            }
-        }
+        self.wait_for_budget(&method, path).await?;
         let mut attempt = 1;
         loop {
-            let mut request = self
-                .client
-                .request(method.clone(), &url)
-                .headers(header_map.clone());
-            if let Some(b) = &body {
-                request = request
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(b.clone());
-            }
-            let started = Instant::now();
-            let result = async {
-                let response = request.send().await?;
-                let status = response.status().as_u16();
-                let headers = response.headers().clone();
-                let body = response.bytes().await?.to_vec();
-                Ok::<_, reqwest::Error>(Answer {
-                    status,
-                    headers,
-                    body,
-                })
-            }
-            .await;
-            metrics::histogram!("cancelwatch_fetch_seconds", "provider" => self.provider)
-                .record(started.elapsed().as_secs_f64());
+            let result = self
+                .try_once(&method, &url, &header_map, body.as_deref())
+                .await;
             let (wait, last) = match result {
                 Ok(answer) if answer.is_success() => return Ok(answer),
                 Ok(answer) => {
@@ -259,11 +218,80 @@ impl HttpClient {
         }
     }
 
+    /// Waits for the first try's turn in the request budget, up to the
+    /// inline cap; beyond it, the call ends rate limited, nothing sent.
+    async fn wait_for_budget(&self, method: &Method, path: &str) -> Result<(), ProviderError> {
+        if let Some(limit) = &self.limit {
+            if let Err(booked) = limit.acquire(self.inline_wait_cap).await {
+                metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "budget")
+                    .increment(1);
+                return Err(ProviderError::RateLimited {
+                    message: format!(
+                        "{} {method} {path}: not sent, our request budget for {} is booked for the next {:.1} s",
+                        self.provider,
+                        self.provider,
+                        booked.as_secs_f64()
+                    ),
+                    retry_after: Some(booked),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One try: sends the request and reads the whole answer, timed into
+    /// `cancelwatch_fetch_seconds`.
+    async fn try_once(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+    ) -> Result<Answer, reqwest::Error> {
+        let mut request = self
+            .client
+            .request(method.clone(), url)
+            .headers(headers.clone());
+        if let Some(b) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_vec());
+        }
+        let started = Instant::now();
+        let result = async {
+            let response = request.send().await?;
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let body = response.bytes().await?.to_vec();
+            Ok::<_, reqwest::Error>(Answer {
+                status,
+                headers,
+                body,
+            })
+        }
+        .await;
+        metrics::histogram!("cancelwatch_fetch_seconds", "provider" => self.provider)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
     /// The wait before try `attempt + 1` within one call: exponential with
     /// jitter, never longer than the inline cap (the delivery's lease runs meanwhile).
     fn backoff(&self, attempt: u32) -> Duration {
         backoff(self.backoff_base, self.backoff_max, attempt).min(self.inline_wait_cap)
     }
+}
+
+/// The headers of a request as reqwest takes them; an error when a value
+/// holds characters a header cannot.
+fn to_header_map(headers: &[(HeaderName, String)]) -> Result<HeaderMap, ProviderError> {
+    let mut header_map = HeaderMap::new();
+    for (name, value) in headers {
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| ProviderError::Permanent(format!("header {name} holds bad characters")))?;
+        header_map.insert(name.clone(), value);
+    }
+    Ok(header_map)
 }
 
 /// A reqwest error without the URL in its text (keeps logs short and free of hosts' query strings).

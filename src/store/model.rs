@@ -12,5 +12,8 @@ pub use super::sqlite::queries::{
 pub use super::sqlite::queries::{
     Alert as AlertView, Refund as RefundView, Transition as TransitionView,
 };
+pub use super::sqlite::queries::{
+    CancelRequest as CancelRequestView, ChildHistory, Progress as ProgressView, ResourceHistory,
+};
 pub use super::sqlite::refusals::Refusal;
 pub use super::sqlite::resources::Resource;

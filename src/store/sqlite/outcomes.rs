@@ -12,11 +12,11 @@ use super::record::{self};
 use super::{inbox, resources, Db, GatedTx, Tx};
 use crate::config::Config;
 use crate::domain::alerts::Changes;
-use crate::domain::observe::{ToRecord, Trigger};
+use crate::domain::observe::{Recorded, ToRecord, Trigger};
 use crate::domain::outcome::{delivery_span, next_backoff, trigger_of, Decided, Outcome, Written};
-use crate::providers::Observation;
+use crate::providers::{Observation, Target};
 use crate::store::model::Delivery;
-use crate::time;
+use crate::time::{self, Timestamp};
 
 /// How long an acknowledgement commit may wait for a batch of the
 /// recorder's to let it through (plus the one outcome being written).
@@ -310,47 +310,17 @@ async fn write_outcome(
             context,
             reversal,
         } => {
-            let recorded = match reversal {
-                None => {
-                    let context = context.as_deref();
-                    record::record(tx, config, obs, &trigger, context, now, changes).await?
-                }
-                Some(item) => {
-                    // The observation and the reversal stand or fall together.
-                    let mut both = sqlx::Connection::begin(&mut **tx).await?;
-                    let mut both_changes = Changes::new();
-                    let context = context.as_deref();
-                    let recorded = record::record(
-                        &mut both,
-                        config,
-                        obs,
-                        &trigger,
-                        context,
-                        now,
-                        &mut both_changes,
-                    )
-                    .await?;
-                    if !record::record_reversal(
-                        &mut both,
-                        config,
-                        item,
-                        &trigger,
-                        now,
-                        &mut both_changes,
-                    )
-                    .await?
-                    {
-                        both.rollback().await?;
-                        let error = format!(
-                            "reversal of {} {}, which {} {} does not list",
-                            item.kind, item.id, obs.kind, obs.id
-                        );
-                        return write_failure(tx, config, d, lease_until, &error, None, changes)
-                            .await;
-                    }
-                    both.commit().await?;
-                    changes.append(&mut both_changes);
-                    recorded
+            let item = ToRecord {
+                obs,
+                trigger: &trigger,
+                context: context.as_deref(),
+            };
+            let recorded =
+                record_observed(tx, config, &item, reversal.as_ref(), now, changes).await?;
+            let recorded = match recorded {
+                Ok(recorded) => recorded,
+                Err(error) => {
+                    return write_failure(tx, config, d, lease_until, &error, None, changes).await
                 }
             };
             let done = inbox::finish(tx, d.id, lease_until, "processed", &now_s).await?;
@@ -364,17 +334,7 @@ async fn write_outcome(
             ))
         }
         Outcome::NotFound { target, detail } => {
-            let resource = resources::ensure(
-                tx,
-                &d.provider,
-                &target.kind,
-                &target.id,
-                None,
-                target.context.as_deref(),
-                &now_s,
-            )
-            .await?;
-            resources::mark_not_found(tx, resource.rid, &now_s, None).await?;
+            mark_missing(tx, &d.provider, target, &now_s).await?;
             let error = format!("the resource does not exist: {detail}");
             if !inbox::fail(tx, d.id, lease_until, &error, &now_s, true).await? {
                 return Ok(Written::LeaseLost);
@@ -406,6 +366,76 @@ async fn write_outcome(
             )
         }
     }
+}
+
+/// Records an observation and the reversal it carries, if any: the two
+/// stand or fall together. `Err` says why nothing was recorded: the
+/// reversal's transfer is not one the observation lists.
+async fn record_observed(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    item: &ToRecord<'_>,
+    reversal: Option<&Target>,
+    now: Timestamp,
+    changes: &mut Changes,
+) -> Result<Result<Recorded, String>, sqlx::Error> {
+    let Some(reversed) = reversal else {
+        let (obs, trigger, context) = (item.obs, item.trigger, item.context);
+        let recorded = record::record(tx, config, obs, trigger, context, now, changes).await?;
+        return Ok(Ok(recorded));
+    };
+    let mut both = sqlx::Connection::begin(&mut **tx).await?;
+    let mut both_changes = Changes::new();
+    let recorded = record::record(
+        &mut both,
+        config,
+        item.obs,
+        item.trigger,
+        item.context,
+        now,
+        &mut both_changes,
+    )
+    .await?;
+    if !record::record_reversal(
+        &mut both,
+        config,
+        reversed,
+        item.trigger,
+        now,
+        &mut both_changes,
+    )
+    .await?
+    {
+        both.rollback().await?;
+        return Ok(Err(format!(
+            "reversal of {} {}, which {} {} does not list",
+            reversed.kind, reversed.id, item.obs.kind, item.obs.id
+        )));
+    }
+    both.commit().await?;
+    changes.append(&mut both_changes);
+    Ok(Ok(recorded))
+}
+
+/// Stores that the provider does not have `target` (adding the resource
+/// when it is not stored yet).
+async fn mark_missing(
+    tx: &mut Tx<'_>,
+    provider: &str,
+    target: &Target,
+    now_s: &str,
+) -> Result<(), sqlx::Error> {
+    let resource = resources::ensure(
+        tx,
+        provider,
+        &target.kind,
+        &target.id,
+        None,
+        target.context.as_deref(),
+        now_s,
+    )
+    .await?;
+    resources::mark_not_found(tx, resource.rid, now_s, None).await
 }
 
 /// Gives the attempt back uncounted: the delivery is pending again, due

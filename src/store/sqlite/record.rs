@@ -128,6 +128,30 @@ fn write_run(
     now: Timestamp,
     now_s: &str,
 ) -> Result<(Vec<Recorded>, Vec<resources::Resource>), sqlx::Error> {
+    let seen = look_up(conn, config, items, now_s)?;
+    let refunds = stored_refunds(conn, &seen)?;
+    let Decisions { stale, fresh, side } = decide(config, items, &seen, refunds, now, now_s);
+
+    if !stale.is_empty() {
+        resources::touch_many(conn, &stale, now_s)?;
+    }
+    // States first: a new resource's row must exist before the refund,
+    // progress and transition rows that refer to it.
+    let updated = write_states(conn, items, &fresh, now_s)?;
+    side.write(conn, now_s)?;
+    let transitions = write_transitions(conn, items, &fresh, now_s)?;
+    what_was_recorded(items, &seen, &fresh, &transitions, updated)
+}
+
+/// The observed resources as stored, each judged against its observation,
+/// then the children of those that are not stale: children came in the same
+/// answer, so when it is stale, so are they.
+fn look_up<'a>(
+    conn: &rusqlite::Connection,
+    config: &Config,
+    items: &[ToRecord<'a>],
+    now_s: &str,
+) -> Result<Vec<Seen<'a>>, sqlx::Error> {
     let reversed = &config.juice.reversed_statuses;
     let judged = |item: usize, obs: &'_ Observation, current: resources::Resource| {
         let stored = Stored {
@@ -145,8 +169,6 @@ fn write_run(
         (item, current, verdict)
     };
 
-    // The observed resources as stored, then the children of those that are
-    // not stale: children came in the same answer, so when it is stale, so are they.
     let mut rids = resources::NewRids::default();
     let keys: Vec<_> = items.iter().map(|i| key_of(i.obs, i.context)).collect();
     let mut seen: Vec<Seen> = resources::find_many(conn, &keys, now_s, &mut rids)?
@@ -193,7 +215,14 @@ fn write_run(
             });
         }
     }
+    Ok(seen)
+}
 
+/// The stored refund status of each resource seen fresh that has a refund.
+fn stored_refunds(
+    conn: &rusqlite::Connection,
+    seen: &[Seen<'_>],
+) -> Result<std::collections::HashMap<i64, String>, sqlx::Error> {
     // Refunds are opened only by observations, so a resource never observed
     // before has none to read.
     let observed_before: Vec<i64> = seen
@@ -201,16 +230,37 @@ fn write_run(
         .filter(|s| s.verdict != Verdict::Stale && s.current.status.is_some())
         .map(|s| s.current.rid)
         .collect();
-    let mut refunds = if observed_before.is_empty() {
-        Default::default()
+    if observed_before.is_empty() {
+        Ok(Default::default())
     } else {
-        resources::refund_statuses(conn, &observed_before)?
-    };
+        resources::refund_statuses(conn, &observed_before)
+    }
+}
 
+/// What a run decided, before any of it is written.
+struct Decisions<'a> {
+    /// Rids of the resources whose observation was stale.
+    stale: Vec<i64>,
+    /// The fresh observations, in the order seen.
+    fresh: Vec<Decided<'a>>,
+    side: RefundsAndProgress<'a>,
+}
+
+/// Decides in memory what each observation seen writes: a stale one only
+/// its time seen; a fresh one its refund and progress rows, its status time
+/// and its next reconcile. `refunds` holds the stored refund statuses.
+fn decide<'a>(
+    config: &Config,
+    items: &'a [ToRecord<'a>],
+    seen: &'a [Seen<'a>],
+    mut refunds: std::collections::HashMap<i64, String>,
+    now: Timestamp,
+    now_s: &'a str,
+) -> Decisions<'a> {
     let mut stale = Vec::new();
     let mut fresh = Vec::new();
     let mut side = RefundsAndProgress::default();
-    for s in &seen {
+    for s in seen {
         if s.verdict == Verdict::Stale {
             tracing::debug!(resource = %s.obs.id, stored = ?s.current.status, observed = %s.obs.status, "stale observation ignored");
             stale.push(s.current.rid);
@@ -259,12 +309,17 @@ fn write_run(
             changed,
         });
     }
+    Decisions { stale, fresh, side }
+}
 
-    if !stale.is_empty() {
-        resources::touch_many(conn, &stale, now_s)?;
-    }
-    // States first: a new resource's row must exist before the refund,
-    // progress and transition rows that refer to it.
+/// Writes the current state of each fresh observation's resource (adding
+/// those not stored yet); the rows as they are now, in the order of `fresh`.
+fn write_states(
+    conn: &rusqlite::Connection,
+    items: &[ToRecord<'_>],
+    fresh: &[Decided<'_>],
+    now_s: &str,
+) -> Result<Vec<resources::Resource>, sqlx::Error> {
     let updates: Vec<StateUpdate> = fresh
         .iter()
         .map(|d| StateUpdate {
@@ -287,12 +342,21 @@ fn write_run(
             next_reconcile_at: d.next_reconcile_at.as_deref(),
         })
         .collect();
-    let updated = if updates.is_empty() {
-        Vec::new()
+    if updates.is_empty() {
+        Ok(Vec::new())
     } else {
-        resources::update_states(conn, &updates)?
-    };
-    side.write(conn, now_s)?;
+        resources::update_states(conn, &updates)
+    }
+}
+
+/// Writes a transition for each fresh observation that changed its
+/// resource's status; the rows written, in the order of `fresh`.
+fn write_transitions<'a>(
+    conn: &rusqlite::Connection,
+    items: &'a [ToRecord<'a>],
+    fresh: &'a [Decided<'a>],
+    now_s: &'a str,
+) -> Result<Vec<NewTransition<'a>>, sqlx::Error> {
     let transitions: Vec<NewTransition> = fresh
         .iter()
         .filter(|d| d.changed)
@@ -319,9 +383,21 @@ fn write_run(
     if !transitions.is_empty() {
         resources::insert_transitions(conn, &transitions)?;
     }
+    Ok(transitions)
+}
 
+/// What was recorded per item (its transitions, its rids, whether its own
+/// observation was stale), and every resource seen as it is now: as stored
+/// when stale, as `updated` (the rows [`write_states`] returned) when fresh.
+fn what_was_recorded(
+    items: &[ToRecord<'_>],
+    seen: &[Seen<'_>],
+    fresh: &[Decided<'_>],
+    transitions: &[NewTransition<'_>],
+    updated: Vec<resources::Resource>,
+) -> Result<(Vec<Recorded>, Vec<resources::Resource>), sqlx::Error> {
     let mut recorded = vec![Recorded::default(); items.len()];
-    for (d, t) in fresh.iter().filter(|d| d.changed).zip(&transitions) {
+    for (d, t) in fresh.iter().filter(|d| d.changed).zip(transitions) {
         recorded[d.seen.item].transitions.push(Moved {
             kind: t.kind.to_string(),
             resource_id: t.resource_id.to_string(),
@@ -332,7 +408,7 @@ fn write_run(
     }
     let mut updated = updated.into_iter();
     let mut rows = Vec::with_capacity(seen.len());
-    for s in &seen {
+    for s in seen {
         let r = &mut recorded[s.item];
         r.rids.push(s.current.rid);
         if s.verdict == Verdict::Stale {
