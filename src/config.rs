@@ -464,6 +464,11 @@ impl Config {
         }
         crate::time::parse_duration(&self.prune.older_than)
             .map_err(|e| invalid("prune.older_than", e))?;
+        self.validate_alerts()
+    }
+
+    /// The `[alerts]` section: rule severities and sinks.
+    fn validate_alerts(&self) -> Result<(), ConfigError> {
         for (key, sev) in [
             (
                 "alerts.partial_cancellation.severity",
