@@ -2,7 +2,7 @@
 //! filtered page of transitions must come back fast.
 //!
 //! ```text
-//! cargo run --release --example query_bench -- --transitions 1000000
+//! cargo run --release -p cancelwatch-bench --bin query_bench -- --transitions 1000000
 //! ```
 //!
 //! Seeds a temporary database (one transaction, prepared inserts, ~10
