@@ -11,7 +11,6 @@
 
 pub mod alerts;
 pub mod api;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod domain;

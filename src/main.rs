@@ -54,8 +54,6 @@ enum Command {
     CheckConfig,
     /// Print a signature for a test delivery (Stripe-Signature header, or Juice checksum).
     Sign(cancelwatch::cli::sign::SignArgs),
-    /// Load-test the webhook front door of a daemon it starts (see README, Performance).
-    Bench(cancelwatch::bench::BenchArgs),
     #[command(flatten)]
     Read(cancelwatch::cli::read::ReadCommand),
     /// Drop raw bodies of finished deliveries and old refusal records.
@@ -97,7 +95,6 @@ fn main() -> ExitCode {
             Command::Migrate => cancelwatch::cli::migrate(config).await,
             Command::CheckConfig => cancelwatch::cli::check_config(&config),
             Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),
-            Command::Bench(args) => cancelwatch::bench::run(args).await,
             Command::Read(command) => cancelwatch::cli::read::run(config, command).await,
             Command::Prune(args) => cancelwatch::cli::prune::run(config, args).await,
             Command::Replay(args) => cancelwatch::cli::actions::run_replay(config, args).await,

@@ -108,7 +108,7 @@ pub fn verify(
     Ok(parsed.timestamp)
 }
 
-/// Builds a header as Stripe would send it (used by `sign`, the simulator and tests).
+/// Builds a header as Stripe would send it (used by `sign` and tests).
 pub fn sign_header(secret: &str, timestamp: i64, body: &[u8]) -> String {
     format!(
         "t={timestamp},v1={}",

@@ -372,17 +372,6 @@ pub async fn claim_one(
         .await
 }
 
-/// How many deliveries still wait to be processed (pending, processing or
-/// failed and due again): three range scans of `inbox_state_id`, so asking
-/// often costs little however many deliveries are done.
-pub async fn count_unfinished(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM inbox WHERE state IN ('pending', 'processing', 'failed')",
-    )
-    .fetch_one(pool)
-    .await
-}
-
 pub async fn get(pool: &SqlitePool, id: i64) -> Result<Option<Delivery>, sqlx::Error> {
     sqlx::query_as::<_, Delivery>(&format!(
         "SELECT {DELIVERY_COLUMNS} FROM inbox WHERE id = ?"

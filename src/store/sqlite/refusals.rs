@@ -1,6 +1,6 @@
 //! Refused deliveries: reason, source, size, time; never the body.
 
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::SqliteConnection;
 
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -71,12 +71,4 @@ fn insert_sql(rows: usize) -> String {
         "INSERT INTO refusals (provider, reason, message, http_status, body_size, remote_addr, received_at)
          VALUES {values}"
     )
-}
-
-/// Refusals received at or after `since`.
-pub async fn count_since(pool: &SqlitePool, since: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT COUNT(*) FROM refusals WHERE received_at >= ?")
-        .bind(since)
-        .fetch_one(pool)
-        .await
 }

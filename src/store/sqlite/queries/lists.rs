@@ -241,10 +241,3 @@ pub async fn events(
     let rows: Vec<Event> = q.build_query_as().fetch_all(pool).await?;
     Ok(page(rows, limit, |e| encode_cursor("e", &e.id.to_string())))
 }
-
-/// Inbox deliveries that gave up (state `dead`).
-pub async fn dead_deliveries(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT COUNT(*) FROM inbox WHERE state = 'dead'")
-        .fetch_one(pool)
-        .await
-}

@@ -17,8 +17,7 @@ use serde::{Serialize, Serializer};
 
 pub use history::{history, ChildHistory, History, ResourceHistory};
 pub use lists::{
-    alerts, dead_deliveries, events, explain_transitions, transitions, AlertFilter, EventFilter,
-    TransitionFilter,
+    alerts, events, explain_transitions, transitions, AlertFilter, EventFilter, TransitionFilter,
 };
 pub use rows::{
     Alert, AlertDelivery, CancelRequest, Event, Progress, Refund, ResourceRef, Transition, Trigger,

@@ -11,8 +11,7 @@ pub use refunds::{
     RefundSettlement,
 };
 pub use trail::{
-    insert_progress, insert_transitions, observed_by_trigger, transitions_of, NewProgress,
-    NewTransition, Transition,
+    insert_progress, insert_transitions, transitions_of, NewProgress, NewTransition, Transition,
 };
 
 use sqlx::{FromRow, SqlitePool};

@@ -123,18 +123,3 @@ pub async fn transitions_of(
     .fetch_all(pool)
     .await
 }
-
-/// (trigger id, observed at) of every transition with this trigger type: the
-/// benchmark's end-to-end measurement.
-pub async fn observed_by_trigger(
-    pool: &SqlitePool,
-    trigger_type: &str,
-) -> Result<Vec<(String, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT trigger_id, observed_at FROM transitions
-         WHERE trigger_type = ? AND trigger_id IS NOT NULL ORDER BY id",
-    )
-    .bind(trigger_type)
-    .fetch_all(pool)
-    .await
-}

@@ -2,7 +2,7 @@
 //! filtered page of transitions must come back fast.
 //!
 //! ```text
-//! cargo run --release --example query_bench -- --transitions 1000000
+//! cargo run --release -p cancelwatch-bench --bin query_bench -- --transitions 1000000
 //! ```
 //!
 //! Seeds a temporary database (one transaction, prepared inserts, ~10
@@ -14,7 +14,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cancelwatch::store::queries::{self, PageRequest, TransitionFilter};
+use cancelwatch::store::model::{PageRequest, TransitionFilter};
+use cancelwatch::store::Store;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -78,7 +79,7 @@ struct SeedResource {
     status: Option<usize>,
 }
 
-async fn seed(db: &cancelwatch::store::Db, a: &Args) -> anyhow::Result<()> {
+async fn seed(db: &sqlx::SqlitePool, a: &Args) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(7);
     // Resources: 40% outbound transfers, 10% batch jobs, 5% bulk transfers
     // whose 9 items each make up the other 45%.
@@ -143,7 +144,7 @@ async fn seed(db: &cancelwatch::store::Db, a: &Args) -> anyhow::Result<()> {
         res.status = Some(to);
     }
 
-    let mut tx = db.write.begin().await?;
+    let mut tx = db.begin().await?;
     let first_seen = cancelwatch::time::fmt(start);
     for (r, res) in resources.iter().enumerate() {
         let status = res.status.map(|s| statuses(res.kind)[s]);
@@ -227,7 +228,7 @@ async fn seed(db: &cancelwatch::store::Db, a: &Args) -> anyhow::Result<()> {
         }
     }
     tx.commit().await?;
-    sqlx::query("ANALYZE").execute(&db.write).await?;
+    sqlx::query("ANALYZE").execute(db).await?;
     Ok(())
 }
 
@@ -264,17 +265,22 @@ async fn main() -> anyhow::Result<()> {
     let mut config = cancelwatch::Config::default();
     config.database.url = format!("sqlite://{}/bench.db", dir.path().display());
     config.database.synchronous = "normal".into();
-    let db = cancelwatch::open_db(&config).await?;
+    // The daemon's store creates and migrates the file; the seed writes
+    // straight to it, as fast as SQLite takes rows.
+    let store: Store = cancelwatch::open_store(&config).await?;
+    let seeder =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}/bench.db", dir.path().display())).await?;
 
     let t = Instant::now();
-    seed(&db, &a).await?;
+    seed(&seeder, &a).await?;
+    seeder.close().await;
     println!(
         "seeded {} transitions over {} resources in {:.1} s",
         a.transitions,
         a.resources,
         t.elapsed().as_secs_f64()
     );
-    let pool = &db.read;
+    let pool = &store;
 
     let since = cancelwatch::time::fmt(chrono::Utc::now() - chrono::Duration::days(30));
     let filtered = TransitionFilter {
@@ -313,7 +319,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut walked = 0;
     while walked < a.transitions / 4 {
-        let p = queries::transitions(pool, &by_kind, &deep).await?;
+        let p = pool.transitions(&by_kind, &deep).await?;
         walked += p.data.len();
         match p.next_cursor {
             Some(c) => deep.cursor = Some(c),
@@ -333,7 +339,7 @@ async fn main() -> anyhow::Result<()> {
         ("kind, until -60d", &old_of_kind, &first),
         ("provider, since -7d", &week_of_provider, &first),
     ] {
-        for line in queries::explain_transitions(pool, f, p).await? {
+        for line in pool.explain_transitions(f, p).await? {
             println!("  {name:<22} {line}");
         }
     }
@@ -353,9 +359,7 @@ async fn main() -> anyhow::Result<()> {
         "seed too small"
     );
 
-    let probe = queries::history(pool, &bulk_ids[0])
-        .await?
-        .context("seeded")?;
+    let probe = pool.history(&bulk_ids[0]).await?.context("seeded")?;
     let r = &probe.resources[0];
     println!(
         "\nsample bulk transfer: {} transitions, {} items with {} transitions",
@@ -366,7 +370,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|c| c.transitions.len())
             .sum::<usize>()
     );
-    let page = queries::transitions(pool, &filtered, &first).await?;
+    let page = pool.transitions(&filtered, &first).await?;
     println!("filtered page: {} rows", page.data.len());
 
     println!("\ntimings:");
@@ -374,7 +378,7 @@ async fn main() -> anyhow::Result<()> {
     let line = time(reps, |i| {
         let id = outbound_ids[i % outbound_ids.len()].clone();
         async move {
-            queries::history(pool, &id).await?.context("seeded")?;
+            pool.history(&id).await?.context("seeded")?;
             Ok(())
         }
     })
@@ -383,24 +387,26 @@ async fn main() -> anyhow::Result<()> {
     let line = time(reps, |i| {
         let id = bulk_ids[i % bulk_ids.len()].clone();
         async move {
-            queries::history(pool, &id).await?.context("seeded")?;
+            pool.history(&id).await?.context("seeded")?;
             Ok(())
         }
     })
     .await?;
     println!("  history, bulk transfer + 9 items      {line}");
     let line = time(reps, |_| async {
-        Ok(queries::transitions(pool, &filtered, &first).await?)
+        Ok(pool.transitions(&filtered, &first).await?)
     })
     .await?;
     println!("  transitions --kind stripe.outbound_transfer --to canceled --since -30d (100 rows)\n                                         {line}");
     let line = time(reps, |_| async {
-        Ok(queries::transitions(pool, &TransitionFilter::default(), &first).await?)
+        Ok(pool
+            .transitions(&TransitionFilter::default(), &first)
+            .await?)
     })
     .await?;
     println!("  transitions, unfiltered first page    {line}");
     let line = time(reps, |_| async {
-        Ok(queries::transitions(pool, &by_kind, &deep).await?)
+        Ok(pool.transitions(&by_kind, &deep).await?)
     })
     .await?;
     println!("  transitions --kind juice.transfer, page ~{walked} rows deep\n                                         {line}");
@@ -411,26 +417,26 @@ async fn main() -> anyhow::Result<()> {
             resource_id: Some(outbound_ids[i % outbound_ids.len()].clone()),
             ..TransitionFilter::default()
         };
-        async move { Ok(queries::transitions(pool, &filter, first).await?) }
+        async move { Ok(pool.transitions(&filter, first).await?) }
     })
     .await?;
     println!("  transitions --kind stripe.outbound_transfer --resource <id>\n                                         {line}");
     let line = time(reps.min(50), |_| async {
-        Ok(queries::transitions(pool, &old, &first).await?)
+        Ok(pool.transitions(&old, &first).await?)
     })
     .await?;
     println!("  transitions --until -60d (worst case: newer rows skipped)\n                                         {line}");
     let line = time(reps.min(50), |_| async {
-        Ok(queries::transitions(pool, &old_of_kind, &first).await?)
+        Ok(pool.transitions(&old_of_kind, &first).await?)
     })
     .await?;
     println!("  transitions --kind juice.transfer --until -60d\n                                         {line}");
     let line = time(reps, |_| async {
-        Ok(queries::transitions(pool, &week_of_provider, &first).await?)
+        Ok(pool.transitions(&week_of_provider, &first).await?)
     })
     .await?;
     println!("  transitions --provider stripe --since -7d\n                                         {line}");
 
-    db.close().await;
+    store.close().await;
     Ok(())
 }

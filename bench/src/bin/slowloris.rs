@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! target/release/cancelwatch serve &          # listens on 127.0.0.1:8080 by default
-//! cargo run --release --example slowloris -- 127.0.0.1:8080 1500 15 $(pgrep -f 'cancelwatch serve')
+//! cargo run --release -p cancelwatch-bench --bin slowloris -- 127.0.0.1:8080 1500 15 $(pgrep -f 'cancelwatch serve')
 //! ```
 //!
 //! Arguments: address, connections, seconds to trickle, optional pid.

@@ -1,14 +1,42 @@
-//! `cancelwatch bench` as a user runs it: short runs at a low fixed rate
+//! `cancelwatch-bench` as a user runs it: short runs at a low fixed rate
 //! (so they finish in seconds on a busy CI machine), checking what the
 //! report counts, not how fast anything went.
 
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
-/// Runs `cancelwatch bench <args>` and returns its standard output.
+/// The daemon of the same build as the bench under test, built now: cargo
+/// builds only this package's binaries for its tests, and a `cancelwatch`
+/// left over from an earlier build would be measured instead.
+fn daemon() -> &'static PathBuf {
+    static DAEMON: OnceLock<PathBuf> = OnceLock::new();
+    DAEMON.get_or_init(|| {
+        let bench = PathBuf::from(env!("CARGO_BIN_EXE_cancelwatch-bench"));
+        let profile_dir = bench.parent().unwrap();
+        let target_dir = profile_dir.parent().unwrap();
+        let mut build = Command::new(env!("CARGO"));
+        build
+            .args(["build", "--package", "cancelwatch", "--bin", "cancelwatch"])
+            .arg("--manifest-path")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
+            .arg("--target-dir")
+            .arg(target_dir);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().unwrap();
+        assert!(status.success(), "building the daemon failed: {status}");
+        profile_dir.join(format!("cancelwatch{}", std::env::consts::EXE_SUFFIX))
+    })
+}
+
+/// Runs `cancelwatch-bench <args>` and returns its standard output.
 fn bench(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cancelwatch"))
-        .arg("bench")
+    let out = Command::new(env!("CARGO_BIN_EXE_cancelwatch-bench"))
+        .arg("--daemon")
+        .arg(daemon())
         .args(["--dir", dir.path().to_str().unwrap()])
         .args(args)
         .output()

@@ -3,7 +3,7 @@
 //! hand-off, not SQLite, is what the pipeline pays per statement (see the
 //! README's Performance section).
 //!
-//! `cargo run --release --example sqlx_round_trip`
+//! `cargo run --release -p cancelwatch-bench --bin sqlx_round_trip`
 
 use std::time::Instant;
 

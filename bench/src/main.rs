@@ -1,0 +1,377 @@
+//! `cancelwatch-bench`: a load generator for cancelwatch's webhook front door.
+//!
+//! It starts the daemon under test as a child process (a `cancelwatch`
+//! binary, `serve`, on a fresh temporary database), signs unique Stripe
+//! deliveries and drives them either as fast as `--connections` allow or at a
+//! fixed `--rate` (open loop: latency counts from the moment a request was
+//! due, so a stalled server cannot hide its stalls). It prints accepted per
+//! second, latency percentiles, refusals, errors and the daemon's peak
+//! resident memory as the OS reports it. `--compare` runs the same load
+//! against group commit and against one commit per request, and prints the
+//! ratio; `--against` runs it against another build's daemon too, in turns
+//! (`--repeat`), driven by the same load generator, and prints the runs side
+//! by side.
+//!
+//! It sees the daemon only as a client does: its webhook endpoint, `/readyz`,
+//! `/metrics`, `/proc`, and (end to end) its database file, read-only.
+//!
+//! ```sh
+//! cargo build --release && cargo run --release -p cancelwatch-bench -- --duration 10 --rate 2000
+//! ```
+
+mod daemon;
+mod e2e;
+mod load;
+mod metrics;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+use daemon::{free_port, proc_status, CpuTime, DaemonProcess};
+use e2e::{e2e_report, E2eWorld};
+use load::{delivery, Connection, Counters};
+use metrics::{ack_p99_bound_ms, ack_step_bounds_ms, daemon_metrics, writer_uses};
+use report::Report;
+
+/// The webhook secret and API key the daemon under test is configured with.
+const SECRET: &str = "whsec_bench_only";
+const API_KEY: &str = "sk_test_bench_only";
+
+/// Load-tests the webhook front door of a cancelwatch daemon it starts.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "cancelwatch-bench", version)]
+pub struct BenchArgs {
+    /// The cancelwatch binary to load (default: `cancelwatch` in the folder
+    /// of this binary, i.e. the daemon of the same cargo build profile).
+    #[arg(long, value_name = "BINARY")]
+    pub daemon: Option<PathBuf>,
+    /// How long each run offers load, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Requests per second to offer; 0 means as fast as the connections allow.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Concurrent connections (at a fixed rate: the most requests in flight).
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Run twice, with group commit and with one commit per request, and print the ratio.
+    #[arg(long, conflicts_with = "against")]
+    pub compare: bool,
+    /// Another build of cancelwatch: its daemon gets the same load, in turns
+    /// with the one under test (that one first), so two builds are compared
+    /// in the same minutes and with the same load generator.
+    #[arg(long, value_name = "BINARY")]
+    pub against: Option<PathBuf>,
+    /// How many runs of each daemon (and of each mode with `--compare`).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Commit each request on its own (the baseline) instead of group commit.
+    #[arg(long)]
+    pub no_group_commit: bool,
+    /// SQLite synchronous level of the daemon under test: full or normal.
+    #[arg(long, default_value = "full")]
+    pub synchronous: String,
+    /// Where the temporary database goes (default: the system temp folder).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Hostile mode: sign with a secret the daemon does not know, so every
+    /// delivery is refused (a flood of forged signatures).
+    #[arg(long, conflicts_with = "e2e")]
+    pub forged: bool,
+    /// End to end: the daemon fetches from a simulator started here, and the
+    /// report adds the time from sending a delivery to its recorded transition.
+    #[arg(long)]
+    pub e2e: bool,
+    /// End to end: how many distinct resources (one delivery each) to prepare;
+    /// default: rate × duration, or 40000 at full speed.
+    #[arg(long)]
+    pub e2e_events: Option<usize>,
+    /// Extra settings for the daemon under test, as KEY=VALUE environment
+    /// variables (e.g. CANCELWATCH_WORKERS__CONCURRENCY=2); repeatable.
+    #[arg(long = "daemon-env", value_name = "KEY=VALUE")]
+    pub daemon_env: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let args = BenchArgs::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cancelwatch-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cancelwatch-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The daemon binary to load: `--daemon`, or `cancelwatch` beside this
+/// binary. This binary links the daemon's library, so cargo rebuilds it
+/// whenever the daemon changes; a `cancelwatch` older than it may predate
+/// such a change: say so rather than measure an old daemon quietly.
+fn daemon_binary(args: &BenchArgs) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &args.daemon {
+        if !path.is_file() {
+            bail!("--daemon {}: no such file", path.display());
+        }
+        return Ok(path.clone());
+    }
+    let this = std::env::current_exe().context("finding this binary")?;
+    let daemon = this.with_file_name(format!("cancelwatch{}", std::env::consts::EXE_SUFFIX));
+    if !daemon.is_file() {
+        bail!(
+            "no daemon at {}: build it with the same profile first (`cargo build --release`), or pass --daemon",
+            daemon.display()
+        );
+    }
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(daemon_at), Some(this_at)) = (modified(&daemon), modified(&this)) {
+        if daemon_at < this_at {
+            eprintln!(
+                "cancelwatch-bench: note: {} is older than this binary; run `cargo build --release` first if the daemon changed",
+                daemon.display()
+            );
+        }
+    }
+    Ok(daemon)
+}
+
+async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if !["full", "normal"].contains(&args.synchronous.as_str()) {
+        bail!("--synchronous must be full or normal");
+    }
+    if args.connections == 0 || args.duration == 0 || args.repeat == 0 {
+        bail!("--connections, --duration and --repeat must be above 0");
+    }
+    let this = daemon_binary(&args)?;
+    if let Some(other) = &args.against {
+        if !other.is_file() {
+            bail!("--against {}: no such file", other.display());
+        }
+    }
+    println!(
+        "machine: {} cores; offered: {}; {} connections; {} s per run; synchronous={}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        if args.rate == 0 {
+            "full speed".to_string()
+        } else {
+            format!("{}/s", args.rate)
+        },
+        args.connections,
+        args.duration,
+        args.synchronous
+    );
+    // (daemon binary, group commit, label) of each run of one round.
+    let mut round: Vec<(&Path, bool, String)> = Vec::new();
+    if args.compare {
+        round.push((&this, true, "group commit".into()));
+        round.push((&this, false, "one commit per request".into()));
+    } else {
+        let mode = !args.no_group_commit;
+        round.push((&this, mode, "this build".into()));
+        if let Some(other) = &args.against {
+            round.push((other, mode, format!("against {}", other.display())));
+        }
+    }
+    let mut reports = Vec::new();
+    for n in 1..=args.repeat {
+        for (daemon, group_commit, label) in &round {
+            let label = if args.repeat > 1 {
+                format!("{label}, run {n}")
+            } else {
+                label.clone()
+            };
+            let report = run_once(&args, daemon, *group_commit, &label).await?;
+            report.print();
+            reports.push(report);
+        }
+    }
+    if args.compare && args.repeat == 1 {
+        if let [grouped, single] = &reports[..] {
+            println!(
+                "group commit / one commit per request: {:.1}x accepted per second",
+                grouped.per_second() / single.per_second().max(f64::MIN_POSITIVE)
+            );
+        }
+    }
+    if reports.len() > 2 || args.against.is_some() {
+        println!("== runs side by side");
+        for report in &reports {
+            println!("{}", report.summary());
+        }
+    }
+    Ok(())
+}
+
+async fn run_once(
+    args: &BenchArgs,
+    daemon_bin: &Path,
+    group_commit: bool,
+    label: &str,
+) -> anyhow::Result<Report> {
+    let tmp = match &args.dir {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .context("creating a temporary folder for the database")?;
+    let port = free_port()?;
+    let world = if args.e2e {
+        Some(E2eWorld::prepare(args).await?)
+    } else {
+        None
+    };
+    let mut daemon = DaemonProcess::spawn(
+        daemon_bin,
+        tmp.path(),
+        port,
+        group_commit,
+        args,
+        world.as_ref().map(|w| w.sim.base_url()),
+    )?;
+    let url = format!("http://127.0.0.1:{port}");
+    daemon.wait_ready(&url).await?;
+    let cpu_at_start = (
+        CpuTime::of(daemon.child.id()),
+        CpuTime::of(std::process::id()),
+    );
+    // Each thread costs memory (a stack, an allocator heap): a count that
+    // climbs under load explains a peak RSS that does.
+    let pid = daemon.child.id();
+    let most_threads = Arc::new(AtomicU64::new(0));
+    let threads = tokio::spawn({
+        let most = most_threads.clone();
+        async move {
+            while let Some(now) = proc_status(pid, "Threads:") {
+                most.fetch_max(now, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let counters = Arc::new(Counters::default());
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    let next_id = Arc::new(AtomicU64::new(0));
+    let run_tag = format!("{}_{}", std::process::id(), port);
+    for w in 0..args.connections {
+        let mut conn = Connection::new(addr);
+        let counters = counters.clone();
+        let next_id = next_id.clone();
+        let run_tag = run_tag.clone();
+        let prepared = world.as_ref().map(|w| w.bodies.clone());
+        let secret = if args.forged {
+            "whsec_forged_by_bench"
+        } else {
+            SECRET
+        };
+        // At a fixed rate, each connection owns every `connections`-th slot.
+        let interval = (args.rate > 0)
+            .then(|| Duration::from_secs_f64(args.connections as f64 / args.rate as f64));
+        let offset = interval.map(|i| i.mul_f64(w as f64 / args.connections as f64));
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut sent = Vec::new();
+            let mut due = Instant::now() + offset.unwrap_or_default();
+            loop {
+                if interval.is_some() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let start = if interval.is_some() {
+                    due
+                } else {
+                    Instant::now()
+                };
+                if start >= deadline {
+                    break;
+                }
+                let n = next_id.fetch_add(1, Ordering::Relaxed);
+                let sent_at = chrono::Utc::now().timestamp_millis();
+                let (event_id, body) = match &prepared {
+                    Some(bodies) => match bodies.get(n as usize) {
+                        Some((id, body)) => (Some(id), body.clone()),
+                        None => break,
+                    },
+                    None => (None, delivery(&run_tag, n)),
+                };
+                let header = cancelwatch_sim::signing::stripe_signature(
+                    secret,
+                    chrono::Utc::now().timestamp(),
+                    &body,
+                );
+                let answer = conn.post_delivery(&header, body).await;
+                let accepted = counters.record(answer);
+                // End to end, only accepted deliveries are waited for.
+                if let (true, Some(id)) = (accepted, event_id) {
+                    sent.push((id.clone(), sent_at));
+                }
+                latencies.push(start.elapsed().as_micros() as u64);
+                if let Some(iv) = interval {
+                    due += iv;
+                }
+            }
+            (latencies, sent)
+        });
+    }
+    let mut latencies_us = Vec::new();
+    let mut sent = Vec::new();
+    while let Some(l) = workers.join_next().await {
+        let (l, s) = l?;
+        latencies_us.extend(l);
+        sent.extend(s);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let e2e_ms = match &world {
+        Some(_) => Some(e2e_report(&tmp.path().join("bench.db"), &sent).await?),
+        None => None,
+    };
+    let metrics = daemon_metrics(&url).await;
+    let writer_uses = writer_uses(&metrics, started.elapsed().as_secs_f64());
+    let daemon_ack_p99_ms = ack_p99_bound_ms(&metrics);
+    let daemon_ack_steps = ack_step_bounds_ms(&metrics);
+    let daemon_cpu = CpuTime::of(daemon.child.id())
+        .zip(cpu_at_start.0)
+        .map(|(end, start)| end.since(start));
+    let bench_cpu = CpuTime::of(std::process::id())
+        .zip(cpu_at_start.1)
+        .map(|(end, start)| end.since(start));
+    let peak_rss_kib = proc_status(pid, "VmHWM:");
+    threads.abort();
+    let peak_threads = Some(most_threads.load(Ordering::Relaxed)).filter(|n| *n > 0);
+    daemon.stop();
+    Ok(Report {
+        label: label.to_string(),
+        seconds,
+        accepted: counters.accepted.load(Ordering::Relaxed),
+        duplicates: counters.duplicates.load(Ordering::Relaxed),
+        refused: counters.refused.load(Ordering::Relaxed),
+        errors: counters.errors.load(Ordering::Relaxed),
+        latencies_us,
+        peak_rss_kib,
+        peak_threads,
+        e2e_ms,
+        writer_uses,
+        daemon_ack_p99_ms,
+        daemon_ack_steps,
+        daemon_cpu,
+        bench_cpu,
+    })
+}
