@@ -1,0 +1,7 @@
+//! The integration tests: one binary, one harness (`support`). Each module
+//! drives the daemon from outside (HTTP, the binary, the simulator), or the
+//! library functions its commands call.
+
+mod ingress;
+mod properties;
+mod support;
