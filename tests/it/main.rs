@@ -2,6 +2,7 @@
 //! drives the daemon from outside (HTTP, the binary, the simulator), or the
 //! library functions its commands call.
 
+mod alerts;
 mod ingress;
 mod properties;
 mod support;
