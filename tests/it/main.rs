@@ -4,5 +4,6 @@
 
 mod alerts;
 mod ingress;
+mod ops;
 mod properties;
 mod support;
