@@ -5,5 +5,6 @@
 mod alerts;
 mod ingress;
 mod ops;
+mod pipeline;
 mod properties;
 mod support;
