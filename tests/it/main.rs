@@ -3,8 +3,11 @@
 //! library functions its commands call.
 
 mod alerts;
+mod demo;
+mod faults;
 mod ingress;
 mod ops;
 mod pipeline;
 mod properties;
+mod secrets;
 mod support;
