@@ -10,4 +10,5 @@ mod ops;
 mod pipeline;
 mod properties;
 mod secrets;
+mod sim;
 mod support;
