@@ -79,6 +79,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn close(&self);
     /// The migrations this binary applies, by version.
     fn migrations(&self) -> Vec<i64>;
+    /// The engine behind the interface, for that engine's own tests and tools.
+    fn engine(&self) -> &dyn std::any::Any;
 
     // ---- the inbox ----------------------------------------------------
 

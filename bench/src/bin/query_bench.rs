@@ -273,7 +273,6 @@ async fn main() -> anyhow::Result<()> {
 
     let t = Instant::now();
     seed(&seeder, &a).await?;
-    seeder.close().await;
     println!(
         "seeded {} transitions over {} resources in {:.1} s",
         a.transitions,
@@ -347,12 +346,12 @@ async fn main() -> anyhow::Result<()> {
     let outbound_ids: Vec<String> = sqlx::query_scalar(
         "SELECT id FROM resources WHERE kind = 'stripe.outbound_transfer' ORDER BY rid LIMIT 1000",
     )
-    .fetch_all(pool)
+    .fetch_all(&seeder)
     .await?;
     let bulk_ids: Vec<String> = sqlx::query_scalar(
         "SELECT id FROM resources WHERE kind = 'juice.bulk_transfer' ORDER BY rid LIMIT 1000",
     )
-    .fetch_all(pool)
+    .fetch_all(&seeder)
     .await?;
     anyhow::ensure!(
         !outbound_ids.is_empty() && !bulk_ids.is_empty(),
@@ -437,6 +436,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     println!("  transitions --provider stripe --since -7d\n                                         {line}");
 
+    seeder.close().await;
     store.close().await;
     Ok(())
 }

@@ -61,6 +61,10 @@ impl Storage for SqliteStore {
         self.db.close().await
     }
 
+    fn engine(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn migrations(&self) -> Vec<i64> {
         super::MIGRATOR.iter().map(|m| m.version).collect()
     }

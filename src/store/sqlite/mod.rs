@@ -13,11 +13,11 @@ pub mod inbox;
 mod outcomes;
 pub mod prune;
 pub mod queries;
-mod record;
+pub mod record;
 pub mod refusals;
 pub mod resources;
-mod rules;
-mod scan;
+pub mod rules;
+pub mod scan;
 
 pub use engine::SqliteStore;
 

@@ -2,90 +2,24 @@
 //! error codes, idempotency, auth, faults, event pagination, and that the
 //! deliveries it sends verify with cancelwatch's own verification code.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::Router;
 use cancelwatch::providers::{juice, stripe};
-use cancelwatch_sim::{DeliveryOptions, Provider, Scenario, SimConfig, Simulator};
 use serde_json::{json, Value};
 
-const STRIPE_KEY: &str = "sk_test_sim";
-const JUICE_KEY: &str = "juice_key_sim";
-const WEBHOOK_SECRET: &str = "whsec_sim_secret";
-const BUSINESS_ID: &str = "sim-business-id";
+use crate::support::config::{BUSINESS_ID, JUICE_KEY, STRIPE_KEY, WEBHOOK_SECRET};
+use crate::support::db::{self, TestDb};
+use crate::support::receiver::TestReceiver;
+use crate::support::sim::{
+    app_with_simulator, simulator as sim, DeliveryOptions, Provider, Scenario, Simulator,
+};
+use crate::support::{wait_until, TestConfig};
 
-/// One delivery as the test receiver saw it.
-#[derive(Debug, Clone)]
-struct Captured {
-    provider: String,
-    signature: Option<String>,
-    body: Vec<u8>,
-}
-
-/// A stand-in daemon: answers `fail_first` requests with 503, then `status`.
-#[derive(Clone)]
-struct Receiver {
-    captured: Arc<Mutex<Vec<Captured>>>,
-    fail_first: Arc<AtomicU32>,
-    status: StatusCode,
-}
-
-async fn receive(
-    State(r): State<Receiver>,
-    Path(provider): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> StatusCode {
-    r.captured.lock().unwrap().push(Captured {
-        provider,
-        signature: headers
-            .get("stripe-signature")
-            .map(|v| v.to_str().unwrap().to_string()),
-        body: body.to_vec(),
-    });
-    let left = r.fail_first.load(Ordering::SeqCst);
-    if left > 0 {
-        r.fail_first.store(left - 1, Ordering::SeqCst);
-        return StatusCode::SERVICE_UNAVAILABLE;
-    }
-    r.status
-}
-
-async fn receiver(fail_first: u32, status: StatusCode) -> (String, Receiver) {
-    let r = Receiver {
-        captured: Arc::default(),
-        fail_first: Arc::new(AtomicU32::new(fail_first)),
-        status,
-    };
-    let app = Router::new()
-        .route("/webhooks/{provider}", post(receive))
-        .with_state(r.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, r)
-}
-
-async fn sim(target: Option<String>) -> Simulator {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Simulator::start(
-        listener,
-        SimConfig {
-            stripe_api_key: STRIPE_KEY.into(),
-            juice_api_key: JUICE_KEY.into(),
-            stripe_webhook_secret: WEBHOOK_SECRET.into(),
-            juice_checksum_key: BUSINESS_ID.into(),
-            target,
-        },
-    )
-    .await
-    .unwrap()
+/// A stand-in daemon for the simulator to deliver to; its URL.
+async fn receiver() -> (Option<String>, TestReceiver) {
+    let r = TestReceiver::start().await;
+    (Some(r.url().to_string()), r)
 }
 
 fn http() -> reqwest::Client {
@@ -154,19 +88,6 @@ async fn play_first(sim: &Simulator, name: &str, n: usize) -> Scenario {
 
 fn first_id(s: &Scenario) -> String {
     s.expect.histories[0].id.clone()
-}
-
-/// Polls `check` every 50 ms for up to 10 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -244,8 +165,8 @@ async fn outbound_transfer_shape_and_auth() {
 
 #[tokio::test]
 async fn outbound_transfer_cancel_codes_and_idempotency() {
-    let (target, rx) = receiver(0, StatusCode::OK).await;
-    let sim = sim(Some(target)).await;
+    let (target, rx) = receiver().await;
+    let sim = sim(target).await;
     let s = play_first(&sim, "outbound_transfer_canceled", 1).await;
     let id = first_id(&s);
     let cancel = format!("/v2/money_management/outbound_transfers/{id}/cancel");
@@ -283,17 +204,17 @@ async fn outbound_transfer_cancel_codes_and_idempotency() {
     assert_eq!(missing["error"]["code"], "not_found");
 
     // The cancel sent a signed `canceled` thin event to the target.
-    eventually("the canceled event arrives", || {
-        let rx = rx.clone();
-        let id = id.clone();
-        async move {
-            rx.captured.lock().unwrap().iter().any(|c| {
-                let v: Value = serde_json::from_slice(&c.body).unwrap();
+    wait_until(
+        "the canceled event arrives",
+        Duration::from_secs(10),
+        || async {
+            rx.received().iter().any(|c| {
+                let v = c.json();
                 v["type"] == "v2.money_management.outbound_transfer.canceled"
                     && v["related_object"]["id"] == id.as_str()
             })
-        }
-    })
+        },
+    )
     .await;
     assert!(sim.wait_background(Duration::from_secs(10)).await);
     assert!(sim.background_errors().is_empty());
@@ -333,8 +254,8 @@ async fn lost_race_posts_and_refuses_the_cancel() {
 
 #[tokio::test]
 async fn batch_job_cancel_goes_through_cancelling() {
-    let (target, rx) = receiver(0, StatusCode::OK).await;
-    let sim = sim(Some(target)).await;
+    let (target, rx) = receiver().await;
+    let sim = sim(target).await;
     let s = play_first(&sim, "batch_job_canceled_midway", 1).await;
     let id = first_id(&s);
     let path = format!("/v2/core/batch_jobs/{id}");
@@ -352,11 +273,11 @@ async fn batch_job_cancel_goes_through_cancelling() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(again["error"]["code"], "batch_api_non_cancellable_job");
 
-    eventually("the job reaches canceled", || {
-        let sim = sim.clone();
-        let path = path.clone();
-        async move { stripe_get(&sim, &path).await.1["status"] == "canceled" }
-    })
+    wait_until(
+        "the job reaches canceled",
+        Duration::from_secs(10),
+        || async { stripe_get(&sim, &path).await.1["status"] == "canceled" },
+    )
     .await;
     let (_, job) = stripe_get(&sim, &path).await;
     assert_eq!(job["status_details"]["canceled"]["success_count"], "30");
@@ -364,11 +285,9 @@ async fn batch_job_cancel_goes_through_cancelling() {
 
     assert!(sim.wait_background(Duration::from_secs(10)).await);
     let types: Vec<String> = rx
-        .captured
-        .lock()
-        .unwrap()
+        .received()
         .iter()
-        .map(|c| serde_json::from_slice::<Value>(&c.body).unwrap()["type"].to_string())
+        .map(|c| c.json()["type"].to_string())
         .collect();
     let count = |t: &str| types.iter().filter(|x| x.as_str() == t).count();
     // One `updated` from the scripted step, then `updated` and `canceled` from the cancel.
@@ -383,8 +302,8 @@ async fn batch_job_cancel_goes_through_cancelling() {
 
 #[tokio::test]
 async fn juice_partial_cancellation_over_the_api() {
-    let (target, rx) = receiver(0, StatusCode::OK).await;
-    let sim = sim(Some(target)).await;
+    let (target, rx) = receiver().await;
+    let sim = sim(target).await;
     let s = play_first(&sim, "juice_partial_cancellation", 1).await;
     let id = first_id(&s);
     let path = format!("/bulk-transfers/{id}");
@@ -472,12 +391,10 @@ async fn juice_partial_cancellation_over_the_api() {
             > now["data"]["updated_at"].as_str().unwrap()
     );
     let events: Vec<String> = rx
-        .captured
-        .lock()
-        .unwrap()
+        .received()
         .iter()
         .map(|c| {
-            let v: Value = serde_json::from_slice(&c.body).unwrap();
+            let v = c.json();
             let keys = vec![BUSINESS_ID.to_string()];
             assert!(juice::checksum::verify(
                 v["checksum"].as_str().unwrap(),
@@ -634,8 +551,8 @@ async fn event_listing_pages_and_filters() {
 
 #[tokio::test]
 async fn every_scenario_sends_deliveries_that_verify() {
-    let (target, rx) = receiver(0, StatusCode::OK).await;
-    let sim = sim(Some(target)).await;
+    let (target, rx) = receiver().await;
+    let sim = sim(target).await;
     let opts = DeliveryOptions {
         duplicate: true,
         shuffle: true,
@@ -687,13 +604,13 @@ async fn every_scenario_sends_deliveries_that_verify() {
             assert_eq!(shown, status.as_str(), "{name} {id}");
         }
     }
-    let captured = rx.captured.lock().unwrap().clone();
+    let captured = rx.received();
     assert_eq!(captured.len(), expected);
     let now = chrono::Utc::now().timestamp();
     for c in &captured {
-        match c.provider.as_str() {
+        match c.provider() {
             "stripe" => {
-                let header = c.signature.as_deref().expect("Stripe-Signature");
+                let header = c.header("stripe-signature").expect("Stripe-Signature");
                 stripe::signature::verify(header, &c.body, &[WEBHOOK_SECRET.into()], 300, now)
                     .unwrap();
                 assert!(stripe::signature::verify(
@@ -727,7 +644,7 @@ async fn every_scenario_sends_deliveries_that_verify() {
         }
     }
     // Every Stripe event of the scenarios can be fetched back.
-    for c in captured.iter().filter(|c| c.provider == "stripe") {
+    for c in captured.iter().filter(|c| c.provider() == "stripe") {
         let v: Value = serde_json::from_slice(&c.body).unwrap();
         let (status, _) = stripe_get(
             &sim,
@@ -740,19 +657,20 @@ async fn every_scenario_sends_deliveries_that_verify() {
 
 #[tokio::test]
 async fn deliveries_are_retried_and_refusals_reported() {
-    let (target, rx) = receiver(2, StatusCode::OK).await;
-    let sim = sim(Some(target)).await;
+    let (target, rx) = receiver().await;
+    rx.answer_first(&[503, 503]);
+    let sim = sim(target).await;
     let s = sim.scenario("outbound_transfer_canceled").unwrap();
     sim.play_step(&s.steps[0], &DeliveryOptions::default())
         .await
         .unwrap();
-    let captured = rx.captured.lock().unwrap().clone();
+    let captured = rx.received();
     assert_eq!(captured.len(), 3, "two 503s, then accepted");
     assert!(captured.iter().all(|c| c.body == captured[0].body));
     let now = chrono::Utc::now().timestamp();
     for c in &captured {
         stripe::signature::verify(
-            c.signature.as_deref().unwrap(),
+            c.header("stripe-signature").unwrap(),
             &c.body,
             &[WEBHOOK_SECRET.into()],
             300,
@@ -761,8 +679,9 @@ async fn deliveries_are_retried_and_refusals_reported() {
         .unwrap();
     }
 
-    let (refusing, _) = receiver(0, StatusCode::UNAUTHORIZED).await;
-    let sim = self::sim(Some(refusing)).await;
+    let (refusing, rx) = receiver().await;
+    rx.answer_then(401);
+    let sim = self::sim(refusing).await;
     let s = sim.scenario("juice_clean_cancellation").unwrap();
     assert_eq!(s.steps[0].deliveries[0].provider, Provider::Juice);
     let err = sim
@@ -776,37 +695,7 @@ async fn deliveries_are_retried_and_refusals_reported() {
 /// takes each in exactly once even when sent twice.
 #[tokio::test]
 async fn real_daemon_accepts_every_delivery_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim_base = format!("http://{}", sim_listener.local_addr().unwrap());
-    let daemon_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let daemon_base = format!("http://{}", daemon_listener.local_addr().unwrap());
-
-    let mut config = cancelwatch::Config::default();
-    config.database.url = format!("sqlite://{}/cw.db", dir.path().display());
-    config.stripe.api_base = sim_base.clone();
-    config.stripe.api_key = STRIPE_KEY.into();
-    config.stripe.webhook_secrets = vec![WEBHOOK_SECRET.into()];
-    config.juice.api_base = sim_base;
-    config.juice.api_key = JUICE_KEY.into();
-    config.juice.checksum_keys = vec![BUSINESS_ID.into()];
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(cancelwatch::run_until(config, daemon_listener, async {
-        let _ = stopped.await;
-    }));
-
-    let sim = Simulator::start(
-        sim_listener,
-        SimConfig {
-            stripe_api_key: STRIPE_KEY.into(),
-            juice_api_key: JUICE_KEY.into(),
-            stripe_webhook_secret: WEBHOOK_SECRET.into(),
-            juice_checksum_key: BUSINESS_ID.into(),
-            target: Some(daemon_base),
-        },
-    )
-    .await
-    .unwrap();
+    let (sim, app) = app_with_simulator(TestConfig::new()).await;
     let opts = DeliveryOptions {
         duplicate: true,
         ..DeliveryOptions::default()
@@ -817,20 +706,7 @@ async fn real_daemon_accepts_every_delivery_once() {
     }
     let generated = sim.event_count();
 
-    stop.send(()).unwrap();
-    daemon.await.unwrap().unwrap();
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}/cw.db", dir.path().display()))
-        .await
-        .unwrap();
-    let (stored,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inbox")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let (refused,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM refusals")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(refused, 0);
-    assert_eq!(stored as usize, generated);
-    pool.close().await;
+    let stopped = TestDb::of(&app.stop().await);
+    assert_eq!(db::refusals(&stopped).await.len(), 0);
+    assert_eq!(db::delivery_count(&stopped).await as usize, generated);
 }

@@ -6,17 +6,16 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-mod support;
+use crate::support::binary::{self, free_port};
+use crate::support::sim::Simulator;
 
 #[test]
 fn demo_plays_every_scenario_then_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let port = support::free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cancelwatch"))
+    let port = free_port();
+    let mut child = binary::command(dir.path())
         .arg("demo")
-        .env_clear()
         .env("CANCELWATCH_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .current_dir(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -63,7 +62,7 @@ fn demo_plays_every_scenario_then_keeps_serving() {
     assert!(stop.success());
     let status = child.wait().unwrap();
 
-    for name in cancelwatch_sim::Simulator::scenario_names() {
+    for name in Simulator::scenario_names() {
         assert!(
             out.contains(&format!("== {name}")),
             "{name} was not played:\n{out}"

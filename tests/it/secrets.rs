@@ -4,10 +4,12 @@
 
 use std::time::Duration;
 
-use cancelwatch_sim::{DeliveryOptions, SimConfig, Simulator};
+use cancelwatch::config::SinkConfig;
 
-mod support;
-use support::{free_port, BinaryDaemon};
+use crate::support::binary::{self, BinaryDaemon};
+use crate::support::db;
+use crate::support::sim::{simulator_with, DeliveryOptions, SimConfig, Simulator};
+use crate::support::{wait_until, TestConfig};
 
 const STRIPE_KEY: &str = "sk_test_SECRETstripekey0001";
 const JUICE_KEY: &str = "juice_SECRETapikey0002";
@@ -18,56 +20,39 @@ const SINK_SECRET: &str = "whsec_U0VDUkVUc2lua3NlY3JldDAwMDc=";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_appears_in_logs_or_check_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let sim = Simulator::start(
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        SimConfig {
-            stripe_api_key: STRIPE_KEY.into(),
-            juice_api_key: JUICE_KEY.into(),
-            stripe_webhook_secret: WEBHOOK_SECRETS[0].into(),
-            juice_checksum_key: BUSINESS_ID.into(),
-            target: Some(format!("http://127.0.0.1:{port}")),
-        },
-    )
-    .await
-    .unwrap();
-    let config_path = dir.path().join("cancelwatch.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            r#"
-[server]
-listen = "127.0.0.1:{port}"
-admin_token = "{ADMIN_TOKEN}"
-[log]
-level = "debug"
-[database]
-url = "sqlite://{db}/cw.db"
-[stripe]
-api_base = "{api}"
-api_key = "{STRIPE_KEY}"
-webhook_secrets = ["{s0}", "{s1}"]
-[juice]
-api_base = "{api}"
-api_key = "{JUICE_KEY}"
-checksum_keys = ["{BUSINESS_ID}"]
-[[alerts.sinks]]
-kind = "webhook"
-url = "http://127.0.0.1:9/alerts"
-secret = "{SINK_SECRET}"
-[[alerts.sinks]]
-kind = "log"
-"#,
-            db = dir.path().display(),
-            api = sim.base_url(),
-            s0 = WEBHOOK_SECRETS[0],
-            s1 = WEBHOOK_SECRETS[1],
-        ),
-    )
-    .unwrap();
-    let env = [("CANCELWATCH_CONFIG", config_path.display().to_string())];
-    let mut daemon = BinaryDaemon::start_on(dir.path(), port, &env).await;
+    let config = TestConfig::new().on_a_fixed_port();
+    let sim = simulator_with(SimConfig {
+        stripe_api_key: STRIPE_KEY.into(),
+        juice_api_key: JUICE_KEY.into(),
+        stripe_webhook_secret: WEBHOOK_SECRETS[0].into(),
+        juice_checksum_key: BUSINESS_ID.into(),
+        target: Some(format!("http://{}", config.config().server.listen)),
+    })
+    .await;
+    let api = sim.base_url();
+    let config = config.with(|c| {
+        c.server.admin_token = ADMIN_TOKEN.into();
+        c.log.level = "debug".into();
+        c.stripe.api_base = api.clone();
+        c.stripe.api_key = STRIPE_KEY.into();
+        c.stripe.webhook_secrets = WEBHOOK_SECRETS.map(String::from).to_vec();
+        c.juice.api_base = api;
+        c.juice.api_key = JUICE_KEY.into();
+        c.juice.checksum_keys = vec![BUSINESS_ID.into()];
+        c.alerts.sinks = vec![
+            SinkConfig {
+                kind: "webhook".into(),
+                url: "http://127.0.0.1:9/alerts".into(),
+                secret: SINK_SECRET.into(),
+                ..SinkConfig::default()
+            },
+            SinkConfig {
+                kind: "log".into(),
+                ..SinkConfig::default()
+            },
+        ];
+    });
+    let mut daemon = BinaryDaemon::start(&config).await;
 
     // Everything a day brings: every scenario, twice and shuffled, ...
     let opts = DeliveryOptions {
@@ -103,16 +88,21 @@ kind = "log"
         .unwrap();
     let _ = client.get(format!("{url}/metrics")).send().await.unwrap();
     sim.wait_background(Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The daemon's work is done (and logged): every delivery processed,
+    // every refusal recorded.
+    wait_until(
+        "the daemon has processed every delivery and refusal",
+        Duration::from_secs(30),
+        || async {
+            db::unfinished_deliveries(daemon.db()).await == 0
+                && db::refusals(daemon.db()).await.len() == 3
+        },
+    )
+    .await;
     let status = daemon.terminate().await.expect("stops on SIGTERM");
     assert!(status.success());
 
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_cancelwatch"))
-        .arg("check-config")
-        .env_clear()
-        .env("CANCELWATCH_CONFIG", &config_path)
-        .output()
-        .unwrap();
+    let check = binary::run(&config, &["check-config"]);
     assert!(check.status.success());
     let log = daemon.log_text();
     assert!(log.contains("DEBUG"), "the run logged at debug level");

@@ -8,6 +8,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
+use crate::support::webhooks::STRIPE_FIXTURE;
+
 const ROUNDS: usize = 3_000;
 const SECRET: &str = "whsec_property_secret";
 const T: i64 = 1_761_825_600;
@@ -192,7 +194,7 @@ fn juice_canonical_form_is_stable_and_checksums_need_the_key() {
 
 #[test]
 fn thin_event_decoder_survives_mutations_of_a_real_event() {
-    let fixture = include_bytes!("fixtures/stripe/thin_outbound_transfer_posted.json");
+    let fixture = STRIPE_FIXTURE;
     for seed in seeds() {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut body = fixture.to_vec();

@@ -1,7 +1,7 @@
 //! The operator's side: read commands, the `/v1` API, prune, metrics.
-//! Each test seeds a temporary database with SQL, then drives the library
-//! functions the commands call, the built binary, or the real daemon on
-//! 127.0.0.1:0.
+//! Each test seeds a temporary database with an audit trail, then drives
+//! the library functions the commands call, the built binary, or the real
+//! daemon on 127.0.0.1:0.
 
 use std::time::Duration;
 
@@ -9,160 +9,97 @@ use cancelwatch::cli::output::OutputArgs;
 use cancelwatch::cli::read::{
     self, AlertsArgs, EventsArgs, HistoryArgs, PageArgs, TransitionsArgs,
 };
-use cancelwatch::store::queries::{self, PageRequest, TransitionFilter};
-use cancelwatch::Config;
+use cancelwatch::store::model::{PageRequest, TransitionFilter};
+use cancelwatch::store::Store;
 use serde_json::Value;
-use sqlx::SqlitePool;
-use tokio::sync::oneshot;
+
+use crate::support::binary;
+use crate::support::db::{
+    self, AlertSeed, CancelSeed, DeliverySeed, ProgressSeed, RefundSeed, ResourceSeed,
+};
+use crate::support::sim::{simulator, Simulator};
+use crate::support::webhooks::thin_event;
+use crate::support::{wait_until, TestApp, TestConfig};
 
 const TOKEN: &str = "test-admin-token-1234";
 const FAR: &str = "2099-01-01T00:00:00.000Z";
+const BULK: &str = "7f1c2d3e-0000-4000-8000-000000000001";
 
-fn config_in(dir: &std::path::Path) -> Config {
-    let mut c = Config::default();
-    c.database.url = format!("sqlite://{}/cw.db", dir.display());
-    c.database.synchronous = "normal".into();
-    // These tests seed resources and alerts by hand; the daemon's own
-    // time-based rules (a seeded resource "stuck" since its seeding) would
-    // add alerts of their own to the listings under test.
-    c.alerts.stuck.enabled = false;
-    c.alerts.refund_overdue.enabled = false;
-    c.alerts.verification_failures.enabled = false;
-    c
+fn config() -> TestConfig {
+    TestConfig::new().with(|c| {
+        c.database.synchronous = "normal".into();
+        // These tests seed resources and alerts by hand; the daemon's own
+        // time-based rules (a seeded resource "stuck" since its seeding)
+        // would add alerts of their own to the listings under test.
+        c.alerts.stuck.enabled = false;
+        c.alerts.refund_overdue.enabled = false;
+        c.alerts.verification_failures.enabled = false;
+    })
 }
 
-async fn resource(
-    pool: &SqlitePool,
-    provider: &str,
-    kind: &str,
-    id: &str,
-    parent: Option<&str>,
-    status: &str,
-) -> i64 {
-    sqlx::query_scalar(
-        "INSERT INTO resources (provider, kind, id, parent_id, status, terminal, livemode, amount,
-                                currency, snapshot, first_seen_at, last_observed_at)
-         VALUES (?, ?, ?, ?, ?, 0, 0, 1500, 'usd', ?, '2026-11-01T10:00:00.000Z',
-                 '2026-11-01T12:00:00.000Z')
-         RETURNING rid",
+/// A resource seen on 2026-11-01 (1500 USD), fetched last at noon.
+async fn resource(db: &Store, kind: &str, id: &str, parent: Option<&str>, status: &str) -> i64 {
+    let mut seed = ResourceSeed::new(kind, id, status)
+        .amount(1_500)
+        .currency("usd")
+        .first_seen("2026-11-01T10:00:00.000Z")
+        .observed("2026-11-01T12:00:00.000Z", false);
+    seed.parent_id = parent.map(str::to_string);
+    db::seed_resource(db, &seed).await
+}
+
+/// A delivery of an `outbound_transfer.updated` event about `obt_1`.
+async fn delivery(db: &Store, provider: &str, key: &str, state: &str, received_at: &str) {
+    db::seed_delivery(
+        db,
+        &DeliverySeed {
+            provider,
+            key,
+            event_type: "v2.money_management.outbound_transfer.updated",
+            event_id: Some(key),
+            resource_kind: Some("stripe.outbound_transfer"),
+            resource_id: Some("obt_1"),
+            raw_body: Some(b"{}"),
+            received_at,
+            state,
+            attempts: 0,
+            next_attempt_at: FAR,
+        },
     )
-    .bind(provider)
-    .bind(kind)
-    .bind(id)
-    .bind(parent)
-    .bind(status)
-    .bind(format!(r#"{{"id":"{id}","status":"{status}"}}"#))
-    .fetch_one(pool)
-    .await
-    .unwrap()
+    .await;
 }
 
-async fn transition(
-    pool: &SqlitePool,
-    rid: i64,
-    from: Option<&str>,
-    to: &str,
-    observed_at: &str,
-) -> i64 {
-    sqlx::query_scalar(
-        "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status,
-                                  to_status, observed_at, provider_at, trigger_type, trigger_id,
-                                  livemode, snapshot)
-         SELECT rid, provider, kind, id, parent_id, ?, ?, ?, NULL, 'event', 'evt_' || ?, 0, snapshot
-         FROM resources WHERE rid = ?
-         RETURNING id",
-    )
-    .bind(from)
-    .bind(to)
-    .bind(observed_at)
-    .bind(observed_at)
-    .bind(rid)
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
+/// An open alert at version 2 with its outbox: delivered to `hooks` at
+/// version 1, pending there at version 2 (3 attempts, HTTP 503), and
+/// delivered to `log`.
 async fn alert(
-    pool: &SqlitePool,
+    db: &impl db::Database,
     id: &str,
     rule: &str,
     resource_id: &str,
     summary: &str,
     at: &str,
 ) {
-    sqlx::query(
-        "INSERT INTO alerts (id, rule, severity, provider, kind, resource_id, summary, details,
-                             state, version, created_at, updated_at)
-         VALUES (?, ?, 'critical', 'juice', 'juice.bulk_transfer', ?, ?, '{\"items\":2}', 'open', 2, ?, ?)",
+    db::seed_alert(
+        db,
+        &AlertSeed {
+            id,
+            rule,
+            resource_id,
+            summary,
+            at,
+        },
     )
-    .bind(id)
-    .bind(rule)
-    .bind(resource_id)
-    .bind(summary)
-    .bind(at)
-    .bind(at)
-    .execute(pool)
-    .await
-    .unwrap();
-    for (version, sink, state, attempts, error) in [
-        (1, "hooks", "delivered", 1, None),
-        (2, "hooks", "pending", 3, Some("HTTP 503")),
-        (2, "log", "delivered", 1, None),
-    ] {
-        sqlx::query(
-            "INSERT INTO alert_outbox (alert_id, alert_version, sink, payload, state, attempts,
-                                       next_attempt_at, last_error, created_at, delivered_at)
-             VALUES (?, ?, ?, '{}', ?, ?, ?, ?, ?, CASE WHEN ? = 'delivered' THEN ? END)",
-        )
-        .bind(id)
-        .bind(version)
-        .bind(sink)
-        .bind(state)
-        .bind(attempts)
-        .bind(FAR)
-        .bind(error)
-        .bind(at)
-        .bind(state)
-        .bind(at)
-        .execute(pool)
-        .await
-        .unwrap();
-    }
-}
-
-async fn delivery(pool: &SqlitePool, provider: &str, key: &str, state: &str, received_at: &str) {
-    sqlx::query(
-        "INSERT INTO inbox (provider, dedupe_key, event_type, event_id, resource_kind, resource_id,
-                            raw_body, body_size, received_at, state, next_attempt_at)
-         VALUES (?, ?, 'v2.money_management.outbound_transfer.updated', ?, 'stripe.outbound_transfer',
-                 'obt_1', X'7B7D', 2, ?, ?, ?)",
-    )
-    .bind(provider)
-    .bind(key)
-    .bind(key)
-    .bind(received_at)
-    .bind(state)
-    .bind(FAR)
-    .execute(pool)
-    .await
-    .unwrap();
+    .await;
 }
 
 /// A small but complete audit trail: an outbound transfer, a bulk transfer
 /// with two items (one refunded), an alert, a cancel request, deliveries.
-async fn seed(pool: &SqlitePool) {
-    let obt = resource(
-        pool,
-        "stripe",
-        "stripe.outbound_transfer",
-        "obt_1",
-        None,
-        "canceled",
-    )
-    .await;
-    transition(pool, obt, None, "processing", "2026-11-01T10:00:00.000Z").await;
-    transition(
-        pool,
+async fn seed(db: &Store) {
+    let obt = resource(db, "stripe.outbound_transfer", "obt_1", None, "canceled").await;
+    db::seed_transition(db, obt, None, "processing", "2026-11-01T10:00:00.000Z").await;
+    db::seed_transition(
+        db,
         obt,
         Some("processing"),
         "canceled",
@@ -170,18 +107,10 @@ async fn seed(pool: &SqlitePool) {
     )
     .await;
 
-    let job = resource(
-        pool,
-        "stripe",
-        "stripe.batch_job",
-        "batchv2_1",
-        None,
-        "canceled",
-    )
-    .await;
-    transition(pool, job, None, "in_progress", "2026-11-01T09:00:00.000Z").await;
-    transition(
-        pool,
+    let job = resource(db, "stripe.batch_job", "batchv2_1", None, "canceled").await;
+    db::seed_transition(db, job, None, "in_progress", "2026-11-01T09:00:00.000Z").await;
+    db::seed_transition(
+        db,
         job,
         Some("in_progress"),
         "canceled",
@@ -192,33 +121,25 @@ async fn seed(pool: &SqlitePool) {
         ("2026-11-01T09:00:00.000Z", "in_progress", 10),
         ("2026-11-01T09:30:00.000Z", "canceled", 40),
     ] {
-        sqlx::query(
-            "INSERT INTO progress (rid, observed_at, status, success_count, failure_count,
-                                   validated_count, trigger_type, trigger_id)
-             VALUES (?, ?, ?, ?, 2, 100, 'reconcile', NULL)",
+        db::seed_progress(
+            db,
+            &ProgressSeed {
+                rid: job,
+                observed_at: at,
+                status,
+                success: ok,
+                failure: 2,
+                validated: Some(100),
+                trigger_type: "reconcile",
+            },
         )
-        .bind(job)
-        .bind(at)
-        .bind(status)
-        .bind(ok)
-        .execute(pool)
-        .await
-        .unwrap();
+        .await;
     }
 
-    let bulk = "7f1c2d3e-0000-4000-8000-000000000001";
-    let b = resource(
-        pool,
-        "juice",
-        "juice.bulk_transfer",
-        bulk,
-        None,
-        "cancelled",
-    )
-    .await;
-    transition(pool, b, None, "executing", "2026-11-01T11:00:00.000Z").await;
-    transition(
-        pool,
+    let b = resource(db, "juice.bulk_transfer", BULK, None, "cancelled").await;
+    db::seed_transition(db, b, None, "executing", "2026-11-01T11:00:00.000Z").await;
+    db::seed_transition(
+        db,
         b,
         Some("executing"),
         "cancelled",
@@ -226,61 +147,66 @@ async fn seed(pool: &SqlitePool) {
     )
     .await;
     for (item, status) in [("trf_a", "cancelled"), ("trf_b", "completed")] {
-        let rid = resource(pool, "juice", "juice.transfer", item, Some(bulk), status).await;
-        transition(pool, rid, None, "pending", "2026-11-01T11:01:00.000Z").await;
-        transition(
-            pool,
-            rid,
-            Some("pending"),
-            status,
-            "2026-11-01T11:11:00.000Z",
-        )
-        .await;
+        let rid = resource(db, "juice.transfer", item, Some(BULK), status).await;
+        db::seed_transition(db, rid, None, "pending", "2026-11-01T11:01:00.000Z").await;
+        db::seed_transition(db, rid, Some("pending"), status, "2026-11-01T11:11:00.000Z").await;
         if status == "cancelled" {
-            sqlx::query(
-                "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason,
-                                      amount, currency, opened_at, updated_at, trigger_type)
-                 VALUES (?, 'juice', 'juice.transfer', ?, ?, 'pending', 'cancelled', 1500, 'usd',
-                         '2026-11-01T11:11:00.000Z', '2026-11-01T11:11:00.000Z', 'event')",
+            db::seed_refund(
+                db,
+                &RefundSeed {
+                    rid,
+                    provider: "juice",
+                    kind: "juice.transfer",
+                    resource_id: item,
+                    parent_id: Some(BULK),
+                    status: "pending",
+                    reason: "cancelled",
+                    amount: 1_500,
+                    currency: "usd",
+                    opened_at: "2026-11-01T11:11:00.000Z",
+                    updated_at: "2026-11-01T11:11:00.000Z",
+                },
             )
-            .bind(rid)
-            .bind(item)
-            .bind(bulk)
-            .execute(pool)
-            .await
-            .unwrap();
+            .await;
         }
     }
     alert(
-        pool,
+        db,
         "alrt_1",
         "partial_cancellation",
-        bulk,
+        BULK,
         "bulk transfer cancelled, but 1 item \"completed\", see items",
         "2026-11-01T11:12:00.000Z",
     )
     .await;
-    sqlx::query(
-        "INSERT INTO cancel_requests (provider, kind, resource_id, idempotency_key, requested_by,
-                                      requested_at, http_status, outcome, response_body, answered_at)
-         VALUES ('juice', 'juice.bulk_transfer', ?, 'idem-1', 'cli', '2026-11-01T11:09:00.000Z',
-                 200, 'partial_cancellation', '{\"status\":\"partial\"}', '2026-11-01T11:09:01.000Z')",
+    db::seed_cancel_request(
+        db,
+        &CancelSeed {
+            provider: "juice",
+            kind: "juice.bulk_transfer",
+            resource_id: BULK,
+            idempotency_key: "idem-1",
+            requested_by: "cli",
+            requested_at: "2026-11-01T11:09:00.000Z",
+            http_status: 200,
+            outcome: "partial_cancellation",
+            error_code: None,
+            response_body: Some("{\"status\":\"partial\"}"),
+            answered_at: "2026-11-01T11:09:01.000Z",
+        },
     )
-    .bind(bulk)
-    .execute(pool)
-    .await
-    .unwrap();
+    .await;
     delivery(
-        pool,
+        db,
         "stripe",
         "evt_p1",
         "processed",
         "2026-11-01T10:00:00.000Z",
     )
     .await;
-    delivery(pool, "stripe", "evt_d1", "dead", "2026-11-01T10:01:00.000Z").await;
+    delivery(db, "stripe", "evt_d1", "dead", "2026-11-01T10:01:00.000Z").await;
     delivery(
-        pool,
+        db,
         "juice",
         "bulk_transfer.cancelled:abc",
         "ignored",
@@ -290,12 +216,11 @@ async fn seed(pool: &SqlitePool) {
 }
 
 /// A seeded database on its own (for the CLI functions).
-async fn seeded_db() -> (tempfile::TempDir, Config, cancelwatch::store::Db) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = config_in(dir.path());
-    let db = cancelwatch::open_db(&config).await.unwrap();
-    seed(&db.write).await;
-    (dir, config, db)
+async fn seeded_db() -> (TestConfig, Store) {
+    let config = config();
+    let db = config.open_store().await;
+    seed(&db).await;
+    (config, db)
 }
 
 fn out(json: bool, csv: bool) -> OutputArgs {
@@ -311,18 +236,14 @@ fn page(limit: i64) -> PageArgs {
 
 #[tokio::test]
 async fn history_shows_the_resource_its_items_and_trail() {
-    let (_dir, _config, db) = seeded_db().await;
+    let (_dir, db) = seeded_db().await;
     let bulk = "7f1c2d3e-0000-4000-8000-000000000001";
     let args = |o| HistoryArgs {
         resource_id: bulk.into(),
         output: o,
     };
-    let json: Value = serde_json::from_str(
-        &read::history(&db.read, &args(out(true, false)))
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let json: Value =
+        serde_json::from_str(&read::history(&db, &args(out(true, false))).await.unwrap()).unwrap();
     let r = &json["resources"][0];
     assert_eq!(r["status"], "cancelled");
     assert_eq!(r["snapshot"]["id"], bulk, "snapshot is embedded JSON");
@@ -353,41 +274,31 @@ async fn history_shows_the_resource_its_items_and_trail() {
         "partial"
     );
 
-    let table = read::history(&db.read, &args(out(false, false)))
-        .await
-        .unwrap();
+    let table = read::history(&db, &args(out(false, false))).await.unwrap();
     let status_line = table.lines().find(|l| l.starts_with("status ")).unwrap();
     assert!(status_line.ends_with(" cancelled"), "{table}");
     assert!(table.contains("ITEMS (2)"), "{table}");
     assert!(table.contains("trf_b"), "{table}");
     assert!(table.contains("hooks:pending(3 attempts)"), "{table}");
 
-    let csv = read::history(&db.read, &args(out(false, true)))
-        .await
-        .unwrap();
+    let csv = read::history(&db, &args(out(false, true))).await.unwrap();
     assert_eq!(csv.lines().count(), 1 + 2 + 4, "{csv}");
 }
 
 #[tokio::test]
 async fn batch_job_history_shows_progress_counts() {
-    let (_dir, _config, db) = seeded_db().await;
+    let (_dir, db) = seeded_db().await;
     let args = |o| HistoryArgs {
         resource_id: "batchv2_1".into(),
         output: o,
     };
-    let json: Value = serde_json::from_str(
-        &read::history(&db.read, &args(out(true, false)))
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let json: Value =
+        serde_json::from_str(&read::history(&db, &args(out(true, false))).await.unwrap()).unwrap();
     let progress = json["resources"][0]["progress"].as_array().unwrap();
     assert_eq!(progress.len(), 2);
     assert_eq!(progress[1]["success_count"], 40);
     assert_eq!(progress[1]["trigger"]["type"], "reconcile");
-    let table = read::history(&db.read, &args(out(false, false)))
-        .await
-        .unwrap();
+    let table = read::history(&db, &args(out(false, false))).await.unwrap();
     let section = table.split("PROGRESS\n").nth(1).unwrap();
     let row = section.lines().nth(2).unwrap();
     let cells: Vec<&str> = row.split_whitespace().collect();
@@ -406,9 +317,9 @@ async fn batch_job_history_shows_progress_counts() {
 
 #[tokio::test]
 async fn unknown_resource_and_bad_filters_are_errors() {
-    let (_dir, _config, db) = seeded_db().await;
+    let (_dir, db) = seeded_db().await;
     let err = read::history(
-        &db.read,
+        &db,
         &HistoryArgs {
             resource_id: "obt_nope".into(),
             output: out(false, false),
@@ -423,32 +334,32 @@ async fn unknown_resource_and_bad_filters_are_errors() {
         page: page(10),
         ..Default::default()
     };
-    let err = read::transitions(&db.read, &bad_time).await.unwrap_err();
+    let err = read::transitions(&db, &bad_time).await.unwrap_err();
     assert!(err.to_string().contains("since"), "{err}");
     let bad_limit = TransitionsArgs {
         page: page(0),
         ..Default::default()
     };
-    let err = read::transitions(&db.read, &bad_limit).await.unwrap_err();
+    let err = read::transitions(&db, &bad_limit).await.unwrap_err();
     assert!(err.to_string().contains("limit"), "{err}");
     let bad_state = EventsArgs {
         state: Some("done".into()),
         page: page(10),
         ..Default::default()
     };
-    let err = read::events(&db.read, &bad_state).await.unwrap_err();
+    let err = read::events(&db, &bad_state).await.unwrap_err();
     assert!(err.to_string().contains("pending, processing"), "{err}");
     let bad_type = AlertsArgs {
         rule: Some("partial".into()),
         page: page(10),
         ..Default::default()
     };
-    assert!(read::alerts(&db.read, &bad_type).await.is_err());
+    assert!(read::alerts(&db, &bad_type).await.is_err());
 }
 
 #[tokio::test]
 async fn listings_filter_and_render() {
-    let (_dir, _config, db) = seeded_db().await;
+    let (_dir, db) = seeded_db().await;
     let canceled = TransitionsArgs {
         provider: Some("stripe".into()),
         to_status: Some("canceled".into()),
@@ -458,7 +369,7 @@ async fn listings_filter_and_render() {
         ..Default::default()
     };
     let json: Value =
-        serde_json::from_str(&read::transitions(&db.read, &canceled).await.unwrap()).unwrap();
+        serde_json::from_str(&read::transitions(&db, &canceled).await.unwrap()).unwrap();
     let data = json["data"].as_array().unwrap();
     assert_eq!(data.len(), 1);
     let t = &data[0];
@@ -486,7 +397,7 @@ async fn listings_filter_and_render() {
         output: out(false, true),
         ..Default::default()
     };
-    let csv = read::transitions(&db.read, &one).await.unwrap();
+    let csv = read::transitions(&db, &one).await.unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
     assert!(csv.lines().skip(1).all(|l| l.contains(",trf_b,")), "{csv}");
 
@@ -496,7 +407,7 @@ async fn listings_filter_and_render() {
         page: page(10),
         ..Default::default()
     };
-    let table = read::transitions(&db.read, &juice_items).await.unwrap();
+    let table = read::transitions(&db, &juice_items).await.unwrap();
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("ID"), "{table}");
     assert_eq!(
@@ -516,7 +427,7 @@ async fn listings_filter_and_render() {
         output: out(false, true),
         ..Default::default()
     };
-    let csv = read::events(&db.read, &events).await.unwrap();
+    let csv = read::events(&db, &events).await.unwrap();
     assert!(csv.starts_with("id,provider,key,"), "{csv}");
     assert_eq!(csv.lines().count(), 2, "{csv}");
     assert!(csv.contains("evt_d1"));
@@ -528,19 +439,20 @@ async fn listings_filter_and_render() {
         page: page(10),
         ..Default::default()
     };
-    let table = read::alerts(&db.read, &open).await.unwrap();
+    let table = read::alerts(&db, &open).await.unwrap();
     assert!(table.contains("partial_cancellation"), "{table}");
 }
 
 #[tokio::test]
 async fn one_resources_transitions_are_found_through_its_rid() {
-    let (_dir, _config, db) = seeded_db().await;
+    let (_dir, db) = seeded_db().await;
     let filter = TransitionFilter {
         kind: Some("juice.transfer".into()),
         resource_id: Some("trf_b".into()),
         ..Default::default()
     };
-    let page = queries::transitions(&db.read, &filter, &PageRequest::default())
+    let page = db
+        .transitions(&filter, &PageRequest::default())
         .await
         .unwrap();
     assert_eq!(page.data.len(), 2);
@@ -548,7 +460,8 @@ async fn one_resources_transitions_are_found_through_its_rid() {
     assert!(page.data[0].id > page.data[1].id, "newest first");
     // Whatever else is filtered, the one resource's rows are looked up by
     // rid, never found by walking every transition of a kind.
-    let plan = queries::explain_transitions(&db.read, &filter, &PageRequest::default())
+    let plan = db
+        .explain_transitions(&filter, &PageRequest::default())
         .await
         .unwrap()
         .join("\n");
@@ -558,7 +471,8 @@ async fn one_resources_transitions_are_found_through_its_rid() {
         resource_id: Some("trf_nobody".into()),
         ..Default::default()
     };
-    let page = queries::transitions(&db.read, &nobody, &PageRequest::default())
+    let page = db
+        .transitions(&nobody, &PageRequest::default())
         .await
         .unwrap();
     assert!(page.data.is_empty());
@@ -569,7 +483,7 @@ async fn one_resources_transitions_are_found_through_its_rid() {
 /// reason migration 10 could drop the `(column, observed_at)` ones.
 #[tokio::test]
 async fn filtered_listings_walk_the_id_ordered_indexes() {
-    let (_dir, _config, db) = seeded_db().await;
+    let (_dir, db) = seeded_db().await;
     let since = Some("2026-10-01T00:00:00Z".to_string());
     let until = Some("2026-12-01T00:00:00Z".to_string());
     let cases = [
@@ -600,20 +514,16 @@ async fn filtered_listings_walk_the_id_ordered_indexes() {
         ),
     ];
     for (filter, index) in cases {
-        let plan = queries::explain_transitions(&db.read, &filter, &PageRequest::default())
+        let plan = db
+            .explain_transitions(&filter, &PageRequest::default())
             .await
             .unwrap()
             .join("\n");
         assert!(plan.contains(index), "{filter:?}: {plan}");
         assert!(!plan.contains("TEMP B-TREE"), "{filter:?} sorts: {plan}");
     }
-    let indexes: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM pragma_index_list('transitions') ORDER BY name")
-            .fetch_all(&db.read)
-            .await
-            .unwrap();
     assert_eq!(
-        indexes,
+        db::index_names(&db, "transitions").await,
         [
             "transitions_kind_id",
             "transitions_observed",
@@ -626,13 +536,13 @@ async fn filtered_listings_walk_the_id_ordered_indexes() {
 
 #[tokio::test]
 async fn csv_fields_are_quoted() {
-    let (_dir, _config, db) = seeded_db().await;
+    let (_dir, db) = seeded_db().await;
     let args = AlertsArgs {
         page: page(10),
         output: out(false, true),
         ..Default::default()
     };
-    let csv = read::alerts(&db.read, &args).await.unwrap();
+    let csv = read::alerts(&db, &args).await.unwrap();
     assert!(
         csv.contains(r#","bulk transfer cancelled, but 1 item ""completed"", see items","#),
         "{csv}"
@@ -645,18 +555,9 @@ async fn csv_fields_are_quoted() {
 
 #[tokio::test]
 async fn the_binary_fails_clearly_on_unknown_resource_and_bad_filter() {
-    let (dir, _config, db) = seeded_db().await;
+    let (config, db) = seeded_db().await;
     db.close().await;
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_cancelwatch"))
-            .args(args)
-            .env(
-                "CANCELWATCH_DATABASE__URL",
-                format!("sqlite://{}/cw.db", dir.path().display()),
-            )
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| binary::run(&config, args);
     let o = run(&["history", "obt_missing"]);
     assert!(!o.status.success());
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -687,49 +588,36 @@ async fn the_binary_fails_clearly_on_unknown_resource_and_bad_filter() {
 
 #[tokio::test]
 async fn prune_drops_bodies_and_old_rows_but_keeps_the_trail_and_dedupe_keys() {
-    let (_dir, _config, db) = seeded_db().await;
+    let (_dir, db) = seeded_db().await;
     let now = chrono::DateTime::parse_from_rfc3339("2026-12-01T00:00:00Z")
         .unwrap()
         .with_timezone(&chrono::Utc);
     let ago = |hours: i64| cancelwatch::time::fmt(now - chrono::Duration::hours(hours));
-    let pool = &db.write;
     // Seeded deliveries are from 2026-11-01 (30 days before `now`).
-    delivery(pool, "stripe", "evt_2d", "processed", &ago(48)).await;
-    delivery(pool, "stripe", "evt_4d", "processed", &ago(96)).await;
-    delivery(pool, "stripe", "evt_4d_pending", "pending", &ago(96)).await;
-    delivery(pool, "stripe", "evt_4d_failed", "failed", &ago(96)).await;
-    delivery(pool, "juice", "j:40h", "processed", &ago(40)).await;
-    delivery(pool, "juice", "j:50h", "ignored", &ago(50)).await;
-    delivery(pool, "stripe", "evt_1h", "processed", &ago(1)).await;
+    delivery(&db, "stripe", "evt_2d", "processed", &ago(48)).await;
+    delivery(&db, "stripe", "evt_4d", "processed", &ago(96)).await;
+    delivery(&db, "stripe", "evt_4d_pending", "pending", &ago(96)).await;
+    delivery(&db, "stripe", "evt_4d_failed", "failed", &ago(96)).await;
+    delivery(&db, "juice", "j:40h", "processed", &ago(40)).await;
+    delivery(&db, "juice", "j:50h", "ignored", &ago(50)).await;
+    delivery(&db, "stripe", "evt_1h", "processed", &ago(1)).await;
     for (hours, reason) in [(30, "invalid_signature"), (2, "missing_signature")] {
-        sqlx::query(
-            "INSERT INTO refusals (provider, reason, message, http_status, received_at)
-             VALUES ('stripe', ?, 'x', 401, ?)",
-        )
-        .bind(reason)
-        .bind(ago(hours))
-        .execute(pool)
-        .await
-        .unwrap();
+        db::seed_refusal(&db, "stripe", reason, &ago(hours)).await;
     }
-    let trail = "SELECT (SELECT COUNT(*) FROM transitions) || '/' || (SELECT COUNT(*) FROM refunds)
-                  || '/' || (SELECT COUNT(*) FROM alerts) || '/' || (SELECT COUNT(*) FROM alert_outbox)
-                  || '/' || (SELECT COUNT(*) FROM cancel_requests) || '/' || (SELECT COUNT(*) FROM resources)";
-    let before: String = sqlx::query_scalar(trail).fetch_one(pool).await.unwrap();
+    let before = db::audit_trail_counts(&db).await;
 
-    let report = cancelwatch::prune::prune(&db, Duration::from_secs(86_400), now)
+    let report = cancelwatch::jobs::prune::prune(&db, Duration::from_secs(86_400), now)
         .await
         .unwrap();
     let text = report.to_string();
     assert!(text.contains("raw bodies dropped"), "{text}");
 
-    let rows: Vec<(String, String, bool)> = sqlx::query_as(
-        "SELECT dedupe_key, state, raw_body IS NOT NULL FROM inbox ORDER BY dedupe_key",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    let find = |k: &str| rows.iter().find(|r| r.0 == k).map(|r| (r.1.as_str(), r.2));
+    let rows = db::deliveries(&db).await;
+    let find = |k: &str| {
+        rows.iter()
+            .find(|r| r.dedupe_key == k)
+            .map(|r| (r.state.as_str(), r.raw_body.is_some()))
+    };
     // Older than a Stripe retry window (3 days) and finished: gone.
     assert_eq!(find("evt_4d"), None);
     assert_eq!(find("evt_p1"), None);
@@ -746,115 +634,52 @@ async fn prune_drops_bodies_and_old_rows_but_keeps_the_trail_and_dedupe_keys() {
     assert_eq!(find("evt_1h"), Some(("processed", true)));
     assert_eq!(
         report,
-        cancelwatch::prune::PruneReport {
+        cancelwatch::jobs::prune::PruneReport {
             cutoff: ago(24),
             bodies_dropped: 2,
             refusals_deleted: 1,
             deliveries_deleted: 5,
         }
     );
-    let refusals: Vec<String> = sqlx::query_scalar("SELECT reason FROM refusals")
-        .fetch_all(pool)
+    let refusals: Vec<String> = db::refusals(&db)
         .await
-        .unwrap();
+        .into_iter()
+        .map(|r| r.reason)
+        .collect();
     assert_eq!(refusals, vec!["missing_signature".to_string()]);
-    let after: String = sqlx::query_scalar(trail).fetch_one(pool).await.unwrap();
-    assert_eq!(before, after, "the audit trail is never pruned");
+    assert_eq!(
+        db::audit_trail_counts(&db).await,
+        before,
+        "the audit trail is never pruned"
+    );
 }
 
-/// The real daemon on 127.0.0.1:0 with a seeded database.
-struct Daemon {
-    base: String,
-    db_url: String,
-    client: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    async fn start(token: &str, tweak: impl FnOnce(&mut Config)) -> Daemon {
-        let (dir, mut config, db) = seeded_db().await;
-        db.close().await;
-        config.server.admin_token = token.into();
-        tweak(&mut config);
-        let db_url = config.database.url.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(cancelwatch::run_until(config, listener, async move {
-            let _ = rx.await;
-        }));
-        let client = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(r) = client.get(format!("{base}/healthz")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "daemon did not come up"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Daemon {
-            base,
-            db_url,
-            client,
-            stop: Some(tx),
-            handle,
-            _dir: dir,
-        }
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.client.get(format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        let body = r.json::<Value>().await.unwrap_or(Value::Null);
-        (status, body)
-    }
-
-    async fn pool(&self) -> SqlitePool {
-        SqlitePool::connect(&self.db_url).await.unwrap()
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(15), self.handle)
-            .await
-            .expect("daemon stops")
-            .unwrap()
-            .unwrap();
-    }
+/// The real daemon on a seeded database, its API behind [`TOKEN`].
+async fn seeded_app(tune: impl FnOnce(TestConfig) -> TestConfig) -> TestApp {
+    let (config, db) = seeded_db().await;
+    db.close().await;
+    TestApp::start(tune(config.with(|c| c.server.admin_token = TOKEN.into()))).await
 }
 
 #[tokio::test]
 async fn api_requires_the_admin_token_and_is_off_without_one() {
-    let d = Daemon::start(TOKEN, |_| {}).await;
-    let (status, body) = d.get("/v1/transitions", None).await;
+    let app = seeded_app(|c| c).await;
+    let (status, body) = app.get("/v1/transitions", None).await;
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "unauthorized");
-    let (status, _) = d.get("/v1/transitions", Some("wrong-token")).await;
+    let (status, _) = app.get("/v1/transitions", Some("wrong-token")).await;
     assert_eq!(status, 401);
-    let (status, _) = d.get("/v1/resources/obt_1", Some(&TOKEN[..5])).await;
+    let (status, _) = app.get("/v1/resources/obt_1", Some(&TOKEN[..5])).await;
     assert_eq!(status, 401);
-    let (status, body) = d.get("/v1/transitions", Some(TOKEN)).await;
+    let (status, body) = app.get("/v1/transitions", Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"].as_array().unwrap().len(), 10);
-    let (status, body) = d.get("/v1/nothing-here", Some(TOKEN)).await;
+    let (status, body) = app.get("/v1/nothing-here", Some(TOKEN)).await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "not_found");
-    let r = d
-        .client
-        .delete(format!("{}/v1/transitions", d.base))
+    let r = app
+        .client()
+        .delete(format!("{}/v1/transitions", app.url))
         .bearer_auth(TOKEN)
         .send()
         .await
@@ -863,11 +688,11 @@ async fn api_requires_the_admin_token_and_is_off_without_one() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");
     // Webhooks and health are not behind the token.
-    let (status, _) = d.get("/healthz", None).await;
+    let (status, _) = app.get("/healthz", None).await;
     assert_eq!(status, 200);
-    d.stop().await;
+    app.stop().await;
 
-    let off = Daemon::start("", |_| {}).await;
+    let off = seeded_app(|c| c.with(|c| c.server.admin_token.clear())).await;
     for path in ["/v1/transitions", "/v1/resources/obt_1", "/v1/anything"] {
         let (status, body) = off.get(path, Some("")).await;
         assert_eq!(status, 404, "{path}");
@@ -878,13 +703,8 @@ async fn api_requires_the_admin_token_and_is_off_without_one() {
 
 #[tokio::test]
 async fn api_answers_resources_and_listings_and_rejects_bad_params() {
-    let d = Daemon::start(TOKEN, |_| {}).await;
-    let (status, body) = d
-        .get(
-            "/v1/resources/7f1c2d3e-0000-4000-8000-000000000001",
-            Some(TOKEN),
-        )
-        .await;
+    let app = seeded_app(|c| c).await;
+    let (status, body) = app.get(&format!("/v1/resources/{BULK}"), Some(TOKEN)).await;
     assert_eq!(status, 200);
     let r = &body["resources"][0];
     assert_eq!(r["kind"], "juice.bulk_transfer");
@@ -893,11 +713,11 @@ async fn api_answers_resources_and_listings_and_rejects_bad_params() {
     assert_eq!(r["refunds"].as_array().unwrap().len(), 0);
     assert_eq!(r["children"][0]["refunds"][0]["amount"], 1500);
 
-    let (status, body) = d.get("/v1/resources/obt_unknown", Some(TOKEN)).await;
+    let (status, body) = app.get("/v1/resources/obt_unknown", Some(TOKEN)).await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "not_found");
 
-    let (status, body) = d
+    let (status, body) = app
         .get(
             "/v1/transitions?kind=juice.transfer&to=cancelled",
             Some(TOKEN),
@@ -906,26 +726,20 @@ async fn api_answers_resources_and_listings_and_rejects_bad_params() {
     assert_eq!(status, 200);
     assert_eq!(body["data"].as_array().unwrap().len(), 1);
     assert_eq!(body["data"][0]["resource_id"], "trf_a");
-    assert_eq!(
-        body["data"][0]["parent_id"],
-        "7f1c2d3e-0000-4000-8000-000000000001"
-    );
+    assert_eq!(body["data"][0]["parent_id"], BULK);
 
-    let (status, body) = d.get("/v1/events?state=dead", Some(TOKEN)).await;
+    let (status, body) = app.get("/v1/events?state=dead", Some(TOKEN)).await;
     assert_eq!(status, 200);
     assert_eq!(body["data"][0]["key"], "evt_d1");
     assert!(body["data"][0].get("raw_body").is_none());
-    let (status, body) = d
+    let (status, body) = app
         .get(
             "/v1/alerts?type=partial_cancellation&state=open",
             Some(TOKEN),
         )
         .await;
     assert_eq!(status, 200);
-    assert_eq!(
-        body["data"][0]["resource"]["id"],
-        "7f1c2d3e-0000-4000-8000-000000000001"
-    );
+    assert_eq!(body["data"][0]["resource"]["id"], BULK);
     assert_eq!(body["data"][0]["details"]["items"], 2);
 
     for (path, code) in [
@@ -944,18 +758,18 @@ async fn api_answers_resources_and_listings_and_rejects_bad_params() {
         ("/v1/alerts?state=closed", "invalid_parameter"),
         ("/v1/alerts?cursor=dDoxMg", "invalid_cursor"),
     ] {
-        let (status, body) = d.get(path, Some(TOKEN)).await;
+        let (status, body) = app.get(path, Some(TOKEN)).await;
         assert_eq!(status, 400, "{path}: {body}");
         assert_eq!(body["error"]["code"], code, "{path}: {body}");
         assert!(body["error"]["message"].as_str().unwrap().len() > 5);
     }
-    d.stop().await;
+    app.stop().await;
 }
 
 /// Walks a listing page by page; returns the ids met, in order.
 /// `during` runs once, after the first page.
 async fn walk(
-    d: &Daemon,
+    app: &TestApp,
     path: &str,
     id_key: &str,
     during: impl std::future::Future<Output = ()>,
@@ -969,7 +783,7 @@ async fn walk(
             Some(c) => format!("{path}{sep}limit=3&cursor={c}"),
             None => format!("{path}{sep}limit=3"),
         };
-        let (status, body) = d.get(&url, Some(TOKEN)).await;
+        let (status, body) = app.get(&url, Some(TOKEN)).await;
         assert_eq!(status, 200, "{url}: {body}");
         for row in body["data"].as_array().unwrap() {
             ids.push(match &row[id_key] {
@@ -990,9 +804,8 @@ async fn walk(
 
 #[tokio::test]
 async fn pages_stay_correct_while_rows_arrive() {
-    let d = Daemon::start(TOKEN, |_| {}).await;
-    let pool = d.pool().await;
-    let (_, all) = d.get("/v1/transitions?limit=1000", Some(TOKEN)).await;
+    let app = seeded_app(|c| c).await;
+    let (_, all) = app.get("/v1/transitions?limit=1000", Some(TOKEN)).await;
     let expected: Vec<String> = all["data"]
         .as_array()
         .unwrap()
@@ -1000,15 +813,14 @@ async fn pages_stay_correct_while_rows_arrive() {
         .map(|t| t["id"].to_string())
         .collect();
     assert_eq!(expected.len(), 10);
-    let rid: i64 = sqlx::query_scalar("SELECT rid FROM resources WHERE id = 'obt_1'")
-        .fetch_one(&pool)
+    let obt = db::resource(app.db(), "stripe.outbound_transfer", "obt_1")
         .await
         .unwrap();
-    let got = walk(&d, "/v1/transitions", "id", async {
+    let got = walk(&app, "/v1/transitions", "id", async {
         for i in 0..5 {
-            transition(
-                &pool,
-                rid,
+            db::seed_transition(
+                app.db(),
+                obt.rid,
                 Some("canceled"),
                 "returned",
                 &format!("2026-11-02T00:00:0{i}.000Z"),
@@ -1021,25 +833,19 @@ async fn pages_stay_correct_while_rows_arrive() {
         got, expected,
         "no row repeated or skipped, new rows not mixed in"
     );
-    let (_, now_all) = d.get("/v1/transitions?limit=1000", Some(TOKEN)).await;
+    let (_, now_all) = app.get("/v1/transitions?limit=1000", Some(TOKEN)).await;
     assert_eq!(now_all["data"].as_array().unwrap().len(), 15);
 
-    let got = walk(&d, "/v1/events", "key", async {
-        delivery(
-            &pool,
-            "stripe",
-            "evt_new",
-            "processed",
-            "2026-11-03T00:00:00.000Z",
-        )
-        .await;
+    let got = walk(&app, "/v1/events", "key", async {
+        let (status, _) = app.post_stripe(&thin_event("evt_new")).await;
+        assert_eq!(status, 200);
     })
     .await;
     assert_eq!(got, vec!["bulk_transfer.cancelled:abc", "evt_d1", "evt_p1"]);
 
     for i in 0..4 {
         alert(
-            &pool,
+            app.db(),
             &format!("alrt_x{i}"),
             "stuck",
             &format!("obt_x{i}"),
@@ -1048,9 +854,9 @@ async fn pages_stay_correct_while_rows_arrive() {
         )
         .await;
     }
-    let got = walk(&d, "/v1/alerts", "id", async {
+    let got = walk(&app, "/v1/alerts", "id", async {
         alert(
-            &pool,
+            app.db(),
             "alrt_late",
             "stuck",
             "obt_2",
@@ -1064,79 +870,46 @@ async fn pages_stay_correct_while_rows_arrive() {
         got,
         vec!["alrt_x3", "alrt_x2", "alrt_x1", "alrt_x0", "alrt_1"]
     );
-    pool.close().await;
-    d.stop().await;
+    app.stop().await;
 }
 
 #[tokio::test]
 async fn metrics_count_deliveries_by_state_and_dead_ones() {
-    let d = Daemon::start(TOKEN, |_| {}).await;
-    let text = d
-        .client
-        .get(format!("{}/metrics", d.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let app = seeded_app(|c| c).await;
+    let text = app.metrics().await;
     assert!(text.contains("cancelwatch_deliveries_dead"), "{text}");
     assert!(
         text.lines()
             .any(|l| l.starts_with("cancelwatch_inbox_deliveries{state=\"processed\"}")),
         "{text}"
     );
-    d.stop().await;
+    app.stop().await;
 }
 
 #[tokio::test]
 async fn serve_prunes_on_schedule_when_enabled() {
-    let d = Daemon::start(TOKEN, |c| {
-        c.prune.enabled = true;
-        c.prune.older_than = "10d".into();
-        c.prune.interval_secs = 3_600;
+    let app = seeded_app(|c| {
+        c.with(|c| {
+            c.prune.enabled = true;
+            c.prune.older_than = "10d".into();
+            c.prune.interval_secs = 3_600;
+        })
     })
     .await;
-    let pool = d.pool().await;
     // The seeded finished deliveries are from 2026-11-01; prune runs at start.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if left == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "scheduled prune did not run ({left} deliveries left)"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let transitions: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM transitions")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(transitions, 10);
-    pool.close().await;
-    d.stop().await;
+    wait_until(
+        "the scheduled prune removes every delivery",
+        Duration::from_secs(10),
+        || async { db::delivery_count(app.db()).await == 0 },
+    )
+    .await;
+    assert_eq!(db::transition_count(app.db()).await, 10);
+    app.stop().await;
 }
 
-const STRIPE_KEY: &str = "sk_test_ops_sim";
-
-/// A simulated Stripe holding one processing outbound transfer; returns its id.
-async fn sim_with_transfer() -> (cancelwatch_sim::Simulator, Vec<String>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = cancelwatch_sim::Simulator::start(
-        listener,
-        cancelwatch_sim::SimConfig {
-            stripe_api_key: STRIPE_KEY.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+/// A simulated Stripe holding two processing outbound transfers; their ids.
+async fn sim_with_transfers() -> (Simulator, Vec<String>) {
+    let sim = simulator(None).await;
     let mut ids = Vec::new();
     for _ in 0..2 {
         let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
@@ -1151,55 +924,40 @@ async fn sim_with_transfer() -> (cancelwatch_sim::Simulator, Vec<String>) {
 
 #[tokio::test]
 async fn cancel_and_replay_over_the_api_and_the_cli() {
-    let (sim, ids) = sim_with_transfer().await;
-    let base = sim.base_url();
-    let d = Daemon::start(TOKEN, |c| {
-        c.stripe.api_base = base.clone();
-        c.stripe.api_key = STRIPE_KEY.into();
-    })
-    .await;
-    let post = |path: &str, body: Option<Value>, token: Option<&str>| {
-        let mut req = d.client.post(format!("{}{path}", d.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        async move {
-            let r = req.send().await.unwrap();
-            (
-                r.status().as_u16(),
-                r.json::<Value>().await.unwrap_or(Value::Null),
-            )
-        }
-    };
+    let (sim, ids) = sim_with_transfers().await;
+    let app = seeded_app(|c| c.provider_apis(&sim.base_url())).await;
 
     let cancel = serde_json::json!({"kind": "stripe.outbound_transfer", "id": ids[0]});
-    let (status, _) = post("/v1/cancellations", Some(cancel.clone()), None).await;
+    let (status, _) = app
+        .post("/v1/cancellations", Some(cancel.clone()), None)
+        .await;
     assert_eq!(status, 401);
-    let (status, body) = post(
-        "/v1/cancellations",
-        Some(serde_json::json!({"kind": "stripe.refund", "id": "re_1"})),
-        Some(TOKEN),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            "/v1/cancellations",
+            Some(serde_json::json!({"kind": "stripe.refund", "id": "re_1"})),
+            Some(TOKEN),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "unknown_kind");
-    let (status, body) = post(
-        "/v1/cancellations",
-        Some(serde_json::json!({"kind": "stripe.outbound_transfer"})),
-        Some(TOKEN),
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            "/v1/cancellations",
+            Some(serde_json::json!({"kind": "stripe.outbound_transfer"})),
+            Some(TOKEN),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "invalid_body");
 
-    let (status, body) = post("/v1/cancellations", Some(cancel), Some(TOKEN)).await;
+    let (status, body) = app
+        .post("/v1/cancellations", Some(cancel), Some(TOKEN))
+        .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["outcome"], "accepted", "{body}");
     assert_eq!(body["status"], "canceled", "{body}");
-    let (status, history) = d
+    let (status, history) = app
         .get(&format!("/v1/resources/{}", ids[0]), Some(TOKEN))
         .await;
     assert_eq!(status, 200);
@@ -1210,38 +968,27 @@ async fn cancel_and_replay_over_the_api_and_the_cli() {
     assert_eq!(last["to_status"], "canceled");
     assert_eq!(last["trigger"]["type"], "cancel");
 
-    let (status, body) = post("/v1/events/evt_nope/replay", None, Some(TOKEN)).await;
+    let (status, body) = app
+        .post("/v1/events/evt_nope/replay", None, Some(TOKEN))
+        .await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["code"], "not_found");
-    let (status, body) = post("/v1/events/evt_d1/replay", None, Some(TOKEN)).await;
+    let (status, body) = app
+        .post("/v1/events/evt_d1/replay", None, Some(TOKEN))
+        .await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["key"], "evt_d1");
     assert_eq!(body["previous_state"], "dead");
-    let pool = d.pool().await;
     // Seeded with no attempts: the daemon's workers take it up again.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let attempts: i64 =
-            sqlx::query_scalar("SELECT attempts FROM inbox WHERE dedupe_key = 'evt_d1'")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        if attempts > 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the replayed delivery was not processed again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "the replayed delivery is processed again",
+        Duration::from_secs(10),
+        || async { db::delivery(app.db(), "evt_d1").await.unwrap().attempts > 0 },
+    )
+    .await;
 
     // The CLI functions, on the same database.
-    let mut config = config_in(std::path::Path::new("/nonexistent"));
-    config.database.url = d.db_url.clone();
-    config.stripe.api_base = base.clone();
-    config.stripe.api_key = STRIPE_KEY.into();
-    let ctx = cancelwatch::pipeline::Context::open(config).await.unwrap();
+    let ctx = app.test_config().context().await;
     let out = cancelwatch::cli::actions::cancel(
         &ctx,
         &cancelwatch::cli::actions::CancelArgs {
@@ -1254,13 +1001,8 @@ async fn cancel_and_replay_over_the_api_and_the_cli() {
     .unwrap();
     let outcome = out.lines().find(|l| l.starts_with("outcome")).unwrap();
     assert!(outcome.ends_with(" accepted"), "{out}");
-    let requested_by: String =
-        sqlx::query_scalar("SELECT requested_by FROM cancel_requests WHERE resource_id = ?")
-            .bind(&ids[1])
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(requested_by, "cli");
+    let requests = db::cancel_requests(app.db(), "stripe.outbound_transfer", &ids[1]).await;
+    assert_eq!(requests[0].requested_by, "cli");
     let err = cancelwatch::cli::actions::replay(
         &ctx,
         &cancelwatch::cli::actions::ReplayArgs {
@@ -1271,7 +1013,6 @@ async fn cancel_and_replay_over_the_api_and_the_cli() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("no stored delivery"), "{err}");
-    ctx.db.close().await;
-    pool.close().await;
-    d.stop().await;
+    ctx.store.close().await;
+    app.stop().await;
 }

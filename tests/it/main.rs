@@ -1,0 +1,14 @@
+//! The integration tests: one binary, one harness (`support`). Each module
+//! drives the daemon from outside (HTTP, the binary, the simulator), or the
+//! library functions its commands call.
+
+mod alerts;
+mod demo;
+mod faults;
+mod ingress;
+mod ops;
+mod pipeline;
+mod properties;
+mod secrets;
+mod sim;
+mod support;
