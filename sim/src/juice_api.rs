@@ -1,4 +1,4 @@
-//! The simulated Juice bulk-transfers API (PROVIDERS.md 2.2).
+//! The simulated Juice bulk-transfers API (Juice's API reference).
 
 use std::collections::HashMap;
 use std::sync::Arc;

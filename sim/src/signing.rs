@@ -1,5 +1,5 @@
 //! How the providers sign what they send, written from their documentation
-//! (PROVIDERS.md 1.1 and 2.1) and not from cancelwatch's verifiers: a mistake
+//! (Stripe's and Juice's webhook documentation) and not from cancelwatch's verifiers: a mistake
 //! in the daemon's verification then fails against the simulator instead of
 //! being repeated by it.
 

@@ -1,5 +1,5 @@
 //! The simulated providers' objects, their state machines and their JSON
-//! shapes (PROVIDERS.md 1.4, 1.5 and 2.2), plus the world that holds them.
+//! shapes (Stripe's and Juice's API references), plus the world that holds them.
 
 use std::collections::{HashMap, HashSet};
 
@@ -39,7 +39,7 @@ pub fn batch_job_path(id: &str) -> String {
     format!("/v2/core/batch_jobs/{id}")
 }
 
-/// A Stripe thin event notification (PROVIDERS.md 1.2) about one object.
+/// A Stripe thin event notification (Stripe's v2 API reference) about one object.
 pub fn thin_event(event_type: &str, object_type: &str, object_id: &str, url: &str) -> Value {
     json!({
         "id": new_id("evt_sim_"),
@@ -402,7 +402,7 @@ impl BulkTransfer {
         changed
     }
 
-    /// The cancel endpoint's semantics (PROVIDERS.md 2.2): the batch becomes
+    /// The cancel endpoint's semantics (Juice's API reference): the batch becomes
     /// `cancelled`, pending items `cancelled`; the others stay as they are.
     /// Fails when the bulk transfer is not in a cancellable status.
     pub fn cancel(&mut self) -> Result<BulkCancel, NotCancellable> {

@@ -1,5 +1,5 @@
 //! The simulated Stripe v2 API: outbound transfers, batch jobs and events
-//! (PROVIDERS.md 1.3 to 1.5), with `Idempotency-Key` on the cancel calls.
+//! (Stripe's v2 API reference), with `Idempotency-Key` on the cancel calls.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The Juice bulk transfers API (PROVIDERS.md 2.2): fetch and cancel.
+//! The Juice bulk transfers API (Juice's API reference): fetch and cancel.
 
 use reqwest::header::{HeaderName, AUTHORIZATION};
 use reqwest::Method;
@@ -103,7 +103,7 @@ fn juice_code(answer: &Answer) -> Option<String> {
     })
 }
 
-/// Maps a cancel answer to its outcome (PROVIDERS.md 2.2).
+/// Maps a cancel answer to its outcome (Juice's API reference).
 pub fn cancel_answer(answer: Answer) -> CancelAnswer {
     let code = juice_code(&answer);
     let outcome = match (answer.status, code.as_deref()) {

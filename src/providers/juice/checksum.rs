@@ -1,4 +1,4 @@
-//! Juice webhook checksum (PROVIDERS.md 2.1):
+//! Juice webhook checksum (Juice's webhook documentation):
 //! `hex(HMAC_SHA256(business id, event + "|" + canonical(data)))`, compared
 //! case-insensitively and in constant time against every configured key.
 

@@ -1,5 +1,5 @@
 //! Juice event payloads are undocumented: the bulk transfer a delivery is
-//! about is found defensively (PROVIDERS.md 2.1).
+//! about is found defensively (Juice's webhook documentation).
 
 use serde_json::Value;
 

@@ -1,4 +1,4 @@
-//! Juice bulk transfers as fetched (PROVIDERS.md 2.2), decoded defensively:
+//! Juice bulk transfers as fetched (Juice's API reference), decoded defensively:
 //! open statuses, counts as strings or numbers, zone-less times read as UTC.
 //! Each item becomes a `juice.transfer` observation of its own.
 

@@ -1,4 +1,4 @@
-//! The Stripe v2 API (PROVIDERS.md 1.3–1.5): fetch a related object, cancel,
+//! The Stripe v2 API (Stripe's v2 API reference): fetch a related object, cancel,
 //! list events for backfill.
 
 use reqwest::header::{HeaderName, AUTHORIZATION};
@@ -184,7 +184,7 @@ impl StripeApi {
     }
 }
 
-/// Maps a cancel answer to its outcome (PROVIDERS.md 1.4, 1.5).
+/// Maps a cancel answer to its outcome (Stripe's v2 API reference).
 pub fn cancel_answer(answer: Answer) -> CancelAnswer {
     let code = answer.error_code();
     let outcome = if answer.is_success() {

@@ -1,4 +1,4 @@
-//! Thin event notifications (PROVIDERS.md 1.2): ids only, no `data`.
+//! Thin event notifications (Stripe's v2 API reference): ids only, no `data`.
 
 use serde_json::Value;
 

@@ -1,4 +1,4 @@
-//! Stripe v2 objects as fetched (PROVIDERS.md 1.4, 1.5), decoded defensively
+//! Stripe v2 objects as fetched (Stripe's v2 API reference), decoded defensively
 //! into an [`Observation`]: open status strings, counts as strings or numbers.
 
 use serde_json::Value;

@@ -1,5 +1,5 @@
 //! `Stripe-Signature` verification, byte-compatible with the official SDKs
-//! (PROVIDERS.md 1.1): HMAC-SHA256 over `t + "." + body`, keyed with the whole
+//! (Stripe's webhook signing documentation): HMAC-SHA256 over `t + "." + body`, keyed with the whole
 //! secret string, lowercase hex; any `v1` may match any configured secret.
 
 use hmac::{Hmac, Mac};

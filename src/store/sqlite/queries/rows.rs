@@ -15,7 +15,7 @@ pub struct Trigger {
     pub id: Option<String>,
 }
 
-/// One observed status change, in the JSON form SPEC.md fixes.
+/// One observed status change, in the JSON form the API documents.
 #[derive(Debug, Clone, FromRow, Serialize)]
 pub struct Transition {
     pub id: i64,
