@@ -1,6 +1,7 @@
 //! SQL of alerts: one row per (rule, resource), versioned; an outbox row per
 //! (alert version, sink) written in the same transaction; delivery attempts.
 
+use crate::store::StoreError;
 use serde_json::{json, Value};
 use sqlx::{FromRow, SqlitePool};
 
@@ -100,7 +101,7 @@ const ALERT_COLUMNS: &str = "id, rule, severity, provider, kind, resource_id, su
                              state, version, created_at, updated_at, resolved_at";
 
 /// The alert of one rule about one resource, if any.
-pub async fn find(tx: &mut Tx<'_>, key: &AlertKey) -> Result<Option<Alert>, sqlx::Error> {
+pub async fn find(tx: &mut Tx<'_>, key: &AlertKey) -> Result<Option<Alert>, StoreError> {
     sqlx::query_as::<_, Alert>(&format!(
         "SELECT {ALERT_COLUMNS} FROM alerts
          WHERE rule = ? AND provider = ? AND kind = ? AND resource_id = ?"
@@ -111,6 +112,7 @@ pub async fn find(tx: &mut Tx<'_>, key: &AlertKey) -> Result<Option<Alert>, sqlx
     .bind(&key.resource_id)
     .fetch_optional(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// The open alerts about one resource, whatever their rule.
@@ -119,7 +121,7 @@ pub async fn open_about(
     provider: &str,
     kind: &str,
     resource_id: &str,
-) -> Result<Vec<Alert>, sqlx::Error> {
+) -> Result<Vec<Alert>, StoreError> {
     super::on_handle(tx, |conn| {
         open_about_many(conn, &[(provider, kind, resource_id)])
     })
@@ -131,7 +133,7 @@ pub async fn open_about(
 pub fn open_about_many(
     conn: &rusqlite::Connection,
     resources: &[(&str, &str, &str)],
-) -> Result<Vec<Alert>, sqlx::Error> {
+) -> Result<Vec<Alert>, StoreError> {
     let mut select = conn
         .prepare_cached(&format!(
             "SELECT {ALERT_COLUMNS} FROM alerts
@@ -167,13 +169,14 @@ pub fn open_about_many(
 }
 
 /// Open alerts of one rule.
-pub async fn open_of_rule(tx: &mut Tx<'_>, rule: &str) -> Result<Vec<Alert>, sqlx::Error> {
+pub async fn open_of_rule(tx: &mut Tx<'_>, rule: &str) -> Result<Vec<Alert>, StoreError> {
     sqlx::query_as::<_, Alert>(&format!(
         "SELECT {ALERT_COLUMNS} FROM alerts WHERE rule = ? AND state = 'open' ORDER BY created_at"
     ))
     .bind(rule)
     .fetch_all(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// Inserts or updates the one alert per (rule, resource) and queues the new
@@ -185,7 +188,7 @@ pub async fn raise(
     new: &NewAlert,
     sinks: &[String],
     now: &str,
-) -> Result<RaiseOutcome, sqlx::Error> {
+) -> Result<RaiseOutcome, StoreError> {
     let key = new.key();
     let details = new.details.to_string();
     let outcome = match find(tx, &key).await? {
@@ -248,7 +251,7 @@ pub async fn resolve(
     key: &AlertKey,
     sinks: &[String],
     now: &str,
-) -> Result<Option<Alert>, sqlx::Error> {
+) -> Result<Option<Alert>, StoreError> {
     let resolved = sqlx::query_as::<_, Alert>(&format!(
         "UPDATE alerts SET state = 'resolved', resolved_at = ?, version = version + 1, updated_at = ?
          WHERE rule = ? AND provider = ? AND kind = ? AND resource_id = ? AND state = 'open'
@@ -274,7 +277,7 @@ async fn enqueue(
     alert: &Alert,
     sinks: &[String],
     now: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let payload = alert.payload().to_string();
     for sink in sinks {
         sqlx::query(
@@ -306,12 +309,13 @@ pub struct OutboxRow {
 }
 
 /// How many outbox rows wait, per sink name (due or not).
-pub async fn pending_by_sink(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+pub async fn pending_by_sink(pool: &SqlitePool) -> Result<Vec<(String, i64)>, StoreError> {
     sqlx::query_as(
         "SELECT sink, COUNT(*) FROM alert_outbox WHERE state = 'pending' GROUP BY sink ORDER BY sink",
     )
     .fetch_all(pool)
     .await
+        .map_err(StoreError::from)
 }
 
 /// Pending rows of one sink that are due at `now`, oldest first.
@@ -320,7 +324,7 @@ pub async fn due(
     sink: &str,
     now: &str,
     limit: i64,
-) -> Result<Vec<OutboxRow>, sqlx::Error> {
+) -> Result<Vec<OutboxRow>, StoreError> {
     sqlx::query_as::<_, OutboxRow>(
         "SELECT id, alert_id, alert_version, sink, payload, attempts FROM alert_outbox
          WHERE sink = ? AND state = 'pending' AND next_attempt_at <= ?
@@ -331,6 +335,7 @@ pub async fn due(
     .bind(limit)
     .fetch_all(pool)
     .await
+    .map_err(StoreError::from)
 }
 
 /// The result of one delivery attempt.
@@ -348,7 +353,7 @@ pub async fn mark_delivered(
     write: &SqlitePool,
     outbox_id: i64,
     attempt: &Attempt,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let mut tx = write.begin().await?;
     insert_attempt(&mut tx, outbox_id, attempt).await?;
     sqlx::query(
@@ -360,7 +365,7 @@ pub async fn mark_delivered(
     .bind(outbox_id)
     .execute(&mut *tx)
     .await?;
-    tx.commit().await
+    tx.commit().await.map_err(StoreError::from)
 }
 
 /// Records a failed attempt; the row stays pending until `next_attempt_at`.
@@ -369,7 +374,7 @@ pub async fn reschedule(
     outbox_id: i64,
     attempt: &Attempt,
     next_attempt_at: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let mut tx = write.begin().await?;
     insert_attempt(&mut tx, outbox_id, attempt).await?;
     sqlx::query(
@@ -381,14 +386,14 @@ pub async fn reschedule(
     .bind(outbox_id)
     .execute(&mut *tx)
     .await?;
-    tx.commit().await
+    tx.commit().await.map_err(StoreError::from)
 }
 
 async fn insert_attempt(
     tx: &mut Tx<'_>,
     outbox_id: i64,
     attempt: &Attempt,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO alert_attempts (outbox_id, attempted_at, status_code, error) VALUES (?, ?, ?, ?)",
     )
@@ -408,13 +413,14 @@ pub use super::resources::Resource as ResourceRow;
 use super::resources::RESOURCE_COLUMNS;
 
 /// The resource with row id `rid`.
-pub async fn resource(tx: &mut Tx<'_>, rid: i64) -> Result<Option<ResourceRow>, sqlx::Error> {
+pub async fn resource(tx: &mut Tx<'_>, rid: i64) -> Result<Option<ResourceRow>, StoreError> {
     sqlx::query_as::<_, ResourceRow>(&format!(
         "SELECT {RESOURCE_COLUMNS} FROM resources WHERE rid = ?"
     ))
     .bind(rid)
     .fetch_optional(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// The items of a parent resource (a Juice bulk transfer's transfers), by id.
@@ -423,7 +429,7 @@ pub async fn children(
     provider: &str,
     kind: &str,
     parent_id: &str,
-) -> Result<Vec<ResourceRow>, sqlx::Error> {
+) -> Result<Vec<ResourceRow>, StoreError> {
     sqlx::query_as::<_, ResourceRow>(&format!(
         "SELECT {RESOURCE_COLUMNS} FROM resources
          WHERE provider = ? AND kind = ? AND parent_id = ? ORDER BY id"
@@ -433,16 +439,18 @@ pub async fn children(
     .bind(parent_id)
     .fetch_all(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// Resources not terminal whose status has a start time: the stuck candidates.
-pub async fn unsettled_resources(tx: &mut Tx<'_>) -> Result<Vec<ResourceRow>, sqlx::Error> {
+pub async fn unsettled_resources(tx: &mut Tx<'_>) -> Result<Vec<ResourceRow>, StoreError> {
     sqlx::query_as::<_, ResourceRow>(&format!(
         "SELECT {RESOURCE_COLUMNS} FROM resources
          WHERE terminal = 0 AND status IS NOT NULL AND status_since IS NOT NULL ORDER BY rid"
     ))
     .fetch_all(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// A cancel issued through cancelwatch and the provider's answer.
@@ -461,7 +469,7 @@ pub async fn latest_cancel_with_outcome(
     provider: &str,
     resource_id: &str,
     outcome: &str,
-) -> Result<Option<CancelAnswer>, sqlx::Error> {
+) -> Result<Option<CancelAnswer>, StoreError> {
     sqlx::query_as::<_, CancelAnswer>(
         "SELECT id, requested_at, http_status, outcome, error_code FROM cancel_requests
          WHERE provider = ? AND resource_id = ? AND outcome = ? ORDER BY id DESC LIMIT 1",
@@ -471,6 +479,7 @@ pub async fn latest_cancel_with_outcome(
     .bind(outcome)
     .fetch_optional(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// Progress counts of one observation.
@@ -484,10 +493,7 @@ pub struct ProgressRow {
 }
 
 /// The latest progress counts of a resource.
-pub async fn latest_progress(
-    tx: &mut Tx<'_>,
-    rid: i64,
-) -> Result<Option<ProgressRow>, sqlx::Error> {
+pub async fn latest_progress(tx: &mut Tx<'_>, rid: i64) -> Result<Option<ProgressRow>, StoreError> {
     sqlx::query_as::<_, ProgressRow>(
         "SELECT observed_at, status, success_count, failure_count, validated_count FROM progress
          WHERE rid = ? ORDER BY id DESC LIMIT 1",
@@ -495,6 +501,7 @@ pub async fn latest_progress(
     .bind(rid)
     .fetch_optional(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// A refund, as the rules see it.
@@ -519,7 +526,7 @@ const REFUND_COLUMNS: &str =
 pub async fn pending_refunds_opened_before(
     tx: &mut Tx<'_>,
     cutoff: &str,
-) -> Result<Vec<RefundRow>, sqlx::Error> {
+) -> Result<Vec<RefundRow>, StoreError> {
     sqlx::query_as::<_, RefundRow>(&format!(
         "SELECT {REFUND_COLUMNS} FROM refunds
          WHERE status = 'pending' AND opened_at < ? ORDER BY opened_at"
@@ -527,13 +534,14 @@ pub async fn pending_refunds_opened_before(
     .bind(cutoff)
     .fetch_all(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// Refused deliveries received at or after `since`, per (provider, reason).
 pub async fn refusals_since(
     tx: &mut Tx<'_>,
     since: &str,
-) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+) -> Result<Vec<(String, String, i64)>, StoreError> {
     sqlx::query_as::<_, (String, String, i64)>(
         "SELECT provider, reason, COUNT(*) FROM refusals WHERE received_at >= ?
          GROUP BY provider, reason ORDER BY provider, reason",
@@ -541,6 +549,7 @@ pub async fn refusals_since(
     .bind(since)
     .fetch_all(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// A delivery of the inbox, as the dead-letter rule reports it.
@@ -557,7 +566,7 @@ pub struct DeliveryRow {
 }
 
 /// The inbox delivery with row id `id`.
-pub async fn delivery(tx: &mut Tx<'_>, id: i64) -> Result<Option<DeliveryRow>, sqlx::Error> {
+pub async fn delivery(tx: &mut Tx<'_>, id: i64) -> Result<Option<DeliveryRow>, StoreError> {
     sqlx::query_as::<_, DeliveryRow>(
         "SELECT id, provider, dedupe_key, event_type, resource_kind, resource_id, attempts, received_at
          FROM inbox WHERE id = ?",
@@ -565,4 +574,5 @@ pub async fn delivery(tx: &mut Tx<'_>, id: i64) -> Result<Option<DeliveryRow>, s
     .bind(id)
     .fetch_optional(&mut **tx)
     .await
+        .map_err(StoreError::from)
 }

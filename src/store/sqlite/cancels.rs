@@ -1,5 +1,6 @@
 //! SQL of cancel requests issued through cancelwatch and the providers' answers.
 
+use crate::store::StoreError;
 use sqlx::FromRow;
 
 use super::Tx;
@@ -11,7 +12,7 @@ pub async fn burnt_keys(
     provider: &str,
     kind: &str,
     resource_id: &str,
-) -> Result<i64, sqlx::Error> {
+) -> Result<i64, StoreError> {
     sqlx::query_scalar(
         "SELECT COUNT(*) FROM cancel_requests
          WHERE provider = ? AND kind = ? AND resource_id = ? AND outcome = 'idempotency_conflict'",
@@ -21,6 +22,7 @@ pub async fn burnt_keys(
     .bind(resource_id)
     .fetch_one(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// Records a request before it goes out; returns its id.
@@ -32,7 +34,7 @@ pub async fn insert(
     idempotency_key: &str,
     requested_by: &str,
     now: &str,
-) -> Result<i64, sqlx::Error> {
+) -> Result<i64, StoreError> {
     sqlx::query_scalar(
         "INSERT INTO cancel_requests (provider, kind, resource_id, idempotency_key, requested_by, requested_at)
          VALUES (?, ?, ?, ?, ?, ?)
@@ -46,6 +48,7 @@ pub async fn insert(
     .bind(now)
     .fetch_one(&mut **tx)
     .await
+        .map_err(StoreError::from)
 }
 
 /// Stores the provider's answer (or the failure to get one: `error`).
@@ -57,7 +60,7 @@ pub async fn answer(
     error_code: Option<&str>,
     response_body: Option<&str>,
     now: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE cancel_requests SET http_status = ?, outcome = ?, error_code = ?, response_body = ?,
                                     answered_at = ?
@@ -96,7 +99,7 @@ pub async fn of_resource(
     pool: &sqlx::SqlitePool,
     kind: &str,
     resource_id: &str,
-) -> Result<Vec<CancelRequest>, sqlx::Error> {
+) -> Result<Vec<CancelRequest>, StoreError> {
     sqlx::query_as::<_, CancelRequest>(
         "SELECT id, provider, kind, resource_id, idempotency_key, requested_by, requested_at,
                 http_status, outcome, error_code, response_body, answered_at
@@ -106,4 +109,5 @@ pub async fn of_resource(
     .bind(resource_id)
     .fetch_all(pool)
     .await
+    .map_err(StoreError::from)
 }

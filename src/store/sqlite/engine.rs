@@ -359,7 +359,7 @@ async fn insert_batch(
     conn: &mut sqlx::SqliteConnection,
     rows: &[(&NewDelivery, Option<&str>)],
     refusals: &[&Refusal],
-) -> Result<Vec<Option<inbox::Inserted>>, sqlx::Error> {
+) -> Result<Vec<Option<inbox::Inserted>>, StoreError> {
     let now = crate::time::now_str();
     let statements = rows.len().div_ceil(inbox::ROWS_PER_INSERT)
         + refusals.len().div_ceil(refusals::ROWS_PER_INSERT);

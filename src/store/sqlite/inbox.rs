@@ -1,5 +1,6 @@
 //! SQL of the inbox: durable accept with dedupe, claims with leases, outcomes.
 
+use crate::store::StoreError;
 use sqlx::{FromRow, SqliteConnection, SqlitePool};
 
 use super::Tx;
@@ -21,7 +22,7 @@ pub struct NewDelivery {
 }
 
 /// Inserts unless the (provider, dedupe key) is already there. True when new.
-pub async fn insert(tx: &mut Tx<'_>, d: &NewDelivery) -> Result<bool, sqlx::Error> {
+pub async fn insert(tx: &mut Tx<'_>, d: &NewDelivery) -> Result<bool, StoreError> {
     Ok(insert_many(tx, &[(d, None)], &d.received_at).await?[0].is_some())
 }
 
@@ -52,7 +53,7 @@ pub async fn insert_many(
     conn: &mut SqliteConnection,
     batch: &[(&NewDelivery, Option<&str>)],
     now: &str,
-) -> Result<Vec<Option<Inserted>>, sqlx::Error> {
+) -> Result<Vec<Option<Inserted>>, StoreError> {
     let mut new = vec![None; batch.len()];
     let mut seen = std::collections::HashMap::new();
     let mut firsts = Vec::with_capacity(batch.len());
@@ -123,7 +124,7 @@ pub fn insert_rows(
     conn: &rusqlite::Connection,
     batch: &[(&NewDelivery, Option<&str>)],
     now: &str,
-) -> Result<Vec<Option<Inserted>>, sqlx::Error> {
+) -> Result<Vec<Option<Inserted>>, StoreError> {
     if batch.is_empty() {
         return Ok(Vec::new());
     }
@@ -241,7 +242,7 @@ pub async fn claim_batch(
     now: &str,
     lease_until: &str,
     limit: usize,
-) -> Result<Vec<Delivery>, sqlx::Error> {
+) -> Result<Vec<Delivery>, StoreError> {
     if limit == 0 {
         return Ok(Vec::new());
     }
@@ -339,7 +340,7 @@ pub async fn claim(
     pool: &SqlitePool,
     now: &str,
     lease_until: &str,
-) -> Result<Option<Delivery>, sqlx::Error> {
+) -> Result<Option<Delivery>, StoreError> {
     let mut conn = pool.acquire().await?;
     let claimed = claim_batch(&mut conn, now, lease_until, 1).await?;
     Ok(claimed.into_iter().next())
@@ -352,7 +353,7 @@ pub async fn claim_one(
     id: i64,
     now: &str,
     lease_until: &str,
-) -> Result<Option<Delivery>, sqlx::Error> {
+) -> Result<Option<Delivery>, StoreError> {
     let sql = format!(
         "UPDATE inbox SET state = 'processing', lease_until = ?1, attempts = attempts + 1
          WHERE id = ?3
@@ -370,24 +371,27 @@ pub async fn claim_one(
         .bind(id)
         .fetch_optional(pool)
         .await
+        .map_err(StoreError::from)
 }
 
-pub async fn get(pool: &SqlitePool, id: i64) -> Result<Option<Delivery>, sqlx::Error> {
+pub async fn get(pool: &SqlitePool, id: i64) -> Result<Option<Delivery>, StoreError> {
     sqlx::query_as::<_, Delivery>(&format!(
         "SELECT {DELIVERY_COLUMNS} FROM inbox WHERE id = ?"
     ))
     .bind(id)
     .fetch_optional(pool)
     .await
+    .map_err(StoreError::from)
 }
 
-pub async fn by_key(pool: &SqlitePool, key: &str) -> Result<Option<Delivery>, sqlx::Error> {
+pub async fn by_key(pool: &SqlitePool, key: &str) -> Result<Option<Delivery>, StoreError> {
     sqlx::query_as::<_, Delivery>(&format!(
         "SELECT {DELIVERY_COLUMNS} FROM inbox WHERE dedupe_key = ? ORDER BY id LIMIT 1"
     ))
     .bind(key)
     .fetch_optional(pool)
     .await
+    .map_err(StoreError::from)
 }
 
 /// Ends a processing attempt: `processed` or `ignored`. Only the holder of the
@@ -399,7 +403,7 @@ pub async fn finish(
     lease_until: &str,
     state: &str,
     now: &str,
-) -> Result<bool, sqlx::Error> {
+) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE inbox SET state = ?, processed_at = ?, lease_until = NULL, last_error = NULL
          WHERE id = ? AND state = 'processing' AND lease_until = ?",
@@ -421,7 +425,7 @@ pub async fn finish_many(
     tx: &mut Tx<'_>,
     ends: &[(i64, &str, &str)],
     now: &str,
-) -> Result<std::collections::HashSet<i64>, sqlx::Error> {
+) -> Result<std::collections::HashSet<i64>, StoreError> {
     let mut ended = std::collections::HashSet::with_capacity(ends.len());
     // SQLite allows 32766 bound values; 3 a delivery.
     for chunk in ends.chunks(1_000) {
@@ -452,7 +456,7 @@ pub async fn fail(
     error: &str,
     next_attempt_at: &str,
     dead: bool,
-) -> Result<bool, sqlx::Error> {
+) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE inbox SET state = ?, next_attempt_at = ?, last_error = ?, lease_until = NULL
          WHERE id = ? AND state = 'processing' AND lease_until = ?",
@@ -475,7 +479,7 @@ pub async fn release(
     lease_until: &str,
     error: &str,
     next_attempt_at: &str,
-) -> Result<bool, sqlx::Error> {
+) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE inbox SET state = 'pending', attempts = MAX(attempts - 1, 0), next_attempt_at = ?,
                           last_error = ?, lease_until = NULL
@@ -494,7 +498,7 @@ pub async fn release(
 /// lease end): each delivery is pending again, due as it was, its attempt
 /// uncounted. A claim whose lease was lost meanwhile is left alone. Returns
 /// how many were given back.
-pub async fn unclaim(tx: &mut Tx<'_>, claims: &[(i64, &str)]) -> Result<u64, sqlx::Error> {
+pub async fn unclaim(tx: &mut Tx<'_>, claims: &[(i64, &str)]) -> Result<u64, StoreError> {
     let mut given_back = 0;
     for (id, lease_until) in claims {
         let done = sqlx::query(
@@ -511,7 +515,7 @@ pub async fn unclaim(tx: &mut Tx<'_>, claims: &[(i64, &str)]) -> Result<u64, sql
 }
 
 /// Puts a stored delivery back in line (replay), whatever its state.
-pub async fn requeue(pool: &SqlitePool, id: i64, now: &str) -> Result<bool, sqlx::Error> {
+pub async fn requeue(pool: &SqlitePool, id: i64, now: &str) -> Result<bool, StoreError> {
     let done = sqlx::query(
         "UPDATE inbox SET state = 'pending', attempts = 0, next_attempt_at = ?, lease_until = NULL
          WHERE id = ? AND state <> 'processing'",
@@ -524,18 +528,20 @@ pub async fn requeue(pool: &SqlitePool, id: i64, now: &str) -> Result<bool, sqlx
 }
 
 /// Deliveries not yet finished, and the receipt time of the oldest.
-pub async fn depth(pool: &SqlitePool) -> Result<(i64, Option<String>), sqlx::Error> {
+pub async fn depth(pool: &SqlitePool) -> Result<(i64, Option<String>), StoreError> {
     sqlx::query_as(
         "SELECT COUNT(*), MIN(received_at) FROM inbox WHERE state IN ('pending', 'processing', 'failed')",
     )
     .fetch_one(pool)
     .await
+        .map_err(StoreError::from)
 }
 
-pub async fn count_by_state(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+pub async fn count_by_state(pool: &SqlitePool) -> Result<Vec<(String, i64)>, StoreError> {
     sqlx::query_as("SELECT state, COUNT(*) FROM inbox GROUP BY state ORDER BY state")
         .fetch_all(pool)
         .await
+        .map_err(StoreError::from)
 }
 
 #[cfg(test)]

@@ -51,8 +51,8 @@ pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 /// crate's store calls it.
 pub(crate) async fn on_handle<T>(
     conn: &mut sqlx::SqliteConnection,
-    f: impl FnOnce(&rusqlite::Connection) -> Result<T, sqlx::Error>,
-) -> Result<T, sqlx::Error> {
+    f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
     let mut locked = conn.lock_handle().await?;
     // SAFETY: the handle is open and ours alone while `locked` lives, and
     // `handle` (which does not close it) is dropped before `locked`,
@@ -82,12 +82,12 @@ pub(crate) async fn on_handle<T>(
 /// rolled back before the handle goes back to sqlx.
 pub(crate) async fn transaction_on_handle<T>(
     conn: &mut sqlx::SqliteConnection,
-    f: impl FnOnce(&rusqlite::Connection) -> Result<T, sqlx::Error>,
-) -> Result<T, sqlx::Error> {
+    f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
     on_handle(conn, |handle| {
         if !handle.is_autocommit() {
-            return Err(sqlx::Error::Protocol(
-                "a transaction on the handle inside another one".into(),
+            return Err(StoreError::Invariant(
+                "a transaction on the handle inside another one",
             ));
         }
         handle
@@ -113,8 +113,8 @@ pub(crate) async fn transaction_on_handle<T>(
 
 /// A rusqlite error (from [`on_handle`]) as the sqlx error the rest of the
 /// store returns.
-pub fn direct_error(e: rusqlite::Error) -> sqlx::Error {
-    sqlx::Error::AnyDriverError(Box::new(e))
+pub fn direct_error(e: rusqlite::Error) -> StoreError {
+    StoreError::Sql(sqlx::Error::AnyDriverError(Box::new(e)))
 }
 
 /// WAL pages past which the writer checkpoints (SQLite's default: 1,000).
@@ -202,12 +202,12 @@ pub type GatedTx = Gated<Tx<'static>>;
 pub type GatedConn = Gated<sqlx::pool::PoolConnection<sqlx::Sqlite>>;
 
 impl GatedTx {
-    pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.inner.commit().await
+    pub async fn commit(self) -> Result<(), StoreError> {
+        Ok(self.inner.commit().await?)
     }
 
-    pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.inner.rollback().await
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        Ok(self.inner.rollback().await?)
     }
 }
 
@@ -324,20 +324,21 @@ impl Db {
     }
 
     /// A write transaction for anything but the inbox's group commit.
-    pub async fn begin(&self) -> Result<GatedTx, sqlx::Error> {
+    pub async fn begin(&self) -> Result<GatedTx, StoreError> {
         self.begin_for("other").await
     }
 
     /// [`Db::begin`], its writer time counted for `what` (see [`WriterHold`]).
-    pub async fn begin_for(&self, what: &'static str) -> Result<GatedTx, sqlx::Error> {
+    pub async fn begin_for(&self, what: &'static str) -> Result<GatedTx, StoreError> {
         self.gated(what, || begin_immediate(&self.write)).await
     }
 
     /// The writer connection for statements that each stand alone, its
     /// time counted for `what` (see [`WriterHold`]): one round trip fewer
     /// on each side than a transaction around a single statement.
-    pub async fn acquire_for(&self, what: &'static str) -> Result<GatedConn, sqlx::Error> {
-        self.gated(what, || self.write.acquire()).await
+    pub async fn acquire_for(&self, what: &'static str) -> Result<GatedConn, StoreError> {
+        self.gated(what, || async { Ok(self.write.acquire().await?) })
+            .await
     }
 
     /// What `open` gives once the background writers' slot is ours, held
@@ -346,9 +347,9 @@ impl Db {
         &self,
         what: &'static str,
         open: impl FnOnce() -> F,
-    ) -> Result<Gated<T>, sqlx::Error>
+    ) -> Result<Gated<T>, StoreError>
     where
-        F: std::future::Future<Output = Result<T, sqlx::Error>>,
+        F: std::future::Future<Output = Result<T, StoreError>>,
     {
         let slot = self.write_slot().await;
         let inner = open().await?;
@@ -659,8 +660,10 @@ impl WalSync {
 /// reads first and writes later could find, when it comes to write, that
 /// another connection (a command run beside the daemon) wrote in between,
 /// and fail with SQLITE_BUSY_SNAPSHOT instead of waiting its turn.
-pub async fn begin_immediate(pool: &SqlitePool) -> Result<Tx<'static>, sqlx::Error> {
-    pool.begin_with("BEGIN IMMEDIATE").await
+pub async fn begin_immediate(pool: &SqlitePool) -> Result<Tx<'static>, StoreError> {
+    pool.begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(StoreError::from)
 }
 
 /// SQLite stores booleans as 0/1.
@@ -833,7 +836,10 @@ mod tests {
     }
 
     /// Inserts resource `id` on the handle.
-    fn insert_resource(c: &rusqlite::Connection, id: &str) -> Result<usize, sqlx::Error> {
+    fn insert_resource(
+        c: &rusqlite::Connection,
+        id: &str,
+    ) -> Result<usize, crate::store::StoreError> {
         c.execute(
             "INSERT INTO resources (provider, kind, id, first_seen_at) VALUES ('p', 'k', ?1, 'now')",
             [id],

@@ -3,6 +3,7 @@
 //! all. When one outcome's write fails or panics, the batch is written again
 //! with a savepoint for each, so that outcome costs only itself.
 
+use crate::store::StoreError;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ pub(super) async fn write_batch(
     db: &Db,
     config: &Config,
     batch: &[Decided],
-) -> Result<(Vec<Option<Written>>, Changes), sqlx::Error> {
+) -> Result<(Vec<Option<Written>>, Changes), StoreError> {
     let mut tx = db.begin_for("record").await?;
     let mut changes = Changes::new();
     if let Some(results) = write_straight(&mut tx, db, config, batch, &mut changes).await? {
@@ -86,7 +87,7 @@ async fn write_straight(
     config: &Config,
     batch: &[Decided],
     changes: &mut Changes,
-) -> Result<Option<Vec<Option<Written>>>, sqlx::Error> {
+) -> Result<Option<Vec<Option<Written>>>, StoreError> {
     let started = std::time::Instant::now();
     let mut results = Vec::with_capacity(batch.len());
     while results.len() < batch.len() {
@@ -148,7 +149,7 @@ async fn write_observations(
     config: &Config,
     run: &[Decided],
     changes: &mut Changes,
-) -> Result<Vec<Written>, sqlx::Error> {
+) -> Result<Vec<Written>, StoreError> {
     let now = time::now();
     let ends: Vec<(i64, &str, &str)> = run
         .iter()
@@ -207,10 +208,10 @@ async fn write_one(
     decided: &Decided,
     outcome: &Outcome,
     changes: &mut Changes,
-) -> Result<Result<Written, sqlx::Error>, Panicked> {
+) -> Result<Result<Written, StoreError>, Panicked> {
     let mut savepoint = match sqlx::Connection::begin(&mut **tx).await {
         Ok(savepoint) => savepoint,
-        Err(e) => return Ok(Err(e)),
+        Err(e) => return Ok(Err(e.into())),
     };
     // What this outcome raised or resolved counts only if its savepoint is kept.
     let mut its_changes = Changes::new();
@@ -240,7 +241,7 @@ async fn write_one(
             Err(Panicked)
         }
         (Ok(written), Ok(())) => Ok(written),
-        (Ok(_), Err(e)) => Ok(Err(e)),
+        (Ok(_), Err(e)) => Ok(Err(e.into())),
     }
 }
 
@@ -252,7 +253,7 @@ async fn write(
     lease_until: &str,
     outcome: &Outcome,
     changes: &mut Changes,
-) -> Result<Written, sqlx::Error> {
+) -> Result<Written, StoreError> {
     let written = write_outcome(tx, config, d, lease_until, outcome, changes).await?;
     if matches!(
         written,
@@ -270,7 +271,7 @@ async fn recovered(
     config: &Config,
     d: &Delivery,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     if d.last_error.is_some() {
         super::rules::on_delivery_recovered(tx, config, d, &time::now_str(), changes).await?;
     }
@@ -284,7 +285,7 @@ async fn write_outcome(
     lease_until: &str,
     outcome: &Outcome,
     changes: &mut Changes,
-) -> Result<Written, sqlx::Error> {
+) -> Result<Written, StoreError> {
     let now = time::now();
     let now_s = time::fmt(now);
     let trigger = trigger_of(d);
@@ -378,7 +379,7 @@ async fn record_observed(
     reversal: Option<&Target>,
     now: Timestamp,
     changes: &mut Changes,
-) -> Result<Result<Recorded, String>, sqlx::Error> {
+) -> Result<Result<Recorded, String>, StoreError> {
     let Some(reversed) = reversal else {
         let (obs, trigger, context) = (item.obs, item.trigger, item.context);
         let recorded = record::record(tx, config, obs, trigger, context, now, changes).await?;
@@ -424,7 +425,7 @@ async fn mark_missing(
     provider: &str,
     target: &Target,
     now_s: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let resource = resources::ensure(
         tx,
         provider,
@@ -446,7 +447,7 @@ async fn release(
     lease_until: &str,
     error: &str,
     wait: Duration,
-) -> Result<Option<String>, sqlx::Error> {
+) -> Result<Option<String>, StoreError> {
     let next = time::fmt(time::now() + chrono::Duration::from_std(wait).unwrap_or_default());
     let done = inbox::release(tx, d.id, lease_until, error, &next).await?;
     Ok(done.then_some(next))
@@ -462,7 +463,7 @@ async fn write_failure(
     error: &str,
     retry_after: Option<Duration>,
     changes: &mut Changes,
-) -> Result<Written, sqlx::Error> {
+) -> Result<Written, StoreError> {
     let w = &config.workers;
     let dead = d.attempts >= i64::from(w.max_attempts);
     let wait = next_backoff(config, d).max(retry_after.unwrap_or_default());

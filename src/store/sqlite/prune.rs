@@ -2,6 +2,7 @@
 //! batches so the one writer connection is never held for long. Transitions,
 //! refunds, progress, alerts and cancel requests are never touched here.
 
+use crate::store::StoreError;
 use sqlx::sqlite::SqliteArguments;
 use sqlx::{Sqlite, SqlitePool};
 
@@ -14,7 +15,7 @@ type Statement<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;
 async fn in_batches<'q>(
     pool: &SqlitePool,
     make: impl Fn() -> Statement<'q>,
-) -> Result<u64, sqlx::Error> {
+) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
         let done = make().execute(pool).await?.rows_affected();
@@ -28,7 +29,7 @@ async fn in_batches<'q>(
 }
 
 /// NULLs the raw body of final (processed, ignored, dead) deliveries received before `cutoff`.
-pub async fn drop_bodies(pool: &SqlitePool, cutoff: &str) -> Result<u64, sqlx::Error> {
+pub async fn drop_bodies(pool: &SqlitePool, cutoff: &str) -> Result<u64, StoreError> {
     in_batches(pool, || {
         sqlx::query(
             "UPDATE inbox SET raw_body = NULL WHERE id IN (
@@ -44,7 +45,7 @@ pub async fn drop_bodies(pool: &SqlitePool, cutoff: &str) -> Result<u64, sqlx::E
 }
 
 /// Deletes refusal records received before `cutoff`.
-pub async fn delete_refusals(pool: &SqlitePool, cutoff: &str) -> Result<u64, sqlx::Error> {
+pub async fn delete_refusals(pool: &SqlitePool, cutoff: &str) -> Result<u64, StoreError> {
     in_batches(pool, || {
         sqlx::query(
             "DELETE FROM refusals WHERE id IN (
@@ -62,7 +63,7 @@ pub async fn delete_deliveries(
     pool: &SqlitePool,
     provider: &str,
     cutoff: &str,
-) -> Result<u64, sqlx::Error> {
+) -> Result<u64, StoreError> {
     in_batches(pool, || {
         sqlx::query(
             "DELETE FROM inbox WHERE id IN (

@@ -9,6 +9,7 @@ use crate::domain::observe::{
     Verdict,
 };
 use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass, Target};
+use crate::store::StoreError;
 use crate::time::{self, Timestamp};
 
 use super::resources::{self, NewRefund, NewTransition, StateUpdate};
@@ -23,7 +24,7 @@ pub async fn record(
     context: Option<&str>,
     now: Timestamp,
     changes: &mut Changes,
-) -> Result<Recorded, sqlx::Error> {
+) -> Result<Recorded, StoreError> {
     let item = ToRecord {
         obs,
         trigger,
@@ -45,7 +46,7 @@ pub async fn record_all(
     items: &[ToRecord<'_>],
     now: Timestamp,
     changes: &mut Changes,
-) -> Result<Vec<Recorded>, sqlx::Error> {
+) -> Result<Vec<Recorded>, StoreError> {
     let mut recorded = Vec::with_capacity(items.len());
     let mut start = 0;
     while start < items.len() {
@@ -105,7 +106,7 @@ async fn record_run(
     items: &[ToRecord<'_>],
     now: Timestamp,
     changes: &mut Changes,
-) -> Result<Vec<Recorded>, sqlx::Error> {
+) -> Result<Vec<Recorded>, StoreError> {
     let now_s = time::fmt(now);
     let (recorded, rows, open) = on_handle(tx, |conn| {
         let (recorded, rows) = write_run(conn, config, items, now, &now_s)?;
@@ -127,7 +128,7 @@ fn write_run(
     items: &[ToRecord<'_>],
     now: Timestamp,
     now_s: &str,
-) -> Result<(Vec<Recorded>, Vec<resources::Resource>), sqlx::Error> {
+) -> Result<(Vec<Recorded>, Vec<resources::Resource>), StoreError> {
     let seen = look_up(conn, config, items, now_s)?;
     let refunds = stored_refunds(conn, &seen)?;
     let Decisions { stale, fresh, side } = decide(config, items, &seen, refunds, now, now_s);
@@ -151,7 +152,7 @@ fn look_up<'a>(
     config: &Config,
     items: &[ToRecord<'a>],
     now_s: &str,
-) -> Result<Vec<Seen<'a>>, sqlx::Error> {
+) -> Result<Vec<Seen<'a>>, StoreError> {
     let reversed = &config.juice.reversed_statuses;
     let judged = |item: usize, obs: &'_ Observation, current: resources::Resource| {
         let stored = Stored {
@@ -222,7 +223,7 @@ fn look_up<'a>(
 fn stored_refunds(
     conn: &rusqlite::Connection,
     seen: &[Seen<'_>],
-) -> Result<std::collections::HashMap<i64, String>, sqlx::Error> {
+) -> Result<std::collections::HashMap<i64, String>, StoreError> {
     // Refunds are opened only by observations, so a resource never observed
     // before has none to read.
     let observed_before: Vec<i64> = seen
@@ -319,7 +320,7 @@ fn write_states(
     items: &[ToRecord<'_>],
     fresh: &[Decided<'_>],
     now_s: &str,
-) -> Result<Vec<resources::Resource>, sqlx::Error> {
+) -> Result<Vec<resources::Resource>, StoreError> {
     let updates: Vec<StateUpdate> = fresh
         .iter()
         .map(|d| StateUpdate {
@@ -356,7 +357,7 @@ fn write_transitions<'a>(
     items: &'a [ToRecord<'a>],
     fresh: &'a [Decided<'a>],
     now_s: &'a str,
-) -> Result<Vec<NewTransition<'a>>, sqlx::Error> {
+) -> Result<Vec<NewTransition<'a>>, StoreError> {
     let transitions: Vec<NewTransition> = fresh
         .iter()
         .filter(|d| d.changed)
@@ -395,7 +396,7 @@ fn what_was_recorded(
     fresh: &[Decided<'_>],
     transitions: &[NewTransition<'_>],
     updated: Vec<resources::Resource>,
-) -> Result<(Vec<Recorded>, Vec<resources::Resource>), sqlx::Error> {
+) -> Result<(Vec<Recorded>, Vec<resources::Resource>), StoreError> {
     let mut recorded = vec![Recorded::default(); items.len()];
     for (d, t) in fresh.iter().filter(|d| d.changed).zip(transitions) {
         recorded[d.seen.item].transitions.push(Moved {
@@ -415,9 +416,9 @@ fn what_was_recorded(
             r.stale |= s.own;
             rows.push(s.current.clone());
         } else {
-            rows.push(updated.next().ok_or_else(|| {
-                sqlx::Error::Protocol("fewer updated rows than fresh observations".into())
-            })?);
+            rows.push(updated.next().ok_or(StoreError::Invariant(
+                "fewer updated rows than fresh observations",
+            ))?);
         }
     }
     Ok((recorded, rows))
@@ -477,7 +478,7 @@ impl<'a> RefundsAndProgress<'a> {
         }
     }
 
-    fn write(&self, conn: &rusqlite::Connection, now: &str) -> Result<(), sqlx::Error> {
+    fn write(&self, conn: &rusqlite::Connection, now: &str) -> Result<(), StoreError> {
         resources::insert_refunds(conn, &self.opened)?;
         resources::settle_refunds(conn, &self.settled, now)?;
         resources::insert_progress(conn, &self.progress)
@@ -493,7 +494,7 @@ pub async fn record_reversal(
     trigger: &Trigger,
     now: Timestamp,
     changes: &mut Changes,
-) -> Result<bool, sqlx::Error> {
+) -> Result<bool, StoreError> {
     let now_s = time::fmt(now);
     let Some(provider) = providers::knowledge::of_kind(&target.kind) else {
         return Ok(false);

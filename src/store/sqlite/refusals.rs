@@ -1,5 +1,6 @@
 //! Refused deliveries: reason, source, size, time; never the body.
 
+use crate::store::StoreError;
 use sqlx::SqliteConnection;
 
 #[derive(Debug, Clone)]
@@ -22,7 +23,7 @@ pub const ROWS_PER_INSERT: usize = 64;
 pub async fn insert_many(
     conn: &mut SqliteConnection,
     refusals: &[&Refusal],
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     for chunk in refusals.chunks(ROWS_PER_INSERT) {
         let sql = insert_sql(chunk.len());
         let mut insert = sqlx::query(&sql);
@@ -43,7 +44,7 @@ pub async fn insert_many(
 
 /// [`insert_many`] on the writer's handle, one prepared statement stepped
 /// once per refusal (see [`super::inbox::insert_rows`]).
-pub fn insert_rows(conn: &rusqlite::Connection, refusals: &[&Refusal]) -> Result<(), sqlx::Error> {
+pub fn insert_rows(conn: &rusqlite::Connection, refusals: &[&Refusal]) -> Result<(), StoreError> {
     if refusals.is_empty() {
         return Ok(());
     }

@@ -3,6 +3,7 @@
 //! are read here, [`crate::domain::alerts`] decides, and what it raises
 //! commits (or rolls back) with the rest.
 
+use crate::store::StoreError;
 use serde_json::{json, Value};
 
 use super::alerts::{self as sql, Alert, AlertKey, NewAlert, RaiseOutcome, ResourceRow};
@@ -26,7 +27,7 @@ pub async fn on_resource_recorded(
     rid: i64,
     now: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let Some(resource) = sql::resource(tx, rid).await? else {
         return Ok(());
     };
@@ -61,7 +62,7 @@ pub async fn on_observation_recorded(
     open: &[sql::Alert],
     now: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let mut seen = std::collections::HashSet::new();
     let mut parents = Vec::new();
     for resource in resources {
@@ -96,7 +97,7 @@ pub async fn on_observation_recorded(
 pub fn open_alerts(
     conn: &rusqlite::Connection,
     resources: &[ResourceRow],
-) -> Result<Vec<sql::Alert>, sqlx::Error> {
+) -> Result<Vec<sql::Alert>, StoreError> {
     let keys: Vec<(&str, &str, &str)> = resources
         .iter()
         .map(|r| (r.provider.as_str(), r.kind.as_str(), r.id.as_str()))
@@ -115,7 +116,7 @@ async fn evaluate_alone(
     resource: &ResourceRow,
     now: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let open = sql::open_about(tx, &resource.provider, &resource.kind, &resource.id).await?;
     let about: Vec<&sql::Alert> = open.iter().collect();
     evaluate(tx, config, resource, &about, now, changes).await
@@ -129,7 +130,7 @@ async fn evaluate(
     open: &[&sql::Alert],
     now: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let open_of = |rule: &str| open.iter().copied().find(|a| a.rule == rule);
     if config.alerts.partial_cancellation.enabled {
         let rule = kind_info(&resource.kind).map_or(PartialRule::None, |k| k.partial);
@@ -195,7 +196,7 @@ async fn partial_by_items(
     config: &Config,
     bulk: &ResourceRow,
     item_kind: &str,
-) -> Result<Option<(String, Value)>, sqlx::Error> {
+) -> Result<Option<(String, Value)>, StoreError> {
     let answer =
         sql::latest_cancel_with_outcome(tx, &bulk.provider, &bulk.id, "partial_cancellation")
             .await?;
@@ -213,7 +214,7 @@ async fn partial_by_progress(
     tx: &mut Tx<'_>,
     config: &Config,
     job: &ResourceRow,
-) -> Result<Option<(String, Value)>, sqlx::Error> {
+) -> Result<Option<(String, Value)>, StoreError> {
     let cancelled = job
         .status
         .as_deref()
@@ -237,7 +238,7 @@ async fn resolve_stale(
     overdue: Option<&sql::Alert>,
     now: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     if let Some(alert) = stuck {
         if !still_stuck_in(&alert.details, r) {
             resolve(tx, config, &alert_key(STUCK, r), now, changes).await?;
@@ -262,7 +263,7 @@ pub async fn on_dead_letter(
     error: &str,
     now: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let rule = &config.alerts.dead_letter;
     if !rule.enabled {
         return Ok(());
@@ -308,7 +309,7 @@ pub async fn on_delivery_recovered(
     d: &super::inbox::Delivery,
     now: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let (kind, resource_id) = dead_letter_subject(
         d.resource_kind.as_deref(),
         d.resource_id.as_deref(),
@@ -341,7 +342,7 @@ pub async fn raise(
     alert: &NewAlert,
     now: &str,
     changes: &mut Changes,
-) -> Result<RaiseOutcome, sqlx::Error> {
+) -> Result<RaiseOutcome, StoreError> {
     let sinks = route(config, &alert.rule, &alert.severity);
     let outcome = sql::raise(tx, alert, &sinks, now).await?;
     if !matches!(outcome, RaiseOutcome::Unchanged(_)) {
@@ -358,7 +359,7 @@ pub async fn resolve(
     key: &AlertKey,
     now: &str,
     changes: &mut Changes,
-) -> Result<Option<Alert>, sqlx::Error> {
+) -> Result<Option<Alert>, StoreError> {
     let Some(open) = sql::find(tx, key).await?.filter(|a| a.state == "open") else {
         return Ok(None);
     };

@@ -3,6 +3,7 @@
 //! scan raises what holds now and resolves the open alerts whose condition
 //! no longer holds.
 
+use crate::store::StoreError;
 use std::collections::{BTreeMap, HashSet};
 
 use serde_json::json;
@@ -18,7 +19,7 @@ use crate::providers::knowledge::is_transitional;
 use crate::time::{self, Timestamp};
 
 /// Evaluates the time-based rules as of `now`, in one short write transaction.
-pub async fn scan_once(db: &Db, config: &Config, now: Timestamp) -> Result<Changes, sqlx::Error> {
+pub async fn scan_once(db: &Db, config: &Config, now: Timestamp) -> Result<Changes, StoreError> {
     let now_s = time::fmt(now);
     let mut tx = db.begin().await?;
     let mut changes = Changes::new();
@@ -56,7 +57,7 @@ async fn resolve_others(
     holding: &HashSet<(String, String, String)>,
     now: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     for alert in sql::open_of_rule(tx, rule).await? {
         let k = (
             alert.provider.clone(),
@@ -79,7 +80,7 @@ async fn stuck(
     now: Timestamp,
     now_s: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let rule = &config.alerts.stuck;
     let mut holding = HashSet::new();
     for r in sql::unsettled_resources(tx).await? {
@@ -130,7 +131,7 @@ async fn refund_overdue(
     now: Timestamp,
     now_s: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let rule = &config.alerts.refund_overdue;
     let cutoff = ago(now, rule.after_secs);
     let mut holding = HashSet::new();
@@ -174,7 +175,7 @@ async fn verification_failures(
     now: Timestamp,
     now_s: &str,
     changes: &mut Changes,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     let rule = &config.alerts.verification_failures;
     let mut per_provider: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     for (provider, reason, count) in sql::refusals_since(tx, &ago(now, rule.window_secs)).await? {

@@ -14,6 +14,7 @@ pub use trail::{
     insert_progress, insert_transitions, transitions_of, NewProgress, NewTransition, Transition,
 };
 
+use crate::store::StoreError;
 use sqlx::{FromRow, SqlitePool};
 
 use rusqlite::OptionalExtension;
@@ -73,7 +74,7 @@ pub async fn get(
     provider: &str,
     kind: &str,
     id: &str,
-) -> Result<Option<Resource>, sqlx::Error> {
+) -> Result<Option<Resource>, StoreError> {
     sqlx::query_as::<_, Resource>(&format!(
         "SELECT {RESOURCE_COLUMNS} FROM resources WHERE provider = ? AND kind = ? AND id = ?"
     ))
@@ -82,14 +83,11 @@ pub async fn get(
     .bind(id)
     .fetch_optional(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// One resource by kind and id, from a read pool.
-pub async fn find(
-    pool: &SqlitePool,
-    kind: &str,
-    id: &str,
-) -> Result<Option<Resource>, sqlx::Error> {
+pub async fn find(pool: &SqlitePool, kind: &str, id: &str) -> Result<Option<Resource>, StoreError> {
     sqlx::query_as::<_, Resource>(&format!(
         "SELECT {RESOURCE_COLUMNS} FROM resources WHERE kind = ? AND id = ?"
     ))
@@ -97,6 +95,7 @@ pub async fn find(
     .bind(id)
     .fetch_optional(pool)
     .await
+    .map_err(StoreError::from)
 }
 
 /// A resource to find or add ([`find_many`], [`ensure`]): its key, and
@@ -120,7 +119,7 @@ pub async fn ensure(
     parent_id: Option<&str>,
     context: Option<&str>,
     now: &str,
-) -> Result<Resource, sqlx::Error> {
+) -> Result<Resource, StoreError> {
     let key = ResourceKey {
         provider,
         kind,
@@ -130,7 +129,7 @@ pub async fn ensure(
     };
     let mut rows = super::on_handle(tx, |conn| ensure_many(conn, &[key], now)).await?;
     rows.pop()
-        .ok_or_else(|| sqlx::Error::Protocol("ensure returned no row".into()))
+        .ok_or(StoreError::Invariant("ensuring a resource returned no row"))
 }
 
 /// [`ensure`] for many resources, straight on the writer's handle (see
@@ -140,7 +139,7 @@ pub fn ensure_many(
     conn: &rusqlite::Connection,
     keys: &[ResourceKey<'_>],
     now: &str,
-) -> Result<Vec<Resource>, sqlx::Error> {
+) -> Result<Vec<Resource>, StoreError> {
     let mut insert = conn
         .prepare_cached(&format!(
             "INSERT INTO resources (provider, kind, id, parent_id, context, first_seen_at)
@@ -171,7 +170,7 @@ pub struct NewRids {
 }
 
 impl NewRids {
-    fn take(&mut self, conn: &rusqlite::Connection) -> Result<i64, sqlx::Error> {
+    fn take(&mut self, conn: &rusqlite::Connection) -> Result<i64, StoreError> {
         let next = match self.next {
             Some(next) => next,
             None => conn
@@ -197,7 +196,7 @@ pub fn find_many(
     keys: &[ResourceKey<'_>],
     now: &str,
     rids: &mut NewRids,
-) -> Result<Vec<(Resource, bool)>, sqlx::Error> {
+) -> Result<Vec<(Resource, bool)>, StoreError> {
     let mut find = conn
         .prepare_cached(&format!(
             "SELECT {RESOURCE_COLUMNS_NO_SNAPSHOT} FROM resources
@@ -284,7 +283,7 @@ pub struct StateUpdate<'a> {
 pub fn update_states(
     conn: &rusqlite::Connection,
     updates: &[StateUpdate<'_>],
-) -> Result<Vec<Resource>, sqlx::Error> {
+) -> Result<Vec<Resource>, StoreError> {
     let mut update = conn
         .prepare_cached(&format!(
             "UPDATE resources SET
@@ -350,10 +349,9 @@ pub fn update_states(
                 }
             };
             match row {
-                Err(rusqlite::Error::QueryReturnedNoRows) => Err(sqlx::Error::Protocol(format!(
-                    "no resource with rid {}",
-                    u.rid
-                ))),
+                Err(rusqlite::Error::QueryReturnedNoRows) => {
+                    Err(StoreError::Invariant("a resource being updated has no row"))
+                }
                 row => row.map_err(direct_error),
             }
         })
@@ -365,7 +363,7 @@ pub fn touch_many(
     conn: &rusqlite::Connection,
     rids: &[i64],
     observed_at: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     execute_each(
         conn,
         "UPDATE resources SET last_observed_at = ?1 WHERE rid = ?2",
@@ -382,7 +380,7 @@ fn execute_each<T, P: rusqlite::Params>(
     sql: &str,
     rows: &[T],
     params: impl Fn(&T) -> P,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -399,7 +397,7 @@ pub async fn mark_not_found(
     rid: i64,
     observed_at: &str,
     next_reconcile_at: Option<&str>,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE resources SET not_found = 1, last_observed_at = ?, next_reconcile_at = ? WHERE rid = ?",
     )
@@ -412,7 +410,7 @@ pub async fn mark_not_found(
 }
 
 /// A cancel went out through cancelwatch.
-pub async fn set_cancel_requested(tx: &mut Tx<'_>, rid: i64, at: &str) -> Result<(), sqlx::Error> {
+pub async fn set_cancel_requested(tx: &mut Tx<'_>, rid: i64, at: &str) -> Result<(), StoreError> {
     sqlx::query("UPDATE resources SET cancel_requested_at = ? WHERE rid = ?")
         .bind(at)
         .bind(rid)

@@ -1,6 +1,7 @@
 //! The reconcile schedule: which resources are due for a fetch, and when
 //! the next one is.
 
+use crate::store::StoreError;
 use sqlx::SqlitePool;
 
 use super::{Resource, RESOURCE_COLUMNS};
@@ -11,7 +12,7 @@ pub async fn due_for_reconcile(
     pool: &SqlitePool,
     now: &str,
     limit: i64,
-) -> Result<Vec<Resource>, sqlx::Error> {
+) -> Result<Vec<Resource>, StoreError> {
     sqlx::query_as::<_, Resource>(&format!(
         "SELECT {RESOURCE_COLUMNS} FROM resources
          WHERE next_reconcile_at IS NOT NULL AND next_reconcile_at <= ?
@@ -21,6 +22,7 @@ pub async fn due_for_reconcile(
     .bind(limit)
     .fetch_all(pool)
     .await
+    .map_err(StoreError::from)
 }
 
 /// A reconcile fetch failed: count it and push the next one back.
@@ -28,7 +30,7 @@ pub async fn reconcile_failed(
     tx: &mut Tx<'_>,
     rid: i64,
     next_reconcile_at: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE resources SET reconcile_failures = reconcile_failures + 1, next_reconcile_at = ?
          WHERE rid = ?",
@@ -45,7 +47,7 @@ pub async fn mark_reconciled(
     tx: &mut Tx<'_>,
     rid: i64,
     next_reconcile_at: Option<&str>,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     sqlx::query("UPDATE resources SET next_reconcile_at = ?, reconcile_failures = 0 WHERE rid = ?")
         .bind(next_reconcile_at)
         .bind(rid)

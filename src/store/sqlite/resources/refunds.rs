@@ -1,6 +1,7 @@
 //! Refunds: the money side of a cancellation, opened and settled as
 //! observations come in.
 
+use crate::store::StoreError;
 use sqlx::{FromRow, SqlitePool};
 
 use super::execute_each;
@@ -30,20 +31,21 @@ const REFUND_COLUMNS: &str =
     "id, rid, provider, kind, resource_id, parent_id, status, reason, amount,
      currency, opened_at, completed_at, updated_at, trigger_type, trigger_id";
 
-pub async fn refund_of(tx: &mut Tx<'_>, rid: i64) -> Result<Option<Refund>, sqlx::Error> {
+pub async fn refund_of(tx: &mut Tx<'_>, rid: i64) -> Result<Option<Refund>, StoreError> {
     sqlx::query_as::<_, Refund>(&format!(
         "SELECT {REFUND_COLUMNS} FROM refunds WHERE rid = ?"
     ))
     .bind(rid)
     .fetch_optional(&mut **tx)
     .await
+    .map_err(StoreError::from)
 }
 
 /// The refund status of each of `rids` that has a refund.
 pub fn refund_statuses(
     conn: &rusqlite::Connection,
     rids: &[i64],
-) -> Result<std::collections::HashMap<i64, String>, sqlx::Error> {
+) -> Result<std::collections::HashMap<i64, String>, StoreError> {
     use rusqlite::OptionalExtension;
     let mut select = conn
         .prepare_cached("SELECT status FROM refunds WHERE rid = ?1")
@@ -80,7 +82,7 @@ pub struct NewRefund<'a> {
 pub fn insert_refunds(
     conn: &rusqlite::Connection,
     refunds: &[NewRefund<'_>],
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     execute_each(
         conn,
         "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason, amount,
@@ -122,7 +124,7 @@ pub fn settle_refunds(
     conn: &rusqlite::Connection,
     settlements: &[RefundSettlement<'_>],
     now: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     execute_each(
         conn,
         "UPDATE refunds SET status = ?2,
@@ -138,7 +140,7 @@ pub fn settle_refunds(
 pub async fn refunds_under(
     pool: &SqlitePool,
     resource_id: &str,
-) -> Result<Vec<Refund>, sqlx::Error> {
+) -> Result<Vec<Refund>, StoreError> {
     sqlx::query_as::<_, Refund>(&format!(
         "SELECT {REFUND_COLUMNS} FROM refunds WHERE resource_id = ? OR parent_id = ? ORDER BY id"
     ))
@@ -146,4 +148,5 @@ pub async fn refunds_under(
     .bind(resource_id)
     .fetch_all(pool)
     .await
+    .map_err(StoreError::from)
 }

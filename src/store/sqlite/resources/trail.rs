@@ -1,5 +1,6 @@
 //! The trail of resources' observations: transition and progress rows.
 
+use crate::store::StoreError;
 use sqlx::{FromRow, SqlitePool};
 
 use super::execute_each;
@@ -27,7 +28,7 @@ pub struct NewTransition<'a> {
 pub fn insert_transitions(
     conn: &rusqlite::Connection,
     transitions: &[NewTransition<'_>],
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     execute_each(
         conn,
         "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status, to_status,
@@ -71,7 +72,7 @@ pub struct NewProgress<'a> {
 pub fn insert_progress(
     conn: &rusqlite::Connection,
     rows: &[NewProgress<'_>],
-) -> Result<(), sqlx::Error> {
+) -> Result<(), StoreError> {
     execute_each(
         conn,
         "INSERT INTO progress (rid, observed_at, status, success_count, failure_count, validated_count,
@@ -113,7 +114,7 @@ pub struct Transition {
 pub async fn transitions_of(
     pool: &SqlitePool,
     resource_id: &str,
-) -> Result<Vec<Transition>, sqlx::Error> {
+) -> Result<Vec<Transition>, StoreError> {
     sqlx::query_as::<_, Transition>(
         "SELECT id, provider, kind, resource_id, parent_id, from_status, to_status, observed_at,
                 provider_at, trigger_type, trigger_id, livemode
@@ -122,4 +123,5 @@ pub async fn transitions_of(
     .bind(resource_id)
     .fetch_all(pool)
     .await
+    .map_err(StoreError::from)
 }
