@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::providers::knowledge::{self, is_cancelled, is_settled_otherwise, is_transitional};
-use crate::store::model::{Alert, AlertKey, CancelAnswer, NewAlert, ProgressRow, Resource};
+use crate::store::model::{Alert, AlertKey, CancelRequest, NewAlert, ProgressRow, Resource};
 
 /// Rule names, as stored in `alerts.rule` and sent as `type`.
 pub const PARTIAL_CANCELLATION: &str = "partial_cancellation";
@@ -123,7 +123,7 @@ impl Tally {
 pub fn partial_by_items(
     config: &Config,
     bulk: &Resource,
-    answer: Option<&CancelAnswer>,
+    answer: Option<&CancelRequest>,
     items: &[Resource],
 ) -> Option<(String, Value)> {
     let bulk_cancelled = bulk

@@ -2,8 +2,9 @@
 //! Plain data: the engines map their own rows onto these.
 
 pub use super::sqlite::alerts::{
-    Alert, AlertKey, Attempt, CancelAnswer, NewAlert, OutboxRow, ProgressRow, RaiseOutcome,
+    Alert, AlertKey, Attempt, NewAlert, OutboxRow, ProgressRow, RaiseOutcome,
 };
+pub use super::sqlite::cancels::CancelRequest;
 pub use super::sqlite::inbox::{Delivery, NewDelivery};
 pub use super::sqlite::queries::{
     parse_time, AlertFilter, Event, EventFilter, History, Page, PageRequest, TransitionFilter,

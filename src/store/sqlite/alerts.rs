@@ -5,6 +5,9 @@ use crate::store::StoreError;
 use serde_json::{json, Value};
 use sqlx::{FromRow, SqlitePool};
 
+use super::cancels::{CancelRequest, CANCEL_COLUMNS};
+use super::inbox::Delivery;
+use super::resources::{Refund, REFUND_COLUMNS};
 use super::Tx;
 
 /// What a rule wants to say about one resource.
@@ -453,27 +456,17 @@ pub async fn unsettled_resources(tx: &mut Tx<'_>) -> Result<Vec<ResourceRow>, St
     .map_err(StoreError::from)
 }
 
-/// A cancel issued through cancelwatch and the provider's answer.
-#[derive(Debug, Clone, FromRow)]
-pub struct CancelAnswer {
-    pub id: i64,
-    pub requested_at: String,
-    pub http_status: Option<i64>,
-    pub outcome: Option<String>,
-    pub error_code: Option<String>,
-}
-
 /// The latest cancel request of a resource that was answered with `outcome`.
 pub async fn latest_cancel_with_outcome(
     tx: &mut Tx<'_>,
     provider: &str,
     resource_id: &str,
     outcome: &str,
-) -> Result<Option<CancelAnswer>, StoreError> {
-    sqlx::query_as::<_, CancelAnswer>(
-        "SELECT id, requested_at, http_status, outcome, error_code FROM cancel_requests
-         WHERE provider = ? AND resource_id = ? AND outcome = ? ORDER BY id DESC LIMIT 1",
-    )
+) -> Result<Option<CancelRequest>, StoreError> {
+    sqlx::query_as::<_, CancelRequest>(&format!(
+        "SELECT {CANCEL_COLUMNS} FROM cancel_requests
+         WHERE provider = ? AND resource_id = ? AND outcome = ? ORDER BY id DESC LIMIT 1"
+    ))
     .bind(provider)
     .bind(resource_id)
     .bind(outcome)
@@ -504,30 +497,12 @@ pub async fn latest_progress(tx: &mut Tx<'_>, rid: i64) -> Result<Option<Progres
     .map_err(StoreError::from)
 }
 
-/// A refund, as the rules see it.
-#[derive(Debug, Clone, FromRow)]
-pub struct RefundRow {
-    pub rid: i64,
-    pub provider: String,
-    pub kind: String,
-    pub resource_id: String,
-    pub parent_id: Option<String>,
-    pub status: String,
-    pub reason: String,
-    pub amount: Option<i64>,
-    pub currency: Option<String>,
-    pub opened_at: String,
-}
-
-const REFUND_COLUMNS: &str =
-    "rid, provider, kind, resource_id, parent_id, status, reason, amount, currency, opened_at";
-
 /// Refunds still pending that were opened before `cutoff`.
 pub async fn pending_refunds_opened_before(
     tx: &mut Tx<'_>,
     cutoff: &str,
-) -> Result<Vec<RefundRow>, StoreError> {
-    sqlx::query_as::<_, RefundRow>(&format!(
+) -> Result<Vec<Refund>, StoreError> {
+    sqlx::query_as::<_, Refund>(&format!(
         "SELECT {REFUND_COLUMNS} FROM refunds
          WHERE status = 'pending' AND opened_at < ? ORDER BY opened_at"
     ))
@@ -552,27 +527,7 @@ pub async fn refusals_since(
     .map_err(StoreError::from)
 }
 
-/// A delivery of the inbox, as the dead-letter rule reports it.
-#[derive(Debug, Clone, FromRow)]
-pub struct DeliveryRow {
-    pub id: i64,
-    pub provider: String,
-    pub dedupe_key: String,
-    pub event_type: String,
-    pub resource_kind: Option<String>,
-    pub resource_id: Option<String>,
-    pub attempts: i64,
-    pub received_at: String,
-}
-
 /// The inbox delivery with row id `id`.
-pub async fn delivery(tx: &mut Tx<'_>, id: i64) -> Result<Option<DeliveryRow>, StoreError> {
-    sqlx::query_as::<_, DeliveryRow>(
-        "SELECT id, provider, dedupe_key, event_type, resource_kind, resource_id, attempts, received_at
-         FROM inbox WHERE id = ?",
-    )
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await
-        .map_err(StoreError::from)
+pub async fn delivery(tx: &mut Tx<'_>, id: i64) -> Result<Option<Delivery>, StoreError> {
+    super::inbox::get_in(tx, id).await
 }

@@ -94,17 +94,20 @@ pub struct CancelRequest {
     pub answered_at: Option<String>,
 }
 
+pub(super) const CANCEL_COLUMNS: &str =
+    "id, provider, kind, resource_id, idempotency_key, requested_by, requested_at,
+     http_status, outcome, error_code, response_body, answered_at";
+
 /// Every request about one resource, oldest first.
 pub async fn of_resource(
     pool: &sqlx::SqlitePool,
     kind: &str,
     resource_id: &str,
 ) -> Result<Vec<CancelRequest>, StoreError> {
-    sqlx::query_as::<_, CancelRequest>(
-        "SELECT id, provider, kind, resource_id, idempotency_key, requested_by, requested_at,
-                http_status, outcome, error_code, response_body, answered_at
-         FROM cancel_requests WHERE kind = ? AND resource_id = ? ORDER BY id",
-    )
+    sqlx::query_as::<_, CancelRequest>(&format!(
+        "SELECT {CANCEL_COLUMNS} FROM cancel_requests
+         WHERE kind = ? AND resource_id = ? ORDER BY id"
+    ))
     .bind(kind)
     .bind(resource_id)
     .fetch_all(pool)

@@ -374,6 +374,17 @@ pub async fn claim_one(
         .map_err(StoreError::from)
 }
 
+/// The delivery with row id `id`, read inside a write transaction.
+pub async fn get_in(tx: &mut Tx<'_>, id: i64) -> Result<Option<Delivery>, StoreError> {
+    sqlx::query_as::<_, Delivery>(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM inbox WHERE id = ?"
+    ))
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(StoreError::from)
+}
+
 pub async fn get(pool: &SqlitePool, id: i64) -> Result<Option<Delivery>, StoreError> {
     sqlx::query_as::<_, Delivery>(&format!(
         "SELECT {DELIVERY_COLUMNS} FROM inbox WHERE id = ?"
