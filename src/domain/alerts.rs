@@ -235,6 +235,29 @@ pub fn partial_by_progress(
     Some((summary, details))
 }
 
+/// Detail fields that only say when something was last seen: a change in
+/// them alone is no news, so it makes no new version (and pages no one).
+const VOLATILE_DETAILS: [&str; 1] = ["counts_observed_at"];
+
+/// True when `new` says what the stored alert already says: the same
+/// severity, summary and details, timestamps of observation aside. An open
+/// alert raised again with the same message is not sent again.
+pub fn says_the_same(old: &Alert, new: &NewAlert) -> bool {
+    let stable = |details: &Value| {
+        let mut details = details.clone();
+        if let Some(map) = details.as_object_mut() {
+            for key in VOLATILE_DETAILS {
+                map.remove(key);
+            }
+        }
+        details
+    };
+    let old_details = serde_json::from_str::<Value>(&old.details).ok();
+    old.severity == new.severity
+        && old.summary == new.summary
+        && old_details.map(|d| stable(&d)) == Some(stable(&new.details))
+}
+
 /// How alerts name a kind (`Juice bulk transfer`); the kind itself when
 /// no provider knows it.
 fn title_of(kind: &str) -> &str {

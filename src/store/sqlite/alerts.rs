@@ -218,13 +218,7 @@ pub async fn raise(
             RaiseOutcome::Created(alert)
         }
         Some(old) => {
-            let same_details =
-                serde_json::from_str::<Value>(&old.details).ok().as_ref() == Some(&new.details);
-            if old.state == "open"
-                && same_details
-                && old.summary == new.summary
-                && old.severity == new.severity
-            {
+            if old.state == "open" && crate::domain::alerts::says_the_same(&old, new) {
                 return Ok(RaiseOutcome::Unchanged(old));
             }
             let alert = sqlx::query_as::<_, Alert>(&format!(

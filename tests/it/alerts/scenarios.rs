@@ -183,3 +183,54 @@ async fn a_dead_delivery_raises_dead_letter() {
         .unwrap()
         .contains("does not exist"));
 }
+
+/// Replaying every delivery of a batch job that finished cancelled in part
+/// observes it again with nothing new but when its counts were seen: the
+/// `partial_cancellation` alert keeps its version and no sink is paged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replaying_a_finished_resource_pages_no_one_again() {
+    let pair = SimPair::start(|_| {}).await;
+    let scenario = pair.sim.scenario("batch_job_canceled_midway").unwrap();
+    for step in &scenario.steps {
+        pair.sim
+            .play_step(step, &DeliveryOptions::default())
+            .await
+            .unwrap();
+        wait_step(pair.app.db(), step).await;
+    }
+    assert!(pair.sim.wait_background(Duration::from_secs(10)).await);
+    let partial = || async {
+        db::alerts(pair.app.db())
+            .await
+            .into_iter()
+            .find(|a| a.rule == "partial_cancellation")
+    };
+    let before = partial()
+        .await
+        .expect("the scenario raises partial_cancellation");
+
+    let ctx = pair.app.test_config().context().await;
+    let keys: Vec<String> = db::deliveries(pair.app.db())
+        .await
+        .into_iter()
+        .map(|d| d.dedupe_key)
+        .collect();
+    assert!(keys.len() >= 2, "{keys:?}");
+    for key in &keys {
+        let report = cancelwatch::pipeline::replay(&ctx, key, true)
+            .await
+            .unwrap();
+        assert_eq!(report.state, "processed", "{key}");
+    }
+    ctx.store.close().await;
+
+    let after = partial().await.unwrap();
+    assert_eq!(after.version, before.version, "{after:?}");
+    assert_eq!(after.updated_at, before.updated_at);
+    let received = pair.finish().await;
+    let paged = received
+        .iter()
+        .filter(|p| p["type"] == "partial_cancellation")
+        .count();
+    assert_eq!(paged, 1, "{received:?}");
+}
