@@ -88,23 +88,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let done = |r: anyhow::Result<()>| r.map(|()| 0u8);
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve => cancelwatch::cli::serve(config).await,
-            Command::Demo => cancelwatch::cli::demo::run(config).await,
-            Command::Migrate => cancelwatch::cli::migrate(config).await,
-            Command::CheckConfig => cancelwatch::cli::check_config(&config),
-            Command::Sign(args) => cancelwatch::cli::sign::run(&config, args),
-            Command::Read(command) => cancelwatch::cli::read::run(config, command).await,
-            Command::Prune(args) => cancelwatch::cli::prune::run(config, args).await,
-            Command::Replay(args) => cancelwatch::cli::actions::run_replay(config, args).await,
+            Command::Serve => done(cancelwatch::cli::serve(config).await),
+            Command::Demo => done(cancelwatch::cli::demo::run(config).await),
+            Command::Migrate => done(cancelwatch::cli::migrate(config).await),
+            Command::CheckConfig => done(cancelwatch::cli::check_config(&config)),
+            Command::Sign(args) => done(cancelwatch::cli::sign::run(&config, args)),
+            Command::Read(command) => done(cancelwatch::cli::read::run(config, command).await),
+            Command::Prune(args) => done(cancelwatch::cli::prune::run(config, args).await),
+            Command::Replay(args) => {
+                done(cancelwatch::cli::actions::run_replay(config, args).await)
+            }
             Command::Cancel(args) => cancelwatch::cli::actions::run_cancel(config, args).await,
-            Command::Backfill(args) => cancelwatch::cli::backfill::run(config, args).await,
-            Command::Simulate(args) => cancelwatch::cli::simulate::run(&config, args).await,
+            Command::Backfill(args) => done(cancelwatch::cli::backfill::run(config, args).await),
+            Command::Simulate(args) => done(cancelwatch::cli::simulate::run(&config, args).await),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("cancelwatch: {e:#}");
             ExitCode::FAILURE

@@ -326,7 +326,20 @@ async fn cancellation(
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     let report = pipeline::cancel::request(&app.pipeline, &body.kind, &body.id, "api").await?;
-    Ok((StatusCode::CREATED, Json(report)).into_response())
+    Ok((cancel_status(&report.outcome), Json(report)).into_response())
+}
+
+/// The status of a cancel's answer, by its outcome: a success only when the
+/// cancel took effect (201) or had already (200); the body says the rest.
+fn cancel_status(outcome: &str) -> StatusCode {
+    match outcome {
+        "accepted" => StatusCode::CREATED,
+        "already_cancelled" | "partial_cancellation" => StatusCode::OK,
+        "not_cancellable" | "idempotency_conflict" => StatusCode::CONFLICT,
+        "not_found" => StatusCode::NOT_FOUND,
+        "unknown" => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
 }
 
 #[cfg(test)]

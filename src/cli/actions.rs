@@ -45,11 +45,20 @@ pub async fn replay(ctx: &Context, args: &ReplayArgs) -> anyhow::Result<String> 
     Ok(out)
 }
 
-/// Cancels a resource at its provider, records the answer and the state after it.
+/// Cancels a resource at its provider, records the answer and the state
+/// after it, and renders the report.
 pub async fn cancel(ctx: &Context, args: &CancelArgs) -> anyhow::Result<String> {
-    let report = cancel::request(ctx, &args.kind, &args.id, "cli").await?;
-    if args.json {
-        return output::json(&report);
+    render_cancel(&cancel_report(ctx, args).await?, args.json)
+}
+
+async fn cancel_report(ctx: &Context, args: &CancelArgs) -> anyhow::Result<cancel::CancelReport> {
+    Ok(cancel::request(ctx, &args.kind, &args.id, "cli").await?)
+}
+
+/// A cancel's report as a table, or one JSON document.
+fn render_cancel(report: &cancel::CancelReport, json: bool) -> anyhow::Result<String> {
+    if json {
+        return output::json(report);
     }
     let mut t = Table::new(&["FIELD", "VALUE"]);
     for (k, v) in [
@@ -79,11 +88,54 @@ pub async fn run_replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `cancel`: opens the configured database and providers, cancels, prints.
-pub async fn run_cancel(config: Config, args: CancelArgs) -> anyhow::Result<()> {
+/// `cancel`: opens the configured database and providers, cancels, prints,
+/// and exits with the code of the outcome ([`exit_code`]), so that
+/// `cancelwatch cancel … && next-step` goes on only after a cancel that
+/// took effect.
+pub async fn run_cancel(config: Config, args: CancelArgs) -> anyhow::Result<u8> {
     let ctx = Context::open(config).await?;
-    let result = cancel(&ctx, &args).await;
+    let timeout = ctx.config.workers.fetch_timeout_secs;
+    let result = while_waiting(
+        cancel_report(&ctx, &args),
+        &format!(
+            "waiting for the provider to answer the cancel of {} {} (each call gives up after {timeout} s)",
+            args.kind, args.id
+        ),
+    )
+    .await;
     ctx.store.close().await;
-    print!("{}", result?);
-    Ok(())
+    let report = result?;
+    print!("{}", render_cancel(&report, args.json)?);
+    Ok(exit_code(&report.outcome))
+}
+
+/// The exit code of a cancel, by its outcome (docs/operations.md lists them):
+/// 0 when it took effect or had already, otherwise one code per reason.
+pub fn exit_code(outcome: &str) -> u8 {
+    match outcome {
+        "accepted" | "already_cancelled" => 0,
+        "partial_cancellation" => 3,
+        "not_cancellable" => 4,
+        "not_found" => 5,
+        "idempotency_conflict" => 6,
+        "unknown" => 7,
+        // `error`: the provider could not be reached, or answered with an error.
+        _ => 8,
+    }
+}
+
+/// Runs `work`, telling stderr what it waits for once it has taken longer
+/// than a moment (a slow provider), and again every ten seconds.
+async fn while_waiting<T>(work: impl std::future::Future<Output = T>, what: &str) -> T {
+    tokio::pin!(work);
+    let mut ticks = tokio::time::interval_at(
+        tokio::time::Instant::now() + std::time::Duration::from_secs(2),
+        std::time::Duration::from_secs(10),
+    );
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticks.tick() => eprintln!("cancelwatch: {what}"),
+        }
+    }
 }

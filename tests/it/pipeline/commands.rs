@@ -367,3 +367,61 @@ async fn listing_events_follows_every_page() {
         .count();
     assert_eq!(pages, 3, "six events, two per page");
 }
+
+/// `cancel` exits 0 only when the cancel took effect; a cancel the provider
+/// refused, one of a resource it does not have, and one that could not reach
+/// it each exit with their own code; `/v1/cancellations` answers a matching
+/// status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_exit_codes_and_statuses_follow_the_outcome() {
+    use crate::support::binary;
+
+    let sim = simulator(None).await;
+    let config = config_for(&sim.base_url());
+    let posted = sim
+        .scenario("outbound_transfer_posted_before_cancel")
+        .unwrap();
+    for step in &posted.steps {
+        sim.apply_step(step);
+    }
+    let posted_id = posted.expect.histories[0].id.clone();
+    let live = sim.scenario("outbound_transfer_canceled").unwrap();
+    sim.apply_step(&live.steps[0]);
+    let live_id = live.expect.histories[0].id.clone();
+
+    let exit = |args: &[&str], config: &crate::support::TestConfig| {
+        let o = binary::run(config, args);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let (code, out) = exit(&["cancel", "stripe.outbound_transfer", &live_id], &config);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = exit(&["cancel", "stripe.outbound_transfer", &posted_id], &config);
+    assert_eq!(code, Some(4), "{out}");
+    assert!(out.contains("not_cancellable"), "{out}");
+    let (code, out) = exit(
+        &["cancel", "stripe.outbound_transfer", "obt_nobody"],
+        &config,
+    );
+    assert_eq!(code, Some(5), "{out}");
+    let offline = config_for(crate::support::config::CLOSED_PORT);
+    let (code, out) = exit(&["cancel", "stripe.outbound_transfer", &live_id], &offline);
+    assert_eq!(code, Some(8), "{out}");
+
+    let token = "cancel-statuses-admin-token-0001";
+    let app = TestApp::start(config.with(|c| c.server.admin_token = token.into())).await;
+    let post = |id: &str| {
+        let body = serde_json::json!({"kind": "stripe.outbound_transfer", "id": id});
+        app.post("/v1/cancellations", Some(body), Some(token))
+    };
+    let (status, body) = post(&posted_id).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (409, Some("not_cancellable"))
+    );
+    let (status, body) = post("obt_nobody").await;
+    assert_eq!((status, body["outcome"].as_str()), (404, Some("not_found")));
+    app.stop().await;
+}
