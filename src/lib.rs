@@ -86,6 +86,12 @@ pub async fn open_store(config: &Config) -> anyhow::Result<store::Store> {
         .with_context(|| format!("opening the database at {}", path.display()))
 }
 
+/// Opens the configured database for reading only (the read commands).
+pub async fn open_store_read_only(config: &Config) -> anyhow::Result<store::Store> {
+    let path = config.database_path()?;
+    Ok(store::open_read_only(&config.database, &path).await?)
+}
+
 /// Runs the daemon on an already-bound listener until SIGINT or SIGTERM.
 pub async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
     run_until(config, listener, shutdown_signal()).await

@@ -114,7 +114,7 @@ pub struct EventsArgs {
 
 /// Opens the configured database, runs the command, prints its output.
 pub async fn run(config: Config, command: ReadCommand) -> anyhow::Result<()> {
-    let store = crate::open_store(&config).await?;
+    let store = crate::open_store_read_only(&config).await?;
     let rendered = render(&store, &command).await;
     store.close().await;
     print!("{}", rendered?);

@@ -16,6 +16,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no database at {path}: `cancelwatch serve` or `cancelwatch migrate` creates it (or point database.url at the existing one)")]
+    Missing { path: String },
+    #[error("this is not a cancelwatch database (it has no migration table)")]
+    NotOurs,
+    #[error("the database schema is at version {database}, newer than this binary's {binary}: use a newer cancelwatch")]
+    SchemaNewer { database: i64, binary: i64 },
+    #[error("the database schema is at version {database}, older than this binary's {binary}: run `cancelwatch migrate`")]
+    SchemaOlder { database: i64, binary: i64 },
     /// A rule of the store's own was broken (a bug, never bad input).
     #[error("database: broken invariant: {0}")]
     Invariant(&'static str),

@@ -32,6 +32,17 @@ pub async fn open(cfg: &DatabaseConfig, path: &std::path::Path) -> Result<Store,
     Ok(Arc::new(sqlite::SqliteStore::open(path, cfg).await?))
 }
 
+/// Opens an existing database for reading only: nothing is created,
+/// migrated or written, and a schema this binary does not match is refused.
+pub async fn open_read_only(
+    cfg: &DatabaseConfig,
+    path: &std::path::Path,
+) -> Result<Store, StoreError> {
+    Ok(Arc::new(
+        sqlite::SqliteStore::open_read_only(path, cfg).await?,
+    ))
+}
+
 /// One turn at the writer, taken before a group commit gathers its batch:
 /// what arrives while the turn is awaited rides in the same commit.
 pub struct WriterTurn(pub(crate) Box<dyn std::any::Any + Send>);

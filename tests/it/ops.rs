@@ -1016,3 +1016,28 @@ async fn cancel_and_replay_over_the_api_and_the_cli() {
     ctx.store.close().await;
     app.stop().await;
 }
+
+/// The read commands open the database read-only: in a folder without one
+/// they create nothing and say where they looked; against a database a
+/// newer binary migrated they refuse and say which versions differ.
+#[tokio::test]
+async fn read_commands_never_create_or_migrate_a_database() {
+    let config = TestConfig::new();
+    let path = config.database_path();
+    for command in ["transitions", "alerts", "events"] {
+        let o = binary::run(&config, &[command]);
+        assert_eq!(o.status.code(), Some(1), "{command}");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.contains("no database at"), "{command}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(!path.exists(), "{command} created {}", path.display());
+    }
+
+    let store = config.open_store().await;
+    db::fake_a_newer_migration(&store).await;
+    store.close().await;
+    let o = binary::run(&config, &["transitions"]);
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("newer than this binary"), "{stderr}");
+}

@@ -34,6 +34,16 @@ impl SqliteStore {
         })
     }
 
+    /// Opens an existing database for reading only (see [`Db::open_read_only`]).
+    pub async fn open_read_only(
+        path: &Path,
+        cfg: &DatabaseConfig,
+    ) -> Result<SqliteStore, StoreError> {
+        Ok(SqliteStore {
+            db: Db::open_read_only(path, cfg).await?,
+        })
+    }
+
     /// The engine's own handle, for this engine's tests.
     pub fn db(&self) -> &Db {
         &self.db

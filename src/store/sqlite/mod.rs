@@ -146,7 +146,8 @@ pub struct Db {
     /// Acknowledgement commits waiting for the writer connection: a batch
     /// of the pipeline's that sees one ends early and lets it through.
     acks_waiting: Arc<AtomicUsize>,
-    checkpointer: Arc<Checkpointer>,
+    /// None when opened read-only: nothing is written, nothing to copy.
+    checkpointer: Option<Arc<Checkpointer>>,
 }
 
 /// Counts an acknowledgement commit as waiting while it lives.
@@ -281,7 +282,7 @@ impl Db {
         } else {
             None
         };
-        let checkpointer = Arc::new(Checkpointer::start(path, cfg.busy_timeout_ms)?);
+        let checkpointer = Some(Arc::new(Checkpointer::start(path, cfg.busy_timeout_ms)?));
         let read = SqlitePoolOptions::new()
             .max_connections(cfg.read_connections)
             .test_before_acquire(false)
@@ -296,6 +297,41 @@ impl Db {
             acks_waiting: Arc::default(),
             sync_turn: Arc::default(),
             checkpointer,
+        })
+    }
+
+    /// Opens an existing database for reading only: nothing is created,
+    /// migrated or written (the read commands). A missing file, or a schema
+    /// this binary does not match, is refused with what to do about it.
+    pub async fn open_read_only(path: &Path, cfg: &DatabaseConfig) -> Result<Db, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Missing {
+                path: path.display().to_string(),
+            });
+        }
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .read_only(true)
+            .busy_timeout(Duration::from_millis(cfg.busy_timeout_ms));
+        let read = SqlitePoolOptions::new()
+            .max_connections(cfg.read_connections)
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await?;
+        if let Err(e) = check_schema(&read).await {
+            read.close().await;
+            return Err(e);
+        }
+        Ok(Db {
+            // Every connection is read-only: a write through either pool fails.
+            write: read.clone(),
+            read,
+            wal_sync: None,
+            background_writers: Arc::new(Semaphore::new(1)),
+            acks_waiting: Arc::default(),
+            sync_turn: Arc::default(),
+            checkpointer: None,
         })
     }
 
@@ -407,8 +443,9 @@ impl Db {
     }
 
     pub async fn close(&self) {
-        let checkpointer = self.checkpointer.clone();
-        let _ = tokio::task::spawn_blocking(move || checkpointer.stop()).await;
+        if let Some(checkpointer) = self.checkpointer.clone() {
+            let _ = tokio::task::spawn_blocking(move || checkpointer.stop()).await;
+        }
         self.read.close().await;
         self.write.close().await;
     }
@@ -436,6 +473,27 @@ where
             }
             result => return result,
         }
+    }
+}
+
+/// Checks that the database was migrated to exactly this binary's schema.
+async fn check_schema(pool: &SqlitePool) -> Result<(), StoreError> {
+    let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .map_err(|_| StoreError::NotOurs)?;
+    match applied.unwrap_or(0) {
+        v if v > known => Err(StoreError::SchemaNewer {
+            database: v,
+            binary: known,
+        }),
+        v if v < known => Err(StoreError::SchemaOlder {
+            database: v,
+            binary: known,
+        }),
+        _ => Ok(()),
     }
 }
 

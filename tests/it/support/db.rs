@@ -814,6 +814,18 @@ pub async fn seed_refusal(db: &impl Database, provider: &str, reason: &str, rece
 
 // ---- The database itself ---------------------------------------------------
 
+/// Marks the database as migrated one version past this binary's newest,
+/// as a newer cancelwatch would have left it.
+pub async fn fake_a_newer_migration(db: &impl Database) {
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         SELECT MAX(version) + 1, 'from a newer binary', 1, X'00', 0 FROM _sqlx_migrations",
+    )
+    .execute(db.writer())
+    .await
+    .unwrap();
+}
+
 /// The columns of `table`.
 pub async fn column_names(db: &impl Database, table: &str) -> Vec<String> {
     sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
