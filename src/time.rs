@@ -31,24 +31,34 @@ pub fn parse_lenient(s: &str) -> Option<Timestamp> {
     None
 }
 
-/// Parses a user-supplied duration such as `30d`, `12h`, `15m`, `90s`.
+/// A duration as people write it (`30d`, `12h`, `90m`, `2w`), with a unit;
+/// one too large to be a duration is refused, never wrapped.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {s:?} needs a unit (s, m, h or d)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(format!("duration {s:?}: unit must be s, m, h or d")),
-    };
-    Ok(std::time::Duration::from_secs(secs))
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("duration {s:?} needs a unit (s, m, h, d or w)"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("duration {s:?}: {e}"))
+}
+
+/// A point in time as a command line takes it: RFC 3339
+/// (`2026-12-02T10:00:00Z`), a date (`2026-12-02`, midnight UTC), or a
+/// duration back from `now` (`2h`, `7d`).
+pub fn parse_since(s: &str, now: Timestamp) -> Result<Timestamp, String> {
+    let s = s.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    let ago = parse_duration(s).map_err(|_| {
+        format!("{s:?} is not a time: give RFC 3339 (2026-10-30T12:00:00Z), a date (2026-10-30) or a time back from now (2h, 7d)")
+    })?;
+    chrono::Duration::from_std(ago)
+        .ok()
+        .and_then(|ago| now.checked_sub_signed(ago))
+        .ok_or_else(|| format!("{s:?} reaches back too far"))
 }
 
 #[cfg(test)]
@@ -70,6 +80,18 @@ mod tests {
         assert_eq!(parse_duration("15m").unwrap().as_secs(), 900);
         assert!(parse_duration("30").is_err());
         assert!(parse_duration("d").is_err());
-        assert!(parse_duration("3w").is_err());
+        assert_eq!(parse_duration("3w").unwrap().as_secs(), 21 * 86_400);
+        assert!(parse_duration("213503982334602d").is_err());
+        let now = parse_lenient("2026-12-07T12:00:00Z").unwrap();
+        assert_eq!(
+            fmt(parse_since("2h", now).unwrap()),
+            "2026-12-07T10:00:00.000Z"
+        );
+        assert_eq!(
+            fmt(parse_since("2026-12-02", now).unwrap()),
+            "2026-12-02T00:00:00.000Z"
+        );
+        assert!(parse_since("last tuesday", now).is_err());
+        assert!(parse_since("999999999999d", now).is_err());
     }
 }

@@ -23,6 +23,8 @@ pub struct KindInfo {
     pub title: &'static str,
     /// True when `cancel` may be asked for it.
     pub cancellable: bool,
+    /// Every status the provider documents for it (filters accept these).
+    pub statuses: &'static [&'static str],
     /// Statuses in which it is still on its way somewhere (`stuck` watches them).
     pub transitional: &'static [&'static str],
     /// Statuses in which it settled some other way than cancelled: once
@@ -116,6 +118,23 @@ pub fn kind_info(kind: &str) -> Option<&'static KindInfo> {
 /// The names of the known providers.
 pub fn names() -> Vec<&'static str> {
     ALL.iter().map(|k| k.name()).collect()
+}
+
+/// Every kind the known providers document.
+pub fn kinds() -> Vec<&'static str> {
+    ALL.iter().flat_map(|k| k.kinds()).map(|k| k.kind).collect()
+}
+
+/// Every status the known providers document, of any kind, each once.
+pub fn statuses() -> Vec<&'static str> {
+    let mut all: Vec<&'static str> = ALL
+        .iter()
+        .flat_map(|k| k.kinds())
+        .flat_map(|k| k.statuses.iter().copied())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 /// The kinds `cancel` accepts.

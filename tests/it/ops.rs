@@ -1041,3 +1041,43 @@ async fn read_commands_never_create_or_migrate_a_database() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("newer than this binary"), "{stderr}");
 }
+
+/// Filters are checked: a kind or status nobody documents or recorded is
+/// an error naming the accepted values; times may be a date or a time back
+/// from now; a prune age too large to be a duration is refused, not wrapped.
+#[tokio::test]
+async fn filters_are_checked_and_times_read_as_people_write_them() {
+    let (config, db) = seeded_db().await;
+    db.close().await;
+    let fails_with = |args: &[&str], needle: &str| {
+        let o = binary::run(&config, args);
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        // 1 for a refused filter, 2 for an argument clap refuses.
+        assert!(matches!(o.status.code(), Some(1 | 2)), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    };
+    fails_with(
+        &["transitions", "--kind", "stripe.refund"],
+        "is not one of stripe.outbound_transfer",
+    );
+    fails_with(&["transitions", "--to", "cancelld"], "is not one of ");
+    fails_with(&["transitions", "--since", "last tuesday"], "is not a time");
+    fails_with(&["prune", "--older-than", "213503982334602d"], "older-than");
+
+    let rows = |args: &[&str]| {
+        let o = binary::run(&config, args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let all = rows(&["transitions", "--json"]);
+    assert!(all > 0);
+    assert_eq!(
+        rows(&["transitions", "--json", "--since", "2026-10-01"]),
+        all
+    );
+    assert_eq!(rows(&["transitions", "--json", "--since", "1d"]), 0);
+    assert!(rows(&["transitions", "--json", "--kind", "juice.transfer"]) > 0);
+}

@@ -35,9 +35,40 @@ pub async fn transitions(
     page_req: &PageRequest,
 ) -> Result<Page<Transition>, QueryError> {
     let limit = page_req.limit()?;
+    check_known(pool, filter).await?;
     let mut q = transitions_query("", filter, page_req)?;
     let rows: Vec<Transition> = q.build_query_as().fetch_all(pool).await?;
     Ok(page(rows, limit, |t| encode_cursor("t", &t.id.to_string())))
+}
+
+/// Refuses a kind or a status that no provider documents and that nothing
+/// recorded has: a typo answers with the accepted values, not with an empty
+/// page. (One that was recorded is accepted: providers add statuses.)
+async fn check_known(pool: &SqlitePool, filter: &TransitionFilter) -> Result<(), QueryError> {
+    use crate::providers::knowledge;
+    let checks = [
+        ("kind", &filter.kind, knowledge::kinds(), "kind"),
+        ("to", &filter.to_status, knowledge::statuses(), "to_status"),
+    ];
+    for (field, value, documented, column) in checks {
+        let Some(value) = value else { continue };
+        if documented.contains(&value.as_str()) {
+            continue;
+        }
+        let recorded: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM transitions WHERE {column} = ? LIMIT 1"
+        ))
+        .bind(value)
+        .fetch_optional(pool)
+        .await?;
+        if recorded.is_none() {
+            return Err(invalid(
+                field,
+                format!("{value:?} is not one of {}", documented.join(", ")),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// SQLite's plan for the query `transitions` runs (`EXPLAIN QUERY PLAN`), one

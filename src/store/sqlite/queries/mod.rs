@@ -136,14 +136,9 @@ fn page<T>(mut rows: Vec<T>, limit: i64, cursor_of: impl Fn(&T) -> String) -> Pa
 
 /// Parses an RFC 3339 time into the stored text form (UTC, milliseconds).
 pub fn parse_time(field: &'static str, value: &str) -> Result<String, QueryError> {
-    chrono::DateTime::parse_from_rfc3339(value.trim())
-        .map(|t| crate::time::fmt(t.with_timezone(&chrono::Utc)))
-        .map_err(|_| {
-            invalid(
-                field,
-                format!("{value:?} is not an RFC 3339 time such as 2026-10-30T12:00:00Z"),
-            )
-        })
+    crate::time::parse_since(value, crate::time::now())
+        .map(crate::time::fmt)
+        .map_err(|e| invalid(field, e))
 }
 
 fn one_of(field: &'static str, value: &str, allowed: &[&str]) -> Result<String, QueryError> {
