@@ -432,6 +432,7 @@ impl Config {
         if self.server.max_concurrent_requests == 0 {
             return Err(invalid("server.max_concurrent_requests", "must be above 0"));
         }
+        check_log_level(&self.log.level)?;
         if !["text", "json"].contains(&self.log.format.as_str()) {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
         }
@@ -606,6 +607,25 @@ impl Config {
     }
 }
 
+/// `log.level`: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`),
+/// or comma-separated `target=level` directives. A bare word that is not a
+/// level would be read as a target and silence everything else.
+fn check_log_level(value: &str) -> Result<(), ConfigError> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let ok = value.split(',').all(|directive| {
+        let level = directive.rsplit('=').next().unwrap_or("").trim();
+        LEVELS.contains(&level.to_ascii_lowercase().as_str())
+    });
+    if ok && tracing_subscriber::EnvFilter::try_new(value).is_ok() {
+        Ok(())
+    } else {
+        Err(invalid(
+            "log.level",
+            format!("{value:?} is not a level (error, warn, info, debug, trace, off) or target=level directives"),
+        ))
+    }
+}
+
 pub(crate) fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
     match url::Url::parse(value) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
@@ -647,6 +667,16 @@ fn describe(e: figment::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_are_checked() {
+        for good in ["info", "warn", "cancelwatch=debug,info", "off"] {
+            assert!(check_log_level(good).is_ok(), "{good}");
+        }
+        for bad in ["loud", "cancelwatch=loud", ""] {
+            assert!(check_log_level(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -138,7 +138,12 @@ pub async fn run_until(
     jobs::spawn(&app.pipeline, &app.shutdown, &mut tasks);
     let router = api::router(app.clone());
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "cancelwatch listening");
+    tracing::info!(
+        version = VERSION,
+        %addr,
+        database = %app.config.database_path()?.display(),
+        "cancelwatch listening"
+    );
 
     let stop = app.shutdown.clone();
     let signal_stop = stop.clone();
@@ -194,12 +199,24 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The version and the commit it was built from, as `--version` and the
+/// start-up line say them.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("CANCELWATCH_COMMIT"),
+    ")"
+);
+
 /// Sets up logging as configured (`RUST_LOG` overrides the level).
+/// Colours only when stderr is a terminal: journald and log files get none.
 pub fn init_logging(config: &config::LogConfig) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if config.format == "json" {
         builder.json().try_init()

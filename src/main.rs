@@ -31,7 +31,7 @@ fn return_freed_memory_at_once() {
 #[derive(Parser)]
 #[command(
     name = "cancelwatch",
-    version,
+    version = cancelwatch::VERSION,
     about = "Follows payment cancellations to their end and keeps the audit trail"
 )]
 struct Cli {

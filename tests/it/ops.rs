@@ -1081,3 +1081,21 @@ async fn filters_are_checked_and_times_read_as_people_write_them() {
     assert_eq!(rows(&["transitions", "--json", "--since", "1d"]), 0);
     assert!(rows(&["transitions", "--json", "--kind", "juice.transfer"]) > 0);
 }
+
+/// `--version` names the commit it was built from; a log level that is no
+/// level stops `check-config` (and start-up) instead of silencing the log.
+#[tokio::test]
+async fn version_names_its_commit_and_log_levels_are_checked() {
+    let config = TestConfig::new();
+    let o = binary::run(&config, &["--version"]);
+    let version = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success());
+    assert!(
+        version.trim_end().ends_with(')') && version.contains(" ("),
+        "{version}"
+    );
+    let loud = config.with(|c| c.log.level = "loud".into());
+    let o = binary::run(&loud, &["check-config"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("log.level"));
+}
