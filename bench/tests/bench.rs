@@ -6,14 +6,19 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The daemon of the same build as the bench under test, built now: cargo
-/// builds only this package's binaries for its tests, and a `cancelwatch`
-/// left over from an earlier build would be measured instead.
+/// The daemon of the same sources as the bench under test. `cargo test
+/// --workspace` has just built it beside the bench; `cargo test -p
+/// cancelwatch-bench` builds only this package, so a `cancelwatch` older
+/// than the daemon's sources is built again rather than measured.
 fn daemon() -> &'static PathBuf {
     static DAEMON: OnceLock<PathBuf> = OnceLock::new();
     DAEMON.get_or_init(|| {
         let bench = PathBuf::from(env!("CARGO_BIN_EXE_cancelwatch-bench"));
         let profile_dir = bench.parent().unwrap();
+        let built = profile_dir.join(format!("cancelwatch{}", std::env::consts::EXE_SUFFIX));
+        if is_newer_than_its_sources(&built) {
+            return built;
+        }
         let target_dir = profile_dir.parent().unwrap();
         let mut build = Command::new(env!("CARGO"));
         build
@@ -29,6 +34,29 @@ fn daemon() -> &'static PathBuf {
         assert!(status.success(), "building the daemon failed: {status}");
         profile_dir.join(format!("cancelwatch{}", std::env::consts::EXE_SUFFIX))
     })
+}
+
+/// True when `binary` exists and is newer than every file of the daemon's
+/// sources (its `src/`, `migrations/`, manifest and lock file).
+fn is_newer_than_its_sources(binary: &std::path::Path) -> bool {
+    fn newest(path: &std::path::Path) -> Option<std::time::SystemTime> {
+        let meta = std::fs::metadata(path).ok()?;
+        if !meta.is_dir() {
+            return meta.modified().ok();
+        }
+        std::fs::read_dir(path)
+            .ok()?
+            .filter_map(|e| newest(&e.ok()?.path()))
+            .max()
+    }
+    let Some(built) = std::fs::metadata(binary).and_then(|m| m.modified()).ok() else {
+        return false;
+    };
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    ["src", "migrations", "sim/src", "Cargo.toml", "Cargo.lock"]
+        .iter()
+        .filter_map(|p| newest(&root.join(p)))
+        .all(|source| source <= built)
 }
 
 /// Runs `cancelwatch-bench <args>` and returns its standard output.
