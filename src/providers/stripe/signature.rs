@@ -29,7 +29,9 @@ pub struct ParsedHeader {
 
 /// Parses the header the way the SDKs do: split on `,`, each item at its first
 /// `=`. Unknown schemes (and `v0`) are ignored. A `v1` that is not lowercase hex
-/// can never match (the SDKs compare the hex text), so it is dropped here.
+/// can never match (the SDKs compare the hex text), so it is dropped here. Of
+/// several `t=`, the first counts, as in the official SDK: a later one
+/// cannot move the time a signature is judged by.
 pub fn parse_header(header: &str) -> Result<ParsedHeader, SignatureError> {
     if header.is_empty() {
         return Err(SignatureError::Missing);
@@ -41,7 +43,7 @@ pub fn parse_header(header: &str) -> Result<ParsedHeader, SignatureError> {
             continue;
         };
         match key {
-            "t" => {
+            "t" if timestamp.is_none() => {
                 timestamp = Some(
                     value
                         .parse::<i64>()
@@ -98,7 +100,9 @@ pub fn verify(
     if !bool::from(matched) {
         return Err(SignatureError::NoMatch);
     }
-    let age = now_unix - parsed.timestamp;
+    // Saturating: a timestamp far in the past (down to i64::MIN) is as old
+    // as can be, never wrapped round into the future.
+    let age = now_unix.saturating_sub(parsed.timestamp);
     if age > tolerance_secs {
         return Err(SignatureError::TooOld {
             age,
@@ -119,6 +123,32 @@ pub fn sign_header(secret: &str, timestamp: i64, body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timestamp_far_in_the_past_never_wraps_into_tolerance() {
+        let body = b"{}";
+        let t = i64::MIN;
+        let header = format!("t={t},v1={}", hex::encode(compute("whsec_x", t, body)));
+        let verdict = verify(&header, body, &["whsec_x".into()], 300, 1_765_000_000);
+        assert!(
+            matches!(verdict, Err(SignatureError::TooOld { .. })),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn the_first_timestamp_counts() {
+        let body = b"{}";
+        let (old, now) = (1_000_000_000, 1_765_000_000);
+        let sig = hex::encode(compute("whsec_x", old, body));
+        // Signed long ago; a second t= with the current time must not rescue it.
+        let header = format!("t={old},v1={sig},t={now}");
+        let verdict = verify(&header, body, &["whsec_x".into()], 300, now);
+        assert!(
+            matches!(verdict, Err(SignatureError::TooOld { .. })),
+            "{verdict:?}"
+        );
+    }
 
     const FIXTURE: &[u8] =
         include_bytes!("../../../tests/fixtures/stripe/thin_outbound_transfer_posted.json");
