@@ -193,9 +193,31 @@ pub async fn shutdown_signal() {
     };
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
+    #[cfg(unix)]
+    ignore_hangups();
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received, shutting down"),
         _ = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+/// SIGHUP (a closed terminal, a log rotation's reload) would end the process
+/// by default; the daemon has nothing to reopen (it logs to stderr), so it
+/// notes the signal and goes on.
+#[cfg(unix)]
+fn ignore_hangups() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!(
+                        "SIGHUP received and ignored: logs go to stderr, nothing to reopen"
+                    );
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; it would stop the daemon"),
     }
 }
 

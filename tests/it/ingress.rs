@@ -392,6 +392,26 @@ async fn sigterm_shuts_down_cleanly() {
     );
 }
 
+/// SIGHUP does not stop the daemon: it is noted and ignored, and the daemon
+/// goes on answering until SIGTERM.
+#[tokio::test]
+async fn sighup_is_ignored() {
+    let config = TestConfig::new();
+    let mut daemon = BinaryDaemon::start(&config).await;
+    daemon.signal("HUP");
+    wait_until("the SIGHUP is noted", Duration::from_secs(10), || {
+        std::future::ready(daemon.log_text().contains("SIGHUP received and ignored"))
+    })
+    .await;
+    assert!(daemon.is_running(), "{}", daemon.log_text());
+    let health = reqwest::get(format!("{}/healthz", daemon.url))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let status = daemon.terminate().await.expect("stops on SIGTERM");
+    assert!(status.success());
+}
+
 /// Bad configuration stops start-up with one line naming the key.
 #[test]
 fn bad_configuration_names_the_key() {

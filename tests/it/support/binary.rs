@@ -89,6 +89,20 @@ impl BinaryDaemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Sends a signal by name (`HUP`, `TERM`, …) and returns at once.
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name}");
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL: no chance to flush or clean up.
     pub fn kill(&mut self) {
         self.child.kill().unwrap();
