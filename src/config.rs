@@ -501,7 +501,8 @@ impl Config {
             check_severity(&key("min_severity"), &sink.min_severity)?;
             match sink.kind.as_str() {
                 "webhook" | "slack" => {
-                    check_url(&key("url"), &sink.url)?;
+                    // A Slack URL carries its secret in the path: never echoed.
+                    check_secret_url(&key("url"), &sink.url)?;
                     if sink.kind == "webhook" {
                         crate::alerts::signing::decode_secret(&sink.secret)
                             .map_err(|e| invalid(&key("secret"), e))?;
@@ -626,6 +627,17 @@ fn check_log_level(value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// [`check_url`] for a URL that holds a secret: the error names the key and
+/// the expected form, not the value.
+fn check_secret_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    check_url(key, value).map_err(|_| {
+        invalid(
+            key,
+            "is not an http(s) URL (the value is secret: not shown)",
+        )
+    })
+}
+
 pub(crate) fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
     match url::Url::parse(value) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
@@ -645,6 +657,37 @@ fn check_severity(key: &str, value: &str) -> Result<(), ConfigError> {
 }
 
 /// One line naming the key, from figment's error (which may carry several).
+/// Keys whose values are secrets: an error about one never prints the value.
+fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    [
+        "api_key",
+        "webhook_secrets",
+        "checksum_keys",
+        "admin_token",
+        "secret",
+        "url",
+    ]
+    .contains(&last)
+        || key.contains("webhook_secrets")
+        || key.contains("checksum_keys")
+}
+
+/// What was wrong with a secret's value, without the value.
+fn without_the_value(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    match kind {
+        Kind::InvalidType(_, expected) => format!("the value is not {expected}"),
+        Kind::InvalidValue(_, expected) => format!("the value is not {expected}"),
+        Kind::InvalidLength(_, expected) => format!("wrong length: expected {expected}"),
+        Kind::Message(_) => "the value is not valid here".to_string(),
+        other => {
+            // The remaining kinds name keys and variants, never a value.
+            other.to_string()
+        }
+    }
+}
+
 fn describe(e: figment::Error) -> String {
     let mut lines = Vec::new();
     for err in e {
@@ -654,7 +697,11 @@ fn describe(e: figment::Error) -> String {
             .as_ref()
             .map(|m| format!(" (from {})", m.name))
             .unwrap_or_default();
-        let kind = err.kind.to_string();
+        let kind = if is_secret_key(&key) {
+            without_the_value(&err.kind)
+        } else {
+            err.kind.to_string()
+        };
         if key.is_empty() {
             lines.push(format!("{kind}{source}"));
         } else {

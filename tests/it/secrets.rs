@@ -122,3 +122,51 @@ async fn no_secret_appears_in_logs_or_check_config() {
         assert!(!printed.contains(core), "part of {secret} was printed");
     }
 }
+
+/// A secret in the wrong form stops start-up with the key and the form it
+/// should have, never with the secret itself: a webhook secret without its
+/// list brackets, an all-digit admin token, a Slack URL without a scheme.
+#[test]
+fn configuration_errors_name_the_key_not_the_secret() {
+    let config = TestConfig::new();
+    for (var, value, key) in [
+        (
+            "CANCELWATCH_STRIPE__WEBHOOK_SECRETS",
+            "whsec_leak_me_please",
+            "stripe.webhook_secrets",
+        ),
+        (
+            "CANCELWATCH_SERVER__ADMIN_TOKEN",
+            "918273645546372819",
+            "server.admin_token",
+        ),
+        (
+            "CANCELWATCH_JUICE__API_KEY",
+            "[\"not\", \"a string\"]",
+            "juice.api_key",
+        ),
+    ] {
+        let o = binary::command(config.dir())
+            .arg("check-config")
+            .env("CANCELWATCH_CONFIG", config.write_toml())
+            .env(var, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{var}: {stderr}");
+        assert!(stderr.contains(key), "{var}: {stderr}");
+        assert!(!stderr.contains(value), "{var} leaked: {stderr}");
+    }
+    let slack = config.with(|c| {
+        c.alerts.sinks = vec![SinkConfig {
+            kind: "slack".into(),
+            url: "hooks.slack.test/services/T000/B000/leakedsecretpath".into(),
+            ..SinkConfig::default()
+        }]
+    });
+    let o = binary::run(&slack, &["check-config"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("alerts.sinks[0].url"), "{stderr}");
+    assert!(!stderr.contains("leakedsecretpath"), "{stderr}");
+}
