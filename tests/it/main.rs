@@ -3,6 +3,7 @@
 //! library functions its commands call.
 
 mod alerts;
+mod care;
 mod demo;
 mod faults;
 mod ingress;

@@ -18,6 +18,7 @@ pub mod refusals;
 pub mod resources;
 pub mod rules;
 pub mod scan;
+mod schema;
 
 pub use engine::SqliteStore;
 
@@ -447,6 +448,7 @@ where
 /// afterwards, whatever happened.
 async fn migrate(write: &SqlitePool) -> Result<(), StoreError> {
     debug_assert_eq!(write.options().get_max_connections(), 1);
+    schema::refuse_a_newer_one(write).await?;
     sqlx::query("PRAGMA foreign_keys = OFF")
         .execute(write)
         .await?;
