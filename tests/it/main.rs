@@ -8,6 +8,7 @@ mod demo;
 mod faults;
 mod ingress;
 mod ops;
+mod packaging;
 mod pipeline;
 mod properties;
 mod secrets;
