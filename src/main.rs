@@ -50,6 +50,8 @@ enum Command {
     Demo,
     /// Apply migrations and exit.
     Migrate,
+    /// Copy the database, consistent, while the daemon runs (to a file that must not exist).
+    Backup(cancelwatch::cli::backup::BackupArgs),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
     /// Print a signature for a test delivery (Stripe-Signature header, or Juice checksum).
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
             Command::Serve => done(cancelwatch::cli::serve(config).await),
             Command::Demo => done(cancelwatch::cli::demo::run(config).await),
             Command::Migrate => done(cancelwatch::cli::migrate(config).await),
+            Command::Backup(args) => done(cancelwatch::cli::backup::run(config, args).await),
             Command::CheckConfig => done(cancelwatch::cli::check_config(&config)),
             Command::Sign(args) => done(cancelwatch::cli::sign::run(&config, args)),
             Command::Read(command) => done(cancelwatch::cli::read::run(config, command).await),

@@ -18,31 +18,33 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 pub async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
-    if app.workers_alive.load(Ordering::SeqCst) < pipeline::feed::TASKS {
-        return (
+    match unready(&app).await {
+        None => (StatusCode::OK, Json(json!({"status": "ready"}))),
+        Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "reason": "workers not running"})),
-        );
-    }
-    if app.store.sync_failed() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({"status": "unavailable", "reason": "a sync of the WAL to disk failed: restart the daemon"}),
-            ),
-        );
-    }
-    if app.store.ping().await {
-        (StatusCode::OK, Json(json!({"status": "ready"})))
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "reason": "database not usable"})),
-        )
+            Json(json!({"status": "unavailable", "reason": reason})),
+        ),
     }
 }
 
+/// Why the daemon cannot do its work now, if it cannot (`/readyz`, and the
+/// gauge `cancelwatch_ready` for alerting where nothing probes `/readyz`).
+async fn unready(app: &App) -> Option<&'static str> {
+    if app.workers_alive.load(Ordering::SeqCst) < pipeline::feed::TASKS {
+        return Some("workers not running");
+    }
+    if app.store.sync_failed() {
+        return Some("a sync of the WAL to disk failed: restart the daemon");
+    }
+    if !app.store.ping().await {
+        return Some("database not usable");
+    }
+    None
+}
+
 pub async fn render_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let ready = unready(&app).await.is_none();
+    ::metrics::gauge!("cancelwatch_ready").set(if ready { 1.0 } else { 0.0 });
     if let Ok((depth, oldest)) = app.store.inbox_depth().await {
         ::metrics::gauge!("cancelwatch_inbox_depth").set(depth as f64);
         let age = oldest
@@ -78,13 +80,11 @@ mod tests {
     use crate::config::Config;
     use crate::{inbox, providers};
 
-    /// `/readyz` turns red once a sync of the WAL failed and stays red: every
-    /// delivery is refused until the daemon restarts.
-    #[tokio::test]
-    async fn readyz_fails_after_a_failed_wal_sync() {
-        let dir = tempfile::tempdir().unwrap();
+    /// An app on a fresh database in `dir`, its workers counted as running;
+    /// the engine's handle beside it.
+    async fn ready_app(dir: &std::path::Path) -> (Arc<App>, store::sqlite::Db) {
         let mut config = Config::default();
-        config.database.url = format!("sqlite://{}", dir.path().join("x.db").display());
+        config.database.url = format!("sqlite://{}", dir.join("x.db").display());
         let path = config.database_path().unwrap();
         let engine = store::sqlite::SqliteStore::open(&path, &config.database)
             .await
@@ -96,7 +96,32 @@ mod tests {
         let app = App::new(Arc::new(config), store, providers, inbox);
         app.workers_alive
             .store(pipeline::feed::TASKS, Ordering::SeqCst);
-        let app = Arc::new(app);
+        (Arc::new(app), db)
+    }
+
+    /// The gauge `cancelwatch_ready` says what `/readyz` says, for alerting:
+    /// 1, then 0 from a failed sync of the WAL on.
+    #[test]
+    fn the_ready_gauge_follows_readyz() {
+        crate::metrics::with_local_metrics(|counted| async move {
+            let dir = tempfile::tempdir().unwrap();
+            let (app, db) = ready_app(dir.path()).await;
+            let scrape = || async {
+                let _ = render_metrics(State(app.clone())).await.into_response();
+                counted.render()
+            };
+            assert!(scrape().await.contains("cancelwatch_ready 1\n"));
+            db.fail_sync();
+            assert!(scrape().await.contains("cancelwatch_ready 0\n"));
+        });
+    }
+
+    /// `/readyz` turns red once a sync of the WAL failed and stays red: every
+    /// delivery is refused until the daemon restarts.
+    #[tokio::test]
+    async fn readyz_fails_after_a_failed_wal_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, db) = ready_app(dir.path()).await;
         let status = |app: &Arc<App>| {
             let app = app.clone();
             async move { readyz(State(app)).await.into_response().status() }

@@ -2,6 +2,7 @@
 
 pub mod actions;
 pub mod backfill;
+pub mod backup;
 pub mod demo;
 pub mod output;
 pub mod prune;

@@ -20,10 +20,25 @@ pub enum StoreError {
     Missing { path: String },
     #[error("this is not a cancelwatch database (it has no migration table)")]
     NotOurs,
-    #[error("the database schema is at version {database}, newer than this binary's {binary}: use a newer cancelwatch")]
-    SchemaNewer { database: i64, binary: i64 },
     #[error("the database schema is at version {database}, older than this binary's {binary}: run `cancelwatch migrate`")]
     SchemaOlder { database: i64, binary: i64 },
+    /// The database was migrated by a newer cancelwatch than this one.
+    #[error(
+        "database: its schema is at version {database}, newer than this cancelwatch \
+         ({binary_version}) knows (up to {binary}): it was migrated by a newer release; \
+         run that release, or restore a backup taken before the upgrade"
+    )]
+    SchemaTooNew {
+        database: i64,
+        binary: i64,
+        binary_version: &'static str,
+    },
+    #[error("database: cannot write the backup file {path}")]
+    Backup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A rule of the store's own was broken (a bug, never bad input).
     #[error("database: broken invariant: {0}")]
     Invariant(&'static str),

@@ -90,6 +90,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn close(&self);
     /// The migrations this binary applies, by version.
     fn migrations(&self) -> Vec<i64>;
+    /// Writes a consistent copy of the database, as of one moment, to the
+    /// new file `to` (never overwriting one), while the daemon keeps
+    /// writing; synced to disk before it returns.
+    async fn backup(&self, to: &std::path::Path) -> Result<(), StoreError>;
     /// The engine behind the interface, for that engine's own tests and tools.
     fn engine(&self) -> &dyn std::any::Any;
 

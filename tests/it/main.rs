@@ -3,10 +3,12 @@
 //! library functions its commands call.
 
 mod alerts;
+mod care;
 mod demo;
 mod faults;
 mod ingress;
 mod ops;
+mod packaging;
 mod pipeline;
 mod properties;
 mod secrets;

@@ -1034,12 +1034,13 @@ async fn read_commands_never_create_or_migrate_a_database() {
     }
 
     let store = config.open_store().await;
-    db::fake_a_newer_migration(&store).await;
+    let newest = store.migrations().into_iter().max().unwrap();
+    db::fake_newer_migration(&store, newest + 1).await;
     store.close().await;
     let o = binary::run(&config, &["transitions"]);
     assert_eq!(o.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("newer than this binary"), "{stderr}");
+    assert!(stderr.contains("newer than this cancelwatch"), "{stderr}");
 }
 
 /// Filters are checked: a kind or status nobody documents or recorded is

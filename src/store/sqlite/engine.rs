@@ -75,6 +75,10 @@ impl Storage for SqliteStore {
         self
     }
 
+    async fn backup(&self, to: &Path) -> Result<(), StoreError> {
+        backup_into(&self.db, to).await
+    }
+
     fn migrations(&self) -> Vec<i64> {
         super::MIGRATOR.iter().map(|m| m.version).collect()
     }
@@ -392,4 +396,53 @@ async fn insert_batch(
         tx.commit().await?;
         Ok(added)
     }
+}
+
+/// `VACUUM INTO` a new file, made here first and empty (SQLite writes into
+/// an empty file), so that an existing one is refused by the operating
+/// system at creation rather than by a check a moment before. SQLite copies
+/// one snapshot (a read transaction on a reader: the writer and the
+/// checkpoints go on meanwhile) and does not sync what it wrote: the file and
+/// its folder are synced here before the backup counts as made. A failed
+/// backup leaves no file behind.
+async fn backup_into(db: &Db, to: &Path) -> Result<(), StoreError> {
+    let failed = |source| StoreError::Backup {
+        path: to.display().to_string(),
+        source,
+    };
+    let target = to.to_str().ok_or_else(|| {
+        failed(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path is not valid UTF-8",
+        ))
+    })?;
+    let file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => failed(std::io::Error::new(
+                e.kind(),
+                "it exists already, and a backup never overwrites a file",
+            )),
+            _ => failed(e),
+        })?;
+    let copied = async {
+        sqlx::query("VACUUM INTO ?")
+            .bind(target)
+            .execute(&db.read)
+            .await?;
+        file.sync_all().await.map_err(failed)?;
+        let folder = to.parent().filter(|d| !d.as_os_str().is_empty());
+        let folder = folder.unwrap_or(Path::new("."));
+        let folder = tokio::fs::File::open(folder).await.map_err(failed)?;
+        folder.sync_all().await.map_err(failed)?;
+        Ok(())
+    }
+    .await;
+    if copied.is_err() {
+        let _ = tokio::fs::remove_file(to).await;
+    }
+    copied
 }

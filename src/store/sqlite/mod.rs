@@ -18,6 +18,7 @@ pub mod refusals;
 pub mod resources;
 pub mod rules;
 pub mod scan;
+mod schema;
 
 pub use engine::SqliteStore;
 
@@ -319,7 +320,7 @@ impl Db {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
-        if let Err(e) = check_schema(&read).await {
+        if let Err(e) = schema::exactly_this_one(&read).await {
             read.close().await;
             return Err(e);
         }
@@ -476,27 +477,6 @@ where
     }
 }
 
-/// Checks that the database was migrated to exactly this binary's schema.
-async fn check_schema(pool: &SqlitePool) -> Result<(), StoreError> {
-    let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-    let applied: Option<i64> =
-        sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
-            .fetch_one(pool)
-            .await
-            .map_err(|_| StoreError::NotOurs)?;
-    match applied.unwrap_or(0) {
-        v if v > known => Err(StoreError::SchemaNewer {
-            database: v,
-            binary: known,
-        }),
-        v if v < known => Err(StoreError::SchemaOlder {
-            database: v,
-            binary: known,
-        }),
-        _ => Ok(()),
-    }
-}
-
 /// Applies the migrations not yet applied, through the writer pool's one
 /// connection, with foreign keys off: a migration that builds a table again
 /// (SQLite cannot change a constraint in place) drops the old one while
@@ -505,6 +485,7 @@ async fn check_schema(pool: &SqlitePool) -> Result<(), StoreError> {
 /// afterwards, whatever happened.
 async fn migrate(write: &SqlitePool) -> Result<(), StoreError> {
     debug_assert_eq!(write.options().get_max_connections(), 1);
+    schema::refuse_a_newer_one(write).await?;
     sqlx::query("PRAGMA foreign_keys = OFF")
         .execute(write)
         .await?;

@@ -31,6 +31,40 @@ pub fn run(config: &TestConfig, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs `cancelwatch <args>` (configured by `config` alone) and waits up
+/// to `timeout` for it to end, for a command that must stop on its own
+/// (`serve` refusing to start): panics, after killing it, if it does not.
+pub async fn run_to_exit(config: &TestConfig, args: &[&str], timeout: Duration) -> Output {
+    let out = config.dir().join("run-to-exit.out");
+    let err = config.dir().join("run-to-exit.err");
+    let mut child = command(config.dir())
+        .args(args)
+        .env("CANCELWATCH_CONFIG", config.write_toml())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    poll_until(timeout, || {
+        status = child.try_wait().unwrap();
+        std::future::ready(status.is_some())
+    })
+    .await;
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "cancelwatch {args:?} still ran after {timeout:?}: {}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&out).unwrap(),
+        stderr: std::fs::read(&err).unwrap(),
+    }
+}
+
 /// `cancelwatch serve` as a child process, configured by a [`TestConfig`]
 /// alone (its TOML file), logging to a file in its folder.
 pub struct BinaryDaemon {

@@ -814,18 +814,6 @@ pub async fn seed_refusal(db: &impl Database, provider: &str, reason: &str, rece
 
 // ---- The database itself ---------------------------------------------------
 
-/// Marks the database as migrated one version past this binary's newest,
-/// as a newer cancelwatch would have left it.
-pub async fn fake_a_newer_migration(db: &impl Database) {
-    sqlx::query(
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-         SELECT MAX(version) + 1, 'from a newer binary', 1, X'00', 0 FROM _sqlx_migrations",
-    )
-    .execute(db.writer())
-    .await
-    .unwrap();
-}
-
 /// The columns of `table`.
 pub async fn column_names(db: &impl Database, table: &str) -> Vec<String> {
     sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
@@ -869,4 +857,80 @@ impl ChangeCounter {
             .await
             .unwrap()
     }
+}
+
+// ---- Schema versions -------------------------------------------------------
+
+/// The migrations recorded as applied, in order.
+pub async fn applied_migrations(db: &impl Database) -> Vec<i64> {
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+        .fetch_all(db.reader())
+        .await
+        .unwrap()
+}
+
+/// Records migration `version` as applied, as a newer release that knows
+/// it would have left the database.
+pub async fn fake_newer_migration(db: &impl Database, version: i64) {
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (?, 'from a newer release', 1, x'00', 0)",
+    )
+    .bind(version)
+    .execute(db.writer())
+    .await
+    .unwrap();
+}
+
+/// Creates the database of `config` as a release that knew migrations up
+/// to `version` left it: this binary's migration files up to there, applied
+/// by sqlx's migrator.
+pub async fn create_at_version(config: &TestConfig, version: i64) {
+    let old = config.dir().join(format!("migrations-{version}"));
+    std::fs::create_dir(&old).unwrap();
+    let migrator = &cancelwatch::store::sqlite::MIGRATOR;
+    for m in migrator.iter().filter(|m| m.version <= version) {
+        let name = format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"));
+        std::fs::write(old.join(name), m.sql.as_bytes()).unwrap();
+    }
+    let options = SqliteConnectOptions::new()
+        .filename(config.database_path())
+        .create_if_missing(true);
+    let pool = SqlitePool::connect_with(options).await.unwrap();
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}
+
+/// In a database at schema version 8 (resources keyed by provider, kind and
+/// id): the Stripe outbound transfer `id`, seen processing, then canceled.
+pub async fn seed_canceled_transfer_at_version_8(db: &impl Database, id: &str) {
+    let mut tx = db.writer().begin().await.unwrap();
+    let rid: i64 = sqlx::query_scalar(
+        "INSERT INTO resources (provider, kind, id, status, terminal, first_seen_at)
+         VALUES ('stripe', 'stripe.outbound_transfer', ?, 'canceled', 1, '2026-01-05T10:00:00.000Z')
+         RETURNING rid",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO transitions (rid, provider, kind, resource_id, from_status, to_status,
+                                  observed_at, trigger_type, trigger_id)
+         VALUES (?1, 'stripe', 'stripe.outbound_transfer', ?2, NULL, 'processing',
+                 '2026-01-05T10:00:00.000Z', 'event', 'evt_old_1'),
+                (?1, 'stripe', 'stripe.outbound_transfer', ?2, 'processing', 'canceled',
+                 '2026-01-05T10:05:00.000Z', 'event', 'evt_old_2')",
+    )
+    .bind(rid)
+    .bind(id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
 }
