@@ -1,5 +1,8 @@
 //! The Juice bulk transfers API (Juice's API reference): fetch and cancel.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use reqwest::header::{HeaderName, AUTHORIZATION};
 use reqwest::Method;
 
@@ -15,7 +18,16 @@ pub struct JuiceApi {
     http: HttpClient,
     authorization: String,
     reversed_statuses: Vec<String>,
+    unrecorded: Arc<Mutex<Reported>>,
 }
+
+/// Most bulk transfers whose unrecorded items are remembered as reported;
+/// beyond, the memory starts again (a bulk transfer may be reported twice).
+const REPORTED_KEPT: usize = 10_000;
+
+/// The items each bulk transfer was last reported to hold that could not
+/// be recorded, so that each is logged and counted once, not at every fetch.
+type Reported = HashMap<String, objects::Unrecorded>;
 
 impl JuiceApi {
     pub fn new(config: &JuiceConfig, workers: &WorkerConfig) -> JuiceApi {
@@ -33,7 +45,39 @@ impl JuiceApi {
             ),
             authorization,
             reversed_statuses: config.reversed_statuses.clone(),
+            unrecorded: Arc::default(),
         }
+    }
+
+    /// Logs and counts (`cancelwatch_unkeyed_items_total`) the items of a
+    /// bulk transfer that could not be recorded as transfers of their own,
+    /// once per bulk transfer (again only when more turn up). They are not
+    /// lost: the bulk transfer's snapshot keeps every item as fetched.
+    fn report_unrecorded(&self, bulk_id: &str, found: objects::Unrecorded) {
+        if found == objects::Unrecorded::default() {
+            return;
+        }
+        let mut reported = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+        let before = reported.get(bulk_id).copied().unwrap_or_default();
+        if found.unkeyed <= before.unkeyed && found.without_status <= before.without_status {
+            return;
+        }
+        if reported.len() >= REPORTED_KEPT {
+            reported.clear();
+        }
+        reported.insert(bulk_id.to_string(), found);
+        drop(reported);
+        let more = found.unkeyed.saturating_sub(before.unkeyed);
+        metrics::counter!("cancelwatch_unkeyed_items_total", "provider" => super::NAME)
+            .increment(more as u64);
+        tracing::warn!(
+            bulk_transfer = %bulk_id,
+            unkeyed = found.unkeyed,
+            without_status = found.without_status,
+            "juice: items of this bulk transfer have neither an id nor a reference, or no \
+             status; they are not recorded as transfers of their own and stay in the bulk \
+             transfer's snapshot"
+        );
     }
 
     fn headers(&self) -> Vec<(HeaderName, String)> {
@@ -63,7 +107,10 @@ impl JuiceApi {
         let body = answer.json().ok_or_else(|| {
             ProviderError::Permanent(format!("juice GET {path}: the answer is not JSON"))
         })?;
-        objects::decode_bulk(id, body, &self.reversed_statuses).map_err(ProviderError::Permanent)
+        let (obs, unrecorded) = objects::decode_bulk_counted(id, body, &self.reversed_statuses)
+            .map_err(ProviderError::Permanent)?;
+        self.report_unrecorded(&obs.id, unrecorded);
+        Ok(obs)
     }
 
     /// POSTs `/bulk-transfers/{id}/cancel` and maps the answer.

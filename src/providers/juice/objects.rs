@@ -1,6 +1,8 @@
 //! Juice bulk transfers as fetched (Juice's API reference), decoded defensively:
 //! open statuses, counts as strings or numbers, zone-less times read as UTC.
-//! Each item becomes a `juice.transfer` observation of its own.
+//! Each item becomes a `juice.transfer` observation of its own, keyed by its
+//! `id` when it has one, else by `<bulk transfer id>:<reference>` (see
+//! [`item_keys`]).
 
 use serde_json::Value;
 
@@ -71,8 +73,44 @@ pub fn item_refund(
     })
 }
 
+/// The keys of an item of bulk transfer `bulk_id`: the one it is recorded
+/// under (its `id`, else `<bulk_id>:<reference>`, a reference being unique
+/// only within its bulk transfer), and the other one when it has both, under
+/// which it may have been recorded before. `None` for an item with neither.
+pub fn item_keys(bulk_id: &str, item: &Value) -> Option<(String, Option<String>)> {
+    let text = |field: &str| {
+        item.get(field)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let by_reference = text("reference").map(|r| format!("{bulk_id}:{r}"));
+    match text("id") {
+        Some(id) => Some((id.to_string(), by_reference)),
+        None => by_reference.map(|key| (key, None)),
+    }
+}
+
+/// Items of a bulk transfer that could not be recorded as transfers of
+/// their own; they stay in the bulk transfer's snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unrecorded {
+    /// With neither an `id` nor a `reference`.
+    pub unkeyed: usize,
+    /// Keyed, but with no status.
+    pub without_status: usize,
+}
+
 /// Decodes `GET /bulk-transfers/{id}` (`{"data": bulk}`, or the bulk itself).
 pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observation, String> {
+    decode_bulk_counted(id, body, reversed).map(|(obs, _)| obs)
+}
+
+/// [`decode_bulk`], with the items it could not record.
+pub fn decode_bulk_counted(
+    id: &str,
+    body: Value,
+    reversed: &[String],
+) -> Result<(Observation, Unrecorded), String> {
     let bulk = match body {
         Value::Object(mut map) if map.get("data").is_some_and(Value::is_object) => {
             map.remove("data").expect("checked just above")
@@ -101,8 +139,10 @@ pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observa
         .cloned()
         .unwrap_or_default();
     let mut children = Vec::new();
+    let mut unrecorded = Unrecorded::default();
     for item in items {
-        let Some(item_id) = item.get("id").and_then(Value::as_str).map(str::to_string) else {
+        let Some((item_id, _)) = item_keys(&bulk_id, &item) else {
+            unrecorded.unkeyed += 1;
             continue;
         };
         let Some(item_status) = item
@@ -111,6 +151,7 @@ pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observa
             .filter(|s| !s.is_empty())
             .map(str::to_string)
         else {
+            unrecorded.without_status += 1;
             continue;
         };
         let amount = lenient_i64(item.get("amount"));
@@ -136,7 +177,7 @@ pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observa
             snapshot: item.to_string(),
         });
     }
-    Ok(Observation {
+    let obs = Observation {
         provider: NAME,
         kind: BULK_TRANSFER.to_string(),
         id: bulk_id,
@@ -155,7 +196,8 @@ pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observa
         refund: None,
         status,
         snapshot: bulk.to_string(),
-    })
+    };
+    Ok((obs, unrecorded))
 }
 
 #[cfg(test)]
@@ -178,16 +220,32 @@ mod tests {
                 {"id": "it_1", "amount": 1000, "status": "cancelled", "reference": "a", "beneficiary": {}},
                 {"id": "it_2", "amount": "2500", "status": "completed", "reference": "b"},
                 {"id": "it_3", "amount": 300, "status": "on_hold", "currency": "NGN"},
-                {"status": "cancelled"}
+                {"status": "cancelled"},
+                {"reference": "e", "amount": 50},
+                {"amount": 70, "status": "cancelled", "reference": "f"}
             ]
         }});
-        let obs = decode_bulk("6f1c1e9a-0000-4000-8000-000000000001", body, &reversed()).unwrap();
+        let (obs, unrecorded) =
+            decode_bulk_counted("6f1c1e9a-0000-4000-8000-000000000001", body, &reversed()).unwrap();
+        assert_eq!(
+            unrecorded,
+            Unrecorded {
+                unkeyed: 1,
+                without_status: 1
+            }
+        );
         assert_eq!(obs.status, "cancelled");
         assert_eq!(obs.class, StatusClass::Terminal);
         assert_eq!(obs.provider_at.as_deref(), Some("2024-10-02T17:45:00.500Z"));
         assert_eq!(obs.progress.unwrap().success, Some(1));
         assert_eq!(obs.progress.unwrap().failure, Some(0));
-        assert_eq!(obs.children.len(), 3, "an item without an id is skipped");
+        assert_eq!(
+            obs.children.len(),
+            4,
+            "an item without an id is keyed by its reference"
+        );
+        assert_eq!(obs.children[3].id, "6f1c1e9a-0000-4000-8000-000000000001:f");
+        assert_eq!(obs.children[3].refund.as_ref().unwrap().amount, Some(70));
         let it1 = &obs.children[0];
         assert_eq!(it1.kind, TRANSFER);
         assert_eq!(it1.parent_id.as_deref(), Some(obs.id.as_str()));
@@ -201,6 +259,23 @@ mod tests {
         let it3 = &obs.children[2];
         assert_eq!(it3.class, StatusClass::Transitional);
         assert_eq!(it3.currency.as_deref(), Some("NGN"));
+    }
+
+    #[test]
+    fn items_are_keyed_by_id_else_by_reference() {
+        assert_eq!(
+            item_keys("b1", &json!({"id": "u1", "reference": "r1"})),
+            Some(("u1".into(), Some("b1:r1".into())))
+        );
+        assert_eq!(
+            item_keys("b1", &json!({"id": "u1"})),
+            Some(("u1".into(), None))
+        );
+        assert_eq!(
+            item_keys("b1", &json!({"id": "", "reference": "r1"})),
+            Some(("b1:r1".into(), None))
+        );
+        assert_eq!(item_keys("b1", &json!({"reference": 5})), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! SQL of tracked resources and what is recorded about them: transitions,
 //! progress counts, refunds, and the reconcile schedule.
 
+pub mod aliases;
 mod reconcile;
 mod refunds;
 mod trail;
