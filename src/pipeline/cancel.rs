@@ -20,7 +20,8 @@ pub struct CancelReport {
     pub id: String,
     pub idempotency_key: String,
     /// accepted, already_cancelled, not_cancellable, not_found,
-    /// partial_cancellation, idempotency_conflict or error.
+    /// partial_cancellation, idempotency_conflict, unknown (sent, but the
+    /// answer was lost: see `effect`) or error.
     pub outcome: String,
     pub http_status: Option<u16>,
     pub error_code: Option<String>,
@@ -28,6 +29,11 @@ pub struct CancelReport {
     pub status: Option<String>,
     /// Why the fetch after the answer failed, if it did.
     pub fetch_error: Option<String>,
+    /// When the outcome is unknown, what the state fetched after it says:
+    /// `cancelled` (the cancel took effect, in full or in part: the alerts
+    /// say which), `not_cancelled` (nothing was sent again: cancel again to
+    /// retry) or `unknown` (the fetch failed too; the reconciler looks again).
+    pub effect: Option<String>,
 }
 
 /// The idempotency key of the `attempt`-th key for a resource: the same
@@ -83,9 +89,19 @@ pub async fn request(
     let answer = provider.cancel(&target, &key).await;
     let (outcome, http_status, error_code) = store_answer(ctx, request_id, id, &answer).await?;
 
-    // Whatever the answer, the state may have changed (partial cancellation): fetch now.
+    // Whatever the answer, the state may have changed (partial cancellation,
+    // or a cancel applied whose answer was lost): fetch now.
     let (status, fetch_error) =
         fetch_after_cancel(ctx, &*provider, &target, request_id, rid).await?;
+    let effect = (outcome == CancelOutcome::Unknown).then(|| {
+        let effect = match status.as_deref() {
+            Some(s) if knowledge::is_cancelled(&ctx.config, kind, s) => "cancelled",
+            Some(_) => "not_cancelled",
+            None => "unknown",
+        };
+        tracing::warn!(resource = %id, status = ?status, effect, "the cancel's answer was lost; decided from the state fetched after it, and not sent again");
+        effect.to_string()
+    });
     Ok(CancelReport {
         request_id,
         provider: provider_name,
@@ -97,6 +113,7 @@ pub async fn request(
         error_code,
         status,
         fetch_error,
+        effect,
     })
 }
 
@@ -116,7 +133,10 @@ async fn store_answer(
             Some(a.body.clone()),
         ),
         Err(e) => (
-            CancelOutcome::Error,
+            match e {
+                ProviderError::Unanswered(_) => CancelOutcome::Unknown,
+                _ => CancelOutcome::Error,
+            },
             None,
             Some(e.label().to_string()),
             Some(e.to_string()),

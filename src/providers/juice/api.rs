@@ -8,7 +8,7 @@ use reqwest::Method;
 
 use super::objects;
 use crate::config::{JuiceConfig, WorkerConfig};
-use crate::providers::http::{Answer, HttpClient};
+use crate::providers::http::{Answer, HttpClient, Sent};
 use crate::providers::limit::RateLimit;
 use crate::providers::{safe_id, CancelAnswer, CancelOutcome, Observation, ProviderError};
 
@@ -113,7 +113,14 @@ impl JuiceApi {
         Ok(obs)
     }
 
-    /// POSTs `/bulk-transfers/{id}/cancel` and maps the answer.
+    /// POSTs `/bulk-transfers/{id}/cancel` and maps the answer. Juice
+    /// documents no idempotency for it: a cancel whose answer was lost may
+    /// have been applied, and sent again it would answer `invalid_state` and
+    /// hide the first answer (a `partial_cancellation`, say). So it is never
+    /// sent twice blindly ([`HttpClient::send_unrepeated`]): a lost answer
+    /// is [`ProviderError::Unanswered`], a 5xx [`CancelOutcome::Unknown`],
+    /// and the state fetched next tells what happened. The key is sent all
+    /// the same, for an account where Juice honours it.
     pub async fn cancel_bulk(
         &self,
         id: &str,
@@ -125,10 +132,14 @@ impl JuiceApi {
             HeaderName::from_static("idempotency-key"),
             idempotency_key.to_string(),
         ));
-        let answer = self
+        let sent = self
             .http
-            .send(Method::POST, &path, &headers, Some(b"{}".to_vec()))
+            .send_unrepeated(Method::POST, &path, &headers, Some(b"{}".to_vec()))
             .await?;
+        let answer = match sent {
+            Sent::Answered(answer) => answer,
+            Sent::Unanswered(message) => return Err(ProviderError::Unanswered(message)),
+        };
         if matches!(answer.status, 401 | 403) {
             return Err(answer.into_error(&format!("juice POST {path}")));
         }
@@ -162,6 +173,8 @@ pub fn cancel_answer(answer: Answer) -> CancelAnswer {
         (_, Some("idempotency_error" | "idempotency_conflict")) | (409, _) => {
             CancelOutcome::IdempotencyConflict
         }
+        // The provider failed, or gave up waiting, after the request reached it.
+        (s, _) if s >= 500 || s == 408 => CancelOutcome::Unknown,
         _ => CancelOutcome::Error,
     };
     CancelAnswer {
@@ -218,7 +231,13 @@ mod tests {
                 r#"{"message":"bad","errors":[{"code":"bulk_transfer_not_found"}]}"#,
                 CancelOutcome::NotFound,
             ),
-            (500, "oops, not json", CancelOutcome::Error),
+            (500, "oops, not json", CancelOutcome::Unknown),
+            (
+                503,
+                r#"{"error":{"code":"service_unavailable"}}"#,
+                CancelOutcome::Unknown,
+            ),
+            (429, r#"{"retry_after": 1}"#, CancelOutcome::Error),
         ];
         for (status, body, want) in cases {
             let answer = cancel_answer(a(status, body));

@@ -1,13 +1,15 @@
 //! Juice where it leaves the happy path, a real daemon against the
 //! simulator: items in the documented shape (no `id`), in both shapes, and
-//! with no key at all.
+//! with no key at all; cancels whose answer is lost.
+
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::{play, WAIT};
 use crate::support::config::{BUSINESS_ID, JUICE_KEY};
 use crate::support::db::{self, Database};
-use crate::support::sim::{app_with_simulator, Delivery, DeliveryOptions, Simulator};
+use crate::support::sim::{app_with_simulator, wait_step, Delivery, DeliveryOptions, Simulator};
 use crate::support::{wait_until, TestApp, TestConfig};
 
 const TOKEN: &str = "juice-test-admin-token";
@@ -156,5 +158,86 @@ async fn an_item_with_no_key_is_kept_in_the_snapshot_and_counted_once() {
         .iter()
         .any(|i| i["amount"] == 700 && i.get("reference").is_none()));
     assert_eq!(app.metric(series).await, before + 1);
+    app.stop().await;
+}
+
+/// Cancels `bulk` through `/v1/cancellations`; the report.
+async fn cancel(app: &TestApp, bulk: &str) -> Value {
+    let body = json!({"kind": "juice.bulk_transfer", "id": bulk});
+    let (status, report) = app.post("/v1/cancellations", Some(body), Some(TOKEN)).await;
+    assert_eq!(status, 201, "{report}");
+    report
+}
+
+/// How many cancel requests for `bulk` reached the simulator.
+fn cancels_sent(sim: &Simulator, bulk: &str) -> usize {
+    let path = format!("/bulk-transfers/{bulk}/cancel");
+    sim.requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == path)
+        .count()
+}
+
+/// The open alerts of `rule` about `id`.
+async fn open_alerts(app: &TestApp, rule: &str, id: &str) -> usize {
+    db::alerts(app.db())
+        .await
+        .iter()
+        .filter(|a| a.rule == rule && a.resource_id == id && a.state == "open")
+        .count()
+}
+
+/// Juice documents no idempotency for a cancel: one applied whose answer is
+/// lost (a 5xx on the way back, or no answer before the timeout) is never
+/// sent again on its own. It is recorded `unknown`, the state fetched at
+/// once decides (here: cancelled, in part, which raises the alert), and a
+/// cancel sent again by hand, answered `invalid_state`, hides none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_whose_answer_is_lost_is_not_sent_again() {
+    let (sim, app) = start_pair().await;
+    let faults = sim.faults();
+    // The daemon's calls time out after 1 s (`quick_workers`).
+    let lost: [(&str, Value); 2] = [("server error", json!(503)), ("timeout", Value::Null)];
+    for (how, http_status) in lost {
+        let scenario = sim.scenario("juice_partial_cancellation").unwrap();
+        let first = &scenario.steps[0];
+        sim.play_step(first, &DeliveryOptions::default())
+            .await
+            .unwrap();
+        wait_step(app.db(), first).await;
+        let bulk = scenario.expect.histories[0].id.clone();
+        if http_status.is_null() {
+            faults.hang_after_applying_next_cancels(1, Duration::from_secs(3));
+        } else {
+            faults.fail_after_applying_next_cancels(1, 503);
+        }
+
+        let report = cancel(&app, &bulk).await;
+        assert_eq!(report["outcome"], "unknown", "{how}: {report}");
+        assert_eq!(report["http_status"], http_status, "{how}");
+        assert_eq!(report["status"], "cancelled", "{how}");
+        assert_eq!(report["effect"], "cancelled", "{how}");
+        assert_eq!(cancels_sent(&sim, &bulk), 1, "{how}: sent once");
+        wait_until("the partial cancellation is raised", WAIT, || async {
+            open_alerts(&app, "partial_cancellation", &bulk).await == 1
+        })
+        .await;
+
+        let again = cancel(&app, &bulk).await;
+        assert_eq!(again["outcome"], "not_cancellable", "{how}: {again}");
+        assert_eq!(again["error_code"], "invalid_state", "{how}");
+        let outcomes: Vec<Option<String>> =
+            db::cancel_requests(app.db(), "juice.bulk_transfer", &bulk)
+                .await
+                .into_iter()
+                .map(|c| c.outcome)
+                .collect();
+        assert_eq!(
+            outcomes,
+            [Some("unknown".into()), Some("not_cancellable".into())],
+            "{how}"
+        );
+        assert_eq!(open_alerts(&app, "partial_cancellation", &bulk).await, 1);
+    }
     app.stop().await;
 }
