@@ -241,3 +241,63 @@ async fn a_cancel_whose_answer_is_lost_is_not_sent_again() {
     }
     app.stop().await;
 }
+
+/// A cancelled bulk transfer whose counters show transfers that went
+/// through (or failed) was cancelled only in part, whatever its items show.
+/// Here no item can be told apart (neither id nor reference) and the cancel
+/// came from elsewhere (the payments app sharing the key): only the
+/// counters tell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counters_show_a_partial_cancellation_the_items_cannot() {
+    use cancelwatch_sim::state::{BulkItem, BulkTransfer};
+    let (sim, app) = start_pair().await;
+    let unkeyed = |amount, status, n| {
+        let mut item = BulkItem::new(amount, "NGN", status, n);
+        item.reference.clear();
+        item
+    };
+    let bulk = BulkTransfer::new(
+        "executing",
+        vec![
+            unkeyed(1_000, "pending", 1),
+            unkeyed(2_000, "processing", 2),
+            unkeyed(3_000, "completed", 3),
+        ],
+    );
+    sim.add_juice_bulk(bulk.clone());
+    announce(&sim, &app, "bulk_transfer.created", &bulk.id).await;
+
+    // The payments app cancels it; Juice's webhooks follow.
+    let answer = reqwest::Client::new()
+        .post(format!(
+            "{}/bulk-transfers/{}/cancel",
+            sim.base_url(),
+            bulk.id
+        ))
+        .header("authorization", JUICE_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 422, "partial_cancellation, to the app");
+    let alert = crate::support::wait_for("the partial cancellation", WAIT, || async {
+        db::alerts(app.db())
+            .await
+            .into_iter()
+            .find(|a| a.rule == "partial_cancellation" && a.resource_id == bulk.id)
+    })
+    .await;
+    assert!(items_of(app.db(), &bulk.id).await.is_empty());
+    let details: Value = serde_json::from_str(&alert.details).unwrap();
+    assert_eq!(details["bulk_status"], "cancelled");
+    assert_eq!(details["successful_transfer_count"], 1, "{details}");
+    assert_eq!(details["failed_transfer_count"], 0, "{details}");
+    assert!(details["cancel_request"].is_null(), "{details}");
+    assert!(
+        alert
+            .summary
+            .contains("its counters show 1 transfers succeeded and 0 failed"),
+        "{}",
+        alert.summary
+    );
+    app.stop().await;
+}
