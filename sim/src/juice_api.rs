@@ -27,12 +27,19 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
 }
 
 /// An item as Juice's API reference shows it: `amount`, `beneficiary`,
-/// `status`, `created_at`, `reference` and no `id`. With `ids`, the item's
-/// UUID (by which Juice addresses it elsewhere) is served too. An item whose
-/// reference is empty is served without one.
+/// `status`, `created_at`, `reference` and no `id`, its currency (none is
+/// documented) as `source_currency` and `destination_currency`, which
+/// answers may carry. With `ids`, the item's UUID (by which Juice addresses
+/// it elsewhere) is served too. An item whose reference or currency is
+/// empty is served without it.
 pub(crate) fn item_json(item: &BulkItem, ids: bool) -> Value {
     let mut v = item.to_json();
     if let Some(fields) = v.as_object_mut() {
+        fields.remove("currency");
+        if !item.currency.is_empty() {
+            fields.insert("source_currency".into(), json!(item.currency));
+            fields.insert("destination_currency".into(), json!(item.currency));
+        }
         if !ids {
             fields.remove("id");
         }

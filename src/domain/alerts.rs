@@ -99,21 +99,63 @@ pub fn new_alert(
     }
 }
 
-/// Count and amount of a group of items.
+/// How alerts name the currency of an amount whose provider gave none.
+pub const UNKNOWN_CURRENCY: &str = "unknown";
+
+/// An amount with its currency, for people: `1000 NGN`, `1000 (currency unknown)`.
+pub fn money(amount: i64, currency: Option<&str>) -> String {
+    match currency {
+        Some(c) if c != UNKNOWN_CURRENCY => format!("{amount} {c}"),
+        _ => format!("{amount} (currency {UNKNOWN_CURRENCY})"),
+    }
+}
+
+/// Count of a group of items, and their amounts per currency: amounts of
+/// different currencies are never added together.
 #[derive(Default)]
 struct Tally {
     count: i64,
-    amount: i64,
+    /// Currency (or [`UNKNOWN_CURRENCY`]) → the sum of its amounts.
+    amounts: BTreeMap<String, i64>,
+    /// Items whose amount is not known.
+    without_amount: i64,
 }
 
 impl Tally {
-    fn add(&mut self, amount: Option<i64>) {
+    fn add(&mut self, amount: Option<i64>, currency: Option<&str>) {
         self.count += 1;
-        self.amount += amount.unwrap_or(0);
+        match amount {
+            Some(a) => {
+                let currency = currency.unwrap_or(UNKNOWN_CURRENCY).to_string();
+                *self.amounts.entry(currency).or_default() += a;
+            }
+            None => self.without_amount += 1,
+        }
     }
 
     fn json(&self) -> Value {
-        json!({"count": self.count, "amount": self.amount})
+        let mut v = json!({"count": self.count, "amounts": self.amounts});
+        if self.without_amount > 0 {
+            v["without_amount"] = json!(self.without_amount);
+        }
+        v
+    }
+
+    /// `1000 NGN + 500 USD`, or `no amount`.
+    fn text(&self) -> String {
+        let mut parts: Vec<String> = self
+            .amounts
+            .iter()
+            .map(|(c, a)| money(*a, Some(c)))
+            .collect();
+        if self.without_amount > 0 {
+            parts.push(format!("{} without an amount", self.without_amount));
+        }
+        if parts.is_empty() {
+            "no amount".into()
+        } else {
+            parts.join(" + ")
+        }
     }
 }
 
@@ -169,10 +211,7 @@ pub fn partial_by_items(
         "outcome": a.outcome,
         "error_code": a.error_code,
     })));
-    details["currency"] = json!(bulk
-        .currency
-        .clone()
-        .or_else(|| items.iter().find_map(|i| i.currency.clone())));
+    details["currencies"] = json!(seen.currencies());
     details["successful_transfer_count"] = json!(counters.and_then(|c| c.success_count));
     details["failed_transfer_count"] = json!(counters.and_then(|c| c.failure_count));
     details["counts_observed_at"] = json!(counters.map(|c| &c.observed_at));
@@ -198,26 +237,31 @@ impl ItemsSeen {
         };
         for item in items {
             let status = item.status.clone().unwrap_or_else(|| "unknown".into());
+            let currency = item.currency.as_deref();
             seen.by_status
                 .entry(status.clone())
                 .or_default()
-                .add(item.amount);
+                .add(item.amount, currency);
             if is_cancelled(config, &item.kind, &status) {
-                seen.cancelled.add(item.amount);
+                seen.cancelled.add(item.amount, currency);
             } else {
-                seen.not_cancelled.add(item.amount);
+                seen.not_cancelled.add(item.amount, currency);
                 if seen.listed.len() < MAX_LISTED_ITEMS {
-                    seen.listed
-                        .push(json!({"id": item.id, "status": status, "amount": item.amount}));
+                    seen.listed.push(json!({
+                        "id": item.id,
+                        "status": status,
+                        "amount": item.amount,
+                        "currency": currency.unwrap_or(UNKNOWN_CURRENCY),
+                    }));
                 }
             }
         }
         seen
     }
 
-    /// `2 of 4 items cancelled (…), 2 not cancelled (…; processing: 1, …)`.
+    /// `2 of 4 items cancelled (1000 NGN + 500 USD), 2 not cancelled (…;
+    /// processing: 1, …)`.
     fn summary(&self, config: &Config, items: &[Resource]) -> String {
-        let currency = items.iter().find_map(|i| i.currency.clone());
         let others: Vec<String> = self
             .by_status
             .iter()
@@ -225,16 +269,26 @@ impl ItemsSeen {
             .map(|(s, t)| format!("{s}: {}", t.count))
             .collect();
         format!(
-            "{} of {} items cancelled ({} {}), {} not cancelled ({} {}; {})",
+            "{} of {} items cancelled ({}), {} not cancelled ({}; {})",
             self.cancelled.count,
             items.len(),
-            self.cancelled.amount,
-            currency.as_deref().unwrap_or(""),
+            self.cancelled.text(),
             self.not_cancelled.count,
-            self.not_cancelled.amount,
-            currency.as_deref().unwrap_or(""),
+            self.not_cancelled.text(),
             others.join(", "),
         )
+    }
+
+    /// Every currency the items are in ([`UNKNOWN_CURRENCY`] for those with none).
+    fn currencies(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = self
+            .by_status
+            .values()
+            .flat_map(|t| t.amounts.keys().map(String::as_str))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     fn details(&self, items: &[Resource]) -> Value {
@@ -377,6 +431,26 @@ mod tests {
         assert_eq!(route(&config, STUCK, "info"), vec!["all"]);
         config.alerts.sinks.clear();
         assert!(route(&config, STUCK, "critical").is_empty());
+    }
+
+    #[test]
+    fn amounts_of_different_currencies_are_never_added() {
+        let mut t = Tally::default();
+        t.add(Some(1_000), Some("NGN"));
+        t.add(Some(500), Some("USD"));
+        t.add(Some(250), Some("NGN"));
+        t.add(Some(70), None);
+        t.add(None, Some("NGN"));
+        assert_eq!(
+            t.json(),
+            json!({"count": 5, "amounts": {"NGN": 1_250, "USD": 500, "unknown": 70},
+                   "without_amount": 1})
+        );
+        assert_eq!(
+            t.text(),
+            "1250 NGN + 500 USD + 70 (currency unknown) + 1 without an amount"
+        );
+        assert_eq!(Tally::default().text(), "no amount");
     }
 
     #[test]

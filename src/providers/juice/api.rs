@@ -18,6 +18,7 @@ pub struct JuiceApi {
     http: HttpClient,
     authorization: String,
     reversed_statuses: Vec<String>,
+    item_currency_fields: Vec<String>,
     unrecorded: Arc<Mutex<Reported>>,
 }
 
@@ -45,6 +46,7 @@ impl JuiceApi {
             ),
             authorization,
             reversed_statuses: config.reversed_statuses.clone(),
+            item_currency_fields: config.item_currency_fields.clone(),
             unrecorded: Arc::default(),
         }
     }
@@ -107,8 +109,12 @@ impl JuiceApi {
         let body = answer.json().ok_or_else(|| {
             ProviderError::Permanent(format!("juice GET {path}: the answer is not JSON"))
         })?;
-        let (obs, unrecorded) = objects::decode_bulk_counted(id, body, &self.reversed_statuses)
-            .map_err(ProviderError::Permanent)?;
+        let reading = objects::Reading {
+            reversed: &self.reversed_statuses,
+            currency_fields: &self.item_currency_fields,
+        };
+        let (obs, unrecorded) =
+            objects::decode_bulk_counted(id, body, &reading).map_err(ProviderError::Permanent)?;
         self.report_unrecorded(&obs.id, unrecorded);
         Ok(obs)
     }

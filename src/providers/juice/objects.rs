@@ -100,17 +100,53 @@ pub struct Unrecorded {
     pub without_status: usize,
 }
 
-/// Decodes `GET /bulk-transfers/{id}` (`{"data": bulk}`, or the bulk itself).
-pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observation, String> {
-    decode_bulk_counted(id, body, reversed).map(|(obs, _)| obs)
+/// The item fields read for its currency, first found first: Juice
+/// documents none on items and no currency on the bulk transfer; answers
+/// may carry `source_currency` (what leaves the balance, and what a
+/// reversal gives back) and `destination_currency` (what the beneficiary
+/// gets). `juice.item_currency_fields` in the configuration.
+pub const CURRENCY_FIELDS: [&str; 3] = ["source_currency", "currency", "destination_currency"];
+
+/// How answers are read: `juice.reversed_statuses` and
+/// `juice.item_currency_fields`.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading<'a> {
+    pub reversed: &'a [String],
+    pub currency_fields: &'a [String],
 }
 
-/// [`decode_bulk`], with the items it could not record.
+/// The currency of an item: the first of `fields` it carries, else the
+/// bulk transfer's own `currency` (none is documented); `None`: unknown.
+fn item_currency(item: &Value, fields: &[String], bulk: Option<&String>) -> Option<String> {
+    fields
+        .iter()
+        .find_map(|f| {
+            item.get(f)
+                .and_then(Value::as_str)
+                .filter(|c| !c.is_empty())
+        })
+        .map(str::to_string)
+        .or_else(|| bulk.cloned())
+}
+
+/// Decodes `GET /bulk-transfers/{id}` (`{"data": bulk}`, or the bulk
+/// itself), the item currency read from [`CURRENCY_FIELDS`].
+pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observation, String> {
+    let currency_fields = CURRENCY_FIELDS.map(String::from);
+    let reading = Reading {
+        reversed,
+        currency_fields: &currency_fields,
+    };
+    decode_bulk_counted(id, body, &reading).map(|(obs, _)| obs)
+}
+
+/// [`decode_bulk`] read as `reading` says, with the items it could not record.
 pub fn decode_bulk_counted(
     id: &str,
     body: Value,
-    reversed: &[String],
+    reading: &Reading<'_>,
 ) -> Result<(Observation, Unrecorded), String> {
+    let reversed = reading.reversed;
     let bulk = match body {
         Value::Object(mut map) if map.get("data").is_some_and(Value::is_object) => {
             map.remove("data").expect("checked just above")
@@ -155,11 +191,7 @@ pub fn decode_bulk_counted(
             continue;
         };
         let amount = lenient_i64(item.get("amount"));
-        let currency = item
-            .get("currency")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .or_else(|| bulk_currency.clone());
+        let currency = item_currency(&item, reading.currency_fields, bulk_currency.as_ref());
         children.push(Observation {
             provider: NAME,
             kind: TRANSFER.to_string(),
@@ -225,8 +257,13 @@ mod tests {
                 {"amount": 70, "status": "cancelled", "reference": "f"}
             ]
         }});
+        let fields = CURRENCY_FIELDS.map(String::from);
+        let reading = Reading {
+            reversed: &reversed(),
+            currency_fields: &fields,
+        };
         let (obs, unrecorded) =
-            decode_bulk_counted("6f1c1e9a-0000-4000-8000-000000000001", body, &reversed()).unwrap();
+            decode_bulk_counted("6f1c1e9a-0000-4000-8000-000000000001", body, &reading).unwrap();
         assert_eq!(
             unrecorded,
             Unrecorded {
@@ -259,6 +296,26 @@ mod tests {
         let it3 = &obs.children[2];
         assert_eq!(it3.class, StatusClass::Transitional);
         assert_eq!(it3.currency.as_deref(), Some("NGN"));
+    }
+
+    #[test]
+    fn an_item_currency_is_read_from_the_first_field_it_has() {
+        let fields = CURRENCY_FIELDS.map(String::from);
+        let bulk = Some("EUR".to_string());
+        let item = json!({"source_currency": "USD", "destination_currency": "NGN"});
+        assert_eq!(item_currency(&item, &fields, None).as_deref(), Some("USD"));
+        let item = json!({"destination_currency": "NGN"});
+        assert_eq!(item_currency(&item, &fields, None).as_deref(), Some("NGN"));
+        assert_eq!(
+            item_currency(&json!({}), &fields, bulk.as_ref()).as_deref(),
+            Some("EUR")
+        );
+        assert_eq!(item_currency(&json!({"currency": ""}), &fields, None), None);
+        let only_source = ["source_currency".to_string()];
+        assert_eq!(
+            item_currency(&json!({"currency": "NGN"}), &only_source, None),
+            None
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@ use super::rules::{raise, resolve};
 use super::{Db, Tx};
 use crate::config::Config;
 use crate::domain::alerts::{
-    still_stuck_in, Changes, REFUND_OVERDUE, STUCK, VERIFICATION_FAILURES, WEBHOOK_KIND,
+    money, still_stuck_in, Changes, REFUND_OVERDUE, STUCK, UNKNOWN_CURRENCY, VERIFICATION_FAILURES,
+    WEBHOOK_KIND,
 };
 use crate::providers::knowledge::is_transitional;
 use crate::time::{self, Timestamp};
@@ -136,11 +137,10 @@ async fn refund_overdue(
     let mut holding = HashSet::new();
     for f in sql::pending_refunds_opened_before(tx, &cutoff).await? {
         holding.insert((f.provider.clone(), f.kind.clone(), f.resource_id.clone()));
-        let amount = match (f.amount, &f.currency) {
-            (Some(a), Some(c)) => format!(" of {a} {c}"),
-            (Some(a), None) => format!(" of {a}"),
-            _ => String::new(),
-        };
+        let amount = f
+            .amount
+            .map(|a| format!(" of {}", money(a, f.currency.as_deref())))
+            .unwrap_or_default();
         let alert = NewAlert {
             rule: REFUND_OVERDUE.into(),
             severity: rule.severity.clone(),
@@ -155,7 +155,7 @@ async fn refund_overdue(
                 "refund_status": f.status,
                 "reason": f.reason,
                 "amount": f.amount,
-                "currency": f.currency,
+                "currency": f.currency.as_deref().unwrap_or(UNKNOWN_CURRENCY),
                 "opened_at": f.opened_at,
                 "parent_id": f.parent_id,
                 "limit_secs": rule.after_secs,

@@ -301,3 +301,68 @@ async fn counters_show_a_partial_cancellation_the_items_cannot() {
     );
     app.stop().await;
 }
+
+/// Each item's currency is recorded from the fields Juice may send
+/// (`source_currency`, …), an item with none is of an unknown currency, and
+/// amounts of different currencies are never added up in an alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn currencies_are_recorded_per_item_and_never_added_together() {
+    use cancelwatch_sim::state::{BulkItem, BulkTransfer};
+    let (sim, app) = start_pair().await;
+    let bulk = BulkTransfer::new(
+        "executing",
+        vec![
+            BulkItem::new(1_000, "NGN", "pending", 1),
+            BulkItem::new(500, "USD", "pending", 2),
+            BulkItem::new(2_000, "NGN", "processing", 3),
+            BulkItem::new(300, "", "completed", 4),
+        ],
+    );
+    sim.add_juice_bulk(bulk.clone());
+    announce(&sim, &app, "bulk_transfer.created", &bulk.id).await;
+    let report = cancel(&app, &bulk.id).await;
+    assert_eq!(report["outcome"], "partial_cancellation", "{report}");
+
+    let alert = db::alerts(app.db())
+        .await
+        .into_iter()
+        .find(|a| a.rule == "partial_cancellation" && a.resource_id == bulk.id)
+        .expect("raised with the state fetched after the cancel");
+    let details: Value = serde_json::from_str(&alert.details).unwrap();
+    assert_eq!(
+        details["cancelled"]["amounts"],
+        json!({"NGN": 1_000, "USD": 500}),
+        "{details}"
+    );
+    assert_eq!(
+        details["not_cancelled"]["amounts"],
+        json!({"NGN": 2_000, "unknown": 300}),
+        "{details}"
+    );
+    assert_eq!(details["currencies"], json!(["NGN", "USD", "unknown"]));
+    assert!(
+        alert.summary.contains(
+            "2 of 4 items cancelled (1000 NGN + 500 USD), \
+             2 not cancelled (2000 NGN + 300 (currency unknown);"
+        ),
+        "{}",
+        alert.summary
+    );
+    let refunds = db::refunds_under(app.db(), &bulk.id).await;
+    let currency_of = |item: &BulkItem| {
+        let key = sim.juice_item_key(&bulk.id, item);
+        let refund = refunds.iter().find(|r| r.resource_id == key).unwrap();
+        (refund.amount, refund.currency.clone())
+    };
+    assert_eq!(
+        currency_of(&bulk.items[0]),
+        (Some(1_000), Some("NGN".into()))
+    );
+    assert_eq!(currency_of(&bulk.items[1]), (Some(500), Some("USD".into())));
+    let key = sim.juice_item_key(&bulk.id, &bulk.items[3]);
+    let unknown = db::resource(app.db(), "juice.transfer", &key)
+        .await
+        .unwrap();
+    assert_eq!((unknown.amount, unknown.currency), (Some(300), None));
+    app.stop().await;
+}
