@@ -5,7 +5,8 @@
 use super::{Context, PipelineError};
 use crate::domain::observe::Trigger;
 use crate::providers::{
-    knowledge, provider_of, safe_id, CancelAnswer, CancelOutcome, Provider, ProviderError, Target,
+    knowledge, limit, provider_of, safe_id, CancelAnswer, CancelOutcome, Provider, ProviderError,
+    Target,
 };
 use crate::store::CancelRecord;
 use crate::time;
@@ -86,13 +87,17 @@ pub async fn request(
         context,
         ..Target::default()
     };
-    let answer = provider.cancel(&target, &key).await;
+    // A cancel and the fetch that follows it go ahead of other calls in the
+    // provider's request budget: no reconcile or delivery traffic starves them.
+    let answer = limit::urgent(provider.cancel(&target, &key)).await;
     let (outcome, http_status, error_code) = store_answer(ctx, request_id, id, &answer).await?;
 
     // Whatever the answer, the state may have changed (partial cancellation,
     // or a cancel applied whose answer was lost): fetch now.
-    let (status, fetch_error) =
-        fetch_after_cancel(ctx, &*provider, &target, request_id, rid).await?;
+    let (status, fetch_error) = limit::urgent(fetch_after_cancel(
+        ctx, &*provider, &target, request_id, rid,
+    ))
+    .await?;
     let effect = (outcome == CancelOutcome::Unknown).then(|| {
         let effect = match status.as_deref() {
             Some(s) if knowledge::is_cancelled(&ctx.config, kind, s) => "cancelled",

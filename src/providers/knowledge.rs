@@ -98,6 +98,12 @@ pub trait Knowledge: Send + Sync {
         let _ = obs;
         Vec::new()
     }
+    /// What completes a pending refund of `kind`, for people, when the
+    /// provider leaves it open for a while (`None`: nothing to say).
+    fn refund_awaits(&self, config: &Config, kind: &str) -> Option<String> {
+        let _ = (config, kind);
+        None
+    }
 }
 
 /// Every known provider.
@@ -170,6 +176,11 @@ pub fn classify(kind: &str, status: &str, reversed: &[String]) -> StatusClass {
 /// Where a status stands in its kind's order, when the kind has one.
 pub fn rank(kind: &str, status: &str, reversed: &[String]) -> Option<u8> {
     of_kind(kind)?.rank(kind, status, reversed)
+}
+
+/// What completes a pending refund of `kind` (see [`Knowledge::refund_awaits`]).
+pub fn refund_awaits(config: &Config, kind: &str) -> Option<String> {
+    of_kind(kind)?.refund_awaits(config, kind)
 }
 
 /// Other ids of the resource `obs` (see [`Knowledge::other_keys`]).

@@ -104,6 +104,19 @@ impl Knowledge for Juice {
         ("juice.checksum_keys", config.juice_enabled())
     }
 
+    /// Juice documents no reversal signal: the refund of a cancelled item
+    /// completes on one configured here, which may never come.
+    fn refund_awaits(&self, config: &Config, kind: &str) -> Option<String> {
+        (kind == TRANSFER).then(|| {
+            format!(
+                "an item status in juice.reversed_statuses ({}) or an event in \
+                 juice.reversal_events ({}); Juice documents neither, so it may never come",
+                config.juice.reversed_statuses.join(", "),
+                config.juice.reversal_events.join(", "),
+            )
+        })
+    }
+
     /// An item answered with both an id and a reference is also known as
     /// `<bulk id>:<reference>`, the key it has in answers without its id.
     fn other_keys(&self, obs: &Observation) -> Vec<String> {

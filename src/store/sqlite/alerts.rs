@@ -510,10 +510,17 @@ pub struct RefundRow {
     pub amount: Option<i64>,
     pub currency: Option<String>,
     pub opened_at: String,
+    /// What is known of its resource: its status now, when it was last
+    /// fetched, and when it is fetched next.
+    pub resource_status: Option<String>,
+    pub last_observed_at: Option<String>,
+    pub next_reconcile_at: Option<String>,
 }
 
 const REFUND_COLUMNS: &str =
-    "rid, provider, kind, resource_id, parent_id, status, reason, amount, currency, opened_at";
+    "f.rid, f.provider, f.kind, f.resource_id, f.parent_id, f.status, f.reason, f.amount,
+     f.currency, f.opened_at, r.status AS resource_status, r.last_observed_at,
+     r.next_reconcile_at";
 
 /// Refunds still pending that were opened before `cutoff`.
 pub async fn pending_refunds_opened_before(
@@ -521,8 +528,8 @@ pub async fn pending_refunds_opened_before(
     cutoff: &str,
 ) -> Result<Vec<RefundRow>, sqlx::Error> {
     sqlx::query_as::<_, RefundRow>(&format!(
-        "SELECT {REFUND_COLUMNS} FROM refunds
-         WHERE status = 'pending' AND opened_at < ? ORDER BY opened_at"
+        "SELECT {REFUND_COLUMNS} FROM refunds f JOIN resources r ON r.rid = f.rid
+         WHERE f.status = 'pending' AND f.opened_at < ? ORDER BY f.opened_at"
     ))
     .bind(cutoff)
     .fetch_all(&mut **tx)

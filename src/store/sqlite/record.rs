@@ -303,22 +303,26 @@ fn decide<'a>(
             });
         }
         let changed = matches!(s.verdict, Verdict::First | Verdict::Changed);
+        let status_since = if changed {
+            now_s.to_string()
+        } else {
+            s.current
+                .status_since
+                .clone()
+                .unwrap_or_else(|| now_s.to_string())
+        };
+        let refund_pending_since = (refunds.get(&rid).map(String::as_str) == Some("pending"))
+            .then(|| time::parse_lenient(&status_since).unwrap_or(now));
         fresh.push(Decided {
             seen: s,
-            status_since: if changed {
-                now_s.to_string()
-            } else {
-                s.current
-                    .status_since
-                    .clone()
-                    .unwrap_or_else(|| now_s.to_string())
-            },
             next_reconcile_at: next_reconcile(
                 s.obs.class,
-                refunds.get(&rid).map(String::as_str) == Some("pending"),
+                refund_pending_since,
                 now,
                 config.reconcile.interval_secs,
+                config.reconcile.max_interval_secs,
             ),
+            status_since,
             changed,
         });
     }

@@ -15,7 +15,7 @@ use crate::domain::alerts::{
     money, still_stuck_in, Changes, REFUND_OVERDUE, STUCK, UNKNOWN_CURRENCY, VERIFICATION_FAILURES,
     WEBHOOK_KIND,
 };
-use crate::providers::knowledge::is_transitional;
+use crate::providers::knowledge::{is_transitional, refund_awaits};
 use crate::time::{self, Timestamp};
 
 /// Evaluates the time-based rules as of `now`, in one short write transaction.
@@ -124,7 +124,10 @@ async fn stuck(
     resolve_others(tx, config, STUCK, &holding, now_s, changes).await
 }
 
-/// Refunds pending for longer than `alerts.refund_overdue.after_secs`.
+/// Refunds pending for longer than `alerts.refund_overdue.after_secs`, with
+/// what is known: the status of the transfer as last fetched, what would
+/// complete the refund, and how often it is still looked at. Only what
+/// rarely changes goes in: each change is a new version of the alert.
 async fn refund_overdue(
     tx: &mut Tx<'_>,
     config: &Config,
@@ -141,17 +144,29 @@ async fn refund_overdue(
             .amount
             .map(|a| format!(" of {}", money(a, f.currency.as_deref())))
             .unwrap_or_default();
+        let awaits = refund_awaits(config, &f.kind);
+        let mut summary = format!(
+            "refund{amount} for {} {} ({}) pending since {}",
+            f.kind, f.resource_id, f.reason, f.opened_at
+        );
+        if let Some(status) = &f.resource_status {
+            summary.push_str(&format!("; still {status} when last fetched"));
+        }
+        if let Some(awaits) = &awaits {
+            summary.push_str(&format!("; completes on {awaits}"));
+        }
         let alert = NewAlert {
             rule: REFUND_OVERDUE.into(),
             severity: rule.severity.clone(),
             provider: f.provider.clone(),
             kind: f.kind.clone(),
             resource_id: f.resource_id.clone(),
-            summary: format!(
-                "refund{amount} for {} {} ({}) pending since {}",
-                f.kind, f.resource_id, f.reason, f.opened_at
-            ),
+            summary,
             details: json!({
+                "resource_status": f.resource_status,
+                "awaiting": awaits,
+                "still_fetched": f.next_reconcile_at.is_some(),
+                "fetched_at_most_every_secs": config.reconcile.max_interval_secs,
                 "refund_status": f.status,
                 "reason": f.reason,
                 "amount": f.amount,

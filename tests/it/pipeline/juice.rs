@@ -1,6 +1,8 @@
 //! Juice where it leaves the happy path, a real daemon against the
 //! simulator: items in the documented shape (no `id`), in both shapes, and
-//! with no key at all; cancels whose answer is lost.
+//! with no key at all; cancels whose answer is lost; partial cancellations
+//! only the counters show; currencies; refunds that never resolve; cancels
+//! in a booked request budget.
 
 use std::time::Duration;
 
@@ -364,5 +366,134 @@ async fn currencies_are_recorded_per_item_and_never_added_together() {
         .await
         .unwrap();
     assert_eq!((unknown.amount, unknown.currency), (Some(300), None));
+    app.stop().await;
+}
+
+/// How long the reconciler waits before it looks at `id` again, as stored.
+async fn reconcile_gap(app: &TestApp, id: &str) -> Option<chrono::Duration> {
+    let r = db::resource(app.db(), "juice.transfer", id).await?;
+    let last = cancelwatch::time::parse_lenient(r.last_observed_at.as_deref()?)?;
+    let next = cancelwatch::time::parse_lenient(r.next_reconcile_at.as_deref()?)?;
+    Some(next - last)
+}
+
+/// The GETs of bulk transfer `bulk` the simulator answered.
+fn fetches_of(sim: &Simulator, bulk: &str) -> usize {
+    let path = format!("/bulk-transfers/{bulk}");
+    sim.requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == path)
+        .count()
+}
+
+/// Juice documents no reversal signal, so a cancelled item's refund may
+/// stay pending for good: the reconciler looks at its bulk transfer less
+/// and less often (the wait grows with how long the refund has been
+/// pending), and the `refund_overdue` alert says what is known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_that_never_resolves_is_looked_at_less_and_less_often() {
+    let config = TestConfig::new().quick_workers().quick_alerts().with(|c| {
+        c.reconcile.interval_secs = 1;
+        c.reconcile.max_interval_secs = 60;
+        c.alerts.refund_overdue.after_secs = 1;
+    });
+    let (sim, app) = app_with_simulator(config).await;
+    // Created, then cancelled; the reversals never come.
+    let scenario = sim.scenario("juice_clean_cancellation").unwrap();
+    for step in &scenario.steps[..2] {
+        sim.play_step(step, &DeliveryOptions::default())
+            .await
+            .unwrap();
+        wait_step(app.db(), step).await;
+    }
+    let bulk = scenario.expect.histories[0].id.clone();
+    let item = scenario.expect.histories[1].id.clone();
+    let before = fetches_of(&sim, &bulk);
+
+    let four_secs = chrono::Duration::seconds(4);
+    wait_until(
+        "the wait between two looks has grown to 4 s",
+        WAIT,
+        || async {
+            reconcile_gap(&app, &item)
+                .await
+                .is_some_and(|gap| gap >= four_secs)
+        },
+    )
+    .await;
+    // Looked at after about 1, 2 and 4 s: not at every 1 s pass.
+    let looks = fetches_of(&sim, &bulk) - before;
+    assert!((2..=5).contains(&looks), "{looks} fetches");
+
+    let alert = crate::support::wait_for("the refund_overdue alert", WAIT, || async {
+        db::alerts(app.db())
+            .await
+            .into_iter()
+            .find(|a| a.rule == "refund_overdue" && a.resource_id == item)
+    })
+    .await;
+    let details: Value = serde_json::from_str(&alert.details).unwrap();
+    assert_eq!(details["resource_status"], "cancelled", "{details}");
+    assert_eq!(details["currency"], "USD", "{details}");
+    assert_eq!(details["still_fetched"], true, "{details}");
+    assert_eq!(details["fetched_at_most_every_secs"], 60, "{details}");
+    assert!(
+        details["awaiting"]
+            .as_str()
+            .is_some_and(|a| a.contains("juice.reversed_statuses (reversed, refunded)")),
+        "{details}"
+    );
+    assert!(
+        alert.summary.contains("still cancelled when last fetched")
+            && alert.summary.contains("Juice documents neither"),
+        "{}",
+        alert.summary
+    );
+    app.stop().await;
+}
+
+/// A cancel issued through cancelwatch goes ahead of the other calls in the
+/// provider's request budget: with the budget booked past what a call may
+/// wait (here by deliveries, as reconcile passes would), it is still sent,
+/// and so is the fetch after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_goes_ahead_of_the_calls_booked_in_the_budget() {
+    use cancelwatch_sim::state::{BulkItem, BulkTransfer};
+    // One call every 2 s; a call waits at most 5 s for its turn.
+    let config = TestConfig::new().quick_workers().with(|c| {
+        c.server.admin_token = TOKEN.into();
+        c.juice.rate_limit_per_second = 0.5;
+        c.juice.rate_limit_burst = 1;
+        c.workers.fetch_timeout_secs = 5;
+    });
+    let (sim, app) = app_with_simulator(config).await;
+    let new_bulk =
+        |n| BulkTransfer::new("executing", vec![BulkItem::new(100, "NGN", "pending", n)]);
+    let target = new_bulk(0);
+    sim.add_juice_bulk(target.clone());
+    let others: Vec<BulkTransfer> = (1..=6).map(new_bulk).collect();
+    for bulk in &others {
+        sim.add_juice_bulk(bulk.clone());
+    }
+
+    // Four workers book 0, 2 and 4 s; the fourth call would wait 6 s and is
+    // not made, its delivery kept waiting: the budget is booked.
+    let series = r#"cancelwatch_deliveries_rate_limited_total{provider="juice"}"#;
+    let refused = app.metric(series).await;
+    let traffic = others.iter().map(|b| {
+        let d = Delivery::juice(BUSINESS_ID, "bulk_transfer.updated", json!({"id": b.id}));
+        let sim = sim.clone();
+        async move { sim.deliver(&d).await }
+    });
+    futures_util::future::try_join_all(traffic).await.unwrap();
+    wait_until("the request budget is booked", WAIT, || async {
+        app.metric(series).await > refused
+    })
+    .await;
+
+    let report = cancel(&app, &target.id).await;
+    assert_eq!(report["outcome"], "accepted", "{report}");
+    assert_eq!(report["status"], "cancelled", "{report}");
+    assert_eq!(cancels_sent(&sim, &target.id), 1);
     app.stop().await;
 }
