@@ -19,7 +19,8 @@
 //!   cancelled ones are reversed, each with its webhook. Items come in the
 //!   documented shape, without an `id`, unless
 //!   [`Simulator::serve_juice_item_ids`] is on.
-//! - [`Faults`] inject errors, 429s, hangs and outages into API answers.
+//! - [`Faults`] inject errors, 429s, hangs and outages into API answers,
+//!   and errors or hangs after a cancel was applied (a lost answer).
 //! - Scenarios ([`Simulator::scenario`]) script a resource's life step by
 //!   step; [`Simulator::play_step`] applies a step and sends its deliveries,
 //!   [`Simulator::apply_step`] applies it without sending (a lost delivery).
