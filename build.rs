@@ -3,7 +3,9 @@
 // of the next build until some Rust file changes (sqlx's documented fix).
 //
 // `--version` names the commit it was built from, when built from a git
-// checkout (a source package without `.git` says `unknown`).
+// checkout (a source package without `.git` says `unknown`). The variable's
+// name must not start with `CANCELWATCH_`: cargo also sets it when it runs
+// the binary or its tests, and the configuration reads those variables.
 use std::path::Path;
 
 fn main() {
@@ -19,7 +21,7 @@ fn main() {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=CANCELWATCH_COMMIT={commit}");
+    println!("cargo:rustc-env=GIT_COMMIT_OF_CANCELWATCH={commit}");
 }
 
 /// Builds again when the checked-out commit moves: `.git/HEAD`, the branch

@@ -226,7 +226,7 @@ fn ignore_hangups() {
 pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (",
-    env!("CANCELWATCH_COMMIT"),
+    env!("GIT_COMMIT_OF_CANCELWATCH"),
     ")"
 );
 

@@ -21,6 +21,18 @@ struct FaultState {
     hang_left: u32,
     hang: Duration,
     refuse_all: bool,
+    /// For the next cancels: what follows once the cancel is applied.
+    after_cancel_left: u32,
+    after_cancel: Option<AfterCancel>,
+}
+
+/// What a cancel request gets after it was applied, instead of its answer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum AfterCancel {
+    /// This status, with a proper error body.
+    Fail(u16),
+    /// Its answer only after this long (a client that gave up sees none).
+    Hang(Duration),
 }
 
 /// A handle to inject faults into the simulated APIs. Faults apply to API
@@ -65,6 +77,24 @@ impl Faults {
         s.hang = d;
     }
 
+    /// The next `n` cancel requests (`POST …/cancel`) are applied, then
+    /// answered `status` instead of their answer: the answer a client gets
+    /// after a cancel that did take effect, when the provider fails on the
+    /// way back.
+    pub fn fail_after_applying_next_cancels(&self, n: u32, status: u16) {
+        let mut s = self.state();
+        s.after_cancel_left = n;
+        s.after_cancel = Some(AfterCancel::Fail(status));
+    }
+
+    /// The next `n` cancel requests are applied, then answered only after
+    /// `d`: a client that times out before never learns what happened.
+    pub fn hang_after_applying_next_cancels(&self, n: u32, d: Duration) {
+        let mut s = self.state();
+        s.after_cancel_left = n;
+        s.after_cancel = Some(AfterCancel::Hang(d));
+    }
+
     /// While on, every API request answers 503.
     pub fn refuse_all(&self, on: bool) {
         self.state().refuse_all = on;
@@ -73,6 +103,16 @@ impl Faults {
     /// Removes every injected fault.
     pub fn clear(&self) {
         *self.state() = FaultState::default();
+    }
+
+    /// Takes a cancel request's fault after it is applied, if any.
+    fn take_after_cancel(&self) -> Option<AfterCancel> {
+        let mut s = self.state();
+        if s.after_cancel_left == 0 {
+            return None;
+        }
+        s.after_cancel_left -= 1;
+        s.after_cancel
     }
 
     /// Takes this request's share of the injected faults.
@@ -156,9 +196,21 @@ pub(crate) async fn middleware(
         tokio::time::sleep(d).await;
     }
     let stripe = path.starts_with("/v2/");
-    match fault {
-        None => next.run(request).await,
-        Some(fault) => fault_response(fault, stripe),
+    if let Some(fault) = fault {
+        return fault_response(fault, stripe);
+    }
+    let is_cancel = request.method() == axum::http::Method::POST && path.ends_with("/cancel");
+    let after = is_cancel
+        .then(|| shared.faults.take_after_cancel())
+        .flatten();
+    let response = next.run(request).await;
+    match after {
+        None => response,
+        Some(AfterCancel::Fail(code)) => fault_response(Fault::Fail(code), stripe),
+        Some(AfterCancel::Hang(d)) => {
+            tokio::time::sleep(d).await;
+            response
+        }
     }
 }
 
@@ -224,5 +276,9 @@ mod tests {
         assert_eq!(f.take(), (None, Some(Fault::Refuse)));
         f.clear();
         assert_eq!(f.take(), (None, None));
+        f.fail_after_applying_next_cancels(1, 503);
+        assert_eq!(f.take(), (None, None), "not a fault before the handler");
+        assert_eq!(f.take_after_cancel(), Some(AfterCancel::Fail(503)));
+        assert_eq!(f.take_after_cancel(), None);
     }
 }

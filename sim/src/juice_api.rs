@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::state::World;
+use super::state::{BulkItem, BulkTransfer, World};
 use super::{ApiError, Delivery, Shared};
 
 /// How long after a cancel the in-flight items settle and the cancelled ones
@@ -24,6 +24,56 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/bulk-transfers", get(list))
         .route("/bulk-transfers/{id}", get(get_one))
         .route("/bulk-transfers/{id}/cancel", post(cancel))
+}
+
+/// An item as Juice's API reference shows it: `amount`, `beneficiary`,
+/// `status`, `created_at`, `reference` and no `id`, its currency (none is
+/// documented) as `source_currency` and `destination_currency`, which
+/// answers may carry. With `ids`, the item's UUID (by which Juice addresses
+/// it elsewhere) is served too. An item whose reference or currency is
+/// empty is served without it.
+pub(crate) fn item_json(item: &BulkItem, ids: bool) -> Value {
+    let mut v = item.to_json();
+    if let Some(fields) = v.as_object_mut() {
+        fields.remove("currency");
+        if !item.currency.is_empty() {
+            fields.insert("source_currency".into(), json!(item.currency));
+            fields.insert("destination_currency".into(), json!(item.currency));
+        }
+        if !ids {
+            fields.remove("id");
+        }
+        if item.reference.is_empty() {
+            fields.remove("reference");
+        }
+    }
+    v
+}
+
+/// A bulk transfer as `GET /bulk-transfers/{id}` answers inside `data`,
+/// its items shaped by [`item_json`].
+pub(crate) fn bulk_json(bulk: &BulkTransfer, ids: bool) -> Value {
+    let mut v = bulk.to_json();
+    v["items"] = bulk.items.iter().map(|i| item_json(i, ids)).collect();
+    v
+}
+
+/// What a per-transfer event carries: the item as served, with its bulk
+/// transfer's id.
+pub(crate) fn item_event_data(bulk_id: &str, item: &BulkItem, ids: bool) -> Value {
+    let mut v = item_json(item, ids);
+    v["bulk_transfer_id"] = json!(bulk_id);
+    v
+}
+
+/// The id cancelwatch records an item under: its `id` when Juice serves
+/// one, else `<bulk transfer id>:<reference>`.
+pub fn item_key(bulk_id: &str, item: &BulkItem, ids: bool) -> String {
+    if ids {
+        item.id.clone()
+    } else {
+        format!("{bulk_id}:{}", item.reference)
+    }
 }
 
 /// A Juice error: `{"error":{"code","message","type","details"}}`.
@@ -95,8 +145,9 @@ async fn get_one(
     if let Err(r) = check(&s, &headers) {
         return r.into_response();
     }
+    let ids = s.juice_item_ids();
     match s.world().bulk(&id) {
-        Some(b) => Json(json!({"data": b.to_json()})).into_response(),
+        Some(b) => Json(json!({"data": bulk_json(b, ids)})).into_response(),
         None => not_found(&id).into_response(),
     }
 }
@@ -142,7 +193,8 @@ async fn list(
     let has_more = page.len() > limit;
     page.truncate(limit);
     let after = page.last().filter(|_| has_more).map(|b| b.id.clone());
-    let data: Vec<Value> = page.iter().map(|b| b.to_json()).collect();
+    let ids = s.juice_item_ids();
+    let data: Vec<Value> = page.iter().map(|b| bulk_json(b, ids)).collect();
     Json(json!({"data": data, "pagination": {"after": after, "has_more": has_more}}))
         .into_response()
 }
@@ -156,9 +208,10 @@ async fn cancel(
         return r.into_response();
     }
     let key = s.cfg.juice_checksum_key.clone();
+    let ids = s.juice_item_ids();
     let (response, deliveries) = {
         let mut world = s.world();
-        match cancel_in(&mut world, &id, &key) {
+        match cancel_in(&mut world, &id, &key, ids) {
             Ok(done) => done,
             Err(r) => return r.into_response(),
         }
@@ -169,7 +222,7 @@ async fn cancel(
         tokio::time::sleep(SETTLE_DELAY).await;
         let deliveries = {
             let mut world = shared.world();
-            settle_in(&mut world, &id, &key)
+            settle_in(&mut world, &id, &key, ids)
         };
         shared.send_in_background(deliveries);
     });
@@ -181,6 +234,7 @@ fn cancel_in(
     world: &mut World,
     id: &str,
     key: &str,
+    ids: bool,
 ) -> Result<(Response, Vec<Delivery>), ApiError> {
     let Some(bulk) = world.bulk_mut(id) else {
         return Err(not_found(id));
@@ -198,17 +252,29 @@ fn cancel_in(
         ));
     };
     let bulk = bulk.clone();
+    let not_cancelled: Vec<String> = outcome
+        .not_cancelled
+        .iter()
+        .filter_map(|i| bulk.item(i))
+        .map(|i| {
+            if ids {
+                i.id.clone()
+            } else {
+                i.reference.clone()
+            }
+        })
+        .collect();
     let mut deliveries = vec![Delivery::juice(
         key,
         "bulk_transfer.cancelled",
-        bulk.to_json(),
+        bulk_json(&bulk, ids),
     )];
     for item_id in &outcome.cancelled {
         if let Some(item) = bulk.item(item_id) {
             deliveries.push(Delivery::juice(
                 key,
                 "bulk_transfer.transfer.cancelled",
-                item.event_data(&bulk.id),
+                item_event_data(&bulk.id, item, ids),
             ));
         }
     }
@@ -216,14 +282,14 @@ fn cancel_in(
         world.record_delivery(d);
     }
     let response = if outcome.not_cancelled.is_empty() {
-        Json(json!({"data": bulk.to_json()})).into_response()
+        Json(json!({"data": bulk_json(&bulk, ids)})).into_response()
     } else {
         error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "partial_cancellation",
             "Some transfers could not be cancelled; the others were",
             "invalid_request_error",
-            json!({"bulk_transfer_id": bulk.id, "not_cancelled": outcome.not_cancelled}),
+            json!({"bulk_transfer_id": bulk.id, "not_cancelled": not_cancelled}),
         )
         .into_response()
     };
@@ -231,7 +297,7 @@ fn cancel_in(
 }
 
 /// After a cancel: in-flight items complete, cancelled ones are reversed.
-fn settle_in(world: &mut World, id: &str, key: &str) -> Vec<Delivery> {
+fn settle_in(world: &mut World, id: &str, key: &str, ids: bool) -> Vec<Delivery> {
     let Some(bulk) = world.bulk_mut(id) else {
         return Vec::new();
     };
@@ -250,9 +316,9 @@ fn settle_in(world: &mut World, id: &str, key: &str) -> Vec<Delivery> {
         .filter_map(|(item_id, to)| {
             let item = bulk.item(item_id)?;
             Some(if to == "completed" {
-                completed_delivery(key, &bulk.id, &item.id)
+                completed_delivery(key, &bulk.id, item, ids)
             } else {
-                reversed_delivery(key, &bulk.id, item)
+                reversed_delivery(key, &bulk.id, item, ids)
             })
         })
         .collect();
@@ -263,30 +329,20 @@ fn settle_in(world: &mut World, id: &str, key: &str) -> Vec<Delivery> {
 }
 
 /// `bulk_transfer.transfer.completed` for one item.
-pub(crate) fn completed_delivery(key: &str, bulk_id: &str, item_id: &str) -> Delivery {
+pub(crate) fn completed_delivery(key: &str, bulk_id: &str, item: &BulkItem, ids: bool) -> Delivery {
     Delivery::juice(
         key,
         "bulk_transfer.transfer.completed",
-        json!({"id": item_id, "bulk_transfer_id": bulk_id}),
+        item_event_data(bulk_id, item, ids),
     )
 }
 
 /// `bulk_transfer.transfer.reversed` for one item.
-pub(crate) fn reversed_delivery(
-    key: &str,
-    bulk_id: &str,
-    item: &super::state::BulkItem,
-) -> Delivery {
+pub(crate) fn reversed_delivery(key: &str, bulk_id: &str, item: &BulkItem, ids: bool) -> Delivery {
     Delivery::juice(
         key,
         "bulk_transfer.transfer.reversed",
-        json!({
-            "id": item.id,
-            "bulk_transfer_id": bulk_id,
-            "amount": item.amount,
-            "currency": item.currency,
-            "status": "reversed",
-        }),
+        item_event_data(bulk_id, item, ids),
     )
 }
 
@@ -307,7 +363,7 @@ mod tests {
         );
         let id = b.id.clone();
         w.bulks.push(b);
-        let (response, deliveries) = cancel_in(&mut w, &id, "biz").unwrap();
+        let (response, deliveries) = cancel_in(&mut w, &id, "biz", false).unwrap();
         assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
         let events: Vec<&str> = deliveries.iter().map(|d| d.event_type()).collect();
         assert_eq!(
@@ -318,9 +374,9 @@ mod tests {
             ]
         );
         assert_eq!(w.bulk(&id).unwrap().status, "cancelled");
-        let again = cancel_in(&mut w, &id, "biz").err().unwrap();
+        let again = cancel_in(&mut w, &id, "biz", false).err().unwrap();
         assert_eq!(again.status, StatusCode::BAD_REQUEST);
-        let settled = settle_in(&mut w, &id, "biz");
+        let settled = settle_in(&mut w, &id, "biz", false);
         assert_eq!(settled.len(), 2);
         let statuses: Vec<&str> = w
             .bulk(&id)
@@ -331,6 +387,6 @@ mod tests {
             .collect();
         assert_eq!(statuses, vec!["reversed", "completed"]);
         assert_eq!(w.juice_events.len(), 4);
-        assert!(cancel_in(&mut w, "nope", "biz").is_err());
+        assert!(cancel_in(&mut w, "nope", "biz", false).is_err());
     }
 }

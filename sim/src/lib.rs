@@ -16,8 +16,11 @@
 //!   `GET /bulk-transfers/{id}`, `POST /bulk-transfers/{id}/cancel` (422
 //!   `partial_cancellation` when some items could not be cancelled; the state
 //!   changed anyway). ~300 ms after a cancel, in-flight items complete and
-//!   cancelled ones are reversed, each with its webhook.
-//! - [`Faults`] inject errors, 429s, hangs and outages into API answers.
+//!   cancelled ones are reversed, each with its webhook. Items come in the
+//!   documented shape, without an `id`, unless
+//!   [`Simulator::serve_juice_item_ids`] is on.
+//! - [`Faults`] inject errors, 429s, hangs and outages into API answers,
+//!   and errors or hangs after a cancel was applied (a lost answer).
 //! - Scenarios ([`Simulator::scenario`]) script a resource's life step by
 //!   step; [`Simulator::play_step`] applies a step and sends its deliveries,
 //!   [`Simulator::apply_step`] applies it without sending (a lost delivery).
@@ -47,7 +50,7 @@ mod stripe_api;
 mod time;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -148,11 +151,17 @@ pub(crate) struct Shared {
     pub(crate) api_calls: AtomicUsize,
     pub(crate) api_calls_peak: AtomicUsize,
     background_errors: Mutex<Vec<String>>,
+    /// Juice items are served with their `id` (off: the documented shape).
+    juice_item_ids: AtomicBool,
 }
 
 impl Shared {
     pub(crate) fn world(&self) -> MutexGuard<'_, World> {
         self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn juice_item_ids(&self) -> bool {
+        self.juice_item_ids.load(Ordering::SeqCst)
     }
 
     /// Sends deliveries caused by an API call, in order, in a spawned task.
@@ -227,6 +236,7 @@ impl Simulator {
             api_calls: AtomicUsize::new(0),
             api_calls_peak: AtomicUsize::new(0),
             background_errors: Mutex::new(Vec::new()),
+            juice_item_ids: AtomicBool::new(false),
         });
         let router = router(shared.clone());
         tokio::spawn(async move {
@@ -248,8 +258,31 @@ impl Simulator {
     }
 
     /// A fresh instance of the named scenario, with ids never used before.
+    /// Its Juice items are shaped (and expected) as the API serves them now.
     pub fn scenario(&self, name: &str) -> Option<Scenario> {
-        scenarios::build(name, &self.shared.cfg.juice_checksum_key)
+        scenarios::build(
+            name,
+            &self.shared.cfg.juice_checksum_key,
+            self.shared.juice_item_ids(),
+        )
+    }
+
+    /// Serves Juice items with their `id` (on) or in the documented shape,
+    /// without one (off, the default). Answers, deliveries and scenarios
+    /// built from then on follow it.
+    pub fn serve_juice_item_ids(&self, on: bool) {
+        self.shared.juice_item_ids.store(on, Ordering::SeqCst);
+    }
+
+    /// Puts a bulk transfer in place as it is (for tests that need a shape
+    /// no scenario has). Nothing is sent.
+    pub fn add_juice_bulk(&self, bulk: state::BulkTransfer) {
+        self.shared.world().apply(&state::Change::NewBulk(bulk));
+    }
+
+    /// The id cancelwatch records a Juice item under, as the API serves it now.
+    pub fn juice_item_key(&self, bulk_id: &str, item: &state::BulkItem) -> String {
+        juice_api::item_key(bulk_id, item, self.shared.juice_item_ids())
     }
 
     /// Applies the step's state change and records its events (the events API

@@ -4,7 +4,9 @@
 use serde_json::Value;
 
 use super::deliver::Delivery;
-use super::juice_api::{completed_delivery, reversed_delivery};
+use super::juice_api::{
+    bulk_json, completed_delivery, item_event_data, item_key, reversed_delivery,
+};
 use super::state::{
     batch_job_path, outbound_transfer_path, thin_event, BatchJob, BulkItem, BulkTransfer, Change,
     OutboundTransfer, BATCH_JOB_OBJECT, OUTBOUND_TRANSFER_OBJECT,
@@ -77,16 +79,17 @@ pub struct ExpectedRefund {
 }
 
 /// Builds a fresh instance of the named scenario; Juice deliveries are
-/// checksummed with `juice_key`.
-pub(crate) fn build(name: &str, juice_key: &str) -> Option<Scenario> {
+/// checksummed with `juice_key`, and their items carry an `id` when
+/// `item_ids` (else they are expected under `<bulk id>:<reference>`).
+pub(crate) fn build(name: &str, juice_key: &str, item_ids: bool) -> Option<Scenario> {
     Some(match name {
         "outbound_transfer_canceled" => outbound_transfer_canceled(),
         "outbound_transfer_posted_before_cancel" => outbound_transfer_posted_before_cancel(),
         "outbound_transfer_returned" => outbound_transfer_returned(),
         "batch_job_canceled_midway" => batch_job_canceled_midway(),
         "batch_job_canceled_clean" => batch_job_canceled_clean(),
-        "juice_partial_cancellation" => juice_partial_cancellation(juice_key),
-        "juice_clean_cancellation" => juice_clean_cancellation(juice_key),
+        "juice_partial_cancellation" => juice_partial_cancellation(juice_key, item_ids),
+        "juice_clean_cancellation" => juice_clean_cancellation(juice_key, item_ids),
         _ => return None,
     })
 }
@@ -368,13 +371,15 @@ fn batch_job_canceled_clean() -> Scenario {
 /// carries the object as it is after its step.
 struct JuiceScript<'a> {
     key: &'a str,
+    /// Items are served with their `id`.
+    ids: bool,
     bulk: BulkTransfer,
     steps: Vec<Step>,
 }
 
 impl<'a> JuiceScript<'a> {
-    fn new(key: &'a str, bulk: BulkTransfer) -> Self {
-        let data = bulk.to_json();
+    fn new(key: &'a str, ids: bool, bulk: BulkTransfer) -> Self {
+        let data = bulk_json(&bulk, ids);
         let first = Step {
             label: String::new(),
             changes: vec![Change::NewBulk(bulk.clone())],
@@ -383,6 +388,7 @@ impl<'a> JuiceScript<'a> {
         };
         let mut script = Self {
             key,
+            ids,
             bulk,
             steps: Vec::new(),
         };
@@ -398,10 +404,16 @@ impl<'a> JuiceScript<'a> {
                 self.bulk
                     .items
                     .iter()
-                    .map(|i| (i.id.clone(), i.status.clone())),
+                    .map(|i| (self.key_of(&i.id), i.status.clone())),
             )
             .collect();
         self.steps.push(step);
+    }
+
+    /// The id cancelwatch records the item `id` under.
+    fn key_of(&self, id: &str) -> String {
+        let item = self.bulk.item(id).expect("an item of this bulk transfer");
+        item_key(&self.bulk.id, item, self.ids)
     }
 
     fn step(&mut self, label: &str, status: Option<&str>, items: &[(String, &str)]) {
@@ -415,7 +427,7 @@ impl<'a> JuiceScript<'a> {
             deliveries.push(Delivery::juice(
                 self.key,
                 "bulk_transfer.cancelled",
-                self.bulk.to_json(),
+                bulk_json(&self.bulk, self.ids),
             ));
         }
         for (id, to) in &moves {
@@ -426,10 +438,10 @@ impl<'a> JuiceScript<'a> {
                 "cancelled" => Delivery::juice(
                     self.key,
                     "bulk_transfer.transfer.cancelled",
-                    item.event_data(&self.bulk.id),
+                    item_event_data(&self.bulk.id, item, self.ids),
                 ),
-                "completed" => completed_delivery(self.key, &self.bulk.id, id),
-                _ => reversed_delivery(self.key, &self.bulk.id, item),
+                "completed" => completed_delivery(self.key, &self.bulk.id, item, self.ids),
+                _ => reversed_delivery(self.key, &self.bulk.id, item, self.ids),
             });
         }
         let change = Change::Bulk {
@@ -455,7 +467,7 @@ fn ids(bulk: &BulkTransfer) -> Vec<String> {
     bulk.items.iter().map(|i| i.id.clone()).collect()
 }
 
-fn juice_partial_cancellation(key: &str) -> Scenario {
+fn juice_partial_cancellation(key: &str, item_ids: bool) -> Scenario {
     let bulk = BulkTransfer::new(
         "executing",
         vec![
@@ -467,7 +479,8 @@ fn juice_partial_cancellation(key: &str) -> Scenario {
     );
     let bulk_id = bulk.id.clone();
     let [a, b, c, d] = <[String; 4]>::try_from(ids(&bulk)).expect("four items");
-    let mut script = JuiceScript::new(key, bulk);
+    let mut script = JuiceScript::new(key, item_ids, bulk);
+    let [ka, kb, kc, kd] = [&a, &b, &c, &d].map(|i| script.key_of(i));
     script.steps[0].label = "executing".into();
     script.step(
         "cancel",
@@ -489,18 +502,18 @@ fn juice_partial_cancellation(key: &str) -> Scenario {
         expect: Expectation {
             histories: vec![
                 history(BULK_TRANSFER, &bulk_id, None, &["executing", "cancelled"]),
-                item_history(&bulk_id, &a, &["pending", "cancelled", "reversed"]),
-                item_history(&bulk_id, &b, &["pending", "cancelled", "reversed"]),
-                item_history(&bulk_id, &c, &["processing", "completed"]),
-                item_history(&bulk_id, &d, &["completed"]),
+                item_history(&bulk_id, &ka, &["pending", "cancelled", "reversed"]),
+                item_history(&bulk_id, &kb, &["pending", "cancelled", "reversed"]),
+                item_history(&bulk_id, &kc, &["processing", "completed"]),
+                item_history(&bulk_id, &kd, &["completed"]),
             ],
-            refunds: vec![refund(&a, 1_000, "NGN"), refund(&b, 2_000, "NGN")],
+            refunds: vec![refund(&ka, 1_000, "NGN"), refund(&kb, 2_000, "NGN")],
             alerts: vec![("partial_cancellation".into(), bulk_id)],
         },
     }
 }
 
-fn juice_clean_cancellation(key: &str) -> Scenario {
+fn juice_clean_cancellation(key: &str, item_ids: bool) -> Scenario {
     let bulk = BulkTransfer::new(
         "created",
         vec![
@@ -512,7 +525,8 @@ fn juice_clean_cancellation(key: &str) -> Scenario {
     let bulk_id = bulk.id.clone();
     let items = ids(&bulk);
     let amounts: Vec<i64> = bulk.items.iter().map(|i| i.amount).collect();
-    let mut script = JuiceScript::new(key, bulk);
+    let mut script = JuiceScript::new(key, item_ids, bulk);
+    let keys: Vec<String> = items.iter().map(|i| script.key_of(i)).collect();
     script.steps[0].label = "created".into();
     let cancel: Vec<(String, &str)> = items.iter().map(|i| (i.clone(), "cancelled")).collect();
     script.step("cancel", Some("cancelled"), &cancel);
@@ -525,8 +539,7 @@ fn juice_clean_cancellation(key: &str) -> Scenario {
         &["created", "cancelled"],
     )];
     histories.extend(
-        items
-            .iter()
+        keys.iter()
             .map(|i| item_history(&bulk_id, i, &["pending", "cancelled", "reversed"])),
     );
     Scenario {
@@ -537,7 +550,7 @@ fn juice_clean_cancellation(key: &str) -> Scenario {
         steps: script.steps,
         expect: Expectation {
             histories,
-            refunds: items
+            refunds: keys
                 .iter()
                 .zip(amounts)
                 .map(|(i, amount)| refund(i, amount, "USD"))
@@ -569,9 +582,9 @@ mod tests {
 
     #[test]
     fn every_name_builds_with_unique_ids() {
-        for name in NAMES {
-            let a = build(name, "biz").unwrap();
-            let b = build(name, "biz").unwrap();
+        for (name, ids) in NAMES.iter().flat_map(|n| [(n, false), (n, true)]) {
+            let a = build(name, "biz", ids).unwrap();
+            let b = build(name, "biz", ids).unwrap();
             assert_eq!(a.name, *name);
             assert!(!a.steps.is_empty());
             assert_ne!(a.expect.histories[0].id, b.expect.histories[0].id);
@@ -585,12 +598,12 @@ mod tests {
                 assert_eq!(Some(status), h.statuses.last(), "{name} {}", h.id);
             }
         }
-        assert!(build("nope", "biz").is_none());
+        assert!(build("nope", "biz", false).is_none());
     }
 
     #[test]
     fn juice_partial_steps() {
-        let s = build("juice_partial_cancellation", "biz").unwrap();
+        let s = build("juice_partial_cancellation", "biz", false).unwrap();
         let labels: Vec<&str> = s.steps.iter().map(|s| s.label.as_str()).collect();
         assert_eq!(
             labels,
@@ -609,6 +622,15 @@ mod tests {
         assert_eq!(bulk["items"][2]["status"], "processing");
         let item = payload(&s.steps[1].deliveries[1]);
         assert_eq!(item["bulk_transfer_id"], bulk["id"]);
+        // The documented shape: items have a reference and no id.
+        assert!(item.get("id").is_none());
+        assert!(bulk["items"][0].get("id").is_none());
+        let reference = bulk["items"][0]["reference"].as_str().unwrap();
+        let key = format!("{}:{reference}", bulk["id"].as_str().unwrap());
+        assert_eq!(s.expect.histories[1].id, key);
+        let with_ids = build("juice_partial_cancellation", "biz", true).unwrap();
+        let bulk = payload(&with_ids.steps[1].deliveries[0]);
+        assert_eq!(with_ids.expect.histories[1].id, bulk["items"][0]["id"]);
         assert_eq!(event_types(&s.steps[3]).len(), 2);
         assert_eq!(s.expect.alerts[0].0, "partial_cancellation");
     }

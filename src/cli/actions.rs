@@ -71,6 +71,7 @@ fn render_cancel(report: &cancel::CancelReport, json: bool) -> anyhow::Result<St
         ("error code", output::cell(report.error_code.as_deref())),
         ("status now", output::cell(report.status.as_deref())),
         ("fetch error", output::cell(report.fetch_error.as_deref())),
+        ("effect", output::cell(report.effect.as_deref())),
         ("idempotency key", report.idempotency_key.clone()),
         ("request id", report.request_id.to_string()),
     ] {

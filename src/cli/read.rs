@@ -206,11 +206,7 @@ fn facts_table(res: &Resource) -> Table {
         (Some(s), false) => s.clone(),
         (None, _) => "- (not fetched yet)".into(),
     };
-    let amount = match (res.amount, &res.currency) {
-        (Some(a), Some(c)) => format!("{a} {c}"),
-        (Some(a), None) => a.to_string(),
-        _ => "-".into(),
-    };
+    let amount = amount_cell(res.amount, res.currency.as_deref());
     for (k, v) in [
         ("resource", format!("{} {}", res.kind, res.id)),
         ("status", status),
@@ -284,11 +280,7 @@ fn items_text(children: &[ChildHistory]) -> String {
         items.push(vec![
             res.id.clone(),
             cell(res.status.as_deref()),
-            match (res.amount, &res.currency) {
-                (Some(a), Some(cur)) => format!("{a} {cur}"),
-                (Some(a), None) => a.to_string(),
-                _ => "-".into(),
-            },
+            amount_cell(res.amount, res.currency.as_deref()),
             cell(c.refunds.last().map(|f| f.status.as_str())),
             cell(res.last_observed_at.as_deref()),
         ]);
@@ -536,11 +528,7 @@ fn refunds_table(refunds: &[&Refund]) -> Table {
             r.resource_id.clone(),
             r.status.clone(),
             r.reason.clone(),
-            match (r.amount, &r.currency) {
-                (Some(a), Some(c)) => format!("{a} {c}"),
-                (Some(a), None) => a.to_string(),
-                _ => "-".into(),
-            },
+            amount_cell(r.amount, r.currency.as_deref()),
             r.opened_at.clone(),
             cell(r.completed_at.as_deref()),
         ]);
@@ -615,4 +603,10 @@ fn push_transition_csv(t: &mut Table, tr: &Transition) {
         field(tr.trigger.id.as_deref()),
         field(tr.livemode.map(bool_text)),
     ]);
+}
+
+/// An amount with its currency (`unknown` when the provider gave none); `-`
+/// without an amount.
+fn amount_cell(amount: Option<i64>, currency: Option<&str>) -> String {
+    amount.map_or_else(|| "-".into(), |a| crate::domain::alerts::money(a, currency))
 }

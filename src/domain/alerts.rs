@@ -99,105 +99,207 @@ pub fn new_alert(
     }
 }
 
-/// Count and amount of a group of items.
+/// How alerts name the currency of an amount whose provider gave none.
+pub const UNKNOWN_CURRENCY: &str = "unknown";
+
+/// An amount with its currency, for people: `1000 NGN`, `1000 (currency unknown)`.
+pub fn money(amount: i64, currency: Option<&str>) -> String {
+    match currency {
+        Some(c) if c != UNKNOWN_CURRENCY => format!("{amount} {c}"),
+        _ => format!("{amount} (currency {UNKNOWN_CURRENCY})"),
+    }
+}
+
+/// Count of a group of items, and their amounts per currency: amounts of
+/// different currencies are never added together.
 #[derive(Default)]
 struct Tally {
     count: i64,
-    amount: i64,
+    /// Currency (or [`UNKNOWN_CURRENCY`]) → the sum of its amounts.
+    amounts: BTreeMap<String, i64>,
+    /// Items whose amount is not known.
+    without_amount: i64,
 }
 
 impl Tally {
-    fn add(&mut self, amount: Option<i64>) {
+    fn add(&mut self, amount: Option<i64>, currency: Option<&str>) {
         self.count += 1;
-        self.amount += amount.unwrap_or(0);
+        match amount {
+            Some(a) => {
+                let currency = currency.unwrap_or(UNKNOWN_CURRENCY).to_string();
+                *self.amounts.entry(currency).or_default() += a;
+            }
+            None => self.without_amount += 1,
+        }
     }
 
     fn json(&self) -> Value {
-        json!({"count": self.count, "amount": self.amount})
+        let mut v = json!({"count": self.count, "amounts": self.amounts});
+        if self.without_amount > 0 {
+            v["without_amount"] = json!(self.without_amount);
+        }
+        v
+    }
+
+    /// `1000 NGN + 500 USD`, or `no amount`.
+    fn text(&self) -> String {
+        let mut parts: Vec<String> = self
+            .amounts
+            .iter()
+            .map(|(c, a)| money(*a, Some(c)))
+            .collect();
+        if self.without_amount > 0 {
+            parts.push(format!("{} without an amount", self.without_amount));
+        }
+        if parts.is_empty() {
+            "no amount".into()
+        } else {
+            parts.join(" + ")
+        }
     }
 }
 
 /// A resource with items ([`knowledge::PartialRule::Items`]): the cancel call answered
 /// `partial_cancellation`, or the resource is cancelled while some of its
-/// items ended otherwise.
+/// items ended otherwise, or while its counters (`counters`: the success and
+/// failure counts of its latest observation) show transfers that went
+/// through or failed, whatever its items say (they may be missing,
+/// paginated or unkeyed).
 pub fn partial_by_items(
     config: &Config,
     bulk: &Resource,
     answer: Option<&CancelRequest>,
     items: &[Resource],
+    counters: Option<&ProgressRow>,
 ) -> Option<(String, Value)> {
     let bulk_cancelled = bulk
         .status
         .as_deref()
         .is_some_and(|s| is_cancelled(config, &bulk.kind, s));
-    let mut cancelled = Tally::default();
-    let mut not_cancelled = Tally::default();
-    let mut by_status: BTreeMap<String, Tally> = BTreeMap::new();
-    let mut listed = Vec::new();
-    for item in items {
-        let status = item.status.clone().unwrap_or_else(|| "unknown".into());
-        by_status
-            .entry(status.clone())
-            .or_default()
-            .add(item.amount);
-        if is_cancelled(config, &item.kind, &status) {
-            cancelled.add(item.amount);
-        } else {
-            not_cancelled.add(item.amount);
-            if listed.len() < MAX_LISTED_ITEMS {
-                listed.push(json!({"id": item.id, "status": status, "amount": item.amount}));
-            }
-        }
-    }
-    if answer.is_none() && !(bulk_cancelled && not_cancelled.count > 0) {
+    let seen = ItemsSeen::of(config, items);
+    let (success, failure) = counters.map_or((0, 0), |c| {
+        (c.success_count.unwrap_or(0), c.failure_count.unwrap_or(0))
+    });
+    let by_counters = bulk_cancelled && (success > 0 || failure > 0);
+    if answer.is_none() && !(bulk_cancelled && seen.not_cancelled.count > 0) && !by_counters {
         return None;
     }
-    let currency = bulk
-        .currency
-        .clone()
-        .or_else(|| items.iter().find_map(|i| i.currency.clone()));
-    let others: Vec<String> = by_status
-        .iter()
-        .filter(|(s, _)| !items.iter().any(|i| is_cancelled(config, &i.kind, s)))
-        .map(|(s, t)| format!("{s}: {}", t.count))
-        .collect();
     let title = title_of(&bulk.kind);
-    let summary = if items.is_empty() {
+    let mut summary = if items.is_empty() && !by_counters {
         format!(
             "{title} {} was cancelled only in part (the cancel answered partial_cancellation)",
             bulk.id
         )
     } else {
+        format!("{title} {} was cancelled only in part", bulk.id)
+    };
+    if by_counters {
+        summary.push_str(&format!(
+            ": its counters show {success} transfers succeeded and {failure} failed"
+        ));
+    }
+    if !items.is_empty() {
+        summary.push_str(if by_counters { "; " } else { ": " });
+        summary.push_str(&seen.summary(config, items));
+    }
+    let mut details = seen.details(items);
+    details["bulk_status"] = json!(bulk.status);
+    details["cancel_request"] = json!(answer.map(|a| json!({
+        "id": a.id,
+        "requested_at": a.requested_at,
+        "http_status": a.http_status,
+        "outcome": a.outcome,
+        "error_code": a.error_code,
+    })));
+    details["currencies"] = json!(seen.currencies());
+    details["successful_transfer_count"] = json!(counters.and_then(|c| c.success_count));
+    details["failed_transfer_count"] = json!(counters.and_then(|c| c.failure_count));
+    details["counts_observed_at"] = json!(counters.map(|c| &c.observed_at));
+    Some((summary, details))
+}
+
+/// What the items of a resource show: how many (and how much) were
+/// cancelled and not, by status, and the first not cancelled.
+struct ItemsSeen {
+    cancelled: Tally,
+    not_cancelled: Tally,
+    by_status: BTreeMap<String, Tally>,
+    listed: Vec<Value>,
+}
+
+impl ItemsSeen {
+    fn of(config: &Config, items: &[Resource]) -> ItemsSeen {
+        let mut seen = ItemsSeen {
+            cancelled: Tally::default(),
+            not_cancelled: Tally::default(),
+            by_status: BTreeMap::new(),
+            listed: Vec::new(),
+        };
+        for item in items {
+            let status = item.status.clone().unwrap_or_else(|| "unknown".into());
+            let currency = item.currency.as_deref();
+            seen.by_status
+                .entry(status.clone())
+                .or_default()
+                .add(item.amount, currency);
+            if is_cancelled(config, &item.kind, &status) {
+                seen.cancelled.add(item.amount, currency);
+            } else {
+                seen.not_cancelled.add(item.amount, currency);
+                if seen.listed.len() < MAX_LISTED_ITEMS {
+                    seen.listed.push(json!({
+                        "id": item.id,
+                        "status": status,
+                        "amount": item.amount,
+                        "currency": currency.unwrap_or(UNKNOWN_CURRENCY),
+                    }));
+                }
+            }
+        }
+        seen
+    }
+
+    /// `2 of 4 items cancelled (1000 NGN + 500 USD), 2 not cancelled (…;
+    /// processing: 1, …)`.
+    fn summary(&self, config: &Config, items: &[Resource]) -> String {
+        let others: Vec<String> = self
+            .by_status
+            .iter()
+            .filter(|(s, _)| !items.iter().any(|i| is_cancelled(config, &i.kind, s)))
+            .map(|(s, t)| format!("{s}: {}", t.count))
+            .collect();
         format!(
-            "{title} {} was cancelled only in part: {} of {} items cancelled ({} {}), {} not cancelled ({} {}; {})",
-            bulk.id,
-            cancelled.count,
+            "{} of {} items cancelled ({}), {} not cancelled ({}; {})",
+            self.cancelled.count,
             items.len(),
-            cancelled.amount,
-            currency.as_deref().unwrap_or(""),
-            not_cancelled.count,
-            not_cancelled.amount,
-            currency.as_deref().unwrap_or(""),
+            self.cancelled.text(),
+            self.not_cancelled.count,
+            self.not_cancelled.text(),
             others.join(", "),
         )
-    };
-    let details = json!({
-        "bulk_status": bulk.status,
-        "cancel_request": answer.map(|a| json!({
-            "id": a.id,
-            "requested_at": a.requested_at,
-            "http_status": a.http_status,
-            "outcome": a.outcome,
-            "error_code": a.error_code,
-        })),
-        "currency": currency,
-        "items_total": items.len(),
-        "cancelled": cancelled.json(),
-        "not_cancelled": not_cancelled.json(),
-        "by_status": by_status.iter().map(|(s, t)| (s.clone(), t.json())).collect::<serde_json::Map<_, _>>(),
-        "not_cancelled_items": listed,
-    });
-    Some((summary, details))
+    }
+
+    /// Every currency the items are in ([`UNKNOWN_CURRENCY`] for those with none).
+    fn currencies(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = self
+            .by_status
+            .values()
+            .flat_map(|t| t.amounts.keys().map(String::as_str))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    fn details(&self, items: &[Resource]) -> Value {
+        json!({
+            "items_total": items.len(),
+            "cancelled": self.cancelled.json(),
+            "not_cancelled": self.not_cancelled.json(),
+            "by_status": self.by_status.iter().map(|(s, t)| (s.clone(), t.json())).collect::<serde_json::Map<_, _>>(),
+            "not_cancelled_items": self.listed,
+        })
+    }
 }
 
 /// A resource whose progress is counted ([`knowledge::PartialRule::Progress`]):
@@ -352,6 +454,26 @@ mod tests {
         assert_eq!(route(&config, STUCK, "info"), vec!["all"]);
         config.alerts.sinks.clear();
         assert!(route(&config, STUCK, "critical").is_empty());
+    }
+
+    #[test]
+    fn amounts_of_different_currencies_are_never_added() {
+        let mut t = Tally::default();
+        t.add(Some(1_000), Some("NGN"));
+        t.add(Some(500), Some("USD"));
+        t.add(Some(250), Some("NGN"));
+        t.add(Some(70), None);
+        t.add(None, Some("NGN"));
+        assert_eq!(
+            t.json(),
+            json!({"count": 5, "amounts": {"NGN": 1_250, "USD": 500, "unknown": 70},
+                   "without_amount": 1})
+        );
+        assert_eq!(
+            t.text(),
+            "1250 NGN + 500 USD + 70 (currency unknown) + 1 without an amount"
+        );
+        assert_eq!(Tally::default().text(), "no amount");
     }
 
     #[test]

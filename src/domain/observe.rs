@@ -136,16 +136,28 @@ pub fn refund_change(existing: Option<&str>, signal: RefundStatus) -> Option<Ref
     }
 }
 
-/// When to fetch a resource again: soon while it moves or while its refund is
-/// pending; never once it rests.
+/// When to fetch a resource again: after `interval_secs` while it moves;
+/// while it rests but its refund is pending (`refund_pending_since`: since
+/// when its status has been the one that opened the refund), after as long
+/// as that has lasted, between `interval_secs` and `max_interval_secs`, so
+/// the wait doubles from one look to the next: a reversal whose signal may
+/// never come is not polled at the pace of a transfer in flight. Never once
+/// it rests.
 pub fn next_reconcile(
     class: StatusClass,
-    refund_pending: bool,
+    refund_pending_since: Option<Timestamp>,
     now: Timestamp,
     interval_secs: u64,
+    max_interval_secs: u64,
 ) -> Option<String> {
-    let due = class == StatusClass::Transitional || refund_pending;
-    due.then(|| time::fmt(now + Duration::seconds(interval_secs as i64)))
+    let interval = interval_secs.max(1) as i64;
+    let wait = if class == StatusClass::Transitional {
+        interval
+    } else {
+        let pending_for = (now - refund_pending_since?).num_seconds();
+        pending_for.clamp(interval, (max_interval_secs as i64).max(interval))
+    };
+    Some(time::fmt(now + Duration::seconds(wait)))
 }
 
 /// What one call of [`record`] wrote.
@@ -369,12 +381,36 @@ mod tests {
     #[test]
     fn reconcile_schedule() {
         let now = time::parse_lenient("2026-10-30T12:00:00Z").unwrap();
+        let ago = |secs| Some(now - Duration::seconds(secs));
+        let next = |class, pending_since| next_reconcile(class, pending_since, now, 60, 3_600);
         assert_eq!(
-            next_reconcile(StatusClass::Transitional, false, now, 60).as_deref(),
+            next(StatusClass::Transitional, None).as_deref(),
             Some("2026-10-30T12:01:00.000Z")
         );
-        assert_eq!(next_reconcile(StatusClass::Terminal, false, now, 60), None);
-        assert_eq!(next_reconcile(StatusClass::Settled, false, now, 60), None);
-        assert!(next_reconcile(StatusClass::Settled, true, now, 60).is_some());
+        assert_eq!(
+            next(StatusClass::Transitional, ago(7_200)).as_deref(),
+            Some("2026-10-30T12:01:00.000Z"),
+            "what moves is looked at again at the interval"
+        );
+        assert_eq!(next(StatusClass::Terminal, None), None);
+        assert_eq!(next(StatusClass::Settled, None), None);
+        // A pending refund: the wait grows with how long it has been pending.
+        assert_eq!(
+            next(StatusClass::Settled, ago(0)).as_deref(),
+            Some("2026-10-30T12:01:00.000Z")
+        );
+        assert_eq!(
+            next(StatusClass::Settled, ago(600)).as_deref(),
+            Some("2026-10-30T12:10:00.000Z")
+        );
+        assert_eq!(
+            next(StatusClass::Settled, ago(86_400)).as_deref(),
+            Some("2026-10-30T13:00:00.000Z")
+        );
+        assert_eq!(
+            next(StatusClass::Terminal, ago(86_400)).as_deref(),
+            Some("2026-10-30T13:00:00.000Z"),
+            "a terminal status with a pending refund is still looked at"
+        );
     }
 }

@@ -5,7 +5,8 @@
 use super::{Context, PipelineError};
 use crate::domain::observe::Trigger;
 use crate::providers::{
-    knowledge, provider_of, safe_id, CancelAnswer, CancelOutcome, Provider, ProviderError, Target,
+    knowledge, limit, provider_of, safe_id, CancelAnswer, CancelOutcome, Provider, ProviderError,
+    Target,
 };
 use crate::store::CancelRecord;
 use crate::time;
@@ -20,7 +21,8 @@ pub struct CancelReport {
     pub id: String,
     pub idempotency_key: String,
     /// accepted, already_cancelled, not_cancellable, not_found,
-    /// partial_cancellation, idempotency_conflict or error.
+    /// partial_cancellation, idempotency_conflict, unknown (sent, but the
+    /// answer was lost: see `effect`) or error.
     pub outcome: String,
     pub http_status: Option<u16>,
     pub error_code: Option<String>,
@@ -28,6 +30,11 @@ pub struct CancelReport {
     pub status: Option<String>,
     /// Why the fetch after the answer failed, if it did.
     pub fetch_error: Option<String>,
+    /// When the outcome is unknown, what the state fetched after it says:
+    /// `cancelled` (the cancel took effect, in full or in part: the alerts
+    /// say which), `not_cancelled` (nothing was sent again: cancel again to
+    /// retry) or `unknown` (the fetch failed too; the reconciler looks again).
+    pub effect: Option<String>,
 }
 
 /// The idempotency key of the `attempt`-th key for a resource: the same
@@ -80,12 +87,26 @@ pub async fn request(
         context,
         ..Target::default()
     };
-    let answer = provider.cancel(&target, &key).await;
+    // A cancel and the fetch that follows it go ahead of other calls in the
+    // provider's request budget: no reconcile or delivery traffic starves them.
+    let answer = limit::urgent(provider.cancel(&target, &key)).await;
     let (outcome, http_status, error_code) = store_answer(ctx, request_id, id, &answer).await?;
 
-    // Whatever the answer, the state may have changed (partial cancellation): fetch now.
-    let (status, fetch_error) =
-        fetch_after_cancel(ctx, &*provider, &target, request_id, rid).await?;
+    // Whatever the answer, the state may have changed (partial cancellation,
+    // or a cancel applied whose answer was lost): fetch now.
+    let (status, fetch_error) = limit::urgent(fetch_after_cancel(
+        ctx, &*provider, &target, request_id, rid,
+    ))
+    .await?;
+    let effect = (outcome == CancelOutcome::Unknown).then(|| {
+        let effect = match status.as_deref() {
+            Some(s) if knowledge::is_cancelled(&ctx.config, kind, s) => "cancelled",
+            Some(_) => "not_cancelled",
+            None => "unknown",
+        };
+        tracing::warn!(resource = %id, status = ?status, effect, "the cancel's answer was lost; decided from the state fetched after it, and not sent again");
+        effect.to_string()
+    });
     Ok(CancelReport {
         request_id,
         provider: provider_name,
@@ -97,6 +118,7 @@ pub async fn request(
         error_code,
         status,
         fetch_error,
+        effect,
     })
 }
 
@@ -116,7 +138,10 @@ async fn store_answer(
             Some(a.body.clone()),
         ),
         Err(e) => (
-            CancelOutcome::Error,
+            match e {
+                ProviderError::Unanswered(_) => CancelOutcome::Unknown,
+                _ => CancelOutcome::Error,
+            },
             None,
             Some(e.label().to_string()),
             Some(e.to_string()),

@@ -1,7 +1,9 @@
 //! The HTTP side shared by the provider API clients: one call with a timeout,
 //! retried with exponential backoff and jitter on network errors, 409, 429 and
 //! 5xx, honouring `Retry-After` (and Juice's `retry_after`) and
-//! `Stripe-Should-Retry`.
+//! `Stripe-Should-Retry`. A request the provider does not make idempotent
+//! ([`HttpClient::send_unrepeated`]) is sent again only when it surely did
+//! not take effect.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -104,6 +106,16 @@ impl Answer {
             _ => ProviderError::Permanent(detail),
         }
     }
+}
+
+/// What became of a request that is never sent twice blindly.
+#[derive(Debug, Clone)]
+pub enum Sent {
+    /// The provider answered, whatever the status.
+    Answered(Answer),
+    /// It went out, but no answer came back (timeout, connection reset):
+    /// it may have taken effect.
+    Unanswered(String),
 }
 
 /// A JSON API on one base URL.
@@ -213,6 +225,83 @@ impl HttpClient {
                         .increment(1);
                     return last;
                 }
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Sends a request that must not take effect twice (no idempotency
+    /// key): tried again only when it surely did not reach the provider (the
+    /// connection could not be made) or was turned away unread (429). Any
+    /// other answer, a 5xx included, is given back as it is, and a request
+    /// that went out without an answer is [`Sent::Unanswered`]. `Err` only
+    /// when nothing was sent.
+    pub async fn send_unrepeated(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(HeaderName, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Sent, ProviderError> {
+        let url = format!("{}{}", self.base, path);
+        let header_map = to_header_map(headers)?;
+        self.wait_for_budget(&method, path).await?;
+        let mut attempt = 1;
+        loop {
+            let result = self
+                .try_once(&method, &url, &header_map, body.as_deref())
+                .await;
+            let wait = match result {
+                Ok(answer) if answer.status != 429 || attempt >= self.attempts => {
+                    return Ok(Sent::Answered(answer))
+                }
+                Ok(answer) => match answer.retry_after() {
+                    Some(asked) if asked > self.inline_wait_cap => {
+                        return Ok(Sent::Answered(answer))
+                    }
+                    Some(asked) => asked,
+                    None => self.backoff(attempt),
+                },
+                Err(e) => {
+                    let reason = if e.is_connect() {
+                        "connect"
+                    } else if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "network"
+                    };
+                    metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => reason)
+                        .increment(1);
+                    let message = format!(
+                        "{} {method} {path}: {reason} error: {}",
+                        self.provider,
+                        without_url(&e)
+                    );
+                    if !e.is_connect() {
+                        return Ok(Sent::Unanswered(message));
+                    }
+                    if attempt >= self.attempts {
+                        return Err(ProviderError::Retryable {
+                            message,
+                            retry_after: None,
+                        });
+                    }
+                    self.backoff(attempt)
+                }
+            };
+            tracing::debug!(provider = self.provider, %path, attempt, wait_ms = wait.as_millis() as u64, "sending again a call that did not reach the provider");
+            tokio::time::sleep(wait).await;
+            if let Some(limit) = &self.limit {
+                limit
+                    .acquire(self.inline_wait_cap)
+                    .await
+                    .map_err(|booked| ProviderError::RateLimited {
+                        message: format!(
+                            "{} {method} {path}: not sent again, our request budget is booked",
+                            self.provider
+                        ),
+                        retry_after: Some(booked),
+                    })?;
             }
             attempt += 1;
         }

@@ -93,6 +93,19 @@ pub trait Knowledge: Send + Sync {
     fn retry_window(&self) -> Duration;
     /// The configuration key of its webhook secrets, and whether it holds any.
     fn webhook_secrets(&self, config: &Config) -> (&'static str, bool);
+    /// Other ids under which the resource `obs` is known or was recorded
+    /// before (a Juice item: by its id and by its reference), so that it
+    /// stays one resource whichever of them an answer carries.
+    fn other_keys(&self, obs: &super::Observation) -> Vec<String> {
+        let _ = obs;
+        Vec::new()
+    }
+    /// What completes a pending refund of `kind`, for people, when the
+    /// provider leaves it open for a while (`None`: nothing to say).
+    fn refund_awaits(&self, config: &Config, kind: &str) -> Option<String> {
+        let _ = (config, kind);
+        None
+    }
 }
 
 /// Every known provider.
@@ -182,6 +195,16 @@ pub fn classify(kind: &str, status: &str, reversed: &[String]) -> StatusClass {
 /// Where a status stands in its kind's order, when the kind has one.
 pub fn rank(kind: &str, status: &str, reversed: &[String]) -> Option<u8> {
     of_kind(kind)?.rank(kind, status, reversed)
+}
+
+/// What completes a pending refund of `kind` (see [`Knowledge::refund_awaits`]).
+pub fn refund_awaits(config: &Config, kind: &str) -> Option<String> {
+    of_kind(kind)?.refund_awaits(config, kind)
+}
+
+/// Other ids of the resource `obs` (see [`Knowledge::other_keys`]).
+pub fn other_keys(obs: &super::Observation) -> Vec<String> {
+    of_provider(obs.provider).map_or_else(Vec::new, |k| k.other_keys(obs))
 }
 
 /// What a stored delivery asks for.

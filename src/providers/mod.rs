@@ -266,6 +266,9 @@ pub enum CancelOutcome {
     /// Juice: some transfers could not be cancelled. The state DID change.
     PartialCancellation,
     IdempotencyConflict,
+    /// The cancel went out but its answer was lost (timeout, connection
+    /// reset, 5xx): it may have taken effect. Only the state can tell.
+    Unknown,
     Error,
 }
 
@@ -278,6 +281,7 @@ impl CancelOutcome {
             CancelOutcome::NotFound => "not_found",
             CancelOutcome::PartialCancellation => "partial_cancellation",
             CancelOutcome::IdempotencyConflict => "idempotency_conflict",
+            CancelOutcome::Unknown => "unknown",
             CancelOutcome::Error => "error",
         }
     }
@@ -322,6 +326,10 @@ pub enum ProviderError {
     /// Will fail the same way again (bad path, undecodable answer, other 4xx).
     #[error("{0}")]
     Permanent(String),
+    /// A request that must not be sent twice went out, but no answer came
+    /// back (timeout, connection reset): it may have taken effect.
+    #[error("no answer: {0}")]
+    Unanswered(String),
 }
 
 impl ProviderError {
@@ -334,6 +342,7 @@ impl ProviderError {
             ProviderError::Unauthorized(_) => "unauthorized",
             ProviderError::NotConfigured(_) => "not_configured",
             ProviderError::Permanent(_) => "permanent",
+            ProviderError::Unanswered(_) => "unanswered",
         }
     }
 }

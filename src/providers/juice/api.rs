@@ -1,11 +1,14 @@
 //! The Juice bulk transfers API (Juice's API reference): fetch and cancel.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use reqwest::header::{HeaderName, AUTHORIZATION};
 use reqwest::Method;
 
 use super::objects;
 use crate::config::{JuiceConfig, WorkerConfig};
-use crate::providers::http::{Answer, HttpClient};
+use crate::providers::http::{Answer, HttpClient, Sent};
 use crate::providers::limit::RateLimit;
 use crate::providers::{safe_id, CancelAnswer, CancelOutcome, Observation, ProviderError};
 
@@ -15,7 +18,17 @@ pub struct JuiceApi {
     http: HttpClient,
     authorization: String,
     reversed_statuses: Vec<String>,
+    item_currency_fields: Vec<String>,
+    unrecorded: Arc<Mutex<Reported>>,
 }
+
+/// Most bulk transfers whose unrecorded items are remembered as reported;
+/// beyond, the memory starts again (a bulk transfer may be reported twice).
+const REPORTED_KEPT: usize = 10_000;
+
+/// The items each bulk transfer was last reported to hold that could not
+/// be recorded, so that each is logged and counted once, not at every fetch.
+type Reported = HashMap<String, objects::Unrecorded>;
 
 impl JuiceApi {
     pub fn new(config: &JuiceConfig, workers: &WorkerConfig) -> JuiceApi {
@@ -33,7 +46,40 @@ impl JuiceApi {
             ),
             authorization,
             reversed_statuses: config.reversed_statuses.clone(),
+            item_currency_fields: config.item_currency_fields.clone(),
+            unrecorded: Arc::default(),
         }
+    }
+
+    /// Logs and counts (`cancelwatch_unkeyed_items_total`) the items of a
+    /// bulk transfer that could not be recorded as transfers of their own,
+    /// once per bulk transfer (again only when more turn up). They are not
+    /// lost: the bulk transfer's snapshot keeps every item as fetched.
+    fn report_unrecorded(&self, bulk_id: &str, found: objects::Unrecorded) {
+        if found == objects::Unrecorded::default() {
+            return;
+        }
+        let mut reported = self.unrecorded.lock().unwrap_or_else(|e| e.into_inner());
+        let before = reported.get(bulk_id).copied().unwrap_or_default();
+        if found.unkeyed <= before.unkeyed && found.without_status <= before.without_status {
+            return;
+        }
+        if reported.len() >= REPORTED_KEPT {
+            reported.clear();
+        }
+        reported.insert(bulk_id.to_string(), found);
+        drop(reported);
+        let more = found.unkeyed.saturating_sub(before.unkeyed);
+        metrics::counter!("cancelwatch_unkeyed_items_total", "provider" => super::NAME)
+            .increment(more as u64);
+        tracing::warn!(
+            bulk_transfer = %bulk_id,
+            unkeyed = found.unkeyed,
+            without_status = found.without_status,
+            "juice: items of this bulk transfer have neither an id nor a reference, or no \
+             status; they are not recorded as transfers of their own and stay in the bulk \
+             transfer's snapshot"
+        );
     }
 
     fn headers(&self) -> Vec<(HeaderName, String)> {
@@ -63,10 +109,24 @@ impl JuiceApi {
         let body = answer.json().ok_or_else(|| {
             ProviderError::Permanent(format!("juice GET {path}: the answer is not JSON"))
         })?;
-        objects::decode_bulk(id, body, &self.reversed_statuses).map_err(ProviderError::Permanent)
+        let reading = objects::Reading {
+            reversed: &self.reversed_statuses,
+            currency_fields: &self.item_currency_fields,
+        };
+        let (obs, unrecorded) =
+            objects::decode_bulk_counted(id, body, &reading).map_err(ProviderError::Permanent)?;
+        self.report_unrecorded(&obs.id, unrecorded);
+        Ok(obs)
     }
 
-    /// POSTs `/bulk-transfers/{id}/cancel` and maps the answer.
+    /// POSTs `/bulk-transfers/{id}/cancel` and maps the answer. Juice
+    /// documents no idempotency for it: a cancel whose answer was lost may
+    /// have been applied, and sent again it would answer `invalid_state` and
+    /// hide the first answer (a `partial_cancellation`, say). So it is never
+    /// sent twice blindly ([`HttpClient::send_unrepeated`]): a lost answer
+    /// is [`ProviderError::Unanswered`], a 5xx [`CancelOutcome::Unknown`],
+    /// and the state fetched next tells what happened. The key is sent all
+    /// the same, for an account where Juice honours it.
     pub async fn cancel_bulk(
         &self,
         id: &str,
@@ -78,10 +138,14 @@ impl JuiceApi {
             HeaderName::from_static("idempotency-key"),
             idempotency_key.to_string(),
         ));
-        let answer = self
+        let sent = self
             .http
-            .send(Method::POST, &path, &headers, Some(b"{}".to_vec()))
+            .send_unrepeated(Method::POST, &path, &headers, Some(b"{}".to_vec()))
             .await?;
+        let answer = match sent {
+            Sent::Answered(answer) => answer,
+            Sent::Unanswered(message) => return Err(ProviderError::Unanswered(message)),
+        };
         if matches!(answer.status, 401 | 403) {
             return Err(answer.into_error(&format!("juice POST {path}")));
         }
@@ -115,6 +179,8 @@ pub fn cancel_answer(answer: Answer) -> CancelAnswer {
         (_, Some("idempotency_error" | "idempotency_conflict")) | (409, _) => {
             CancelOutcome::IdempotencyConflict
         }
+        // The provider failed, or gave up waiting, after the request reached it.
+        (s, _) if s >= 500 || s == 408 => CancelOutcome::Unknown,
         _ => CancelOutcome::Error,
     };
     CancelAnswer {
@@ -171,7 +237,13 @@ mod tests {
                 r#"{"message":"bad","errors":[{"code":"bulk_transfer_not_found"}]}"#,
                 CancelOutcome::NotFound,
             ),
-            (500, "oops, not json", CancelOutcome::Error),
+            (500, "oops, not json", CancelOutcome::Unknown),
+            (
+                503,
+                r#"{"error":{"code":"service_unavailable"}}"#,
+                CancelOutcome::Unknown,
+            ),
+            (429, r#"{"retry_after": 1}"#, CancelOutcome::Error),
         ];
         for (status, body, want) in cases {
             let answer = cancel_answer(a(status, body));

@@ -16,6 +16,9 @@ pub struct JuiceConfig {
     pub reversed_statuses: Vec<String>,
     /// Events that announce a reversal of one transfer (its id in `data`).
     pub reversal_events: Vec<String>,
+    /// Item fields read for its currency, first found first (Juice
+    /// documents none); an item with none has an unknown currency.
+    pub item_currency_fields: Vec<String>,
     /// Our own budget of API requests a second (0: none; see
     /// `providers::limit`), and how many may go at once.
     pub rate_limit_per_second: f64,
@@ -34,6 +37,7 @@ impl Default for JuiceConfig {
                 "bulk_transfer.transfer.reversed".into(),
                 "bulk_transfer.transfer.refunded".into(),
             ],
+            item_currency_fields: super::objects::CURRENCY_FIELDS.map(String::from).to_vec(),
             // Juice's documented limit on GET details: 120 a minute per key,
             // bursts of 20.
             rate_limit_per_second: 2.0,
@@ -52,6 +56,9 @@ impl JuiceConfig {
         check_url("juice.api_base", &self.api_base)?;
         if self.checksum_keys.iter().any(|s| s.is_empty()) {
             return Err(invalid("juice.checksum_keys", "holds an empty key"));
+        }
+        if self.item_currency_fields.iter().any(|s| s.is_empty()) {
+            return Err(invalid("juice.item_currency_fields", "holds an empty name"));
         }
         if !(self.rate_limit_per_second.is_finite() && self.rate_limit_per_second >= 0.0) {
             return Err(invalid(

@@ -34,13 +34,19 @@ pub fn bulk_transfer_id(event: &str, data: &Value) -> Option<String> {
     None
 }
 
-/// The transfer (item) id named by a per-transfer event.
+/// The transfer (item) named by a per-transfer event. Its reference within
+/// its bulk transfer (`<bulk id>:<reference>`) comes first: an item answered
+/// with a reference is known by that key whether or not the answers carry
+/// its id (see `objects::item_keys`); then its id.
 pub fn transfer_id(event: &str, data: &Value) -> Option<String> {
     if event.starts_with("bulk_transfer.transfer.") {
-        str_at(data, &["id"])
-            .or_else(|| str_at(data, &["transfer_id"]))
-            .or_else(|| str_at(data, &["transfer", "id"]))
-            .map(str::to_string)
+        let by_reference = bulk_transfer_id(event, data)
+            .zip(str_at(data, &["reference"]))
+            .map(|(bulk, reference)| format!("{bulk}:{reference}"));
+        by_reference
+            .or_else(|| str_at(data, &["id"]).map(str::to_string))
+            .or_else(|| str_at(data, &["transfer_id"]).map(str::to_string))
+            .or_else(|| str_at(data, &["transfer", "id"]).map(str::to_string))
     } else {
         str_at(data, &["transfer_id"]).map(str::to_string)
     }
@@ -91,6 +97,21 @@ mod tests {
         assert_eq!(
             transfer_id("bulk_transfer.transfer.cancelled", &json!({"id": "tr_1"})).as_deref(),
             Some("tr_1")
+        );
+        assert_eq!(
+            transfer_id(
+                "bulk_transfer.transfer.reversed",
+                &json!({"id": "tr_1", "reference": "r1", "bulk_transfer_id": bt})
+            ),
+            Some(format!("{bt}:r1"))
+        );
+        assert_eq!(
+            transfer_id(
+                "bulk_transfer.transfer.reversed",
+                &json!({"reference": "r1"})
+            ),
+            None,
+            "a reference alone names no item: it is unique only within its bulk transfer"
         );
         assert_eq!(
             bulk_transfer_id("card.transaction", &json!({"id": "x"})),

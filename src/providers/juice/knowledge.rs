@@ -6,7 +6,7 @@ use super::event::{self, BULK_TRANSFER, TRANSFER};
 use super::objects;
 use crate::config::Config;
 use crate::providers::knowledge::{EventFacts, KindInfo, Knowledge, PartialRule, Plan};
-use crate::providers::{StatusClass, Target};
+use crate::providers::{Observation, StatusClass, Target};
 
 /// Juice's entry in the registry.
 pub struct Juice;
@@ -122,5 +122,38 @@ impl Knowledge for Juice {
 
     fn webhook_secrets(&self, config: &Config) -> (&'static str, bool) {
         ("juice.checksum_keys", config.juice_enabled())
+    }
+
+    /// Juice documents no reversal signal: the refund of a cancelled item
+    /// completes on one configured here, which may never come.
+    fn refund_awaits(&self, config: &Config, kind: &str) -> Option<String> {
+        (kind == TRANSFER).then(|| {
+            format!(
+                "an item status in juice.reversed_statuses ({}) or an event in \
+                 juice.reversal_events ({}); Juice documents neither, so it may never come",
+                config.juice.reversed_statuses.join(", "),
+                config.juice.reversal_events.join(", "),
+            )
+        })
+    }
+
+    /// An item answered with both an id and a reference is also known as
+    /// `<bulk id>:<reference>`, the key it has in answers without its id.
+    fn other_keys(&self, obs: &Observation) -> Vec<String> {
+        if obs.kind != TRANSFER {
+            return Vec::new();
+        }
+        let (Some(bulk_id), Ok(item)) = (
+            obs.parent_id.as_deref(),
+            serde_json::from_str::<serde_json::Value>(&obs.snapshot),
+        ) else {
+            return Vec::new();
+        };
+        objects::item_keys(bulk_id, &item)
+            .map(|(key, other)| std::iter::once(key).chain(other))
+            .into_iter()
+            .flatten()
+            .filter(|k| *k != obs.id)
+            .collect()
     }
 }

@@ -1,6 +1,8 @@
 //! Juice bulk transfers as fetched (Juice's API reference), decoded defensively:
 //! open statuses, counts as strings or numbers, zone-less times read as UTC.
-//! Each item becomes a `juice.transfer` observation of its own.
+//! Each item becomes a `juice.transfer` observation of its own, keyed by its
+//! `id` when it has one, else by `<bulk transfer id>:<reference>` (see
+//! [`item_keys`]).
 
 use serde_json::Value;
 
@@ -71,8 +73,80 @@ pub fn item_refund(
     })
 }
 
-/// Decodes `GET /bulk-transfers/{id}` (`{"data": bulk}`, or the bulk itself).
+/// The keys of an item of bulk transfer `bulk_id`: the one it is recorded
+/// under (its `id`, else `<bulk_id>:<reference>`, a reference being unique
+/// only within its bulk transfer), and the other one when it has both, under
+/// which it may have been recorded before. `None` for an item with neither.
+pub fn item_keys(bulk_id: &str, item: &Value) -> Option<(String, Option<String>)> {
+    let text = |field: &str| {
+        item.get(field)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let by_reference = text("reference").map(|r| format!("{bulk_id}:{r}"));
+    match text("id") {
+        Some(id) => Some((id.to_string(), by_reference)),
+        None => by_reference.map(|key| (key, None)),
+    }
+}
+
+/// Items of a bulk transfer that could not be recorded as transfers of
+/// their own; they stay in the bulk transfer's snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unrecorded {
+    /// With neither an `id` nor a `reference`.
+    pub unkeyed: usize,
+    /// Keyed, but with no status.
+    pub without_status: usize,
+}
+
+/// The item fields read for its currency, first found first: Juice
+/// documents none on items and no currency on the bulk transfer; answers
+/// may carry `source_currency` (what leaves the balance, and what a
+/// reversal gives back) and `destination_currency` (what the beneficiary
+/// gets). `juice.item_currency_fields` in the configuration.
+pub const CURRENCY_FIELDS: [&str; 3] = ["source_currency", "currency", "destination_currency"];
+
+/// How answers are read: `juice.reversed_statuses` and
+/// `juice.item_currency_fields`.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading<'a> {
+    pub reversed: &'a [String],
+    pub currency_fields: &'a [String],
+}
+
+/// The currency of an item: the first of `fields` it carries, else the
+/// bulk transfer's own `currency` (none is documented); `None`: unknown.
+fn item_currency(item: &Value, fields: &[String], bulk: Option<&String>) -> Option<String> {
+    fields
+        .iter()
+        .find_map(|f| {
+            item.get(f)
+                .and_then(Value::as_str)
+                .filter(|c| !c.is_empty())
+        })
+        .map(str::to_string)
+        .or_else(|| bulk.cloned())
+}
+
+/// Decodes `GET /bulk-transfers/{id}` (`{"data": bulk}`, or the bulk
+/// itself), the item currency read from [`CURRENCY_FIELDS`].
 pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observation, String> {
+    let currency_fields = CURRENCY_FIELDS.map(String::from);
+    let reading = Reading {
+        reversed,
+        currency_fields: &currency_fields,
+    };
+    decode_bulk_counted(id, body, &reading).map(|(obs, _)| obs)
+}
+
+/// [`decode_bulk`] read as `reading` says, with the items it could not record.
+pub fn decode_bulk_counted(
+    id: &str,
+    body: Value,
+    reading: &Reading<'_>,
+) -> Result<(Observation, Unrecorded), String> {
+    let reversed = reading.reversed;
     let bulk = match body {
         Value::Object(mut map) if map.get("data").is_some_and(Value::is_object) => {
             map.remove("data").expect("checked just above")
@@ -101,8 +175,10 @@ pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observa
         .cloned()
         .unwrap_or_default();
     let mut children = Vec::new();
+    let mut unrecorded = Unrecorded::default();
     for item in items {
-        let Some(item_id) = item.get("id").and_then(Value::as_str).map(str::to_string) else {
+        let Some((item_id, _)) = item_keys(&bulk_id, &item) else {
+            unrecorded.unkeyed += 1;
             continue;
         };
         let Some(item_status) = item
@@ -111,14 +187,11 @@ pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observa
             .filter(|s| !s.is_empty())
             .map(str::to_string)
         else {
+            unrecorded.without_status += 1;
             continue;
         };
         let amount = lenient_i64(item.get("amount"));
-        let currency = item
-            .get("currency")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .or_else(|| bulk_currency.clone());
+        let currency = item_currency(&item, reading.currency_fields, bulk_currency.as_ref());
         children.push(Observation {
             provider: NAME,
             kind: TRANSFER.to_string(),
@@ -136,7 +209,7 @@ pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observa
             snapshot: item.to_string(),
         });
     }
-    Ok(Observation {
+    let obs = Observation {
         provider: NAME,
         kind: BULK_TRANSFER.to_string(),
         id: bulk_id,
@@ -155,7 +228,8 @@ pub fn decode_bulk(id: &str, body: Value, reversed: &[String]) -> Result<Observa
         refund: None,
         status,
         snapshot: bulk.to_string(),
-    })
+    };
+    Ok((obs, unrecorded))
 }
 
 #[cfg(test)]
@@ -178,16 +252,37 @@ mod tests {
                 {"id": "it_1", "amount": 1000, "status": "cancelled", "reference": "a", "beneficiary": {}},
                 {"id": "it_2", "amount": "2500", "status": "completed", "reference": "b"},
                 {"id": "it_3", "amount": 300, "status": "on_hold", "currency": "NGN"},
-                {"status": "cancelled"}
+                {"status": "cancelled"},
+                {"reference": "e", "amount": 50},
+                {"amount": 70, "status": "cancelled", "reference": "f"}
             ]
         }});
-        let obs = decode_bulk("6f1c1e9a-0000-4000-8000-000000000001", body, &reversed()).unwrap();
+        let fields = CURRENCY_FIELDS.map(String::from);
+        let reading = Reading {
+            reversed: &reversed(),
+            currency_fields: &fields,
+        };
+        let (obs, unrecorded) =
+            decode_bulk_counted("6f1c1e9a-0000-4000-8000-000000000001", body, &reading).unwrap();
+        assert_eq!(
+            unrecorded,
+            Unrecorded {
+                unkeyed: 1,
+                without_status: 1
+            }
+        );
         assert_eq!(obs.status, "cancelled");
         assert_eq!(obs.class, StatusClass::Terminal);
         assert_eq!(obs.provider_at.as_deref(), Some("2024-10-02T17:45:00.500Z"));
         assert_eq!(obs.progress.unwrap().success, Some(1));
         assert_eq!(obs.progress.unwrap().failure, Some(0));
-        assert_eq!(obs.children.len(), 3, "an item without an id is skipped");
+        assert_eq!(
+            obs.children.len(),
+            4,
+            "an item without an id is keyed by its reference"
+        );
+        assert_eq!(obs.children[3].id, "6f1c1e9a-0000-4000-8000-000000000001:f");
+        assert_eq!(obs.children[3].refund.as_ref().unwrap().amount, Some(70));
         let it1 = &obs.children[0];
         assert_eq!(it1.kind, TRANSFER);
         assert_eq!(it1.parent_id.as_deref(), Some(obs.id.as_str()));
@@ -201,6 +296,43 @@ mod tests {
         let it3 = &obs.children[2];
         assert_eq!(it3.class, StatusClass::Transitional);
         assert_eq!(it3.currency.as_deref(), Some("NGN"));
+    }
+
+    #[test]
+    fn an_item_currency_is_read_from_the_first_field_it_has() {
+        let fields = CURRENCY_FIELDS.map(String::from);
+        let bulk = Some("EUR".to_string());
+        let item = json!({"source_currency": "USD", "destination_currency": "NGN"});
+        assert_eq!(item_currency(&item, &fields, None).as_deref(), Some("USD"));
+        let item = json!({"destination_currency": "NGN"});
+        assert_eq!(item_currency(&item, &fields, None).as_deref(), Some("NGN"));
+        assert_eq!(
+            item_currency(&json!({}), &fields, bulk.as_ref()).as_deref(),
+            Some("EUR")
+        );
+        assert_eq!(item_currency(&json!({"currency": ""}), &fields, None), None);
+        let only_source = ["source_currency".to_string()];
+        assert_eq!(
+            item_currency(&json!({"currency": "NGN"}), &only_source, None),
+            None
+        );
+    }
+
+    #[test]
+    fn items_are_keyed_by_id_else_by_reference() {
+        assert_eq!(
+            item_keys("b1", &json!({"id": "u1", "reference": "r1"})),
+            Some(("u1".into(), Some("b1:r1".into())))
+        );
+        assert_eq!(
+            item_keys("b1", &json!({"id": "u1"})),
+            Some(("u1".into(), None))
+        );
+        assert_eq!(
+            item_keys("b1", &json!({"id": "", "reference": "r1"})),
+            Some(("b1:r1".into(), None))
+        );
+        assert_eq!(item_keys("b1", &json!({"reference": 5})), None);
     }
 
     #[test]

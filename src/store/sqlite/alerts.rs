@@ -7,7 +7,7 @@ use sqlx::{FromRow, SqlitePool};
 
 use super::cancels::{CancelRequest, CANCEL_COLUMNS};
 use super::inbox::Delivery;
-use super::resources::{Refund, REFUND_COLUMNS};
+
 use super::Tx;
 
 /// What a rule wants to say about one resource.
@@ -491,14 +491,40 @@ pub async fn latest_progress(tx: &mut Tx<'_>, rid: i64) -> Result<Option<Progres
     .map_err(StoreError::from)
 }
 
+/// A pending refund with what is known of its resource, as the
+/// `refund_overdue` rule reads it (a join of the two tables, not a row of one).
+#[derive(Debug, Clone, FromRow)]
+pub struct PendingRefund {
+    pub rid: i64,
+    pub provider: String,
+    pub kind: String,
+    pub resource_id: String,
+    pub parent_id: Option<String>,
+    pub status: String,
+    pub reason: String,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub opened_at: String,
+    /// What is known of its resource: its status now, when it was last
+    /// fetched, and when it is fetched next.
+    pub resource_status: Option<String>,
+    pub last_observed_at: Option<String>,
+    pub next_reconcile_at: Option<String>,
+}
+
+const PENDING_REFUND_COLUMNS: &str =
+    "f.rid, f.provider, f.kind, f.resource_id, f.parent_id, f.status, f.reason, f.amount,
+     f.currency, f.opened_at, r.status AS resource_status, r.last_observed_at,
+     r.next_reconcile_at";
+
 /// Refunds still pending that were opened before `cutoff`.
 pub async fn pending_refunds_opened_before(
     tx: &mut Tx<'_>,
     cutoff: &str,
-) -> Result<Vec<Refund>, StoreError> {
-    sqlx::query_as::<_, Refund>(&format!(
-        "SELECT {REFUND_COLUMNS} FROM refunds
-         WHERE status = 'pending' AND opened_at < ? ORDER BY opened_at"
+) -> Result<Vec<PendingRefund>, StoreError> {
+    sqlx::query_as::<_, PendingRefund>(&format!(
+        "SELECT {PENDING_REFUND_COLUMNS} FROM refunds f JOIN resources r ON r.rid = f.rid
+         WHERE f.status = 'pending' AND f.opened_at < ? ORDER BY f.opened_at"
     ))
     .bind(cutoff)
     .fetch_all(&mut **tx)

@@ -86,6 +86,8 @@ struct Seen<'a> {
     /// Not stored yet: written whole with its state ([`resources::find_many`]).
     new: bool,
     verdict: Verdict,
+    /// Other keys to remember it by ([`resources::aliases`]).
+    aliases: Vec<String>,
 }
 
 /// What is decided for a fresh observation, owned so that the statements
@@ -137,8 +139,12 @@ fn write_run(
         resources::touch_many(conn, &stale, now_s)?;
     }
     // States first: a new resource's row must exist before the refund,
-    // progress and transition rows that refer to it.
+    // progress, transition and alias rows that refer to it.
     let updated = write_states(conn, items, &fresh, now_s)?;
+    for s in &seen {
+        let (provider, kind) = (s.obs.provider, s.obs.kind.as_str());
+        resources::aliases::add(conn, s.current.rid, provider, kind, &s.aliases)?;
+    }
     side.write(conn, now_s)?;
     let transitions = write_transitions(conn, items, &fresh, now_s)?;
     what_was_recorded(items, &seen, &fresh, &transitions, updated)
@@ -184,6 +190,7 @@ fn look_up<'a>(
                 current,
                 new,
                 verdict,
+                aliases: Vec::new(),
             }
         })
         .collect();
@@ -204,7 +211,12 @@ fn look_up<'a>(
             .map(|(item, c)| key_of(c, items[*item].context))
             .collect();
         let stored = resources::find_many(conn, &keys, now_s, &mut rids)?;
-        for ((item, obs), (current, new)) in children.into_iter().zip(stored) {
+        // An item may be stored under another of its keys (its id, its reference).
+        let observed: Vec<&Observation> = children.iter().map(|(_, c)| *c).collect();
+        let (stored, aliases) = resources::aliases::resolve(conn, &observed, stored)?;
+        for (((item, obs), (current, new)), aliases) in
+            children.into_iter().zip(stored).zip(aliases)
+        {
             let (item, current, verdict) = judged(item, obs, current);
             seen.push(Seen {
                 item,
@@ -213,6 +225,7 @@ fn look_up<'a>(
                 current,
                 new,
                 verdict,
+                aliases,
             });
         }
     }
@@ -273,7 +286,7 @@ fn decide<'a>(
         if let Some(signal) = &s.obs.refund {
             let existing = refunds.get(&rid).map(String::as_str);
             if let Some(change) = refund_change(existing, signal.status) {
-                side.refund(s.obs, rid, signal, change, now_s, item.trigger);
+                side.refund(s.obs, &s.current, signal, change, now_s, item.trigger);
                 let (RefundChange::Open(status) | RefundChange::Settle(status)) = change;
                 refunds.insert(rid, status.as_str().to_string());
             }
@@ -291,22 +304,26 @@ fn decide<'a>(
             });
         }
         let changed = matches!(s.verdict, Verdict::First | Verdict::Changed);
+        let status_since = if changed {
+            now_s.to_string()
+        } else {
+            s.current
+                .status_since
+                .clone()
+                .unwrap_or_else(|| now_s.to_string())
+        };
+        let refund_pending_since = (refunds.get(&rid).map(String::as_str) == Some("pending"))
+            .then(|| time::parse_lenient(&status_since).unwrap_or(now));
         fresh.push(Decided {
             seen: s,
-            status_since: if changed {
-                now_s.to_string()
-            } else {
-                s.current
-                    .status_since
-                    .clone()
-                    .unwrap_or_else(|| now_s.to_string())
-            },
             next_reconcile_at: next_reconcile(
                 s.obs.class,
-                refunds.get(&rid).map(String::as_str) == Some("pending"),
+                refund_pending_since,
                 now,
                 config.reconcile.interval_secs,
+                config.reconcile.max_interval_secs,
             ),
+            status_since,
             changed,
         });
     }
@@ -368,7 +385,7 @@ fn write_transitions<'a>(
                 rid: current.rid,
                 provider: obs.provider,
                 kind: &obs.kind,
-                resource_id: &obs.id,
+                resource_id: &current.id,
                 parent_id: obs.parent_id.as_deref().or(current.parent_id.as_deref()),
                 from_status: current.status.as_deref(),
                 to_status: &obs.status,
@@ -444,22 +461,24 @@ struct RefundsAndProgress<'a> {
 }
 
 impl<'a> RefundsAndProgress<'a> {
-    #[allow(clippy::too_many_arguments)]
+    /// `current`: the resource as stored, whose id may be another key of
+    /// the one `obs` carries.
     fn refund(
         &mut self,
         obs: &'a Observation,
-        rid: i64,
+        current: &'a resources::Resource,
         signal: &'a RefundSignal,
         change: RefundChange,
         now: &'a str,
         trigger: &'a Trigger,
     ) {
+        let rid = current.rid;
         match change {
             RefundChange::Open(status) => self.opened.push(NewRefund {
                 rid,
                 provider: obs.provider,
                 kind: &obs.kind,
-                resource_id: &obs.id,
+                resource_id: &current.id,
                 parent_id: obs.parent_id.as_deref(),
                 status: status.as_str(),
                 reason: &signal.reason,
@@ -499,7 +518,11 @@ pub async fn record_reversal(
     let Some(provider) = providers::knowledge::of_kind(&target.kind) else {
         return Ok(false);
     };
-    let Some(item) = resources::get(tx, provider.name(), &target.kind, &target.id).await? else {
+    let item = match resources::get(tx, provider.name(), &target.kind, &target.id).await? {
+        Some(item) => Some(item),
+        None => resources::aliases::known_as(tx, provider.name(), &target.kind, &target.id).await?,
+    };
+    let Some(item) = item else {
         return Ok(false);
     };
     let existing = resources::refund_of(tx, item.rid).await?.map(|r| r.status);
@@ -527,7 +550,7 @@ pub async fn record_reversal(
             refund: None,
         };
         let mut side = RefundsAndProgress::default();
-        side.refund(&obs, item.rid, &signal, change, &now_s, trigger);
+        side.refund(&obs, &item, &signal, change, &now_s, trigger);
         on_handle(tx, |conn| side.write(conn, &now_s)).await?;
         // The refund no longer holds the item in reconcile unless its status moves.
         let class = providers::classify(

@@ -201,11 +201,21 @@ async fn partial_by_items(
         sql::latest_cancel_with_outcome(tx, &bulk.provider, &bulk.id, "partial_cancellation")
             .await?;
     let items = sql::children(tx, &bulk.provider, item_kind, &bulk.id).await?;
+    let cancelled = bulk
+        .status
+        .as_deref()
+        .is_some_and(|s| crate::providers::knowledge::is_cancelled(config, &bulk.kind, s));
+    // Only a cancelled one can be shown cancelled in part by its counters.
+    let counters = match cancelled {
+        true => sql::latest_progress(tx, bulk.rid).await?,
+        false => None,
+    };
     Ok(alerts::partial_by_items(
         config,
         bulk,
         answer.as_ref(),
         &items,
+        counters.as_ref(),
     ))
 }
 

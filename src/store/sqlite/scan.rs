@@ -13,9 +13,10 @@ use super::rules::{raise, resolve};
 use super::{Db, Tx};
 use crate::config::Config;
 use crate::domain::alerts::{
-    still_stuck_in, Changes, REFUND_OVERDUE, STUCK, VERIFICATION_FAILURES, WEBHOOK_KIND,
+    money, still_stuck_in, Changes, REFUND_OVERDUE, STUCK, UNKNOWN_CURRENCY, VERIFICATION_FAILURES,
+    WEBHOOK_KIND,
 };
-use crate::providers::knowledge::is_transitional;
+use crate::providers::knowledge::{is_transitional, refund_awaits};
 use crate::time::{self, Timestamp};
 
 /// Evaluates the time-based rules as of `now`, in one short write transaction.
@@ -124,7 +125,10 @@ async fn stuck(
     resolve_others(tx, config, STUCK, &holding, now_s, changes).await
 }
 
-/// Refunds pending for longer than `alerts.refund_overdue.after_secs`.
+/// Refunds pending for longer than `alerts.refund_overdue.after_secs`, with
+/// what is known: the status of the transfer as last fetched, what would
+/// complete the refund, and how often it is still looked at. Only what
+/// rarely changes goes in: each change is a new version of the alert.
 async fn refund_overdue(
     tx: &mut Tx<'_>,
     config: &Config,
@@ -137,26 +141,37 @@ async fn refund_overdue(
     let mut holding = HashSet::new();
     for f in sql::pending_refunds_opened_before(tx, &cutoff).await? {
         holding.insert((f.provider.clone(), f.kind.clone(), f.resource_id.clone()));
-        let amount = match (f.amount, &f.currency) {
-            (Some(a), Some(c)) => format!(" of {a} {c}"),
-            (Some(a), None) => format!(" of {a}"),
-            _ => String::new(),
-        };
+        let amount = f
+            .amount
+            .map(|a| format!(" of {}", money(a, f.currency.as_deref())))
+            .unwrap_or_default();
+        let awaits = refund_awaits(config, &f.kind);
+        let mut summary = format!(
+            "refund{amount} for {} {} ({}) pending since {}",
+            f.kind, f.resource_id, f.reason, f.opened_at
+        );
+        if let Some(status) = &f.resource_status {
+            summary.push_str(&format!("; still {status} when last fetched"));
+        }
+        if let Some(awaits) = &awaits {
+            summary.push_str(&format!("; completes on {awaits}"));
+        }
         let alert = NewAlert {
             rule: REFUND_OVERDUE.into(),
             severity: rule.severity.clone(),
             provider: f.provider.clone(),
             kind: f.kind.clone(),
             resource_id: f.resource_id.clone(),
-            summary: format!(
-                "refund{amount} for {} {} ({}) pending since {}",
-                f.kind, f.resource_id, f.reason, f.opened_at
-            ),
+            summary,
             details: json!({
+                "resource_status": f.resource_status,
+                "awaiting": awaits,
+                "still_fetched": f.next_reconcile_at.is_some(),
+                "fetched_at_most_every_secs": config.reconcile.max_interval_secs,
                 "refund_status": f.status,
                 "reason": f.reason,
                 "amount": f.amount,
-                "currency": f.currency,
+                "currency": f.currency.as_deref().unwrap_or(UNKNOWN_CURRENCY),
                 "opened_at": f.opened_at,
                 "parent_id": f.parent_id,
                 "limit_secs": rule.after_secs,

@@ -92,15 +92,21 @@ async fn juice_partial_cancellation_fires_counts_items_and_updates() {
         ("juice", "juice.bulk_transfer")
     );
     let d = details(&a);
-    assert_eq!(d["cancelled"], json!({"count": 2, "amount": 1_500}));
-    assert_eq!(d["not_cancelled"], json!({"count": 2, "amount": 2_700}));
+    assert_eq!(
+        d["cancelled"],
+        json!({"count": 2, "amounts": {"USD": 1_500}})
+    );
+    assert_eq!(
+        d["not_cancelled"],
+        json!({"count": 2, "amounts": {"USD": 2_700}})
+    );
     assert_eq!(
         d["by_status"]["completed"],
-        json!({"count": 1, "amount": 2_000})
+        json!({"count": 1, "amounts": {"USD": 2_000}})
     );
     assert_eq!(
         d["by_status"]["processing"],
-        json!({"count": 1, "amount": 700})
+        json!({"count": 1, "amounts": {"USD": 700}})
     );
     assert_eq!(d["items_total"], 4);
     assert_eq!(d["not_cancelled_items"].as_array().unwrap().len(), 2);
@@ -134,7 +140,7 @@ async fn juice_partial_cancellation_fires_counts_items_and_updates() {
     assert_eq!(updated.version, 2);
     assert_eq!(
         details(&updated)["by_status"]["completed"],
-        json!({"count": 2, "amount": 2_700})
+        json!({"count": 2, "amounts": {"USD": 2_700}})
     );
     assert_eq!(details(&updated)["by_status"].get("processing"), None);
     let rows = db::outbox(&db, &a.id).await;
@@ -161,7 +167,7 @@ async fn juice_partial_alert_resolves_when_the_late_item_is_seen_cancelled() {
         .unwrap();
     assert_eq!(
         details(&a)["not_cancelled"],
-        json!({"count": 1, "amount": 200})
+        json!({"count": 1, "amounts": {"USD": 200}})
     );
     db::seed_resource(&db, &item("bulk-late", "l2", "cancelled", 200)).await;
     recorded(&db, &config, l2).await;

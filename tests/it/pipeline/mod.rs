@@ -8,6 +8,7 @@
 mod claims;
 mod commands;
 mod end_to_end;
+mod juice;
 mod record;
 
 use std::time::Duration;

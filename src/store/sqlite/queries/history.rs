@@ -49,8 +49,11 @@ pub struct ChildHistory {
 
 /// The history of every resource with this provider id; `None` when there is none.
 pub async fn history(pool: &SqlitePool, resource_id: &str) -> Result<Option<History>, QueryError> {
+    // Also by another id it is known by (a Juice item by its id or its reference).
     let resources: Vec<Resource> = sqlx::query_as(&format!(
-        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE id = ? ORDER BY rid"
+        "SELECT {RESOURCE_COLUMNS} FROM resources
+         WHERE id = ?1 OR rid IN (SELECT rid FROM resource_aliases WHERE alias = ?1)
+         ORDER BY rid"
     ))
     .bind(resource_id)
     .fetch_all(pool)

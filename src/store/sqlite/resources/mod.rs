@@ -1,12 +1,13 @@
 //! SQL of tracked resources and what is recorded about them: transitions,
 //! progress counts, refunds, and the reconcile schedule.
 
+pub mod aliases;
 mod reconcile;
 mod refunds;
 mod trail;
 
 pub use reconcile::{due_for_reconcile, mark_reconciled, reconcile_failed};
-pub(super) use refunds::REFUND_COLUMNS;
+
 pub use refunds::{
     insert_refunds, refund_of, refund_statuses, refunds_under, settle_refunds, NewRefund, Refund,
     RefundSettlement,

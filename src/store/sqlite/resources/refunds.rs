@@ -27,7 +27,7 @@ pub struct Refund {
     pub trigger_id: Option<String>,
 }
 
-pub(in crate::store::sqlite) const REFUND_COLUMNS: &str =
+const REFUND_COLUMNS: &str =
     "id, rid, provider, kind, resource_id, parent_id, status, reason, amount,
      currency, opened_at, completed_at, updated_at, trigger_type, trigger_id";
 
