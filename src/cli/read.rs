@@ -536,16 +536,29 @@ fn refunds_table(refunds: &[&Refund]) -> Table {
             r.resource_id.clone(),
             r.status.clone(),
             r.reason.clone(),
-            match (r.amount, &r.currency) {
-                (Some(a), Some(c)) => format!("{a} {c}"),
-                (Some(a), None) => a.to_string(),
-                _ => "-".into(),
-            },
+            amount_text(r),
             r.opened_at.clone(),
             cell(r.completed_at.as_deref()),
         ]);
     }
     t
+}
+
+/// A refund's amount, with the transfer's own beside it when they differ.
+fn amount_text(r: &Refund) -> String {
+    let money = |amount: Option<i64>, currency: &Option<String>| match (amount, currency) {
+        (Some(a), Some(c)) => format!("{a} {c}"),
+        (Some(a), None) => a.to_string(),
+        _ => "-".into(),
+    };
+    let refunded = money(r.amount, &r.currency);
+    match r.presentment_amount {
+        Some(_) => format!(
+            "{refunded} (presented {})",
+            money(r.presentment_amount, &r.presentment_currency)
+        ),
+        None => refunded,
+    }
 }
 
 fn deliveries_text(a: &Alert) -> String {

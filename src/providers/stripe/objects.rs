@@ -95,11 +95,12 @@ pub fn decode(kind: &str, id: &str, object: Value) -> Result<Observation, String
                 .and_then(Value::as_str)
                 .map(str::to_string);
             if OUTBOUND_TERMINAL.contains(&obs.status.as_str()) {
+                let (amount, currency) = debited(&object, &obs);
                 obs.refund = Some(RefundSignal {
                     status: RefundStatus::Completed,
                     reason: obs.status.clone(),
-                    amount: obs.amount,
-                    currency: obs.currency.clone(),
+                    amount,
+                    currency,
                 });
             }
         }
@@ -125,6 +126,25 @@ pub fn decode(kind: &str, id: &str, object: Value) -> Result<Observation, String
     Ok(obs)
 }
 
+/// The money that comes back: `from.debited`, what left the financial
+/// account, not the presentment `amount` (they differ when the account pays
+/// in another currency). An answer without it is refunded at `amount`, the
+/// only figure it gives, and the log says so.
+fn debited(object: &Value, obs: &Observation) -> (Option<i64>, Option<String>) {
+    let debited = object.pointer("/from/debited");
+    let amount = lenient_i64(debited.and_then(|d| d.get("value")));
+    let currency = debited
+        .and_then(|d| d.get("currency"))
+        .and_then(Value::as_str);
+    match (amount, currency) {
+        (Some(amount), Some(currency)) => (Some(amount), Some(currency.to_string())),
+        _ => {
+            tracing::warn!(resource = %obs.id, "outbound transfer without from.debited: its refund is recorded at the presentment amount");
+            (obs.amount, obs.currency.clone())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +155,7 @@ mod tests {
         let o = json!({
             "id": "obt_1", "object": "v2.money_management.outbound_transfer",
             "amount": {"value": 1500, "currency": "usd"}, "cancelable": false,
+            "from": {"financial_account": "fa_1", "debited": {"value": 1500, "currency": "usd"}},
             "livemode": false, "status": "canceled",
             "status_transitions": {"canceled_at": "2026-10-30T12:01:00.000Z", "posted_at": null},
             "brand_new_field": {"x": 1}
@@ -152,6 +173,35 @@ mod tests {
         assert_eq!(refund.amount, Some(1500));
         let snapshot: Value = serde_json::from_str(&obs.snapshot).unwrap();
         assert_eq!(snapshot["brand_new_field"]["x"], 1);
+    }
+
+    #[test]
+    fn the_refund_is_what_left_the_account() {
+        let o = json!({
+            "id": "obt_3", "status": "returned",
+            "amount": {"value": 8000, "currency": "eur"},
+            "from": {"financial_account": "fa_1", "debited": {"value": "8640", "currency": "usd"}},
+        });
+        let obs = decode(OUTBOUND_TRANSFER, "obt_3", o).unwrap();
+        assert_eq!(
+            (obs.amount, obs.currency.as_deref()),
+            (Some(8000), Some("eur"))
+        );
+        let refund = obs.refund.unwrap();
+        assert_eq!(
+            (refund.amount, refund.currency.as_deref()),
+            (Some(8640), Some("usd"))
+        );
+        let o =
+            json!({"id": "obt_4", "status": "failed", "amount": {"value": 10, "currency": "eur"}});
+        let refund = decode(OUTBOUND_TRANSFER, "obt_4", o)
+            .unwrap()
+            .refund
+            .unwrap();
+        assert_eq!(
+            (refund.amount, refund.currency.as_deref()),
+            (Some(10), Some("eur"))
+        );
     }
 
     #[test]

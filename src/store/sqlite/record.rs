@@ -442,6 +442,17 @@ struct RefundsAndProgress<'a> {
     progress: Vec<resources::NewProgress<'a>>,
 }
 
+/// The transfer's own amount and currency beside its refund, when the
+/// refund is counted otherwise (a Stripe outbound transfer gives back what
+/// left the account, which may differ from what it was presented in).
+fn presentment<'a>(
+    obs: &'a Observation,
+    signal: &RefundSignal,
+) -> Option<(Option<i64>, Option<&'a str>)> {
+    let own = (obs.amount, obs.currency.as_deref());
+    (own != (signal.amount, signal.currency.as_deref())).then_some(own)
+}
+
 impl<'a> RefundsAndProgress<'a> {
     #[allow(clippy::too_many_arguments)]
     fn refund(
@@ -464,6 +475,7 @@ impl<'a> RefundsAndProgress<'a> {
                 reason: &signal.reason,
                 amount: signal.amount,
                 currency: signal.currency.as_deref(),
+                presentment: presentment(obs, signal),
                 now,
                 trigger_type: trigger.kind,
                 trigger_id: trigger.id.as_deref(),

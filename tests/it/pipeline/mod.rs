@@ -9,6 +9,7 @@ mod claims;
 mod commands;
 mod end_to_end;
 mod record;
+mod stripe_trail;
 
 use std::time::Duration;
 
