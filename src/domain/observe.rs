@@ -5,6 +5,7 @@
 
 use chrono::Duration;
 
+use crate::providers::knowledge::Watch;
 use crate::providers::{self, Observation, RefundStatus, StatusClass};
 use crate::time::{self, Timestamp};
 
@@ -136,16 +137,42 @@ pub fn refund_change(existing: Option<&str>, signal: RefundStatus) -> Option<Ref
     }
 }
 
+/// A settled resource its provider may still move: since when it rests,
+/// and how it is watched meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watched {
+    pub since: Timestamp,
+    pub watch: Watch,
+}
+
+impl Watched {
+    /// It rests since the provider's time of its status when it gives one,
+    /// else since its status was first observed.
+    pub fn new(watch: Watch, provider_at: Option<&str>, status_since: Timestamp) -> Watched {
+        let since = provider_at
+            .and_then(time::parse_lenient)
+            .unwrap_or(status_since);
+        Watched { since, watch }
+    }
+}
+
 /// When to fetch a resource again: soon while it moves or while its refund is
-/// pending; never once it rests.
+/// pending; at the watch's pace while a settled one is watched, the last
+/// time when its window closes; never once it rests.
 pub fn next_reconcile(
     class: StatusClass,
     refund_pending: bool,
     now: Timestamp,
     interval_secs: u64,
+    watched: Option<Watched>,
 ) -> Option<String> {
-    let due = class == StatusClass::Transitional || refund_pending;
-    due.then(|| time::fmt(now + Duration::seconds(interval_secs as i64)))
+    if class == StatusClass::Transitional || refund_pending {
+        return Some(time::fmt(now + Duration::seconds(interval_secs as i64)));
+    }
+    let w = watched.filter(|_| class == StatusClass::Settled)?;
+    let until = w.since + Duration::from_std(w.watch.window).ok()?;
+    let next = now + Duration::from_std(w.watch.every).ok()?;
+    (now < until).then(|| time::fmt(next.min(until)))
 }
 
 /// What one call of [`record`] wrote.
@@ -370,11 +397,48 @@ mod tests {
     fn reconcile_schedule() {
         let now = time::parse_lenient("2026-10-30T12:00:00Z").unwrap();
         assert_eq!(
-            next_reconcile(StatusClass::Transitional, false, now, 60).as_deref(),
+            next_reconcile(StatusClass::Transitional, false, now, 60, None).as_deref(),
             Some("2026-10-30T12:01:00.000Z")
         );
-        assert_eq!(next_reconcile(StatusClass::Terminal, false, now, 60), None);
-        assert_eq!(next_reconcile(StatusClass::Settled, false, now, 60), None);
-        assert!(next_reconcile(StatusClass::Settled, true, now, 60).is_some());
+        assert_eq!(
+            next_reconcile(StatusClass::Terminal, false, now, 60, None),
+            None
+        );
+        assert_eq!(
+            next_reconcile(StatusClass::Settled, false, now, 60, None),
+            None
+        );
+        assert!(next_reconcile(StatusClass::Settled, true, now, 60, None).is_some());
+    }
+
+    #[test]
+    fn a_watched_settled_resource_is_fetched_until_its_window_closes() {
+        let watch = Watch {
+            window: std::time::Duration::from_secs(86_400),
+            every: std::time::Duration::from_secs(6 * 3_600),
+        };
+        let at = |s: &str| time::parse_lenient(s).unwrap();
+        // Posted at noon (the provider's time wins over when it was seen).
+        let w = Watched::new(
+            watch,
+            Some("2026-10-30T12:00:00.000Z"),
+            at("2026-10-30T13:00:00Z"),
+        );
+        let next = |now: &str, class| next_reconcile(class, false, at(now), 60, Some(w));
+        assert_eq!(
+            next("2026-10-30T12:05:00Z", StatusClass::Settled).as_deref(),
+            Some("2026-10-30T18:05:00.000Z")
+        );
+        // The last look is when the window closes; after it, none.
+        assert_eq!(
+            next("2026-10-31T09:00:00Z", StatusClass::Settled).as_deref(),
+            Some("2026-10-31T12:00:00.000Z")
+        );
+        assert_eq!(next("2026-10-31T12:00:00Z", StatusClass::Settled), None);
+        // Once final, never.
+        assert_eq!(next("2026-10-30T12:05:00Z", StatusClass::Terminal), None);
+        // No provider time: from when the status was first seen.
+        let w = Watched::new(watch, None, at("2026-10-30T13:00:00Z"));
+        assert_eq!(w.since, at("2026-10-30T13:00:00Z"));
     }
 }

@@ -188,7 +188,8 @@ pub enum StatusClass {
     /// Still moving (`processing`, `cancelling`, `executing`, unknown values): reconciled, may be stuck.
     Transitional,
     /// At rest but not final (Stripe `posted`, may still be `returned`; Juice item
-    /// `cancelled`, awaiting its reversal): not reconciled, never stuck.
+    /// `cancelled`, awaiting its reversal): never stuck, reconciled only while
+    /// its provider watches it ([`knowledge::Watch`]) or its refund is pending.
     Settled,
     /// Final: never moves again.
     Terminal,

@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::event::{BATCH_JOB, OUTBOUND_TRANSFER};
 use super::objects;
 use crate::config::Config;
-use crate::providers::knowledge::{EventFacts, KindInfo, Knowledge, PartialRule, Plan};
+use crate::providers::knowledge::{EventFacts, KindInfo, Knowledge, PartialRule, Plan, Watch};
 use crate::providers::{StatusClass, Target};
 
 /// Stripe's entry in the registry.
@@ -112,6 +112,19 @@ impl Knowledge for Stripe {
     /// Stripe retries a webhook for up to three days.
     fn retry_window(&self) -> Duration {
         Duration::from_secs(3 * 86_400)
+    }
+
+    /// A posted outbound transfer may still come back `returned`, days
+    /// later, and that webhook can be lost: it is fetched again every
+    /// `stripe.return_watch_interval_secs` for `stripe.return_watch_days`.
+    fn watch_after_settle(&self, config: &Config, kind: &str, status: &str) -> Option<Watch> {
+        let stripe = &config.stripe;
+        (kind == OUTBOUND_TRANSFER && status == "posted" && stripe.return_watch_days > 0).then(
+            || Watch {
+                window: Duration::from_secs(stripe.return_watch_days.saturating_mul(86_400)),
+                every: Duration::from_secs(stripe.return_watch_interval_secs),
+            },
+        )
     }
 
     fn webhook_secrets(&self, config: &Config) -> (&'static str, bool) {

@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::domain::alerts::Changes;
 use crate::domain::observe::{
     judge, next_reconcile, refund_change, Moved, Recorded, RefundChange, Stored, ToRecord, Trigger,
-    Verdict,
+    Verdict, Watched,
 };
 use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass, Target};
 use crate::time::{self, Timestamp};
@@ -290,22 +290,29 @@ fn decide<'a>(
             });
         }
         let changed = matches!(s.verdict, Verdict::First | Verdict::Changed);
+        let status_since = if changed {
+            now_s.to_string()
+        } else {
+            s.current
+                .status_since
+                .clone()
+                .unwrap_or_else(|| now_s.to_string())
+        };
+        let watched = providers::knowledge::watch_after_settle(config, &s.obs.kind, &s.obs.status)
+            .map(|watch| {
+                let since = time::parse_lenient(&status_since).unwrap_or(now);
+                Watched::new(watch, s.obs.provider_at.as_deref(), since)
+            });
         fresh.push(Decided {
             seen: s,
-            status_since: if changed {
-                now_s.to_string()
-            } else {
-                s.current
-                    .status_since
-                    .clone()
-                    .unwrap_or_else(|| now_s.to_string())
-            },
             next_reconcile_at: next_reconcile(
                 s.obs.class,
                 refunds.get(&rid).map(String::as_str) == Some("pending"),
                 now,
                 config.reconcile.interval_secs,
+                watched,
             ),
+            status_since,
             changed,
         });
     }

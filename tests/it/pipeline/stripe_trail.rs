@@ -1,12 +1,13 @@
 //! Stripe off the happy path, with the real daemon against the simulator:
-//! money that comes back in another currency than it was presented in.
+//! a return whose webhook is lost, money that comes back in another
+//! currency than it was presented in.
 
 use serde_json::json;
 
-use super::play;
+use super::{play, WAIT};
 use crate::support::db;
-use crate::support::sim::{app_with_simulator, DeliveryOptions};
-use crate::support::TestConfig;
+use crate::support::sim::{app_with_simulator, wait_step, DeliveryOptions};
+use crate::support::{wait_until, TestConfig};
 
 /// The admin token of the daemons whose `/v1` a test reads.
 const TOKEN: &str = "adm-stripe-trail";
@@ -58,5 +59,52 @@ async fn a_return_gives_back_what_left_the_account() {
         (&shown["presentment_amount"], &shown["presentment_currency"]),
         (&json!(8_000), &json!("eur"))
     );
+    app.stop().await;
+}
+
+/// A posted outbound transfer is still watched for a return: when it comes
+/// back `returned` and that webhook is lost, the reconciler finds it, with
+/// its refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_return_whose_webhook_is_lost_is_still_recorded() {
+    let config = TestConfig::new().quick_workers().with(|c| {
+        c.reconcile.interval_secs = 1;
+        c.stripe.return_watch_interval_secs = 1;
+    });
+    let (sim, app) = app_with_simulator(config).await;
+    let scenario = sim.scenario("outbound_transfer_returned").unwrap();
+    let (created, posted, returned) = (&scenario.steps[0], &scenario.steps[1], &scenario.steps[2]);
+    for step in [created, posted] {
+        sim.play_step(step, &DeliveryOptions::default())
+            .await
+            .unwrap();
+        wait_step(app.db(), step).await;
+    }
+    // The transfer comes back; its webhook never arrives.
+    sim.apply_step(returned);
+    let id = &scenario.expect.histories[0].id;
+    wait_until("the return is recorded with its refund", WAIT, || async {
+        let refunds = db::refunds_under(app.db(), id).await;
+        db::status_of(app.db(), id).await.as_deref() == Some("returned")
+            && refunds.iter().any(|r| r.status == "completed")
+    })
+    .await;
+    let ts = db::transitions_of(app.db(), id).await;
+    let to: Vec<&str> = ts.iter().map(|t| t.to_status.as_str()).collect();
+    assert_eq!(to, ["processing", "posted", "returned"]);
+    assert_eq!(ts[2].trigger_type, "reconcile");
+    let refund = &db::refunds_under(app.db(), id).await[0];
+    assert_eq!(
+        (
+            refund.reason.as_str(),
+            refund.amount,
+            refund.currency.as_deref()
+        ),
+        ("returned", Some(8_640), Some("usd"))
+    );
+    let resource = db::resource(app.db(), "stripe.outbound_transfer", id)
+        .await
+        .unwrap();
+    assert!(resource.next_reconcile_at.is_none(), "returned is final");
     app.stop().await;
 }
