@@ -46,6 +46,14 @@ pub(crate) fn error(status: StatusCode, kind: &str, code: &str, message: &str) -
     }
 }
 
+/// A Stripe v2 error named by its type alone (no `code`), as v2 names some.
+pub(crate) fn typed_error(status: StatusCode, kind: &str, message: &str) -> ApiError {
+    ApiError {
+        status,
+        body: json!({"error": {"type": kind, "message": message}}),
+    }
+}
+
 fn invalid(status: StatusCode, code: &str, message: &str) -> ApiError {
     error(status, "invalid_request_error", code, message)
 }
@@ -144,9 +152,14 @@ impl Outcome {
     }
 
     fn refused(status: StatusCode, code: &str, message: &str) -> Self {
+        Self::refused_as(status, "invalid_request_error", code, message)
+    }
+
+    /// A refusal whose v2 error type names it (`already_canceled`, …).
+    fn refused_as(status: StatusCode, kind: &str, code: &str, message: &str) -> Self {
         Self {
             status,
-            body: json!({"error": {"type": "invalid_request_error", "code": code, "message": message}}),
+            body: json!({"error": {"type": kind, "code": code, "message": message}}),
             events: Vec::new(),
             finish_batch_job: None,
         }
@@ -267,8 +280,9 @@ fn cancel_transfer_in(world: &mut World, id: &str, key: Option<&str>) -> Outcome
         );
     };
     if t.status == "canceled" {
-        return Outcome::refused(
+        return Outcome::refused_as(
             StatusCode::BAD_REQUEST,
+            "already_canceled",
             "outbound_transfer_already_canceled",
             "The outbound transfer has already been canceled",
         );
@@ -276,8 +290,9 @@ fn cancel_transfer_in(world: &mut World, id: &str, key: Option<&str>) -> Outcome
     if t.status == "processing" && t.posts_on_cancel {
         // The lost race: the transfer posts before the cancel reaches it.
         t.advance("posted", None);
-        let mut outcome = Outcome::refused(
+        let mut outcome = Outcome::refused_as(
             StatusCode::BAD_REQUEST,
+            "not_cancelable",
             "outbound_transfer_not_cancelable",
             "The outbound transfer can no longer be canceled",
         );
@@ -285,8 +300,9 @@ fn cancel_transfer_in(world: &mut World, id: &str, key: Option<&str>) -> Outcome
         return outcome;
     }
     if t.status != "processing" || !t.cancelable {
-        return Outcome::refused(
+        return Outcome::refused_as(
             StatusCode::BAD_REQUEST,
+            "not_cancelable",
             "outbound_transfer_not_cancelable",
             "The outbound transfer can no longer be canceled",
         );
@@ -320,6 +336,10 @@ fn cancel_batch_job_in(world: &mut World, id: &str, key: Option<&str>) -> Outcom
             &format!("No such batch job: {id}"),
         );
     };
+    if job.status == "canceled" {
+        // Cancelling a canceled job again changes nothing: the job as it is.
+        return Outcome::ok(job.to_json(), Vec::new());
+    }
     if !job.cancellable() {
         return Outcome::refused(
             StatusCode::BAD_REQUEST,
@@ -475,6 +495,7 @@ mod tests {
             again.body["error"]["code"],
             "outbound_transfer_already_canceled"
         );
+        assert_eq!(again.body["error"]["type"], "already_canceled");
         let missing = cancel_transfer_in(&mut w, "obt_nope", None);
         assert_eq!(missing.status, StatusCode::NOT_FOUND);
         assert_eq!(missing.body["error"]["code"], "not_found");
@@ -511,6 +532,10 @@ mod tests {
         let again = cancel_batch_job_in(&mut w, &id, None);
         assert_eq!(again.body["error"]["code"], "batch_api_non_cancellable_job");
         let event = finish_batch_cancel(&mut w, &id).unwrap();
+        let once_more = cancel_batch_job_in(&mut w, &id, None);
+        assert_eq!(once_more.status, StatusCode::OK);
+        assert_eq!(once_more.body["status"], "canceled");
+        assert!(once_more.events.is_empty() && once_more.finish_batch_job.is_none());
         assert_eq!(event["type"], "v2.core.batch_job.canceled");
         assert_eq!(
             w.batch_jobs[&id].to_json()["status_details"]["canceled"]["success_count"],

@@ -56,6 +56,8 @@ pub struct OpenedCancel {
     pub idempotency_key: String,
     /// The Stripe account context the resource was seen in.
     pub context: Option<String>,
+    /// Its status as last observed before this request.
+    pub status: Option<String>,
 }
 
 /// The provider's answer to a cancel, as recorded.

@@ -226,9 +226,10 @@ impl Storage for SqliteStore {
         let rid = resources::ensure(&mut tx, provider, kind, id, None, None, now)
             .await?
             .rid;
-        let context = resources::get(&mut tx, provider, kind, id)
+        let (context, status) = resources::get(&mut tx, provider, kind, id)
             .await?
-            .and_then(|r| r.context);
+            .map(|r| (r.context, r.status))
+            .unwrap_or_default();
         let key = key_for(cancels::burnt_keys(&mut tx, provider, kind, id).await?);
         let request_id =
             cancels::insert(&mut tx, provider, kind, id, &key, requested_by, now).await?;
@@ -239,6 +240,7 @@ impl Storage for SqliteStore {
             rid,
             idempotency_key: key,
             context,
+            status,
         })
     }
 

@@ -1,13 +1,16 @@
 //! Stripe off the happy path, with the real daemon against the simulator:
 //! a return whose webhook is lost, money that comes back in another
-//! currency than it was presented in.
+//! currency than it was presented in, errors named by their type, a
+//! repeated cancel, `Retry-After` as a date.
 
-use serde_json::json;
+use std::time::Duration;
+
+use serde_json::{json, Value};
 
 use super::{play, WAIT};
 use crate::support::db;
-use crate::support::sim::{app_with_simulator, wait_step, DeliveryOptions};
-use crate::support::{wait_until, TestConfig};
+use crate::support::sim::{app_with_simulator, wait_step, DeliveryOptions, Simulator};
+use crate::support::{wait_until, TestApp, TestConfig};
 
 /// The admin token of the daemons whose `/v1` a test reads.
 const TOKEN: &str = "adm-stripe-trail";
@@ -106,5 +109,98 @@ async fn a_return_whose_webhook_is_lost_is_still_recorded() {
         .await
         .unwrap();
     assert!(resource.next_reconcile_at.is_none(), "returned is final");
+    app.stop().await;
+}
+
+/// A daemon whose `/v1` answers [`TOKEN`], with the simulator.
+async fn start_with_api() -> (Simulator, TestApp) {
+    let config = TestConfig::new()
+        .quick_workers()
+        .with(|c| c.server.admin_token = TOKEN.into());
+    app_with_simulator(config).await
+}
+
+/// `POST /v1/cancellations` of `kind`/`id`: the cancel report.
+async fn cancel(app: &TestApp, kind: &str, id: &str) -> Value {
+    let body = json!({"kind": kind, "id": id});
+    let (status, report) = app.post("/v1/cancellations", Some(body), Some(TOKEN)).await;
+    assert_eq!(status, 201, "{report}");
+    report
+}
+
+/// A batch job cancelled again once it is `canceled` is already cancelled;
+/// Stripe answers such a cancel with the job as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_job_cancelled_twice_is_already_cancelled() {
+    let (sim, app) = start_with_api().await;
+    let scenario = sim.scenario("batch_job_canceled_midway").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    wait_step(app.db(), &scenario.steps[0]).await;
+    let id = &scenario.expect.histories[0].id;
+    let first = cancel(&app, "stripe.batch_job", id).await;
+    assert_eq!(first["outcome"], "accepted", "{first}");
+    assert!(sim.wait_background(WAIT).await);
+    wait_until("the job is canceled", WAIT, || async {
+        db::status_of(app.db(), id).await.as_deref() == Some("canceled")
+    })
+    .await;
+    let again = cancel(&app, "stripe.batch_job", id).await;
+    assert_eq!(again["outcome"], "already_cancelled", "{again}");
+    assert_eq!(again["status"], "canceled");
+    let requests = db::cancel_requests(app.db(), "stripe.batch_job", id).await;
+    let outcomes: Vec<_> = requests.iter().map(|r| r.outcome.clone()).collect();
+    assert_eq!(
+        outcomes,
+        [Some("accepted".into()), Some("already_cancelled".into())]
+    );
+    app.stop().await;
+}
+
+/// Stripe's v2 errors may be named by their type alone: a reused
+/// idempotency key (400, type `idempotency_error`, no code) is a burnt key,
+/// and the next cancel goes with a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_error_named_by_its_type_alone_is_understood() {
+    let (sim, app) = start_with_api().await;
+    let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+    sim.play_step(&scenario.steps[0], &DeliveryOptions::default())
+        .await
+        .unwrap();
+    wait_step(app.db(), &scenario.steps[0]).await;
+    let id = &scenario.expect.histories[0].id;
+    sim.faults().idempotency_conflict_next(1);
+    let refused = cancel(&app, "stripe.outbound_transfer", id).await;
+    assert_eq!(refused["outcome"], "idempotency_conflict", "{refused}");
+    assert_eq!(refused["error_code"], "idempotency_error");
+    let again = cancel(&app, "stripe.outbound_transfer", id).await;
+    assert_eq!(again["outcome"], "accepted", "{again}");
+    assert_eq!(again["status"], "canceled");
+    assert_ne!(again["idempotency_key"], refused["idempotency_key"]);
+    app.stop().await;
+}
+
+/// A 429 whose `Retry-After` is an HTTP date is waited out: the delivery is
+/// fetched again no sooner than that date, and the wait costs no attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retry_after_as_a_date_is_honoured() {
+    let (sim, app) = app_with_simulator(TestConfig::new().quick_workers()).await;
+    let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+    let step = &scenario.steps[0];
+    // Dates have whole seconds: three seconds ahead is more than two away.
+    sim.faults().rate_limit_next_until_date(1, 3);
+    let started = tokio::time::Instant::now();
+    sim.play_step(step, &DeliveryOptions::default())
+        .await
+        .unwrap();
+    wait_step(app.db(), step).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "fetched again after {took:?}"
+    );
+    let delivery = &db::deliveries(app.db()).await[0];
+    assert_eq!(delivery.attempts, 1, "the wait used up no attempt");
     app.stop().await;
 }
