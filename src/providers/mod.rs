@@ -179,6 +179,9 @@ pub struct Target {
     pub url: Option<String>,
     /// Stripe: the event that triggered the fetch (`Stripe-Request-Trigger: event=…`).
     pub trigger_event: Option<String>,
+    /// Stripe: when that event was created, the provider's time of a state
+    /// whose object carries none (a batch job has no `status_transitions`).
+    pub trigger_created: Option<String>,
 }
 
 /// How a status behaves.

@@ -112,7 +112,12 @@ impl StripeApi {
         let object = answer.json().ok_or_else(|| {
             ProviderError::Permanent(format!("stripe GET {path}: the answer is not JSON"))
         })?;
-        objects::decode(&target.kind, &target.id, object).map_err(ProviderError::Permanent)
+        let obs =
+            objects::decode(&target.kind, &target.id, object).map_err(ProviderError::Permanent)?;
+        Ok(objects::timed_by_event(
+            obs,
+            target.trigger_created.as_deref(),
+        ))
     }
 
     /// POSTs `…/cancel` with an `Idempotency-Key` and maps the answer.

@@ -9,7 +9,8 @@ pub const BATCH_JOB: &str = "stripe.batch_job";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RelatedObject {
-    pub id: String,
+    /// None in the singleton form `{type, url}`: the object is known by its URL.
+    pub id: Option<String>,
     pub object_type: String,
     pub url: String,
 }
@@ -60,9 +61,10 @@ impl ThinEvent {
         let related_object = match map.get("related_object") {
             None | Some(Value::Null) => None,
             Some(Value::Object(ro)) => Some(RelatedObject {
-                id: required_str(ro, "id")
+                id: optional_str(ro, "id")
                     .map_err(|e| Refused::malformed(format!("related_object: {}", e.message)))?
-                    .to_string(),
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_string),
                 object_type: required_str(ro, "type")
                     .map_err(|e| Refused::malformed(format!("related_object: {}", e.message)))?
                     .to_string(),
@@ -86,12 +88,13 @@ impl ThinEvent {
         })
     }
 
-    /// The tracked resource: `stripe.<last segment of the object type>`.
+    /// The tracked resource: `stripe.<last segment of the object type>`;
+    /// none for an object named without an id.
     pub fn resource(&self) -> Option<ResourceRef> {
         let ro = self.related_object.as_ref()?;
         Some(ResourceRef {
             kind: kind_of(&ro.object_type),
-            id: ro.id.clone(),
+            id: ro.id.clone()?,
             context: self.context.clone(),
         })
     }
@@ -139,6 +142,19 @@ mod tests {
             let err = ThinEvent::decode(body).unwrap_err();
             assert_eq!(err.code, code, "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn a_related_object_without_id_is_a_singleton() {
+        let e = ThinEvent::decode(br#"{"id":"evt_1","object":"v2.core.event","type":"v2.core.workspace.updated","created":"2026-10-30T12:00:00Z","related_object":{"type":"v2.core.workspace","url":"/v2/core/workspace"}}"#).unwrap();
+        let ro = e.related_object.as_ref().unwrap();
+        assert_eq!(
+            (ro.id.as_deref(), ro.url.as_str()),
+            (None, "/v2/core/workspace")
+        );
+        assert!(e.resource().is_none());
+        let bad = ThinEvent::decode(br#"{"id":"evt_1","object":"v2.core.event","type":"x","created":"2026-10-30T12:00:00Z","related_object":{"id":7,"type":"t","url":"/v2/x"}}"#);
+        assert_eq!(bad.unwrap_err().code, "malformed_payload");
     }
 
     #[test]

@@ -126,6 +126,18 @@ pub fn decode(kind: &str, id: &str, object: Value) -> Result<Observation, String
     Ok(obs)
 }
 
+/// A batch job carries no time of its status (no `status_transitions`):
+/// the provider's time of the state fetched is that of the event that
+/// caused the fetch. Other objects keep the time they carry.
+pub fn timed_by_event(mut obs: Observation, event_created: Option<&str>) -> Observation {
+    if obs.kind == BATCH_JOB && obs.provider_at.is_none() {
+        obs.provider_at = event_created
+            .and_then(crate::time::parse_lenient)
+            .map(crate::time::fmt);
+    }
+    obs
+}
+
 /// The money that comes back: `from.debited`, what left the financial
 /// account, not the presentment `amount` (they differ when the account pays
 /// in another currency). An answer without it is refunded at `amount`, the
@@ -248,6 +260,20 @@ mod tests {
         assert_eq!(obs.class, StatusClass::Transitional);
         assert_eq!(obs.progress.unwrap().validated, Some(7));
         assert!(obs.refund.is_none());
+    }
+
+    #[test]
+    fn a_batch_job_takes_its_time_from_the_event() {
+        let job = json!({"id": "batchv2_1", "status": "in_progress"});
+        let obs = decode(BATCH_JOB, "batchv2_1", job).unwrap();
+        let obs = timed_by_event(obs, Some("2026-10-30T12:00:05Z"));
+        assert_eq!(obs.provider_at.as_deref(), Some("2026-10-30T12:00:05.000Z"));
+        let transfer = json!({"id": "obt_1", "status": "processing"});
+        let obs = decode(OUTBOUND_TRANSFER, "obt_1", transfer).unwrap();
+        assert_eq!(
+            timed_by_event(obs, Some("2026-10-30T12:00:05Z")).provider_at,
+            None
+        );
     }
 
     #[test]

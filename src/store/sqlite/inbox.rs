@@ -413,6 +413,28 @@ pub async fn finish(
     Ok(done.rows_affected() == 1)
 }
 
+/// Ends a processing attempt `ignored`, keeping why in `last_error` (for
+/// `events` to show); false when its lease was lost meanwhile.
+pub async fn ignore(
+    tx: &mut Tx<'_>,
+    id: i64,
+    lease_until: &str,
+    reason: &str,
+    now: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE inbox SET state = 'ignored', processed_at = ?, lease_until = NULL, last_error = ?
+         WHERE id = ? AND state = 'processing' AND lease_until = ?",
+    )
+    .bind(now)
+    .bind(reason)
+    .bind(id)
+    .bind(lease_until)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Ends many processing attempts, each `processed` or `ignored`: `ends` holds
 /// (delivery, lease end, state). An attempt whose lease was lost (the
 /// delivery was claimed again, with a lease of its own) is left alone.

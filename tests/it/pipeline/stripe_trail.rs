@@ -1,7 +1,8 @@
 //! Stripe off the happy path, with the real daemon against the simulator:
 //! a return whose webhook is lost, money that comes back in another
 //! currency than it was presented in, errors named by their type, a
-//! repeated cancel, `Retry-After` as a date.
+//! repeated cancel, `Retry-After` as a date, an object named without an
+//! id, a batch job's time.
 
 use std::time::Duration;
 
@@ -9,8 +10,10 @@ use serde_json::{json, Value};
 
 use super::{play, WAIT};
 use crate::support::db;
-use crate::support::sim::{app_with_simulator, wait_step, DeliveryOptions, Simulator};
-use crate::support::{wait_until, TestApp, TestConfig};
+use crate::support::sim::{
+    app_with_simulator, singleton_event, wait_step, DeliveryOptions, Simulator,
+};
+use crate::support::{wait_for, wait_until, TestApp, TestConfig};
 
 /// The admin token of the daemons whose `/v1` a test reads.
 const TOKEN: &str = "adm-stripe-trail";
@@ -202,5 +205,55 @@ async fn retry_after_as_a_date_is_honoured() {
     );
     let delivery = &db::deliveries(app.db()).await[0];
     assert_eq!(delivery.attempts, 1, "the wait used up no attempt");
+    app.stop().await;
+}
+
+/// A correctly signed event whose `related_object` has no id (the singleton
+/// form `{type, url}`) is taken in, and ignored with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_about_a_singleton_is_stored_and_ignored_with_the_reason() {
+    let (sim, app) = app_with_simulator(TestConfig::new().quick_workers()).await;
+    let event = singleton_event(
+        "v2.core.workspace.updated",
+        "v2.core.workspace",
+        "/v2/core/workspace",
+    );
+    sim.deliver(&event).await.unwrap();
+    let key = event.event_id().unwrap().to_string();
+    let ignored = wait_for("the event to be ignored", WAIT, || async {
+        db::delivery(app.db(), &key)
+            .await
+            .filter(|d| d.state == "ignored")
+    })
+    .await;
+    assert_eq!(ignored.resource_id, None);
+    assert_eq!(
+        ignored.last_error.as_deref(),
+        Some("event type v2.core.workspace.updated is not followed")
+    );
+    app.stop().await;
+}
+
+/// A batch job carries no time of its status: each transition takes the
+/// time of the event that caused its fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_job_transition_has_the_time_of_its_event() {
+    let (sim, app) = app_with_simulator(TestConfig::new().quick_workers()).await;
+    let scenario = sim.scenario("batch_job_canceled_midway").unwrap();
+    play(&sim, app.db(), &scenario, &DeliveryOptions::default()).await;
+    let id = &scenario.expect.histories[0].id;
+    let transitions = db::transitions_of(app.db(), id).await;
+    assert_eq!(transitions.len(), scenario.steps.len());
+    for t in transitions {
+        let event = scenario
+            .steps
+            .iter()
+            .flat_map(|step| &step.deliveries)
+            .find(|d| d.event_id() == t.trigger_id.as_deref())
+            .expect("each transition was caused by an event of the scenario");
+        let created = event.body["created"].as_str().unwrap();
+        let created = cancelwatch::time::parse_lenient(created).map(cancelwatch::time::fmt);
+        assert_eq!(t.provider_at, created, "{}", t.to_status);
+    }
     app.stop().await;
 }

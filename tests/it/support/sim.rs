@@ -55,6 +55,17 @@ pub fn unknown_outbound_transfer(id: &str) -> Delivery {
     ))
 }
 
+/// A Stripe event about a singleton object: its `related_object` is
+/// `{type, url}`, with no id.
+pub fn singleton_event(event_type: &str, object_type: &str, url: &str) -> Delivery {
+    let mut event = cancelwatch_sim::state::thin_event(event_type, object_type, "", url);
+    event["related_object"]
+        .as_object_mut()
+        .unwrap()
+        .remove("id");
+    Delivery::stripe(event)
+}
+
 /// The daemon's dedupe key of a delivery.
 pub fn dedupe_key(d: &Delivery) -> String {
     match d.provider {
