@@ -130,7 +130,28 @@ async fn get_event(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    object_or_404(&s, &headers, "event", &id, |w| w.event(&id).cloned())
+    let context = stripe_context(&headers);
+    object_or_404(&s, &headers, "event", &id, |w| {
+        w.event(&id)
+            .filter(|e| in_context(e, context.as_deref()))
+            .cloned()
+    })
+}
+
+/// The account context a request asks for (`Stripe-Context`).
+fn stripe_context(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("stripe-context")
+        .and_then(|v| v.to_str().ok())
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+}
+
+/// Whether an event belongs to the account context asked for: a connected
+/// account's events are seen only with its `Stripe-Context`, the platform's
+/// only without one.
+fn in_context(event: &Value, context: Option<&str>) -> bool {
+    event.get("context").and_then(Value::as_str) == context
 }
 
 /// The answer of one cancel call, and what it set in motion.
@@ -430,6 +451,44 @@ impl EventFilter {
     }
 }
 
+/// The event Stripe sends once it could generate again an event it had
+/// failed to: about the platform (no context), naming in `data.impact` the
+/// object (and account context) the lost event was about.
+pub const EVENT_GENERATION_FAILURE_RESOLVED: &str =
+    "v2.core.health.event_generation_failure.resolved";
+
+impl crate::Simulator {
+    /// Applies `step` as if Stripe failed to generate its events: the state
+    /// changes, no event of it is ever listed or sent. Returns the
+    /// notification Stripe sends later about the failure (listed and
+    /// fetchable with its `data`, which the notification itself lacks).
+    pub fn fail_event_generation(&self, step: &crate::Step) -> Delivery {
+        let mut world = self.shared.world();
+        for change in &step.changes {
+            world.apply(change);
+        }
+        let lost = &step.deliveries[0].body;
+        let mut event = json!({
+            "id": super::state::new_id("evt_sim_"),
+            "object": "v2.core.event",
+            "type": EVENT_GENERATION_FAILURE_RESOLVED,
+            "created": crate::time::fmt(chrono::Utc::now()),
+            "livemode": false,
+            "data": {
+                "grouping_key": super::state::new_id("grp_sim_"),
+                "impact": {
+                    "context": lost["context"],
+                    "event_type": lost["type"],
+                    "related_object": lost["related_object"],
+                },
+            },
+        });
+        world.record_stripe_event(&event);
+        event.as_object_mut().map(|e| e.remove("data"));
+        Delivery::stripe(event)
+    }
+}
+
 /// Lists events newest first, `limit` per page; `next_page_url` repeats the
 /// filters with a `page` token and is null on the last page.
 async fn list_events(
@@ -444,6 +503,7 @@ async fn list_events(
         Ok(f) => f,
         Err(r) => return r.into_response(),
     };
+    let context = stripe_context(&headers);
     let world = s.world();
     let upper = filter.before.unwrap_or(world.events.len());
     let mut page: Vec<(usize, Value)> = world
@@ -452,7 +512,9 @@ async fn list_events(
         .enumerate()
         .take(upper)
         .rev()
-        .filter(|(_, e)| filter.matches(e.created, &e.body))
+        .filter(|(_, e)| {
+            in_context(&e.body, context.as_deref()) && filter.matches(e.created, &e.body)
+        })
         .take(filter.limit + 1)
         .map(|(i, e)| (i, e.body.clone()))
         .collect();

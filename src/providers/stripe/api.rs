@@ -142,12 +142,34 @@ impl StripeApi {
         Ok(cancel_answer(&target.kind, answer))
     }
 
-    /// Lists events created at or after `since` (RFC 3339), `page_limit` per
-    /// page, following `next_page_url` until it is null. Each event as its JSON object.
+    /// GETs the event a target names (`/v2/core/events/{id}`, in its
+    /// context), with its `data`.
+    pub async fn event(&self, target: &Target) -> Result<Value, ProviderError> {
+        if !safe_id(&target.id) {
+            return Err(ProviderError::Permanent(format!(
+                "unsafe event id {:?}",
+                target.id
+            )));
+        }
+        let path = format!("/v2/core/events/{}", target.id);
+        let headers = self.headers(target.context.as_deref(), target.trigger_event.as_deref());
+        let answer = self.http.send(Method::GET, &path, &headers, None).await?;
+        if !answer.is_success() {
+            return Err(answer.into_error(&format!("stripe GET {path}")));
+        }
+        answer.json().ok_or_else(|| {
+            ProviderError::Permanent(format!("stripe GET {path}: the answer is not JSON"))
+        })
+    }
+
+    /// Lists the events of account `context` (none: the platform's own)
+    /// created at or after `since` (RFC 3339), `page_limit` per page,
+    /// following `next_page_url` until it is null. Each event as its JSON object.
     pub async fn list_events(
         &self,
         since: &str,
         page_limit: u32,
+        context: Option<&str>,
     ) -> Result<Vec<Value>, ProviderError> {
         let mut path = format!(
             "/v2/core/events?created[gte]={}&limit={page_limit}",
@@ -163,7 +185,7 @@ impl StripeApi {
             }
             let answer = self
                 .http
-                .send(Method::GET, &path, &self.headers(None, None), None)
+                .send(Method::GET, &path, &self.headers(context, None), None)
                 .await?;
             if !answer.is_success() {
                 return Err(answer.into_error("stripe GET /v2/core/events"));

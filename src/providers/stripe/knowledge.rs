@@ -4,11 +4,38 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::event::{kind_of, BATCH_JOB, OUTBOUND_TRANSFER};
+use super::event::{
+    kind_of, BATCH_JOB, EVENT_GENERATION_FAILURE_RESOLVED, EVENT_LOOKUP, OUTBOUND_TRANSFER,
+};
 use super::objects;
-use crate::config::Config;
+use crate::config::{Config, StripeConfig};
 use crate::providers::knowledge::{EventFacts, KindInfo, Knowledge, PartialRule, Plan, Watch};
 use crate::providers::{StatusClass, Target};
+
+/// An event Stripe failed to generate is looked up through the event that
+/// says so ([`super::event::impacted`]); the object it was about is fetched.
+fn lost_event_plan(event: &EventFacts<'_>) -> Plan {
+    let Some(id) = event.event_id else {
+        return Plan::Ignore("the event has no id to look it up by".into());
+    };
+    // An event that names no object keeps its account context in its body only.
+    let context = event.context.or_else(|| {
+        event
+            .body
+            .and_then(|b| b.get("context"))
+            .and_then(Value::as_str)
+    });
+    Plan::Fetch {
+        target: Target {
+            kind: EVENT_LOOKUP.into(),
+            id: id.to_string(),
+            context: context.map(str::to_string),
+            trigger_event: Some(id.to_string()),
+            ..Target::default()
+        },
+        reversal: None,
+    }
+}
 
 /// Stripe's entry in the registry.
 pub struct Stripe;
@@ -53,6 +80,13 @@ const FOLLOWED_PREFIXES: [&str; 2] = [
     "v2.core.batch_job.",
 ];
 
+/// True for an event type whose object is fetched: outbound transfer and
+/// batch job events, and those `stripe.follow_event_types` names.
+pub fn follows(config: &StripeConfig, event_type: &str) -> bool {
+    FOLLOWED_PREFIXES.iter().any(|p| event_type.starts_with(p))
+        || config.follow_event_types.iter().any(|t| t == event_type)
+}
+
 impl Knowledge for Stripe {
     fn name(&self) -> &'static str {
         super::NAME
@@ -79,15 +113,10 @@ impl Knowledge for Stripe {
     /// object, by the URL the event gives when it gives one. An object in
     /// the singleton form `{type, url}` has no id: its URL names it.
     fn plan(&self, config: &Config, event: &EventFacts<'_>) -> Plan {
-        let followed = FOLLOWED_PREFIXES
-            .iter()
-            .any(|p| event.event_type.starts_with(p))
-            || config
-                .stripe
-                .follow_event_types
-                .iter()
-                .any(|t| t == event.event_type);
-        if !followed {
+        if event.event_type == EVENT_GENERATION_FAILURE_RESOLVED {
+            return lost_event_plan(event);
+        }
+        if !follows(&config.stripe, event.event_type) {
             return Plan::Ignore(format!("event type {} is not followed", event.event_type));
         }
         let related = event.body.and_then(|b| b.get("related_object"));

@@ -161,6 +161,14 @@ impl Storage for SqliteStore {
         Ok(inbox::depth(&self.db.read).await?)
     }
 
+    async fn newest_received(
+        &self,
+        provider: &str,
+        since: &str,
+    ) -> Result<Vec<(Option<String>, String)>, StoreError> {
+        Ok(inbox::newest_received(&self.db.read, provider, since).await?)
+    }
+
     async fn inbox_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
         Ok(inbox::count_by_state(&self.db.read).await?)
     }

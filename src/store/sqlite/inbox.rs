@@ -554,6 +554,23 @@ pub async fn depth(pool: &SqlitePool) -> Result<(i64, Option<String>), sqlx::Err
     .await
 }
 
+/// Per account context, the latest arrival of a delivery of `provider`
+/// received at or after `since` (the `inbox_received` index bounds the scan).
+pub async fn newest_received(
+    pool: &SqlitePool,
+    provider: &str,
+    since: &str,
+) -> Result<Vec<(Option<String>, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT context, MAX(received_at) FROM inbox
+         WHERE received_at >= ? AND provider = ? GROUP BY context ORDER BY context",
+    )
+    .bind(since)
+    .bind(provider)
+    .fetch_all(pool)
+    .await
+}
+
 pub async fn count_by_state(pool: &SqlitePool) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as("SELECT state, COUNT(*) FROM inbox GROUP BY state ORDER BY state")
         .fetch_all(pool)

@@ -5,6 +5,7 @@
 //! and reconcile through their library functions; claims and the writing
 //! of outcomes and observations, one step at a time.
 
+mod catch_up;
 mod claims;
 mod commands;
 mod end_to_end;

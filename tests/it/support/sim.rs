@@ -1,6 +1,7 @@
 //! The provider simulator (Stripe and Juice APIs that deliver signed
 //! webhooks): the one place the tests take it from.
 
+pub use cancelwatch_sim::state::STRIPE_CONTEXT;
 pub use cancelwatch_sim::{
     Delivery, DeliveryOptions, Expectation, ExpectedHistory, Provider, Scenario, SimConfig,
     Simulator, Step,
