@@ -39,3 +39,16 @@ impl BackfillConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+
+    #[test]
+    fn an_interval_of_zero_is_refused() {
+        let mut c = Config::default();
+        c.backfill.interval_secs = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("backfill.interval_secs"), "{e}");
+    }
+}

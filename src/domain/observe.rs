@@ -6,7 +6,7 @@
 use chrono::Duration;
 
 use crate::providers::knowledge::Watch;
-use crate::providers::{self, Observation, RefundStatus, StatusClass};
+use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass};
 use crate::time::{self, Timestamp};
 
 /// What caused an observation (the `trigger_type` / `trigger_id` columns).
@@ -135,6 +135,17 @@ pub fn refund_change(existing: Option<&str>, signal: RefundStatus) -> Option<Ref
         }
         _ => None,
     }
+}
+
+/// The transfer's own amount and currency, kept beside its refund when the
+/// refund is counted otherwise (a Stripe outbound transfer gives back what
+/// left the account, which may differ from what it was presented in).
+pub fn presentment<'a>(
+    obs: &'a Observation,
+    signal: &RefundSignal,
+) -> Option<(Option<i64>, Option<&'a str>)> {
+    let own = (obs.amount, obs.currency.as_deref());
+    (own != (signal.amount, signal.currency.as_deref())).then_some(own)
 }
 
 /// A settled resource its provider may still move: since when it rests,

@@ -93,3 +93,21 @@ impl StripeConfig {
         std::iter::once(&mut self.api_key).chain(self.webhook_secrets.iter_mut())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+
+    #[test]
+    fn the_return_watch_is_checked() {
+        let mut c = Config::default();
+        c.stripe.return_watch_interval_secs = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("stripe.return_watch_interval_secs"), "{e}");
+        c.stripe.return_watch_days = 0;
+        c.validate().expect("no watch needs no interval");
+        c.stripe.return_watch_days = 100_000;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("stripe.return_watch_days"), "{e}");
+    }
+}

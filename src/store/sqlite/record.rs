@@ -5,8 +5,8 @@
 use crate::config::Config;
 use crate::domain::alerts::Changes;
 use crate::domain::observe::{
-    judge, next_reconcile, refund_change, Moved, Recorded, RefundChange, Stored, ToRecord, Trigger,
-    Verdict, Watched,
+    judge, next_reconcile, presentment, refund_change, Moved, Recorded, RefundChange, Stored,
+    ToRecord, Trigger, Verdict, Watched,
 };
 use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass, Target};
 use crate::time::{self, Timestamp};
@@ -447,17 +447,6 @@ struct RefundsAndProgress<'a> {
     opened: Vec<NewRefund<'a>>,
     settled: Vec<resources::RefundSettlement<'a>>,
     progress: Vec<resources::NewProgress<'a>>,
-}
-
-/// The transfer's own amount and currency beside its refund, when the
-/// refund is counted otherwise (a Stripe outbound transfer gives back what
-/// left the account, which may differ from what it was presented in).
-fn presentment<'a>(
-    obs: &'a Observation,
-    signal: &RefundSignal,
-) -> Option<(Option<i64>, Option<&'a str>)> {
-    let own = (obs.amount, obs.currency.as_deref());
-    (own != (signal.amount, signal.currency.as_deref())).then_some(own)
 }
 
 impl<'a> RefundsAndProgress<'a> {
