@@ -18,6 +18,9 @@ struct FaultState {
     fail_status: u16,
     rate_limit_left: u32,
     retry_after_secs: u64,
+    /// `Retry-After` as an HTTP date rather than seconds.
+    retry_after_as_date: bool,
+    idempotency_conflict_left: u32,
     hang_left: u32,
     hang: Duration,
     refuse_all: bool,
@@ -47,7 +50,8 @@ pub struct Faults {
 enum Fault {
     Refuse,
     Fail(u16),
-    RateLimit(u64),
+    RateLimit { secs: u64, as_date: bool },
+    IdempotencyConflict,
 }
 
 impl Faults {
@@ -68,6 +72,20 @@ impl Faults {
         let mut s = self.state();
         s.rate_limit_left = n;
         s.retry_after_secs = retry_after_secs;
+        s.retry_after_as_date = false;
+    }
+
+    /// [`Faults::rate_limit_next`], Stripe's `Retry-After` given in its
+    /// other form: the HTTP date `retry_after_secs` from now.
+    pub fn rate_limit_next_until_date(&self, n: u32, retry_after_secs: u64) {
+        self.rate_limit_next(n, retry_after_secs);
+        self.state().retry_after_as_date = true;
+    }
+
+    /// The next `n` API requests are refused as Stripe refuses a reused
+    /// idempotency key: 400, an error named by its type alone.
+    pub fn idempotency_conflict_next(&self, n: u32) {
+        self.state().idempotency_conflict_left = n;
     }
 
     /// The next `n` API requests wait `d` before being answered.
@@ -131,7 +149,13 @@ impl Faults {
             Some(Fault::Fail(s.fail_status))
         } else if s.rate_limit_left > 0 {
             s.rate_limit_left -= 1;
-            Some(Fault::RateLimit(s.retry_after_secs))
+            Some(Fault::RateLimit {
+                secs: s.retry_after_secs,
+                as_date: s.retry_after_as_date,
+            })
+        } else if s.idempotency_conflict_left > 0 {
+            s.idempotency_conflict_left -= 1;
+            Some(Fault::IdempotencyConflict)
         } else {
             None
         };
@@ -221,25 +245,41 @@ fn fault_response(fault: Fault, stripe: bool) -> Response {
             StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             None,
         ),
-        Fault::RateLimit(secs) => (StatusCode::TOO_MANY_REQUESTS, Some(secs)),
+        Fault::RateLimit { secs, as_date } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(if as_date {
+                httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(secs))
+            } else {
+                secs.to_string()
+            }),
+        ),
+        Fault::IdempotencyConflict if stripe => {
+            return stripe_api::typed_error(
+                StatusCode::BAD_REQUEST,
+                "idempotency_error",
+                "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+            )
+            .into_response()
+        }
+        Fault::IdempotencyConflict => (StatusCode::BAD_REQUEST, None),
     };
     let message = format!("simulated fault: {status}");
     if stripe {
-        let (kind, code) = match (status.as_u16(), retry_after) {
+        let (kind, code) = match (status.as_u16(), &retry_after) {
             (_, Some(_)) => ("rate_limit_error", "rate_limit"),
             (503, _) => ("api_error", "service_unavailable"),
             (s, _) if s >= 500 => ("api_error", "internal_error"),
             _ => ("invalid_request_error", "simulated_error"),
         };
         let mut response = stripe_api::error(status, kind, code, &message).into_response();
-        if let Some(secs) = retry_after {
+        if let Some(value) = retry_after {
             response
                 .headers_mut()
-                .insert("retry-after", secs.to_string().parse().expect("digits"));
+                .insert("retry-after", value.parse().expect("digits or a date"));
         }
         response
     } else {
-        match retry_after {
+        match retry_after.and_then(|v| v.parse().ok()) {
             Some(secs) => juice_api::rate_limited(secs),
             None => {
                 let code = if status.as_u16() == 503 {
@@ -270,7 +310,18 @@ mod tests {
             f.take(),
             (Some(Duration::from_millis(5)), Some(Fault::Fail(500)))
         );
-        assert_eq!(f.take(), (None, Some(Fault::RateLimit(7))));
+        assert_eq!(
+            f.take(),
+            (
+                None,
+                Some(Fault::RateLimit {
+                    secs: 7,
+                    as_date: false
+                })
+            )
+        );
+        f.idempotency_conflict_next(1);
+        assert_eq!(f.take(), (None, Some(Fault::IdempotencyConflict)));
         assert_eq!(f.take(), (None, None));
         f.refuse_all(true);
         assert_eq!(f.take(), (None, Some(Fault::Refuse)));

@@ -213,13 +213,16 @@ fn outbound_transfer_posted_before_cancel() -> Scenario {
 }
 
 fn outbound_transfer_returned() -> Scenario {
-    let t = OutboundTransfer::new(8_000, "usd");
+    // Presented in euros, paid from a dollar financial account: what comes
+    // back is what left the account.
+    let mut t = OutboundTransfer::new(8_000, "eur");
+    t.debited = Some((8_640, "usd".into()));
     let id = t.id.clone();
     Scenario {
         name: "outbound_transfer_returned".into(),
-        description:
-            "An outbound transfer posts, then comes back returned; the funds are credited back."
-                .into(),
+        description: "An outbound transfer of 80.00 EUR, paid with 86.40 USD, posts, then comes \
+                      back returned; the 86.40 USD are credited back."
+            .into(),
         steps: vec![
             transfer_step(
                 "created",
@@ -250,7 +253,7 @@ fn outbound_transfer_returned() -> Scenario {
                 None,
                 &["processing", "posted", "returned"],
             )],
-            refunds: vec![refund(&id, 8_000, "usd")],
+            refunds: vec![refund(&id, 8_640, "usd")],
             alerts: Vec::new(),
         },
     }

@@ -79,6 +79,9 @@ pub struct OutboundTransfer {
     /// The lost race: a cancel request through the API posts the transfer first
     /// and is then refused as not cancelable.
     pub posts_on_cancel: bool,
+    /// `from.debited` when the financial account pays in another currency
+    /// than `amount` is presented in; otherwise it equals `amount`.
+    pub debited: Option<(i64, String)>,
 }
 
 impl OutboundTransfer {
@@ -97,6 +100,7 @@ impl OutboundTransfer {
             returned_at: None,
             reason: None,
             posts_on_cancel: false,
+            debited: None,
         }
     }
 
@@ -131,6 +135,10 @@ impl OutboundTransfer {
     /// The object as `GET /v2/money_management/outbound_transfers/{id}` answers.
     pub fn to_json(&self) -> Value {
         let money = json!({"value": self.amount, "currency": self.currency});
+        let debited = match &self.debited {
+            Some((value, currency)) => json!({"value": value, "currency": currency}),
+            None => money.clone(),
+        };
         let details = match (self.status.as_str(), &self.reason) {
             (status @ ("returned" | "failed"), Some(reason)) => {
                 json!({ status: {"reason": reason} })
@@ -151,7 +159,7 @@ impl OutboundTransfer {
             "delivery_options": {"bank_account": "automatic"},
             "description": "cancelwatch simulator transfer",
             "expected_arrival_date": fmt(self.created + Duration::days(2)),
-            "from": {"financial_account": "fa_sim_main", "debited": money},
+            "from": {"financial_account": "fa_sim_main", "debited": debited},
             "to": {"payout_method": "usba_sim_payee", "credited": money},
             "livemode": false,
             "metadata": {},

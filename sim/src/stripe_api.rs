@@ -46,6 +46,14 @@ pub(crate) fn error(status: StatusCode, kind: &str, code: &str, message: &str) -
     }
 }
 
+/// A Stripe v2 error named by its type alone (no `code`), as v2 names some.
+pub(crate) fn typed_error(status: StatusCode, kind: &str, message: &str) -> ApiError {
+    ApiError {
+        status,
+        body: json!({"error": {"type": kind, "message": message}}),
+    }
+}
+
 fn invalid(status: StatusCode, code: &str, message: &str) -> ApiError {
     error(status, "invalid_request_error", code, message)
 }
@@ -122,7 +130,28 @@ async fn get_event(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    object_or_404(&s, &headers, "event", &id, |w| w.event(&id).cloned())
+    let context = stripe_context(&headers);
+    object_or_404(&s, &headers, "event", &id, |w| {
+        w.event(&id)
+            .filter(|e| in_context(e, context.as_deref()))
+            .cloned()
+    })
+}
+
+/// The account context a request asks for (`Stripe-Context`).
+fn stripe_context(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("stripe-context")
+        .and_then(|v| v.to_str().ok())
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+}
+
+/// Whether an event belongs to the account context asked for: a connected
+/// account's events are seen only with its `Stripe-Context`, the platform's
+/// only without one.
+fn in_context(event: &Value, context: Option<&str>) -> bool {
+    event.get("context").and_then(Value::as_str) == context
 }
 
 /// The answer of one cancel call, and what it set in motion.
@@ -144,9 +173,14 @@ impl Outcome {
     }
 
     fn refused(status: StatusCode, code: &str, message: &str) -> Self {
+        Self::refused_as(status, "invalid_request_error", code, message)
+    }
+
+    /// A refusal whose v2 error type names it (`already_canceled`, …).
+    fn refused_as(status: StatusCode, kind: &str, code: &str, message: &str) -> Self {
         Self {
             status,
-            body: json!({"error": {"type": "invalid_request_error", "code": code, "message": message}}),
+            body: json!({"error": {"type": kind, "code": code, "message": message}}),
             events: Vec::new(),
             finish_batch_job: None,
         }
@@ -267,8 +301,9 @@ fn cancel_transfer_in(world: &mut World, id: &str, key: Option<&str>) -> Outcome
         );
     };
     if t.status == "canceled" {
-        return Outcome::refused(
+        return Outcome::refused_as(
             StatusCode::BAD_REQUEST,
+            "already_canceled",
             "outbound_transfer_already_canceled",
             "The outbound transfer has already been canceled",
         );
@@ -276,8 +311,9 @@ fn cancel_transfer_in(world: &mut World, id: &str, key: Option<&str>) -> Outcome
     if t.status == "processing" && t.posts_on_cancel {
         // The lost race: the transfer posts before the cancel reaches it.
         t.advance("posted", None);
-        let mut outcome = Outcome::refused(
+        let mut outcome = Outcome::refused_as(
             StatusCode::BAD_REQUEST,
+            "not_cancelable",
             "outbound_transfer_not_cancelable",
             "The outbound transfer can no longer be canceled",
         );
@@ -285,8 +321,9 @@ fn cancel_transfer_in(world: &mut World, id: &str, key: Option<&str>) -> Outcome
         return outcome;
     }
     if t.status != "processing" || !t.cancelable {
-        return Outcome::refused(
+        return Outcome::refused_as(
             StatusCode::BAD_REQUEST,
+            "not_cancelable",
             "outbound_transfer_not_cancelable",
             "The outbound transfer can no longer be canceled",
         );
@@ -320,6 +357,10 @@ fn cancel_batch_job_in(world: &mut World, id: &str, key: Option<&str>) -> Outcom
             &format!("No such batch job: {id}"),
         );
     };
+    if job.status == "canceled" {
+        // Cancelling a canceled job again changes nothing: the job as it is.
+        return Outcome::ok(job.to_json(), Vec::new());
+    }
     if !job.cancellable() {
         return Outcome::refused(
             StatusCode::BAD_REQUEST,
@@ -410,6 +451,44 @@ impl EventFilter {
     }
 }
 
+/// The event Stripe sends once it could generate again an event it had
+/// failed to: about the platform (no context), naming in `data.impact` the
+/// object (and account context) the lost event was about.
+pub const EVENT_GENERATION_FAILURE_RESOLVED: &str =
+    "v2.core.health.event_generation_failure.resolved";
+
+impl crate::Simulator {
+    /// Applies `step` as if Stripe failed to generate its events: the state
+    /// changes, no event of it is ever listed or sent. Returns the
+    /// notification Stripe sends later about the failure (listed and
+    /// fetchable with its `data`, which the notification itself lacks).
+    pub fn fail_event_generation(&self, step: &crate::Step) -> Delivery {
+        let mut world = self.shared.world();
+        for change in &step.changes {
+            world.apply(change);
+        }
+        let lost = &step.deliveries[0].body;
+        let mut event = json!({
+            "id": super::state::new_id("evt_sim_"),
+            "object": "v2.core.event",
+            "type": EVENT_GENERATION_FAILURE_RESOLVED,
+            "created": crate::time::fmt(chrono::Utc::now()),
+            "livemode": false,
+            "data": {
+                "grouping_key": super::state::new_id("grp_sim_"),
+                "impact": {
+                    "context": lost["context"],
+                    "event_type": lost["type"],
+                    "related_object": lost["related_object"],
+                },
+            },
+        });
+        world.record_stripe_event(&event);
+        event.as_object_mut().map(|e| e.remove("data"));
+        Delivery::stripe(event)
+    }
+}
+
 /// Lists events newest first, `limit` per page; `next_page_url` repeats the
 /// filters with a `page` token and is null on the last page.
 async fn list_events(
@@ -424,6 +503,7 @@ async fn list_events(
         Ok(f) => f,
         Err(r) => return r.into_response(),
     };
+    let context = stripe_context(&headers);
     let world = s.world();
     let upper = filter.before.unwrap_or(world.events.len());
     let mut page: Vec<(usize, Value)> = world
@@ -432,7 +512,9 @@ async fn list_events(
         .enumerate()
         .take(upper)
         .rev()
-        .filter(|(_, e)| filter.matches(e.created, &e.body))
+        .filter(|(_, e)| {
+            in_context(&e.body, context.as_deref()) && filter.matches(e.created, &e.body)
+        })
         .take(filter.limit + 1)
         .map(|(i, e)| (i, e.body.clone()))
         .collect();
@@ -475,6 +557,7 @@ mod tests {
             again.body["error"]["code"],
             "outbound_transfer_already_canceled"
         );
+        assert_eq!(again.body["error"]["type"], "already_canceled");
         let missing = cancel_transfer_in(&mut w, "obt_nope", None);
         assert_eq!(missing.status, StatusCode::NOT_FOUND);
         assert_eq!(missing.body["error"]["code"], "not_found");
@@ -511,6 +594,10 @@ mod tests {
         let again = cancel_batch_job_in(&mut w, &id, None);
         assert_eq!(again.body["error"]["code"], "batch_api_non_cancellable_job");
         let event = finish_batch_cancel(&mut w, &id).unwrap();
+        let once_more = cancel_batch_job_in(&mut w, &id, None);
+        assert_eq!(once_more.status, StatusCode::OK);
+        assert_eq!(once_more.body["status"], "canceled");
+        assert!(once_more.events.is_empty() && once_more.finish_batch_job.is_none());
         assert_eq!(event["type"], "v2.core.batch_job.canceled");
         assert_eq!(
             w.batch_jobs[&id].to_json()["status_details"]["canceled"]["success_count"],

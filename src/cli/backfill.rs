@@ -13,6 +13,11 @@ pub struct BackfillArgs {
     /// Take events created at or after this time (RFC 3339).
     #[arg(long)]
     pub since: String,
+    /// An account context to list besides the provider's own account and
+    /// those deliveries came from (Stripe: a connected account, `acct_…`);
+    /// repeat it for several.
+    #[arg(long = "context")]
+    pub contexts: Vec<String>,
     /// Print one JSON document instead of a line.
     #[arg(long)]
     pub json: bool,
@@ -22,15 +27,16 @@ pub struct BackfillArgs {
 /// (or the next `serve`) processes them with trigger `backfill`.
 pub async fn run(config: Config, args: BackfillArgs) -> anyhow::Result<()> {
     let ctx = Context::open(config).await?;
-    let result = backfill::events(&ctx, &args.provider, &args.since).await;
+    let result = backfill::events(&ctx, &args.provider, &args.since, &args.contexts).await;
     ctx.store.close().await;
     let report = result?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{} events listed, {} new (queued for processing){}",
+            "{} events listed in {} account contexts, {} new (queued for processing){}",
             report.listed,
+            report.contexts.len(),
             report.new,
             if report.skipped > 0 {
                 format!(", {} skipped (not v2 events)", report.skipped)

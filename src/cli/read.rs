@@ -528,12 +528,26 @@ fn refunds_table(refunds: &[&Refund]) -> Table {
             r.resource_id.clone(),
             r.status.clone(),
             r.reason.clone(),
-            amount_cell(r.amount, r.currency.as_deref()),
+            amount_text(r),
             r.opened_at.clone(),
             cell(r.completed_at.as_deref()),
         ]);
     }
     t
+}
+
+/// A refund's amount, with the transfer's own beside it when they differ.
+fn amount_text(r: &Refund) -> String {
+    let money =
+        |amount: Option<i64>, currency: &Option<String>| amount_cell(amount, currency.as_deref());
+    let refunded = money(r.amount, &r.currency);
+    match r.presentment_amount {
+        Some(_) => format!(
+            "{refunded} (presented {})",
+            money(r.presentment_amount, &r.presentment_currency)
+        ),
+        None => refunded,
+    }
 }
 
 fn deliveries_text(a: &Alert) -> String {

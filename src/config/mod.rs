@@ -15,8 +15,11 @@ mod alerts;
 pub const DEFAULT_CONFIG_PATH: &str = "config/cancelwatch.toml";
 const REDACTED: &str = "<redacted>";
 
+mod backfill;
+
 pub use crate::providers::juice::config::JuiceConfig;
 pub use crate::providers::stripe::config::StripeConfig;
+pub use backfill::BackfillConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -28,6 +31,7 @@ pub struct Config {
     pub juice: JuiceConfig,
     pub workers: WorkerConfig,
     pub reconcile: ReconcileConfig,
+    pub backfill: BackfillConfig,
     pub prune: PruneConfig,
     pub alerts: AlertsConfig,
 }
@@ -292,6 +296,7 @@ impl Config {
         if self.reconcile.interval_secs == 0 {
             return Err(invalid("reconcile.interval_secs", "must be above 0"));
         }
+        self.backfill.validate()?;
         crate::time::parse_duration(&self.prune.older_than)
             .map_err(|e| invalid("prune.older_than", e))?;
         self.validate_alerts()

@@ -5,7 +5,8 @@
 
 use chrono::Duration;
 
-use crate::providers::{self, Observation, RefundStatus, StatusClass};
+use crate::providers::knowledge::Watch;
+use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass};
 use crate::time::{self, Timestamp};
 
 /// What caused an observation (the `trigger_type` / `trigger_id` columns).
@@ -136,28 +137,65 @@ pub fn refund_change(existing: Option<&str>, signal: RefundStatus) -> Option<Ref
     }
 }
 
+/// The transfer's own amount and currency, kept beside its refund when the
+/// refund is counted otherwise (a Stripe outbound transfer gives back what
+/// left the account, which may differ from what it was presented in).
+pub fn presentment<'a>(
+    obs: &'a Observation,
+    signal: &RefundSignal,
+) -> Option<(Option<i64>, Option<&'a str>)> {
+    let own = (obs.amount, obs.currency.as_deref());
+    (own != (signal.amount, signal.currency.as_deref())).then_some(own)
+}
+
+/// A settled resource its provider may still move: since when it rests,
+/// and how it is watched meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watched {
+    pub since: Timestamp,
+    pub watch: Watch,
+}
+
+impl Watched {
+    /// It rests since the provider's time of its status when it gives one,
+    /// else since its status was first observed.
+    pub fn new(watch: Watch, provider_at: Option<&str>, status_since: Timestamp) -> Watched {
+        let since = provider_at
+            .and_then(time::parse_lenient)
+            .unwrap_or(status_since);
+        Watched { since, watch }
+    }
+}
+
 /// When to fetch a resource again: after `interval_secs` while it moves;
 /// while it rests but its refund is pending (`refund_pending_since`: since
 /// when its status has been the one that opened the refund), after as long
 /// as that has lasted, between `interval_secs` and `max_interval_secs`, so
 /// the wait doubles from one look to the next: a reversal whose signal may
-/// never come is not polled at the pace of a transfer in flight. Never once
-/// it rests.
+/// never come is not polled at the pace of a transfer in flight; at the
+/// watch's pace while a settled one its provider may still move is watched,
+/// the last time when its window closes. Never once it rests.
 pub fn next_reconcile(
     class: StatusClass,
     refund_pending_since: Option<Timestamp>,
     now: Timestamp,
     interval_secs: u64,
     max_interval_secs: u64,
+    watched: Option<Watched>,
 ) -> Option<String> {
     let interval = interval_secs.max(1) as i64;
-    let wait = if class == StatusClass::Transitional {
-        interval
-    } else {
-        let pending_for = (now - refund_pending_since?).num_seconds();
-        pending_for.clamp(interval, (max_interval_secs as i64).max(interval))
-    };
-    Some(time::fmt(now + Duration::seconds(wait)))
+    if class == StatusClass::Transitional {
+        return Some(time::fmt(now + Duration::seconds(interval)));
+    }
+    if let Some(since) = refund_pending_since {
+        let pending_for = (now - since).num_seconds();
+        let wait = pending_for.clamp(interval, (max_interval_secs as i64).max(interval));
+        return Some(time::fmt(now + Duration::seconds(wait)));
+    }
+    let w = watched.filter(|_| class == StatusClass::Settled)?;
+    let until = w.since + Duration::from_std(w.watch.window).ok()?;
+    let next = now + Duration::from_std(w.watch.every).ok()?;
+    (now < until).then(|| time::fmt(next.min(until)))
 }
 
 /// What one call of [`record`] wrote.
@@ -382,7 +420,8 @@ mod tests {
     fn reconcile_schedule() {
         let now = time::parse_lenient("2026-10-30T12:00:00Z").unwrap();
         let ago = |secs| Some(now - Duration::seconds(secs));
-        let next = |class, pending_since| next_reconcile(class, pending_since, now, 60, 3_600);
+        let next =
+            |class, pending_since| next_reconcile(class, pending_since, now, 60, 3_600, None);
         assert_eq!(
             next(StatusClass::Transitional, None).as_deref(),
             Some("2026-10-30T12:01:00.000Z")
@@ -412,5 +451,36 @@ mod tests {
             Some("2026-10-30T13:00:00.000Z"),
             "a terminal status with a pending refund is still looked at"
         );
+    }
+
+    #[test]
+    fn a_watched_settled_resource_is_fetched_until_its_window_closes() {
+        let watch = Watch {
+            window: std::time::Duration::from_secs(86_400),
+            every: std::time::Duration::from_secs(6 * 3_600),
+        };
+        let at = |s: &str| time::parse_lenient(s).unwrap();
+        // Posted at noon (the provider's time wins over when it was seen).
+        let w = Watched::new(
+            watch,
+            Some("2026-10-30T12:00:00.000Z"),
+            at("2026-10-30T13:00:00Z"),
+        );
+        let next = |now: &str, class| next_reconcile(class, None, at(now), 60, 3_600, Some(w));
+        assert_eq!(
+            next("2026-10-30T12:05:00Z", StatusClass::Settled).as_deref(),
+            Some("2026-10-30T18:05:00.000Z")
+        );
+        // The last look is when the window closes; after it, none.
+        assert_eq!(
+            next("2026-10-31T09:00:00Z", StatusClass::Settled).as_deref(),
+            Some("2026-10-31T12:00:00.000Z")
+        );
+        assert_eq!(next("2026-10-31T12:00:00Z", StatusClass::Settled), None);
+        // Once final, never.
+        assert_eq!(next("2026-10-30T12:05:00Z", StatusClass::Terminal), None);
+        // No provider time: from when the status was first seen.
+        let w = Watched::new(watch, None, at("2026-10-30T13:00:00Z"));
+        assert_eq!(w.since, at("2026-10-30T13:00:00Z"));
     }
 }

@@ -1,10 +1,11 @@
 //! The reconciler: every `reconcile.interval_secs`, fetches again the
-//! resources whose `next_reconcile_at` has come (those still moving, and
-//! Juice items whose refund is pending, fetched through their bulk transfer,
-//! less often the longer it has been pending: see
-//! `domain::observe::next_reconcile`) and records them with trigger
-//! `reconcile`. A failed fetch pushes that resource back, doubling up to
-//! `reconcile.max_interval_secs`.
+//! resources whose `next_reconcile_at` has come (those still moving, Juice
+//! items whose refund is pending, fetched through their bulk transfer, less
+//! often the longer it has been pending, and settled ones their provider may
+//! still move, such as posted Stripe outbound transfers during their return
+//! watch; see `domain::observe::next_reconcile`) and records them with
+//! trigger `reconcile`. A failed fetch pushes that resource back, doubling
+//! up to `reconcile.max_interval_secs`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

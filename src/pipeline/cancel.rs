@@ -80,6 +80,9 @@ pub async fn request(
         opened.idempotency_key,
         opened.context,
     );
+    let was_cancelled = opened
+        .status
+        .is_some_and(|s| knowledge::is_cancelled(&ctx.config, kind, &s));
 
     let target = Target {
         kind: kind.to_string(),
@@ -89,7 +92,9 @@ pub async fn request(
     };
     // A cancel and the fetch that follows it go ahead of other calls in the
     // provider's request budget: no reconcile or delivery traffic starves them.
-    let answer = limit::urgent(provider.cancel(&target, &key)).await;
+    let answer = limit::urgent(provider.cancel(&target, &key))
+        .await
+        .map(|a| already_done(a, was_cancelled));
     let (outcome, http_status, error_code) = store_answer(ctx, request_id, id, &answer).await?;
 
     // Whatever the answer, the state may have changed (partial cancellation,
@@ -120,6 +125,21 @@ pub async fn request(
         fetch_error,
         effect,
     })
+}
+
+/// A cancel of a resource already seen cancelled changes nothing, whatever
+/// the provider says: a repeated idempotency key gets the first answer
+/// again (accepted), and some providers refuse to cancel what is cancelled.
+fn already_done(mut answer: CancelAnswer, was_cancelled: bool) -> CancelAnswer {
+    if was_cancelled
+        && matches!(
+            answer.outcome,
+            CancelOutcome::Accepted | CancelOutcome::NotCancellable
+        )
+    {
+        answer.outcome = CancelOutcome::AlreadyCancelled;
+    }
+    answer
 }
 
 /// Stores the provider's answer to a cancel (or why there was none) and
@@ -211,6 +231,24 @@ mod tests {
     use super::*;
 
     const BATCH_JOB: &str = "stripe.batch_job";
+
+    #[test]
+    fn a_resource_seen_cancelled_is_already_cancelled() {
+        let answer = |outcome| CancelAnswer {
+            outcome,
+            http_status: 200,
+            error_code: None,
+            body: String::new(),
+        };
+        let after = |outcome, was| already_done(answer(outcome), was).outcome;
+        use CancelOutcome::*;
+        assert_eq!(after(Accepted, true), AlreadyCancelled);
+        assert_eq!(after(NotCancellable, true), AlreadyCancelled);
+        assert_eq!(after(Accepted, false), Accepted);
+        assert_eq!(after(NotCancellable, false), NotCancellable);
+        assert_eq!(after(Error, true), Error);
+        assert_eq!(after(NotFound, true), NotFound);
+    }
 
     #[test]
     fn keys_are_stable_per_resource_and_attempt() {

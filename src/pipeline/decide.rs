@@ -15,7 +15,7 @@ use super::Context;
 use crate::config::Config;
 use crate::domain::outcome::{delivery_span, Decided, Outcome};
 use crate::providers::knowledge::{self, EventFacts, Plan};
-use crate::providers::ProviderError;
+use crate::providers::{Provider, ProviderError, Resolved, Target};
 use crate::store::model::Delivery;
 
 /// What a stored delivery asks for (pure: from its columns and body); the
@@ -103,27 +103,53 @@ async fn decide_inner(ctx: &Context, d: &Delivery) -> Outcome {
                     ProviderError::NotConfigured(super::recorder::provider_name(d)).to_string(),
                 );
             };
-            match provider.fetch(&target).await {
-                Ok(obs) => Outcome::Observed {
-                    obs: Box::new(obs),
-                    context: target.context,
-                    reversal,
-                },
-                Err(e @ (ProviderError::Unauthorized(_) | ProviderError::NotConfigured(_))) => {
-                    Outcome::Released(e.to_string())
-                }
-                Err(ProviderError::NotFound(detail)) => Outcome::NotFound { target, detail },
-                Err(e @ ProviderError::RateLimited { retry_after, .. }) => Outcome::RateLimited {
-                    retry_after,
-                    error: e.to_string(),
-                },
-                Err(e) => Outcome::Failed {
-                    retry_after: match &e {
-                        ProviderError::Retryable { retry_after, .. } => *retry_after,
-                        _ => None,
-                    },
-                    error: e.to_string(),
-                },
+            fetch(&*provider, target, reversal).await
+        }
+    }
+}
+
+/// Looks up what the target names when the delivery could not say it
+/// ([`Provider::resolve`]), then fetches it.
+async fn fetch(provider: &dyn Provider, target: Target, reversal: Option<Target>) -> Outcome {
+    let target = match provider.resolve(target).await {
+        Ok(Resolved::Fetch(target)) => target,
+        Ok(Resolved::Nothing(reason)) => return Outcome::Ignore(reason),
+        // What names the object (a delivered event) must exist: its absence
+        // is a failure to retry, not an object that does not exist.
+        Err(ProviderError::NotFound(detail)) => {
+            return failed(ProviderError::Permanent(format!("not found: {detail}")))
+        }
+        Err(e) => return failed(e),
+    };
+    match provider.fetch(&target).await {
+        Ok(obs) => Outcome::Observed {
+            obs: Box::new(obs),
+            context: target.context,
+            reversal,
+        },
+        Err(ProviderError::NotFound(detail)) => Outcome::NotFound { target, detail },
+        Err(e) => failed(e),
+    }
+}
+
+/// What a provider call that gave no answer to use comes to.
+fn failed(e: ProviderError) -> Outcome {
+    match e {
+        ProviderError::Unauthorized(_) | ProviderError::NotConfigured(_) => {
+            Outcome::Released(e.to_string())
+        }
+        ProviderError::RateLimited { retry_after, .. } => Outcome::RateLimited {
+            retry_after,
+            error: e.to_string(),
+        },
+        ProviderError::Retryable { retry_after, .. } => Outcome::Failed {
+            retry_after,
+            error: e.to_string(),
+        },
+        ProviderError::NotFound(_) | ProviderError::Permanent(_) | ProviderError::Unanswered(_) => {
+            Outcome::Failed {
+                retry_after: None,
+                error: e.to_string(),
             }
         }
     }

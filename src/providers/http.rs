@@ -1,7 +1,8 @@
 //! The HTTP side shared by the provider API clients: one call with a timeout,
 //! retried with exponential backoff and jitter on network errors, 409, 429 and
-//! 5xx, honouring `Retry-After` (and Juice's `retry_after`) and
-//! `Stripe-Should-Retry`. A request the provider does not make idempotent
+//! 5xx, honouring `Retry-After` (seconds or an HTTP date; and Juice's
+//! `retry_after`), capped at [`RETRY_AFTER_CAP`], and `Stripe-Should-Retry`.
+//! A request the provider does not make idempotent
 //! ([`HttpClient::send_unrepeated`]) is sent again only when it surely did
 //! not take effect.
 
@@ -15,6 +16,11 @@ use reqwest::Method;
 use super::limit::RateLimit;
 use super::ProviderError;
 use crate::config::WorkerConfig;
+
+/// The longest wait a provider's `Retry-After` is honoured for: a date far
+/// ahead (or a clock far off) must not park a delivery for days. A
+/// delivery that waited this long asks again, and waits again if told to.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3_600);
 
 /// A provider's answer: status, headers and the raw body.
 #[derive(Debug, Clone)]
@@ -54,14 +60,25 @@ impl Answer {
         matches!(self.status, 409 | 429) || self.status >= 500
     }
 
-    /// The wait the provider asked for: `Retry-After` (seconds) or a
-    /// `retry_after` in the JSON body (top level or inside `error`).
+    /// The wait the provider asked for, at most [`RETRY_AFTER_CAP`]:
+    /// `Retry-After` (seconds, or an HTTP date: the time until then, none
+    /// when it has passed) or a `retry_after` in the JSON body (top level or
+    /// inside `error`).
     pub fn retry_after(&self) -> Option<Duration> {
         let header = self
             .headers
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok());
+            .map(str::trim);
+        let seconds = header.and_then(|v| v.parse::<f64>().ok());
+        let until_date = || {
+            let date = httpdate::parse_http_date(header?).ok()?;
+            Some(
+                date.duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            )
+        };
         let body = || {
             let v = self.json()?;
             let r = v
@@ -69,29 +86,42 @@ impl Answer {
                 .or_else(|| v.get("error").and_then(|e| e.get("retry_after")))?;
             r.as_f64().or_else(|| r.as_str()?.trim().parse().ok())
         };
-        header
+        seconds
+            .or_else(until_date)
             .or_else(body)
             .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64)
+            .map(|s| Duration::from_secs_f64(s.min(RETRY_AFTER_CAP.as_secs_f64())))
     }
 
     /// The error code in `{"error":{"code":…}}` (or a top-level `code`).
     pub fn error_code(&self) -> Option<String> {
+        self.error_field("code")
+    }
+
+    /// The error type in `{"error":{"type":…}}` (or a top-level `type`):
+    /// Stripe's v2 API names some errors by their type alone
+    /// (`already_canceled`, `idempotency_error`, …).
+    pub fn error_type(&self) -> Option<String> {
+        self.error_field("type")
+    }
+
+    fn error_field(&self, field: &str) -> Option<String> {
         let v = self.json()?;
         v.get("error")
-            .and_then(|e| e.get("code"))
-            .or_else(|| v.get("code"))
+            .and_then(|e| e.get(field))
+            .or_else(|| v.get(field))
             .and_then(|c| c.as_str())
+            .filter(|c| !c.is_empty())
             .map(str::to_string)
     }
 
     /// The error a failed fetch becomes.
     pub fn into_error(self, what: &str) -> ProviderError {
-        let detail = format!(
-            "{what}: HTTP {} {}",
-            self.status,
-            self.error_code().unwrap_or_default()
-        );
+        let named: Vec<String> = [self.error_type(), self.error_code()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let detail = format!("{what}: HTTP {} {}", self.status, named.join(" "));
         match self.status {
             404 => ProviderError::NotFound(detail),
             401 | 403 => ProviderError::Unauthorized(detail),
@@ -470,8 +500,55 @@ mod tests {
         );
         assert_eq!(answer(429, &[], "nope").retry_after(), None);
         assert_eq!(
+            answer(429, &[("retry-after", "36000")], "").retry_after(),
+            Some(RETRY_AFTER_CAP)
+        );
+        assert_eq!(
             answer(400, &[], r#"{"error":{"code":"invalid_state"}}"#).error_code(),
             Some("invalid_state".into())
+        );
+        let typed = answer(
+            400,
+            &[],
+            r#"{"error":{"type":"already_canceled","code":null}}"#,
+        );
+        assert_eq!(typed.error_type(), Some("already_canceled".into()));
+        assert_eq!(typed.error_code(), None);
+        let ProviderError::Permanent(detail) = typed.into_error("GET /x") else {
+            panic!("a 400 is permanent");
+        };
+        assert_eq!(detail, "GET /x: HTTP 400 already_canceled");
+    }
+
+    #[test]
+    fn retry_after_as_an_http_date() {
+        let at =
+            |from_now: Duration| httpdate::fmt_http_date(std::time::SystemTime::now() + from_now);
+        // Dates have whole seconds: a date 5 s ahead is 4 to 5 s away.
+        let wait = answer(503, &[("retry-after", &at(Duration::from_secs(5)))], "")
+            .retry_after()
+            .unwrap();
+        assert!(
+            wait > Duration::from_secs(3) && wait <= Duration::from_secs(5),
+            "{wait:?}"
+        );
+        let past = httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(60));
+        assert_eq!(
+            answer(429, &[("retry-after", &past)], "").retry_after(),
+            Some(Duration::ZERO)
+        );
+        // The obsolete forms a recipient must accept, and a cap on far dates.
+        let far = answer(
+            429,
+            &[("retry-after", "Sunday, 06-Nov-44 08:49:37 GMT")],
+            "",
+        );
+        assert_eq!(far.retry_after(), Some(RETRY_AFTER_CAP));
+        let far = answer(429, &[("retry-after", "Sun Nov  6 08:49:37 2044")], "");
+        assert_eq!(far.retry_after(), Some(RETRY_AFTER_CAP));
+        assert_eq!(
+            answer(429, &[("retry-after", "soon")], "").retry_after(),
+            None
         );
     }
 

@@ -64,6 +64,15 @@ pub enum Plan {
     Reversal(Target),
 }
 
+/// How a resource at rest is still watched, because its provider may move
+/// it again and the delivery that says so may be lost: fetched every
+/// `every` until `window` has passed since it came to rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watch {
+    pub window: Duration,
+    pub every: Duration,
+}
+
 /// A stored delivery, as much of it as [`Knowledge::plan`] reads.
 #[derive(Debug, Clone, Copy)]
 pub struct EventFacts<'a> {
@@ -91,6 +100,12 @@ pub trait Knowledge: Send + Sync {
     fn plan(&self, config: &Config, event: &EventFacts<'_>) -> Plan;
     /// How long the provider retries a delivery: its dedupe key outlives that.
     fn retry_window(&self) -> Duration;
+    /// How a resource settled in `status` is still watched, when the
+    /// provider may move it on from there (none by default).
+    fn watch_after_settle(&self, config: &Config, kind: &str, status: &str) -> Option<Watch> {
+        let _ = (config, kind, status);
+        None
+    }
     /// The configuration key of its webhook secrets, and whether it holds any.
     fn webhook_secrets(&self, config: &Config) -> (&'static str, bool);
     /// Other ids under which the resource `obs` is known or was recorded
@@ -205,6 +220,11 @@ pub fn refund_awaits(config: &Config, kind: &str) -> Option<String> {
 /// Other ids of the resource `obs` (see [`Knowledge::other_keys`]).
 pub fn other_keys(obs: &super::Observation) -> Vec<String> {
     of_provider(obs.provider).map_or_else(Vec::new, |k| k.other_keys(obs))
+}
+
+/// How a resource of `kind` settled in `status` is still watched, if at all.
+pub fn watch_after_settle(config: &Config, kind: &str, status: &str) -> Option<Watch> {
+    of_kind(kind)?.watch_after_settle(config, kind, status)
 }
 
 /// What a stored delivery asks for.

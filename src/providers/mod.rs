@@ -102,15 +102,41 @@ pub trait Provider: Send + Sync {
         target: &Target,
         idempotency_key: &str,
     ) -> Result<CancelAnswer, ProviderError>;
-    /// Lists the events created at or after `since` (RFC 3339), for a
+    /// How far back its API lists its events ([`Provider::list_events`]),
+    /// when it lists them: the catch-up job runs for it, never further back.
+    fn events_listed_for(&self) -> Option<Duration> {
+        None
+    }
+    /// Lists the events created at or after `since` (RFC 3339) of one
+    /// account `context` (none: the provider's own account), for a
     /// backfill. A provider whose API lists no events refuses.
-    async fn list_events(&self, since: &str) -> Result<Listing, ProviderError> {
-        let _ = since;
+    async fn list_events(
+        &self,
+        since: &str,
+        context: Option<&str>,
+    ) -> Result<Listing, ProviderError> {
+        let _ = (since, context);
         Err(ProviderError::Permanent(format!(
             "{} has no API that lists its events",
             self.name()
         )))
     }
+    /// What a target to fetch names, when the delivery could not say it (a
+    /// Stripe event announcing that an event about some object was never
+    /// generated): the target to fetch, or why there is none. Any other
+    /// target is itself.
+    async fn resolve(&self, target: Target) -> Result<Resolved, ProviderError> {
+        Ok(Resolved::Fetch(target))
+    }
+}
+
+/// What a target turned out to name ([`Provider::resolve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    /// Fetch this.
+    Fetch(Target),
+    /// Nothing to fetch, and why: the delivery is marked `ignored`.
+    Nothing(String),
 }
 
 /// What a provider's event listing found.
@@ -179,6 +205,9 @@ pub struct Target {
     pub url: Option<String>,
     /// Stripe: the event that triggered the fetch (`Stripe-Request-Trigger: event=…`).
     pub trigger_event: Option<String>,
+    /// Stripe: when that event was created, the provider's time of a state
+    /// whose object carries none (a batch job has no `status_transitions`).
+    pub trigger_created: Option<String>,
 }
 
 /// How a status behaves.
@@ -188,7 +217,8 @@ pub enum StatusClass {
     /// Still moving (`processing`, `cancelling`, `executing`, unknown values): reconciled, may be stuck.
     Transitional,
     /// At rest but not final (Stripe `posted`, may still be `returned`; Juice item
-    /// `cancelled`, awaiting its reversal): not reconciled, never stuck.
+    /// `cancelled`, awaiting its reversal): never stuck, reconciled only while
+    /// its provider watches it ([`knowledge::Watch`]) or its refund is pending.
     Settled,
     /// Final: never moves again.
     Terminal,

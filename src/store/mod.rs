@@ -67,6 +67,8 @@ pub struct OpenedCancel {
     pub idempotency_key: String,
     /// The Stripe account context the resource was seen in.
     pub context: Option<String>,
+    /// Its status as last observed before this request.
+    pub status: Option<String>,
 }
 
 /// The provider's answer to a cancel, as recorded.
@@ -137,6 +139,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn delivery_by_key(&self, key: &str) -> Result<Option<Delivery>, StoreError>;
     /// Pending deliveries and the oldest one's arrival.
     async fn inbox_depth(&self) -> Result<(i64, Option<String>), StoreError>;
+    /// Per account context (none: the provider's own account), when the
+    /// latest delivery of `provider` received at or after `since` arrived.
+    async fn newest_received(
+        &self,
+        provider: &str,
+        since: &str,
+    ) -> Result<Vec<(Option<String>, String)>, StoreError>;
     async fn inbox_by_state(&self) -> Result<Vec<(String, i64)>, StoreError>;
 
     // ---- recording ----------------------------------------------------

@@ -112,7 +112,12 @@ impl StripeApi {
         let object = answer.json().ok_or_else(|| {
             ProviderError::Permanent(format!("stripe GET {path}: the answer is not JSON"))
         })?;
-        objects::decode(&target.kind, &target.id, object).map_err(ProviderError::Permanent)
+        let obs =
+            objects::decode(&target.kind, &target.id, object).map_err(ProviderError::Permanent)?;
+        Ok(objects::timed_by_event(
+            obs,
+            target.trigger_created.as_deref(),
+        ))
     }
 
     /// POSTs `…/cancel` with an `Idempotency-Key` and maps the answer.
@@ -134,15 +139,37 @@ impl StripeApi {
         if matches!(answer.status, 401 | 403) {
             return Err(answer.into_error(&format!("stripe POST {path}")));
         }
-        Ok(cancel_answer(answer))
+        Ok(cancel_answer(&target.kind, answer))
     }
 
-    /// Lists events created at or after `since` (RFC 3339), `page_limit` per
-    /// page, following `next_page_url` until it is null. Each event as its JSON object.
+    /// GETs the event a target names (`/v2/core/events/{id}`, in its
+    /// context), with its `data`.
+    pub async fn event(&self, target: &Target) -> Result<Value, ProviderError> {
+        if !safe_id(&target.id) {
+            return Err(ProviderError::Permanent(format!(
+                "unsafe event id {:?}",
+                target.id
+            )));
+        }
+        let path = format!("/v2/core/events/{}", target.id);
+        let headers = self.headers(target.context.as_deref(), target.trigger_event.as_deref());
+        let answer = self.http.send(Method::GET, &path, &headers, None).await?;
+        if !answer.is_success() {
+            return Err(answer.into_error(&format!("stripe GET {path}")));
+        }
+        answer.json().ok_or_else(|| {
+            ProviderError::Permanent(format!("stripe GET {path}: the answer is not JSON"))
+        })
+    }
+
+    /// Lists the events of account `context` (none: the platform's own)
+    /// created at or after `since` (RFC 3339), `page_limit` per page,
+    /// following `next_page_url` until it is null. Each event as its JSON object.
     pub async fn list_events(
         &self,
         since: &str,
         page_limit: u32,
+        context: Option<&str>,
     ) -> Result<Vec<Value>, ProviderError> {
         let mut path = format!(
             "/v2/core/events?created[gte]={}&limit={page_limit}",
@@ -158,7 +185,7 @@ impl StripeApi {
             }
             let answer = self
                 .http
-                .send(Method::GET, &path, &self.headers(None, None), None)
+                .send(Method::GET, &path, &self.headers(context, None), None)
                 .await?;
             if !answer.is_success() {
                 return Err(answer.into_error("stripe GET /v2/core/events"));
@@ -184,27 +211,51 @@ impl StripeApi {
     }
 }
 
-/// Maps a cancel answer to its outcome (Stripe's v2 API reference).
-pub fn cancel_answer(answer: Answer) -> CancelAnswer {
-    let code = answer.error_code();
+/// Maps a cancel answer of a resource of `kind` to its outcome (Stripe's v2
+/// API reference). A refusal is read by its error type as well as its
+/// code: v2 names some errors by type alone (`already_canceled`,
+/// `not_cancelable`, `idempotency_error`). The code is recorded, else the type.
+pub fn cancel_answer(kind: &str, answer: Answer) -> CancelAnswer {
+    let (error_type, code) = (answer.error_type(), answer.error_code());
     let outcome = if answer.is_success() {
-        CancelOutcome::Accepted
+        accepted_outcome(kind, &answer)
     } else {
-        match (answer.status, code.as_deref()) {
-            (_, Some("outbound_transfer_already_canceled")) => CancelOutcome::AlreadyCancelled,
-            (_, Some("outbound_transfer_not_cancelable" | "batch_api_non_cancellable_job")) => {
+        let named =
+            |name: &str| error_type.as_deref() == Some(name) || code.as_deref() == Some(name);
+        match answer.status {
+            _ if named("already_canceled") || named("outbound_transfer_already_canceled") => {
+                CancelOutcome::AlreadyCancelled
+            }
+            _ if named("not_cancelable")
+                || named("outbound_transfer_not_cancelable")
+                || named("batch_api_non_cancellable_job") =>
+            {
                 CancelOutcome::NotCancellable
             }
-            (_, Some("idempotency_error")) | (409, _) => CancelOutcome::IdempotencyConflict,
-            (404, _) | (_, Some("not_found" | "batch_job_not_found")) => CancelOutcome::NotFound,
+            409 => CancelOutcome::IdempotencyConflict,
+            _ if named("idempotency_error") => CancelOutcome::IdempotencyConflict,
+            404 => CancelOutcome::NotFound,
+            _ if named("not_found") || named("batch_job_not_found") => CancelOutcome::NotFound,
             _ => CancelOutcome::Error,
         }
     };
     CancelAnswer {
         outcome,
         http_status: answer.status,
-        error_code: code,
+        error_code: code.or(error_type),
         body: answer.body_text(),
+    }
+}
+
+/// A cancel Stripe answered with the object. A batch job's cancel moves it
+/// to `cancelling` first; one that answers `canceled` was cancelled before.
+fn accepted_outcome(kind: &str, answer: &Answer) -> CancelOutcome {
+    let status = answer
+        .json()
+        .and_then(|o| o.get("status").and_then(Value::as_str).map(str::to_string));
+    match (kind, status.as_deref()) {
+        (BATCH_JOB, Some("canceled")) => CancelOutcome::AlreadyCancelled,
+        _ => CancelOutcome::Accepted,
     }
 }
 
@@ -278,10 +329,53 @@ mod tests {
             (500, "api_error", CancelOutcome::Error),
         ];
         for (status, code, want) in cases {
-            let answer = cancel_answer(a(status, code));
+            let answer = cancel_answer(OUTBOUND_TRANSFER, a(status, code));
             assert_eq!(answer.outcome, want, "{status} {code}");
             assert_eq!(answer.http_status, status);
             assert!(answer.body.contains("invalid_request_error"));
         }
+    }
+
+    #[test]
+    fn cancel_outcomes_by_error_type() {
+        let typed = |status: u16, kind: &str| Answer {
+            status,
+            headers: HeaderMap::new(),
+            body: format!(r#"{{"error":{{"type":"{kind}","message":"m"}}}}"#).into_bytes(),
+        };
+        let cases = [
+            (400, "already_canceled", CancelOutcome::AlreadyCancelled),
+            (400, "not_cancelable", CancelOutcome::NotCancellable),
+            (400, "idempotency_error", CancelOutcome::IdempotencyConflict),
+            (400, "invalid_request_error", CancelOutcome::Error),
+        ];
+        for (status, kind, want) in cases {
+            let answer = cancel_answer(OUTBOUND_TRANSFER, typed(status, kind));
+            assert_eq!(answer.outcome, want, "{kind}");
+            assert_eq!(
+                answer.error_code.as_deref(),
+                Some(kind),
+                "the type is recorded"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_job_answered_canceled_was_cancelled_before() {
+        let ok = |status: &str| Answer {
+            status: 200,
+            headers: HeaderMap::new(),
+            body: format!(r#"{{"id":"batchv2_1","status":"{status}"}}"#).into_bytes(),
+        };
+        let outcome = |kind, status| cancel_answer(kind, ok(status)).outcome;
+        assert_eq!(outcome(BATCH_JOB, "cancelling"), CancelOutcome::Accepted);
+        assert_eq!(
+            outcome(BATCH_JOB, "canceled"),
+            CancelOutcome::AlreadyCancelled
+        );
+        assert_eq!(
+            outcome(OUTBOUND_TRANSFER, "canceled"),
+            CancelOutcome::Accepted
+        );
     }
 }

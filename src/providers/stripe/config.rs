@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{check_url, invalid, ConfigError};
 
+/// The longest return watch: ten years is already past any bank's returns.
+const MAX_RETURN_WATCH_DAYS: u64 = 3_650;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StripeConfig {
@@ -18,6 +21,10 @@ pub struct StripeConfig {
     /// `providers::limit`), and how many may go at once.
     pub rate_limit_per_second: f64,
     pub rate_limit_burst: u32,
+    /// How long a posted outbound transfer is still fetched for a return
+    /// (0: not at all), and how often.
+    pub return_watch_days: u64,
+    pub return_watch_interval_secs: u64,
 }
 
 impl Default for StripeConfig {
@@ -34,6 +41,14 @@ impl Default for StripeConfig {
             // `workers.concurrency` already bounds the calls in flight.
             rate_limit_per_second: 0.0,
             rate_limit_burst: 0,
+            // `posted` is not final: the receiving bank can send the money
+            // back, usually within a few banking days, sometimes weeks later,
+            // and Stripe documents no limit. 30 days covers the late ones and
+            // is as long as Stripe keeps the events a catch-up could list.
+            // A look every 12 hours notices a return whose webhook was lost
+            // within half a day, at 60 fetches per transfer over the window.
+            return_watch_days: 30,
+            return_watch_interval_secs: 43_200,
         }
     }
 }
@@ -52,6 +67,18 @@ impl StripeConfig {
         if self.webhook_secrets.iter().any(|s| s.is_empty()) {
             return Err(invalid("stripe.webhook_secrets", "holds an empty secret"));
         }
+        if self.return_watch_days > MAX_RETURN_WATCH_DAYS {
+            return Err(invalid(
+                "stripe.return_watch_days",
+                format!("must be {MAX_RETURN_WATCH_DAYS} or below (0: no watch)"),
+            ));
+        }
+        if self.return_watch_days > 0 && self.return_watch_interval_secs == 0 {
+            return Err(invalid(
+                "stripe.return_watch_interval_secs",
+                "must be above 0 while stripe.return_watch_days is",
+            ));
+        }
         if !(self.rate_limit_per_second.is_finite() && self.rate_limit_per_second >= 0.0) {
             return Err(invalid(
                 "stripe.rate_limit_per_second",
@@ -64,5 +91,23 @@ impl StripeConfig {
     /// Every secret of the section, for redaction.
     pub(crate) fn secrets_mut(&mut self) -> impl Iterator<Item = &mut String> {
         std::iter::once(&mut self.api_key).chain(self.webhook_secrets.iter_mut())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+
+    #[test]
+    fn the_return_watch_is_checked() {
+        let mut c = Config::default();
+        c.stripe.return_watch_interval_secs = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("stripe.return_watch_interval_secs"), "{e}");
+        c.stripe.return_watch_days = 0;
+        c.validate().expect("no watch needs no interval");
+        c.stripe.return_watch_days = 100_000;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("stripe.return_watch_days"), "{e}");
     }
 }

@@ -2,14 +2,24 @@
 
 use serde_json::Value;
 
-use crate::providers::{json_object, optional_str, required_str, Refused, ResourceRef};
+use crate::providers::{
+    json_object, optional_str, required_str, Refused, Resolved, ResourceRef, Target,
+};
 
 pub const OUTBOUND_TRANSFER: &str = "stripe.outbound_transfer";
 pub const BATCH_JOB: &str = "stripe.batch_job";
+/// Stripe says it failed to generate an event, once it can again; the event
+/// (fetched) names in `data.impact` the object the lost one was about.
+pub const EVENT_GENERATION_FAILURE_RESOLVED: &str =
+    "v2.core.health.event_generation_failure.resolved";
+/// A target that is a Stripe event to look up before anything is fetched
+/// ([`impacted`]).
+pub const EVENT_LOOKUP: &str = "stripe.event";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RelatedObject {
-    pub id: String,
+    /// None in the singleton form `{type, url}`: the object is known by its URL.
+    pub id: Option<String>,
     pub object_type: String,
     pub url: String,
 }
@@ -60,9 +70,10 @@ impl ThinEvent {
         let related_object = match map.get("related_object") {
             None | Some(Value::Null) => None,
             Some(Value::Object(ro)) => Some(RelatedObject {
-                id: required_str(ro, "id")
+                id: optional_str(ro, "id")
                     .map_err(|e| Refused::malformed(format!("related_object: {}", e.message)))?
-                    .to_string(),
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_string),
                 object_type: required_str(ro, "type")
                     .map_err(|e| Refused::malformed(format!("related_object: {}", e.message)))?
                     .to_string(),
@@ -86,15 +97,47 @@ impl ThinEvent {
         })
     }
 
-    /// The tracked resource: `stripe.<last segment of the object type>`.
+    /// The tracked resource: `stripe.<last segment of the object type>`;
+    /// none for an object named without an id.
     pub fn resource(&self) -> Option<ResourceRef> {
         let ro = self.related_object.as_ref()?;
         Some(ResourceRef {
             kind: kind_of(&ro.object_type),
-            id: ro.id.clone(),
+            id: ro.id.clone()?,
             context: self.context.clone(),
         })
     }
+}
+
+/// What an event-generation failure was about, from the fetched event's
+/// `data.impact`: its related object in its account context, to fetch when
+/// the lost event's type is `followed`. `lookup` is the target the event
+/// was fetched by.
+pub fn impacted(event: &Value, lookup: &Target, followed: impl Fn(&str) -> bool) -> Resolved {
+    let impact = event.pointer("/data/impact");
+    let field = |path: &str| impact.and_then(|i| i.pointer(path)).and_then(Value::as_str);
+    let event_type = field("/event_type").unwrap_or("unknown");
+    if !followed(event_type) {
+        return Resolved::Nothing(format!(
+            "the event Stripe failed to generate ({event_type}) is not followed"
+        ));
+    }
+    let (Some(object_type), Some(url)) =
+        (field("/related_object/type"), field("/related_object/url"))
+    else {
+        return Resolved::Nothing(format!(
+            "the event Stripe failed to generate ({event_type}) names no related object"
+        ));
+    };
+    Resolved::Fetch(Target {
+        kind: kind_of(object_type),
+        // The singleton form has no id: its URL names it.
+        id: field("/related_object/id").unwrap_or(url).to_string(),
+        context: field("/context").map(str::to_string),
+        url: Some(url.to_string()),
+        trigger_event: lookup.trigger_event.clone(),
+        trigger_created: None,
+    })
 }
 
 /// `v2.money_management.outbound_transfer` → `stripe.outbound_transfer`.
@@ -139,6 +182,53 @@ mod tests {
             let err = ThinEvent::decode(body).unwrap_err();
             assert_eq!(err.code, code, "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn a_related_object_without_id_is_a_singleton() {
+        let e = ThinEvent::decode(br#"{"id":"evt_1","object":"v2.core.event","type":"v2.core.workspace.updated","created":"2026-10-30T12:00:00Z","related_object":{"type":"v2.core.workspace","url":"/v2/core/workspace"}}"#).unwrap();
+        let ro = e.related_object.as_ref().unwrap();
+        assert_eq!(
+            (ro.id.as_deref(), ro.url.as_str()),
+            (None, "/v2/core/workspace")
+        );
+        assert!(e.resource().is_none());
+        let bad = ThinEvent::decode(br#"{"id":"evt_1","object":"v2.core.event","type":"x","created":"2026-10-30T12:00:00Z","related_object":{"id":7,"type":"t","url":"/v2/x"}}"#);
+        assert_eq!(bad.unwrap_err().code, "malformed_payload");
+    }
+
+    #[test]
+    fn an_event_generation_failure_names_the_object_to_fetch() {
+        let lookup = Target {
+            kind: EVENT_LOOKUP.into(),
+            id: "evt_h".into(),
+            trigger_event: Some("evt_h".into()),
+            ..Target::default()
+        };
+        let event = serde_json::json!({"id": "evt_h", "type": EVENT_GENERATION_FAILURE_RESOLVED,
+            "data": {"impact": {"context": "acct_1", "event_type": "v2.core.batch_job.canceled",
+                "related_object": {"id": "batchv2_1", "type": "v2.core.batch_job",
+                                   "url": "/v2/core/batch_jobs/batchv2_1"}}}});
+        let Resolved::Fetch(target) = impacted(&event, &lookup, |_| true) else {
+            panic!("the impacted object is fetched");
+        };
+        assert_eq!(
+            (target.kind.as_str(), target.id.as_str()),
+            (BATCH_JOB, "batchv2_1")
+        );
+        assert_eq!(target.context.as_deref(), Some("acct_1"));
+        assert_eq!(target.url.as_deref(), Some("/v2/core/batch_jobs/batchv2_1"));
+        assert_eq!(target.trigger_event.as_deref(), Some("evt_h"));
+        assert!(matches!(
+            impacted(&event, &lookup, |_| false),
+            Resolved::Nothing(_)
+        ));
+        let bare =
+            serde_json::json!({"data": {"impact": {"event_type": "v2.core.batch_job.canceled"}}});
+        assert!(matches!(
+            impacted(&bare, &lookup, |_| true),
+            Resolved::Nothing(_)
+        ));
     }
 
     #[test]

@@ -10,7 +10,8 @@ pub mod signature;
 use axum::http::HeaderMap;
 
 use super::{
-    CancelAnswer, Listing, Observation, Provider, ProviderError, Refused, Target, Verified,
+    CancelAnswer, Listing, Observation, Provider, ProviderError, Refused, Resolved, Target,
+    Verified,
 };
 use crate::config::{StripeConfig, WorkerConfig};
 
@@ -107,14 +108,28 @@ impl Provider for Stripe {
         Ok(verified(event::ThinEvent::decode(body)?))
     }
 
-    /// Events newest first, a page at a time; the dedupe key is the event
-    /// id, as for webhooks, so a listed event already delivered is known.
-    async fn list_events(&self, since: &str) -> Result<Listing, ProviderError> {
+    /// Stripe keeps its events for 30 days.
+    fn events_listed_for(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(30 * 86_400))
+    }
+
+    /// Events newest first, a page at a time, of one account context; the
+    /// dedupe key is the event id, as for webhooks, so a listed event
+    /// already delivered is known.
+    async fn list_events(
+        &self,
+        since: &str,
+        context: Option<&str>,
+    ) -> Result<Listing, ProviderError> {
         if !self.api_enabled() {
             return Err(ProviderError::NotConfigured(NAME));
         }
         let mut listing = Listing::default();
-        for object in self.api.list_events(since, api::PAGE_LIMIT).await? {
+        for object in self
+            .api
+            .list_events(since, api::PAGE_LIMIT, context)
+            .await?
+        {
             let raw_body = serde_json::to_vec(&object).unwrap_or_default();
             match event::ThinEvent::decode(&raw_body) {
                 Ok(thin) => listing.events.push((verified(thin), raw_body)),
@@ -125,6 +140,21 @@ impl Provider for Stripe {
             }
         }
         Ok(listing)
+    }
+
+    /// An event that says Stripe failed to generate another names, in its
+    /// `data.impact`, the object (and context) that one was about.
+    async fn resolve(&self, target: Target) -> Result<Resolved, ProviderError> {
+        if target.kind != event::EVENT_LOOKUP {
+            return Ok(Resolved::Fetch(target));
+        }
+        if !self.api_enabled() {
+            return Err(ProviderError::NotConfigured(NAME));
+        }
+        let event = self.api.event(&target).await?;
+        Ok(event::impacted(&event, &target, |event_type| {
+            knowledge::follows(&self.config, event_type)
+        }))
     }
 }
 

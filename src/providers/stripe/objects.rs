@@ -95,11 +95,12 @@ pub fn decode(kind: &str, id: &str, object: Value) -> Result<Observation, String
                 .and_then(Value::as_str)
                 .map(str::to_string);
             if OUTBOUND_TERMINAL.contains(&obs.status.as_str()) {
+                let (amount, currency) = debited(&object, &obs);
                 obs.refund = Some(RefundSignal {
                     status: RefundStatus::Completed,
                     reason: obs.status.clone(),
-                    amount: obs.amount,
-                    currency: obs.currency.clone(),
+                    amount,
+                    currency,
                 });
             }
         }
@@ -125,6 +126,37 @@ pub fn decode(kind: &str, id: &str, object: Value) -> Result<Observation, String
     Ok(obs)
 }
 
+/// A batch job carries no time of its status (no `status_transitions`):
+/// the provider's time of the state fetched is that of the event that
+/// caused the fetch. Other objects keep the time they carry.
+pub fn timed_by_event(mut obs: Observation, event_created: Option<&str>) -> Observation {
+    if obs.kind == BATCH_JOB && obs.provider_at.is_none() {
+        obs.provider_at = event_created
+            .and_then(crate::time::parse_lenient)
+            .map(crate::time::fmt);
+    }
+    obs
+}
+
+/// The money that comes back: `from.debited`, what left the financial
+/// account, not the presentment `amount` (they differ when the account pays
+/// in another currency). An answer without it is refunded at `amount`, the
+/// only figure it gives, and the log says so.
+fn debited(object: &Value, obs: &Observation) -> (Option<i64>, Option<String>) {
+    let debited = object.pointer("/from/debited");
+    let amount = lenient_i64(debited.and_then(|d| d.get("value")));
+    let currency = debited
+        .and_then(|d| d.get("currency"))
+        .and_then(Value::as_str);
+    match (amount, currency) {
+        (Some(amount), Some(currency)) => (Some(amount), Some(currency.to_string())),
+        _ => {
+            tracing::warn!(resource = %obs.id, "outbound transfer without from.debited: its refund is recorded at the presentment amount");
+            (obs.amount, obs.currency.clone())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +167,7 @@ mod tests {
         let o = json!({
             "id": "obt_1", "object": "v2.money_management.outbound_transfer",
             "amount": {"value": 1500, "currency": "usd"}, "cancelable": false,
+            "from": {"financial_account": "fa_1", "debited": {"value": 1500, "currency": "usd"}},
             "livemode": false, "status": "canceled",
             "status_transitions": {"canceled_at": "2026-10-30T12:01:00.000Z", "posted_at": null},
             "brand_new_field": {"x": 1}
@@ -152,6 +185,35 @@ mod tests {
         assert_eq!(refund.amount, Some(1500));
         let snapshot: Value = serde_json::from_str(&obs.snapshot).unwrap();
         assert_eq!(snapshot["brand_new_field"]["x"], 1);
+    }
+
+    #[test]
+    fn the_refund_is_what_left_the_account() {
+        let o = json!({
+            "id": "obt_3", "status": "returned",
+            "amount": {"value": 8000, "currency": "eur"},
+            "from": {"financial_account": "fa_1", "debited": {"value": "8640", "currency": "usd"}},
+        });
+        let obs = decode(OUTBOUND_TRANSFER, "obt_3", o).unwrap();
+        assert_eq!(
+            (obs.amount, obs.currency.as_deref()),
+            (Some(8000), Some("eur"))
+        );
+        let refund = obs.refund.unwrap();
+        assert_eq!(
+            (refund.amount, refund.currency.as_deref()),
+            (Some(8640), Some("usd"))
+        );
+        let o =
+            json!({"id": "obt_4", "status": "failed", "amount": {"value": 10, "currency": "eur"}});
+        let refund = decode(OUTBOUND_TRANSFER, "obt_4", o)
+            .unwrap()
+            .refund
+            .unwrap();
+        assert_eq!(
+            (refund.amount, refund.currency.as_deref()),
+            (Some(10), Some("eur"))
+        );
     }
 
     #[test]
@@ -198,6 +260,20 @@ mod tests {
         assert_eq!(obs.class, StatusClass::Transitional);
         assert_eq!(obs.progress.unwrap().validated, Some(7));
         assert!(obs.refund.is_none());
+    }
+
+    #[test]
+    fn a_batch_job_takes_its_time_from_the_event() {
+        let job = json!({"id": "batchv2_1", "status": "in_progress"});
+        let obs = decode(BATCH_JOB, "batchv2_1", job).unwrap();
+        let obs = timed_by_event(obs, Some("2026-10-30T12:00:05Z"));
+        assert_eq!(obs.provider_at.as_deref(), Some("2026-10-30T12:00:05.000Z"));
+        let transfer = json!({"id": "obt_1", "status": "processing"});
+        let obs = decode(OUTBOUND_TRANSFER, "obt_1", transfer).unwrap();
+        assert_eq!(
+            timed_by_event(obs, Some("2026-10-30T12:00:05Z")).provider_at,
+            None
+        );
     }
 
     #[test]

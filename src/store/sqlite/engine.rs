@@ -175,6 +175,14 @@ impl Storage for SqliteStore {
         Ok(inbox::depth(&self.db.read).await?)
     }
 
+    async fn newest_received(
+        &self,
+        provider: &str,
+        since: &str,
+    ) -> Result<Vec<(Option<String>, String)>, StoreError> {
+        Ok(inbox::newest_received(&self.db.read, provider, since).await?)
+    }
+
     async fn inbox_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
         Ok(inbox::count_by_state(&self.db.read).await?)
     }
@@ -240,9 +248,10 @@ impl Storage for SqliteStore {
         let rid = resources::ensure(&mut tx, provider, kind, id, None, None, now)
             .await?
             .rid;
-        let context = resources::get(&mut tx, provider, kind, id)
+        let (context, status) = resources::get(&mut tx, provider, kind, id)
             .await?
-            .and_then(|r| r.context);
+            .map(|r| (r.context, r.status))
+            .unwrap_or_default();
         let key = key_for(cancels::burnt_keys(&mut tx, provider, kind, id).await?);
         let request_id =
             cancels::insert(&mut tx, provider, kind, id, &key, requested_by, now).await?;
@@ -253,6 +262,7 @@ impl Storage for SqliteStore {
             rid,
             idempotency_key: key,
             context,
+            status,
         })
     }
 

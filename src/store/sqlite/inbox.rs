@@ -428,6 +428,28 @@ pub async fn finish(
     Ok(done.rows_affected() == 1)
 }
 
+/// Ends a processing attempt `ignored`, keeping why in `last_error` (for
+/// `events` to show); false when its lease was lost meanwhile.
+pub async fn ignore(
+    tx: &mut Tx<'_>,
+    id: i64,
+    lease_until: &str,
+    reason: &str,
+    now: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE inbox SET state = 'ignored', processed_at = ?, lease_until = NULL, last_error = ?
+         WHERE id = ? AND state = 'processing' AND lease_until = ?",
+    )
+    .bind(now)
+    .bind(reason)
+    .bind(id)
+    .bind(lease_until)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Ends many processing attempts, each `processed` or `ignored`: `ends` holds
 /// (delivery, lease end, state). An attempt whose lease was lost (the
 /// delivery was claimed again, with a lease of its own) is left alone.
@@ -546,6 +568,24 @@ pub async fn depth(pool: &SqlitePool) -> Result<(i64, Option<String>), StoreErro
     .fetch_one(pool)
     .await
         .map_err(StoreError::from)
+}
+
+/// Per account context, the latest arrival of a delivery of `provider`
+/// received at or after `since` (the `inbox_received` index bounds the scan).
+pub async fn newest_received(
+    pool: &SqlitePool,
+    provider: &str,
+    since: &str,
+) -> Result<Vec<(Option<String>, String)>, StoreError> {
+    sqlx::query_as(
+        "SELECT context, MAX(received_at) FROM inbox
+         WHERE received_at >= ? AND provider = ? GROUP BY context ORDER BY context",
+    )
+    .bind(since)
+    .bind(provider)
+    .fetch_all(pool)
+    .await
+    .map_err(StoreError::from)
 }
 
 pub async fn count_by_state(pool: &SqlitePool) -> Result<Vec<(String, i64)>, StoreError> {

@@ -292,7 +292,7 @@ async fn write_outcome(
     let finished = |done: bool, written: Written| if done { written } else { Written::LeaseLost };
     match outcome {
         Outcome::Ignore(reason) => {
-            let done = inbox::finish(tx, d.id, lease_until, "ignored", &now_s).await?;
+            let done = inbox::ignore(tx, d.id, lease_until, reason, &now_s).await?;
             Ok(finished(done, Written::Ignored(reason.clone())))
         }
         Outcome::Reversal(item) => {

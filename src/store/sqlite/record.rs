@@ -5,8 +5,8 @@
 use crate::config::Config;
 use crate::domain::alerts::Changes;
 use crate::domain::observe::{
-    judge, next_reconcile, refund_change, Moved, Recorded, RefundChange, Stored, ToRecord, Trigger,
-    Verdict,
+    judge, next_reconcile, presentment, refund_change, Moved, Recorded, RefundChange, Stored,
+    ToRecord, Trigger, Verdict, Watched,
 };
 use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass, Target};
 use crate::store::StoreError;
@@ -314,6 +314,11 @@ fn decide<'a>(
         };
         let refund_pending_since = (refunds.get(&rid).map(String::as_str) == Some("pending"))
             .then(|| time::parse_lenient(&status_since).unwrap_or(now));
+        let watched = providers::knowledge::watch_after_settle(config, &s.obs.kind, &s.obs.status)
+            .map(|watch| {
+                let since = time::parse_lenient(&status_since).unwrap_or(now);
+                Watched::new(watch, s.obs.provider_at.as_deref(), since)
+            });
         fresh.push(Decided {
             seen: s,
             next_reconcile_at: next_reconcile(
@@ -322,6 +327,7 @@ fn decide<'a>(
                 now,
                 config.reconcile.interval_secs,
                 config.reconcile.max_interval_secs,
+                watched,
             ),
             status_since,
             changed,
@@ -484,6 +490,7 @@ impl<'a> RefundsAndProgress<'a> {
                 reason: &signal.reason,
                 amount: signal.amount,
                 currency: signal.currency.as_deref(),
+                presentment: presentment(obs, signal),
                 now,
                 trigger_type: trigger.kind,
                 trigger_id: trigger.id.as_deref(),

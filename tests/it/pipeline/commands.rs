@@ -7,8 +7,15 @@ use cancelwatch::store;
 
 use super::{config_for, WAIT};
 use crate::support::db::{self, engine};
+use crate::support::sim::STRIPE_CONTEXT;
 use crate::support::sim::{simulator, wait_step, DeliveryOptions};
 use crate::support::{wait_for, wait_until, TestApp};
+
+/// The account context of the simulator's Stripe events, which a backfill
+/// on a database that has seen none of them is told to list.
+fn sim_context() -> [String; 1] {
+    [STRIPE_CONTEXT.to_string()]
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_records_request_answer_and_state() {
@@ -108,17 +115,17 @@ async fn backfill_takes_in_missing_events_and_replay_changes_nothing() {
             .unwrap();
     }
     let ctx = config.context().await;
-    let report = pipeline::backfill::events(&ctx, "stripe", &since)
+    let report = pipeline::backfill::events(&ctx, "stripe", &since, &sim_context())
         .await
         .unwrap();
     assert_eq!(report.new, scenario.steps.len());
     assert_eq!(report.listed, report.new);
-    let again = pipeline::backfill::events(&ctx, "stripe", &since)
+    let again = pipeline::backfill::events(&ctx, "stripe", &since, &sim_context())
         .await
         .unwrap();
     assert_eq!(again.new, 0, "nothing is taken in twice");
     assert!(matches!(
-        pipeline::backfill::events(&ctx, "stripe", "last tuesday").await,
+        pipeline::backfill::events(&ctx, "stripe", "last tuesday", &[]).await,
         Err(pipeline::PipelineError::InvalidArgument(_))
     ));
     ctx.store.close().await;
@@ -205,7 +212,7 @@ async fn reconcile_follows_what_no_event_announced() {
         .await
         .unwrap();
     assert_eq!(
-        pipeline::backfill::events(&ctx, "stripe", &since)
+        pipeline::backfill::events(&ctx, "stripe", &since, &sim_context())
             .await
             .unwrap()
             .new,
@@ -294,7 +301,7 @@ async fn a_delivery_whose_workers_keep_dying_goes_dead() {
         .unwrap();
     let ctx = config.context().await;
     assert_eq!(
-        pipeline::backfill::events(&ctx, "stripe", &since)
+        pipeline::backfill::events(&ctx, "stripe", &since, &sim_context())
             .await
             .unwrap()
             .new,
@@ -352,7 +359,10 @@ async fn listing_events_follows_every_page() {
         }
     }
     let api = cancelwatch::providers::stripe::api::StripeApi::new(&config.stripe, &config.workers);
-    let events = api.list_events(&since, 2).await.unwrap();
+    let events = api
+        .list_events(&since, 2, Some(STRIPE_CONTEXT))
+        .await
+        .unwrap();
     let mut listed: Vec<String> = events
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_string())

@@ -229,8 +229,11 @@ async fn a_cancel_whose_answer_is_lost_is_not_sent_again() {
         })
         .await;
 
+        // Juice refuses a second cancel (`invalid_state`); the bulk transfer
+        // was seen cancelled, so the request is recorded as already done,
+        // and the partial cancellation stays raised.
         let again = cancel(&app, &bulk).await;
-        assert_eq!(again["outcome"], "not_cancellable", "{how}: {again}");
+        assert_eq!(again["outcome"], "already_cancelled", "{how}: {again}");
         assert_eq!(again["error_code"], "invalid_state", "{how}");
         let outcomes: Vec<Option<String>> =
             db::cancel_requests(app.db(), "juice.bulk_transfer", &bulk)
@@ -240,7 +243,7 @@ async fn a_cancel_whose_answer_is_lost_is_not_sent_again() {
                 .collect();
         assert_eq!(
             outcomes,
-            [Some("unknown".into()), Some("not_cancellable".into())],
+            [Some("unknown".into()), Some("already_cancelled".into())],
             "{how}"
         );
         assert_eq!(open_alerts(&app, "partial_cancellation", &bulk).await, 1);

@@ -5,11 +5,13 @@
 //! and reconcile through their library functions; claims and the writing
 //! of outcomes and observations, one step at a time.
 
+mod catch_up;
 mod claims;
 mod commands;
 mod end_to_end;
 mod juice;
 mod record;
+mod stripe_trail;
 
 use std::time::Duration;
 

@@ -66,7 +66,8 @@ impl TestConfig {
     }
 
     /// Workers that poll, time out and back off within a test's patience;
-    /// the reconciler out of the way (histories come from deliveries).
+    /// the reconciler and the catch-up out of the way (histories come from
+    /// deliveries, and no listing adds calls to the provider).
     pub fn quick_workers(mut self) -> TestConfig {
         let w = &mut self.config.workers;
         w.concurrency = 4;
@@ -77,6 +78,7 @@ impl TestConfig {
         w.backoff_base_ms = 50;
         w.backoff_max_secs = 1;
         self.config.reconcile.interval_secs = 3_600;
+        self.config.backfill.enabled = false;
         self
     }
 

@@ -300,11 +300,10 @@ pub async fn refunds_under(
 
 /// Every refund, by resource id.
 pub async fn refunds(db: &impl Database) -> Vec<cancelwatch::store::sqlite::resources::Refund> {
-    sqlx::query_as(
-        "SELECT id, rid, provider, kind, resource_id, parent_id, status, reason, amount,
-                currency, opened_at, completed_at, updated_at, trigger_type, trigger_id
-         FROM refunds ORDER BY resource_id",
-    )
+    sqlx::query_as(&format!(
+        "SELECT {} FROM refunds ORDER BY resource_id",
+        cancelwatch::store::sqlite::resources::REFUND_COLUMNS
+    ))
     .fetch_all(db.reader())
     .await
     .unwrap()

@@ -1,6 +1,7 @@
 //! The provider simulator (Stripe and Juice APIs that deliver signed
 //! webhooks): the one place the tests take it from.
 
+pub use cancelwatch_sim::state::STRIPE_CONTEXT;
 pub use cancelwatch_sim::{
     Delivery, DeliveryOptions, Expectation, ExpectedHistory, Provider, Scenario, SimConfig,
     Simulator, Step,
@@ -53,6 +54,17 @@ pub fn unknown_outbound_transfer(id: &str) -> Delivery {
         id,
         &cancelwatch_sim::state::outbound_transfer_path(id),
     ))
+}
+
+/// A Stripe event about a singleton object: its `related_object` is
+/// `{type, url}`, with no id.
+pub fn singleton_event(event_type: &str, object_type: &str, url: &str) -> Delivery {
+    let mut event = cancelwatch_sim::state::thin_event(event_type, object_type, "", url);
+    event["related_object"]
+        .as_object_mut()
+        .unwrap()
+        .remove("id");
+    Delivery::stripe(event)
 }
 
 /// The daemon's dedupe key of a delivery.

@@ -63,6 +63,9 @@ pub struct Refund {
     pub reason: String,
     pub amount: Option<i64>,
     pub currency: Option<String>,
+    /// The transfer's own amount, when the refund is counted otherwise.
+    pub presentment_amount: Option<i64>,
+    pub presentment_currency: Option<String>,
     pub opened_at: String,
     pub completed_at: Option<String>,
     pub updated_at: String,
@@ -72,7 +75,8 @@ pub struct Refund {
 
 pub(super) const REFUND_COLUMNS: &str =
     "rid, id, provider, kind, resource_id, parent_id, status, reason, \
-     amount, currency, opened_at, completed_at, updated_at, trigger_type, trigger_id";
+     amount, currency, presentment_amount, presentment_currency, opened_at, completed_at, \
+     updated_at, trigger_type, trigger_id";
 
 /// A cancel issued through cancelwatch and the provider's answer.
 #[derive(Debug, Clone, FromRow, Serialize)]

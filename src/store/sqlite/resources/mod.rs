@@ -10,7 +10,7 @@ pub use reconcile::{due_for_reconcile, mark_reconciled, reconcile_failed};
 
 pub use refunds::{
     insert_refunds, refund_of, refund_statuses, refunds_under, settle_refunds, NewRefund, Refund,
-    RefundSettlement,
+    RefundSettlement, REFUND_COLUMNS,
 };
 pub use trail::{
     insert_progress, insert_transitions, transitions_of, NewProgress, NewTransition, Transition,

@@ -20,6 +20,9 @@ pub struct Refund {
     pub reason: String,
     pub amount: Option<i64>,
     pub currency: Option<String>,
+    /// The transfer's own amount when the refund is counted otherwise.
+    pub presentment_amount: Option<i64>,
+    pub presentment_currency: Option<String>,
     pub opened_at: String,
     pub completed_at: Option<String>,
     pub updated_at: String,
@@ -27,9 +30,10 @@ pub struct Refund {
     pub trigger_id: Option<String>,
 }
 
-const REFUND_COLUMNS: &str =
+pub const REFUND_COLUMNS: &str =
     "id, rid, provider, kind, resource_id, parent_id, status, reason, amount,
-     currency, opened_at, completed_at, updated_at, trigger_type, trigger_id";
+     currency, presentment_amount, presentment_currency, opened_at, completed_at,
+     updated_at, trigger_type, trigger_id";
 
 pub async fn refund_of(tx: &mut Tx<'_>, rid: i64) -> Result<Option<Refund>, StoreError> {
     sqlx::query_as::<_, Refund>(&format!(
@@ -73,6 +77,8 @@ pub struct NewRefund<'a> {
     pub reason: &'a str,
     pub amount: Option<i64>,
     pub currency: Option<&'a str>,
+    /// The transfer's own amount, when it differs from the refund's.
+    pub presentment: Option<(Option<i64>, Option<&'a str>)>,
     pub now: &'a str,
     pub trigger_type: &'a str,
     pub trigger_id: Option<&'a str>,
@@ -86,11 +92,13 @@ pub fn insert_refunds(
     execute_each(
         conn,
         "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason, amount,
-                              currency, opened_at, completed_at, updated_at, trigger_type, trigger_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?10, ?12, ?13)
+                              currency, opened_at, completed_at, updated_at, trigger_type, trigger_id,
+                              presentment_amount, presentment_currency)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?10, ?12, ?13, ?14, ?15)
          ON CONFLICT (rid) DO NOTHING",
         refunds,
         |r| {
+            let (presentment_amount, presentment_currency) = r.presentment.unwrap_or_default();
             (
                 r.rid,
                 r.provider,
@@ -105,6 +113,8 @@ pub fn insert_refunds(
                 (r.status == "completed").then_some(r.now),
                 r.trigger_type,
                 r.trigger_id,
+                presentment_amount,
+                presentment_currency,
             )
         },
     )
