@@ -38,6 +38,13 @@ struct Cli {
     /// Configuration file (default: config/cancelwatch.toml when present).
     #[arg(long, global = true, env = "CANCELWATCH_CONFIG")]
     config: Option<PathBuf>,
+    /// More log lines on stderr from a command (-v info, -vv debug);
+    /// `serve` and `demo` log as `log.level` says. RUST_LOG overrides both.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Errors only on stderr from a command.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,6 +87,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !matches!(cli.command, Command::Serve | Command::Demo) {
+        let level = match (cli.quiet, cli.verbose) {
+            (true, _) => "error",
+            (false, 0) => "warn",
+            (false, 1) => "info",
+            _ => "debug",
+        };
+        cancelwatch::init_logging(&cancelwatch::config::LogConfig {
+            level: level.into(),
+            ..config.log.clone()
+        });
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -435,3 +435,29 @@ async fn cancel_exit_codes_and_statuses_follow_the_outcome() {
     assert_eq!((status, body["outcome"].as_str()), (404, Some("not_found")));
     app.stop().await;
 }
+
+/// A command logs to stderr at the level its flags ask for: warnings by
+/// default, `-v` info, `-q` errors only; `RUST_LOG` overrides them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_log_at_the_level_their_flags_ask_for() {
+    use crate::support::binary;
+
+    let sim = simulator(None).await;
+    let config = config_for(&sim.base_url());
+    let stderr_of = |args: &[&str], rust_log: Option<&str>| {
+        let mut cmd = binary::command(config.dir());
+        cmd.args(args)
+            .env("CANCELWATCH_CONFIG", config.write_toml());
+        if let Some(filter) = rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let o = cmd.output().unwrap();
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let cancel = ["cancel", "stripe.outbound_transfer", "obt_nobody"];
+    let answered = "cancel answered";
+    assert!(!stderr_of(&cancel, None).contains(answered));
+    let verbose: Vec<&str> = std::iter::once("-v").chain(cancel).collect();
+    assert!(stderr_of(&verbose, None).contains(answered));
+    assert!(stderr_of(&cancel, Some("info")).contains(answered));
+}
