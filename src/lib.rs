@@ -49,6 +49,9 @@ pub struct App {
     pub pipeline: Arc<pipeline::Context>,
     /// Workers running now; `/readyz` fails at zero.
     pub workers_alive: Arc<AtomicUsize>,
+    /// Set at the shutdown signal: `/readyz` fails from then on, while the
+    /// daemon still serves for `server.drain_secs`.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl App {
@@ -74,6 +77,7 @@ impl App {
             shutdown: CancellationToken::new(),
             pipeline,
             workers_alive: Arc::new(AtomicUsize::new(0)),
+            draining: Arc::default(),
         }
     }
 }
@@ -147,8 +151,20 @@ pub async fn run_until(
 
     let stop = app.shutdown.clone();
     let signal_stop = stop.clone();
+    let (draining, drain) = (
+        app.draining.clone(),
+        Duration::from_secs(app.config.server.drain_secs),
+    );
     tokio::spawn(async move {
         shutdown.await;
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        if !drain.is_zero() {
+            tracing::info!(
+                secs = drain.as_secs(),
+                "draining: /readyz fails, still serving"
+            );
+            tokio::time::sleep(drain).await;
+        }
         signal_stop.cancel();
     });
     let serve_opts = server::ServeOptions {

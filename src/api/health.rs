@@ -30,6 +30,9 @@ pub async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
 /// Why the daemon cannot do its work now, if it cannot (`/readyz`, and the
 /// gauge `cancelwatch_ready` for alerting where nothing probes `/readyz`).
 async fn unready(app: &App) -> Option<&'static str> {
+    if app.draining.load(Ordering::SeqCst) {
+        return Some("shutting down");
+    }
     if app.workers_alive.load(Ordering::SeqCst) < pipeline::feed::TASKS {
         return Some("workers not running");
     }

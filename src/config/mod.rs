@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub header_read_timeout_secs: u64,
     /// How long shutdown waits for in-flight requests and workers.
     pub shutdown_grace_secs: u64,
+    /// From a SIGTERM, how long `/readyz` fails before accepting stops, so
+    /// a load balancer takes the instance out first.
+    pub drain_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +69,7 @@ impl Default for ServerConfig {
             max_connections: 2048,
             header_read_timeout_secs: 10,
             shutdown_grace_secs: 10,
+            drain_secs: 0,
         }
     }
 }

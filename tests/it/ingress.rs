@@ -412,6 +412,35 @@ async fn sighup_is_ignored() {
     assert!(status.success());
 }
 
+/// From the first moment of a SIGTERM, `/readyz` fails while the daemon
+/// still answers for `server.drain_secs`, so a load balancer can take it
+/// out before it stops accepting.
+#[tokio::test]
+async fn readiness_fails_from_sigterm_through_the_drain() {
+    let config = TestConfig::new().with(|c| c.server.drain_secs = 3);
+    let mut daemon = BinaryDaemon::start(&config).await;
+    let readyz = || async {
+        reqwest::get(format!("{}/readyz", daemon.url))
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+    };
+    assert_eq!(readyz().await, Some(200));
+    daemon.signal("TERM");
+    wait_until(
+        "/readyz fails while draining",
+        Duration::from_secs(3),
+        || async { readyz().await == Some(503) },
+    )
+    .await;
+    let health = reqwest::get(format!("{}/healthz", daemon.url))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200, "still serving while draining");
+    let stopped = daemon.terminate().await.expect("stops after the drain");
+    assert!(stopped.success());
+}
+
 /// Bad configuration stops start-up with one line naming the key.
 #[test]
 fn bad_configuration_names_the_key() {
