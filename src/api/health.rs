@@ -13,8 +13,19 @@ use serde_json::json;
 
 use crate::{pipeline, store, time, App};
 
-pub async fn healthz() -> impl IntoResponse {
-    Json(json!({"status": "ok"}))
+/// Liveness: the process answers, and has not reached a state only a
+/// restart leaves (a failed sync of the WAL: from then on every delivery is
+/// refused), so an orchestrator restarts it then.
+pub async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    if app.store.sync_failed() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({"status": "failed", "reason": "a sync of the WAL to disk failed: restart the daemon"}),
+            ),
+        );
+    }
+    (StatusCode::OK, Json(json!({"status": "ok"})))
 }
 
 pub async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
@@ -129,8 +140,15 @@ mod tests {
             let app = app.clone();
             async move { readyz(State(app)).await.into_response().status() }
         };
+        let live = |app: &Arc<App>| {
+            let app = app.clone();
+            async move { healthz(State(app)).await.into_response().status() }
+        };
         assert_eq!(status(&app).await, StatusCode::OK);
+        assert_eq!(live(&app).await, StatusCode::OK);
         db.fail_sync();
         assert_eq!(status(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+        // Only a restart helps now: liveness fails too.
+        assert_eq!(live(&app).await, StatusCode::SERVICE_UNAVAILABLE);
     }
 }
