@@ -38,9 +38,136 @@ pub fn handle() -> PrometheusHandle {
             // Another recorder may already be installed (a host program's); then
             // ours only renders what it was given.
             let _ = metrics::set_global_recorder(recorder);
+            describe();
             handle
         })
         .clone()
+}
+
+/// Every series, with the `# HELP` line it is rendered with.
+const SERIES: [(&str, &str); 24] = [
+    (
+        "cancelwatch_deliveries_received_total",
+        "Verified deliveries taken into the inbox, by provider.",
+    ),
+    (
+        "cancelwatch_deliveries_duplicate_total",
+        "Deliveries answered as duplicates (stored before), by provider.",
+    ),
+    (
+        "cancelwatch_deliveries_refused_total",
+        "Deliveries refused (signature, size, shape), by provider and reason.",
+    ),
+    (
+        "cancelwatch_deliveries_dead_total",
+        "Deliveries given up after their last attempt, by provider.",
+    ),
+    (
+        "cancelwatch_deliveries_rate_limited_total",
+        "Attempts put off because the provider rate-limited us, by provider.",
+    ),
+    (
+        "cancelwatch_refusal_records_dropped_total",
+        "Refusal records not kept because the inbox queue was full.",
+    ),
+    (
+        "cancelwatch_inbox_handed_over_total",
+        "New deliveries leased by the commit that stored them.",
+    ),
+    (
+        "cancelwatch_transitions_total",
+        "Status transitions recorded, by kind and new status.",
+    ),
+    (
+        "cancelwatch_alerts_raised_total",
+        "Alert versions raised, by rule.",
+    ),
+    (
+        "cancelwatch_alert_delivery_failures_total",
+        "Failed attempts to deliver an alert, by sink.",
+    ),
+    (
+        "cancelwatch_backfill_events_total",
+        "Events a backfill took into the inbox, by provider.",
+    ),
+    (
+        "cancelwatch_fetch_errors_total",
+        "Provider calls that failed, by provider and reason.",
+    ),
+    ("cancelwatch_reconcile_runs_total", "Reconcile passes run."),
+    (
+        "cancelwatch_unkeyed_items_total",
+        "Items a provider answered that could be keyed by neither id nor reference.",
+    ),
+    (
+        "cancelwatch_deliveries_dead",
+        "Deliveries in the dead state now.",
+    ),
+    (
+        "cancelwatch_inbox_deliveries",
+        "Deliveries in the inbox now, by state.",
+    ),
+    (
+        "cancelwatch_inbox_depth",
+        "Deliveries waiting to be processed now.",
+    ),
+    (
+        "cancelwatch_inbox_oldest_pending_seconds",
+        "Age of the oldest delivery waiting to be processed.",
+    ),
+    ("cancelwatch_ready", "1 while /readyz answers 200, else 0."),
+    (
+        "cancelwatch_ack_seconds",
+        "Time from a delivery's arrival to its acknowledgement.",
+    ),
+    (
+        "cancelwatch_ack_step_seconds",
+        "Time an acknowledgement spent in each step of the group commit.",
+    ),
+    (
+        "cancelwatch_fetch_seconds",
+        "Time of each provider fetch, by provider.",
+    ),
+    (
+        "cancelwatch_inbox_batch_size",
+        "Jobs per group commit of the inbox.",
+    ),
+    (
+        "cancelwatch_writer_hold_seconds",
+        "Time the writer connection is held, by use.",
+    ),
+];
+
+/// The series of [`SERIES`] that are histograms (the rest are counters,
+/// named `_total`, and gauges).
+const HISTOGRAMS: [&str; 5] = [
+    "cancelwatch_ack_seconds",
+    "cancelwatch_ack_step_seconds",
+    "cancelwatch_fetch_seconds",
+    "cancelwatch_inbox_batch_size",
+    "cancelwatch_writer_hold_seconds",
+];
+
+/// The `# HELP` of every series, and `cancelwatch_build_info`, whose labels
+/// say which build answers.
+fn describe() {
+    for (name, help) in SERIES {
+        match name {
+            n if n.ends_with("_total") => metrics::describe_counter!(n, help),
+            n if HISTOGRAMS.contains(&n) => metrics::describe_histogram!(n, help),
+            n => metrics::describe_gauge!(n, help),
+        }
+    }
+    metrics::describe_gauge!(
+        "cancelwatch_build_info",
+        "Always 1; the labels name the version and the commit it was built from."
+    );
+    metrics::gauge!(
+        "cancelwatch_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => env!("GIT_COMMIT_OF_CANCELWATCH"),
+    )
+    .set(1.0);
 }
 
 /// Runs `test` on a runtime of its own with a metrics recorder of its own

@@ -1100,3 +1100,35 @@ async fn version_names_its_commit_and_log_levels_are_checked() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("log.level"));
 }
+
+/// `/metrics` says which build answers (`cancelwatch_build_info`) and gives
+/// every series it renders a `# HELP` line.
+#[tokio::test]
+async fn metrics_name_the_build_and_explain_every_series() {
+    let app = TestApp::start(TestConfig::new()).await;
+    let (status, _) = app.post_stripe(&thin_event("evt_metrics_help")).await;
+    assert_eq!(status, 200);
+    let text = app.metrics().await;
+    assert!(text.contains("cancelwatch_build_info{"), "{text}");
+    let series: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("cancelwatch_"))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(n, |n, suffix| n.strip_suffix(suffix).unwrap_or(n))
+        })
+        .collect();
+    assert!(
+        series.contains("cancelwatch_deliveries_received_total"),
+        "{text}"
+    );
+    for name in series {
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP line"
+        );
+    }
+    app.stop().await;
+}
