@@ -17,12 +17,25 @@ pub const PAGE_LIMIT: u32 = 100;
 
 /// Only a path on the API base: one leading `/`, under `/v2/`, no `..`, no
 /// backslash, no whitespace or control characters. Never an absolute URL or `//host`.
+/// The path itself (before `?`) holds only letters, digits, `_`, `-`, `.` and
+/// `/`: no percent-encoding, which a server would decode after this check
+/// (`%2e%2e` is `..`, `%2f` a `/`). The query may be encoded.
 pub fn safe_path(path: &str) -> bool {
+    let (route, _query) = path.split_once('?').unwrap_or((path, ""));
     path.starts_with("/v2/")
         && !path.contains("..")
         && !path.contains('\\')
         && !path.contains("://")
         && !path.chars().any(|c| c.is_whitespace() || c.is_control())
+        && route
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'))
+}
+
+/// True when a related object's `url` names the object itself: the id the
+/// event gave is its last segment (or, for a singleton, the whole path).
+fn names_its_object(url: &str, id: &str) -> bool {
+    url == id || url.rsplit('/').next() == Some(id)
 }
 
 /// The object path of a kind and id, when the event gave none.
@@ -90,9 +103,9 @@ impl StripeApi {
     /// GETs the related object and decodes it.
     pub async fn fetch(&self, target: &Target) -> Result<Observation, ProviderError> {
         let path = match target.url.as_deref() {
-            Some(url) if safe_path(url) => url.to_string(),
+            Some(url) if safe_path(url) && names_its_object(url, &target.id) => url.to_string(),
             Some(url) => {
-                tracing::warn!(url = %url, resource = %target.id, "refusing to follow a related_object url that is not a /v2/ path; using the kind's path");
+                tracing::warn!(url = %url, resource = %target.id, "refusing to follow a related_object url that is not a plain /v2/ path to this object; using the kind's path");
                 object_path(&target.kind, &target.id)?
             }
             None => object_path(&target.kind, &target.id)?,
@@ -274,12 +287,23 @@ mod tests {
             "/v1/charges",
             "v2/core",
             "/v2/../v1/x",
+            "/v2/%2e%2e/v1/charges",
+            "/v2/%2E%2E/v1/charges",
+            "/v2/core/batch_jobs%2f..%2f..%2fv1",
             "/v2/x y",
             "/v2\\x",
             "",
         ] {
             assert!(!safe_path(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_url_must_name_its_own_object() {
+        let url = "/v2/money_management/outbound_transfers/obt_1";
+        assert!(names_its_object(url, "obt_1"));
+        assert!(!names_its_object(url, "obt_2"));
+        assert!(names_its_object("/v2/core/account", "/v2/core/account"));
     }
 
     #[test]

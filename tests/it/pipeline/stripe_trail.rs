@@ -259,3 +259,50 @@ async fn a_batch_job_transition_has_the_time_of_its_event() {
     }
     app.stop().await;
 }
+
+/// A signed event whose `related_object.url` would leave `/v2/` once the
+/// server decodes it, or names another object, is fetched at its own
+/// object's path instead: the provider never sees the tampered path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_related_object_url_is_followed_only_to_its_own_object() {
+    let (sim, app) = app_with_simulator(TestConfig::new().quick_workers()).await;
+    let scenario = sim.scenario("outbound_transfer_canceled").unwrap();
+    sim.apply_step(&scenario.steps[0]);
+    let id = scenario.expect.histories[0].id.clone();
+    for (n, url) in [
+        "/v2/%2e%2e/v1/charges".to_string(),
+        "/v2/money_management/outbound_transfers/obt_someone_else".to_string(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let body = serde_json::to_vec(&json!({
+            "id": format!("evt_tampered_{n}"),
+            "object": "v2.core.event",
+            "type": "v2.money_management.outbound_transfer.updated",
+            "created": "2026-10-30T12:00:00.000Z",
+            "livemode": false,
+            "related_object": {"id": id, "type": "v2.money_management.outbound_transfer", "url": url},
+        }))
+        .unwrap();
+        let (status, _) = app.post_stripe(&body).await;
+        assert_eq!(status, 200);
+    }
+    let own = format!("/v2/money_management/outbound_transfers/{id}");
+    wait_until("both deliveries are fetched", WAIT, || async {
+        sim.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == own)
+            .count()
+            >= 2
+    })
+    .await;
+    let strays: Vec<String> = sim
+        .requests()
+        .into_iter()
+        .map(|r| r.path)
+        .filter(|p| p.contains("%2e") || p.starts_with("/v1") || p.contains("someone_else"))
+        .collect();
+    assert!(strays.is_empty(), "{strays:?}");
+    app.stop().await;
+}
