@@ -417,10 +417,77 @@ pub(crate) fn json_object(
         return Err(Refused::malformed("the body is not valid UTF-8"));
     }
     match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(serde_json::Value::Object(map)) => {
+            if let Some(key) = repeated_key(body) {
+                return Err(Refused::malformed(format!(
+                    "the body repeats the key {key:?}: which one counts would be a guess"
+                )));
+            }
+            Ok(map)
+        }
         Ok(_) => Err(Refused::malformed("the body is JSON but not an object")),
         Err(e) => Err(Refused::malformed(format!("the body is not JSON: {e}"))),
     }
+}
+
+/// The first key an object in `body` (at any depth) holds twice. A JSON
+/// parser keeps one of the two (serde_json the last, SQLite's
+/// `json_extract` the first), so the stored body and what was decided from
+/// it could disagree: such a body is refused.
+fn repeated_key(body: &[u8]) -> Option<String> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    struct Walk;
+    impl<'de> DeserializeSeed<'de> for Walk {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(Walk)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if !seen.insert(key.clone()) {
+                    return Err(serde::de::Error::custom(key));
+                }
+                map.next_value_seed(Walk)?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Walk)?.is_some() {}
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    // Only a repeated key fails here: the body parsed once already.
+    Walk.deserialize(&mut de).err().map(|e| {
+        let text = e.to_string();
+        text.split(" at line ").next().unwrap_or(&text).to_string()
+    })
 }
 
 /// A required, non-empty string field.
@@ -453,5 +520,24 @@ pub(crate) fn optional_str<'a>(
         Some(_) => Err(Refused::malformed(format!(
             "field `{field}` must be a string"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn a_key_held_twice_at_any_depth_is_refused() {
+        assert_eq!(repeated_key(br#"{"a":1,"b":[{"c":1}]}"#), None);
+        assert_eq!(
+            repeated_key(br#"{"id":"evt_1","id":"evt_2"}"#).as_deref(),
+            Some("id")
+        );
+        let nested = br#"{"data":{"items":[{"ref":"x","ref":"y"}]}}"#;
+        assert_eq!(repeated_key(nested).as_deref(), Some("ref"));
+        let refused = json_object(br#"{"type":"a","type":"b"}"#).unwrap_err();
+        assert_eq!(refused.kind, RefusalKind::Malformed);
+        assert!(refused.message.contains("\"type\""), "{}", refused.message);
     }
 }

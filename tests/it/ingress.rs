@@ -441,6 +441,20 @@ async fn readiness_fails_from_sigterm_through_the_drain() {
     assert!(stopped.success());
 }
 
+/// A correctly signed body that holds a key twice is refused (400): a
+/// parser keeps one of the two, and the stored body and what the daemon
+/// decided from it could disagree.
+#[tokio::test]
+async fn a_signed_body_with_a_key_twice_is_refused() {
+    let app = TestApp::start(TestConfig::new()).await;
+    let body = br#"{"id":"evt_dup_1","object":"v2.core.event","type":"v2.money_management.outbound_transfer.canceled","created":"2026-10-30T12:00:00.000Z","livemode":false,"related_object":{"id":"obt_1","id":"obt_2","type":"v2.money_management.outbound_transfer","url":"/v2/money_management/outbound_transfers/obt_1"}}"#;
+    let (status, answer) = app.post_stripe(body).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "malformed_payload", "{answer}");
+    assert!(db::delivery(app.db(), "evt_dup_1").await.is_none());
+    app.stop().await;
+}
+
 /// Bad configuration stops start-up with one line naming the key.
 #[test]
 fn bad_configuration_names_the_key() {
