@@ -84,16 +84,16 @@ impl App {
 
 /// Opens the database named by the configuration (creating it), migrated.
 pub async fn open_store(config: &Config) -> anyhow::Result<store::Store> {
-    let path = config.database_path()?;
-    store::open(&config.database, &path)
+    let url = config.database_url()?;
+    store::open(&config.database, &url)
         .await
-        .with_context(|| format!("opening the database at {}", path.display()))
+        .with_context(|| format!("opening the database at {}", config.database_display()))
 }
 
 /// Opens the configured database for reading only (the read commands).
 pub async fn open_store_read_only(config: &Config) -> anyhow::Result<store::Store> {
-    let path = config.database_path()?;
-    Ok(store::open_read_only(&config.database, &path).await?)
+    let url = config.database_url()?;
+    Ok(store::open_read_only(&config.database, &url).await?)
 }
 
 /// Runs the daemon on an already-bound listener until SIGINT or SIGTERM.
@@ -145,7 +145,7 @@ pub async fn run_until(
     tracing::info!(
         version = VERSION,
         %addr,
-        database = %app.config.database_path()?.display(),
+        database = %app.config.database_display(),
         "cancelwatch listening"
     );
 

@@ -104,8 +104,21 @@ pub struct DatabaseConfig {
     pub group_commit: bool,
     /// Most deliveries in one group commit.
     pub max_batch: usize,
-    /// Read connections (the writer is always one).
+    /// SQLite: read connections (the writer is always one).
     pub read_connections: u32,
+    /// PostgreSQL: connections of this replica's pool (reads and writes).
+    pub max_connections: u32,
+    /// PostgreSQL: how long to wait for the server when connecting.
+    pub connect_timeout_secs: u64,
+}
+
+/// The database engine `database.url` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite://path`: the embedded default, one machine.
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…`: several replicas may share it.
+    Postgres(String),
 }
 
 impl Default for DatabaseConfig {
@@ -117,6 +130,8 @@ impl Default for DatabaseConfig {
             group_commit: true,
             max_batch: 512,
             read_connections: 4,
+            max_connections: 16,
+            connect_timeout_secs: 5,
         }
     }
 }
@@ -273,7 +288,16 @@ impl Config {
         if !["text", "json"].contains(&self.log.format.as_str()) {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
         }
-        self.database_path()?;
+        self.database_url()?;
+        if self.database.max_connections < 2 {
+            return Err(invalid(
+                "database.max_connections",
+                "must be at least 2 (acknowledgements and the pipeline each need one)",
+            ));
+        }
+        if self.database.connect_timeout_secs == 0 {
+            return Err(invalid("database.connect_timeout_secs", "must be above 0"));
+        }
         if !["full", "normal"].contains(&self.database.synchronous.as_str()) {
             return Err(invalid(
                 "database.synchronous",
@@ -378,13 +402,47 @@ impl Config {
         })
     }
 
+    /// The engine and place `database.url` names.
+    pub fn database_url(&self) -> Result<DatabaseUrl, ConfigError> {
+        let url = self.database.url.as_str();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            // Parsed here so that a typo is refused at start, naming the
+            // key but never echoing the URL (it may carry a password).
+            return match url::Url::parse(url) {
+                Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => {
+                    Ok(DatabaseUrl::Postgres(url.to_string()))
+                }
+                _ => Err(invalid(
+                    "database.url",
+                    "is not a valid PostgreSQL URL (postgres://user:password@host:5432/database)",
+                )),
+            };
+        }
+        self.database_path().map(DatabaseUrl::Sqlite)
+    }
+
+    /// Where the database is, for logs and messages: the SQLite file, or
+    /// the PostgreSQL URL without its password.
+    pub fn database_display(&self) -> String {
+        match self.database_url() {
+            Ok(DatabaseUrl::Sqlite(path)) => path.display().to_string(),
+            Ok(DatabaseUrl::Postgres(url)) => redact_password(&url),
+            Err(_) => "(invalid database.url)".into(),
+        }
+    }
+
     /// The SQLite file behind `database.url` (`sqlite://path`, `sqlite:path`).
     pub fn database_path(&self) -> Result<PathBuf, ConfigError> {
         let url = self.database.url.as_str();
         let rest = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
-            .ok_or_else(|| invalid("database.url", "must start with sqlite://"))?;
+            .ok_or_else(|| {
+                invalid(
+                    "database.url",
+                    "must start with sqlite:// or postgres:// (or postgresql://)",
+                )
+            })?;
         let path = rest.split('?').next().unwrap_or_default();
         if path.is_empty() || path == ":memory:" {
             return Err(invalid(
@@ -421,6 +479,7 @@ impl Config {
             }
         };
         hide(&mut c.server.admin_token);
+        c.database.url = redact_password(&c.database.url);
         for s in c.stripe.secrets_mut().chain(c.juice.secrets_mut()) {
             hide(s);
         }
@@ -441,6 +500,9 @@ impl Config {
         out.extend(c.stripe.secrets_mut().map(|s| s.clone()));
         out.extend(c.juice.secrets_mut().map(|s| s.clone()));
         out.extend(self.alerts.sinks.iter().map(|s| s.secret.clone()));
+        if let Ok(url) = url::Url::parse(&self.database.url) {
+            out.extend(url.password().map(str::to_string));
+        }
         out.retain(|s| !s.is_empty());
         out
     }
@@ -547,6 +609,17 @@ fn describe(e: figment::Error) -> String {
         }
     }
     lines.join("; ")
+}
+
+/// A database URL with its password, if any, replaced.
+pub fn redact_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some(REDACTED));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
 }
 
 #[cfg(test)]

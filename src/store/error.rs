@@ -39,6 +39,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The engine does not do this; the message says what to use instead.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// A rule of the store's own was broken (a bug, never bad input).
     #[error("database: broken invariant: {0}")]
     Invariant(&'static str),

@@ -8,13 +8,15 @@
 //! engine reads the rows those decisions need, calls them, and writes what
 //! they return, inside one transaction of its own.
 
+pub mod alerting;
 mod error;
 pub mod model;
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
 
-use crate::config::{Config, DatabaseConfig};
+use crate::config::{Config, DatabaseConfig, DatabaseUrl};
 use crate::domain::alerts::Changes;
 use crate::domain::observe::{Recorded, Trigger};
 use crate::domain::outcome::{Decided, Written};
@@ -27,20 +29,23 @@ use model::*;
 /// The storage interface the daemon, its commands and its API run on.
 pub type Store = Arc<dyn Storage>;
 
-/// Opens the database `cfg` names (creating and migrating it).
-pub async fn open(cfg: &DatabaseConfig, path: &std::path::Path) -> Result<Store, StoreError> {
-    Ok(Arc::new(sqlite::SqliteStore::open(path, cfg).await?))
+/// Opens the database `url` names (creating and migrating it).
+pub async fn open(cfg: &DatabaseConfig, url: &DatabaseUrl) -> Result<Store, StoreError> {
+    Ok(match url {
+        DatabaseUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path, cfg).await?),
+        DatabaseUrl::Postgres(url) => Arc::new(postgres::PgStore::open(url, cfg).await?),
+    })
 }
 
 /// Opens an existing database for reading only: nothing is created,
 /// migrated or written, and a schema this binary does not match is refused.
-pub async fn open_read_only(
-    cfg: &DatabaseConfig,
-    path: &std::path::Path,
-) -> Result<Store, StoreError> {
-    Ok(Arc::new(
-        sqlite::SqliteStore::open_read_only(path, cfg).await?,
-    ))
+pub async fn open_read_only(cfg: &DatabaseConfig, url: &DatabaseUrl) -> Result<Store, StoreError> {
+    Ok(match url {
+        DatabaseUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open_read_only(path, cfg).await?),
+        DatabaseUrl::Postgres(url) => {
+            Arc::new(postgres::PgStore::open_read_only(url, cfg).await?)
+        }
+    })
 }
 
 /// One turn at the writer, taken before a group commit gathers its batch:
@@ -88,6 +93,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn ping(&self) -> bool;
     /// True once making a commit durable failed: acknowledgements stop.
     fn sync_failed(&self) -> bool;
+    /// True while this process should run the work that one process at a
+    /// time does (the reconciler, the scans, the outbox, the pruner): always
+    /// on an engine that one process owns, only on the leader where several
+    /// replicas share the database.
+    fn is_leader(&self) -> bool {
+        true
+    }
     /// Stops background work and closes every connection.
     async fn close(&self);
     /// The migrations this binary applies, by version.

@@ -287,7 +287,10 @@ impl Storage for SqliteStore {
     }
 
     async fn scan_alerts(&self, config: &Config, now: Timestamp) -> Result<Changes, StoreError> {
-        Ok(super::scan::scan_once(&self.db, config, now).await?)
+        let mut tx = self.db.begin().await?;
+        let changes = crate::store::alerting::scan::scan(&mut *tx, config, now).await?;
+        tx.commit().await?;
+        Ok(changes)
     }
 
     async fn outbox_pending(&self) -> Result<Vec<(String, i64)>, StoreError> {

@@ -6,6 +6,7 @@
 //! writer. An acknowledgement is durable once the WAL is synced
 //! ([`WalSync`]); a checkpointer thread keeps the WAL short.
 
+pub mod alerting;
 pub mod alerts;
 pub mod cancels;
 mod durability;
@@ -17,8 +18,6 @@ pub mod queries;
 pub mod record;
 pub mod refusals;
 pub mod resources;
-pub mod rules;
-pub mod scan;
 mod schema;
 
 use durability::{Checkpointer, WalSync};

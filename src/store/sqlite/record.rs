@@ -68,7 +68,7 @@ pub async fn record_all(
 }
 
 /// The resources an observation may write: itself and its children.
-fn resource_keys(obs: &Observation) -> Vec<(&str, &str)> {
+pub(crate) fn resource_keys(obs: &Observation) -> Vec<(&str, &str)> {
     std::iter::once(obs)
         .chain(&obs.children)
         .map(|o| (o.kind.as_str(), o.id.as_str()))
@@ -77,26 +77,61 @@ fn resource_keys(obs: &Observation) -> Vec<(&str, &str)> {
 
 /// One observed resource (an item's own, or one of its children) with what
 /// is stored of it.
-struct Seen<'a> {
-    item: usize,
+pub(crate) struct Seen<'a> {
+    pub(crate) item: usize,
     /// True for the item's own resource, false for its children.
-    own: bool,
-    obs: &'a Observation,
-    current: resources::Resource,
+    pub(crate) own: bool,
+    pub(crate) obs: &'a Observation,
+    pub(crate) current: resources::Resource,
     /// Not stored yet: written whole with its state ([`resources::find_many`]).
-    new: bool,
-    verdict: Verdict,
+    pub(crate) new: bool,
+    pub(crate) verdict: Verdict,
     /// Other keys to remember it by ([`resources::aliases`]).
-    aliases: Vec<String>,
+    pub(crate) aliases: Vec<String>,
+}
+
+impl<'a> Seen<'a> {
+    /// `obs` (of item `item`; `own`: the item's own resource) judged
+    /// against `current`, its resource as stored.
+    pub(crate) fn judged(
+        config: &Config,
+        item: usize,
+        own: bool,
+        obs: &'a Observation,
+        current: resources::Resource,
+        new: bool,
+    ) -> Seen<'a> {
+        let stored = Stored {
+            status: current.status.clone(),
+            terminal: current.terminal,
+            provider_at: current.provider_updated_at.clone(),
+        };
+        let verdict = judge(
+            &stored,
+            &obs.kind,
+            &obs.status,
+            obs.provider_at.as_deref(),
+            &config.juice.reversed_statuses,
+        );
+        Seen {
+            item,
+            own,
+            obs,
+            current,
+            new,
+            verdict,
+            aliases: Vec::new(),
+        }
+    }
 }
 
 /// What is decided for a fresh observation, owned so that the statements
 /// below can borrow it.
-struct Decided<'a> {
-    seen: &'a Seen<'a>,
-    status_since: String,
-    next_reconcile_at: Option<String>,
-    changed: bool,
+pub(crate) struct Decided<'a> {
+    pub(crate) seen: &'a Seen<'a>,
+    pub(crate) status_since: String,
+    pub(crate) next_reconcile_at: Option<String>,
+    pub(crate) changed: bool,
 }
 
 /// [`record_all`] for observations none of whose resources come twice:
@@ -112,13 +147,17 @@ async fn record_run(
     let now_s = time::fmt(now);
     let (recorded, rows, open) = on_handle(tx, |conn| {
         let (recorded, rows) = write_run(conn, config, items, now, &now_s)?;
-        let open = super::rules::open_alerts(conn, &rows)?;
+        let keys: Vec<(&str, &str, &str)> = rows
+            .iter()
+            .map(|r| (r.provider.as_str(), r.kind.as_str(), r.id.as_str()))
+            .collect();
+        let open = super::alerts::open_about_many(conn, &keys)?;
         Ok((recorded, rows, open))
     })
     .await?;
     // Alert rules see every resource looked at as it is now, and commit or
     // roll back with what was written.
-    super::rules::on_observation_recorded(tx, config, &rows, &open, &now_s, changes).await?;
+    crate::store::alerting::rules::on_observation_recorded(tx, config, &rows, &open, &now_s, changes).await?;
     Ok(recorded)
 }
 
@@ -159,40 +198,12 @@ fn look_up<'a>(
     items: &[ToRecord<'a>],
     now_s: &str,
 ) -> Result<Vec<Seen<'a>>, StoreError> {
-    let reversed = &config.juice.reversed_statuses;
-    let judged = |item: usize, obs: &'_ Observation, current: resources::Resource| {
-        let stored = Stored {
-            status: current.status.clone(),
-            terminal: current.terminal,
-            provider_at: current.provider_updated_at.clone(),
-        };
-        let verdict = judge(
-            &stored,
-            &obs.kind,
-            &obs.status,
-            obs.provider_at.as_deref(),
-            reversed,
-        );
-        (item, current, verdict)
-    };
-
     let mut rids = resources::NewRids::default();
     let keys: Vec<_> = items.iter().map(|i| key_of(i.obs, i.context)).collect();
     let mut seen: Vec<Seen> = resources::find_many(conn, &keys, now_s, &mut rids)?
         .into_iter()
         .enumerate()
-        .map(|(i, (current, new))| {
-            let (item, current, verdict) = judged(i, items[i].obs, current);
-            Seen {
-                item,
-                own: true,
-                obs: items[item].obs,
-                current,
-                new,
-                verdict,
-                aliases: Vec::new(),
-            }
-        })
+        .map(|(i, (current, new))| Seen::judged(config, i, true, items[i].obs, current, new))
         .collect();
     // An answer that lists an item twice is recorded with its first listing.
     let mut listed: std::collections::HashSet<(&str, &str)> = items
@@ -217,16 +228,9 @@ fn look_up<'a>(
         for (((item, obs), (current, new)), aliases) in
             children.into_iter().zip(stored).zip(aliases)
         {
-            let (item, current, verdict) = judged(item, obs, current);
-            seen.push(Seen {
-                item,
-                own: false,
-                obs,
-                current,
-                new,
-                verdict,
-                aliases,
-            });
+            let mut child = Seen::judged(config, item, false, obs, current, new);
+            child.aliases = aliases;
+            seen.push(child);
         }
     }
     Ok(seen)
@@ -252,18 +256,18 @@ fn stored_refunds(
 }
 
 /// What a run decided, before any of it is written.
-struct Decisions<'a> {
+pub(crate) struct Decisions<'a> {
     /// Rids of the resources whose observation was stale.
-    stale: Vec<i64>,
+    pub(crate) stale: Vec<i64>,
     /// The fresh observations, in the order seen.
-    fresh: Vec<Decided<'a>>,
-    side: RefundsAndProgress<'a>,
+    pub(crate) fresh: Vec<Decided<'a>>,
+    pub(crate) side: RefundsAndProgress<'a>,
 }
 
 /// Decides in memory what each observation seen writes: a stale one only
 /// its time seen; a fresh one its refund and progress rows, its status time
 /// and its next reconcile. `refunds` holds the stored refund statuses.
-fn decide<'a>(
+pub(crate) fn decide<'a>(
     config: &Config,
     items: &'a [ToRecord<'a>],
     seen: &'a [Seen<'a>],
@@ -344,7 +348,22 @@ fn write_states(
     fresh: &[Decided<'_>],
     now_s: &str,
 ) -> Result<Vec<resources::Resource>, StoreError> {
-    let updates: Vec<StateUpdate> = fresh
+    let updates = state_updates(items, fresh, now_s);
+    if updates.is_empty() {
+        Ok(Vec::new())
+    } else {
+        resources::update_states(conn, &updates)
+    }
+}
+
+/// The current state each fresh observation gives its resource, in the
+/// order of `fresh`.
+pub(crate) fn state_updates<'a>(
+    items: &'a [ToRecord<'a>],
+    fresh: &'a [Decided<'a>],
+    now_s: &'a str,
+) -> Vec<StateUpdate<'a>> {
+    fresh
         .iter()
         .map(|d| StateUpdate {
             rid: d.seen.current.rid,
@@ -365,23 +384,17 @@ fn write_states(
             observed_at: now_s,
             next_reconcile_at: d.next_reconcile_at.as_deref(),
         })
-        .collect();
-    if updates.is_empty() {
-        Ok(Vec::new())
-    } else {
-        resources::update_states(conn, &updates)
-    }
+        .collect()
 }
 
-/// Writes a transition for each fresh observation that changed its
-/// resource's status; the rows written, in the order of `fresh`.
-fn write_transitions<'a>(
-    conn: &rusqlite::Connection,
+/// A transition for each fresh observation that changed its resource's
+/// status, in the order of `fresh`.
+pub(crate) fn new_transitions<'a>(
     items: &'a [ToRecord<'a>],
     fresh: &'a [Decided<'a>],
     now_s: &'a str,
-) -> Result<Vec<NewTransition<'a>>, StoreError> {
-    let transitions: Vec<NewTransition> = fresh
+) -> Vec<NewTransition<'a>> {
+    fresh
         .iter()
         .filter(|d| d.changed)
         .map(|d| {
@@ -403,7 +416,18 @@ fn write_transitions<'a>(
                 snapshot: &d.seen.obs.snapshot,
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Writes a transition for each fresh observation that changed its
+/// resource's status; the rows written, in the order of `fresh`.
+fn write_transitions<'a>(
+    conn: &rusqlite::Connection,
+    items: &'a [ToRecord<'a>],
+    fresh: &'a [Decided<'a>],
+    now_s: &'a str,
+) -> Result<Vec<NewTransition<'a>>, StoreError> {
+    let transitions = new_transitions(items, fresh, now_s);
     if !transitions.is_empty() {
         resources::insert_transitions(conn, &transitions)?;
     }
@@ -413,7 +437,7 @@ fn write_transitions<'a>(
 /// What was recorded per item (its transitions, its rids, whether its own
 /// observation was stale), and every resource seen as it is now: as stored
 /// when stale, as `updated` (the rows [`write_states`] returned) when fresh.
-fn what_was_recorded(
+pub(crate) fn what_was_recorded(
     items: &[ToRecord<'_>],
     seen: &[Seen<'_>],
     fresh: &[Decided<'_>],
@@ -447,7 +471,7 @@ fn what_was_recorded(
     Ok((recorded, rows))
 }
 
-fn key_of<'a>(obs: &'a Observation, context: Option<&'a str>) -> resources::ResourceKey<'a> {
+pub(crate) fn key_of<'a>(obs: &'a Observation, context: Option<&'a str>) -> resources::ResourceKey<'a> {
     resources::ResourceKey {
         provider: obs.provider,
         kind: &obs.kind,
@@ -460,16 +484,16 @@ fn key_of<'a>(obs: &'a Observation, context: Option<&'a str>) -> resources::Reso
 /// The refund and progress rows a run writes, gathered so that each kind
 /// is one statement however many observations the run holds.
 #[derive(Default)]
-struct RefundsAndProgress<'a> {
-    opened: Vec<NewRefund<'a>>,
-    settled: Vec<resources::RefundSettlement<'a>>,
-    progress: Vec<resources::NewProgress<'a>>,
+pub(crate) struct RefundsAndProgress<'a> {
+    pub(crate) opened: Vec<NewRefund<'a>>,
+    pub(crate) settled: Vec<resources::RefundSettlement<'a>>,
+    pub(crate) progress: Vec<resources::NewProgress<'a>>,
 }
 
 impl<'a> RefundsAndProgress<'a> {
     /// `current`: the resource as stored, whose id may be another key of
     /// the one `obs` carries.
-    fn refund(
+    pub(crate) fn refund(
         &mut self,
         obs: &'a Observation,
         current: &'a resources::Resource,
@@ -511,6 +535,50 @@ impl<'a> RefundsAndProgress<'a> {
     }
 }
 
+/// What a reversal of `item` writes, given its stored refund status: the
+/// refund completed (opened completed when none was open), as an
+/// observation of the item as stored; `None` when it is completed already.
+pub(crate) fn reversal(
+    provider: &'static str,
+    item: &resources::Resource,
+    existing: Option<&str>,
+) -> Option<(Observation, RefundSignal, RefundChange)> {
+    let signal = RefundSignal {
+        status: RefundStatus::Completed,
+        reason: item.status.clone().unwrap_or_else(|| "reversed".into()),
+        amount: item.amount,
+        currency: item.currency.clone(),
+    };
+    let change = refund_change(existing, signal.status)?;
+    let obs = Observation {
+        provider,
+        kind: item.kind.clone(),
+        id: item.id.clone(),
+        parent_id: item.parent_id.clone(),
+        status: item.status.clone().unwrap_or_default(),
+        class: StatusClass::Settled,
+        provider_at: None,
+        amount: item.amount,
+        currency: item.currency.clone(),
+        livemode: item.livemode,
+        snapshot: String::new(),
+        progress: None,
+        children: Vec::new(),
+        refund: None,
+    };
+    Some((obs, signal, change))
+}
+
+/// After its refund completed, the item is no longer reconciled for it,
+/// unless its own status still moves.
+pub(crate) fn leaves_reconcile(config: &Config, item: &resources::Resource) -> bool {
+    providers::classify(
+        &item.kind,
+        item.status.as_deref().unwrap_or(""),
+        &config.juice.reversed_statuses,
+    ) != StatusClass::Transitional
+}
+
 /// A reversal event named an item: its refund is completed (opened as
 /// completed when none was open). False when the item is not known yet.
 pub async fn record_reversal(
@@ -533,43 +601,15 @@ pub async fn record_reversal(
         return Ok(false);
     };
     let existing = resources::refund_of(tx, item.rid).await?.map(|r| r.status);
-    let signal = RefundSignal {
-        status: RefundStatus::Completed,
-        reason: item.status.clone().unwrap_or_else(|| "reversed".into()),
-        amount: item.amount,
-        currency: item.currency.clone(),
-    };
-    if let Some(change) = refund_change(existing.as_deref(), signal.status) {
-        let obs = Observation {
-            provider: provider.name(),
-            kind: item.kind.clone(),
-            id: item.id.clone(),
-            parent_id: item.parent_id.clone(),
-            status: item.status.clone().unwrap_or_default(),
-            class: StatusClass::Settled,
-            provider_at: None,
-            amount: item.amount,
-            currency: item.currency.clone(),
-            livemode: item.livemode,
-            snapshot: String::new(),
-            progress: None,
-            children: Vec::new(),
-            refund: None,
-        };
+    if let Some((obs, signal, change)) = reversal(provider.name(), &item, existing.as_deref()) {
         let mut side = RefundsAndProgress::default();
         side.refund(&obs, &item, &signal, change, &now_s, trigger);
         on_handle(tx, |conn| side.write(conn, &now_s)).await?;
-        // The refund no longer holds the item in reconcile unless its status moves.
-        let class = providers::classify(
-            &item.kind,
-            item.status.as_deref().unwrap_or(""),
-            &config.juice.reversed_statuses,
-        );
-        if class != StatusClass::Transitional {
+        if leaves_reconcile(config, &item) {
             resources::mark_reconciled(tx, item.rid, None).await?;
         }
     }
-    super::rules::on_resource_recorded(tx, config, item.rid, &now_s, changes).await?;
+    crate::store::alerting::rules::on_resource_recorded(tx, config, item.rid, &now_s, changes).await?;
     Ok(true)
 }
 

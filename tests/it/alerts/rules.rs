@@ -3,7 +3,7 @@
 
 use cancelwatch::store::sqlite::alerts::Alert;
 use cancelwatch::store::sqlite::Db;
-use cancelwatch::store::sqlite::{rules, scan};
+use cancelwatch::store::alerting::{rules, scan};
 use cancelwatch::Config;
 use serde_json::{json, Value};
 
@@ -54,7 +54,9 @@ async fn recorded(db: &Db, config: &Config, rid: i64) {
 }
 
 async fn scan_at(db: &Db, config: &Config, at: cancelwatch::time::Timestamp) {
-    scan::scan_once(db, config, at).await.unwrap();
+    let mut tx = db.write.begin().await.unwrap();
+    scan::scan(&mut tx, config, at).await.unwrap();
+    tx.commit().await.unwrap();
 }
 
 async fn alert_of(db: &Db, rule: &str, resource_id: &str) -> Option<Alert> {

@@ -55,7 +55,7 @@ fn with_sinks(sinks: impl FnOnce(&Path) -> Vec<SinkConfig>) -> TestConfig {
 async fn raise_one(config: &TestConfig, resource_id: &str) -> Alert {
     let db = config.open_db().await;
     let mut tx = db.write.begin().await.unwrap();
-    let outcome = cancelwatch::store::sqlite::rules::raise(
+    let outcome = cancelwatch::store::alerting::rules::raise(
         &mut tx,
         config.config(),
         &NewAlert {

@@ -6,8 +6,8 @@
 use crate::store::StoreError;
 use serde_json::{json, Value};
 
-use super::alerts::{self as sql, Alert, AlertKey, NewAlert, RaiseOutcome, ResourceRow};
-use super::Tx;
+use super::AlertRows;
+use crate::store::model::{Alert, AlertKey, Delivery, NewAlert, RaiseOutcome, Resource as ResourceRow};
 use crate::config::Config;
 use crate::domain::alerts::{
     self, alert_key, dead_letter_subject, new_alert, not_effective, route, still_stuck_in, Changed,
@@ -22,19 +22,19 @@ use crate::providers::knowledge::{kind_info, PartialRule};
 /// no longer holds. For a
 /// Juice item, its bulk transfer is evaluated again too.
 pub async fn on_resource_recorded(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     rid: i64,
     now: &str,
     changes: &mut Changes,
 ) -> Result<(), StoreError> {
-    let Some(resource) = sql::resource(tx, rid).await? else {
+    let Some(resource) = tx.resource(rid).await? else {
         return Ok(());
     };
     evaluate_alone(tx, config, &resource, now, changes).await?;
     if let Some((parent_kind, parent_id)) = parent_of(&resource) {
         if let Some(parent) =
-            super::resources::get(tx, &resource.provider, parent_kind, parent_id).await?
+            tx.resource_by_key(&resource.provider, parent_kind, parent_id).await?
         {
             evaluate_alone(tx, config, &parent, now, changes).await?;
         }
@@ -56,10 +56,10 @@ fn parent_of(r: &ResourceRow) -> Option<(&'static str, &str)> {
 /// `open` holds their open alerts, read by [`open_alerts`] in the same
 /// transaction.
 pub async fn on_observation_recorded(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     resources: &[ResourceRow],
-    open: &[sql::Alert],
+    open: &[Alert],
     now: &str,
     changes: &mut Changes,
 ) -> Result<(), StoreError> {
@@ -69,7 +69,7 @@ pub async fn on_observation_recorded(
         if !seen.insert(resource.rid) {
             continue;
         }
-        let about: Vec<&sql::Alert> = open.iter().filter(|a| is_about(a, resource)).collect();
+        let about: Vec<&Alert> = open.iter().filter(|a| is_about(a, resource)).collect();
         evaluate(tx, config, resource, &about, now, changes).await?;
         if let Some((parent_kind, parent_id)) = parent_of(resource) {
             let key = (
@@ -83,7 +83,7 @@ pub async fn on_observation_recorded(
         }
     }
     for (provider, parent_kind, parent_id) in parents {
-        if let Some(parent) = super::resources::get(tx, &provider, parent_kind, &parent_id).await? {
+        if let Some(parent) = tx.resource_by_key(&provider, parent_kind, &parent_id).await? {
             if !seen.contains(&parent.rid) {
                 evaluate_alone(tx, config, &parent, now, changes).await?;
             }
@@ -92,42 +92,29 @@ pub async fn on_observation_recorded(
     Ok(())
 }
 
-/// The open alerts about `resources`, in one go (most have none), for
-/// [`on_observation_recorded`]; straight on the writer's handle.
-pub fn open_alerts(
-    conn: &rusqlite::Connection,
-    resources: &[ResourceRow],
-) -> Result<Vec<sql::Alert>, StoreError> {
-    let keys: Vec<(&str, &str, &str)> = resources
-        .iter()
-        .map(|r| (r.provider.as_str(), r.kind.as_str(), r.id.as_str()))
-        .collect();
-    sql::open_about_many(conn, &keys)
-}
-
-fn is_about(alert: &sql::Alert, r: &ResourceRow) -> bool {
+fn is_about(alert: &Alert, r: &ResourceRow) -> bool {
     alert.provider == r.provider && alert.kind == r.kind && alert.resource_id == r.id
 }
 
 /// [`evaluate`], reading the resource's open alerts first.
 async fn evaluate_alone(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     resource: &ResourceRow,
     now: &str,
     changes: &mut Changes,
 ) -> Result<(), StoreError> {
-    let open = sql::open_about(tx, &resource.provider, &resource.kind, &resource.id).await?;
-    let about: Vec<&sql::Alert> = open.iter().collect();
+    let open = tx.open_alerts_about(&resource.provider, &resource.kind, &resource.id).await?;
+    let about: Vec<&Alert> = open.iter().collect();
     evaluate(tx, config, resource, &about, now, changes).await
 }
 
 /// Runs every rule on a resource as it is now; `open` holds its open alerts.
 async fn evaluate(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     resource: &ResourceRow,
-    open: &[&sql::Alert],
+    open: &[&Alert],
     now: &str,
     changes: &mut Changes,
 ) -> Result<(), StoreError> {
@@ -192,22 +179,22 @@ async fn evaluate(
 
 /// The rows [`alerts::partial_by_items`] decides on.
 async fn partial_by_items(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     bulk: &ResourceRow,
     item_kind: &str,
 ) -> Result<Option<(String, Value)>, StoreError> {
     let answer =
-        sql::latest_cancel_with_outcome(tx, &bulk.provider, &bulk.id, "partial_cancellation")
+        tx.latest_cancel_with_outcome(&bulk.provider, &bulk.id, "partial_cancellation")
             .await?;
-    let items = sql::children(tx, &bulk.provider, item_kind, &bulk.id).await?;
+    let items = tx.children(&bulk.provider, item_kind, &bulk.id).await?;
     let cancelled = bulk
         .status
         .as_deref()
         .is_some_and(|s| crate::providers::knowledge::is_cancelled(config, &bulk.kind, s));
     // Only a cancelled one can be shown cancelled in part by its counters.
     let counters = match cancelled {
-        true => sql::latest_progress(tx, bulk.rid).await?,
+        true => tx.latest_progress(bulk.rid).await?,
         false => None,
     };
     Ok(alerts::partial_by_items(
@@ -221,7 +208,7 @@ async fn partial_by_items(
 
 /// The rows [`alerts::partial_by_progress`] decides on.
 async fn partial_by_progress(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     job: &ResourceRow,
 ) -> Result<Option<(String, Value)>, StoreError> {
@@ -233,7 +220,7 @@ async fn partial_by_progress(
         // Nothing to read: only a cancelled one was cancelled in part.
         return Ok(None);
     }
-    let progress = sql::latest_progress(tx, job.rid).await?;
+    let progress = tx.latest_progress(job.rid).await?;
     Ok(alerts::partial_by_progress(config, job, progress.as_ref()))
 }
 
@@ -241,11 +228,11 @@ async fn partial_by_progress(
 /// stuck in, and an open `refund_overdue` alert once the refund is no longer
 /// pending.
 async fn resolve_stale(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     r: &ResourceRow,
-    stuck: Option<&sql::Alert>,
-    overdue: Option<&sql::Alert>,
+    stuck: Option<&Alert>,
+    overdue: Option<&Alert>,
     now: &str,
     changes: &mut Changes,
 ) -> Result<(), StoreError> {
@@ -255,7 +242,7 @@ async fn resolve_stale(
         }
     }
     if overdue.is_some() {
-        let refund = super::resources::refund_of(tx, r.rid).await?;
+        let refund = tx.refund_of(r.rid).await?;
         if !matches!(refund, Some(f) if f.status == "pending") {
             resolve(tx, config, &alert_key(REFUND_OVERDUE, r), now, changes).await?;
         }
@@ -267,7 +254,7 @@ async fn resolve_stale(
 /// up after its retries with `error`. The alert is about the delivery's
 /// resource when known, else about `(provider, "delivery", dedupe key)`.
 pub async fn on_dead_letter(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     delivery_id: i64,
     error: &str,
@@ -278,7 +265,7 @@ pub async fn on_dead_letter(
     if !rule.enabled {
         return Ok(());
     }
-    let Some(d) = sql::delivery(tx, delivery_id).await? else {
+    let Some(d) = tx.delivery(delivery_id).await? else {
         return Ok(());
     };
     let (kind, resource_id) = dead_letter_subject(
@@ -314,9 +301,9 @@ pub async fn on_dead_letter(
 /// very delivery, if any, is resolved. An alert that names another delivery
 /// of the same resource stays open.
 pub async fn on_delivery_recovered(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
-    d: &super::inbox::Delivery,
+    d: &Delivery,
     now: &str,
     changes: &mut Changes,
 ) -> Result<(), StoreError> {
@@ -331,7 +318,7 @@ pub async fn on_delivery_recovered(
         kind,
         resource_id,
     };
-    let Some(open) = sql::find(tx, &key).await?.filter(|a| a.state == "open") else {
+    let Some(open) = tx.find_alert(&key).await?.filter(|a| a.state == "open") else {
         return Ok(());
     };
     let names_this_one = serde_json::from_str::<Value>(&open.details)
@@ -347,14 +334,14 @@ pub async fn on_delivery_recovered(
 /// Raises (creates or updates) an alert and queues each new version for its
 /// sinks, inside the caller's transaction; a new version is noted in `changes`.
 pub async fn raise(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     alert: &NewAlert,
     now: &str,
     changes: &mut Changes,
 ) -> Result<RaiseOutcome, StoreError> {
     let sinks = route(config, &alert.rule, &alert.severity);
-    let outcome = sql::raise(tx, alert, &sinks, now).await?;
+    let outcome = tx.raise_alert(alert, &sinks, now).await?;
     if !matches!(outcome, RaiseOutcome::Unchanged(_)) {
         changes.push(Changed::of(outcome.alert(), false));
     }
@@ -364,17 +351,17 @@ pub async fn raise(
 /// Resolves the open alert of `key`, if any, and queues the resolved
 /// version; noted in `changes`.
 pub async fn resolve(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     key: &AlertKey,
     now: &str,
     changes: &mut Changes,
 ) -> Result<Option<Alert>, StoreError> {
-    let Some(open) = sql::find(tx, key).await?.filter(|a| a.state == "open") else {
+    let Some(open) = tx.find_alert(key).await?.filter(|a| a.state == "open") else {
         return Ok(None);
     };
     let sinks = route(config, &key.rule, &open.severity);
-    let resolved = sql::resolve(tx, key, &sinks, now).await?;
+    let resolved = tx.resolve_alert(key, &sinks, now).await?;
     if let Some(a) = &resolved {
         changes.push(Changed::of(a, true));
     }
@@ -395,7 +382,7 @@ mod tests {
         crate::metrics::with_local_metrics(|counted| async move {
             let dir = tempfile::tempdir().unwrap();
             let config = Config::default();
-            let db = super::super::Db::open(&dir.path().join("cw.db"), &config.database)
+            let db = crate::store::sqlite::Db::open(&dir.path().join("cw.db"), &config.database)
                 .await
                 .unwrap();
             let alert = NewAlert {
@@ -410,7 +397,7 @@ mod tests {
             let mut changes = Changes::new();
             let mut tx = db.write.begin().await.unwrap();
             raise(
-                &mut tx,
+                &mut *tx,
                 &config,
                 &alert,
                 "2026-11-23T00:00:00Z",
@@ -419,7 +406,7 @@ mod tests {
             .await
             .unwrap();
             resolve(
-                &mut tx,
+                &mut *tx,
                 &config,
                 &alert.key(),
                 "2026-11-23T00:01:00Z",

@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde_json::json;
 
-use super::alerts::{self as sql, AlertKey, NewAlert};
 use super::rules::{raise, resolve};
-use super::{Db, Tx};
+use super::AlertRows;
+use crate::store::model::{AlertKey, NewAlert};
 use crate::config::Config;
 use crate::domain::alerts::{
     money, still_stuck_in, Changes, REFUND_OVERDUE, STUCK, UNKNOWN_CURRENCY, VERIFICATION_FAILURES,
@@ -19,21 +19,24 @@ use crate::domain::alerts::{
 use crate::providers::knowledge::{is_transitional, refund_awaits};
 use crate::time::{self, Timestamp};
 
-/// Evaluates the time-based rules as of `now`, in one short write transaction.
-pub async fn scan_once(db: &Db, config: &Config, now: Timestamp) -> Result<Changes, StoreError> {
+/// Evaluates the time-based rules as of `now` inside the caller's
+/// transaction (one short one: the engine begins and commits it).
+pub async fn scan(
+    tx: &mut dyn AlertRows,
+    config: &Config,
+    now: Timestamp,
+) -> Result<Changes, StoreError> {
     let now_s = time::fmt(now);
-    let mut tx = db.begin().await?;
     let mut changes = Changes::new();
     if config.alerts.stuck.enabled {
-        stuck(&mut tx, config, now, &now_s, &mut changes).await?;
+        stuck(tx, config, now, &now_s, &mut changes).await?;
     }
     if config.alerts.refund_overdue.enabled {
-        refund_overdue(&mut tx, config, now, &now_s, &mut changes).await?;
+        refund_overdue(tx, config, now, &now_s, &mut changes).await?;
     }
     if config.alerts.verification_failures.enabled {
-        verification_failures(&mut tx, config, now, &now_s, &mut changes).await?;
+        verification_failures(tx, config, now, &now_s, &mut changes).await?;
     }
-    tx.commit().await?;
     Ok(changes)
 }
 
@@ -52,14 +55,14 @@ fn key(rule: &str, provider: &str, kind: &str, id: &str) -> AlertKey {
 
 /// Resolves the open alerts of `rule` whose key is not in `holding`.
 async fn resolve_others(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     rule: &str,
     holding: &HashSet<(String, String, String)>,
     now: &str,
     changes: &mut Changes,
 ) -> Result<(), StoreError> {
-    for alert in sql::open_of_rule(tx, rule).await? {
+    for alert in tx.open_alerts_of_rule(rule).await? {
         let k = (
             alert.provider.clone(),
             alert.kind.clone(),
@@ -76,7 +79,7 @@ async fn resolve_others(
 /// Resources in a transitional status for longer than its limit
 /// (`alerts.stuck.limits[status]`, else `alerts.stuck.after_secs`).
 async fn stuck(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     now: Timestamp,
     now_s: &str,
@@ -84,7 +87,7 @@ async fn stuck(
 ) -> Result<(), StoreError> {
     let rule = &config.alerts.stuck;
     let mut holding = HashSet::new();
-    for r in sql::unsettled_resources(tx).await? {
+    for r in tx.unsettled_resources().await? {
         let (Some(status), Some(since)) = (r.status.as_deref(), r.status_since.as_deref()) else {
             continue;
         };
@@ -97,7 +100,7 @@ async fn stuck(
         }
         holding.insert((r.provider.clone(), r.kind.clone(), r.id.clone()));
         // An alert about an earlier stay in this status stays as it is.
-        if let Some(open) = sql::find(tx, &key(STUCK, &r.provider, &r.kind, &r.id)).await? {
+        if let Some(open) = tx.find_alert(&key(STUCK, &r.provider, &r.kind, &r.id)).await? {
             if open.state == "open" && still_stuck_in(&open.details, &r) {
                 continue;
             }
@@ -130,7 +133,7 @@ async fn stuck(
 /// complete the refund, and how often it is still looked at. Only what
 /// rarely changes goes in: each change is a new version of the alert.
 async fn refund_overdue(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     now: Timestamp,
     now_s: &str,
@@ -139,7 +142,7 @@ async fn refund_overdue(
     let rule = &config.alerts.refund_overdue;
     let cutoff = ago(now, rule.after_secs);
     let mut holding = HashSet::new();
-    for f in sql::pending_refunds_opened_before(tx, &cutoff).await? {
+    for f in tx.pending_refunds_opened_before(&cutoff).await? {
         holding.insert((f.provider.clone(), f.kind.clone(), f.resource_id.clone()));
         let amount = f
             .amount
@@ -185,7 +188,7 @@ async fn refund_overdue(
 /// More than `threshold` refused deliveries per provider in the last
 /// `window_secs`. An open alert is left as first raised while the burst lasts.
 async fn verification_failures(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn AlertRows,
     config: &Config,
     now: Timestamp,
     now_s: &str,
@@ -193,7 +196,7 @@ async fn verification_failures(
 ) -> Result<(), StoreError> {
     let rule = &config.alerts.verification_failures;
     let mut per_provider: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
-    for (provider, reason, count) in sql::refusals_since(tx, &ago(now, rule.window_secs)).await? {
+    for (provider, reason, count) in tx.refusals_since(&ago(now, rule.window_secs)).await? {
         per_provider
             .entry(provider)
             .or_default()
@@ -207,7 +210,7 @@ async fn verification_failures(
         }
         holding.insert((provider.clone(), WEBHOOK_KIND.to_string(), provider.clone()));
         let k = key(VERIFICATION_FAILURES, provider, WEBHOOK_KIND, provider);
-        if sql::find(tx, &k).await?.is_some_and(|a| a.state == "open") {
+        if tx.find_alert(&k).await?.is_some_and(|a| a.state == "open") {
             continue;
         }
         let alert = NewAlert {
