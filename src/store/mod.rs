@@ -11,6 +11,9 @@
 
 mod error;
 pub mod model;
+/// The PostgreSQL engine's reads, built and tested ahead of the engine that calls them.
+#[path = "postgres/reads.rs"]
+pub mod postgres_reads;
 pub mod queries;
 pub mod sqlite;
 

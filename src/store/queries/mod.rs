@@ -13,6 +13,8 @@
 mod engine;
 mod history;
 mod lists;
+#[cfg(test)]
+pub(crate) mod parity;
 mod rows;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
