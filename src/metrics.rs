@@ -45,7 +45,7 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// Every series, with the `# HELP` line it is rendered with.
-const SERIES: [(&str, &str); 24] = [
+const SERIES: [(&str, &str); 25] = [
     (
         "cancelwatch_deliveries_received_total",
         "Verified deliveries taken into the inbox, by provider.",
@@ -116,6 +116,10 @@ const SERIES: [(&str, &str); 24] = [
         "Age of the oldest delivery waiting to be processed.",
     ),
     ("cancelwatch_ready", "1 while /readyz answers 200, else 0."),
+    (
+        "cancelwatch_leader",
+        "1 while this replica runs the reconciler, the scans, the outbox and the pruner (always on SQLite).",
+    ),
     (
         "cancelwatch_ack_seconds",
         "Time from a delivery's arrival to its acknowledgement.",

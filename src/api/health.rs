@@ -30,10 +30,15 @@ pub async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
 
 pub async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
     match unready(&app).await {
-        None => (StatusCode::OK, Json(json!({"status": "ready"}))),
+        // `leader`: this replica runs the one-at-a-time work (always so
+        // on SQLite); for an operator of several replicas.
+        None => (
+            StatusCode::OK,
+            Json(json!({"status": "ready", "leader": app.store.is_leader()})),
+        ),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "reason": reason})),
+            Json(json!({"status": "unavailable", "reason": reason, "leader": app.store.is_leader()})),
         ),
     }
 }
@@ -59,6 +64,8 @@ async fn unready(app: &App) -> Option<&'static str> {
 pub async fn render_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     let ready = unready(&app).await.is_none();
     ::metrics::gauge!("cancelwatch_ready").set(if ready { 1.0 } else { 0.0 });
+    let leader = app.store.is_leader();
+    ::metrics::gauge!("cancelwatch_leader").set(if leader { 1.0 } else { 0.0 });
     if let Ok((depth, oldest)) = app.store.inbox_depth().await {
         ::metrics::gauge!("cancelwatch_inbox_depth").set(depth as f64);
         let age = oldest

@@ -18,6 +18,11 @@ pub struct BackupArgs {
 
 /// Copies the configured database to `args.to` and prints where and how big.
 pub async fn run(config: Config, args: BackupArgs) -> anyhow::Result<()> {
+    if let crate::config::DatabaseUrl::Postgres(_) = config.database_url()? {
+        anyhow::bail!(
+            "`cancelwatch backup` copies a SQLite database; back up PostgreSQL with pg_dump or the server's own backups"
+        );
+    }
     let from = config.database_path()?;
     // Opening a missing database would create an empty one, and back that
     // up: a wrong configuration must not pass for a backup.

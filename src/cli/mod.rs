@@ -29,7 +29,7 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
     store.close().await;
     println!(
         "database {} is at schema version {}",
-        config.database_path()?.display(),
+        config.database_display(),
         applied.last().copied().unwrap_or(0)
     );
     Ok(())

@@ -1,7 +1,8 @@
 //! Everything the daemon asks of its database, as operations on one
-//! interface, [`Storage`]; one implementation per engine (`sqlite/`). No SQL,
-//! driver type, pragma or transaction leaves this folder: callers hand over
-//! plain values and get plain values back.
+//! interface, [`Storage`]; one implementation per engine (`sqlite/`, `postgres/`), the
+//! audit reads written once for every engine (`queries/`). No SQL, driver
+//! type, pragma or transaction leaves this folder: callers hand over plain
+//! values and get plain values back.
 //!
 //! What an observation changes (the diff, the status ranks, refunds, which
 //! alert rules fire) is decided by the pure code of [`crate::domain`]; an
@@ -12,6 +13,7 @@ pub mod alerting;
 mod error;
 pub mod model;
 pub mod postgres;
+pub mod queries;
 pub mod sqlite;
 
 use std::sync::Arc;

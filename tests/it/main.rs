@@ -10,6 +10,7 @@ mod ingress;
 mod ops;
 mod packaging;
 mod pipeline;
+mod postgres;
 mod properties;
 mod secrets;
 mod sim;

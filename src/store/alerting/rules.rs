@@ -397,7 +397,7 @@ mod tests {
             let mut changes = Changes::new();
             let mut tx = db.write.begin().await.unwrap();
             raise(
-                &mut *tx,
+                &mut tx,
                 &config,
                 &alert,
                 "2026-11-23T00:00:00Z",
@@ -406,7 +406,7 @@ mod tests {
             .await
             .unwrap();
             resolve(
-                &mut *tx,
+                &mut tx,
                 &config,
                 &alert.key(),
                 "2026-11-23T00:01:00Z",

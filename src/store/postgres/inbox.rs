@@ -247,29 +247,6 @@ pub async fn ignore(
     Ok(done.rows_affected() == 1)
 }
 
-/// Ends many attempts `processed`, fenced; the ids it ended.
-pub async fn finish_many(
-    conn: &mut PgConnection,
-    ends: &[(i64, &str)],
-    owner: Uuid,
-    now: &str,
-) -> Result<std::collections::HashSet<i64>, StoreError> {
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "UPDATE inbox i SET state = 'processed', processed_at = $4, lease_until = NULL,
-                lease_expires_at = NULL, lease_owner = NULL, last_error = NULL
-         FROM UNNEST($1::bigint[], $2::text[]) AS v (id, lease)
-         WHERE i.id = v.id AND i.state = 'processing' AND i.lease_until = v.lease
-           AND i.lease_owner = $3
-         RETURNING i.id",
-    )
-    .bind(ends.iter().map(|e| e.0).collect::<Vec<_>>())
-    .bind(ends.iter().map(|e| e.1.to_string()).collect::<Vec<_>>())
-    .bind(owner)
-    .bind(now)
-    .fetch_all(conn)
-    .await?;
-    Ok(ids.into_iter().collect())
-}
 
 /// A failed attempt: retry at `next_attempt_at`, or `dead`; fenced.
 pub async fn fail(

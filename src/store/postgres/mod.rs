@@ -58,7 +58,7 @@ pub const DB_NOW: &str =
     "to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
 
 /// Connection options from the URL and the configuration.
-fn options(url: &str, cfg: &DatabaseConfig) -> Result<PgConnectOptions, StoreError> {
+fn options(url: &str) -> Result<PgConnectOptions, StoreError> {
     Ok(PgConnectOptions::from_str(url)?
         .application_name("cancelwatch")
         // Statements are built from a handful of fixed texts.
@@ -72,7 +72,7 @@ pub async fn connect(url: &str, cfg: &DatabaseConfig) -> Result<PgPool, StoreErr
         .max_connections(cfg.max_connections)
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(cfg.connect_timeout_secs))
-        .connect_with(options(url, cfg)?)
+        .connect_with(options(url)?)
         .await?;
     Ok(pool)
 }

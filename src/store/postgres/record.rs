@@ -233,15 +233,16 @@ async fn stored_under(
     obs: &Observation,
     others: &[String],
 ) -> Result<Option<Resource>, StoreError> {
+    let by_alias_sql = format!(
+        "SELECT {NO_SNAPSHOT} FROM resources WHERE rid =
+            (SELECT rid FROM resource_aliases WHERE alias = $1 AND provider = $2 AND kind = $3)
+         FOR UPDATE"
+    );
     let by_alias = |alias: String| {
-        sqlx::query_as::<_, Resource>(&format!(
-            "SELECT {NO_SNAPSHOT} FROM resources WHERE rid =
-                (SELECT rid FROM resource_aliases WHERE alias = $1 AND provider = $2 AND kind = $3)
-             FOR UPDATE"
-        ))
-        .bind(alias)
-        .bind(obs.provider)
-        .bind(obs.kind.clone())
+        sqlx::query_as::<_, Resource>(&by_alias_sql)
+            .bind(alias)
+            .bind(obs.provider)
+            .bind(obs.kind.clone())
     };
     if let Some(found) = by_alias(obs.id.clone()).fetch_optional(&mut *conn).await? {
         return Ok(Some(found));

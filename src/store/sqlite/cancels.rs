@@ -94,7 +94,7 @@ pub struct CancelRequest {
     pub answered_at: Option<String>,
 }
 
-pub(super) const CANCEL_COLUMNS: &str =
+pub(crate) const CANCEL_COLUMNS: &str =
     "id, provider, kind, resource_id, idempotency_key, requested_by, requested_at,
      http_status, outcome, error_code, response_body, answered_at";
 

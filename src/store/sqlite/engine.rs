@@ -7,7 +7,7 @@ use std::path::Path;
 use sqlx::pool::PoolConnection;
 use sqlx::Sqlite;
 
-use super::{alerts, cancels, inbox, outcomes, prune, queries, record, refusals, resources};
+use super::{alerts, cancels, inbox, outcomes, prune, record, refusals, resources};
 use super::{transaction_on_handle, Db, WriterHold};
 use crate::config::{Config, DatabaseConfig};
 use crate::domain::alerts::Changes;
@@ -15,6 +15,7 @@ use crate::domain::observe::{Recorded, Trigger};
 use crate::domain::outcome::{Decided, Written};
 use crate::providers::Observation;
 use crate::store::model::*;
+use crate::store::queries;
 use crate::store::{
     Added, CancelRecord, KeyFor, OpenedCancel, QueryError, Storage, StoreError, WriterTurn,
 };

@@ -219,7 +219,7 @@ pub struct Delivery {
     pub processed_at: Option<String>,
 }
 
-const DELIVERY_COLUMNS: &str =
+pub(crate) const DELIVERY_COLUMNS: &str =
     "id, provider, dedupe_key, event_type, event_id, resource_kind, resource_id,
      context, livemode, raw_body, body_size, source, received_at, state, attempts, next_attempt_at,
      last_error, processed_at";

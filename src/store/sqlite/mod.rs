@@ -14,7 +14,6 @@ mod engine;
 pub mod inbox;
 mod outcomes;
 pub mod prune;
-pub mod queries;
 pub mod record;
 pub mod refusals;
 pub mod resources;

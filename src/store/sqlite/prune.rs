@@ -7,7 +7,7 @@ use sqlx::sqlite::SqliteArguments;
 use sqlx::{Sqlite, SqlitePool};
 
 /// Rows changed per statement (each statement is its own short transaction).
-const BATCH: i64 = 2_000;
+pub(crate) const BATCH: i64 = 2_000;
 
 type Statement<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;
 

@@ -108,8 +108,13 @@ impl TestConfig {
         self.dir.path()
     }
 
+    /// The SQLite file (on PostgreSQL, where nothing is at this path, the
+    /// file the SQLite engine would have used: the SQLite-only helpers
+    /// then find nothing there rather than another test's data).
     pub fn database_path(&self) -> PathBuf {
-        self.config.database_path().unwrap()
+        self.config
+            .database_path()
+            .unwrap_or_else(|_| self.dir().join("cw.db"))
     }
 
     /// The binary listens on a free loopback port taken now, and keeps it

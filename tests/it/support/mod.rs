@@ -6,6 +6,7 @@ pub mod binary;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod postgres;
 pub mod receiver;
 pub mod sim;
 pub mod wait;

@@ -46,7 +46,7 @@ pub struct Resource {
     pub not_found: bool,
     pub cancel_requested_at: Option<String>,
     /// The last fetched object.
-    #[serde(serialize_with = "super::queries::json_text_opt")]
+    #[serde(serialize_with = "crate::store::queries::json_text_opt")]
     pub snapshot: Option<String>,
     /// The Stripe account context to fetch with.
     #[serde(skip)]
@@ -57,7 +57,7 @@ pub struct Resource {
     pub reconcile_failures: i64,
 }
 
-pub(super) const RESOURCE_COLUMNS: &str =
+pub(crate) const RESOURCE_COLUMNS: &str =
     "rid, provider, kind, id, parent_id, status, terminal, livemode, context,
      amount, currency, snapshot, provider_updated_at, status_since, first_seen_at, last_observed_at,
      not_found, cancel_requested_at, next_reconcile_at, reconcile_failures";

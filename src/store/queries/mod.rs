@@ -6,15 +6,22 @@
 //! between two pages never shift or repeat what the reader sees.
 //! Filters come in as the user typed them and are validated here, once, for
 //! the CLI and the API alike.
+//!
+//! One text of these queries serves every engine: each function takes the
+//! pool of any [`ReadEngine`].
 
+mod engine;
 mod history;
 mod lists;
+#[cfg(test)]
+pub(crate) mod parity;
 mod rows;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Serialize, Serializer};
 
+pub use engine::ReadEngine;
 pub use history::{history, ChildHistory, History, ResourceHistory};
 pub use lists::{
     alerts, events, explain_transitions, transitions, AlertFilter, EventFilter, TransitionFilter,
@@ -168,7 +175,7 @@ fn json_text<S: Serializer>(text: &str, s: S) -> Result<S::Ok, S::Error> {
     }
 }
 
-pub(super) fn json_text_opt<S: Serializer>(text: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn json_text_opt<S: Serializer>(text: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match text {
         Some(t) => json_text(t, s),
         None => s.serialize_none(),
