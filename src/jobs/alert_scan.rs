@@ -21,6 +21,9 @@ pub async fn run(store: Store, config: Arc<Config>, shutdown: CancellationToken)
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        if !store.is_leader() {
+            continue;
+        }
         match store.scan_alerts(&config, time::now()).await {
             Ok(changes) => crate::alerts::report(&changes),
             Err(e) => {

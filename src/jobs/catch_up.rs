@@ -25,6 +25,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let mut marks = Marks::default();
     let mut failures = 0;
     loop {
+        if !ctx.store.is_leader() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        }
         let passed = tokio::select! {
             _ = shutdown.cancelled() => break,
             passed = run_once(&ctx, &mut marks) => passed,

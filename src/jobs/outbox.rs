@@ -86,13 +86,16 @@ pub async fn orphaned(store: &Store, config: &Config) -> Result<Vec<(String, i64
 pub async fn run_sink(store: Store, config: Arc<Config>, sink: Sink, shutdown: CancellationToken) {
     let poll = Duration::from_millis(config.alerts.delivery.poll_interval_ms.max(10));
     while !shutdown.is_cancelled() {
-        let busy = match deliver_due(&store, &config.alerts.delivery, &sink, &shutdown).await {
-            Ok(n) => n > 0,
-            Err(e) => {
-                tracing::error!(sink = %sink.name, error = %e, "alert outbox: database error");
-                false
-            }
-        };
+        // One replica at a time sends (the leader): each version in order,
+        // at least once.
+        let busy = store.is_leader()
+            && match deliver_due(&store, &config.alerts.delivery, &sink, &shutdown).await {
+                Ok(n) => n > 0,
+                Err(e) => {
+                    tracing::error!(sink = %sink.name, error = %e, "alert outbox: database error");
+                    false
+                }
+            };
         if !busy {
             tokio::select! {
                 _ = shutdown.cancelled() => return,

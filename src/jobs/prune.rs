@@ -80,6 +80,9 @@ pub async fn run_scheduled(store: Store, config: Arc<Config>, shutdown: Cancella
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
+        if !store.is_leader() {
+            continue;
+        }
         let pruned = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = prune(&store, older_than, crate::time::now()) => r,

@@ -32,6 +32,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(interval) => {}
         }
+        if !ctx.store.is_leader() {
+            continue;
+        }
         match run_once(&ctx).await {
             Ok(n) if n > 0 => tracing::debug!(fetched = n, "reconcile pass done"),
             Ok(_) => {}
