@@ -38,7 +38,9 @@ pub async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
         ),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "reason": reason, "leader": app.store.is_leader()})),
+            Json(
+                json!({"status": "unavailable", "reason": reason, "leader": app.store.is_leader()}),
+            ),
         ),
     }
 }

@@ -43,10 +43,10 @@ pub async fn open(cfg: &DatabaseConfig, url: &DatabaseUrl) -> Result<Store, Stor
 /// migrated or written, and a schema this binary does not match is refused.
 pub async fn open_read_only(cfg: &DatabaseConfig, url: &DatabaseUrl) -> Result<Store, StoreError> {
     Ok(match url {
-        DatabaseUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open_read_only(path, cfg).await?),
-        DatabaseUrl::Postgres(url) => {
-            Arc::new(postgres::PgStore::open_read_only(url, cfg).await?)
+        DatabaseUrl::Sqlite(path) => {
+            Arc::new(sqlite::SqliteStore::open_read_only(path, cfg).await?)
         }
+        DatabaseUrl::Postgres(url) => Arc::new(postgres::PgStore::open_read_only(url, cfg).await?),
     })
 }
 

@@ -13,15 +13,17 @@ use cancelwatch::store::model::NewDelivery;
 use cancelwatch::store::Store;
 use cancelwatch_sim::{DeliveryOptions, Simulator};
 
+use crate::support::config::WEBHOOK_SECRET;
 use crate::support::postgres::PgDatabase;
 use crate::support::sim::app_with_simulator;
 use crate::support::webhooks::{signed_now, thin_event};
-use crate::support::config::WEBHOOK_SECRET;
 use crate::support::{wait_until, TestApp, TestConfig};
 
 /// The store a test reads the database through, as the read commands do.
 async fn reader(config: &TestConfig) -> Store {
-    cancelwatch::open_store_read_only(config.config()).await.unwrap()
+    cancelwatch::open_store_read_only(config.config())
+        .await
+        .unwrap()
 }
 
 /// Deliveries not yet at their end.
@@ -53,7 +55,9 @@ async fn every_scenario_records_its_exact_history_on_postgres() {
     for name in Simulator::scenario_names() {
         let scenario = sim.scenario(name).unwrap();
         for step in &scenario.steps {
-            sim.play_step(step, &DeliveryOptions::default()).await.unwrap();
+            sim.play_step(step, &DeliveryOptions::default())
+                .await
+                .unwrap();
             let what = format!("{name}: step {:?} is reached", step.label);
             wait_until(&what, Duration::from_secs(20), || async {
                 let mut done = unfinished(&store).await == 0;
@@ -75,9 +79,21 @@ async fn every_scenario_records_its_exact_history_on_postgres() {
                 .unwrap_or_else(|| panic!("{name}: no {} {}", h.kind, h.id));
             let to: Vec<&str> = r.transitions.iter().map(|t| t.to_status.as_str()).collect();
             assert_eq!(to, h.statuses, "{name}: history of {}", h.id);
-            assert_eq!(r.resource.parent_id, h.parent_id, "{name}: parent of {}", h.id);
-            for want in scenario.expect.refunds.iter().filter(|f| f.resource_id == h.id) {
-                let got = r.refunds.first().unwrap_or_else(|| panic!("{name}: no refund of {}", h.id));
+            assert_eq!(
+                r.resource.parent_id, h.parent_id,
+                "{name}: parent of {}",
+                h.id
+            );
+            for want in scenario
+                .expect
+                .refunds
+                .iter()
+                .filter(|f| f.resource_id == h.id)
+            {
+                let got = r
+                    .refunds
+                    .first()
+                    .unwrap_or_else(|| panic!("{name}: no refund of {}", h.id));
                 assert_eq!(got.status, want.status, "{name}: refund of {}", h.id);
                 assert_eq!(got.amount, Some(want.amount), "{name}: refund of {}", h.id);
                 refunds += 1;
@@ -120,7 +136,13 @@ async fn two_replicas_share_one_inbox_and_one_leader() {
         assert_eq!(duplicates, &[false, true], "{id}");
     }
     let store = reader(&config).await;
-    let stored: i64 = store.inbox_by_state().await.unwrap().iter().map(|s| s.1).sum();
+    let stored: i64 = store
+        .inbox_by_state()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.1)
+        .sum();
     assert_eq!(stored, 40);
     // One of the two leads, never both.
     wait_until("one replica leads", Duration::from_secs(5), || async {
@@ -130,9 +152,11 @@ async fn two_replicas_share_one_inbox_and_one_leader() {
     // The leader gone, the other takes over within seconds.
     let (leader, other) = if leads(&a).await { (a, b) } else { (b, a) };
     leader.stop().await;
-    wait_until("the other replica leads", Duration::from_secs(5), || async {
-        leads(&other).await
-    })
+    wait_until(
+        "the other replica leads",
+        Duration::from_secs(5),
+        || async { leads(&other).await },
+    )
     .await;
     store.close().await;
     other.stop().await;
@@ -182,14 +206,21 @@ async fn a_gone_replicas_leases_are_taken_up_at_once_and_its_late_writes_fenced(
     let held = first.claim(&now, &long, 10).await.unwrap();
     assert_eq!(held.len(), 1, "one delivery of a resource at a time");
     assert!(
-        second.claim(&now, &lease(600), 10).await.unwrap().is_empty(),
+        second
+            .claim(&now, &lease(600), 10)
+            .await
+            .unwrap()
+            .is_empty(),
         "a live replica's lease holds"
     );
 
     // The first replica is gone (its own connection closed, as a killed
     // process's is): its lease is taken up at once, not in ten minutes.
     first.close().await;
-    let taken = second.claim(&cancelwatch::time::now_str(), &lease(600), 10).await.unwrap();
+    let taken = second
+        .claim(&cancelwatch::time::now_str(), &lease(600), 10)
+        .await
+        .unwrap();
     assert_eq!(taken.iter().map(|d| d.id).collect::<Vec<_>>(), [held[0].id]);
 
     // A write of the first replica's arriving late changes nothing.
@@ -199,9 +230,15 @@ async fn a_gone_replicas_leases_are_taken_up_at_once_and_its_late_writes_fenced(
         lease_until: long.clone(),
         outcome: Outcome::Ignore("late".into()),
     };
-    let (written, _) = late.record_outcomes(config.config(), &[stale]).await.unwrap();
+    let (written, _) = late
+        .record_outcomes(config.config(), &[stale])
+        .await
+        .unwrap();
     assert!(
-        !matches!(written[0], Some(cancelwatch::domain::outcome::Written::Ignored(_))),
+        !matches!(
+            written[0],
+            Some(cancelwatch::domain::outcome::Written::Ignored(_))
+        ),
         "{written:?}"
     );
     let d = second.delivery(held[0].id).await.unwrap().unwrap();

@@ -50,8 +50,10 @@ pub trait AlertRows: Send {
     ) -> Result<Option<CancelRequest>, StoreError>;
     async fn delivery(&mut self, id: i64) -> Result<Option<Delivery>, StoreError>;
     /// Refusals per (provider, reason) received at or after `since`.
-    async fn refusals_since(&mut self, since: &str)
-        -> Result<Vec<(String, String, i64)>, StoreError>;
+    async fn refusals_since(
+        &mut self,
+        since: &str,
+    ) -> Result<Vec<(String, String, i64)>, StoreError>;
 
     async fn find_alert(&mut self, key: &AlertKey) -> Result<Option<Alert>, StoreError>;
     async fn open_alerts_about(

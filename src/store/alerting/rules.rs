@@ -7,13 +7,15 @@ use crate::store::StoreError;
 use serde_json::{json, Value};
 
 use super::AlertRows;
-use crate::store::model::{Alert, AlertKey, Delivery, NewAlert, RaiseOutcome, Resource as ResourceRow};
 use crate::config::Config;
 use crate::domain::alerts::{
     self, alert_key, dead_letter_subject, new_alert, not_effective, route, still_stuck_in, Changed,
     Changes, CANCEL_NOT_EFFECTIVE, DEAD_LETTER, PARTIAL_CANCELLATION, REFUND_OVERDUE, STUCK,
 };
 use crate::providers::knowledge::{kind_info, PartialRule};
+use crate::store::model::{
+    Alert, AlertKey, Delivery, NewAlert, RaiseOutcome, Resource as ResourceRow,
+};
 
 /// Evaluates the observation-driven rules for resource `rid` after it (and,
 /// for a Juice bulk transfer, its items) was recorded in `tx`: raises or
@@ -33,8 +35,9 @@ pub async fn on_resource_recorded(
     };
     evaluate_alone(tx, config, &resource, now, changes).await?;
     if let Some((parent_kind, parent_id)) = parent_of(&resource) {
-        if let Some(parent) =
-            tx.resource_by_key(&resource.provider, parent_kind, parent_id).await?
+        if let Some(parent) = tx
+            .resource_by_key(&resource.provider, parent_kind, parent_id)
+            .await?
         {
             evaluate_alone(tx, config, &parent, now, changes).await?;
         }
@@ -83,7 +86,10 @@ pub async fn on_observation_recorded(
         }
     }
     for (provider, parent_kind, parent_id) in parents {
-        if let Some(parent) = tx.resource_by_key(&provider, parent_kind, &parent_id).await? {
+        if let Some(parent) = tx
+            .resource_by_key(&provider, parent_kind, &parent_id)
+            .await?
+        {
             if !seen.contains(&parent.rid) {
                 evaluate_alone(tx, config, &parent, now, changes).await?;
             }
@@ -104,7 +110,9 @@ async fn evaluate_alone(
     now: &str,
     changes: &mut Changes,
 ) -> Result<(), StoreError> {
-    let open = tx.open_alerts_about(&resource.provider, &resource.kind, &resource.id).await?;
+    let open = tx
+        .open_alerts_about(&resource.provider, &resource.kind, &resource.id)
+        .await?;
     let about: Vec<&Alert> = open.iter().collect();
     evaluate(tx, config, resource, &about, now, changes).await
 }
@@ -184,9 +192,9 @@ async fn partial_by_items(
     bulk: &ResourceRow,
     item_kind: &str,
 ) -> Result<Option<(String, Value)>, StoreError> {
-    let answer =
-        tx.latest_cancel_with_outcome(&bulk.provider, &bulk.id, "partial_cancellation")
-            .await?;
+    let answer = tx
+        .latest_cancel_with_outcome(&bulk.provider, &bulk.id, "partial_cancellation")
+        .await?;
     let items = tx.children(&bulk.provider, item_kind, &bulk.id).await?;
     let cancelled = bulk
         .status

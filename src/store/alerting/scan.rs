@@ -10,13 +10,13 @@ use serde_json::json;
 
 use super::rules::{raise, resolve};
 use super::AlertRows;
-use crate::store::model::{AlertKey, NewAlert};
 use crate::config::Config;
 use crate::domain::alerts::{
     money, still_stuck_in, Changes, REFUND_OVERDUE, STUCK, UNKNOWN_CURRENCY, VERIFICATION_FAILURES,
     WEBHOOK_KIND,
 };
 use crate::providers::knowledge::{is_transitional, refund_awaits};
+use crate::store::model::{AlertKey, NewAlert};
 use crate::time::{self, Timestamp};
 
 /// Evaluates the time-based rules as of `now` inside the caller's
@@ -100,7 +100,10 @@ async fn stuck(
         }
         holding.insert((r.provider.clone(), r.kind.clone(), r.id.clone()));
         // An alert about an earlier stay in this status stays as it is.
-        if let Some(open) = tx.find_alert(&key(STUCK, &r.provider, &r.kind, &r.id)).await? {
+        if let Some(open) = tx
+            .find_alert(&key(STUCK, &r.provider, &r.kind, &r.id))
+            .await?
+        {
             if open.state == "open" && still_stuck_in(&open.details, &r) {
                 continue;
             }

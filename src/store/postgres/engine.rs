@@ -200,7 +200,8 @@ impl Storage for PgStore {
 
     async fn insert_deliveries(&self, deliveries: &[NewDelivery]) -> Result<usize, StoreError> {
         let mut tx = self.begin().await?;
-        let rows: Vec<(&NewDelivery, Option<&str>)> = deliveries.iter().map(|d| (d, None)).collect();
+        let rows: Vec<(&NewDelivery, Option<&str>)> =
+            deliveries.iter().map(|d| (d, None)).collect();
         let added = inbox::insert_batch(&mut tx, &rows, self.owner).await?;
         tx.commit().await?;
         Ok(added.iter().filter(|a| a.is_some()).count())
@@ -372,7 +373,8 @@ impl Storage for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         let key = key_for(reads::burnt_keys(&mut tx, provider, kind, id).await?);
-        let request_id = reads::insert(&mut tx, provider, kind, id, &key, requested_by, now).await?;
+        let request_id =
+            reads::insert(&mut tx, provider, kind, id, &key, requested_by, now).await?;
         sqlx::query("UPDATE resources SET cancel_requested_at = $1 WHERE rid = $2")
             .bind(now)
             .bind(rid)

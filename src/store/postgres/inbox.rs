@@ -247,7 +247,6 @@ pub async fn ignore(
     Ok(done.rows_affected() == 1)
 }
 
-
 /// A failed attempt: retry at `next_attempt_at`, or `dead`; fenced.
 pub async fn fail(
     conn: &mut PgConnection,

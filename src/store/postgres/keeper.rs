@@ -30,12 +30,7 @@ pub struct Standing {
 /// Keeps the connection until `stop` is cancelled; connects again after a
 /// failure. Leadership is given up (`leader` false) the moment the
 /// connection is in doubt: another replica may then hold the lock.
-pub async fn run(
-    url: String,
-    owner: Uuid,
-    standing: Arc<Standing>,
-    stop: CancellationToken,
-) {
+pub async fn run(url: String, owner: Uuid, standing: Arc<Standing>, stop: CancellationToken) {
     let mut conn: Option<PgConnection> = None;
     loop {
         let beat = async {

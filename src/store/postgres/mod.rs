@@ -49,9 +49,9 @@ pub type PgTx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Transaction-scoped advisory lock under which leases are granted.
-pub const LEASE_LOCK: i64 = 0x6377_6c65_6173_65; // "cwlease"
+pub const LEASE_LOCK: i64 = 0x0063_776c_6561_7365; // "cwlease"
 /// Session advisory lock held by the leader replica.
-pub const LEADER_LOCK: i64 = 0x6377_6c65_6164_72; // "cwleadr"
+pub const LEADER_LOCK: i64 = 0x0063_776c_6561_6472; // "cwleadr"
 
 /// The database's clock now, as the text every time is stored in.
 pub const DB_NOW: &str =
@@ -89,10 +89,9 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 /// The highest applied migration, when any (`None`: not a cancelwatch
 /// database yet, or an empty one).
 async fn applied_version(pool: &PgPool) -> Result<Option<i64>, StoreError> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-            .fetch_one(pool)
-            .await?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
     if !exists {
         return Ok(None);
     }

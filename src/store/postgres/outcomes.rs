@@ -85,9 +85,16 @@ async fn write_one(
         owner,
         lease_until: &decided.lease_until,
     };
-    let written = AssertUnwindSafe(write(&mut savepoint, fence, config, d, outcome, &mut changes))
-        .catch_unwind()
-        .await;
+    let written = AssertUnwindSafe(write(
+        &mut savepoint,
+        fence,
+        config,
+        d,
+        outcome,
+        &mut changes,
+    ))
+    .catch_unwind()
+    .await;
     let keep = matches!(&written, Ok(Ok(w)) if *w != Written::LeaseLost);
     let ended = if keep {
         savepoint.commit().await

@@ -28,8 +28,7 @@ pub const RESOURCE_COLUMNS: &str =
      amount, currency, snapshot, provider_updated_at, status_since, first_seen_at, last_observed_at,
      not_found, cancel_requested_at, next_reconcile_at, reconcile_failures";
 
-const NO_SNAPSHOT: &str =
-    "rid, provider, kind, id, parent_id, status, terminal, livemode, context,
+const NO_SNAPSHOT: &str = "rid, provider, kind, id, parent_id, status, terminal, livemode, context,
      amount, currency, NULL::text AS snapshot, provider_updated_at, status_since, first_seen_at,
      last_observed_at, not_found, cancel_requested_at, next_reconcile_at, reconcile_failures";
 
@@ -122,12 +121,16 @@ async fn record_run(
     write_side(conn, &decisions.side, &now_s).await?;
     let transitions = new_transitions(items, &decisions.fresh, &now_s);
     insert_transitions(conn, &transitions).await?;
-    let (recorded, rows) = what_was_recorded(items, &seen, &decisions.fresh, &transitions, updated)?;
+    let (recorded, rows) =
+        what_was_recorded(items, &seen, &decisions.fresh, &transitions, updated)?;
     let mut open = Vec::new();
     for r in &rows {
         open.extend(
             crate::store::alerting::AlertRows::open_alerts_about(
-                &mut *conn, &r.provider, &r.kind, &r.id,
+                &mut *conn,
+                &r.provider,
+                &r.kind,
+                &r.id,
             )
             .await?,
         );
@@ -166,7 +169,9 @@ async fn look_up<'a>(
             Some(found) => found,
             None => {
                 let others = knowledge::other_keys(obs);
-                let keys: Vec<String> = std::iter::once(obs.id.clone()).chain(others.clone()).collect();
+                let keys: Vec<String> = std::iter::once(obs.id.clone())
+                    .chain(others.clone())
+                    .collect();
                 let found = stored_under(conn, obs, &others).await?;
                 let current = match found {
                     Some(found) => found,
@@ -258,7 +263,10 @@ async fn stored_under(
     Ok(None)
 }
 
-async fn update_state(conn: &mut PgConnection, u: &StateUpdate<'_>) -> Result<Resource, StoreError> {
+async fn update_state(
+    conn: &mut PgConnection,
+    u: &StateUpdate<'_>,
+) -> Result<Resource, StoreError> {
     sqlx::query_as(&format!(
         "UPDATE resources SET
             parent_id = COALESCE($2, parent_id), status = $3, terminal = $4,

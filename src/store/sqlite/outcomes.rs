@@ -273,7 +273,14 @@ async fn recovered(
     changes: &mut Changes,
 ) -> Result<(), StoreError> {
     if d.last_error.is_some() {
-        crate::store::alerting::rules::on_delivery_recovered(tx, config, d, &time::now_str(), changes).await?;
+        crate::store::alerting::rules::on_delivery_recovered(
+            tx,
+            config,
+            d,
+            &time::now_str(),
+            changes,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -340,7 +347,10 @@ async fn write_outcome(
             if !inbox::fail(tx, d.id, lease_until, &error, &now_s, true).await? {
                 return Ok(Written::LeaseLost);
             }
-            crate::store::alerting::rules::on_dead_letter(tx, config, d.id, &error, &now_s, changes).await?;
+            crate::store::alerting::rules::on_dead_letter(
+                tx, config, d.id, &error, &now_s, changes,
+            )
+            .await?;
             Ok(Written::Dead(error))
         }
         Outcome::Failed { error, retry_after } => {
@@ -473,7 +483,8 @@ async fn write_failure(
     }
     if dead {
         let now = time::now_str();
-        crate::store::alerting::rules::on_dead_letter(tx, config, d.id, error, &now, changes).await?;
+        crate::store::alerting::rules::on_dead_letter(tx, config, d.id, error, &now, changes)
+            .await?;
         return Ok(Written::Dead(error.to_string()));
     }
     Ok(Written::Retry {

@@ -157,7 +157,10 @@ async fn record_run(
     .await?;
     // Alert rules see every resource looked at as it is now, and commit or
     // roll back with what was written.
-    crate::store::alerting::rules::on_observation_recorded(tx, config, &rows, &open, &now_s, changes).await?;
+    crate::store::alerting::rules::on_observation_recorded(
+        tx, config, &rows, &open, &now_s, changes,
+    )
+    .await?;
     Ok(recorded)
 }
 
@@ -471,7 +474,10 @@ pub(crate) fn what_was_recorded(
     Ok((recorded, rows))
 }
 
-pub(crate) fn key_of<'a>(obs: &'a Observation, context: Option<&'a str>) -> resources::ResourceKey<'a> {
+pub(crate) fn key_of<'a>(
+    obs: &'a Observation,
+    context: Option<&'a str>,
+) -> resources::ResourceKey<'a> {
     resources::ResourceKey {
         provider: obs.provider,
         kind: &obs.kind,
@@ -609,7 +615,8 @@ pub async fn record_reversal(
             resources::mark_reconciled(tx, item.rid, None).await?;
         }
     }
-    crate::store::alerting::rules::on_resource_recorded(tx, config, item.rid, &now_s, changes).await?;
+    crate::store::alerting::rules::on_resource_recorded(tx, config, item.rid, &now_s, changes)
+        .await?;
     Ok(true)
 }
 

@@ -1,9 +1,9 @@
 //! Each rule, called as the pipeline and the scanner call it, on seeded
 //! state at a fixed time.
 
+use cancelwatch::store::alerting::{rules, scan};
 use cancelwatch::store::sqlite::alerts::Alert;
 use cancelwatch::store::sqlite::Db;
-use cancelwatch::store::alerting::{rules, scan};
 use cancelwatch::Config;
 use serde_json::{json, Value};
 

@@ -52,10 +52,13 @@ impl PgDatabase {
     /// Drops the database (every connection to it is ended first).
     pub async fn drop(self) {
         let mut conn = PgConnection::connect(&self.admin).await.unwrap();
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
         let _ = conn.close().await;
     }
 }
