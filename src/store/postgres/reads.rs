@@ -262,54 +262,33 @@ pub async fn of_resource(
 mod tests {
     //! Each read against the SQLite engine's own, on the same rows.
 
-    use crate::store::queries::parity::{at, with_both};
+    use crate::store::queries::parity::{at, same, with_both};
     use crate::store::sqlite::{alerts, cancels, inbox, prune, resources};
 
     #[tokio::test]
     async fn inbox_reads_match_sqlite() {
         with_both(|b| async move {
-            let got = b
-                .same(inbox::get(&b.sqlite, 4), super::get(&b.pg, 4))
-                .await
-                .unwrap()
-                .unwrap();
+            let got = same!(b; inbox::get, &b.sqlite; super::get, &b.pg; 4).unwrap();
+            let got = got.unwrap();
             assert_eq!(
                 (got.dedupe_key.as_str(), got.raw_body),
                 ("jc_2", Some(b"{}".to_vec()))
             );
-            let missing = b
-                .same(inbox::get(&b.sqlite, 99), super::get(&b.pg, 99))
-                .await
-                .unwrap();
+            let missing = same!(b; inbox::get, &b.sqlite; super::get, &b.pg; 99).unwrap();
             assert!(missing.is_none());
-            let by_key = b
-                .same(
-                    inbox::by_key(&b.sqlite, "jc_1"),
-                    super::by_key(&b.pg, "jc_1"),
-                )
-                .await
-                .unwrap()
-                .unwrap();
+            let by_key = same!(b; inbox::by_key, &b.sqlite; super::by_key, &b.pg; "jc_1");
+            let by_key = by_key.unwrap().unwrap();
             assert_eq!((by_key.id, by_key.raw_body), (3, None));
 
             // Pending and failed: evt_2 and jc_2.
-            let depth = b.same(inbox::depth(&b.sqlite), super::depth(&b.pg)).await;
-            assert_eq!(depth.unwrap(), (2, Some(at(1))));
-            let newest = b
-                .same(
-                    inbox::newest_received(&b.sqlite, "stripe", &at(0)),
-                    super::newest_received(&b.pg, "stripe", &at(0)),
-                )
-                .await
-                .unwrap();
+            let depth = same!(b; inbox::depth, &b.sqlite; super::depth, &b.pg;).unwrap();
+            assert_eq!(depth, (2, Some(at(1))));
+            let newest = same!(b; inbox::newest_received, &b.sqlite;
+                super::newest_received, &b.pg; "stripe", &at(0));
+            let newest = newest.unwrap();
             assert_eq!(newest, [(None, at(0)), (Some("acct_1".to_string()), at(1))]);
-            let states = b
-                .same(
-                    inbox::count_by_state(&b.sqlite),
-                    super::count_by_state(&b.pg),
-                )
-                .await
-                .unwrap();
+            let states = same!(b; inbox::count_by_state, &b.sqlite; super::count_by_state, &b.pg;);
+            let states = states.unwrap();
             let states: Vec<(&str, i64)> = states.iter().map(|(s, n)| (s.as_str(), *n)).collect();
             assert_eq!(
                 states,
@@ -322,44 +301,25 @@ mod tests {
     #[tokio::test]
     async fn reconcile_and_outbox_picks_match_sqlite() {
         with_both(|b| async move {
-            let due = b
-                .same(
-                    resources::due_for_reconcile(&b.sqlite, &at(45), 10),
-                    super::due_for_reconcile(&b.pg, &at(45), 10),
-                )
-                .await
-                .unwrap();
+            let due = same!(b; resources::due_for_reconcile, &b.sqlite;
+                super::due_for_reconcile, &b.pg; &at(45), 10);
+            let due = due.unwrap();
             assert_eq!(
                 due.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
                 ["bt_1"]
             );
-            let due = b
-                .same(
-                    resources::due_for_reconcile(&b.sqlite, &at(90), 1),
-                    super::due_for_reconcile(&b.pg, &at(90), 1),
-                )
-                .await
-                .unwrap();
-            assert_eq!(due.len(), 1);
+            let due = same!(b; resources::due_for_reconcile, &b.sqlite;
+                super::due_for_reconcile, &b.pg; &at(90), 1);
+            assert_eq!(due.unwrap().len(), 1);
 
             // Byte order: "Pager" before "ops", whatever the database's collation.
-            let pending = b
-                .same(
-                    alerts::pending_by_sink(&b.sqlite),
-                    super::pending_by_sink(&b.pg),
-                )
-                .await
-                .unwrap();
+            let pending =
+                same!(b; alerts::pending_by_sink, &b.sqlite; super::pending_by_sink, &b.pg;);
+            let pending = pending.unwrap();
             assert_eq!(pending, [("Pager".to_string(), 1), ("ops".to_string(), 2)]);
-            let due = b
-                .same(
-                    alerts::due(&b.sqlite, "ops", &at(8), 10),
-                    super::due(&b.pg, "ops", &at(8), 10),
-                )
-                .await
-                .unwrap();
+            let due = same!(b; alerts::due, &b.sqlite; super::due, &b.pg; "ops", &at(8), 10);
             // Row 2 is due at minute 9 only; row 1 was delivered.
-            assert_eq!(due.iter().map(|r| r.id).collect::<Vec<_>>(), [4]);
+            assert_eq!(due.unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), [4]);
         })
         .await;
     }
@@ -367,64 +327,27 @@ mod tests {
     #[tokio::test]
     async fn cancel_requests_match_sqlite() {
         with_both(|b| async move {
-            let key = ("stripe", "stripe.outbound_transfer", "obt_1");
+            let (provider, kind, id) = ("stripe", "stripe.outbound_transfer", "obt_1");
             let mut lite = b.sqlite_write.begin().await.unwrap();
             let mut pg = b.pg.begin().await.unwrap();
-            let burnt = b
-                .same(
-                    cancels::burnt_keys(&mut lite, key.0, key.1, key.2),
-                    super::burnt_keys(&mut pg, key.0, key.1, key.2),
-                )
-                .await
-                .unwrap();
-            assert_eq!(burnt, 1);
-            let id = b
-                .same(
-                    cancels::insert(&mut lite, key.0, key.1, key.2, "k-2", "api", &at(20)),
-                    super::insert(&mut pg, key.0, key.1, key.2, "k-2", "api", &at(20)),
-                )
-                .await
-                .unwrap();
-            assert_eq!(id, 3);
-            b.same(
-                cancels::answer(
-                    &mut lite,
-                    id,
-                    Some(409),
-                    "idempotency_conflict",
-                    Some("conflict"),
-                    None,
-                    &at(21),
-                ),
-                super::answer(
-                    &mut pg,
-                    id,
-                    Some(409),
-                    "idempotency_conflict",
-                    Some("conflict"),
-                    None,
-                    &at(21),
-                ),
-            )
-            .await
-            .unwrap();
-            let burnt = b
-                .same(
-                    cancels::burnt_keys(&mut lite, key.0, key.1, key.2),
-                    super::burnt_keys(&mut pg, key.0, key.1, key.2),
-                )
-                .await
-                .unwrap();
-            assert_eq!(burnt, 2);
+            let burnt = same!(b; cancels::burnt_keys, &mut lite; super::burnt_keys, &mut pg;
+                provider, kind, id);
+            assert_eq!(burnt.unwrap(), 1);
+            let row = same!(b; cancels::insert, &mut lite; super::insert, &mut pg;
+                provider, kind, id, "k-2", "api", &at(20));
+            let row = row.unwrap();
+            assert_eq!(row, 3);
+            let answered = same!(b; cancels::answer, &mut lite; super::answer, &mut pg;
+                row, Some(409), "idempotency_conflict", Some("conflict"), None, &at(21));
+            answered.unwrap();
+            let burnt = same!(b; cancels::burnt_keys, &mut lite; super::burnt_keys, &mut pg;
+                provider, kind, id);
+            assert_eq!(burnt.unwrap(), 2);
             lite.commit().await.unwrap();
             pg.commit().await.unwrap();
-            let all = b
-                .same(
-                    cancels::of_resource(&b.sqlite, key.1, key.2),
-                    super::of_resource(&b.pg, key.1, key.2),
-                )
-                .await
-                .unwrap();
+            let all = same!(b; cancels::of_resource, &b.sqlite; super::of_resource, &b.pg;
+                kind, id);
+            let all = all.unwrap();
             let last = all.last().unwrap();
             assert_eq!(all.len(), 3);
             assert_eq!(
@@ -444,63 +367,24 @@ mod tests {
         with_both(|b| async move {
             // Final deliveries received before minute 4 with a body: evt_1 only
             // (jc_1's is gone already, evt_2 is pending).
-            let dropped = b
-                .same(
-                    prune::drop_bodies(&b.sqlite_write, &at(4)),
-                    super::drop_bodies(&b.pg, &at(4)),
-                )
-                .await
-                .unwrap();
-            assert_eq!(dropped, 1);
-            let refusals = b
-                .same(
-                    prune::delete_refusals(&b.sqlite_write, &at(5)),
-                    super::delete_refusals(&b.pg, &at(5)),
-                )
-                .await
-                .unwrap();
-            assert_eq!(refusals, 1);
+            let dropped = same!(b; prune::drop_bodies, &b.sqlite_write;
+                super::drop_bodies, &b.pg; &at(4));
+            assert_eq!(dropped.unwrap(), 1);
+            let refusals = same!(b; prune::delete_refusals, &b.sqlite_write;
+                super::delete_refusals, &b.pg; &at(5));
+            assert_eq!(refusals.unwrap(), 1);
             // Juice's dead jc_1 goes; its failed jc_2 and every Stripe one stay.
-            let deleted = b
-                .same(
-                    prune::delete_deliveries(&b.sqlite_write, "juice", &at(60)),
-                    super::delete_deliveries(&b.pg, "juice", &at(60)),
-                )
-                .await
-                .unwrap();
-            assert_eq!(deleted, 1);
-            let states = b
-                .same(
-                    inbox::count_by_state(&b.sqlite),
-                    super::count_by_state(&b.pg),
-                )
-                .await
-                .unwrap();
-            assert_eq!(states.iter().map(|s| s.1).sum::<i64>(), 3);
-            let kept = b
-                .same(inbox::get(&b.sqlite, 1), super::get(&b.pg, 1))
-                .await
-                .unwrap()
-                .unwrap();
+            let deleted = same!(b; prune::delete_deliveries, &b.sqlite_write;
+                super::delete_deliveries, &b.pg; "juice", &at(60));
+            assert_eq!(deleted.unwrap(), 1);
+            let states = same!(b; inbox::count_by_state, &b.sqlite; super::count_by_state, &b.pg;);
+            assert_eq!(states.unwrap().iter().map(|s| s.1).sum::<i64>(), 3);
+            let kept = same!(b; inbox::get, &b.sqlite; super::get, &b.pg; 1).unwrap();
+            let kept = kept.unwrap();
             assert_eq!((kept.state.as_str(), kept.raw_body), ("processed", None));
-            // The trail of what was pruned stays.
-            let history = b
-                .same(
-                    async {
-                        crate::store::queries::history(&b.sqlite, "tr_1")
-                            .await
-                            .unwrap()
-                            .map(|h| h.resources.len())
-                    },
-                    async {
-                        crate::store::queries::history(&b.pg, "tr_1")
-                            .await
-                            .unwrap()
-                            .map(|h| h.resources.len())
-                    },
-                )
-                .await;
-            assert_eq!(history, Some(1));
+            // What was recorded from the pruned deliveries stays.
+            let history = same!(b, |pool| crate::store::queries::history(pool, "tr_1").await);
+            assert_eq!(history.unwrap().map(|h| h.resources.len()), Some(1));
         })
         .await;
     }

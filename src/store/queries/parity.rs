@@ -47,6 +47,31 @@ impl Both {
     }
 }
 
+/// Asks the same of both engines and answers what both answered, which
+/// must be equal: either one read written once for every engine, with
+/// `$pool` standing for each engine's pool in turn, or each engine's own
+/// function, each on what it is given first and the same arguments after.
+macro_rules! same {
+    ($both:expr, |$pool:ident| $read:expr) => {{
+        let both: &$crate::store::queries::parity::Both = &$both;
+        both.same(
+            async {
+                let $pool = &both.sqlite;
+                $read
+            },
+            async {
+                let $pool = &both.pg;
+                $read
+            },
+        )
+        .await
+    }};
+    ($both:expr; $lite:path, $lite_on:expr; $pg:path, $pg_on:expr; $($arg:expr),*) => {
+        $both.same($lite($lite_on, $($arg),*), $pg($pg_on, $($arg),*)).await
+    };
+}
+pub(crate) use same;
+
 /// The variable naming the PostgreSQL server of these tests.
 const URL_VAR: &str = "CANCELWATCH_TEST_POSTGRES_URL";
 
@@ -303,10 +328,6 @@ fn json<T: Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap()
 }
 
-fn ids<T>(page: &Page<T>, id: impl Fn(&T) -> String) -> Vec<String> {
-    page.data.iter().map(id).collect()
-}
-
 fn req(limit: Option<i64>, cursor: Option<&String>) -> PageRequest {
     PageRequest {
         limit,
@@ -314,122 +335,109 @@ fn req(limit: Option<i64>, cursor: Option<&String>) -> PageRequest {
     }
 }
 
+/// The `field` of each row of a JSON list.
+fn each(rows: &serde_json::Value, field: &str) -> Vec<String> {
+    let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| text(&r[field]))
+        .collect()
+}
+
+/// A page as served: its rows as JSON, and its cursor.
+fn served<T: Serialize>(page: Result<Page<T>, QueryError>) -> (serde_json::Value, Option<String>) {
+    let page = page.unwrap();
+    (json(&page.data), page.next_cursor)
+}
+
 #[tokio::test]
 async fn history_reads_alike_on_both_engines() {
     with_both(|b| async move {
         // By an alias: the bulk transfer, with its items, progress and alerts.
-        let h = b
-            .same(
-                async { json(&history(&b.sqlite, "batch-ref").await.unwrap()) },
-                async { json(&history(&b.pg, "batch-ref").await.unwrap()) },
-            )
-            .await;
+        let h = same!(b, |pool| json(&history(pool, "batch-ref").await.unwrap()));
         assert_eq!(h["id"], "batch-ref");
-        let r = &h["resources"][0];
         assert_eq!(h["resources"].as_array().unwrap().len(), 1);
+        let r = &h["resources"][0];
         assert_eq!(r["id"], "bt_1");
-        assert_eq!(r["transitions"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            each(&r["transitions"], "to_status"),
+            ["executing", "partially_completed"]
+        );
         assert_eq!(r["progress"][0]["success_count"], 1);
-        let children = r["children"].as_array().unwrap();
-        assert_eq!(children.len(), 2);
-        assert_eq!(children[0]["id"], "tr_1");
+        let children = &r["children"];
+        assert_eq!(each(children, "id"), ["tr_1", "tr_2"]);
         assert_eq!(children[0]["refunds"][0]["amount"], 1250);
-        assert_eq!(children[1]["transitions"].as_array().unwrap().len(), 2);
-        // Per sink, the latest version only.
+        assert_eq!(each(&children[1]["transitions"], "id"), ["5", "7"]);
         let alert = &r["alerts"][0];
         assert_eq!(alert["id"], "alrt_a");
         assert_eq!(alert["details"]["cancelled"], 1);
-        let sinks: Vec<(String, i64)> = alert["deliveries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                (
-                    d["sink"].as_str().unwrap().to_string(),
-                    d["alert_version"].as_i64().unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(sinks, [("Pager".to_string(), 2), ("ops".to_string(), 2)]);
+        // Per sink, its latest version only.
+        assert_eq!(each(&alert["deliveries"], "sink"), ["Pager", "ops"]);
+        assert_eq!(each(&alert["deliveries"], "alert_version"), ["2", "2"]);
 
         // By its own id: the Stripe transfer, with its cancel requests.
-        let h = b
-            .same(
-                async { json(&history(&b.sqlite, "obt_1").await.unwrap()) },
-                async { json(&history(&b.pg, "obt_1").await.unwrap()) },
-            )
-            .await;
+        let h = same!(b, |pool| json(&history(pool, "obt_1").await.unwrap()));
         let r = &h["resources"][0];
         assert_eq!(r["snapshot"]["status"], "canceled");
+        assert_eq!(r["livemode"], false);
         assert_eq!(
             r["cancel_requests"][1]["response_body"]["status"],
             "canceled"
         );
-        assert_eq!(r["alerts"][0]["state"], "resolved");
-        assert_eq!(r["livemode"], false);
+        assert_eq!(each(&r["alerts"], "state"), ["resolved"]);
 
-        let none = b
-            .same(
-                async { history(&b.sqlite, "nobody").await.unwrap().is_none() },
-                async { history(&b.pg, "nobody").await.unwrap().is_none() },
-            )
-            .await;
+        let none = same!(b, |pool| history(pool, "nobody").await.unwrap().is_none());
         assert!(none);
     })
     .await;
 }
 
-/// The ids of a transitions page and its cursor, on both engines.
-async fn transition_page(
-    b: &Both,
-    filter: &TransitionFilter,
-    page: &PageRequest,
-) -> (Vec<String>, Option<String>) {
-    let on = |p: Page<Transition>| (ids(&p, |t| t.id.to_string()), p.next_cursor);
-    b.same(
-        async { on(transitions(&b.sqlite, filter, page).await.unwrap()) },
-        async { on(transitions(&b.pg, filter, page).await.unwrap()) },
-    )
-    .await
-}
-
 #[tokio::test]
 async fn transition_pages_and_filters_read_alike_on_both_engines() {
     with_both(|b| async move {
-        let all = TransitionFilter::default();
-        let (first, cursor) = transition_page(&b, &all, &req(Some(3), None)).await;
+        let page = |filter: TransitionFilter, page: PageRequest| {
+            let b = &b;
+            async move {
+                let (rows, cursor) =
+                    same!(b, |pool| served(transitions(pool, &filter, &page).await));
+                (each(&rows, "id"), cursor)
+            }
+        };
+        let all = TransitionFilter::default;
+        let (first, cursor) = page(all(), req(Some(3), None)).await;
         assert_eq!(first, ["7", "6", "5"]);
-        let (second, cursor) = transition_page(&b, &all, &req(Some(3), cursor.as_ref())).await;
+        let (second, cursor) = page(all(), req(Some(3), cursor.as_ref())).await;
         assert_eq!(second, ["4", "3", "2"]);
-        let (last, cursor) = transition_page(&b, &all, &req(Some(3), cursor.as_ref())).await;
+        let (last, cursor) = page(all(), req(Some(3), cursor.as_ref())).await;
         assert_eq!((last, cursor), (vec!["1".to_string()], None));
 
-        let f = |f: fn(&mut TransitionFilter)| {
+        let with = |f: fn(&mut TransitionFilter)| {
             let mut filter = TransitionFilter::default();
             f(&mut filter);
             filter
         };
         let cases: [(TransitionFilter, &[&str]); 6] = [
             (
-                f(|f| {
+                with(|f| {
                     f.provider = Some("juice".into());
                     f.kind = Some("juice.transfer".into());
                 }),
                 &["7", "5", "4"],
             ),
-            (f(|f| f.to_status = Some("cancelled".into())), &["4"]),
+            (with(|f| f.to_status = Some("cancelled".into())), &["4"]),
             // Recorded though no provider documents it.
-            (f(|f| f.to_status = Some("on_hold".into())), &["7"]),
+            (with(|f| f.to_status = Some("on_hold".into())), &["7"]),
             (
-                f(|f| {
+                with(|f| {
                     f.since = Some(at(1));
                     f.until = Some(at(4));
                 }),
                 &["4", "3", "2"],
             ),
-            (f(|f| f.resource_id = Some("bt_1".into())), &["6", "3"]),
+            (with(|f| f.resource_id = Some("bt_1".into())), &["6", "3"]),
             (
-                f(|f| {
+                with(|f| {
                     f.resource_id = Some("tr_2".into());
                     f.to_status = Some("completed".into());
                 }),
@@ -437,55 +445,26 @@ async fn transition_pages_and_filters_read_alike_on_both_engines() {
             ),
         ];
         for (filter, want) in cases {
-            let (got, _) = transition_page(&b, &filter, &PageRequest::default()).await;
+            let (got, _) = page(filter.clone(), PageRequest::default()).await;
             assert_eq!(got, want, "{filter:?}");
-            let plan = |p: Vec<String>| !p.is_empty();
-            let planned = b
-                .same(
-                    async {
-                        plan(
-                            explain_transitions(&b.sqlite, &filter, &req(None, None))
-                                .await
-                                .unwrap(),
-                        )
-                    },
-                    async {
-                        plan(
-                            explain_transitions(&b.pg, &filter, &req(None, None))
-                                .await
-                                .unwrap(),
-                        )
-                    },
-                )
-                .await;
-            assert!(planned);
+            let planned = same!(b, |pool| {
+                let plan = explain_transitions(pool, &filter, &req(None, None)).await;
+                !plan.unwrap().is_empty()
+            });
+            assert!(planned, "{filter:?}");
         }
 
         // Refused alike: a kind nobody documents or recorded, a foreign cursor.
-        let refused = |r: Result<Page<Transition>, QueryError>| match r {
-            Err(QueryError::Invalid { field, .. }) => field,
-            other => panic!("not refused: {other:?}"),
-        };
-        let typo = f(|f| f.kind = Some("juice.tranfser".into()));
-        let field = b
-            .same(
-                async { refused(transitions(&b.sqlite, &typo, &req(None, None)).await) },
-                async { refused(transitions(&b.pg, &typo, &req(None, None)).await) },
-            )
-            .await;
-        assert_eq!(field, "kind");
-        let events_cursor = Some(encode_cursor("e", "3"));
-        let field = b
-            .same(
-                async {
-                    refused(transitions(&b.sqlite, &all, &req(None, events_cursor.as_ref())).await)
-                },
-                async {
-                    refused(transitions(&b.pg, &all, &req(None, events_cursor.as_ref())).await)
-                },
-            )
-            .await;
-        assert_eq!(field, "cursor");
+        let typo = with(|f| f.kind = Some("juice.tranfser".into()));
+        let foreign = req(None, Some(&encode_cursor("e", "3")));
+        for (filter, page, field) in [(typo, req(None, None), "kind"), (all(), foreign, "cursor")] {
+            let refused = same!(b, |pool| match transitions(pool, &filter, &page).await {
+                Err(QueryError::Invalid { field, .. }) => field,
+                Ok(p) => panic!("not refused: {:?}", p.data),
+                Err(e) => panic!("not refused: {e}"),
+            });
+            assert_eq!(refused, field);
+        }
     })
     .await;
 }
@@ -495,36 +474,25 @@ async fn alert_and_event_pages_read_alike_on_both_engines() {
     with_both(|b| async move {
         let alert_page = |filter: AlertFilter, page: PageRequest| {
             let b = &b;
-            async move {
-                let on = |p: Page<Alert>| (json(&p.data), p.next_cursor);
-                b.same(
-                    async { on(alerts(&b.sqlite, &filter, &page).await.unwrap()) },
-                    async { on(alerts(&b.pg, &filter, &page).await.unwrap()) },
-                )
-                .await
-            }
-        };
-        let id_list = |v: &serde_json::Value| -> Vec<String> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|a| a["id"].as_str().unwrap().to_string())
-                .collect()
+            async move { same!(b, |pool| served(alerts(pool, &filter, &page).await)) }
         };
         let (first, cursor) = alert_page(AlertFilter::default(), req(Some(2), None)).await;
         // Newest first; of two raised at once, the greater id first.
-        assert_eq!(id_list(&first), ["alrt_c", "alrt_a"]);
+        assert_eq!(each(&first, "id"), ["alrt_c", "alrt_a"]);
         assert_eq!(first[0]["details"], "not json");
         assert_eq!(first[0]["deliveries"][0]["state"], "pending");
         let (rest, cursor) =
             alert_page(AlertFilter::default(), req(Some(2), cursor.as_ref())).await;
-        assert_eq!((id_list(&rest), cursor), (vec!["alrt_b".to_string()], None));
+        assert_eq!(
+            (each(&rest, "id"), cursor),
+            (vec!["alrt_b".to_string()], None)
+        );
         let resolved = AlertFilter {
             state: Some("resolved".into()),
             ..AlertFilter::default()
         };
         assert_eq!(
-            id_list(&alert_page(resolved, req(None, None)).await.0),
+            each(&alert_page(resolved, req(None, None)).await.0, "id"),
             ["alrt_b"]
         );
         let recent_partial = AlertFilter {
@@ -532,40 +500,32 @@ async fn alert_and_event_pages_read_alike_on_both_engines() {
             since: Some(at(6)),
             ..AlertFilter::default()
         };
-        assert_eq!(
-            id_list(&alert_page(recent_partial, req(None, None)).await.0),
-            ["alrt_a"]
-        );
+        let (recent, _) = alert_page(recent_partial, req(None, None)).await;
+        assert_eq!(each(&recent, "id"), ["alrt_a"]);
 
         let event_page = |filter: EventFilter, page: PageRequest| {
             let b = &b;
-            async move {
-                let on = |p: Page<Event>| (json(&p.data), p.next_cursor);
-                b.same(
-                    async { on(events(&b.sqlite, &filter, &page).await.unwrap()) },
-                    async { on(events(&b.pg, &filter, &page).await.unwrap()) },
-                )
-                .await
-            }
+            async move { same!(b, |pool| served(events(pool, &filter, &page).await)) }
         };
         let juice = EventFilter {
             provider: Some("juice".into()),
             ..EventFilter::default()
         };
         let (first, cursor) = event_page(juice.clone(), req(Some(1), None)).await;
-        assert_eq!(first[0]["key"], "jc_2");
+        assert_eq!(each(&first, "key"), ["jc_2"]);
         assert_eq!(first[0]["body_kept"], true);
         let (rest, cursor) = event_page(juice, req(Some(1), cursor.as_ref())).await;
-        assert_eq!(rest[0]["key"], "jc_1");
+        assert_eq!(each(&rest, "key"), ["jc_1"]);
         assert_eq!(rest[0]["body_kept"], false);
         assert!(cursor.is_none());
         let pending = EventFilter {
             state: Some("pending".into()),
             ..EventFilter::default()
         };
-        let (page, _) = event_page(pending, req(None, None)).await;
-        assert_eq!(page[0]["key"], "evt_2");
-        assert_eq!(page.as_array().unwrap().len(), 1);
+        assert_eq!(
+            each(&event_page(pending, req(None, None)).await.0, "key"),
+            ["evt_2"]
+        );
     })
     .await;
 }
