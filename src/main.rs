@@ -55,8 +55,8 @@ enum Command {
     Serve,
     /// Start the daemon with the provider simulator, play every scenario, print what was recorded, keep serving.
     Demo,
-    /// Apply migrations and exit.
-    Migrate,
+    /// Apply migrations and exit; with --from and --to, copy a SQLite database into a new PostgreSQL one.
+    Migrate(cancelwatch::cli::MigrateArgs),
     /// Copy the database, consistent, while the daemon runs (to a file that must not exist).
     Backup(cancelwatch::cli::backup::BackupArgs),
     /// Validate the configuration and print it with secrets redacted.
@@ -114,7 +114,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve => done(cancelwatch::cli::serve(config).await),
             Command::Demo => done(cancelwatch::cli::demo::run(config).await),
-            Command::Migrate => done(cancelwatch::cli::migrate(config).await),
+            Command::Migrate(args) => done(cancelwatch::cli::migrate(config, args).await),
             Command::Backup(args) => done(cancelwatch::cli::backup::run(config, args).await),
             Command::CheckConfig => done(cancelwatch::cli::check_config(&config)),
             Command::Sign(args) => done(cancelwatch::cli::sign::run(&config, args)),

@@ -23,7 +23,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     crate::run(config, listener).await
 }
 
-pub async fn migrate(config: Config) -> anyhow::Result<()> {
+/// `migrate`: the configured database brought to this binary's schema;
+/// or, with `--from` and `--to`, a SQLite database copied into a new
+/// PostgreSQL one.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MigrateArgs {
+    /// The SQLite database to copy from (sqlite://path); stop the daemon first.
+    #[arg(long, requires = "to")]
+    pub from: Option<String>,
+    /// The empty PostgreSQL database to copy into (postgres://…).
+    #[arg(long, requires = "from")]
+    pub to: Option<String>,
+}
+
+pub async fn migrate(config: Config, args: MigrateArgs) -> anyhow::Result<()> {
+    if let (Some(from), Some(to)) = (&args.from, &args.to) {
+        return copy(&config, from, to).await;
+    }
     let store = crate::open_store(&config).await?;
     let applied = store.migrations();
     store.close().await;
@@ -31,6 +47,33 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
         "database {} is at schema version {}",
         config.database_display(),
         applied.last().copied().unwrap_or(0)
+    );
+    Ok(())
+}
+
+/// `migrate --from sqlite://… --to postgres://…`.
+async fn copy(config: &Config, from: &str, to: &str) -> anyhow::Result<()> {
+    use crate::config::DatabaseUrl;
+    let engine_of = |url: &str| {
+        let mut c = config.clone();
+        c.database.url = url.to_string();
+        c.database_url()
+    };
+    let (DatabaseUrl::Sqlite(path), DatabaseUrl::Postgres(target)) =
+        (engine_of(from)?, engine_of(to)?)
+    else {
+        anyhow::bail!("--from must be a sqlite:// URL and --to a postgres:// one");
+    };
+    let shown = crate::config::redact_password(&target);
+    let copied = crate::store::copy::sqlite_to_postgres(&path, &target, &config.database)
+        .await
+        .with_context(|| format!("copying {} into {shown}", path.display()))?;
+    for (table, rows) in &copied {
+        println!("{table:<17} {rows} rows");
+    }
+    println!(
+        "copied {} into {shown}: set database.url to it and start the daemon",
+        path.display()
     );
     Ok(())
 }

@@ -39,6 +39,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A copy's target already holds data of its own.
+    #[error("the target database is not empty (its table {0} has rows): copy into a new, empty database")]
+    NotEmpty(&'static str),
     /// The engine does not do this; the message says what to use instead.
     #[error("{0}")]
     Unsupported(&'static str),

@@ -10,6 +10,7 @@
 //! they return, inside one transaction of its own.
 
 pub mod alerting;
+pub mod copy;
 mod error;
 pub mod model;
 pub mod postgres;

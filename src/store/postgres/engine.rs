@@ -67,6 +67,14 @@ impl PgStore {
         Ok(store)
     }
 
+    /// Connects and migrates, and no more: a database being filled by a
+    /// tool (`migrate --from`), not served.
+    pub async fn open_schema_only(url: &str, cfg: &DatabaseConfig) -> Result<PgStore, StoreError> {
+        let pool = super::connect(url, cfg).await?;
+        super::migrate(&pool).await?;
+        Ok(PgStore::new(pool, true))
+    }
+
     /// Connects to an existing database for reading only: a schema this
     /// binary does not match is refused.
     pub async fn open_read_only(url: &str, cfg: &DatabaseConfig) -> Result<PgStore, StoreError> {
