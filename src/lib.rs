@@ -130,6 +130,7 @@ pub async fn run_until(
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let config = Arc::new(config);
     let app = Arc::new(App::new(config, store.clone(), providers, inbox));
+    metrics::start_at_zero(&app.config);
 
     let mut tasks = tokio::task::JoinSet::<()>::new();
     let handoff = pipeline::feed::spawn(

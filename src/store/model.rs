@@ -2,7 +2,7 @@
 //! Plain data: the engines map their own rows onto these.
 
 pub use super::sqlite::alerts::{
-    Alert, AlertKey, Attempt, NewAlert, OutboxRow, ProgressRow, RaiseOutcome,
+    Alert, AlertKey, Attempt, Backlog, NewAlert, OutboxRow, ProgressRow, RaiseOutcome,
 };
 pub use super::sqlite::cancels::CancelRequest;
 pub use super::sqlite::inbox::{Delivery, NewDelivery};

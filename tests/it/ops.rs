@@ -1101,6 +1101,103 @@ async fn version_names_its_commit_and_log_levels_are_checked() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("log.level"));
 }
 
+/// A fresh daemon's `/metrics`: its counters at zero before anything
+/// happened, the process's own series, the alert outbox's backlog and the
+/// age of its oldest row per sink, open alerts by rule, and answers by route
+/// pattern and status class (a path no route matches counted as `other`).
+#[tokio::test]
+async fn metrics_start_at_zero_and_show_process_outbox_alerts_and_answers() {
+    let config = config().with(|c| {
+        c.alerts.sinks = vec![cancelwatch::config::SinkConfig {
+            name: "hooks".into(),
+            kind: "log".into(),
+            ..Default::default()
+        }];
+    });
+    let daemon = binary::BinaryDaemon::start(&config).await;
+    let client = reqwest::Client::new();
+    let scrape = || async {
+        let r = client.get(format!("{}/metrics", daemon.url)).send().await;
+        r.unwrap().text().await.unwrap()
+    };
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.trim().parse().unwrap())
+    };
+
+    let first = scrape().await;
+    for series in [
+        r#"cancelwatch_deliveries_received_total{provider="stripe"}"#,
+        r#"cancelwatch_deliveries_refused_total{provider="juice",reason="invalid_signature"}"#,
+        r#"cancelwatch_fetch_errors_total{provider="stripe",reason="timeout"}"#,
+        r#"cancelwatch_transitions_total{kind="juice.bulk_transfer",to_status="cancelled"}"#,
+        r#"cancelwatch_alerts_raised_total{rule="partial_cancellation"}"#,
+        r#"cancelwatch_alert_delivery_failures_total{sink="hooks"}"#,
+        r#"cancelwatch_http_responses_total{route="/webhooks/{provider}",class="5xx"}"#,
+        r#"cancelwatch_alert_outbox_pending{sink="hooks"}"#,
+        r#"cancelwatch_alerts_open{rule="stuck"}"#,
+    ] {
+        assert_eq!(value(&first, series), Some(0.0), "{series} in:\n{first}");
+    }
+    // CPU time counts whole seconds (a counter): a fresh process may show 0.
+    assert!(
+        value(&first, "process_cpu_seconds_total").is_some(),
+        "{first}"
+    );
+    for series in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            value(&first, series).unwrap() > 0.0,
+            "{series} in:\n{first}"
+        );
+    }
+
+    // An open alert whose second version still waits for `hooks` (not due
+    // before 2099, so nothing delivers it meanwhile).
+    alert(
+        daemon.db(),
+        "alrt_m",
+        "partial_cancellation",
+        BULK,
+        "partial",
+        "2026-11-01T10:00:00.000Z",
+    )
+    .await;
+    let unsigned = client
+        .post(format!("{}/webhooks/stripe", daemon.url))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+    let nowhere = client
+        .get(format!("{}/no/such/path/123", daemon.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nowhere.status(), 404);
+
+    let text = scrape().await;
+    let waiting = r#"cancelwatch_alert_outbox_pending{sink="hooks"}"#;
+    assert_eq!(value(&text, waiting), Some(1.0), "{text}");
+    let oldest = r#"cancelwatch_alert_outbox_oldest_pending_seconds{sink="hooks"}"#;
+    // Written on 2026-11-01: over a month old by any clock that reads after it.
+    assert!(value(&text, oldest).unwrap() > 30.0 * 86_400.0, "{text}");
+    let open = r#"cancelwatch_alerts_open{rule="partial_cancellation"}"#;
+    assert_eq!(value(&text, open), Some(1.0), "{text}");
+    let refused = r#"cancelwatch_http_responses_total{route="/webhooks/{provider}",class="4xx"}"#;
+    assert_eq!(value(&text, refused), Some(1.0), "{text}");
+    let other = r#"cancelwatch_http_responses_total{route="other",class="4xx"}"#;
+    assert_eq!(value(&text, other), Some(1.0), "{text}");
+    assert!(!text.contains("/no/such/path"), "{text}");
+    let scraped = r#"cancelwatch_http_responses_total{route="/metrics",class="2xx"}"#;
+    assert!(value(&text, scraped).unwrap() >= 1.0, "{text}");
+}
+
 /// `/metrics` says which build answers (`cancelwatch_build_info`) and gives
 /// every series it renders a `# HELP` line.
 #[tokio::test]
@@ -1112,7 +1209,7 @@ async fn metrics_name_the_build_and_explain_every_series() {
     assert!(text.contains("cancelwatch_build_info{"), "{text}");
     let series: std::collections::BTreeSet<&str> = text
         .lines()
-        .filter(|l| l.starts_with("cancelwatch_"))
+        .filter(|l| l.starts_with("cancelwatch_") || l.starts_with("process_"))
         .filter_map(|l| l.split(['{', ' ']).next())
         .map(|n| {
             ["_bucket", "_sum", "_count"]
@@ -1120,10 +1217,15 @@ async fn metrics_name_the_build_and_explain_every_series() {
                 .fold(n, |n, suffix| n.strip_suffix(suffix).unwrap_or(n))
         })
         .collect();
-    assert!(
-        series.contains("cancelwatch_deliveries_received_total"),
-        "{text}"
-    );
+    for name in [
+        "cancelwatch_deliveries_received_total",
+        "cancelwatch_http_responses_total",
+        "cancelwatch_alert_outbox_pending",
+        "cancelwatch_alerts_open",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(series.contains(name), "no {name} in:\n{text}");
+    }
     for name in series {
         assert!(
             text.contains(&format!("# HELP {name} ")),
