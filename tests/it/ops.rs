@@ -1083,6 +1083,79 @@ async fn filters_are_checked_and_times_read_as_people_write_them() {
     assert!(rows(&["transitions", "--json", "--kind", "juice.transfer"]) > 0);
 }
 
+/// Relative paths in a configuration file are relative to its folder,
+/// whatever folder the command runs in, and `check-config` prints them
+/// resolved; a relative path from the environment stays relative to the
+/// working directory.
+#[test]
+fn relative_paths_in_the_file_follow_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for folder in ["etc", "elsewhere"] {
+        std::fs::create_dir(root.join(folder)).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/cancelwatch.toml"),
+        r#"
+[database]
+url = "sqlite://state/cw.db"
+
+[[alerts.sinks]]
+name = "script"
+kind = "command"
+command = ["bin/page", "--team", "payments"]
+
+[[alerts.sinks]]
+name = "onpath"
+kind = "command"
+command = ["page-oncall"]
+"#,
+    )
+    .unwrap();
+    let run = |cwd: &str, config: &str, env: &[(&str, &str)], args: &[&str]| {
+        let o = binary::command(&root.join(cwd))
+            .args(args)
+            .env("CANCELWATCH_CONFIG", config)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+
+    // The file named relative to the working directory, as a person types it.
+    let shown = run(".", "etc/cancelwatch.toml", &[], &["check-config"]);
+    let etc = root.join("etc");
+    let database = format!("# database: {}\n", etc.join("state/cw.db").display());
+    assert!(shown.contains(&database), "{shown}");
+    let script = format!("# sink script runs: {}\n", etc.join("bin/page").display());
+    assert!(shown.contains(&script), "{shown}");
+    assert!(
+        shown.contains("# sink onpath runs: page-oncall (looked up on PATH)"),
+        "{shown}"
+    );
+
+    // From another folder the same file names the same database.
+    let config = etc.join("cancelwatch.toml");
+    run("elsewhere", config.to_str().unwrap(), &[], &["migrate"]);
+    assert!(etc.join("state/cw.db").exists());
+    assert!(!root.join("elsewhere/state").exists());
+
+    // A value from the environment is not the file's: the working directory.
+    let env = [("CANCELWATCH_DATABASE__URL", "sqlite://mine/cw.db")];
+    let shown = run(
+        "elsewhere",
+        config.to_str().unwrap(),
+        &env,
+        &["check-config"],
+    );
+    let database = format!(
+        "# database: {}\n",
+        root.join("elsewhere/mine/cw.db").display()
+    );
+    assert!(shown.contains(&database), "{shown}");
+}
+
 /// `--version` names the commit it was built from; a log level that is no
 /// level stops `check-config` (and start-up) instead of silencing the log.
 #[tokio::test]
