@@ -236,7 +236,7 @@ pub fn report(transitions: &[Moved]) {
         let to_status = knowledge::status_label(&t.kind, &t.to);
         metrics::counter!("cancelwatch_transitions_total", "kind" => t.kind.clone(), "to_status" => to_status)
             .increment(1);
-        tracing::info!(resource = %t.resource_id, kind = %t.kind, from = ?t.from, to = %t.to, trigger = t.trigger, "transition");
+        tracing::info!(resource = %t.resource_id, kind = %t.kind, from = t.from.as_deref(), to = %t.to, trigger = t.trigger, "transition");
     }
 }
 
