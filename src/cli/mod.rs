@@ -5,6 +5,7 @@ pub mod backfill;
 pub mod backup;
 pub mod demo;
 pub mod output;
+pub mod progress;
 pub mod prune;
 pub mod read;
 pub mod sign;

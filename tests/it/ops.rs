@@ -1156,6 +1156,80 @@ command = ["page-oncall"]
     assert!(shown.contains(&database), "{shown}");
 }
 
+/// `prune` (like `backfill` and a slow `cancel`) shows what it is doing on
+/// a terminal, and writes nothing of it to a stderr that is a pipe; stdout
+/// carries only the result either way.
+#[test]
+fn long_commands_show_progress_on_a_terminal_only() {
+    let config = config();
+    let piped = binary::run(&config, &["prune", "--older-than", "30d"]);
+    assert!(piped.status.success());
+    assert_eq!(String::from_utf8_lossy(&piped.stderr), "");
+    let result = String::from_utf8(piped.stdout).unwrap();
+    assert!(result.starts_with("pruned records older than"), "{result}");
+
+    // `script` runs the command on a pseudo-terminal and copies the
+    // terminal's output (stdout and stderr, as drawn) to its stdout.
+    let command = format!(
+        "{} prune --older-than 30d",
+        env!("CARGO_BIN_EXE_cancelwatch")
+    );
+    let on_a_terminal = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env_clear()
+        // A terminal that can redraw a line (without TERM, or with
+        // TERM=dumb, nothing is drawn either).
+        .env("TERM", "xterm")
+        .env("CANCELWATCH_CONFIG", config.write_toml())
+        .current_dir(config.dir())
+        .output()
+        .unwrap();
+    assert!(on_a_terminal.status.success());
+    let screen = String::from_utf8_lossy(&on_a_terminal.stdout);
+    assert!(
+        screen.contains("pruning records older than 30days"),
+        "{screen}"
+    );
+    assert!(screen.contains("pruned records older than"), "{screen}");
+}
+
+/// Shell completions and manual pages come from the command line's own
+/// definitions, and need no configuration (here: one that does not exist).
+#[test]
+fn completions_and_manual_pages_are_generated() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = binary::command(dir.path())
+            .args(args)
+            .env("CANCELWATCH_CONFIG", "/nonexistent/cancelwatch.toml")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.contains("_cancelwatch()"), "{bash}");
+    for word in ["transitions", "backfill", "--older-than", "--config"] {
+        assert!(bash.contains(word), "no {word} in the bash completions");
+    }
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef cancelwatch"));
+    assert!(run(&["completions", "fish"]).contains("complete -c cancelwatch"));
+
+    let page = run(&["man"]);
+    assert!(page.contains(".TH cancelwatch 1"), "{page}");
+    assert!(page.contains("check\\-config"), "{page}");
+    let pages = dir.path().join("man1");
+    std::fs::create_dir(&pages).unwrap();
+    run(&["man", "--dir", pages.to_str().unwrap()]);
+    let prune = std::fs::read_to_string(pages.join("cancelwatch-prune.1")).unwrap();
+    assert!(prune.contains("older\\-than"), "{prune}");
+    assert!(pages.join("cancelwatch.1").exists());
+}
+
 /// `--version` names the commit it was built from; a log level that is no
 /// level stops `check-config` (and start-up) instead of silencing the log.
 #[tokio::test]
