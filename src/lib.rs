@@ -130,6 +130,7 @@ pub async fn run_until(
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let config = Arc::new(config);
     let app = Arc::new(App::new(config, store.clone(), providers, inbox));
+    metrics::start_at_zero(&app.config);
 
     let mut tasks = tokio::task::JoinSet::<()>::new();
     let handoff = pipeline::feed::spawn(
@@ -250,15 +251,93 @@ pub const VERSION: &str = concat!(
 /// Colours only when stderr is a terminal: journald and log files get none.
 pub fn init_logging(config: &config::LogConfig) {
     use std::io::IsTerminal;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.level));
+    let ansi = std::io::stderr().is_terminal();
+    let _ = log_subscriber(config, filter, ansi, std::io::stderr).try_init();
+}
+
+/// The log as `config.format` says, to `writer`. In JSON each line holds the
+/// event's name as `fields.message` and each field as a plain value (a
+/// string, a number), which is why fields are recorded with `%` or as
+/// values, never with `?` (an `Option` would read `Some("processing")`).
+fn log_subscriber<W>(
+    config: &config::LogConfig,
+    filter: tracing_subscriber::EnvFilter,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = if config.format == "json" {
-        builder.json().try_init()
+        .with_ansi(ansi)
+        .with_writer(writer);
+    if config.format == "json" {
+        Box::new(builder.json().finish())
     } else {
-        builder.try_init()
-    };
+        Box::new(builder.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What a log writes, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A JSON log line of a transition names the event and gives each field
+    /// as a plain value: `"from":"processing"`, not `Some(\"processing\")`;
+    /// a transition from nothing leaves `from` out.
+    #[test]
+    fn json_logs_hold_the_event_name_and_plain_values() {
+        let kept = Kept::default();
+        let config = config::LogConfig {
+            format: "json".into(),
+            level: "info".into(),
+        };
+        let writer = kept.clone();
+        let filter = tracing_subscriber::EnvFilter::new(&config.level);
+        let log = log_subscriber(&config, filter, false, move || writer.clone());
+        let moved = |from: Option<&str>| domain::observe::Moved {
+            kind: "stripe.outbound_transfer".into(),
+            resource_id: "obt_1".into(),
+            from: from.map(str::to_string),
+            to: "canceled".into(),
+            trigger: "event",
+        };
+        tracing::subscriber::with_default(log, || {
+            domain::observe::report(&[moved(Some("processing")), moved(None)]);
+        });
+        let text = String::from_utf8(kept.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let fields = &lines[0]["fields"];
+        assert_eq!(fields["message"], "transition", "{text}");
+        assert_eq!(fields["from"], "processing", "{text}");
+        assert_eq!(fields["to"], "canceled", "{text}");
+        assert_eq!(fields["resource"], "obt_1", "{text}");
+        assert_eq!(lines[0]["level"], "INFO", "{text}");
+        assert!(lines[1]["fields"].get("from").is_none(), "{text}");
+        assert!(!text.contains("Some("), "{text}");
+    }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use cancelwatch::Config;
 
@@ -75,11 +75,28 @@ enum Command {
     Backfill(cancelwatch::cli::backfill::BackfillArgs),
     /// Serve simulated Stripe and Juice APIs and play cancel scenarios against a daemon.
     Simulate(cancelwatch::cli::simulate::SimulateArgs),
+    /// Print a shell's completion script for cancelwatch (e.g. `cancelwatch completions bash > /etc/bash_completion.d/cancelwatch`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, cancelwatch(1), in roff (`cancelwatch man | man -l -`).
+    Man {
+        /// Write cancelwatch.1 and a page per subcommand (cancelwatch-serve.1, …) into this folder instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     return_freed_memory_at_once();
     let cli = Cli::parse();
+    // Both describe the command line only: no configuration is read.
+    match cli.command {
+        Command::Completions { shell } => return completions(shell),
+        Command::Man { dir } => return man(dir),
+        _ => {}
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -126,12 +143,46 @@ fn main() -> ExitCode {
             Command::Cancel(args) => cancelwatch::cli::actions::run_cancel(config, args).await,
             Command::Backfill(args) => done(cancelwatch::cli::backfill::run(config, args).await),
             Command::Simulate(args) => done(cancelwatch::cli::simulate::run(&config, args).await),
+            Command::Completions { .. } | Command::Man { .. } => unreachable!("answered before"),
         }
     });
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("cancelwatch: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The completion script of `shell` on stdout. (`clap_complete::generate`
+/// would panic on a closed pipe, `… | head`; this says so and fails.)
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap_complete::Generator;
+    let mut cli = Cli::command();
+    cli.set_bin_name("cancelwatch");
+    cli.build();
+    match shell.try_generate(&cli, &mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cancelwatch: writing the completion script: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// cancelwatch(1) on stdout, or with `dir` that page and one per
+/// subcommand (cancelwatch-serve(1), …) written there; from the same
+/// definitions as `--help`, so the pages cannot fall behind.
+fn man(dir: Option<PathBuf>) -> ExitCode {
+    let written = match dir {
+        Some(dir) => clap_mangen::generate_to(Cli::command(), &dir),
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cancelwatch: writing the manual pages: {e}");
             ExitCode::FAILURE
         }
     }

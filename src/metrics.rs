@@ -45,7 +45,7 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// Every series, with the `# HELP` line it is rendered with.
-const SERIES: [(&str, &str); 25] = [
+const SERIES: [(&str, &str); 29] = [
     (
         "cancelwatch_deliveries_received_total",
         "Verified deliveries taken into the inbox, by provider.",
@@ -121,6 +121,19 @@ const SERIES: [(&str, &str); 25] = [
         "1 while this replica runs the reconciler, the scans, the outbox and the pruner (always on SQLite).",
     ),
     (
+        "cancelwatch_http_responses_total",
+        "HTTP answers, by route (its pattern, `other` when none matched) and status class.",
+    ),
+    (
+        "cancelwatch_alert_outbox_pending",
+        "Alert deliveries waiting to go out now, by sink.",
+    ),
+    (
+        "cancelwatch_alert_outbox_oldest_pending_seconds",
+        "Age of the oldest alert delivery waiting to go out, by sink (0 when none waits).",
+    ),
+    ("cancelwatch_alerts_open", "Open alerts now, by rule."),
+    (
         "cancelwatch_ack_seconds",
         "Time from a delivery's arrival to its acknowledgement.",
     ),
@@ -172,6 +185,82 @@ fn describe() {
         "commit" => env!("GIT_COMMIT_OF_CANCELWATCH"),
     )
     .set(1.0);
+}
+
+/// Every counter whose labels are known before anything happens, at zero,
+/// so that a scrape shows it from the start and `rate()` and `increase()`
+/// see its first increment (a series that appears at 1 loses it).
+pub fn start_at_zero(config: &crate::config::Config) {
+    use crate::providers::{http::FETCH_ERROR_REASONS, knowledge, REFUSAL_CODES};
+    let zero = |c: metrics::Counter| c.increment(0);
+    for provider in knowledge::names() {
+        for name in [
+            "cancelwatch_deliveries_received_total",
+            "cancelwatch_deliveries_duplicate_total",
+            "cancelwatch_deliveries_dead_total",
+            "cancelwatch_deliveries_rate_limited_total",
+            "cancelwatch_backfill_events_total",
+        ] {
+            zero(metrics::counter!(name, "provider" => provider));
+        }
+        for reason in REFUSAL_CODES {
+            zero(
+                metrics::counter!("cancelwatch_deliveries_refused_total", "provider" => provider, "reason" => reason),
+            );
+        }
+        for reason in FETCH_ERROR_REASONS {
+            zero(
+                metrics::counter!("cancelwatch_fetch_errors_total", "provider" => provider, "reason" => reason),
+            );
+        }
+    }
+    for kind in knowledge::all().iter().flat_map(|k| k.kinds()) {
+        for status in kind.statuses {
+            zero(
+                metrics::counter!("cancelwatch_transitions_total", "kind" => kind.kind, "to_status" => *status),
+            );
+        }
+    }
+    for rule in crate::store::model::ALERT_TYPES {
+        zero(metrics::counter!("cancelwatch_alerts_raised_total", "rule" => rule));
+    }
+    for i in 0..config.alerts.sinks.len() {
+        zero(
+            metrics::counter!("cancelwatch_alert_delivery_failures_total", "sink" => config.sink_name(i)),
+        );
+    }
+    for name in [
+        "cancelwatch_reconcile_runs_total",
+        "cancelwatch_refusal_records_dropped_total",
+        "cancelwatch_inbox_handed_over_total",
+    ] {
+        zero(metrics::counter!(name));
+    }
+    zero(
+        metrics::counter!("cancelwatch_unkeyed_items_total", "provider" => crate::providers::juice::NAME),
+    );
+    for route in crate::api::COUNTED_ROUTES {
+        for class in crate::api::STATUS_CLASSES {
+            zero(
+                metrics::counter!("cancelwatch_http_responses_total", "route" => route, "class" => class),
+            );
+        }
+    }
+}
+
+/// The process's own series (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`,
+/// `process_start_time_seconds`, …, in Prometheus's usual names), read
+/// from the system at each scrape.
+pub fn collect_process() {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR
+        .get_or_init(|| {
+            let collector = metrics_process::Collector::default();
+            collector.describe();
+            collector
+        })
+        .collect();
 }
 
 /// Runs `test` on a runtime of its own with a metrics recorder of its own

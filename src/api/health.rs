@@ -70,12 +70,33 @@ pub async fn render_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     ::metrics::gauge!("cancelwatch_leader").set(if leader { 1.0 } else { 0.0 });
     if let Ok((depth, oldest)) = app.store.inbox_depth().await {
         ::metrics::gauge!("cancelwatch_inbox_depth").set(depth as f64);
-        let age = oldest
-            .and_then(|t| time::parse_lenient(&t))
-            .map(|t| (time::now() - t).num_milliseconds() as f64 / 1000.0)
-            .unwrap_or(0.0);
-        ::metrics::gauge!("cancelwatch_inbox_oldest_pending_seconds").set(age);
+        ::metrics::gauge!("cancelwatch_inbox_oldest_pending_seconds").set(age(oldest));
     }
+    if let Ok(backlog) = app.store.outbox_pending().await {
+        // Every configured sink, so that one that caught up reads 0 rather
+        // than its last backlog; and any other that rows still wait for.
+        let configured = (0..app.config.alerts.sinks.len()).map(|i| app.config.sink_name(i));
+        let others = backlog.iter().map(|b| b.sink.clone());
+        let sinks: std::collections::BTreeSet<String> = configured.chain(others).collect();
+        for sink in sinks {
+            let waiting = backlog.iter().find(|b| b.sink == sink);
+            let (n, oldest) = waiting.map_or((0, None), |b| (b.waiting, b.oldest.clone()));
+            ::metrics::gauge!("cancelwatch_alert_outbox_pending", "sink" => sink.clone())
+                .set(n as f64);
+            ::metrics::gauge!("cancelwatch_alert_outbox_oldest_pending_seconds", "sink" => sink)
+                .set(age(oldest));
+        }
+    }
+    if let Ok(open) = app.store.open_alerts_by_rule().await {
+        let known = store::model::ALERT_TYPES.iter().map(|r| r.to_string());
+        let rules: std::collections::BTreeSet<String> =
+            known.chain(open.iter().map(|(r, _)| r.clone())).collect();
+        for rule in rules {
+            let n = open.iter().find(|(r, _)| *r == rule).map_or(0, |(_, n)| *n);
+            ::metrics::gauge!("cancelwatch_alerts_open", "rule" => rule).set(n as f64);
+        }
+    }
+    crate::metrics::collect_process();
     if let Ok(counts) = app.store.inbox_by_state().await {
         for state in store::model::EVENT_STATES {
             let n = counts
@@ -95,6 +116,13 @@ pub async fn render_metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         )],
         app.metrics.render(),
     )
+}
+
+/// Seconds since `at` (a stored time), 0 for none.
+fn age(at: Option<String>) -> f64 {
+    at.and_then(|t| time::parse_lenient(&t))
+        .map(|t| (time::now() - t).num_milliseconds() as f64 / 1000.0)
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]

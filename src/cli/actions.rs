@@ -96,14 +96,19 @@ pub async fn run_replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> 
 pub async fn run_cancel(config: Config, args: CancelArgs) -> anyhow::Result<u8> {
     let ctx = Context::open(config).await?;
     let timeout = ctx.config.workers.fetch_timeout_secs;
-    let result = while_waiting(
-        cancel_report(&ctx, &args),
-        &format!(
-            "waiting for the provider to answer the cancel of {} {} (each call gives up after {timeout} s)",
-            args.kind, args.id
-        ),
-    )
-    .await;
+    let what = format!(
+        "waiting for the provider to answer the cancel of {} {} (each call gives up after {timeout} s)",
+        args.kind, args.id
+    );
+    // On a terminal a spinner says it from the start; elsewhere a line
+    // says it once the wait is long, and again every ten seconds.
+    let progress = super::progress::Progress::start(what.clone());
+    let result = if progress.is_shown() {
+        cancel_report(&ctx, &args).await
+    } else {
+        while_waiting(cancel_report(&ctx, &args), &what).await
+    };
+    drop(progress);
     ctx.store.close().await;
     let report = result?;
     print!("{}", render_cancel(&report, args.json)?);

@@ -27,7 +27,12 @@ pub struct BackfillArgs {
 /// (or the next `serve`) processes them with trigger `backfill`.
 pub async fn run(config: Config, args: BackfillArgs) -> anyhow::Result<()> {
     let ctx = Context::open(config).await?;
-    let result = backfill::events(&ctx, &args.provider, &args.since, &args.contexts).await;
+    let what = format!(
+        "listing {} events since {} in each account context",
+        args.provider, args.since
+    );
+    let listing = backfill::events(&ctx, &args.provider, &args.since, &args.contexts);
+    let result = super::progress::during(what, listing).await;
     ctx.store.close().await;
     let report = result?;
     if args.json {

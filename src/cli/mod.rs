@@ -5,10 +5,13 @@ pub mod backfill;
 pub mod backup;
 pub mod demo;
 pub mod output;
+pub mod progress;
 pub mod prune;
 pub mod read;
 pub mod sign;
 pub mod simulate;
+
+use std::path::Path;
 
 use anyhow::Context;
 
@@ -78,11 +81,36 @@ async fn copy(config: &Config, from: &str, to: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `path` made absolute against the working directory (as it stands).
+fn absolute(path: &Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 pub fn check_config(config: &Config) -> anyhow::Result<()> {
     let shown =
         toml::to_string_pretty(&config.redacted()).context("rendering the configuration")?;
     println!("# effective configuration (secrets redacted)");
     println!("{shown}");
+    // The files the daemon will use, spelled out: relative paths in the
+    // file are relative to its folder, which the value above already says;
+    // these say it whatever the working directory.
+    if let Ok(path) = config.database_path() {
+        println!("# database: {}", absolute(&path).display());
+    }
+    for (i, sink) in config.alerts.sinks.iter().enumerate() {
+        if let Some(program) = sink.command.first().filter(|_| sink.kind == "command") {
+            let name = config.sink_name(i);
+            let program = Path::new(program);
+            if program.components().count() > 1 {
+                println!("# sink {name} runs: {}", absolute(program).display());
+            } else {
+                println!(
+                    "# sink {name} runs: {} (looked up on PATH)",
+                    program.display()
+                );
+            }
+        }
+    }
     for provider in crate::providers::knowledge::all() {
         let name = provider.name();
         let (what, enabled) = provider.webhook_secrets(config);

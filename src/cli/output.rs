@@ -55,37 +55,35 @@ impl Table {
         self.rows.push(row);
     }
 
-    /// Columns padded to their widest cell, two spaces apart; line breaks in
-    /// a cell are shown as spaces so one row stays one line.
+    /// Columns padded to their widest cell, two spaces apart. On a
+    /// terminal the table fits its width, long cells wrapped onto more
+    /// lines; elsewhere (a pipe, a file) each row stays one line, for
+    /// `grep` and `awk`.
     pub fn render(&self) -> String {
-        let cells: Vec<Vec<String>> = self
-            .rows
-            .iter()
-            .map(|r| r.iter().map(|c| one_line(c)).collect())
-            .collect();
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
-        for row in &cells {
-            for (w, c) in widths.iter_mut().zip(row) {
-                *w = (*w).max(c.chars().count());
-            }
+        self.render_within(terminal_width())
+    }
+
+    /// As [`Table::render`], within `width` columns when one is given.
+    pub fn render_within(&self, width: Option<u16>) -> String {
+        let mut table = comfy_table::Table::new();
+        table.load_style(comfy_table::presets::NOTHING);
+        table.set_header(self.headers.clone());
+        for row in &self.rows {
+            // Line breaks in a cell are shown as spaces: one row, one line
+            // (unless the terminal's width wraps it).
+            table.add_row(row.iter().map(|c| one_line(c)).collect::<Vec<_>>());
+        }
+        if let Some(width) = width {
+            table.set_content_arrangement(comfy_table::ContentArrangement::Dynamic);
+            table.set_width(width);
+        }
+        for column in table.column_iter_mut() {
+            column.set_padding((0, 2));
         }
         let mut out = String::new();
-        let line = |out: &mut String, row: Vec<&str>| {
-            let last = row.len().saturating_sub(1);
-            let mut text = String::new();
-            for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
-                text.push_str(cell);
-                if i < last {
-                    let pad = w - cell.chars().count() + 2;
-                    text.extend(std::iter::repeat(' ').take(pad));
-                }
-            }
-            out.push_str(text.trim_end());
+        for line in table.lines() {
+            out.push_str(line.trim_end());
             out.push('\n');
-        };
-        line(&mut out, self.headers.clone());
-        for row in &cells {
-            line(&mut out, row.iter().map(String::as_str).collect());
         }
         if self.rows.is_empty() {
             out.push_str("(none)\n");
@@ -107,6 +105,15 @@ impl Table {
         }
         out
     }
+}
+
+/// The width of the terminal stdout is, if it is one.
+fn terminal_width() -> Option<u16> {
+    let term = console::Term::stdout();
+    term.is_term()
+        .then(|| term.size_checked())
+        .flatten()
+        .map(|(_rows, columns)| columns)
 }
 
 fn one_line(s: &str) -> String {
@@ -161,5 +168,26 @@ mod tests {
         t.push(vec!["1234".into(), "posted".into()]);
         assert_eq!(t.render(), "ID    STATUS\n1     canceled\n1234  posted\n");
         assert_eq!(Table::new(&["A"]).render(), "A\n(none)\n");
+    }
+
+    /// Within a width (a terminal's), a long cell is wrapped onto more lines,
+    /// every word kept, and no line is wider; without one, each row stays
+    /// one line however long.
+    #[test]
+    fn tables_fit_the_width_given() {
+        let mut t = Table::new(&["ID", "SUMMARY"]);
+        let summary = "2 of 5 transfers were not cancelled: they completed before the cancel reached the provider";
+        t.push(vec!["alrt_1".into(), summary.into()]);
+        let narrow = t.render_within(Some(40));
+        assert!(narrow.lines().count() > 2, "{narrow}");
+        for line in narrow.lines() {
+            assert!(line.chars().count() <= 40, "{line:?} in\n{narrow}");
+        }
+        let words: Vec<&str> = narrow.split_whitespace().collect();
+        for word in summary.split_whitespace() {
+            assert!(words.contains(&word), "{word} lost in\n{narrow}");
+        }
+        let wide = t.render_within(None);
+        assert_eq!(wide, format!("ID      SUMMARY\nalrt_1  {summary}\n"));
     }
 }

@@ -16,7 +16,15 @@ pub struct PruneArgs {
 /// Prunes the configured database once and prints what went.
 pub async fn run(config: Config, args: PruneArgs) -> anyhow::Result<()> {
     let store = crate::open_store(&config).await?;
-    let pruned = crate::jobs::prune::prune(&store, args.older_than, crate::time::now()).await;
+    let what = format!(
+        "pruning records older than {}",
+        humantime::format_duration(args.older_than)
+    );
+    let pruned = super::progress::during(
+        what,
+        crate::jobs::prune::prune(&store, args.older_than, crate::time::now()),
+    )
+    .await;
     store.close().await;
     println!("{}", pruned?);
     Ok(())

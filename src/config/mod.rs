@@ -257,11 +257,39 @@ impl Config {
                 .ignore(&["CONFIG"])
                 .split("__"),
         );
-        let config: Config = figment
+        let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError::Load(describe(e)))?;
+        config.resolve_paths(|key| file_folder(&figment, key));
         config.validate()?;
         Ok(config)
+    }
+
+    /// Makes the relative paths of values read from a file (the database of
+    /// a `sqlite:` URL, the program of a `command` sink) relative to that
+    /// file's folder, as one expects of a path written in a file: the same
+    /// configuration then names the same files from whatever folder the
+    /// daemon is started in. `folder_of(key)` is the folder of the file that
+    /// set `key`, `None` for a value from the defaults or the environment,
+    /// whose relative paths stay relative to the working directory.
+    pub fn resolve_paths(&mut self, folder_of: impl Fn(&str) -> Option<PathBuf>) {
+        if let Some(folder) = folder_of("database.url") {
+            if let Some(url) = resolve_sqlite_url(&self.database.url, &folder) {
+                self.database.url = url;
+            }
+        }
+        if let Some(folder) = folder_of("alerts.sinks") {
+            for sink in self.alerts.sinks.iter_mut().filter(|s| s.kind == "command") {
+                // A bare name (`page-oncall`) is looked up on PATH, as a
+                // shell would; only a path with a folder in it is resolved.
+                if let Some(program) = sink.command.first_mut() {
+                    let path = Path::new(program.as_str());
+                    if path.is_relative() && path.components().count() > 1 {
+                        *program = normalized(&folder.join(path)).display().to_string();
+                    }
+                }
+            }
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -508,6 +536,58 @@ impl Config {
     }
 }
 
+/// The folder, absolute, of the file that set `key` in `figment`, if a
+/// file did.
+fn file_folder(figment: &Figment, key: &str) -> Option<PathBuf> {
+    let source = figment.find_metadata(key)?.source.as_ref()?;
+    let file = source.file_path()?;
+    let folder = file.parent().filter(|p| !p.as_os_str().is_empty());
+    let folder = std::path::absolute(folder.unwrap_or(Path::new("."))).ok()?;
+    Some(normalized(&folder))
+}
+
+/// `url` with its relative database path made relative to `folder`; `None`
+/// when there is nothing to resolve: another engine's URL (`postgres://`),
+/// an absolute path, no path at all.
+fn resolve_sqlite_url(url: &str, folder: &Path) -> Option<String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, query) = match rest.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (rest, None),
+    };
+    if path.is_empty() || path == ":memory:" || Path::new(path).is_absolute() {
+        return None;
+    }
+    let resolved = normalized(&folder.join(path));
+    Some(match query {
+        Some(q) => format!("sqlite://{}?{q}", resolved.display()),
+        None => format!("sqlite://{}", resolved.display()),
+    })
+}
+
+/// `path` without `.` and with each `..` taken back, so that the paths
+/// shown (`check-config`, the start line) read plainly. Lexical: the folder
+/// it starts from is a real one, and the rest are the names written in the
+/// file.
+fn normalized(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push(part);
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// `log.level`: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`),
 /// or comma-separated `target=level` directives. A bare word that is not a
 /// level would be read as a target and silence everything else.
@@ -641,17 +721,75 @@ mod tests {
         Config::default().validate().unwrap();
     }
 
-    /// The example in the repository is complete and says the defaults truly.
+    /// The example in the repository is complete and says the defaults
+    /// truly; read from its folder `config/`, it names the same database
+    /// as the defaults do from the repository's root (where the quick start
+    /// runs).
     #[test]
     fn example_file_matches_the_defaults() {
-        let example: Config =
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut example: Config =
             Figment::from(Toml::string(include_str!("../../config/cancelwatch.toml")))
                 .extract()
                 .unwrap();
+        example.resolve_paths(|_| Some(root.join("config")));
+        let mut defaults = Config::default();
+        defaults.resolve_paths(|_| Some(root.to_path_buf()));
         assert_eq!(
             toml::to_string(&example).unwrap(),
-            toml::to_string(&Config::default()).unwrap()
+            toml::to_string(&defaults).unwrap()
         );
+        assert_eq!(
+            example.database_path().unwrap(),
+            root.join("data/cancelwatch.db")
+        );
+    }
+
+    /// Relative paths are resolved against the folder given; absolute ones,
+    /// another engine's URL and bare program names are left alone.
+    #[test]
+    fn relative_paths_are_resolved_against_the_folder() {
+        let folder = Path::new("/etc/cw");
+        let resolve = |url: &str| resolve_sqlite_url(url, folder);
+        assert_eq!(
+            resolve("sqlite://data/cw.db").as_deref(),
+            Some("sqlite:///etc/cw/data/cw.db")
+        );
+        assert_eq!(
+            resolve("sqlite:./cw.db?mode=rwc").as_deref(),
+            Some("sqlite:///etc/cw/cw.db?mode=rwc")
+        );
+        assert_eq!(
+            resolve("sqlite://../var/cw.db").as_deref(),
+            Some("sqlite:///etc/var/cw.db")
+        );
+        assert_eq!(resolve("sqlite:///var/lib/cw.db"), None);
+        assert_eq!(resolve("postgres://cw@localhost/cw"), None);
+        assert_eq!(resolve("postgres://cw@localhost/../cw"), None);
+
+        let mut c = Config::default();
+        c.database.url = "postgres://cw@db/cancelwatch".into();
+        c.alerts.sinks = ["bin/page", "page-oncall", "/usr/bin/page"]
+            .into_iter()
+            .map(|program| SinkConfig {
+                kind: "command".into(),
+                command: vec![program.into(), "bin/not-a-program".into()],
+                ..SinkConfig::default()
+            })
+            .collect();
+        c.resolve_paths(|_| Some(folder.to_path_buf()));
+        assert_eq!(c.database.url, "postgres://cw@db/cancelwatch");
+        let programs: Vec<&str> = c
+            .alerts
+            .sinks
+            .iter()
+            .map(|s| s.command[0].as_str())
+            .collect();
+        assert_eq!(
+            programs,
+            ["/etc/cw/bin/page", "page-oncall", "/usr/bin/page"]
+        );
+        assert_eq!(c.alerts.sinks[0].command[1], "bin/not-a-program");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use chrono::Duration;
 
-use crate::providers::knowledge::Watch;
+use crate::providers::knowledge::{self, Watch};
 use crate::providers::{self, Observation, RefundSignal, RefundStatus, StatusClass};
 use crate::time::{self, Timestamp};
 
@@ -233,9 +233,10 @@ pub struct Moved {
 /// after a failure) would count them though they were not kept, or twice.
 pub fn report(transitions: &[Moved]) {
     for t in transitions {
-        metrics::counter!("cancelwatch_transitions_total", "kind" => t.kind.clone(), "to_status" => t.to.clone())
+        let to_status = knowledge::status_label(&t.kind, &t.to);
+        metrics::counter!("cancelwatch_transitions_total", "kind" => t.kind.clone(), "to_status" => to_status)
             .increment(1);
-        tracing::info!(resource = %t.resource_id, kind = %t.kind, from = ?t.from, to = %t.to, trigger = t.trigger, "transition");
+        tracing::info!(resource = %t.resource_id, kind = %t.kind, from = t.from.as_deref(), to = %t.to, trigger = t.trigger, "transition");
     }
 }
 
@@ -252,6 +253,34 @@ pub struct ToRecord<'a> {
 mod tests {
     use super::*;
     use crate::providers::juice::event::{BULK_TRANSFER, TRANSFER};
+
+    /// A status its provider does not document is counted as `other`: the
+    /// label's values stay the documented ones, whatever a provider sends.
+    #[test]
+    fn transitions_to_undocumented_statuses_are_counted_as_other() {
+        crate::metrics::with_local_metrics(|counted| async move {
+            let moved = |to: &str| Moved {
+                kind: OUTBOUND_TRANSFER.into(),
+                resource_id: "obt_1".into(),
+                from: Some("processing".into()),
+                to: to.into(),
+                trigger: "event",
+            };
+            report(&[moved("canceled"), moved("teleported_9f2"), moved("lost")]);
+            let text = counted.render();
+            let series = |status: &str| {
+                format!(
+                    "cancelwatch_transitions_total{{kind=\"{OUTBOUND_TRANSFER}\",to_status=\"{status}\"}}"
+                )
+            };
+            assert!(
+                text.contains(&format!("{} 1\n", series("canceled"))),
+                "{text}"
+            );
+            assert!(text.contains(&format!("{} 2\n", series("other"))), "{text}");
+            assert!(!text.contains("teleported"), "{text}");
+        });
+    }
     use crate::providers::stripe::event::{BATCH_JOB, OUTBOUND_TRANSFER};
 
     fn stored(status: &str, terminal: bool, at: Option<&str>) -> Stored {

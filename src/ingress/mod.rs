@@ -25,8 +25,11 @@ fn status_of(kind: RefusalKind) -> StatusCode {
     }
 }
 
+/// The webhook route; `{provider}` names one of the configured providers.
+pub const ROUTE: &str = "/webhooks/{provider}";
+
 pub fn routes() -> Router<Arc<App>> {
-    Router::new().route("/webhooks/{provider}", post(receive))
+    Router::new().route(ROUTE, post(receive))
 }
 
 /// Errors of the ingress layer, each with its HTTP answer.

@@ -78,7 +78,8 @@ pub async fn orphaned(store: &Store, config: &Config) -> Result<Vec<(String, i64
         .outbox_pending()
         .await?
         .into_iter()
-        .filter(|(sink, _)| !configured.contains(sink))
+        .filter(|b| !configured.contains(&b.sink))
+        .map(|b| (b.sink, b.waiting))
         .collect())
 }
 

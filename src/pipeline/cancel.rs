@@ -109,7 +109,7 @@ pub async fn request(
             Some(_) => "not_cancelled",
             None => "unknown",
         };
-        tracing::warn!(resource = %id, status = ?status, effect, "the cancel's answer was lost; decided from the state fetched after it, and not sent again");
+        tracing::warn!(resource = %id, status = status.as_deref(), effect, "the cancel's answer was lost; decided from the state fetched after it, and not sent again");
         effect.to_string()
     });
     Ok(CancelReport {

@@ -17,6 +17,9 @@ use super::limit::RateLimit;
 use super::ProviderError;
 use crate::config::WorkerConfig;
 
+/// Every `reason` of `cancelwatch_fetch_errors_total`.
+pub const FETCH_ERROR_REASONS: [&str; 5] = ["status", "connect", "timeout", "network", "budget"];
+
 /// The longest wait a provider's `Retry-After` is honoured for: a date far
 /// ahead (or a clock far off) must not park a delivery for days. A
 /// delivery that waited this long asks again, and waits again if told to.

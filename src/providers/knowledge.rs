@@ -165,6 +165,20 @@ pub fn statuses() -> Vec<&'static str> {
     all
 }
 
+/// The label a status of `kind` is counted under in metrics: the status
+/// itself when its provider documents it, else `other`. A provider that
+/// starts sending new statuses must not create series without bound.
+pub fn status_label(kind: &str, status: &str) -> &'static str {
+    let documented = match kind_info(kind) {
+        Some(info) => info.statuses.iter().copied().find(|s| *s == status),
+        None => statuses().into_iter().find(|s| *s == status),
+    };
+    documented.unwrap_or(OTHER_STATUS)
+}
+
+/// The label of a status no provider documents ([`status_label`]).
+pub const OTHER_STATUS: &str = "other";
+
 /// The kinds `cancel` accepts.
 pub fn cancellable_kinds() -> Vec<&'static str> {
     ALL.iter()
@@ -272,6 +286,27 @@ mod tests {
         assert!(!is_transitional("juice.bulk_transfer", "cancelled"));
         assert!(is_transitional("juice.transfer", "pending"));
         assert!(is_transitional("other.kind", "pending"));
+    }
+
+    #[test]
+    fn status_labels_are_documented_statuses_or_other() {
+        assert_eq!(
+            status_label("stripe.outbound_transfer", "processing"),
+            "processing"
+        );
+        assert_eq!(
+            status_label("stripe.outbound_transfer", "teleported"),
+            "other"
+        );
+        // A status documented for another kind only is `other` here too.
+        assert_eq!(
+            status_label("stripe.outbound_transfer", "executing"),
+            "other"
+        );
+        assert_eq!(
+            status_label("juice.bulk_transfer", "executing"),
+            "executing"
+        );
     }
 
     #[test]

@@ -54,6 +54,17 @@ pub struct Refused {
     pub message: String,
 }
 
+/// Every [`Refused::code`] the providers give, for the counters of refusals
+/// to exist from the start.
+pub const REFUSAL_CODES: [&str; 6] = [
+    "missing_signature",
+    "invalid_signature",
+    "timestamp_out_of_tolerance",
+    "malformed_payload",
+    "unexpected_object",
+    "payload_too_large",
+];
+
 /// What is wrong with a refused delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalKind {

@@ -214,8 +214,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Evaluates the time-based rules as of `now`.
     async fn scan_alerts(&self, config: &Config, now: Timestamp) -> Result<Changes, StoreError>;
-    /// Outbox rows waiting, per sink.
-    async fn outbox_pending(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Outbox rows waiting, per sink, with the oldest one's time.
+    async fn outbox_pending(&self) -> Result<Vec<Backlog>, StoreError>;
+    /// Open alerts, per rule.
+    async fn open_alerts_by_rule(&self) -> Result<Vec<(String, i64)>, StoreError>;
     async fn outbox_due(
         &self,
         sink: &str,

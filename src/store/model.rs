@@ -10,7 +10,7 @@ pub use super::queries::{
     CancelRequest as CancelRequestView, ChildHistory, Progress as ProgressView, ResourceHistory,
 };
 pub use super::sqlite::alerts::{
-    Alert, AlertKey, Attempt, NewAlert, OutboxRow, ProgressRow, RaiseOutcome,
+    Alert, AlertKey, Attempt, Backlog, NewAlert, OutboxRow, ProgressRow, RaiseOutcome,
 };
 pub use super::sqlite::cancels::CancelRequest;
 pub use super::sqlite::inbox::{Delivery, NewDelivery};

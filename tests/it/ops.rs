@@ -1083,6 +1083,153 @@ async fn filters_are_checked_and_times_read_as_people_write_them() {
     assert!(rows(&["transitions", "--json", "--kind", "juice.transfer"]) > 0);
 }
 
+/// Relative paths in a configuration file are relative to its folder,
+/// whatever folder the command runs in, and `check-config` prints them
+/// resolved; a relative path from the environment stays relative to the
+/// working directory.
+#[test]
+fn relative_paths_in_the_file_follow_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for folder in ["etc", "elsewhere"] {
+        std::fs::create_dir(root.join(folder)).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/cancelwatch.toml"),
+        r#"
+[database]
+url = "sqlite://state/cw.db"
+
+[[alerts.sinks]]
+name = "script"
+kind = "command"
+command = ["bin/page", "--team", "payments"]
+
+[[alerts.sinks]]
+name = "onpath"
+kind = "command"
+command = ["page-oncall"]
+"#,
+    )
+    .unwrap();
+    let run = |cwd: &str, config: &str, env: &[(&str, &str)], args: &[&str]| {
+        let o = binary::command(&root.join(cwd))
+            .args(args)
+            .env("CANCELWATCH_CONFIG", config)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+
+    // The file named relative to the working directory, as a person types it.
+    let shown = run(".", "etc/cancelwatch.toml", &[], &["check-config"]);
+    let etc = root.join("etc");
+    let database = format!("# database: {}\n", etc.join("state/cw.db").display());
+    assert!(shown.contains(&database), "{shown}");
+    let script = format!("# sink script runs: {}\n", etc.join("bin/page").display());
+    assert!(shown.contains(&script), "{shown}");
+    assert!(
+        shown.contains("# sink onpath runs: page-oncall (looked up on PATH)"),
+        "{shown}"
+    );
+
+    // From another folder the same file names the same database.
+    let config = etc.join("cancelwatch.toml");
+    run("elsewhere", config.to_str().unwrap(), &[], &["migrate"]);
+    assert!(etc.join("state/cw.db").exists());
+    assert!(!root.join("elsewhere/state").exists());
+
+    // A value from the environment is not the file's: the working directory.
+    let env = [("CANCELWATCH_DATABASE__URL", "sqlite://mine/cw.db")];
+    let shown = run(
+        "elsewhere",
+        config.to_str().unwrap(),
+        &env,
+        &["check-config"],
+    );
+    let database = format!(
+        "# database: {}\n",
+        root.join("elsewhere/mine/cw.db").display()
+    );
+    assert!(shown.contains(&database), "{shown}");
+}
+
+/// `prune` (like `backfill` and a slow `cancel`) shows what it is doing on
+/// a terminal, and writes nothing of it to a stderr that is a pipe; stdout
+/// carries only the result either way.
+#[test]
+fn long_commands_show_progress_on_a_terminal_only() {
+    let config = config();
+    let piped = binary::run(&config, &["prune", "--older-than", "30d"]);
+    assert!(piped.status.success());
+    assert_eq!(String::from_utf8_lossy(&piped.stderr), "");
+    let result = String::from_utf8(piped.stdout).unwrap();
+    assert!(result.starts_with("pruned records older than"), "{result}");
+
+    // `script` runs the command on a pseudo-terminal and copies the
+    // terminal's output (stdout and stderr, as drawn) to its stdout.
+    let command = format!(
+        "{} prune --older-than 30d",
+        env!("CARGO_BIN_EXE_cancelwatch")
+    );
+    let on_a_terminal = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env_clear()
+        // A terminal that can redraw a line (without TERM, or with
+        // TERM=dumb, nothing is drawn either).
+        .env("TERM", "xterm")
+        .env("CANCELWATCH_CONFIG", config.write_toml())
+        .current_dir(config.dir())
+        .output()
+        .unwrap();
+    assert!(on_a_terminal.status.success());
+    let screen = String::from_utf8_lossy(&on_a_terminal.stdout);
+    assert!(
+        screen.contains("pruning records older than 30days"),
+        "{screen}"
+    );
+    assert!(screen.contains("pruned records older than"), "{screen}");
+}
+
+/// Shell completions and manual pages come from the command line's own
+/// definitions, and need no configuration (here: one that does not exist).
+#[test]
+fn completions_and_manual_pages_are_generated() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = binary::command(dir.path())
+            .args(args)
+            .env("CANCELWATCH_CONFIG", "/nonexistent/cancelwatch.toml")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.contains("_cancelwatch()"), "{bash}");
+    for word in ["transitions", "backfill", "--older-than", "--config"] {
+        assert!(bash.contains(word), "no {word} in the bash completions");
+    }
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef cancelwatch"));
+    assert!(run(&["completions", "fish"]).contains("complete -c cancelwatch"));
+
+    let page = run(&["man"]);
+    assert!(page.contains(".TH cancelwatch 1"), "{page}");
+    assert!(page.contains("check\\-config"), "{page}");
+    let pages = dir.path().join("man1");
+    std::fs::create_dir(&pages).unwrap();
+    run(&["man", "--dir", pages.to_str().unwrap()]);
+    let prune = std::fs::read_to_string(pages.join("cancelwatch-prune.1")).unwrap();
+    assert!(prune.contains("older\\-than"), "{prune}");
+    assert!(pages.join("cancelwatch.1").exists());
+}
+
 /// `--version` names the commit it was built from; a log level that is no
 /// level stops `check-config` (and start-up) instead of silencing the log.
 #[tokio::test]
@@ -1101,6 +1248,103 @@ async fn version_names_its_commit_and_log_levels_are_checked() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("log.level"));
 }
 
+/// A fresh daemon's `/metrics`: its counters at zero before anything
+/// happened, the process's own series, the alert outbox's backlog and the
+/// age of its oldest row per sink, open alerts by rule, and answers by route
+/// pattern and status class (a path no route matches counted as `other`).
+#[tokio::test]
+async fn metrics_start_at_zero_and_show_process_outbox_alerts_and_answers() {
+    let config = config().with(|c| {
+        c.alerts.sinks = vec![cancelwatch::config::SinkConfig {
+            name: "hooks".into(),
+            kind: "log".into(),
+            ..Default::default()
+        }];
+    });
+    let daemon = binary::BinaryDaemon::start(&config).await;
+    let client = reqwest::Client::new();
+    let scrape = || async {
+        let r = client.get(format!("{}/metrics", daemon.url)).send().await;
+        r.unwrap().text().await.unwrap()
+    };
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.trim().parse().unwrap())
+    };
+
+    let first = scrape().await;
+    for series in [
+        r#"cancelwatch_deliveries_received_total{provider="stripe"}"#,
+        r#"cancelwatch_deliveries_refused_total{provider="juice",reason="invalid_signature"}"#,
+        r#"cancelwatch_fetch_errors_total{provider="stripe",reason="timeout"}"#,
+        r#"cancelwatch_transitions_total{kind="juice.bulk_transfer",to_status="cancelled"}"#,
+        r#"cancelwatch_alerts_raised_total{rule="partial_cancellation"}"#,
+        r#"cancelwatch_alert_delivery_failures_total{sink="hooks"}"#,
+        r#"cancelwatch_http_responses_total{route="/webhooks/{provider}",class="5xx"}"#,
+        r#"cancelwatch_alert_outbox_pending{sink="hooks"}"#,
+        r#"cancelwatch_alerts_open{rule="stuck"}"#,
+    ] {
+        assert_eq!(value(&first, series), Some(0.0), "{series} in:\n{first}");
+    }
+    // CPU time counts whole seconds (a counter): a fresh process may show 0.
+    assert!(
+        value(&first, "process_cpu_seconds_total").is_some(),
+        "{first}"
+    );
+    for series in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            value(&first, series).unwrap() > 0.0,
+            "{series} in:\n{first}"
+        );
+    }
+
+    // An open alert whose second version still waits for `hooks` (not due
+    // before 2099, so nothing delivers it meanwhile).
+    alert(
+        daemon.db(),
+        "alrt_m",
+        "partial_cancellation",
+        BULK,
+        "partial",
+        "2026-11-01T10:00:00.000Z",
+    )
+    .await;
+    let unsigned = client
+        .post(format!("{}/webhooks/stripe", daemon.url))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+    let nowhere = client
+        .get(format!("{}/no/such/path/123", daemon.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nowhere.status(), 404);
+
+    let text = scrape().await;
+    let waiting = r#"cancelwatch_alert_outbox_pending{sink="hooks"}"#;
+    assert_eq!(value(&text, waiting), Some(1.0), "{text}");
+    let oldest = r#"cancelwatch_alert_outbox_oldest_pending_seconds{sink="hooks"}"#;
+    // Written on 2026-11-01: over a month old by any clock that reads after it.
+    assert!(value(&text, oldest).unwrap() > 30.0 * 86_400.0, "{text}");
+    let open = r#"cancelwatch_alerts_open{rule="partial_cancellation"}"#;
+    assert_eq!(value(&text, open), Some(1.0), "{text}");
+    let refused = r#"cancelwatch_http_responses_total{route="/webhooks/{provider}",class="4xx"}"#;
+    assert_eq!(value(&text, refused), Some(1.0), "{text}");
+    let other = r#"cancelwatch_http_responses_total{route="other",class="4xx"}"#;
+    assert_eq!(value(&text, other), Some(1.0), "{text}");
+    assert!(!text.contains("/no/such/path"), "{text}");
+    let scraped = r#"cancelwatch_http_responses_total{route="/metrics",class="2xx"}"#;
+    assert!(value(&text, scraped).unwrap() >= 1.0, "{text}");
+}
+
 /// `/metrics` says which build answers (`cancelwatch_build_info`) and gives
 /// every series it renders a `# HELP` line.
 #[tokio::test]
@@ -1112,7 +1356,7 @@ async fn metrics_name_the_build_and_explain_every_series() {
     assert!(text.contains("cancelwatch_build_info{"), "{text}");
     let series: std::collections::BTreeSet<&str> = text
         .lines()
-        .filter(|l| l.starts_with("cancelwatch_"))
+        .filter(|l| l.starts_with("cancelwatch_") || l.starts_with("process_"))
         .filter_map(|l| l.split(['{', ' ']).next())
         .map(|n| {
             ["_bucket", "_sum", "_count"]
@@ -1120,10 +1364,15 @@ async fn metrics_name_the_build_and_explain_every_series() {
                 .fold(n, |n, suffix| n.strip_suffix(suffix).unwrap_or(n))
         })
         .collect();
-    assert!(
-        series.contains("cancelwatch_deliveries_received_total"),
-        "{text}"
-    );
+    for name in [
+        "cancelwatch_deliveries_received_total",
+        "cancelwatch_http_responses_total",
+        "cancelwatch_alert_outbox_pending",
+        "cancelwatch_alerts_open",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(series.contains(name), "no {name} in:\n{text}");
+    }
     for name in series {
         assert!(
             text.contains(&format!("# HELP {name} ")),

@@ -424,8 +424,12 @@ impl Storage for PgStore {
         Ok(changes)
     }
 
-    async fn outbox_pending(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    async fn outbox_pending(&self) -> Result<Vec<Backlog>, StoreError> {
         reads::pending_by_sink(&self.pool).await
+    }
+
+    async fn open_alerts_by_rule(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        reads::open_by_rule(&self.pool).await
     }
 
     async fn outbox_due(

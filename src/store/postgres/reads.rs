@@ -10,7 +10,7 @@
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::store::model::{CancelRequest, Delivery, OutboxRow, Resource};
+use crate::store::model::{Backlog, CancelRequest, Delivery, OutboxRow, Resource};
 use crate::store::sqlite::cancels::CANCEL_COLUMNS;
 use crate::store::sqlite::inbox::DELIVERY_COLUMNS;
 use crate::store::sqlite::prune::BATCH;
@@ -82,9 +82,16 @@ pub async fn due_for_reconcile(
 // ---- the alert outbox --------------------------------------------------
 
 /// How many outbox rows wait, per sink name (due or not).
-pub async fn pending_by_sink(pool: &PgPool) -> Result<Vec<(String, i64)>, StoreError> {
-    let sql = r#"SELECT sink, COUNT(*) FROM alert_outbox WHERE state = 'pending'
-                 GROUP BY sink ORDER BY sink COLLATE "C""#;
+pub async fn pending_by_sink(pool: &PgPool) -> Result<Vec<Backlog>, StoreError> {
+    let sql = r#"SELECT sink, COUNT(*) AS waiting, MIN(created_at) AS oldest FROM alert_outbox
+                 WHERE state = 'pending' GROUP BY sink ORDER BY sink COLLATE "C""#;
+    Ok(sqlx::query_as(sql).fetch_all(pool).await?)
+}
+
+/// Open alerts, per rule.
+pub async fn open_by_rule(pool: &PgPool) -> Result<Vec<(String, i64)>, StoreError> {
+    let sql = r#"SELECT rule, COUNT(*) FROM alerts WHERE state = 'open'
+                 GROUP BY rule ORDER BY rule COLLATE "C""#;
     Ok(sqlx::query_as(sql).fetch_all(pool).await?)
 }
 
@@ -316,7 +323,11 @@ mod tests {
             let pending =
                 same!(b; alerts::pending_by_sink, &b.sqlite; super::pending_by_sink, &b.pg;);
             let pending = pending.unwrap();
-            assert_eq!(pending, [("Pager".to_string(), 1), ("ops".to_string(), 2)]);
+            let waiting: Vec<(&str, i64)> = pending
+                .iter()
+                .map(|b| (b.sink.as_str(), b.waiting))
+                .collect();
+            assert_eq!(waiting, [("Pager", 1), ("ops", 2)]);
             let due = same!(b; alerts::due, &b.sqlite; super::due, &b.pg; "ops", &at(8), 10);
             // Row 2 is due at minute 9 only; row 1 was delivered.
             assert_eq!(due.unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), [4]);

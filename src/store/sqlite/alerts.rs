@@ -305,14 +305,35 @@ pub struct OutboxRow {
     pub attempts: i64,
 }
 
-/// How many outbox rows wait, per sink name (due or not).
-pub async fn pending_by_sink(pool: &SqlitePool) -> Result<Vec<(String, i64)>, StoreError> {
+/// The alert deliveries waiting for one sink (due or not).
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct Backlog {
+    pub sink: String,
+    pub waiting: i64,
+    /// When the oldest of them was written (`created_at`).
+    pub oldest: Option<String>,
+}
+
+/// What waits in the outbox, per sink name. The index on (sink, state, …)
+/// finds the pending rows without reading the delivered ones.
+pub async fn pending_by_sink(pool: &SqlitePool) -> Result<Vec<Backlog>, StoreError> {
     sqlx::query_as(
-        "SELECT sink, COUNT(*) FROM alert_outbox WHERE state = 'pending' GROUP BY sink ORDER BY sink",
+        "SELECT sink, COUNT(*) AS waiting, MIN(created_at) AS oldest FROM alert_outbox
+         WHERE state = 'pending' GROUP BY sink ORDER BY sink",
     )
     .fetch_all(pool)
     .await
-        .map_err(StoreError::from)
+    .map_err(StoreError::from)
+}
+
+/// Open alerts, per rule.
+pub async fn open_by_rule(pool: &SqlitePool) -> Result<Vec<(String, i64)>, StoreError> {
+    sqlx::query_as(
+        "SELECT rule, COUNT(*) FROM alerts WHERE state = 'open' GROUP BY rule ORDER BY rule",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(StoreError::from)
 }
 
 /// Pending rows of one sink that are due at `now`, oldest first.

@@ -294,8 +294,12 @@ impl Storage for SqliteStore {
         Ok(changes)
     }
 
-    async fn outbox_pending(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    async fn outbox_pending(&self) -> Result<Vec<Backlog>, StoreError> {
         Ok(alerts::pending_by_sink(&self.db.read).await?)
+    }
+
+    async fn open_alerts_by_rule(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(alerts::open_by_rule(&self.db.read).await?)
     }
 
     async fn outbox_due(

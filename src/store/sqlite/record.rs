@@ -283,7 +283,7 @@ pub(crate) fn decide<'a>(
     let mut side = RefundsAndProgress::default();
     for s in seen {
         if s.verdict == Verdict::Stale {
-            tracing::debug!(resource = %s.obs.id, stored = ?s.current.status, observed = %s.obs.status, "stale observation ignored");
+            tracing::debug!(resource = %s.obs.id, stored = s.current.status.as_deref(), observed = %s.obs.status, "stale observation ignored");
             stale.push(s.current.rid);
             continue;
         }
