@@ -141,6 +141,7 @@ pub async fn run_until(
     );
     app.inbox.hand_to(handoff);
     jobs::spawn(&app.pipeline, &app.shutdown, &mut tasks);
+    tasks.spawn(share_budgets(app.clone()));
     let router = api::router(app.clone());
     let addr = listener.local_addr()?;
     tracing::info!(
@@ -192,6 +193,30 @@ pub async fn run_until(
     store.close().await;
     tracing::info!("cancelwatch stopped");
     Ok(())
+}
+
+/// Keeps each provider's request budget divided among the replicas alive,
+/// so that together they spend what the provider allows, not a multiple.
+async fn share_budgets(app: Arc<App>) {
+    let mut shared = 1;
+    loop {
+        match app.store.live_replicas().await {
+            Ok(n) if n != shared => {
+                tracing::info!(
+                    replicas = n,
+                    "provider request budgets shared among the replicas alive"
+                );
+                app.providers.share_budget(n);
+                shared = n;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "counting the replicas alive failed"),
+        }
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

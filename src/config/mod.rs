@@ -255,6 +255,9 @@ impl Config {
         figment = figment.merge(
             Env::prefixed("CANCELWATCH_")
                 .ignore(&["CONFIG"])
+                // `CANCELWATCH_TEST_*` are the test suite's (the PostgreSQL
+                // server it uses), never a setting of the daemon's.
+                .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
                 .split("__"),
         );
         let mut config: Config = figment

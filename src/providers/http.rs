@@ -194,6 +194,13 @@ impl HttpClient {
         }
     }
 
+    /// Spends a `replicas`-th of the request budget (see [`RateLimit::share_among`]).
+    pub fn share_budget(&self, replicas: u32) {
+        if let Some(limit) = &self.limit {
+            limit.share_among(replicas);
+        }
+    }
+
     /// Sends one request (retried as the module says) and returns the last
     /// answer, whatever its status. Only a failure to get any answer is an error.
     pub async fn send(

@@ -15,8 +15,13 @@
 //! not yet made, so that no amount of reconcile or delivery traffic starves
 //! it. The ordinary calls it overtakes each wait one moment more, so the
 //! budget is never overspent.
+//!
+//! Several replicas on one database share one budget: each spends its
+//! share, the configured rate (and burst) divided by the replicas alive
+//! ([`RateLimit::share_among`]), so their sum stays what the provider allows.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -43,6 +48,8 @@ pub fn is_urgent() -> bool {
 pub struct RateLimit {
     per_second: f64,
     burst: f64,
+    /// Replicas spending this budget together (at least one).
+    replicas: AtomicU32,
     state: Mutex<Bucket>,
 }
 
@@ -76,6 +83,7 @@ impl RateLimit {
         Some(RateLimit {
             per_second,
             burst,
+            replicas: AtomicU32::new(1),
             state: Mutex::new(Bucket {
                 tokens: burst,
                 at: Instant::now(),
@@ -85,11 +93,27 @@ impl RateLimit {
         })
     }
 
+    /// Spends from now on a `replicas`-th of the budget: that many
+    /// processes share it.
+    pub fn share_among(&self, replicas: u32) {
+        self.replicas.store(replicas.max(1), Ordering::Relaxed);
+    }
+
+    /// This process's share of the rate, in calls a second.
+    fn rate(&self) -> f64 {
+        self.per_second / f64::from(self.replicas.load(Ordering::Relaxed).max(1))
+    }
+
+    /// This process's share of the burst (at least one call).
+    fn burst(&self) -> f64 {
+        (self.burst / f64::from(self.replicas.load(Ordering::Relaxed).max(1))).max(1.0)
+    }
+
     fn bucket(&self) -> std::sync::MutexGuard<'_, Bucket> {
         let mut bucket = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * self.per_second;
-        bucket.tokens = (bucket.tokens + refill).min(self.burst);
+        let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * self.rate();
+        bucket.tokens = (bucket.tokens + refill).min(self.burst());
         bucket.at = now;
         bucket
     }
@@ -99,7 +123,7 @@ impl RateLimit {
         if tokens >= 1.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64((1.0 - tokens) / self.per_second)
+            Duration::from_secs_f64((1.0 - tokens) / self.rate())
         }
     }
 
@@ -157,7 +181,7 @@ impl RateLimit {
                 return Ok(());
             }
             // Urgent calls took moments ahead of this one: one more each.
-            wait = Duration::from_secs_f64((overtaken - seen) as f64 / self.per_second);
+            wait = Duration::from_secs_f64((overtaken - seen) as f64 / self.rate());
             seen = overtaken;
         }
     }
@@ -183,6 +207,23 @@ mod tests {
     /// The wait of an ordinary call booked now.
     fn wait(limit: &RateLimit) -> Result<Duration, Duration> {
         limit.reserve(LONG).map(|b| b.wait)
+    }
+
+    /// Two replicas sharing a budget of 2 a second, bursts of 4: each may
+    /// make 2 calls at once, then one a second, so together they never go
+    /// above what the provider allows.
+    #[tokio::test(start_paused = true)]
+    async fn replicas_share_the_budget() {
+        let limit = RateLimit::new(2.0, 4).unwrap();
+        limit.share_among(2);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(wait(&limit), Ok(Duration::ZERO));
+        assert_eq!(wait(&limit), Ok(Duration::ZERO));
+        assert_eq!(wait(&limit), Ok(Duration::from_secs(1)));
+        assert_eq!(wait(&limit), Ok(Duration::from_secs(2)));
+        // Alone again: the whole rate.
+        limit.share_among(1);
+        assert_eq!(wait(&limit), Ok(Duration::from_millis(1500)));
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub trait Provider: Send + Sync {
     fn webhooks_enabled(&self) -> bool;
     /// True when an API key is configured: `fetch` and `cancel` can be called.
     fn api_enabled(&self) -> bool;
+    /// Spends a `replicas`-th of the request budget from now on: that many
+    /// replicas share the provider's rate limit.
+    fn share_budget(&self, replicas: u32);
     /// Checks the signature over the exact bytes, then decodes what the inbox needs.
     fn verify(&self, headers: &HeaderMap, body: &[u8], now_unix: i64) -> Result<Verified, Refused>;
     /// Fetches the current state of a resource.
@@ -192,6 +195,13 @@ impl Providers {
     }
 
     /// The provider whose API can be called, by name.
+    /// Every provider's request budget shared among `replicas` processes.
+    pub fn share_budget(&self, replicas: u32) {
+        for p in &self.all {
+            p.share_budget(replicas);
+        }
+    }
+
     pub fn api(&self, name: &str) -> Option<&Arc<dyn Provider>> {
         self.all
             .iter()

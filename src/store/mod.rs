@@ -103,6 +103,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn is_leader(&self) -> bool {
         true
     }
+    /// How many processes serve from this database now (one on an engine
+    /// that one process owns): they share the providers' request budgets.
+    async fn live_replicas(&self) -> Result<u32, StoreError> {
+        Ok(1)
+    }
     /// Stops background work and closes every connection.
     async fn close(&self);
     /// The migrations this binary applies, by version.

@@ -43,6 +43,58 @@ async fn status_of(store: &Store, id: &str) -> Option<String> {
     history.resources.first()?.resource.status.clone()
 }
 
+/// Plays scenario `name`, each step processed before the next, and checks
+/// what `store` then holds against what the scenario expects.
+async fn play(sim: &Simulator, store: &Store, name: &str) {
+    let scenario = sim.scenario(name).unwrap();
+    for step in &scenario.steps {
+        sim.play_step(step, &DeliveryOptions::default())
+            .await
+            .unwrap();
+        let what = format!("{name}: step {:?} is reached", step.label);
+        wait_until(&what, Duration::from_secs(20), || async {
+            let mut done = unfinished(&store).await == 0;
+            for (id, want) in &step.expect_status {
+                done &= status_of(&store, id).await.as_deref() == Some(want.as_str());
+            }
+            done
+        })
+        .await;
+    }
+    assert!(sim.wait_background(Duration::from_secs(20)).await);
+    let mut refunds = 0;
+    for h in &scenario.expect.histories {
+        let history = store.history(&h.id).await.unwrap().expect("recorded");
+        let r = history
+            .resources
+            .iter()
+            .find(|r| r.resource.kind == h.kind)
+            .unwrap_or_else(|| panic!("{name}: no {} {}", h.kind, h.id));
+        let to: Vec<&str> = r.transitions.iter().map(|t| t.to_status.as_str()).collect();
+        assert_eq!(to, h.statuses, "{name}: history of {}", h.id);
+        assert_eq!(
+            r.resource.parent_id, h.parent_id,
+            "{name}: parent of {}",
+            h.id
+        );
+        for want in scenario
+            .expect
+            .refunds
+            .iter()
+            .filter(|f| f.resource_id == h.id)
+        {
+            let got = r
+                .refunds
+                .first()
+                .unwrap_or_else(|| panic!("{name}: no refund of {}", h.id));
+            assert_eq!(got.status, want.status, "{name}: refund of {}", h.id);
+            assert_eq!(got.amount, Some(want.amount), "{name}: refund of {}", h.id);
+            refunds += 1;
+        }
+    }
+    assert_eq!(refunds, scenario.expect.refunds.len(), "{name}: refunds");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_scenario_records_its_exact_history_on_postgres() {
     let Some(pg) = PgDatabase::create("every_scenario_records_its_exact_history_on_postgres").await
@@ -53,53 +105,7 @@ async fn every_scenario_records_its_exact_history_on_postgres() {
     let (sim, app) = app_with_simulator(config.clone()).await;
     let store = reader(&config).await;
     for name in Simulator::scenario_names() {
-        let scenario = sim.scenario(name).unwrap();
-        for step in &scenario.steps {
-            sim.play_step(step, &DeliveryOptions::default())
-                .await
-                .unwrap();
-            let what = format!("{name}: step {:?} is reached", step.label);
-            wait_until(&what, Duration::from_secs(20), || async {
-                let mut done = unfinished(&store).await == 0;
-                for (id, want) in &step.expect_status {
-                    done &= status_of(&store, id).await.as_deref() == Some(want.as_str());
-                }
-                done
-            })
-            .await;
-        }
-        assert!(sim.wait_background(Duration::from_secs(20)).await);
-        let mut refunds = 0;
-        for h in &scenario.expect.histories {
-            let history = store.history(&h.id).await.unwrap().expect("recorded");
-            let r = history
-                .resources
-                .iter()
-                .find(|r| r.resource.kind == h.kind)
-                .unwrap_or_else(|| panic!("{name}: no {} {}", h.kind, h.id));
-            let to: Vec<&str> = r.transitions.iter().map(|t| t.to_status.as_str()).collect();
-            assert_eq!(to, h.statuses, "{name}: history of {}", h.id);
-            assert_eq!(
-                r.resource.parent_id, h.parent_id,
-                "{name}: parent of {}",
-                h.id
-            );
-            for want in scenario
-                .expect
-                .refunds
-                .iter()
-                .filter(|f| f.resource_id == h.id)
-            {
-                let got = r
-                    .refunds
-                    .first()
-                    .unwrap_or_else(|| panic!("{name}: no refund of {}", h.id));
-                assert_eq!(got.status, want.status, "{name}: refund of {}", h.id);
-                assert_eq!(got.amount, Some(want.amount), "{name}: refund of {}", h.id);
-                refunds += 1;
-            }
-        }
-        assert_eq!(refunds, scenario.expect.refunds.len(), "{name}: refunds");
+        play(&sim, &store, name).await;
     }
     store.close().await;
     app.stop().await;
@@ -245,5 +251,73 @@ async fn a_gone_replicas_leases_are_taken_up_at_once_and_its_late_writes_fenced(
     assert_eq!(d.state, "processing");
     late.close().await;
     second.close().await;
+    pg.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sqlite_database_moves_to_postgres_whole() {
+    let Some(pg) = PgDatabase::create("a_sqlite_database_moves_to_postgres_whole").await else {
+        return;
+    };
+    let sqlite = TestConfig::new().quick_workers();
+    let (sim, app) = app_with_simulator(sqlite.clone()).await;
+    let before = reader(&sqlite).await;
+    let names = Simulator::scenario_names();
+    for name in &names[..3] {
+        play(&sim, &before, name).await;
+    }
+    app.stop().await;
+
+    let args = cancelwatch::cli::MigrateArgs {
+        from: Some(sqlite.config().database.url.clone()),
+        to: Some(pg.url.clone()),
+    };
+    cancelwatch::cli::migrate(sqlite.config().clone(), args.clone())
+        .await
+        .unwrap();
+    let moved = pg.config(sqlite.clone());
+    let after = reader(&moved).await;
+    assert_eq!(
+        after.inbox_by_state().await.unwrap(),
+        before.inbox_by_state().await.unwrap()
+    );
+    let all = cancelwatch::store::model::PageRequest {
+        limit: Some(1000),
+        cursor: None,
+    };
+    let listed = |store: Store, page: cancelwatch::store::model::PageRequest| async move {
+        let page = store.transitions(&Default::default(), &page).await.unwrap();
+        serde_json::to_value(&page.data).unwrap()
+    };
+    assert_eq!(
+        listed(after.clone(), all.clone()).await,
+        listed(before.clone(), all.clone()).await
+    );
+    for id in after
+        .transitions(&Default::default(), &all)
+        .await
+        .unwrap()
+        .data
+        .iter()
+        .map(|t| t.resource_id.clone())
+    {
+        let a = serde_json::to_value(after.history(&id).await.unwrap()).unwrap();
+        let b = serde_json::to_value(before.history(&id).await.unwrap()).unwrap();
+        assert_eq!(a, b, "history of {id}");
+    }
+    // Copying twice is refused: the target is no longer empty.
+    let again = cancelwatch::cli::migrate(sqlite.config().clone(), args).await;
+    assert!(format!("{:#}", again.unwrap_err()).contains("not empty"));
+
+    // The daemon goes on from there on PostgreSQL: new rows after the old.
+    before.close().await;
+    after.close().await;
+    let (sim, app) = app_with_simulator(moved.clone()).await;
+    let store = reader(&moved).await;
+    for name in &names[3..5] {
+        play(&sim, &store, name).await;
+    }
+    store.close().await;
+    app.stop().await;
     pg.drop().await;
 }

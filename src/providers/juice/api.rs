@@ -31,6 +31,11 @@ const REPORTED_KEPT: usize = 10_000;
 type Reported = HashMap<String, objects::Unrecorded>;
 
 impl JuiceApi {
+    /// The HTTP client, whose request budget the replicas share.
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
     pub fn new(config: &JuiceConfig, workers: &WorkerConfig) -> JuiceApi {
         let authorization = if config.auth_scheme == "bearer" {
             format!("Bearer {}", config.api_key)

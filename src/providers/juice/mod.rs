@@ -53,6 +53,10 @@ impl Provider for Juice {
         !self.config.api_key.is_empty()
     }
 
+    fn share_budget(&self, replicas: u32) {
+        self.api.http().share_budget(replicas);
+    }
+
     async fn fetch(&self, target: &Target) -> Result<Observation, ProviderError> {
         if !self.api_enabled() {
             return Err(ProviderError::NotConfigured(NAME));

@@ -63,6 +63,11 @@ pub struct StripeApi {
 }
 
 impl StripeApi {
+    /// The HTTP client, whose request budget the replicas share.
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
     pub fn new(config: &StripeConfig, workers: &WorkerConfig) -> StripeApi {
         StripeApi {
             http: HttpClient::new(

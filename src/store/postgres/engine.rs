@@ -36,6 +36,9 @@ pub struct PgStore {
     /// while one commits gathers into the next (the group commit).
     ack_turn: Arc<Mutex<()>>,
     stop: CancellationToken,
+    /// The keeper's task, awaited at close: the registration is gone and
+    /// the connection closed before `close` returns.
+    keeper: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     /// Opened read-only: the keeper is not started, nothing is written.
     read_only: bool,
 }
@@ -46,12 +49,13 @@ impl PgStore {
         let pool = super::connect(url, cfg).await?;
         super::migrate(&pool).await?;
         let store = PgStore::new(pool, false);
-        tokio::spawn(keeper::run(
+        let keeper = tokio::spawn(keeper::run(
             url.to_string(),
             store.owner,
             store.standing.clone(),
             store.stop.clone(),
         ));
+        *store.keeper.lock().unwrap_or_else(|e| e.into_inner()) = Some(keeper);
         // Registered before the first lease is taken, so no other replica
         // mistakes this one's leases for a dead one's.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.connect_timeout_secs);
@@ -93,6 +97,7 @@ impl PgStore {
             standing: Arc::default(),
             ack_turn: Arc::default(),
             stop: CancellationToken::new(),
+            keeper: Arc::default(),
             read_only,
         }
     }
@@ -138,19 +143,22 @@ impl Storage for PgStore {
         self.standing.leader.load(Ordering::SeqCst)
     }
 
+    async fn live_replicas(&self) -> Result<u32, StoreError> {
+        let alive: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM replicas r WHERE {}",
+            keeper::alive("r")
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u32::try_from(alive).unwrap_or(u32::MAX).max(1))
+    }
+
     async fn close(&self) {
         self.stop.cancel();
-        // The keeper gives up its registration and leadership as it ends.
-        for _ in 0..50 {
-            if !self.standing.registered.load(Ordering::SeqCst)
-                && !self.standing.leader.load(Ordering::SeqCst)
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if !self.standing.leader.load(Ordering::SeqCst) {
-                break;
-            }
+        let keeper = self.keeper.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(keeper) = keeper {
+            // The keeper gives up its registration and leadership as it ends.
+            let _ = keeper.await;
         }
         self.pool.close().await;
     }
