@@ -53,9 +53,9 @@ async fn play(sim: &Simulator, store: &Store, name: &str) {
             .unwrap();
         let what = format!("{name}: step {:?} is reached", step.label);
         wait_until(&what, Duration::from_secs(20), || async {
-            let mut done = unfinished(&store).await == 0;
+            let mut done = unfinished(store).await == 0;
             for (id, want) in &step.expect_status {
-                done &= status_of(&store, id).await.as_deref() == Some(want.as_str());
+                done &= status_of(store, id).await.as_deref() == Some(want.as_str());
             }
             done
         })
