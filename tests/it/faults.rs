@@ -265,3 +265,44 @@ async fn a_provider_outage_delays_but_loses_nothing() {
     }
     app.stop().await;
 }
+
+/// A daemon killed while its workers wait on a provider that hangs: the
+/// daemon started again sees that the holder of those leases is gone and
+/// processes the deliveries at once, not when the 60 s leases run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemons_leases_are_taken_up_when_it_starts_again() {
+    let sim = simulator(None).await;
+    let (_, deliveries) = final_states(&sim, 1);
+    let deliveries: Vec<Delivery> = deliveries.into_iter().take(4).collect();
+    sim.faults().hang_next(1_000, Duration::from_secs(120));
+    let config = config(&sim).on_a_fixed_port().with(|c| {
+        c.workers.lease_secs = 60;
+        c.workers.fetch_timeout_secs = 120;
+    });
+    let mut first = BinaryDaemon::start(&config).await;
+    send_all(&first.url, &deliveries, 4, Duration::ZERO).await;
+    wait_until(
+        "the deliveries are leased",
+        Duration::from_secs(20),
+        || async { db::count_in_state(first.db(), "processing").await > 0 },
+    )
+    .await;
+    first.kill();
+    sim.faults().clear();
+
+    let started = std::time::Instant::now();
+    let second = BinaryDaemon::start(&config).await;
+    wait_until(
+        "the killed daemon's deliveries are processed",
+        Duration::from_secs(15),
+        || async { db::unfinished_deliveries(second.db()).await == 0 },
+    )
+    .await;
+    eprintln!(
+        "leases of the killed daemon taken up {:?} after the restart began",
+        started.elapsed()
+    );
+    assert!(second
+        .log_text()
+        .contains("leases of a process that is gone taken up at once"));
+}

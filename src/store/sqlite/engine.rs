@@ -3,6 +3,8 @@
 //! rest of the engine takes it.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::Sqlite;
@@ -25,13 +27,19 @@ use crate::time::Timestamp;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     db: Db,
+    /// When the leases of processes that are gone were last looked for.
+    holders_checked: Arc<Mutex<Option<Instant>>>,
 }
+
+/// How often a claim first looks for leases whose holder is gone.
+const HOLDERS_EVERY: Duration = Duration::from_secs(1);
 
 impl SqliteStore {
     /// Opens (creating and migrating) the database file at `path`.
     pub async fn open(path: &Path, cfg: &DatabaseConfig) -> Result<SqliteStore, StoreError> {
         Ok(SqliteStore {
             db: Db::open(path, cfg).await?,
+            holders_checked: Arc::default(),
         })
     }
 
@@ -42,7 +50,22 @@ impl SqliteStore {
     ) -> Result<SqliteStore, StoreError> {
         Ok(SqliteStore {
             db: Db::open_read_only(path, cfg).await?,
+            holders_checked: Arc::default(),
         })
+    }
+
+    /// True at most once every [`HOLDERS_EVERY`]: time to look for leases
+    /// whose holder is gone.
+    fn holders_due(&self) -> bool {
+        let mut checked = self
+            .holders_checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let due = checked.map_or(true, |at| at.elapsed() >= HOLDERS_EVERY);
+        if due {
+            *checked = Some(Instant::now());
+        }
+        due
     }
 
     /// The engine's own handle, for this engine's tests.
@@ -141,6 +164,9 @@ impl Storage for SqliteStore {
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
         let mut conn = self.db.acquire_for("claim").await?;
+        if self.holders_due() {
+            inbox::release_gone_holders(&mut conn).await?;
+        }
         Ok(inbox::claim_batch(&mut conn, now, lease_until, limit).await?)
     }
 

@@ -13,6 +13,7 @@ mod durability;
 mod engine;
 pub mod inbox;
 mod outcomes;
+mod owner;
 pub mod prune;
 pub mod record;
 pub mod refusals;
