@@ -219,6 +219,22 @@ async fn share_budgets(app: Arc<App>) {
     }
 }
 
+/// An error and its causes on one line, each cause said once: a cause
+/// whose text its parent already quotes (a database error quoting the I/O
+/// error under it) is not repeated.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if !line.ends_with(&cause) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&cause);
+        }
+    }
+    line
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -309,6 +325,18 @@ where
 
 #[cfg(test)]
 mod tests {
+
+    /// Each cause once, even where a message quotes the one under it.
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(crate::store::StoreError::Sql(sqlx::Error::Io(io)))
+            .context("opening the database");
+        assert_eq!(
+            super::error_line(&e),
+            "opening the database: database: error communicating with database: refused"
+        );
+    }
     use std::sync::{Arc, Mutex};
 
     use super::*;

@@ -149,7 +149,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("cancelwatch: {e:#}");
+            eprintln!("cancelwatch: {}", cancelwatch::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -698,8 +698,10 @@ fn describe(e: figment::Error) -> String {
 pub fn redact_password(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some(REDACTED));
-            u.to_string()
+            // Set as a plain word (a URL would escape the brackets), then
+            // shown as every other redacted value is.
+            let _ = u.set_password(Some("REDACTED"));
+            u.to_string().replacen(":REDACTED@", &format!(":{REDACTED}@"), 1)
         }
         _ => url.to_string(),
     }

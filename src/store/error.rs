@@ -39,6 +39,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("database: no answer from the server within {secs} s (database.connect_timeout_secs)")]
+    Unreachable { secs: u64 },
     /// A copy's target already holds data of its own.
     #[error("the target database is not empty (its table {0} has rows): copy into a new, empty database")]
     NotEmpty(&'static str),

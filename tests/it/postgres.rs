@@ -321,3 +321,67 @@ async fn a_sqlite_database_moves_to_postgres_whole() {
     app.stop().await;
     pg.drop().await;
 }
+
+/// A server that cannot be reached at start: one line naming it, the
+/// password left out, and a non-zero exit.
+#[tokio::test]
+async fn an_unreachable_server_at_start_is_one_line_without_the_password() {
+    let config = TestConfig::new().with(|c| {
+        c.database.url = "postgres://cw:hunter2-secret@127.0.0.1:9/cw".into();
+        c.database.connect_timeout_secs = 2;
+    });
+    let out = crate::support::binary::run(&config, &["serve"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("127.0.0.1:9") && err.contains("refused"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    let shown = crate::support::binary::run(&config, &["check-config"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("postgres://cw:<redacted>@127.0.0.1:9/cw"), "{shown}");
+    assert!(!shown.contains("hunter2"));
+}
+
+/// The server lost while the daemon runs: `/readyz` fails and webhooks are
+/// answered 503 (never a 2xx for what was not committed); when the server
+/// is back, the daemon is ready again on its own and takes deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_server_makes_the_daemon_unready_until_it_is_back() {
+    let Some(pg) = PgDatabase::create("a_lost_server_makes_the_daemon_unready").await else {
+        return;
+    };
+    let (proxy, through) = crate::support::postgres::Proxy::start(&pg.url).await;
+    let config = TestConfig::new().quick_workers().with(move |c| {
+        c.database.url = through;
+        c.database.connect_timeout_secs = 1;
+    });
+    let app = TestApp::start(config).await;
+    let post = |id: &str| {
+        let body = thin_event(id);
+        let header = signed_now(WEBHOOK_SECRET, &body);
+        let app = &app;
+        async move { app.post_stripe_with(&body, Some(&header)).await }
+    };
+    assert_eq!(post("evt_before").await.0, 200);
+
+    proxy.cut();
+    wait_until("/readyz fails", Duration::from_secs(10), || async {
+        app.get("/readyz", None).await.0 == 503
+    })
+    .await;
+    let (status, answer) = post("evt_while_lost").await;
+    assert_eq!(status, 503, "{answer}");
+
+    proxy.mend();
+    wait_until("/readyz passes again", Duration::from_secs(20), || async {
+        app.get("/readyz", None).await.0 == 200
+    })
+    .await;
+    wait_until("a delivery is taken again", Duration::from_secs(20), || async {
+        post("evt_after").await.0 == 200
+    })
+    .await;
+    let _ = proxy.port;
+    app.stop().await;
+    pg.drop().await;
+}

@@ -193,12 +193,9 @@ impl Storage for PgStore {
             .0
             .downcast::<Turn>()
             .map_err(|_| StoreError::Invariant("a writer turn of another engine"))?;
-        // Acknowledged only once on disk: whatever the server's default,
-        // this commit waits for its WAL flush.
+        // Acknowledged only once on disk: the connection's commits wait for
+        // their WAL flush (`synchronous_commit = on`, see `options`).
         let mut tx = turn.conn.begin().await?;
-        sqlx::query("SET LOCAL synchronous_commit = on")
-            .execute(&mut *tx)
-            .await?;
         let added = if deliveries.is_empty() {
             Vec::new()
         } else {

@@ -61,6 +61,10 @@ pub const DB_NOW: &str =
 fn options(url: &str) -> Result<PgConnectOptions, StoreError> {
     Ok(PgConnectOptions::from_str(url)?
         .application_name("cancelwatch")
+        // Every commit waits for its WAL flush unless it says otherwise (the
+        // pipeline's do), whatever the server's own default: an
+        // acknowledgement is durable before its 2xx.
+        .options([("synchronous_commit", "on")])
         // Statements are built from a handful of fixed texts.
         .statement_cache_capacity(256))
 }
@@ -68,11 +72,21 @@ fn options(url: &str) -> Result<PgConnectOptions, StoreError> {
 /// A pool on `url`, checked with a first connection: an unreachable
 /// server is one clear error at start, not a hang.
 pub async fn connect(url: &str, cfg: &DatabaseConfig) -> Result<PgPool, StoreError> {
+    let options = options(url)?;
+    let wait = Duration::from_secs(cfg.connect_timeout_secs);
+    // One connection first, for the server's own answer (refused, unknown
+    // database, authentication) rather than the pool's "timed out".
+    let first = tokio::time::timeout(wait, <sqlx::PgConnection as sqlx::Connection>::connect_with(&options))
+        .await
+        .map_err(|_| StoreError::Unreachable {
+            secs: cfg.connect_timeout_secs,
+        })??;
+    sqlx::Connection::close(first).await?;
     let pool = PgPoolOptions::new()
         .max_connections(cfg.max_connections)
         .min_connections(1)
-        .acquire_timeout(Duration::from_secs(cfg.connect_timeout_secs))
-        .connect_with(options(url)?)
+        .acquire_timeout(wait)
+        .connect_with(options)
         .await?;
     Ok(pool)
 }

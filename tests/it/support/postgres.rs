@@ -62,3 +62,61 @@ impl PgDatabase {
         let _ = conn.close().await;
     }
 }
+
+/// A TCP proxy on loopback in front of the PostgreSQL server, which a test
+/// can cut (every connection through it dropped, new ones refused) and
+/// mend: the server lost and back, without stopping it for everyone.
+pub struct Proxy {
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    /// A proxy to the server of `url`, and `url` through it.
+    pub async fn start(url: &str) -> (Proxy, String) {
+        let mut through = url::Url::parse(url).unwrap();
+        let server = format!(
+            "{}:{}",
+            through.host_str().unwrap(),
+            through.port().unwrap_or(5432)
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let accepting = open.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accepting.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let server = server.clone();
+                let mut cuts = cuts.clone();
+                tokio::spawn(async move {
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(&server).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        through.set_port(Some(port)).unwrap();
+        through.set_host(Some("127.0.0.1")).unwrap();
+        (Proxy { port, open, cut }, through.to_string())
+    }
+
+    /// The server is lost: connections dropped, new ones refused.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// The server is back.
+    pub fn mend(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
