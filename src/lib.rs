@@ -111,6 +111,16 @@ pub async fn run_until(
 ) -> anyhow::Result<()> {
     config.validate()?;
     let store = open_store(&config).await?;
+    run_on(config, store, listener, shutdown).await
+}
+
+/// [`run_until`] on a store already opened (and migrated) for `config`.
+pub async fn run_on(
+    config: Config,
+    store: store::Store,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let (inbox, writer) = inbox::Inbox::start(&store, &config.database);
     let providers = providers::Providers::from_config(&config);
     for name in providers::knowledge::names() {

@@ -45,7 +45,7 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// Every series, with the `# HELP` line it is rendered with.
-const SERIES: [(&str, &str); 24] = [
+const SERIES: [(&str, &str); 26] = [
     (
         "cancelwatch_deliveries_received_total",
         "Verified deliveries taken into the inbox, by provider.",
@@ -135,6 +135,14 @@ const SERIES: [(&str, &str); 24] = [
     (
         "cancelwatch_writer_hold_seconds",
         "Time the writer connection is held, by use.",
+    ),
+    (
+        "cancelwatch_database_writable",
+        "0 while writes fail for a cause outside the daemon (disk full, unwritable files, a lock held elsewhere), 1 once a write succeeds again.",
+    ),
+    (
+        "cancelwatch_database_write_failures_total",
+        "Writes that failed for a cause outside the daemon, by cause (disk_full, database_busy, database_io).",
     ),
 ];
 

@@ -53,6 +53,9 @@ async fn unready(app: &App) -> Option<&'static str> {
     if !app.store.ping().await {
         return Some("database not usable");
     }
+    if let Some(cause) = app.store.write_trouble().await {
+        return Some(cause.describe());
+    }
     None
 }
 

@@ -303,7 +303,12 @@ async fn claim_ahead(ctx: &Context, queue: mpsc::Sender<Claimed>, shutdown: &Can
         let lease = lease_until(&ctx.config);
         let at = tokio::time::Instant::now();
         let claimed = claim(ctx, &lease, batch).await.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "claiming deliveries failed");
+            // The store logs a database that cannot take writes once.
+            if e.unavailable().is_some() {
+                tracing::debug!(error = %e, "claiming deliveries failed");
+            } else {
+                tracing::error!(error = %e, "claiming deliveries failed");
+            }
             Vec::new()
         });
         let full = claimed.len() == batch;

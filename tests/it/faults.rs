@@ -46,6 +46,18 @@ fn config(sim: &Simulator) -> TestConfig {
     })
 }
 
+/// Every resource of `scenarios` is at its final status.
+async fn assert_final_states(db: &impl Database, scenarios: &[Scenario]) {
+    for s in scenarios {
+        for h in &s.expect.histories {
+            let status = db::resource(db, &h.kind, &h.id)
+                .await
+                .and_then(|r| r.status);
+            assert_eq!(status.as_ref(), h.statuses.last(), "{} {}", s.name, h.id);
+        }
+    }
+}
+
 /// Waits (up to 60 s) until no delivery is waiting or being processed.
 async fn wait_drained(db: &impl Database) {
     wait_until("the inbox is drained", Duration::from_secs(60), || async {
@@ -255,13 +267,49 @@ async fn a_provider_outage_delays_but_loses_nothing() {
         .filter(|d| d.state == "dead")
         .count();
     assert_eq!(dead, 0);
-    for s in &scenarios {
-        for h in &s.expect.histories {
-            let status = db::resource(app.db(), &h.kind, &h.id)
-                .await
-                .and_then(|r| r.status);
-            assert_eq!(status.as_ref(), h.statuses.last(), "{} {}", s.name, h.id);
-        }
-    }
+    assert_final_states(app.db(), &scenarios).await;
+    app.stop().await;
+}
+
+/// A full disk stops processing only while it lasts: the writes that fail
+/// leave the writer usable, `/readyz` answers 503 (naming the full disk)
+/// while writes fail, and once there is room again every acknowledged
+/// delivery is processed and `/readyz` answers 200, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processing_resumes_on_its_own_after_the_disk_was_full() {
+    let sim = simulator(None).await;
+    let (scenarios, deliveries) = final_states(&sim, 1);
+    let config = config(&sim);
+    let store = config.open_store().await;
+    let app = TestApp::start_on(config, store.clone()).await;
+
+    // Acknowledged while the provider is down, so they wait for processing.
+    sim.faults().refuse_all(true);
+    let acked = send_all(&app.url, &deliveries, 4, Duration::ZERO).await;
+    assert_eq!(acked.len(), deliveries.len());
+    let pending = db::unfinished_deliveries(app.db()).await;
+    assert!(pending > 0);
+
+    db::fill_the_disk(&store).await;
+    sim.faults().refuse_all(false);
+    wait_until(
+        "/readyz says the disk is full",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = app.get("/readyz", None).await;
+            status == 503 && body["reason"].as_str().is_some_and(|r| r.contains("full"))
+        },
+    )
+    .await;
+    assert!(db::unfinished_deliveries(app.db()).await > 0);
+
+    db::free_the_disk(&store).await;
+    wait_drained(app.db()).await;
+    wait_until("/readyz answers 200", Duration::from_secs(10), || async {
+        app.get("/readyz", None).await.0 == 200
+    })
+    .await;
+    assert_eq!(db::count_in_state(app.db(), "dead").await, 0);
+    assert_final_states(app.db(), &scenarios).await;
     app.stop().await;
 }

@@ -10,6 +10,7 @@ pub mod alerts;
 pub mod cancels;
 mod durability;
 mod engine;
+mod health;
 pub mod inbox;
 mod outcomes;
 pub mod prune;
@@ -23,6 +24,7 @@ mod schema;
 
 use durability::{Checkpointer, WalSync};
 pub use engine::SqliteStore;
+use health::WriteHealth;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -151,6 +153,8 @@ pub struct Db {
     acks_waiting: Arc<AtomicUsize>,
     /// None when opened read-only: nothing is written, nothing to copy.
     checkpointer: Option<Arc<Checkpointer>>,
+    /// Whether writes fail now for a cause outside the daemon.
+    health: Arc<WriteHealth>,
 }
 
 /// Counts an acknowledgement commit as waiting while it lives.
@@ -273,7 +277,10 @@ impl Db {
             .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .idle_timeout(None)
-            .max_lifetime(None);
+            .max_lifetime(None)
+            // A write that failed on a full disk must not leave the one
+            // writer connection unusable for every write after it.
+            .after_release(|conn, _| Box::pin(health::settle(conn)));
         let write =
             while_racing(|| async { Ok(write_pool.clone().connect_with(options.clone()).await?) })
                 .await?;
@@ -286,6 +293,7 @@ impl Db {
             None
         };
         let checkpointer = Some(Arc::new(Checkpointer::start(path, cfg.busy_timeout_ms)?));
+        metrics::gauge!("cancelwatch_database_writable").set(1.0);
         let read = SqlitePoolOptions::new()
             .max_connections(cfg.read_connections)
             .test_before_acquire(false)
@@ -300,6 +308,7 @@ impl Db {
             acks_waiting: Arc::default(),
             sync_turn: Arc::default(),
             checkpointer,
+            health: Arc::default(),
         })
     }
 
@@ -335,6 +344,7 @@ impl Db {
             acks_waiting: Arc::default(),
             sync_turn: Arc::default(),
             checkpointer: None,
+            health: Arc::default(),
         })
     }
 
@@ -360,6 +370,34 @@ impl Db {
     pub(crate) fn fail_sync(&self) {
         let wal = self.wal_sync.as_ref().expect("synchronous = full");
         let _ = wal.sync_with(|_| Err(std::io::Error::from_raw_os_error(5)));
+    }
+
+    /// Notes a write's result (see [`WriteHealth::note`]) and hands it on.
+    pub(crate) fn watch<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.health.note(&result);
+        result
+    }
+
+    /// Why writes fail now, if they do; while they do, a probe write (at
+    /// most about once a second) finds out whether the cause went. Only the
+    /// probe ends the trouble: an ordinary write that succeeds may have
+    /// needed no new space (a row changed in place), and taking it as the
+    /// end would turn readiness on and off while the disk stays full. The
+    /// store calls this after its writes succeed, so the end is noticed
+    /// (and logged) even when nothing asks for readiness.
+    pub async fn write_trouble(&self) -> Option<crate::store::Unavailable> {
+        if self.health.probe_due() {
+            let probed = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut conn = self.acquire_for("other").await?;
+                transaction_on_handle(&mut conn, health::probe).await
+            })
+            .await
+            .unwrap_or(Err(StoreError::Sql(sqlx::Error::PoolTimedOut)));
+            if self.watch(probed).is_ok() {
+                self.health.wrote();
+            }
+        }
+        self.health.current()
     }
 
     /// A write transaction for anything but the inbox's group commit.

@@ -52,6 +52,10 @@ pub(super) async fn write_batch(
         let result = match write_one(&mut tx, config, decided, &decided.outcome, &mut changes).await
         {
             Ok(Ok(written)) => Some(written),
+            // A full disk (or the like) may have ended the whole transaction
+            // in SQLite: no outcome of the batch is kept, and each comes
+            // back when its lease runs out.
+            Ok(Err(e)) if e.unavailable().is_some() => return Err(e),
             Ok(Err(e)) => {
                 let _span = delivery_span(&decided.delivery).entered();
                 tracing::error!(error = %e, "writing a delivery's outcome failed");
@@ -80,7 +84,10 @@ pub(super) async fn write_batch(
 /// acknowledgement commit has waited for the writer long enough (at least
 /// one is written).
 /// `None` at the first error or panic: `tx` then holds part of the batch
-/// and must be rolled back.
+/// and must be rolled back. An error of the database's surroundings (a
+/// full disk) is returned as it is: SQLite may have ended the transaction
+/// already, and writing the batch again, outcome by outcome, would fail
+/// the same way.
 async fn write_straight(
     tx: &mut GatedTx,
     db: &Db,
@@ -107,6 +114,7 @@ async fn write_straight(
                 .await;
             match written {
                 Ok(Ok(written)) => results.extend(written.into_iter().map(Some)),
+                Ok(Err(e)) if e.unavailable().is_some() => return Err(e),
                 _ => return Ok(None),
             }
             continue;
@@ -122,6 +130,7 @@ async fn write_straight(
             // A lost lease is rare: the batch is written again, each
             // outcome in a savepoint, and only that one is dropped.
             Ok(Ok(written)) if written != Written::LeaseLost => results.push(Some(written)),
+            Ok(Err(e)) if e.unavailable().is_some() => return Err(e),
             _ => return Ok(None),
         }
     }
