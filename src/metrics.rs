@@ -45,7 +45,7 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// Every series, with the `# HELP` line it is rendered with.
-const SERIES: [(&str, &str); 26] = [
+const SERIES: [(&str, &str); 27] = [
     (
         "cancelwatch_deliveries_received_total",
         "Verified deliveries taken into the inbox, by provider.",
@@ -135,6 +135,10 @@ const SERIES: [(&str, &str); 26] = [
     (
         "cancelwatch_writer_hold_seconds",
         "Time the writer connection is held, by use.",
+    ),
+    (
+        "cancelwatch_slow_calls_cut_total",
+        "Attempts ended because their provider call ran past workers.slow_call_secs while the provider's slow lane was full, by provider.",
     ),
     (
         "cancelwatch_database_writable",

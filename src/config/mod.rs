@@ -138,6 +138,10 @@ pub struct WorkerConfig {
     pub fetch_timeout_secs: u64,
     /// Attempts of one provider call within one processing attempt.
     pub http_retries: u32,
+    /// A provider call still running after this long gives its worker slot
+    /// back and waits in its provider's slow lane (a quarter of the slots);
+    /// when that is full, the attempt fails and is retried later.
+    pub slow_call_secs: u64,
 }
 
 impl Default for WorkerConfig {
@@ -151,6 +155,7 @@ impl Default for WorkerConfig {
             poll_interval_ms: 250,
             fetch_timeout_secs: 10,
             http_retries: 3,
+            slow_call_secs: 5,
         }
     }
 }
@@ -293,6 +298,9 @@ impl Config {
         }
         if self.workers.max_attempts == 0 {
             return Err(invalid("workers.max_attempts", "must be above 0"));
+        }
+        if self.workers.slow_call_secs == 0 {
+            return Err(invalid("workers.slow_call_secs", "must be above 0"));
         }
         if self.workers.lease_secs == 0 {
             return Err(invalid("workers.lease_secs", "must be above 0"));

@@ -22,6 +22,33 @@ use crate::config::WorkerConfig;
 /// delivery that waited this long asks again, and waits again if told to.
 pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3_600);
 
+tokio::task_local! {
+    /// When the work a call is part of must be over (a delivery's lease,
+    /// less the time to write its outcome): set by [`within`].
+    static DEADLINE: tokio::time::Instant;
+}
+
+/// Runs `f` with every provider call in it kept within `deadline`: a try
+/// is given at most the time left, and no try starts (nor a retry waits)
+/// past it; the call ends with what its last try got, so the real error
+/// (a timeout, a 503) is what is recorded, not a lease that ran out.
+pub async fn within<F: std::future::Future>(deadline: tokio::time::Instant, f: F) -> F::Output {
+    DEADLINE.scope(deadline, f).await
+}
+
+/// The time left before the deadline of [`within`], if one is set.
+fn time_left() -> Option<Duration> {
+    DEADLINE
+        .try_with(|d| d.saturating_duration_since(tokio::time::Instant::now()))
+        .ok()
+}
+
+/// True when a try after waiting `wait` would start too late to get its
+/// answer in time (the deadline, less this client's per-try timeout).
+fn no_time_for_another(wait: Duration, per_try: Duration) -> bool {
+    time_left().is_some_and(|left| wait + per_try.min(Duration::from_secs(1)) >= left)
+}
+
 /// A provider's answer: status, headers and the raw body.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -247,6 +274,10 @@ impl HttpClient {
                     (self.backoff(attempt), Err(error))
                 }
             };
+            if no_time_for_another(wait, self.inline_wait_cap) {
+                tracing::debug!(provider = self.provider, %path, attempt, "no time left for another try within the delivery's lease");
+                return last;
+            }
             tracing::debug!(provider = self.provider, %path, attempt, wait_ms = wait.as_millis() as u64, "retrying a provider call");
             tokio::time::sleep(wait).await;
             if let Some(limit) = &self.limit {
@@ -375,6 +406,11 @@ impl HttpClient {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(b.to_vec());
+        }
+        // A try gets at most the time left within the deadline (when it
+        // has less than the client's timeout, that one ends it sooner).
+        if let Some(left) = time_left() {
+            request = request.timeout(left.min(self.inline_wait_cap).max(Duration::from_millis(1)));
         }
         let started = Instant::now();
         let result = async {

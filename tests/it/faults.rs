@@ -313,3 +313,101 @@ async fn processing_resumes_on_its_own_after_the_disk_was_full() {
     assert_final_states(app.db(), &scenarios).await;
     app.stop().await;
 }
+
+/// Eight deliveries about objects whose every API call hangs, with four
+/// worker slots: the hung calls hold at most their provider's slow lane (a
+/// quarter of the slots) past `workers.slow_call_secs`, so healthy
+/// deliveries sent after them are processed while they still hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_provider_calls_leave_slots_for_healthy_deliveries() {
+    let sim = simulator(None).await;
+    let (scenarios, healthy) = final_states(&sim, 1);
+    let app = TestApp::start(config(&sim).with(|c| {
+        c.workers.concurrency = 4;
+        c.workers.slow_call_secs = 1;
+        c.workers.fetch_timeout_secs = 60;
+        c.workers.lease_secs = 120;
+        c.workers.http_retries = 1;
+    }))
+    .await;
+    let hung: Vec<Delivery> = (0..8)
+        .map(|i| {
+            let id = format!("obt_hangs_{i}");
+            sim.faults()
+                .hang_paths_containing(&id, Duration::from_secs(600));
+            crate::support::sim::unknown_outbound_transfer(&id)
+        })
+        .collect();
+    send_all(&app.url, &hung, 4, Duration::ZERO).await;
+    wait_until(
+        "the hung calls reach the provider",
+        Duration::from_secs(10),
+        || async {
+            let requests = sim.requests();
+            requests
+                .iter()
+                .filter(|r| r.path.contains("obt_hangs_"))
+                .count()
+                >= 4
+        },
+    )
+    .await;
+
+    send_all(&app.url, &healthy, 4, Duration::ZERO).await;
+    let keys: Vec<String> = healthy.iter().map(dedupe_key).collect();
+    // Well within the 60 s one hung call could hold its slot.
+    wait_until(
+        "every healthy delivery is processed while the others hang",
+        Duration::from_secs(30),
+        || async {
+            for key in &keys {
+                let state = db::delivery(app.db(), key).await.map(|d| d.state);
+                if !matches!(state.as_deref(), Some("processed" | "ignored")) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    assert_final_states(app.db(), &scenarios).await;
+    for d in &hung {
+        let state = db::delivery(app.db(), &dedupe_key(d)).await.unwrap().state;
+        assert_ne!(state, "processed");
+    }
+    sim.faults().clear();
+    app.stop().await;
+}
+
+/// A call whose tries keep timing out ends within its delivery's lease,
+/// with the real error: the delivery goes `dead` after its attempts saying
+/// it timed out, not "attempts whose worker never finished".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_keeps_timing_out_ends_within_its_lease_with_the_real_error() {
+    let sim = simulator(None).await;
+    let app = TestApp::start(config(&sim).with(|c| {
+        c.workers.lease_secs = 4;
+        c.workers.fetch_timeout_secs = 1;
+        c.workers.http_retries = 10;
+        c.workers.max_attempts = 2;
+        c.workers.slow_call_secs = 60;
+    }))
+    .await;
+    sim.faults()
+        .hang_paths_containing("obt_times_out", Duration::from_secs(600));
+    let d = crate::support::sim::unknown_outbound_transfer("obt_times_out");
+    send_all(&app.url, std::slice::from_ref(&d), 1, Duration::ZERO).await;
+    let key = dedupe_key(&d);
+    wait_until("the delivery is dead", Duration::from_secs(60), || async {
+        db::delivery(app.db(), &key)
+            .await
+            .is_some_and(|d| d.state == "dead")
+    })
+    .await;
+    let dead = db::delivery(app.db(), &key).await.unwrap();
+    let error = dead.last_error.unwrap_or_default();
+    assert!(error.contains("timeout"), "{error}");
+    assert!(!error.contains("never finished"), "{error}");
+    sim.faults().clear();
+    app.stop().await;
+}
