@@ -121,6 +121,11 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// Default of `<provider>.max_response_bytes`: 16 MiB, far above a real
+/// answer (a Juice bulk transfer of 100,000 items is about 8 MB) and far
+/// below what would strain memory.
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {

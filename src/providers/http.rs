@@ -190,6 +190,17 @@ pub struct HttpClient {
     inline_wait_cap: Duration,
     /// Our own budget of requests to this provider, shared by every clone.
     limit: Option<Arc<RateLimit>>,
+    /// Longest answer body read (`<provider>.max_response_bytes`).
+    max_response_bytes: usize,
+}
+
+/// Why one try got no answer to give back.
+#[derive(Debug)]
+enum TryError {
+    /// Sending, or reading the answer, failed.
+    Http(reqwest::Error),
+    /// The answer's body is longer than the cap: read no further.
+    TooLarge { limit: usize },
 }
 
 impl HttpClient {
@@ -198,6 +209,7 @@ impl HttpClient {
         base: &str,
         workers: &WorkerConfig,
         limit: Option<RateLimit>,
+        max_response_bytes: usize,
     ) -> HttpClient {
         let timeout = Duration::from_secs(workers.fetch_timeout_secs.max(1));
         let client = reqwest::Client::builder()
@@ -215,6 +227,7 @@ impl HttpClient {
             backoff_max: Duration::from_secs(workers.backoff_max_secs.max(1)),
             inline_wait_cap: timeout,
             limit: limit.map(Arc::new),
+            max_response_bytes,
         }
     }
 
@@ -256,7 +269,10 @@ impl HttpClient {
                     };
                     (wait, Ok(answer))
                 }
-                Err(e) => {
+                Err(TryError::TooLarge { limit }) => {
+                    return Err(self.too_large(&method, path, limit))
+                }
+                Err(TryError::Http(e)) => {
                     let reason = if e.is_timeout() { "timeout" } else { "network" };
                     metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => reason)
                         .increment(1);
@@ -323,7 +339,13 @@ impl HttpClient {
                     Some(asked) => asked,
                     None => self.backoff(attempt),
                 },
-                Err(e) => {
+                // It went out and was answered: not sent again.
+                Err(TryError::TooLarge { limit }) => {
+                    return Ok(Sent::Unanswered(
+                        self.too_large(&method, path, limit).to_string(),
+                    ))
+                }
+                Err(TryError::Http(e)) => {
                     let reason = if e.is_connect() {
                         "connect"
                     } else if e.is_timeout() {
@@ -397,7 +419,7 @@ impl HttpClient {
         url: &str,
         headers: &HeaderMap,
         body: Option<&[u8]>,
-    ) -> Result<Answer, reqwest::Error> {
+    ) -> Result<Answer, TryError> {
         let mut request = self
             .client
             .request(method.clone(), url)
@@ -413,12 +435,24 @@ impl HttpClient {
             request = request.timeout(left.min(self.inline_wait_cap).max(Duration::from_millis(1)));
         }
         let started = Instant::now();
+        let limit = self.max_response_bytes;
         let result = async {
-            let response = request.send().await?;
+            let mut response = request.send().await.map_err(TryError::Http)?;
             let status = response.status().as_u16();
             let headers = response.headers().clone();
-            let body = response.bytes().await?.to_vec();
-            Ok::<_, reqwest::Error>(Answer {
+            // Refused on its announced length, or as soon as the body read
+            // passes the cap: a huge answer never sits whole in memory.
+            if response.content_length().is_some_and(|n| n > limit as u64) {
+                return Err(TryError::TooLarge { limit });
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(TryError::Http)? {
+                if body.len() + chunk.len() > limit {
+                    return Err(TryError::TooLarge { limit });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Answer {
                 status,
                 headers,
                 body,
@@ -428,6 +462,18 @@ impl HttpClient {
         metrics::histogram!("cancelwatch_fetch_seconds", "provider" => self.provider)
             .record(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// An answer over the cap, as the error its attempt fails with (counted
+    /// in `cancelwatch_fetch_errors_total{reason="too_large"}`).
+    fn too_large(&self, method: &Method, path: &str, limit: usize) -> ProviderError {
+        metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "too_large")
+            .increment(1);
+        tracing::warn!(provider = self.provider, %path, limit, "a provider answer is larger than {}.max_response_bytes: refused", self.provider);
+        ProviderError::Permanent(format!(
+            "{} {method} {path}: the answer is larger than {}.max_response_bytes ({limit} bytes)",
+            self.provider, self.provider
+        ))
     }
 
     /// The wait before try `attempt + 1` within one call: exponential with

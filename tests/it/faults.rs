@@ -411,3 +411,32 @@ async fn a_call_that_keeps_timing_out_ends_within_its_lease_with_the_real_error(
     sim.faults().clear();
     app.stop().await;
 }
+
+/// A provider answer longer than `<provider>.max_response_bytes` fails its
+/// attempt with an error naming the key; the other provider's deliveries
+/// go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_the_size_cap_fails_its_attempt() {
+    let sim = simulator(None).await;
+    let (_scenarios, deliveries) = final_states(&sim, 1);
+    let app = TestApp::start(config(&sim).with(|c| {
+        c.juice.max_response_bytes = 1_024;
+        c.workers.max_attempts = 1;
+    }))
+    .await;
+    send_all(&app.url, &deliveries, 4, Duration::ZERO).await;
+    wait_drained(app.db()).await;
+    let all = db::deliveries(app.db()).await;
+    let (juice, stripe): (Vec<_>, Vec<_>) = all.iter().partition(|d| d.provider == "juice");
+    let refused: Vec<_> = juice
+        .iter()
+        .filter(|d| d.state == "dead")
+        .filter_map(|d| d.last_error.as_deref())
+        .collect();
+    assert!(!refused.is_empty(), "no Juice answer was over the cap");
+    for error in &refused {
+        assert!(error.contains("juice.max_response_bytes"), "{error}");
+    }
+    assert!(stripe.iter().all(|d| d.state != "dead"));
+    app.stop().await;
+}

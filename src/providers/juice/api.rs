@@ -43,6 +43,7 @@ impl JuiceApi {
                 &config.api_base,
                 workers,
                 RateLimit::new(config.rate_limit_per_second, config.rate_limit_burst),
+                config.max_response_bytes,
             ),
             authorization,
             reversed_statuses: config.reversed_statuses.clone(),

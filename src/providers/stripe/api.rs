@@ -70,6 +70,7 @@ impl StripeApi {
                 &config.api_base,
                 workers,
                 RateLimit::new(config.rate_limit_per_second, config.rate_limit_burst),
+                config.max_response_bytes,
             ),
             api_key: config.api_key.clone(),
             api_version: config.api_version.clone(),
