@@ -977,3 +977,30 @@ pub async fn free_the_disk(store: &cancelwatch::store::Store) {
         .await
         .unwrap();
 }
+
+/// A write transaction held on the database of `config`, as another
+/// process (an `sqlite3` shell) would hold one, until released.
+pub struct WriteLock(PoolConnection<Sqlite>);
+
+/// Takes [`WriteLock`] on the database of `config`.
+pub async fn hold_write_lock(config: &TestConfig) -> WriteLock {
+    let pool =
+        SqlitePool::connect_with(SqliteConnectOptions::new().filename(config.database_path()))
+            .await
+            .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    WriteLock(conn)
+}
+
+impl WriteLock {
+    pub async fn release(mut self) {
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *self.0)
+            .await
+            .unwrap();
+    }
+}
