@@ -45,7 +45,7 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// Every series, with the `# HELP` line it is rendered with.
-const SERIES: [(&str, &str); 27] = [
+const SERIES: [(&str, &str); 28] = [
     (
         "cancelwatch_deliveries_received_total",
         "Verified deliveries taken into the inbox, by provider.",
@@ -139,6 +139,10 @@ const SERIES: [(&str, &str); 27] = [
     (
         "cancelwatch_slow_calls_cut_total",
         "Attempts ended because their provider call ran past workers.slow_call_secs while the provider's slow lane was full, by provider.",
+    ),
+    (
+        "cancelwatch_wal_frames_behind",
+        "WAL frames the last checkpoint could not copy: above 0 for long, a reader (an open read transaction elsewhere) holds checkpoints back and the WAL grows.",
     ),
     (
         "cancelwatch_database_writable",

@@ -106,6 +106,9 @@ pub struct DatabaseConfig {
     pub max_batch: usize,
     /// Read connections (the writer is always one).
     pub read_connections: u32,
+    /// The WAL file is cut back to this size once it has grown past it and
+    /// checkpoints have caught up (SQLite's `journal_size_limit`).
+    pub wal_size_limit_bytes: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -117,6 +120,7 @@ impl Default for DatabaseConfig {
             group_commit: true,
             max_batch: 512,
             read_connections: 4,
+            wal_size_limit_bytes: 64 << 20,
         }
     }
 }
@@ -292,6 +296,12 @@ impl Config {
         }
         if self.database.max_batch == 0 {
             return Err(invalid("database.max_batch", "must be above 0"));
+        }
+        if self.database.wal_size_limit_bytes < 1 << 20 {
+            return Err(invalid(
+                "database.wal_size_limit_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
         }
         if self.database.read_connections == 0 {
             return Err(invalid("database.read_connections", "must be above 0"));

@@ -267,7 +267,13 @@ impl Db {
             // once the WAL holds this many pages: 40 MiB rather than SQLite's
             // 4 MiB, so pages written again and again (index pages, the
             // inbox's newest rows) are copied once instead of many times.
-            .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES.to_string());
+            .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES.to_string())
+            // A WAL that grew while a reader held checkpoints back (an
+            // operator's `sqlite3` left in a read transaction) is cut back
+            // to this size when SQLite next starts it over, once the
+            // checkpoints have caught up; otherwise the file keeps its
+            // largest size until the daemon stops.
+            .pragma("journal_size_limit", cfg.wal_size_limit_bytes.to_string());
         // The pools' connections live in this process, beside it: a
         // liveness ping before each use (sqlx's default) would be one more
         // round trip to the connection's thread per transaction.
@@ -897,6 +903,64 @@ mod tests {
                 size()
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        db.close().await;
+    }
+
+    /// A reader in another process that holds its snapshot (an `sqlite3`
+    /// shell left in a read transaction) lets the WAL grow; once it is gone
+    /// and the checkpoints catch up, the WAL file is cut back to
+    /// `database.wal_size_limit_bytes` instead of keeping its largest size.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_cut_back_once_a_long_reader_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let limit = 1 << 20;
+        let cfg = crate::config::DatabaseConfig {
+            wal_size_limit_bytes: limit,
+            ..Default::default()
+        };
+        let db = Db::open(&path, &cfg).await.unwrap();
+        let wal_size = || {
+            std::fs::metadata(dir.path().join("x.db-wal"))
+                .unwrap()
+                .len()
+        };
+        let reader = rusqlite::Connection::open(&path).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT COUNT(*) FROM resources;")
+            .unwrap();
+        let write = |from: usize, rows: usize| {
+            let db = db.clone();
+            async move {
+                for i in from..from + rows {
+                    sqlx::query(
+                        "INSERT INTO resources (provider, kind, id, first_seen_at, snapshot)
+                         VALUES ('p', 'k', ?, 'now', ?)",
+                    )
+                    .bind(i.to_string())
+                    .bind("x".repeat(64 << 10))
+                    .execute(&db.write)
+                    .await
+                    .unwrap();
+                }
+            }
+        };
+        // 8 MiB, each row its own commit, while the reader holds on.
+        write(0, 128).await;
+        assert!(wal_size() > 4 * limit, "the WAL is {} bytes", wal_size());
+        drop(reader);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut next = 128;
+        while wal_size() > limit {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL is still {} bytes",
+                wal_size()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            write(next, 1).await;
+            next += 1;
         }
         db.close().await;
     }
