@@ -232,6 +232,7 @@ fn failed(e: ProviderError) -> Outcome {
         ProviderError::Unauthorized(_) | ProviderError::NotConfigured(_) => {
             Outcome::Released(e.to_string())
         }
+        ProviderError::Unusable(error) => Outcome::Unusable(error),
         ProviderError::RateLimited { retry_after, .. } => Outcome::RateLimited {
             retry_after,
             error: e.to_string(),

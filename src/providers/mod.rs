@@ -356,6 +356,11 @@ pub enum ProviderError {
     /// Will fail the same way again (bad path, undecodable answer, other 4xx).
     #[error("{0}")]
     Permanent(String),
+    /// The request can never be made: what the delivery names forms no
+    /// valid path on the provider's API (an id with characters a path
+    /// cannot hold, a kind with no known path). Nothing was sent.
+    #[error("{0}")]
+    Unusable(String),
     /// A request that must not be sent twice went out, but no answer came
     /// back (timeout, connection reset): it may have taken effect.
     #[error("no answer: {0}")]
@@ -372,6 +377,7 @@ impl ProviderError {
             ProviderError::Unauthorized(_) => "unauthorized",
             ProviderError::NotConfigured(_) => "not_configured",
             ProviderError::Permanent(_) => "permanent",
+            ProviderError::Unusable(_) => "unusable",
             ProviderError::Unanswered(_) => "unanswered",
         }
     }

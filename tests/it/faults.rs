@@ -440,3 +440,27 @@ async fn an_answer_over_the_size_cap_fails_its_attempt() {
     assert!(stripe.iter().all(|d| d.state != "dead"));
     app.stop().await;
 }
+
+/// A delivery whose id can never form a valid API path goes `dead` at its
+/// first attempt, nothing sent, not `failed` over and over until its
+/// attempts run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_id_forms_no_valid_path_is_dead_at_once() {
+    let sim = simulator(None).await;
+    let app = TestApp::start(config(&sim)).await;
+    let d = crate::support::sim::unknown_outbound_transfer("obt_bad%2e1");
+    send_all(&app.url, std::slice::from_ref(&d), 1, Duration::ZERO).await;
+    let key = dedupe_key(&d);
+    wait_until("the delivery is dead", Duration::from_secs(20), || async {
+        db::delivery(app.db(), &key)
+            .await
+            .is_some_and(|d| d.state == "dead")
+    })
+    .await;
+    let dead = db::delivery(app.db(), &key).await.unwrap();
+    assert_eq!(dead.attempts, 1);
+    let error = dead.last_error.unwrap_or_default();
+    assert!(error.contains("forms no valid API path"), "{error}");
+    assert!(sim.requests().iter().all(|r| !r.path.contains("obt_bad")));
+    app.stop().await;
+}

@@ -91,8 +91,8 @@ impl JuiceApi {
         if safe_id(id) {
             Ok(format!("/bulk-transfers/{id}"))
         } else {
-            Err(ProviderError::Permanent(format!(
-                "juice: unsafe bulk transfer id {id:?}"
+            Err(ProviderError::Unusable(format!(
+                "juice: unsafe bulk transfer id {id:?}: it forms no valid API path"
             )))
         }
     }

@@ -346,15 +346,12 @@ async fn write_outcome(
         Outcome::NotFound { target, detail } => {
             mark_missing(tx, &d.provider, target, &now_s).await?;
             let error = format!("the resource does not exist: {detail}");
-            if !inbox::fail(tx, d.id, lease_until, &error, &now_s, true).await? {
-                return Ok(Written::LeaseLost);
-            }
-            super::rules::on_dead_letter(tx, config, d.id, &error, &now_s, changes).await?;
-            Ok(Written::Dead(error))
+            dead_at_once(tx, config, d, lease_until, &error, changes).await
         }
         Outcome::Failed { error, retry_after } => {
             write_failure(tx, config, d, lease_until, error, *retry_after, changes).await
         }
+        Outcome::Unusable(error) => dead_at_once(tx, config, d, lease_until, error, changes).await,
         Outcome::Released(error) => {
             let wait = Duration::from_secs(config.workers.backoff_max_secs.clamp(1, 60));
             let next = release(tx, d, lease_until, error, wait).await?;
@@ -464,6 +461,24 @@ async fn release(
 
 /// A failed attempt: retry later with backoff (at least what the provider
 /// asked for), or `dead` once `workers.max_attempts` is reached.
+/// Ends the delivery `dead` now, whatever attempts it has left, with its
+/// dead-letter alert.
+async fn dead_at_once(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    d: &Delivery,
+    lease_until: &str,
+    error: &str,
+    changes: &mut Changes,
+) -> Result<Written, StoreError> {
+    let now = time::now_str();
+    if !inbox::fail(tx, d.id, lease_until, error, &now, true).await? {
+        return Ok(Written::LeaseLost);
+    }
+    super::rules::on_dead_letter(tx, config, d.id, error, &now, changes).await?;
+    Ok(Written::Dead(error.to_string()))
+}
+
 async fn write_failure(
     tx: &mut Tx<'_>,
     config: &Config,
