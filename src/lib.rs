@@ -110,8 +110,23 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let (listener, store) = while_starting(listener, open_store(&config)).await?;
-    run_on(config, store?, listener, shutdown).await
+    // Watched from now, not once the database is open: a signal that comes
+    // while migrations run is a stop asked for, not a kill.
+    let stop_asked = CancellationToken::new();
+    let asked = stop_asked.clone();
+    let watching = tokio::spawn(async move {
+        shutdown.await;
+        asked.cancel();
+    });
+    let ran = match while_starting(listener, open_store(&config)).await {
+        Ok((listener, Ok(store))) => {
+            let stop = async move { stop_asked.cancelled().await };
+            run_on(config, store, listener, stop).await
+        }
+        Ok((_, Err(e))) | Err(e) => Err(e),
+    };
+    watching.abort();
+    ran
 }
 
 /// Runs `opening` (opening and migrating the database, which can take
