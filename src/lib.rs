@@ -110,7 +110,68 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let store = open_store(&config).await?;
+    // Watched from now, not once the database is open: a signal that comes
+    // while migrations run is a stop asked for, not a kill.
+    let stop_asked = CancellationToken::new();
+    let asked = stop_asked.clone();
+    let watching = tokio::spawn(async move {
+        shutdown.await;
+        asked.cancel();
+    });
+    let ran = match while_starting(listener, open_store(&config)).await {
+        Ok((listener, Ok(store))) => {
+            let stop = async move { stop_asked.cancelled().await };
+            run_on(config, store, listener, stop).await
+        }
+        Ok((_, Err(e))) | Err(e) => Err(e),
+    };
+    watching.abort();
+    ran
+}
+
+/// Runs `opening` (opening and migrating the database, which can take
+/// minutes on a large one) while a stand-in answers on `listener`:
+/// `/healthz` 200 and `/readyz` 503, so an orchestrator neither routes work
+/// to the daemon nor kills it as dead meanwhile. The stand-in accepts on a
+/// copy of the listening socket and stops once `opening` is done; the
+/// daemon then serves on the socket itself, whose queue of connections was
+/// never closed.
+async fn while_starting<T>(
+    listener: TcpListener,
+    opening: impl Future<Output = T>,
+) -> anyhow::Result<(TcpListener, T)> {
+    let socket = listener.into_std()?;
+    let copy = TcpListener::from_std(socket.try_clone()?)?;
+    let listener = TcpListener::from_std(socket)?;
+    let (opened, stand_in_done) = tokio::sync::oneshot::channel::<()>();
+    let mut stand_in = tokio::spawn(async move {
+        axum::serve(copy, api::health::starting_router())
+            .with_graceful_shutdown(async {
+                let _ = stand_in_done.await;
+            })
+            .await
+    });
+    let out = opening.await;
+    let _ = opened.send(());
+    // Requests in flight on the stand-in get their answer; a client that
+    // keeps its connection open is not waited for long.
+    if tokio::time::timeout(Duration::from_secs(1), &mut stand_in)
+        .await
+        .is_err()
+    {
+        tracing::debug!("the start-up stand-in did not finish within a second; dropped");
+        stand_in.abort();
+    }
+    Ok((listener, out))
+}
+
+/// [`run_until`] on a store already opened (and migrated) for `config`.
+pub async fn run_on(
+    config: Config,
+    store: store::Store,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let (inbox, writer) = inbox::Inbox::start(&store, &config.database);
     let providers = providers::Providers::from_config(&config);
     for name in providers::knowledge::names() {

@@ -45,7 +45,7 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// Every series, with the `# HELP` line it is rendered with.
-const SERIES: [(&str, &str); 29] = [
+const SERIES: &[(&str, &str)] = &[
     (
         "cancelwatch_deliveries_received_total",
         "Verified deliveries taken into the inbox, by provider.",
@@ -153,6 +153,22 @@ const SERIES: [(&str, &str); 29] = [
         "cancelwatch_writer_hold_seconds",
         "Time the writer connection is held, by use.",
     ),
+    (
+        "cancelwatch_slow_calls_cut_total",
+        "Attempts ended because their provider call ran past workers.slow_call_secs while the provider's slow lane was full, by provider.",
+    ),
+    (
+        "cancelwatch_wal_frames_behind",
+        "WAL frames the last checkpoint could not copy: above 0 for long, a reader (an open read transaction elsewhere) holds checkpoints back and the WAL grows.",
+    ),
+    (
+        "cancelwatch_database_writable",
+        "0 while writes fail for a cause outside the daemon (disk full, unwritable files, a lock held elsewhere), 1 once a write succeeds again.",
+    ),
+    (
+        "cancelwatch_database_write_failures_total",
+        "Writes that failed for a cause outside the daemon, by cause (disk_full, database_busy, database_io).",
+    ),
 ];
 
 /// The series of [`SERIES`] that are histograms (the rest are counters,
@@ -168,7 +184,7 @@ const HISTOGRAMS: [&str; 5] = [
 /// The `# HELP` of every series, and `cancelwatch_build_info`, whose labels
 /// say which build answers.
 fn describe() {
-    for (name, help) in SERIES {
+    for &(name, help) in SERIES {
         match name {
             n if n.ends_with("_total") => metrics::describe_counter!(n, help),
             n if HISTOGRAMS.contains(&n) => metrics::describe_histogram!(n, help),

@@ -23,6 +23,8 @@ struct FaultState {
     idempotency_conflict_left: u32,
     hang_left: u32,
     hang: Duration,
+    /// Requests whose path holds one of these wait that long, every time.
+    hang_paths: Vec<(String, Duration)>,
     refuse_all: bool,
     /// For the next cancels: what follows once the cancel is applied.
     after_cancel_left: u32,
@@ -111,6 +113,22 @@ impl Faults {
         let mut s = self.state();
         s.after_cancel_left = n;
         s.after_cancel = Some(AfterCancel::Hang(d));
+    }
+
+    /// Every API request whose path holds `needle` (an object's id) waits
+    /// `d` before it is answered, until [`Faults::clear`]: one resource
+    /// whose calls hang while the others are answered.
+    pub fn hang_paths_containing(&self, needle: &str, d: Duration) {
+        self.state().hang_paths.push((needle.to_string(), d));
+    }
+
+    /// How long a request for `path` waits by [`Faults::hang_paths_containing`].
+    fn path_hang(&self, path: &str) -> Option<Duration> {
+        let s = self.state();
+        s.hang_paths
+            .iter()
+            .find(|(needle, _)| path.contains(needle.as_str()))
+            .map(|(_, d)| *d)
     }
 
     /// While on, every API request answers 503.
@@ -215,6 +233,9 @@ pub(crate) async fn middleware(
         super::REQUESTS_KEPT,
     );
 
+    if let Some(d) = shared.faults.path_hang(&path) {
+        tokio::time::sleep(d).await;
+    }
     let (hang, fault) = shared.faults.take();
     if let Some(d) = hang {
         tokio::time::sleep(d).await;

@@ -133,11 +133,15 @@ impl Sink {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            // A group of its own, ended whole: a shell script's children
+            // (and theirs) are not left running when it times out.
+            .process_group(0)
             .spawn()
         {
             Ok(c) => c,
             Err(e) => return Outcome::failed(None, format!("cannot start {program:?}: {e}")),
         };
+        let group = child.id().map(EndGroup);
         let stdin = child.stdin.take();
         let payload = row.payload.clone();
         let run = async move {
@@ -148,8 +152,11 @@ impl Sink {
             }
             child.wait_with_output().await
         };
-        // On timeout the future, and with it the child, is dropped: kill_on_drop kills it.
-        match tokio::time::timeout(self.timeout, run).await {
+        // On timeout the future, and with it the child, is dropped:
+        // kill_on_drop kills it, and `group` what it started, as it goes.
+        let finished = tokio::time::timeout(self.timeout, run).await;
+        drop(group);
+        match finished {
             Err(_) => Outcome::failed(
                 None,
                 format!(
@@ -234,6 +241,24 @@ fn truncate(s: &str) -> String {
     match s.char_indices().nth(MAX_ERROR_CHARS) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),
+    }
+}
+
+/// The process group of a command sink's run (its id is the command's
+/// pid), sent SIGKILL when dropped: whatever the command started and left
+/// behind ends with it, on a timeout or after it exited.
+struct EndGroup(u32);
+
+impl Drop for EndGroup {
+    fn drop(&mut self) {
+        let Ok(group) = libc::pid_t::try_from(self.0) else {
+            return;
+        };
+        // SAFETY: kill(2) with a negative pid signals that process group;
+        // it touches no memory of ours. ESRCH (the group is gone) is fine.
+        unsafe {
+            libc::kill(-group, libc::SIGKILL);
+        }
     }
 }
 

@@ -28,6 +28,27 @@ pub async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
     (StatusCode::OK, Json(json!({"status": "ok"})))
 }
 
+/// What answers while the database is opened and migrated, before the
+/// daemon runs: alive, not ready, and every other request 503 (a provider
+/// sends its delivery again later).
+pub fn starting_router() -> axum::Router {
+    const REASON: &str = "starting: opening and migrating the database";
+    let unavailable = || async {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "5")],
+            Json(json!({"status": "unavailable", "reason": REASON})),
+        )
+    };
+    axum::Router::new()
+        .route(
+            "/healthz",
+            axum::routing::get(|| async { Json(json!({"status": "starting"})) }),
+        )
+        .route("/readyz", axum::routing::get(unavailable))
+        .fallback(unavailable)
+}
+
 pub async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
     match unready(&app).await {
         // `leader`: this replica runs the one-at-a-time work (always so
@@ -59,6 +80,9 @@ async fn unready(app: &App) -> Option<&'static str> {
     }
     if !app.store.ping().await {
         return Some("database not usable");
+    }
+    if let Some(cause) = app.store.write_trouble().await {
+        return Some(cause.describe());
     }
     None
 }

@@ -106,6 +106,9 @@ pub struct DatabaseConfig {
     pub max_batch: usize,
     /// SQLite: read connections (the writer is always one).
     pub read_connections: u32,
+    /// The WAL file is cut back to this size once it has grown past it and
+    /// checkpoints have caught up (SQLite's `journal_size_limit`).
+    pub wal_size_limit_bytes: u64,
     /// PostgreSQL: connections of this replica's pool (reads and writes).
     pub max_connections: u32,
     /// PostgreSQL: how long to wait for the server when connecting.
@@ -132,9 +135,15 @@ impl Default for DatabaseConfig {
             read_connections: 4,
             max_connections: 16,
             connect_timeout_secs: 5,
+            wal_size_limit_bytes: 64 << 20,
         }
     }
 }
+
+/// Default of `<provider>.max_response_bytes`: 16 MiB, far above a real
+/// answer (a Juice bulk transfer of 100,000 items is about 8 MB) and far
+/// below what would strain memory.
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -153,6 +162,10 @@ pub struct WorkerConfig {
     pub fetch_timeout_secs: u64,
     /// Attempts of one provider call within one processing attempt.
     pub http_retries: u32,
+    /// A provider call still running after this long gives its worker slot
+    /// back and waits in its provider's slow lane (a quarter of the slots);
+    /// when that is full, the attempt fails and is retried later.
+    pub slow_call_secs: u64,
 }
 
 impl Default for WorkerConfig {
@@ -166,6 +179,7 @@ impl Default for WorkerConfig {
             poll_interval_ms: 250,
             fetch_timeout_secs: 10,
             http_retries: 3,
+            slow_call_secs: 5,
         }
     }
 }
@@ -338,6 +352,12 @@ impl Config {
         if self.database.max_batch == 0 {
             return Err(invalid("database.max_batch", "must be above 0"));
         }
+        if self.database.wal_size_limit_bytes < 1 << 20 {
+            return Err(invalid(
+                "database.wal_size_limit_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
+        }
         if self.database.read_connections == 0 {
             return Err(invalid("database.read_connections", "must be above 0"));
         }
@@ -348,6 +368,9 @@ impl Config {
         }
         if self.workers.max_attempts == 0 {
             return Err(invalid("workers.max_attempts", "must be above 0"));
+        }
+        if self.workers.slow_call_secs == 0 {
+            return Err(invalid("workers.slow_call_secs", "must be above 0"));
         }
         if self.workers.lease_secs == 0 {
             return Err(invalid("workers.lease_secs", "must be above 0"));
@@ -701,7 +724,8 @@ pub fn redact_password(url: &str) -> String {
             // Set as a plain word (a URL would escape the brackets), then
             // shown as every other redacted value is.
             let _ = u.set_password(Some("REDACTED"));
-            u.to_string().replacen(":REDACTED@", &format!(":{REDACTED}@"), 1)
+            u.to_string()
+                .replacen(":REDACTED@", &format!(":{REDACTED}@"), 1)
         }
         _ => url.to_string(),
     }

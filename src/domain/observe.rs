@@ -231,14 +231,41 @@ pub struct Moved {
 /// Counts (`cancelwatch_transitions_total`) and logs transitions that are
 /// committed: counted before, a transaction rolled back (or written again
 /// after a failure) would count them though they were not kept, or twice.
+///
+/// Up to [`LOGGED_EACH`] transitions are logged a line each; more at once
+/// (a bulk transfer's items) are logged one line per kind, status and
+/// trigger with their number: a bulk of 100,000 items must not write
+/// 100,000 lines. `cancelwatch history` has each of them.
 pub fn report(transitions: &[Moved]) {
+    let mut counted: std::collections::BTreeMap<(&str, &str, &'static str), u64> =
+        std::collections::BTreeMap::new();
     for t in transitions {
-        let to_status = knowledge::status_label(&t.kind, &t.to);
-        metrics::counter!("cancelwatch_transitions_total", "kind" => t.kind.clone(), "to_status" => to_status)
-            .increment(1);
-        tracing::info!(resource = %t.resource_id, kind = %t.kind, from = t.from.as_deref(), to = %t.to, trigger = t.trigger, "transition");
+        *counted.entry((&t.kind, &t.to, t.trigger)).or_default() += 1;
+    }
+    for ((kind, to, _), n) in &counted {
+        let to_status = knowledge::status_label(kind, to);
+        metrics::counter!("cancelwatch_transitions_total", "kind" => kind.to_string(), "to_status" => to_status)
+            .increment(*n);
+    }
+    if transitions.len() <= LOGGED_EACH {
+        for t in transitions {
+            tracing::info!(resource = %t.resource_id, kind = %t.kind, from = t.from.as_deref(), to = %t.to, trigger = t.trigger, "transition");
+        }
+        return;
+    }
+    for ((kind, to, trigger), n) in counted {
+        tracing::info!(
+            kind,
+            to,
+            trigger,
+            transitions = n,
+            "transitions (many at once: one line per kind and status)"
+        );
     }
 }
+
+/// Most transitions [`report`] logs a line each.
+pub const LOGGED_EACH: usize = 20;
 
 /// An observation to record, with what caused it.
 #[derive(Debug, Clone, Copy)]

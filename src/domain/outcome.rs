@@ -33,6 +33,10 @@ pub enum Outcome {
     },
     /// A reversal event naming only a transfer: complete its refund.
     Reversal(Target),
+    /// What the delivery names can never be fetched (an id that forms no
+    /// valid API path): the delivery is dead at once, since every attempt
+    /// would fail the same way.
+    Unusable(String),
     /// The provider says the resource does not exist: the delivery is dead.
     NotFound { target: Target, detail: String },
     /// The attempt failed: retried with backoff (at least `retry_after`),

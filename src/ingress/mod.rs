@@ -168,9 +168,28 @@ async fn receive(
     };
 
     let now = chrono::Utc::now().timestamp();
-    let verified = provider
-        .verify(&headers, &body, now)
-        .map_err(|r| refuse(r, Some(body.len())))?;
+    let verified = if body.len() <= VERIFY_INLINE_MAX {
+        provider.verify(&headers, &body, now)
+    } else {
+        // Parsing and checking a large body is milliseconds of CPU (a Juice
+        // checksum canonicalises the whole `data`): on a blocking thread, a
+        // few at once, so a flood of large forged bodies neither stalls the
+        // async workers that answer everything else nor takes every core.
+        let _turn = LARGE_VERIFY
+            .get_or_init(|| {
+                let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+                tokio::sync::Semaphore::new((cores / 2).max(1))
+            })
+            .acquire()
+            .await
+            .expect("never closed");
+        let (p, h, b) = (provider.clone(), headers.clone(), body.clone());
+        match tokio::task::spawn_blocking(move || p.verify(&h, &b, now)).await {
+            Ok(verified) => verified,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    .map_err(|r| refuse(r, Some(body.len())))?;
 
     let resource = verified.resource.clone();
     let delivery = NewDelivery {
@@ -210,6 +229,13 @@ enum BodyError {
 
 /// Reads at most `limit` bytes; a declared or actual size over it stops the
 /// read at once.
+/// Bodies up to this size are verified on the async worker that read them
+/// (microseconds); larger ones on a blocking thread, [`LARGE_VERIFY`] at once.
+const VERIFY_INLINE_MAX: usize = 64 << 10;
+
+/// Verifications of large bodies running at once: half the cores.
+static LARGE_VERIFY: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+
 async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyError> {
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)

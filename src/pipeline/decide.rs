@@ -8,14 +8,16 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 use serde_json::Value;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::Context;
 use crate::config::Config;
 use crate::domain::outcome::{delivery_span, Decided, Outcome};
 use crate::providers::knowledge::{self, EventFacts, Plan};
-use crate::providers::{Provider, ProviderError, Resolved, Target};
+use crate::providers::{http, Provider, ProviderError, Resolved, Target};
 use crate::store::model::Delivery;
 
 /// What a stored delivery asks for (pure: from its columns and body); the
@@ -43,16 +45,28 @@ pub fn plan(config: &Config, d: &Delivery) -> Plan {
 /// slots through the write kept the recorder's batches below the slots'
 /// number, and its per-turn cost weighed on each delivery. The lease, not
 /// the slot, keeps a resource's next delivery back until this one is written.
+///
+/// The provider calls stay within the lease ([`http::within`]): a call that
+/// outlived it would be taken up again by another worker meanwhile, and
+/// the attempt would end as "never finished" instead of with its real
+/// error. A call still running after `workers.slow_call_secs` gives its
+/// slot back and waits in its provider's slow lane (a quarter of the slots)
+/// instead; when that lane is full, the attempt ends there, failed. So
+/// calls that hang, however many, hold at most a quarter of the slots per
+/// provider, and the rest keep serving healthy deliveries.
 pub(super) async fn decide_and_send(
     ctx: Arc<Context>,
     delivery: Delivery,
     lease_until: String,
     slot: OwnedSemaphorePermit,
+    slow_lane: Arc<Semaphore>,
     recorder: mpsc::Sender<Decided>,
 ) {
-    let outcome = decide(&ctx, &delivery)
-        .instrument(delivery_span(&delivery))
-        .await;
+    let deadline = call_deadline(&ctx.config, &lease_until);
+    let call = http::within(deadline, decide(&ctx, &delivery)).instrument(delivery_span(&delivery));
+    // Held until the outcome is queued: the slot, or the slow lane's place.
+    let (outcome, _held) =
+        hold_while_slow(&ctx.config, &delivery, call, slot, &slow_lane, deadline).await;
     let decided = Decided {
         delivery,
         lease_until,
@@ -63,7 +77,87 @@ pub(super) async fn decide_and_send(
         // delivery is processed again after the restart.
         tracing::warn!("the recorder is gone; this attempt is dropped");
     }
+}
+
+/// When the provider calls of an attempt leased until `lease_until` must be
+/// over: a quarter of the lease is kept for writing the outcome.
+fn call_deadline(config: &Config, lease_until: &str) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let lease = Duration::from_secs(config.workers.lease_secs);
+    let left = crate::time::parse_lenient(lease_until)
+        .and_then(|until| (until - crate::time::now()).to_std().ok())
+        .unwrap_or(lease);
+    now + left.saturating_sub(lease / 4)
+}
+
+/// Runs `call` holding `slot`; past `workers.slow_call_secs` moves it to
+/// `slow_lane` (see [`decide_and_send`]), or ends the attempt when that is
+/// full. Past `deadline` the attempt ends, whatever the call does. Returns
+/// the outcome and what it holds (the slot or the lane's place).
+async fn hold_while_slow(
+    config: &Config,
+    d: &Delivery,
+    call: impl std::future::Future<Output = Outcome>,
+    slot: OwnedSemaphorePermit,
+    slow_lane: &Arc<Semaphore>,
+    deadline: tokio::time::Instant,
+) -> (Outcome, OwnedSemaphorePermit) {
+    tokio::pin!(call);
+    let slow_after = Duration::from_secs(config.workers.slow_call_secs);
+    let ran_out = || {
+        let _span = delivery_span(d).entered();
+        tracing::warn!(
+            "the provider call did not end within the delivery's lease; the attempt fails"
+        );
+        Outcome::Failed {
+            error: format!(
+                "{} gave no answer within the delivery's lease ({} s)",
+                provider_label(d),
+                config.workers.lease_secs
+            ),
+            retry_after: None,
+        }
+    };
+    let slow_at = (tokio::time::Instant::now() + slow_after).min(deadline);
+    if let Ok(outcome) = tokio::time::timeout_at(slow_at, &mut call).await {
+        return (outcome, slot);
+    }
+    if slow_at >= deadline {
+        return (ran_out(), slot);
+    }
+    let Ok(lane) = slow_lane.clone().try_acquire_owned() else {
+        metrics::counter!("cancelwatch_slow_calls_cut_total", "provider" => provider_label(d))
+            .increment(1);
+        let _span = delivery_span(d).entered();
+        tracing::warn!(
+            secs = slow_after.as_secs(),
+            "the provider call is slow and its provider's slow lane is full; the attempt fails"
+        );
+        let cut = Outcome::Failed {
+            error: format!(
+                "{} gave no answer within {} s, while a quarter of the worker slots already waited on its slow calls (workers.slow_call_secs)",
+                provider_label(d),
+                slow_after.as_secs()
+            ),
+            retry_after: None,
+        };
+        return (cut, slot);
+    };
+    // A healthy delivery can take the slot while this one waits in the lane.
     drop(slot);
+    match tokio::time::timeout_at(deadline, &mut call).await {
+        Ok(outcome) => (outcome, lane),
+        Err(_) => (ran_out(), lane),
+    }
+}
+
+/// The provider's name as the metrics and errors spell it.
+fn provider_label(d: &Delivery) -> &'static str {
+    knowledge::names()
+        .iter()
+        .copied()
+        .find(|n| *n == d.provider)
+        .unwrap_or("other")
 }
 
 /// Decides a delivery: plan, then fetch. A panic in here (a bug) costs this
@@ -138,6 +232,7 @@ fn failed(e: ProviderError) -> Outcome {
         ProviderError::Unauthorized(_) | ProviderError::NotConfigured(_) => {
             Outcome::Released(e.to_string())
         }
+        ProviderError::Unusable(error) => Outcome::Unusable(error),
         ProviderError::RateLimited { retry_after, .. } => Outcome::RateLimited {
             retry_after,
             error: e.to_string(),

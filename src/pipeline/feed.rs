@@ -59,9 +59,15 @@ pub fn spawn(
     let concurrency = ctx.config.workers.concurrency.max(1);
     let (decided, outcomes) = mpsc::channel(RECORDER_QUEUE_PER_SLOT * concurrency);
     let (queue, claimed) = mpsc::channel::<Claimed>(2 * concurrency);
+    // A quarter of the slots, at least one, per provider: see decide_and_send.
+    let slow_lanes = crate::providers::knowledge::names()
+        .into_iter()
+        .map(|name| (name, Arc::new(Semaphore::new(concurrency.div_ceil(4)))))
+        .collect();
     let handoff = Arc::new(Handoff {
         ctx: ctx.clone(),
         slots: Arc::new(Semaphore::new(concurrency)),
+        slow_lanes,
         open: std::sync::Mutex::new(Some(Open {
             recorder: decided.clone(),
             queue: queue.clone(),
@@ -91,6 +97,8 @@ pub fn spawn(
 pub struct Handoff {
     ctx: Arc<Context>,
     slots: Arc<Semaphore>,
+    /// Per provider, where its slow calls wait without holding a slot.
+    slow_lanes: std::collections::HashMap<&'static str, Arc<Semaphore>>,
     /// `None` once the feeder has stopped: nothing more is handed over.
     open: std::sync::Mutex<Option<Open>>,
 }
@@ -166,11 +174,13 @@ impl HandOver for Handoff {
         // Slots first in the zip: once they run out, no delivery is taken
         // from `leased` and dropped.
         for (slot, delivery) in slots.into_iter().zip(leased.by_ref()) {
+            let lane = self.slow_lane(&delivery);
             tokio::spawn(decide_and_send(
                 self.ctx.clone(),
                 delivery,
                 lease_until.clone(),
                 slot,
+                lane,
                 open.recorder.clone(),
             ));
         }
@@ -186,6 +196,15 @@ impl HandOver for Handoff {
 }
 
 impl Handoff {
+    /// The slow lane of `d`'s provider (a lane of its own for a provider
+    /// the daemon does not know, which the pipeline ignores anyway).
+    fn slow_lane(&self, d: &Delivery) -> Arc<Semaphore> {
+        self.slow_lanes
+            .get(d.provider.as_str())
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Semaphore::new(1)))
+    }
+
     /// Hands nothing over from now on; tasks already started finish.
     fn close(&self) {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -251,11 +270,13 @@ async fn feed(
                 give_back(&ctx, &[next]).await;
                 continue;
             }
+            let lane = handoff.slow_lane(&next.delivery);
             running.spawn(decide_and_send(
                 ctx.clone(),
                 next.delivery,
                 next.lease,
                 slot,
+                lane,
                 decided.clone(),
             ));
         }
@@ -303,7 +324,12 @@ async fn claim_ahead(ctx: &Context, queue: mpsc::Sender<Claimed>, shutdown: &Can
         let lease = lease_until(&ctx.config);
         let at = tokio::time::Instant::now();
         let claimed = claim(ctx, &lease, batch).await.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "claiming deliveries failed");
+            // The store logs a database that cannot take writes once.
+            if e.unavailable().is_some() {
+                tracing::debug!(error = %e, "claiming deliveries failed");
+            } else {
+                tracing::error!(error = %e, "claiming deliveries failed");
+            }
             Vec::new()
         });
         let full = claimed.len() == batch;

@@ -113,6 +113,16 @@ pub async fn write_and_report(ctx: &Context, mut batch: Vec<Decided>) -> Vec<Dec
             }
             left
         }
+        // A database that cannot take writes (a full disk) is logged once
+        // by the store, when it starts and when it ends: not once a batch.
+        Err(e) if e.unavailable().is_some() => {
+            tracing::debug!(
+                error = %e,
+                deliveries = batch.len(),
+                "recording deliveries failed on the database; they are retried when their leases run out"
+            );
+            Vec::new()
+        }
         Err(e) => {
             tracing::error!(
                 error = %e,

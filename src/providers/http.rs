@@ -25,6 +25,33 @@ pub const FETCH_ERROR_REASONS: [&str; 5] = ["status", "connect", "timeout", "net
 /// delivery that waited this long asks again, and waits again if told to.
 pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3_600);
 
+tokio::task_local! {
+    /// When the work a call is part of must be over (a delivery's lease,
+    /// less the time to write its outcome): set by [`within`].
+    static DEADLINE: tokio::time::Instant;
+}
+
+/// Runs `f` with every provider call in it kept within `deadline`: a try
+/// is given at most the time left, and no try starts (nor a retry waits)
+/// past it; the call ends with what its last try got, so the real error
+/// (a timeout, a 503) is what is recorded, not a lease that ran out.
+pub async fn within<F: std::future::Future>(deadline: tokio::time::Instant, f: F) -> F::Output {
+    DEADLINE.scope(deadline, f).await
+}
+
+/// The time left before the deadline of [`within`], if one is set.
+fn time_left() -> Option<Duration> {
+    DEADLINE
+        .try_with(|d| d.saturating_duration_since(tokio::time::Instant::now()))
+        .ok()
+}
+
+/// True when a try after waiting `wait` would start too late to get its
+/// answer in time (the deadline, less this client's per-try timeout).
+fn no_time_for_another(wait: Duration, per_try: Duration) -> bool {
+    time_left().is_some_and(|left| wait + per_try.min(Duration::from_secs(1)) >= left)
+}
+
 /// A provider's answer: status, headers and the raw body.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -166,6 +193,17 @@ pub struct HttpClient {
     inline_wait_cap: Duration,
     /// Our own budget of requests to this provider, shared by every clone.
     limit: Option<Arc<RateLimit>>,
+    /// Longest answer body read (`<provider>.max_response_bytes`).
+    max_response_bytes: usize,
+}
+
+/// Why one try got no answer to give back.
+#[derive(Debug)]
+enum TryError {
+    /// Sending, or reading the answer, failed.
+    Http(reqwest::Error),
+    /// The answer's body is longer than the cap: read no further.
+    TooLarge { limit: usize },
 }
 
 impl HttpClient {
@@ -174,6 +212,7 @@ impl HttpClient {
         base: &str,
         workers: &WorkerConfig,
         limit: Option<RateLimit>,
+        max_response_bytes: usize,
     ) -> HttpClient {
         let timeout = Duration::from_secs(workers.fetch_timeout_secs.max(1));
         let client = reqwest::Client::builder()
@@ -191,6 +230,7 @@ impl HttpClient {
             backoff_max: Duration::from_secs(workers.backoff_max_secs.max(1)),
             inline_wait_cap: timeout,
             limit: limit.map(Arc::new),
+            max_response_bytes,
         }
     }
 
@@ -239,7 +279,10 @@ impl HttpClient {
                     };
                     (wait, Ok(answer))
                 }
-                Err(e) => {
+                Err(TryError::TooLarge { limit }) => {
+                    return Err(self.too_large(&method, path, limit))
+                }
+                Err(TryError::Http(e)) => {
                     let reason = if e.is_timeout() { "timeout" } else { "network" };
                     metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => reason)
                         .increment(1);
@@ -257,6 +300,10 @@ impl HttpClient {
                     (self.backoff(attempt), Err(error))
                 }
             };
+            if no_time_for_another(wait, self.inline_wait_cap) {
+                tracing::debug!(provider = self.provider, %path, attempt, "no time left for another try within the delivery's lease");
+                return last;
+            }
             tracing::debug!(provider = self.provider, %path, attempt, wait_ms = wait.as_millis() as u64, "retrying a provider call");
             tokio::time::sleep(wait).await;
             if let Some(limit) = &self.limit {
@@ -302,7 +349,13 @@ impl HttpClient {
                     Some(asked) => asked,
                     None => self.backoff(attempt),
                 },
-                Err(e) => {
+                // It went out and was answered: not sent again.
+                Err(TryError::TooLarge { limit }) => {
+                    return Ok(Sent::Unanswered(
+                        self.too_large(&method, path, limit).to_string(),
+                    ))
+                }
+                Err(TryError::Http(e)) => {
                     let reason = if e.is_connect() {
                         "connect"
                     } else if e.is_timeout() {
@@ -376,7 +429,7 @@ impl HttpClient {
         url: &str,
         headers: &HeaderMap,
         body: Option<&[u8]>,
-    ) -> Result<Answer, reqwest::Error> {
+    ) -> Result<Answer, TryError> {
         let mut request = self
             .client
             .request(method.clone(), url)
@@ -386,13 +439,30 @@ impl HttpClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(b.to_vec());
         }
+        // A try gets at most the time left within the deadline (when it
+        // has less than the client's timeout, that one ends it sooner).
+        if let Some(left) = time_left() {
+            request = request.timeout(left.min(self.inline_wait_cap).max(Duration::from_millis(1)));
+        }
         let started = Instant::now();
+        let limit = self.max_response_bytes;
         let result = async {
-            let response = request.send().await?;
+            let mut response = request.send().await.map_err(TryError::Http)?;
             let status = response.status().as_u16();
             let headers = response.headers().clone();
-            let body = response.bytes().await?.to_vec();
-            Ok::<_, reqwest::Error>(Answer {
+            // Refused on its announced length, or as soon as the body read
+            // passes the cap: a huge answer never sits whole in memory.
+            if response.content_length().is_some_and(|n| n > limit as u64) {
+                return Err(TryError::TooLarge { limit });
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(TryError::Http)? {
+                if body.len() + chunk.len() > limit {
+                    return Err(TryError::TooLarge { limit });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Answer {
                 status,
                 headers,
                 body,
@@ -402,6 +472,18 @@ impl HttpClient {
         metrics::histogram!("cancelwatch_fetch_seconds", "provider" => self.provider)
             .record(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// An answer over the cap, as the error its attempt fails with (counted
+    /// in `cancelwatch_fetch_errors_total{reason="too_large"}`).
+    fn too_large(&self, method: &Method, path: &str, limit: usize) -> ProviderError {
+        metrics::counter!("cancelwatch_fetch_errors_total", "provider" => self.provider, "reason" => "too_large")
+            .increment(1);
+        tracing::warn!(provider = self.provider, %path, limit, "a provider answer is larger than {}.max_response_bytes: refused", self.provider);
+        ProviderError::Permanent(format!(
+            "{} {method} {path}: the answer is larger than {}.max_response_bytes ({limit} bytes)",
+            self.provider, self.provider
+        ))
     }
 
     /// The wait before try `attempt + 1` within one call: exponential with

@@ -377,6 +377,11 @@ pub enum ProviderError {
     /// Will fail the same way again (bad path, undecodable answer, other 4xx).
     #[error("{0}")]
     Permanent(String),
+    /// The request can never be made: what the delivery names forms no
+    /// valid path on the provider's API (an id with characters a path
+    /// cannot hold, a kind with no known path). Nothing was sent.
+    #[error("{0}")]
+    Unusable(String),
     /// A request that must not be sent twice went out, but no answer came
     /// back (timeout, connection reset): it may have taken effect.
     #[error("no answer: {0}")]
@@ -393,6 +398,7 @@ impl ProviderError {
             ProviderError::Unauthorized(_) => "unauthorized",
             ProviderError::NotConfigured(_) => "not_configured",
             ProviderError::Permanent(_) => "permanent",
+            ProviderError::Unusable(_) => "unusable",
             ProviderError::Unanswered(_) => "unanswered",
         }
     }
@@ -427,7 +433,8 @@ pub(crate) fn lenient_time(v: Option<&serde_json::Value>) -> Option<String> {
         .map(crate::time::fmt)
 }
 
-/// Reads a JSON object from bytes, with messages fit for a 400.
+/// Reads a JSON object from bytes, with messages fit for a 400, in one
+/// pass that also refuses a key held twice (see [`parse_unrepeated`]).
 pub(crate) fn json_object(
     body: &[u8],
 ) -> Result<serde_json::Map<String, serde_json::Value>, Refused> {
@@ -437,78 +444,96 @@ pub(crate) fn json_object(
     if std::str::from_utf8(body).is_err() {
         return Err(Refused::malformed("the body is not valid UTF-8"));
     }
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(map)) => {
-            if let Some(key) = repeated_key(body) {
-                return Err(Refused::malformed(format!(
-                    "the body repeats the key {key:?}: which one counts would be a guess"
-                )));
-            }
-            Ok(map)
-        }
+    match parse_unrepeated(body) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
         Ok(_) => Err(Refused::malformed("the body is JSON but not an object")),
-        Err(e) => Err(Refused::malformed(format!("the body is not JSON: {e}"))),
+        Err(Unparsed::Repeated(key)) => Err(Refused::malformed(format!(
+            "the body repeats the key {key:?}: which one counts would be a guess"
+        ))),
+        Err(Unparsed::Invalid(e)) => Err(Refused::malformed(format!("the body is not JSON: {e}"))),
     }
 }
 
-/// The first key an object in `body` (at any depth) holds twice. A JSON
-/// parser keeps one of the two (serde_json the last, SQLite's
-/// `json_extract` the first), so the stored body and what was decided from
-/// it could disagree: such a body is refused.
-fn repeated_key(body: &[u8]) -> Option<String> {
-    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+/// Why [`parse_unrepeated`] gave no value.
+#[derive(Debug)]
+enum Unparsed {
+    /// An object (at any depth) holds this key twice.
+    Repeated(String),
+    Invalid(serde_json::Error),
+}
 
-    struct Walk;
-    impl<'de> DeserializeSeed<'de> for Walk {
-        type Value = ();
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(Walk)
+/// Parses `body` as serde_json would, refusing an object (at any depth)
+/// that holds a key twice. A JSON parser keeps one of the two (serde_json
+/// the last, SQLite's `json_extract` the first), so the stored body and
+/// what was decided from it could disagree: such a body is refused.
+fn parse_unrepeated(body: &[u8]) -> Result<serde_json::Value, Unparsed> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde_json::Value;
+
+    /// Builds the value; the first key found twice is noted in `.0`.
+    struct Build<'a>(&'a std::cell::RefCell<Option<String>>);
+    impl<'de> DeserializeSeed<'de> for Build<'_> {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
         }
     }
-    impl<'de> Visitor<'de> for Walk {
-        type Value = ();
+    impl<'de> Visitor<'de> for Build<'_> {
+        type Value = Value;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("JSON")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            let mut seen = std::collections::HashSet::new();
-            while let Some(key) = map.next_key::<String>()? {
-                if !seen.insert(key.clone()) {
-                    return Err(serde::de::Error::custom(key));
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+            let mut map = serde_json::Map::new();
+            while let Some(key) = access.next_key::<String>()? {
+                let value = access.next_value_seed(Build(self.0))?;
+                if map.contains_key(&key) {
+                    *self.0.borrow_mut() = Some(key);
+                    return Err(serde::de::Error::custom("a key held twice"));
                 }
-                map.next_value_seed(Walk)?;
+                map.insert(key, value);
             }
-            Ok(())
+            Ok(Value::Object(map))
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-            while seq.next_element_seed(Walk)?.is_some() {}
-            Ok(())
+        fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = access.next_element_seed(Build(self.0))? {
+                items.push(item);
+            }
+            Ok(Value::Array(items))
         }
-        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-            Ok(())
+        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
         }
-        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-            Ok(())
+        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+            Ok(Value::from(v))
         }
-        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-            Ok(())
+        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+            Ok(Value::from(v))
         }
-        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-            Ok(())
+        fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+            Ok(Value::from(v))
         }
-        fn visit_str<E>(self, _: &str) -> Result<(), E> {
-            Ok(())
+        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_string()))
         }
-        fn visit_unit<E>(self) -> Result<(), E> {
-            Ok(())
+        fn visit_string<E>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
         }
     }
+    let repeated = std::cell::RefCell::new(None);
     let mut de = serde_json::Deserializer::from_slice(body);
-    // Only a repeated key fails here: the body parsed once already.
-    Walk.deserialize(&mut de).err().map(|e| {
-        let text = e.to_string();
-        text.split(" at line ").next().unwrap_or(&text).to_string()
-    })
+    let parsed = Build(&repeated)
+        .deserialize(&mut de)
+        .and_then(|value| de.end().map(|()| value));
+    match (parsed, repeated.into_inner()) {
+        (_, Some(key)) => Err(Unparsed::Repeated(key)),
+        (Ok(value), None) => Ok(value),
+        (Err(e), None) => Err(Unparsed::Invalid(e)),
+    }
 }
 
 /// A required, non-empty string field.
@@ -547,6 +572,27 @@ pub(crate) fn optional_str<'a>(
 #[cfg(test)]
 mod json_tests {
     use super::*;
+
+    /// The key an object in `body` holds twice, if any.
+    fn repeated_key(body: &[u8]) -> Option<String> {
+        match parse_unrepeated(body) {
+            Err(Unparsed::Repeated(key)) => Some(key),
+            _ => None,
+        }
+    }
+
+    /// One pass gives what serde_json gives, for every kind of value.
+    #[test]
+    fn the_one_pass_parses_as_serde_json_does() {
+        let body = br#"{"a":[1,-2,3.5,1e300,"s\u00e9",true,null,{"b":{}}],"c":"/x"}"#;
+        let ours = parse_unrepeated(body).unwrap();
+        let theirs: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(ours, theirs);
+        assert!(matches!(
+            parse_unrepeated(b"{} x"),
+            Err(Unparsed::Invalid(_))
+        ));
+    }
 
     #[test]
     fn a_key_held_twice_at_any_depth_is_refused() {

@@ -26,7 +26,7 @@ use crate::domain::outcome::{Decided, Written};
 use crate::providers::Observation;
 use crate::time::Timestamp;
 
-pub use error::{QueryError, StoreError};
+pub use error::{QueryError, StoreError, Unavailable};
 use model::*;
 
 /// The storage interface the daemon, its commands and its API run on.
@@ -108,6 +108,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn live_replicas(&self) -> Result<u32, StoreError> {
         Ok(1)
     }
+    /// Why writes fail now, if they do: set when a write fails for a cause
+    /// outside the daemon ([`StoreError::unavailable`]: the disk full, the
+    /// files unwritable, the lock held elsewhere), cleared once a write
+    /// succeeds again. While it is set, a call also tries a small write of
+    /// its own (at most about once a second), so that the state clears when
+    /// the cause goes even if nothing else writes.
+    async fn write_trouble(&self) -> Option<Unavailable>;
     /// Stops background work and closes every connection.
     async fn close(&self);
     /// The migrations this binary applies, by version.

@@ -46,6 +46,18 @@ fn config(sim: &Simulator) -> TestConfig {
     })
 }
 
+/// Every resource of `scenarios` is at its final status.
+async fn assert_final_states(db: &impl Database, scenarios: &[Scenario]) {
+    for s in scenarios {
+        for h in &s.expect.histories {
+            let status = db::resource(db, &h.kind, &h.id)
+                .await
+                .and_then(|r| r.status);
+            assert_eq!(status.as_ref(), h.statuses.last(), "{} {}", s.name, h.id);
+        }
+    }
+}
+
 /// Waits (up to 60 s) until no delivery is waiting or being processed.
 async fn wait_drained(db: &impl Database) {
     wait_until("the inbox is drained", Duration::from_secs(60), || async {
@@ -255,14 +267,201 @@ async fn a_provider_outage_delays_but_loses_nothing() {
         .filter(|d| d.state == "dead")
         .count();
     assert_eq!(dead, 0);
-    for s in &scenarios {
-        for h in &s.expect.histories {
-            let status = db::resource(app.db(), &h.kind, &h.id)
-                .await
-                .and_then(|r| r.status);
-            assert_eq!(status.as_ref(), h.statuses.last(), "{} {}", s.name, h.id);
-        }
+    assert_final_states(app.db(), &scenarios).await;
+    app.stop().await;
+}
+
+/// A full disk stops processing only while it lasts: the writes that fail
+/// leave the writer usable, `/readyz` answers 503 (naming the full disk)
+/// while writes fail, and once there is room again every acknowledged
+/// delivery is processed and `/readyz` answers 200, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processing_resumes_on_its_own_after_the_disk_was_full() {
+    let sim = simulator(None).await;
+    let (scenarios, deliveries) = final_states(&sim, 1);
+    let config = config(&sim);
+    let store = config.open_store().await;
+    let app = TestApp::start_on(config, store.clone()).await;
+
+    // Acknowledged while the provider is down, so they wait for processing.
+    sim.faults().refuse_all(true);
+    let acked = send_all(&app.url, &deliveries, 4, Duration::ZERO).await;
+    assert_eq!(acked.len(), deliveries.len());
+    let pending = db::unfinished_deliveries(app.db()).await;
+    assert!(pending > 0);
+
+    db::fill_the_disk(&store).await;
+    sim.faults().refuse_all(false);
+    wait_until(
+        "/readyz says the disk is full",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = app.get("/readyz", None).await;
+            status == 503 && body["reason"].as_str().is_some_and(|r| r.contains("full"))
+        },
+    )
+    .await;
+    assert!(db::unfinished_deliveries(app.db()).await > 0);
+
+    db::free_the_disk(&store).await;
+    wait_drained(app.db()).await;
+    wait_until("/readyz answers 200", Duration::from_secs(10), || async {
+        app.get("/readyz", None).await.0 == 200
+    })
+    .await;
+    assert_eq!(db::count_in_state(app.db(), "dead").await, 0);
+    assert_final_states(app.db(), &scenarios).await;
+    app.stop().await;
+}
+
+/// Eight deliveries about objects whose every API call hangs, with four
+/// worker slots: the hung calls hold at most their provider's slow lane (a
+/// quarter of the slots) past `workers.slow_call_secs`, so healthy
+/// deliveries sent after them are processed while they still hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_provider_calls_leave_slots_for_healthy_deliveries() {
+    let sim = simulator(None).await;
+    let (scenarios, healthy) = final_states(&sim, 1);
+    let app = TestApp::start(config(&sim).with(|c| {
+        c.workers.concurrency = 4;
+        c.workers.slow_call_secs = 1;
+        c.workers.fetch_timeout_secs = 60;
+        c.workers.lease_secs = 120;
+        c.workers.http_retries = 1;
+    }))
+    .await;
+    let hung: Vec<Delivery> = (0..8)
+        .map(|i| {
+            let id = format!("obt_hangs_{i}");
+            sim.faults()
+                .hang_paths_containing(&id, Duration::from_secs(600));
+            crate::support::sim::unknown_outbound_transfer(&id)
+        })
+        .collect();
+    send_all(&app.url, &hung, 4, Duration::ZERO).await;
+    wait_until(
+        "the hung calls reach the provider",
+        Duration::from_secs(10),
+        || async {
+            let requests = sim.requests();
+            requests
+                .iter()
+                .filter(|r| r.path.contains("obt_hangs_"))
+                .count()
+                >= 4
+        },
+    )
+    .await;
+
+    send_all(&app.url, &healthy, 4, Duration::ZERO).await;
+    let keys: Vec<String> = healthy.iter().map(dedupe_key).collect();
+    // Well within the 60 s one hung call could hold its slot.
+    wait_until(
+        "every healthy delivery is processed while the others hang",
+        Duration::from_secs(30),
+        || async {
+            for key in &keys {
+                let state = db::delivery(app.db(), key).await.map(|d| d.state);
+                if !matches!(state.as_deref(), Some("processed" | "ignored")) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    assert_final_states(app.db(), &scenarios).await;
+    for d in &hung {
+        let state = db::delivery(app.db(), &dedupe_key(d)).await.unwrap().state;
+        assert_ne!(state, "processed");
     }
+    sim.faults().clear();
+    app.stop().await;
+}
+
+/// A call whose tries keep timing out ends within its delivery's lease,
+/// with the real error: the delivery goes `dead` after its attempts saying
+/// it timed out, not "attempts whose worker never finished".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_keeps_timing_out_ends_within_its_lease_with_the_real_error() {
+    let sim = simulator(None).await;
+    let app = TestApp::start(config(&sim).with(|c| {
+        c.workers.lease_secs = 4;
+        c.workers.fetch_timeout_secs = 1;
+        c.workers.http_retries = 10;
+        c.workers.max_attempts = 2;
+        c.workers.slow_call_secs = 60;
+    }))
+    .await;
+    sim.faults()
+        .hang_paths_containing("obt_times_out", Duration::from_secs(600));
+    let d = crate::support::sim::unknown_outbound_transfer("obt_times_out");
+    send_all(&app.url, std::slice::from_ref(&d), 1, Duration::ZERO).await;
+    let key = dedupe_key(&d);
+    wait_until("the delivery is dead", Duration::from_secs(60), || async {
+        db::delivery(app.db(), &key)
+            .await
+            .is_some_and(|d| d.state == "dead")
+    })
+    .await;
+    let dead = db::delivery(app.db(), &key).await.unwrap();
+    let error = dead.last_error.unwrap_or_default();
+    assert!(error.contains("timeout"), "{error}");
+    assert!(!error.contains("never finished"), "{error}");
+    sim.faults().clear();
+    app.stop().await;
+}
+
+/// A provider answer longer than `<provider>.max_response_bytes` fails its
+/// attempt with an error naming the key; the other provider's deliveries
+/// go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_the_size_cap_fails_its_attempt() {
+    let sim = simulator(None).await;
+    let (_scenarios, deliveries) = final_states(&sim, 1);
+    let app = TestApp::start(config(&sim).with(|c| {
+        c.juice.max_response_bytes = 1_024;
+        c.workers.max_attempts = 1;
+    }))
+    .await;
+    send_all(&app.url, &deliveries, 4, Duration::ZERO).await;
+    wait_drained(app.db()).await;
+    let all = db::deliveries(app.db()).await;
+    let (juice, stripe): (Vec<_>, Vec<_>) = all.iter().partition(|d| d.provider == "juice");
+    let refused: Vec<_> = juice
+        .iter()
+        .filter(|d| d.state == "dead")
+        .filter_map(|d| d.last_error.as_deref())
+        .collect();
+    assert!(!refused.is_empty(), "no Juice answer was over the cap");
+    for error in &refused {
+        assert!(error.contains("juice.max_response_bytes"), "{error}");
+    }
+    assert!(stripe.iter().all(|d| d.state != "dead"));
+    app.stop().await;
+}
+
+/// A delivery whose id can never form a valid API path goes `dead` at its
+/// first attempt, nothing sent, not `failed` over and over until its
+/// attempts run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_id_forms_no_valid_path_is_dead_at_once() {
+    let sim = simulator(None).await;
+    let app = TestApp::start(config(&sim)).await;
+    let d = crate::support::sim::unknown_outbound_transfer("obt_bad%2e1");
+    send_all(&app.url, std::slice::from_ref(&d), 1, Duration::ZERO).await;
+    let key = dedupe_key(&d);
+    wait_until("the delivery is dead", Duration::from_secs(20), || async {
+        db::delivery(app.db(), &key)
+            .await
+            .is_some_and(|d| d.state == "dead")
+    })
+    .await;
+    let dead = db::delivery(app.db(), &key).await.unwrap();
+    assert_eq!(dead.attempts, 1);
+    let error = dead.last_error.unwrap_or_default();
+    assert!(error.contains("forms no valid API path"), "{error}");
+    assert!(sim.requests().iter().all(|r| !r.path.contains("obt_bad")));
     app.stop().await;
 }
 

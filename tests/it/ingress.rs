@@ -682,3 +682,24 @@ async fn duplicates_are_answered_without_a_write() {
     drop(changes);
     app.stop().await;
 }
+
+/// A Juice body whose `data` would cost much to canonicalise (more values
+/// than the bound, well within the body size limit) is refused as malformed
+/// before its checksum is computed; a large body within the bounds is
+/// checked (off the async workers) and accepted when its checksum is right.
+#[tokio::test]
+async fn a_juice_body_too_costly_to_check_is_refused_before_its_checksum() {
+    let app = TestApp::start(TestConfig::new()).await;
+    let many = vec![json!(0); checksum::MAX_VALUES + 1];
+    let forged = json!({"event": "bulk_transfer.cancelled", "checksum": "00", "data": {"id": "b", "items": many}});
+    let (status, body) = app.post_juice(serde_json::to_vec(&forged).unwrap()).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "malformed_payload", "{body}");
+
+    let data = json!({"id": "bulk_large", "items": vec![json!({"status": "cancelled", "amount": 1}); 4_000]});
+    let large = juice_body("bulk_transfer.cancelled", data, BUSINESS_ID);
+    assert!(large.len() > 64 << 10);
+    let (status, body) = app.post_juice(large).await;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+}

@@ -1381,3 +1381,58 @@ async fn metrics_name_the_build_and_explain_every_series() {
     }
     app.stop().await;
 }
+
+/// While the database is opened and migrated (here: held up by another
+/// process's write lock on an older schema), the daemon already answers:
+/// `/healthz` 200, `/readyz` 503, a webhook 503 with `Retry-After`; once
+/// the migration is done, `/readyz` answers 200 on the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_while_migrations_run() {
+    let config = TestConfig::new().with(|c| c.database.busy_timeout_ms = 2_000);
+    crate::support::db::create_at_version(&config, 8).await;
+    let lock = crate::support::db::hold_write_lock(&config).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(cancelwatch::run_until(
+        config.config().clone(),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let client = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .get(format!("{url}{path}"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    wait_until("/readyz answers 503", Duration::from_secs(10), || async {
+        status("/readyz").await == 503
+    })
+    .await;
+    assert_eq!(status("/healthz").await, 200);
+    let webhook = client
+        .post(format!("{url}/webhooks/stripe"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(webhook.status().as_u16(), 503);
+    assert!(webhook.headers().contains_key("retry-after"));
+
+    lock.release().await;
+    wait_until("/readyz answers 200", Duration::from_secs(30), || async {
+        status("/readyz").await == 200
+    })
+    .await;
+    let _ = stop.send(());
+    daemon.await.unwrap().unwrap();
+}

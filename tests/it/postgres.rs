@@ -334,11 +334,17 @@ async fn an_unreachable_server_at_start_is_one_line_without_the_password() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("127.0.0.1:9") && err.contains("refused"), "{err}");
+    assert!(
+        err.contains("127.0.0.1:9") && err.contains("refused"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "{err}");
     let shown = crate::support::binary::run(&config, &["check-config"]);
     let shown = String::from_utf8_lossy(&shown.stdout);
-    assert!(shown.contains("postgres://cw:<redacted>@127.0.0.1:9/cw"), "{shown}");
+    assert!(
+        shown.contains("postgres://cw:<redacted>@127.0.0.1:9/cw"),
+        "{shown}"
+    );
     assert!(!shown.contains("hunter2"));
 }
 
@@ -377,9 +383,11 @@ async fn a_lost_server_makes_the_daemon_unready_until_it_is_back() {
         app.get("/readyz", None).await.0 == 200
     })
     .await;
-    wait_until("a delivery is taken again", Duration::from_secs(20), || async {
-        post("evt_after").await.0 == 200
-    })
+    wait_until(
+        "a delivery is taken again",
+        Duration::from_secs(20),
+        || async { post("evt_after").await.0 == 200 },
+    )
     .await;
     let _ = proxy.port;
     app.stop().await;

@@ -48,6 +48,7 @@ impl JuiceApi {
                 &config.api_base,
                 workers,
                 RateLimit::new(config.rate_limit_per_second, config.rate_limit_burst),
+                config.max_response_bytes,
             ),
             authorization,
             reversed_statuses: config.reversed_statuses.clone(),
@@ -95,8 +96,8 @@ impl JuiceApi {
         if safe_id(id) {
             Ok(format!("/bulk-transfers/{id}"))
         } else {
-            Err(ProviderError::Permanent(format!(
-                "juice: unsafe bulk transfer id {id:?}"
+            Err(ProviderError::Unusable(format!(
+                "juice: unsafe bulk transfer id {id:?}: it forms no valid API path"
             )))
         }
     }

@@ -50,13 +50,49 @@ fn write_canonical(value: &Value, out: &mut String) {
     }
 }
 
+/// Deepest nesting of `data` that is canonicalised: a real event's object
+/// nests a few levels.
+pub const MAX_DEPTH: usize = 32;
+/// Most values (objects, arrays, scalars; keys not counted) in `data` that
+/// are canonicalised: about 10 MB of canonical text at the most at real
+/// items' sizes, and well above a bulk transfer's items in one event.
+pub const MAX_VALUES: usize = 200_000;
+
+/// Checks that canonicalising `data` is bounded work: at most
+/// [`MAX_DEPTH`] deep and [`MAX_VALUES`] values. Counting is a walk without
+/// allocation, far cheaper than the sort and copy of [`canonical`], so a
+/// forged body that would cost much is refused before that work.
+pub fn within_bounds(data: &Value) -> Result<(), String> {
+    let mut values = 0usize;
+    let mut stack = vec![(data, 1usize)];
+    while let Some((value, depth)) = stack.pop() {
+        values += 1;
+        if values > MAX_VALUES {
+            return Err(format!("`data` holds more than {MAX_VALUES} values"));
+        }
+        if depth > MAX_DEPTH {
+            return Err(format!("`data` nests deeper than {MAX_DEPTH} levels"));
+        }
+        match value {
+            Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 pub fn message(event: &str, data: &Value) -> String {
     format!("{event}|{}", canonical(data))
 }
 
 pub fn compute(key: &str, event: &str, data: &Value) -> [u8; 32] {
+    mac_of(key, &message(event, data))
+}
+
+fn mac_of(key: &str, message: &str) -> [u8; 32] {
     let mut mac = HmacSha256::new_from_slice(key.as_bytes()).expect("HMAC takes any key length");
-    mac.update(message(event, data).as_bytes());
+    mac.update(message.as_bytes());
     mac.finalize().into_bytes().into()
 }
 
@@ -70,9 +106,11 @@ pub fn verify(checksum: &str, event: &str, data: &Value, keys: &[String]) -> boo
     let Ok(given) = hex::decode(checksum) else {
         return false;
     };
+    // Canonicalised once, whatever the number of keys: it is the costly part.
+    let message = message(event, data);
     let mut matched = subtle::Choice::from(0u8);
     for key in keys {
-        matched |= compute(key, event, data).as_slice().ct_eq(given.as_slice());
+        matched |= mac_of(key, &message).as_slice().ct_eq(given.as_slice());
     }
     bool::from(matched)
 }
@@ -80,6 +118,22 @@ pub fn verify(checksum: &str, event: &str, data: &Value, keys: &[String]) -> boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Canonicalising is bounded: nesting past [`MAX_DEPTH`] and more than
+    /// [`MAX_VALUES`] values are refused before any of that work, a real
+    /// event's data passes.
+    #[test]
+    fn canonicalising_is_bounded() {
+        let real = serde_json::json!({"id": "b1", "items": [{"amount": 1, "status": "cancelled"}]});
+        assert!(within_bounds(&real).is_ok());
+        let mut deep = serde_json::json!(1);
+        for _ in 0..MAX_DEPTH {
+            deep = serde_json::json!({ "a": deep });
+        }
+        assert!(within_bounds(&deep).unwrap_err().contains("deeper"));
+        let many = Value::Array(vec![serde_json::json!({}); MAX_VALUES]);
+        assert!(within_bounds(&many).unwrap_err().contains("more than"));
+    }
     use serde_json::json;
 
     #[test]

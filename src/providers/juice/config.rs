@@ -23,6 +23,8 @@ pub struct JuiceConfig {
     /// `providers::limit`), and how many may go at once.
     pub rate_limit_per_second: f64,
     pub rate_limit_burst: u32,
+    /// Longest API answer read: a longer one fails its attempt unread.
+    pub max_response_bytes: usize,
 }
 
 impl Default for JuiceConfig {
@@ -42,6 +44,7 @@ impl Default for JuiceConfig {
             // bursts of 20.
             rate_limit_per_second: 2.0,
             rate_limit_burst: 20,
+            max_response_bytes: crate::config::MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -53,6 +56,12 @@ impl JuiceConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_response_bytes < 1_024 {
+            return Err(invalid(
+                "juice.max_response_bytes",
+                "must be at least 1024 (an API answer is longer than that)",
+            ));
+        }
         check_url("juice.api_base", &self.api_base)?;
         if self.checksum_keys.iter().any(|s| s.is_empty()) {
             return Err(invalid("juice.checksum_keys", "holds an empty key"));

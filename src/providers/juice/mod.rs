@@ -109,6 +109,7 @@ impl Provider for Juice {
         if !data.is_object() {
             return Err(Refused::malformed("field `data` must be an object"));
         }
+        checksum::within_bounds(data).map_err(Refused::malformed)?;
         if !checksum::verify(checksum, event, data, &self.config.checksum_keys) {
             return Err(Refused::unauthorized(
                 "invalid_signature",

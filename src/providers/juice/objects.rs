@@ -164,6 +164,12 @@ pub fn decode_bulk_counted(
         .and_then(Value::as_str)
         .unwrap_or(id)
         .to_string();
+    // An answer about another bulk transfer is not recorded under this one.
+    if bulk_id != id {
+        return Err(format!(
+            "bulk transfer {id}: the answer is about another one ({bulk_id}); not recorded"
+        ));
+    }
     let bulk_currency = bulk
         .get("currency")
         .and_then(Value::as_str)
@@ -239,6 +245,15 @@ mod tests {
 
     fn reversed() -> Vec<String> {
         vec!["reversed".into(), "refunded".into()]
+    }
+
+    /// An answer about another bulk transfer is refused, not recorded
+    /// under the one asked for.
+    #[test]
+    fn an_answer_about_another_bulk_transfer_is_refused() {
+        let body = json!({"data": {"id": "bulk_2", "status": "completed", "items": []}});
+        let refused = decode_bulk("bulk_1", body, &reversed()).unwrap_err();
+        assert!(refused.contains("another one (bulk_2)"), "{refused}");
     }
 
     #[test]

@@ -41,14 +41,14 @@ fn names_its_object(url: &str, id: &str) -> bool {
 /// The object path of a kind and id, when the event gave none.
 pub fn object_path(kind: &str, id: &str) -> Result<String, ProviderError> {
     if !safe_id(id) {
-        return Err(ProviderError::Permanent(format!(
-            "{kind}: unsafe id {id:?}"
+        return Err(ProviderError::Unusable(format!(
+            "{kind}: unsafe id {id:?}: it forms no valid API path"
         )));
     }
     match kind {
         OUTBOUND_TRANSFER => Ok(format!("/v2/money_management/outbound_transfers/{id}")),
         BATCH_JOB => Ok(format!("/v2/core/batch_jobs/{id}")),
-        other => Err(ProviderError::Permanent(format!(
+        other => Err(ProviderError::Unusable(format!(
             "no known path for {other} (the event carried no url)"
         ))),
     }
@@ -75,6 +75,7 @@ impl StripeApi {
                 &config.api_base,
                 workers,
                 RateLimit::new(config.rate_limit_per_second, config.rate_limit_burst),
+                config.max_response_bytes,
             ),
             api_key: config.api_key.clone(),
             api_version: config.api_version.clone(),

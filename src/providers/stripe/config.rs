@@ -25,6 +25,8 @@ pub struct StripeConfig {
     /// (0: not at all), and how often.
     pub return_watch_days: u64,
     pub return_watch_interval_secs: u64,
+    /// Longest API answer read: a longer one fails its attempt unread.
+    pub max_response_bytes: usize,
 }
 
 impl Default for StripeConfig {
@@ -41,6 +43,7 @@ impl Default for StripeConfig {
             // `workers.concurrency` already bounds the calls in flight.
             rate_limit_per_second: 0.0,
             rate_limit_burst: 0,
+            max_response_bytes: crate::config::MAX_RESPONSE_BYTES,
             // `posted` is not final: the receiving bank can send the money
             // back, usually within a few banking days, sometimes weeks later,
             // and Stripe documents no limit. 30 days covers the late ones and
@@ -60,6 +63,12 @@ impl StripeConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_response_bytes < 1_024 {
+            return Err(invalid(
+                "stripe.max_response_bytes",
+                "must be at least 1024 (an API answer is longer than that)",
+            ));
+        }
         if self.tolerance_secs <= 0 {
             return Err(invalid("stripe.tolerance_secs", "must be above 0"));
         }

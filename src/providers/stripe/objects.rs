@@ -64,6 +64,23 @@ pub fn decode(kind: &str, id: &str, object: Value) -> Result<Observation, String
         .and_then(Value::as_str)
         .unwrap_or(id)
         .to_string();
+    // An answer about another object, or another type of object, is not
+    // recorded under the one asked for (a singleton fetched by its url has
+    // no id of its own to compare).
+    if object_id != id && !id.starts_with('/') {
+        return Err(format!(
+            "{kind} {id}: the answer is about another object ({object_id}); not recorded"
+        ));
+    }
+    if let Some(other) = object
+        .get("object")
+        .and_then(Value::as_str)
+        .filter(|o| super::event::kind_of(o) != kind)
+    {
+        return Err(format!(
+            "{kind} {id}: the answer is a {other}, not a {kind}; not recorded"
+        ));
+    }
     let livemode = object.get("livemode").and_then(Value::as_bool);
     let mut obs = Observation {
         provider: NAME,
@@ -161,6 +178,23 @@ fn debited(object: &Value, obs: &Observation) -> (Option<i64>, Option<String>) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// An answer whose id is another object's, or whose type is another
+    /// kind's, is refused rather than recorded under the one asked for.
+    #[test]
+    fn an_answer_about_another_object_is_refused() {
+        let transfer = |id: &str, object: &str| json!({"id": id, "object": object, "status": "processing", "livemode": false});
+        let ot = "v2.money_management.outbound_transfer";
+        assert!(decode(OUTBOUND_TRANSFER, "obt_1", transfer("obt_1", ot)).is_ok());
+        let other = decode(OUTBOUND_TRANSFER, "obt_1", transfer("obt_2", ot)).unwrap_err();
+        assert!(other.contains("another object (obt_2)"), "{other}");
+        let batch = decode(
+            OUTBOUND_TRANSFER,
+            "obt_1",
+            transfer("obt_1", "v2.core.batch_job"),
+        );
+        assert!(batch.unwrap_err().contains("is a v2.core.batch_job"));
+    }
 
     #[test]
     fn outbound_transfer_canceled() {

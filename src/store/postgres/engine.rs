@@ -139,6 +139,13 @@ impl Storage for PgStore {
         false
     }
 
+    async fn write_trouble(&self) -> Option<crate::store::Unavailable> {
+        // The server reports its own trouble: every commit's error is
+        // classified where it is answered (`StoreError::unavailable`), and
+        // readiness fails through `ping` while the server cannot be reached.
+        None
+    }
+
     fn is_leader(&self) -> bool {
         self.standing.leader.load(Ordering::SeqCst)
     }

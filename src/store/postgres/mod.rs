@@ -76,11 +76,14 @@ pub async fn connect(url: &str, cfg: &DatabaseConfig) -> Result<PgPool, StoreErr
     let wait = Duration::from_secs(cfg.connect_timeout_secs);
     // One connection first, for the server's own answer (refused, unknown
     // database, authentication) rather than the pool's "timed out".
-    let first = tokio::time::timeout(wait, <sqlx::PgConnection as sqlx::Connection>::connect_with(&options))
-        .await
-        .map_err(|_| StoreError::Unreachable {
-            secs: cfg.connect_timeout_secs,
-        })??;
+    let first = tokio::time::timeout(
+        wait,
+        <sqlx::PgConnection as sqlx::Connection>::connect_with(&options),
+    )
+    .await
+    .map_err(|_| StoreError::Unreachable {
+        secs: cfg.connect_timeout_secs,
+    })??;
     sqlx::Connection::close(first).await?;
     let pool = PgPoolOptions::new()
         .max_connections(cfg.max_connections)

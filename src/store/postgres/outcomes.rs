@@ -200,11 +200,10 @@ async fn write(
         Outcome::NotFound { target, detail } => {
             mark_missing(conn, &d.provider, target, &now_s).await?;
             let error = format!("the resource does not exist: {detail}");
-            if !inbox::fail(conn, d.id, lease, owner, &error, &now_s, true).await? {
-                return Ok(Written::LeaseLost);
-            }
-            rules::on_dead_letter(conn, config, d.id, &error, &now_s, changes).await?;
-            Written::Dead(error)
+            return dead_at_once(conn, fence, config, d, &error, changes).await;
+        }
+        Outcome::Unusable(error) => {
+            return dead_at_once(conn, fence, config, d, error, changes).await
         }
         Outcome::Failed { error, retry_after } => {
             return failure(conn, fence, config, d, error, *retry_after, changes).await
@@ -267,6 +266,34 @@ async fn mark_missing(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// An attempt that every other would fail the same way: the delivery is
+/// dead at once, with its alert.
+async fn dead_at_once(
+    conn: &mut PgConnection,
+    fence: Fence<'_>,
+    config: &Config,
+    d: &Delivery,
+    error: &str,
+    changes: &mut Changes,
+) -> Result<Written, StoreError> {
+    let now_s = time::now_str();
+    if !inbox::fail(
+        conn,
+        d.id,
+        fence.lease_until,
+        fence.owner,
+        error,
+        &now_s,
+        true,
+    )
+    .await?
+    {
+        return Ok(Written::LeaseLost);
+    }
+    rules::on_dead_letter(conn, config, d.id, error, &now_s, changes).await?;
+    Ok(Written::Dead(error.to_string()))
 }
 
 /// A failed attempt: retry later with backoff (at least what the provider

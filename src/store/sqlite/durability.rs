@@ -48,16 +48,23 @@ impl Checkpointer {
             .name("cancelwatch-checkpoint".into())
             .spawn(move || {
                 let mut failing = false;
+                let mut held = HeldBack::default();
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
-                    let pass = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    // (busy, frames in the WAL, frames copied into the database)
+                    let pass = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                        Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+                    });
                     match &pass {
                         Err(e) if !failing => tracing::warn!(error = %e, "checkpointing the WAL failed; the writer checkpoints it instead"),
-                        Ok(()) if failing => tracing::info!("checkpointing the WAL works again"),
+                        Ok(_) if failing => tracing::info!("checkpointing the WAL works again"),
                         _ => {}
                     }
                     failing = pass.is_err();
+                    if let Ok((frames, copied)) = pass {
+                        held.pass((frames - copied).max(0) as u64, frames.max(0) as u64);
+                    }
                 }
             })
             .map_err(|e| StoreError::Sql(sqlx::Error::Io(e)))?;
@@ -73,6 +80,50 @@ impl Checkpointer {
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(thread) = thread {
             let _ = thread.join();
+        }
+    }
+}
+
+/// How long checkpoints may fall short before it is logged: a long read
+/// (a backup, a big query) holds them back for a while, harmlessly.
+const HELD_BACK_WARN_AFTER: Duration = Duration::from_secs(30);
+
+/// Checkpoints that cannot complete: a reader (a read transaction open in
+/// another process, an `sqlite3` shell left open) uses a snapshot older than
+/// the WAL's end, so the frames after it can be neither copied nor the WAL
+/// started over, and the WAL grows with every write. Reported in the gauge
+/// `cancelwatch_wal_frames_behind` at every pass, logged once when it has
+/// lasted [`HELD_BACK_WARN_AFTER`] and once when it ends. Once it ends, the
+/// writer starts the WAL over and `journal_size_limit` cuts the file back.
+#[derive(Debug, Default)]
+struct HeldBack {
+    since: Option<std::time::Instant>,
+    warned: bool,
+}
+
+impl HeldBack {
+    /// One pass's result: `behind` frames not copied of `frames` in the WAL.
+    fn pass(&mut self, behind: u64, frames: u64) {
+        metrics::gauge!("cancelwatch_wal_frames_behind").set(behind as f64);
+        if behind == 0 {
+            if self.warned {
+                tracing::info!(
+                    frames,
+                    "checkpoints complete again; the WAL is cut back at its next start"
+                );
+            }
+            *self = HeldBack::default();
+            return;
+        }
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        if !self.warned && since.elapsed() >= HELD_BACK_WARN_AFTER {
+            self.warned = true;
+            tracing::warn!(
+                behind,
+                frames,
+                secs = since.elapsed().as_secs(),
+                "checkpoints cannot complete: a reader holds them back (an open read transaction in another process, such as an sqlite3 shell?), and the WAL grows until it ends"
+            );
         }
     }
 }

@@ -91,6 +91,10 @@ impl Storage for SqliteStore {
         self.db.sync_failed()
     }
 
+    async fn write_trouble(&self) -> Option<crate::store::Unavailable> {
+        self.db.write_trouble().await
+    }
+
     async fn close(&self) {
         self.db.close().await
     }
@@ -129,7 +133,12 @@ impl Storage for SqliteStore {
             .0
             .downcast::<Turn>()
             .map_err(|_| StoreError::Invariant("a writer turn of another engine"))?;
-        let added = insert_batch(&mut turn.conn, deliveries, refusals).await?;
+        let added = self
+            .db
+            .watch(insert_batch(&mut turn.conn, deliveries, refusals).await)?;
+        // The writer back first: the probe of write_trouble takes it.
+        drop(turn);
+        self.db.write_trouble().await;
         Ok(added
             .into_iter()
             .map(|a| {
@@ -142,32 +151,46 @@ impl Storage for SqliteStore {
     }
 
     async fn make_durable(&self) -> Result<(), StoreError> {
-        self.db.sync_commits().await
+        self.db.watch(self.db.sync_commits().await)
     }
 
     async fn insert_deliveries(&self, deliveries: &[NewDelivery]) -> Result<usize, StoreError> {
-        let mut tx = self.db.begin().await?;
-        let mut new = 0;
-        for d in deliveries {
-            if inbox::insert(&mut tx, d).await? {
-                new += 1;
+        let new = self.db.watch(
+            async {
+                let mut tx = self.db.begin().await?;
+                let mut new = 0;
+                for d in deliveries {
+                    if inbox::insert(&mut tx, d).await? {
+                        new += 1;
+                    }
+                }
+                tx.commit().await?;
+                Ok(new)
             }
-        }
-        tx.commit().await?;
+            .await,
+        )?;
+        self.db.write_trouble().await;
         Ok(new)
     }
 
+    // A claim that succeeds says little about the disk (it changes rows in
+    // place): only writes that store something new end the trouble.
     async fn claim(
         &self,
         now: &str,
         lease_until: &str,
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
-        let mut conn = self.db.acquire_for("claim").await?;
-        if self.holders_due() {
-            inbox::release_gone_holders(&mut conn).await?;
-        }
-        Ok(inbox::claim_batch(&mut conn, now, lease_until, limit).await?)
+        self.db.watch(
+            async {
+                let mut conn = self.db.acquire_for("claim").await?;
+                if self.holders_due() {
+                    inbox::release_gone_holders(&mut conn).await?;
+                }
+                inbox::claim_batch(&mut conn, now, lease_until, limit).await
+            }
+            .await,
+        )
     }
 
     async fn claim_one(
@@ -176,18 +199,25 @@ impl Storage for SqliteStore {
         now: &str,
         lease_until: &str,
     ) -> Result<Option<Delivery>, StoreError> {
-        Ok(inbox::claim_one(&self.db.write, id, now, lease_until).await?)
+        let claimed = inbox::claim_one(&self.db.write, id, now, lease_until).await;
+        self.db.watch(claimed)
     }
 
     async fn unclaim(&self, claims: &[(i64, &str)]) -> Result<u64, StoreError> {
-        let mut tx = self.db.begin().await?;
-        let n = inbox::unclaim(&mut tx, claims).await?;
-        tx.commit().await?;
-        Ok(n)
+        self.db.watch(
+            async {
+                let mut tx = self.db.begin().await?;
+                let n = inbox::unclaim(&mut tx, claims).await?;
+                tx.commit().await?;
+                Ok(n)
+            }
+            .await,
+        )
     }
 
     async fn requeue(&self, id: i64, now: &str) -> Result<bool, StoreError> {
-        Ok(inbox::requeue(&self.db.write, id, now).await?)
+        let requeued = inbox::requeue(&self.db.write, id, now).await;
+        self.db.watch(requeued)
     }
 
     async fn delivery(&self, id: i64) -> Result<Option<Delivery>, StoreError> {
@@ -219,7 +249,11 @@ impl Storage for SqliteStore {
         config: &Config,
         batch: &[Decided],
     ) -> Result<(Vec<Option<Written>>, Changes), StoreError> {
-        Ok(outcomes::write_batch(&self.db, config, batch).await?)
+        let written = self
+            .db
+            .watch(outcomes::write_batch(&self.db, config, batch).await)?;
+        self.db.write_trouble().await;
+        Ok(written)
     }
 
     async fn record_observation(
@@ -230,12 +264,18 @@ impl Storage for SqliteStore {
         context: Option<&str>,
         now: Timestamp,
     ) -> Result<(Recorded, Changes), StoreError> {
-        let mut tx = self.db.begin().await?;
-        let mut changes = Changes::new();
-        let recorded =
-            record::record(&mut tx, config, obs, trigger, context, now, &mut changes).await?;
-        tx.commit().await?;
-        Ok((recorded, changes))
+        self.db.watch(
+            async {
+                let mut tx = self.db.begin().await?;
+                let mut changes = Changes::new();
+                let recorded =
+                    record::record(&mut tx, config, obs, trigger, context, now, &mut changes)
+                        .await?;
+                tx.commit().await?;
+                Ok((recorded, changes))
+            }
+            .await,
+        )
     }
 
     async fn due_for_reconcile(&self, now: &str, limit: i64) -> Result<Vec<Resource>, StoreError> {
@@ -314,10 +354,14 @@ impl Storage for SqliteStore {
     }
 
     async fn scan_alerts(&self, config: &Config, now: Timestamp) -> Result<Changes, StoreError> {
-        let mut tx = self.db.begin().await?;
-        let changes = crate::store::alerting::scan::scan(&mut *tx, config, now).await?;
-        tx.commit().await?;
-        Ok(changes)
+        let scanned = async {
+            let mut tx = self.db.begin().await?;
+            let changes = crate::store::alerting::scan::scan(&mut *tx, config, now).await?;
+            tx.commit().await?;
+            Ok(changes)
+        }
+        .await;
+        self.db.watch(scanned)
     }
 
     async fn outbox_pending(&self) -> Result<Vec<Backlog>, StoreError> {

@@ -11,6 +11,7 @@ pub mod alerts;
 pub mod cancels;
 mod durability;
 mod engine;
+mod health;
 pub mod inbox;
 mod outcomes;
 mod owner;
@@ -22,6 +23,7 @@ mod schema;
 
 use durability::{Checkpointer, WalSync};
 pub use engine::SqliteStore;
+use health::WriteHealth;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -150,6 +152,8 @@ pub struct Db {
     acks_waiting: Arc<AtomicUsize>,
     /// None when opened read-only: nothing is written, nothing to copy.
     checkpointer: Option<Arc<Checkpointer>>,
+    /// Whether writes fail now for a cause outside the daemon.
+    health: Arc<WriteHealth>,
 }
 
 /// Counts an acknowledgement commit as waiting while it lives.
@@ -262,7 +266,13 @@ impl Db {
             // once the WAL holds this many pages: 40 MiB rather than SQLite's
             // 4 MiB, so pages written again and again (index pages, the
             // inbox's newest rows) are copied once instead of many times.
-            .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES.to_string());
+            .pragma("wal_autocheckpoint", WAL_CHECKPOINT_PAGES.to_string())
+            // A WAL that grew while a reader held checkpoints back (an
+            // operator's `sqlite3` left in a read transaction) is cut back
+            // to this size when SQLite next starts it over, once the
+            // checkpoints have caught up; otherwise the file keeps its
+            // largest size until the daemon stops.
+            .pragma("journal_size_limit", cfg.wal_size_limit_bytes.to_string());
         // The pools' connections live in this process, beside it: a
         // liveness ping before each use (sqlx's default) would be one more
         // round trip to the connection's thread per transaction.
@@ -272,7 +282,10 @@ impl Db {
             .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .idle_timeout(None)
-            .max_lifetime(None);
+            .max_lifetime(None)
+            // A write that failed on a full disk must not leave the one
+            // writer connection unusable for every write after it.
+            .after_release(|conn, _| Box::pin(health::settle(conn)));
         let write =
             while_racing(|| async { Ok(write_pool.clone().connect_with(options.clone()).await?) })
                 .await?;
@@ -285,6 +298,7 @@ impl Db {
             None
         };
         let checkpointer = Some(Arc::new(Checkpointer::start(path, cfg.busy_timeout_ms)?));
+        metrics::gauge!("cancelwatch_database_writable").set(1.0);
         let read = SqlitePoolOptions::new()
             .max_connections(cfg.read_connections)
             .test_before_acquire(false)
@@ -299,6 +313,7 @@ impl Db {
             acks_waiting: Arc::default(),
             sync_turn: Arc::default(),
             checkpointer,
+            health: Arc::default(),
         })
     }
 
@@ -334,6 +349,7 @@ impl Db {
             acks_waiting: Arc::default(),
             sync_turn: Arc::default(),
             checkpointer: None,
+            health: Arc::default(),
         })
     }
 
@@ -359,6 +375,34 @@ impl Db {
     pub(crate) fn fail_sync(&self) {
         let wal = self.wal_sync.as_ref().expect("synchronous = full");
         let _ = wal.sync_with(|_| Err(std::io::Error::from_raw_os_error(5)));
+    }
+
+    /// Notes a write's result (see [`WriteHealth::note`]) and hands it on.
+    pub(crate) fn watch<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.health.note(&result);
+        result
+    }
+
+    /// Why writes fail now, if they do; while they do, a probe write (at
+    /// most about once a second) finds out whether the cause went. Only the
+    /// probe ends the trouble: an ordinary write that succeeds may have
+    /// needed no new space (a row changed in place), and taking it as the
+    /// end would turn readiness on and off while the disk stays full. The
+    /// store calls this after its writes succeed, so the end is noticed
+    /// (and logged) even when nothing asks for readiness.
+    pub async fn write_trouble(&self) -> Option<crate::store::Unavailable> {
+        if self.health.probe_due() {
+            let probed = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut conn = self.acquire_for("other").await?;
+                transaction_on_handle(&mut conn, health::probe).await
+            })
+            .await
+            .unwrap_or(Err(StoreError::Sql(sqlx::Error::PoolTimedOut)));
+            if self.watch(probed).is_ok() {
+                self.health.wrote();
+            }
+        }
+        self.health.current()
     }
 
     /// A write transaction for anything but the inbox's group commit.
@@ -858,6 +902,64 @@ mod tests {
                 size()
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        db.close().await;
+    }
+
+    /// A reader in another process that holds its snapshot (an `sqlite3`
+    /// shell left in a read transaction) lets the WAL grow; once it is gone
+    /// and the checkpoints catch up, the WAL file is cut back to
+    /// `database.wal_size_limit_bytes` instead of keeping its largest size.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_cut_back_once_a_long_reader_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let limit = 1 << 20;
+        let cfg = crate::config::DatabaseConfig {
+            wal_size_limit_bytes: limit,
+            ..Default::default()
+        };
+        let db = Db::open(&path, &cfg).await.unwrap();
+        let wal_size = || {
+            std::fs::metadata(dir.path().join("x.db-wal"))
+                .unwrap()
+                .len()
+        };
+        let reader = rusqlite::Connection::open(&path).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT COUNT(*) FROM resources;")
+            .unwrap();
+        let write = |from: usize, rows: usize| {
+            let db = db.clone();
+            async move {
+                for i in from..from + rows {
+                    sqlx::query(
+                        "INSERT INTO resources (provider, kind, id, first_seen_at, snapshot)
+                         VALUES ('p', 'k', ?, 'now', ?)",
+                    )
+                    .bind(i.to_string())
+                    .bind("x".repeat(64 << 10))
+                    .execute(&db.write)
+                    .await
+                    .unwrap();
+                }
+            }
+        };
+        // 8 MiB, each row its own commit, while the reader holds on.
+        write(0, 128).await;
+        assert!(wal_size() > 4 * limit, "the WAL is {} bytes", wal_size());
+        drop(reader);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut next = 128;
+        while wal_size() > limit {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL is still {} bytes",
+                wal_size()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            write(next, 1).await;
+            next += 1;
         }
         db.close().await;
     }

@@ -52,6 +52,10 @@ pub(super) async fn write_batch(
         let result = match write_one(&mut tx, config, decided, &decided.outcome, &mut changes).await
         {
             Ok(Ok(written)) => Some(written),
+            // A full disk (or the like) may have ended the whole transaction
+            // in SQLite: no outcome of the batch is kept, and each comes
+            // back when its lease runs out.
+            Ok(Err(e)) if e.unavailable().is_some() => return Err(e),
             Ok(Err(e)) => {
                 let _span = delivery_span(&decided.delivery).entered();
                 tracing::error!(error = %e, "writing a delivery's outcome failed");
@@ -80,7 +84,10 @@ pub(super) async fn write_batch(
 /// acknowledgement commit has waited for the writer long enough (at least
 /// one is written).
 /// `None` at the first error or panic: `tx` then holds part of the batch
-/// and must be rolled back.
+/// and must be rolled back. An error of the database's surroundings (a
+/// full disk) is returned as it is: SQLite may have ended the transaction
+/// already, and writing the batch again, outcome by outcome, would fail
+/// the same way.
 async fn write_straight(
     tx: &mut GatedTx,
     db: &Db,
@@ -107,6 +114,7 @@ async fn write_straight(
                 .await;
             match written {
                 Ok(Ok(written)) => results.extend(written.into_iter().map(Some)),
+                Ok(Err(e)) if e.unavailable().is_some() => return Err(e),
                 _ => return Ok(None),
             }
             continue;
@@ -122,6 +130,7 @@ async fn write_straight(
             // A lost lease is rare: the batch is written again, each
             // outcome in a savepoint, and only that one is dropped.
             Ok(Ok(written)) if written != Written::LeaseLost => results.push(Some(written)),
+            Ok(Err(e)) if e.unavailable().is_some() => return Err(e),
             _ => return Ok(None),
         }
     }
@@ -344,18 +353,12 @@ async fn write_outcome(
         Outcome::NotFound { target, detail } => {
             mark_missing(tx, &d.provider, target, &now_s).await?;
             let error = format!("the resource does not exist: {detail}");
-            if !inbox::fail(tx, d.id, lease_until, &error, &now_s, true).await? {
-                return Ok(Written::LeaseLost);
-            }
-            crate::store::alerting::rules::on_dead_letter(
-                tx, config, d.id, &error, &now_s, changes,
-            )
-            .await?;
-            Ok(Written::Dead(error))
+            dead_at_once(tx, config, d, lease_until, &error, changes).await
         }
         Outcome::Failed { error, retry_after } => {
             write_failure(tx, config, d, lease_until, error, *retry_after, changes).await
         }
+        Outcome::Unusable(error) => dead_at_once(tx, config, d, lease_until, error, changes).await,
         Outcome::Released(error) => {
             let wait = Duration::from_secs(config.workers.backoff_max_secs.clamp(1, 60));
             let next = release(tx, d, lease_until, error, wait).await?;
@@ -465,6 +468,24 @@ async fn release(
 
 /// A failed attempt: retry later with backoff (at least what the provider
 /// asked for), or `dead` once `workers.max_attempts` is reached.
+/// Ends the delivery `dead` now, whatever attempts it has left, with its
+/// dead-letter alert.
+async fn dead_at_once(
+    tx: &mut Tx<'_>,
+    config: &Config,
+    d: &Delivery,
+    lease_until: &str,
+    error: &str,
+    changes: &mut Changes,
+) -> Result<Written, StoreError> {
+    let now = time::now_str();
+    if !inbox::fail(tx, d.id, lease_until, error, &now, true).await? {
+        return Ok(Written::LeaseLost);
+    }
+    crate::store::alerting::rules::on_dead_letter(tx, config, d.id, error, &now, changes).await?;
+    Ok(Written::Dead(error.to_string()))
+}
+
 async fn write_failure(
     tx: &mut Tx<'_>,
     config: &Config,

@@ -405,3 +405,54 @@ async fn command_sink_is_killed_at_its_timeout() {
         "pending"
     );
 }
+
+/// True while process `pid` runs (a zombie, dead but not yet reaped, does
+/// not count).
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// A command sink that times out is ended with everything it started: a
+/// shell's background child does not outlive it.
+#[tokio::test]
+async fn a_command_sink_timing_out_ends_its_children_too() {
+    let config = with_sinks(|dir| {
+        let pid_file = dir.join("child.pid");
+        vec![SinkConfig {
+            name: "spawner".into(),
+            kind: "command".into(),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("sleep 300 & echo $! > '{}'; wait", pid_file.display()),
+            ],
+            ..SinkConfig::default()
+        }]
+    })
+    .with(|c| c.alerts.delivery.timeout_secs = 1);
+    let pid_file = config.dir().join("child.pid");
+    let alert = raise_one(&config, "bulk-spawner").await;
+    let app = TestApp::start(config.clone()).await;
+    wait_until("a timed-out attempt", WAIT, || async {
+        !db::alert_attempts(app.db(), &alert.id, "spawner")
+            .await
+            .is_empty()
+    })
+    .await;
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    wait_until("the command's child has ended", WAIT, || async {
+        !running(&pid)
+    })
+    .await;
+    app.stop().await;
+}

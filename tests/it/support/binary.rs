@@ -101,8 +101,17 @@ impl BinaryDaemon {
         };
         let client = reqwest::Client::new();
         let health = format!("{}/healthz", daemon.url);
+        // Past its start: while the database is opened and migrated,
+        // `/healthz` already answers, `starting`.
         let listening = poll_until(Duration::from_secs(60), || async {
-            client.get(&health).send().await.is_ok()
+            let answer = client.get(&health).send().await;
+            match answer {
+                Ok(answer) => answer
+                    .json::<serde_json::Value>()
+                    .await
+                    .is_ok_and(|v| v["status"] != "starting"),
+                Err(_) => false,
+            }
         })
         .await;
         assert!(

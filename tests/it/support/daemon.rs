@@ -38,22 +38,47 @@ impl Address {
                 let _ = stopped.await;
             },
         ));
-        let app = TestApp {
-            url: self.url,
-            db: TestDb::of(&config),
-            config,
-            client: reqwest::Client::new(),
-            stop: Some(stop),
-            task: Some(task),
-        };
-        let ready = format!("{}/readyz", app.url);
-        wait_until("the daemon is ready", Duration::from_secs(20), || async {
-            let answer = app.client.get(&ready).send().await;
-            answer.is_ok_and(|r| r.status().is_success())
-        })
-        .await;
-        app
+        ready(self.url, config, stop, task).await
     }
+
+    /// [`Address::start`] on a store the test opened (and keeps a handle
+    /// to, to reach into the engine while the daemon runs).
+    pub async fn start_on(self, config: TestConfig, store: cancelwatch::store::Store) -> TestApp {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(cancelwatch::run_on(
+            config.config().clone(),
+            store,
+            self.listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        ready(self.url, config, stop, task).await
+    }
+}
+
+/// The daemon `task` started at `url`, once it is ready.
+async fn ready(
+    url: String,
+    config: TestConfig,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+) -> TestApp {
+    let app = TestApp {
+        url,
+        db: TestDb::of(&config),
+        config,
+        client: reqwest::Client::new(),
+        stop: Some(stop),
+        task: Some(task),
+    };
+    let ready = format!("{}/readyz", app.url);
+    wait_until("the daemon is ready", Duration::from_secs(20), || async {
+        let answer = app.client.get(&ready).send().await;
+        answer.is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    app
 }
 
 /// A running daemon; dropped without [`TestApp::stop`], it stops on its own.
@@ -70,6 +95,11 @@ impl TestApp {
     /// Starts a daemon with `config` on a free loopback port, ready.
     pub async fn start(config: TestConfig) -> TestApp {
         Address::bind().await.start(config).await
+    }
+
+    /// [`TestApp::start`] on a store the test opened: see [`Address::start_on`].
+    pub async fn start_on(config: TestConfig, store: cancelwatch::store::Store) -> TestApp {
+        Address::bind().await.start_on(config, store).await
     }
 
     pub fn config(&self) -> &Config {

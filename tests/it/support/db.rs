@@ -933,3 +933,74 @@ pub async fn seed_canceled_transfer_at_version_8(db: &impl Database, id: &str) {
     .unwrap();
     tx.commit().await.unwrap();
 }
+
+/// Fills the database as a full disk would, for the daemon's one writer
+/// connection: SQLite's page limit on that connection set just above the
+/// file's size, and a table of the test's own grown until no page is left
+/// (the free pages used first). Every write of the daemon that needs a new
+/// page then fails with SQLITE_FULL, as on a full disk.
+pub async fn fill_the_disk(store: &cancelwatch::store::Store) {
+    let mut writer = engine(store).write.acquire().await.unwrap();
+    let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+        .fetch_one(&mut *writer)
+        .await
+        .unwrap();
+    sqlx::query(&format!("PRAGMA max_page_count = {}", pages + 16))
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE IF NOT EXISTS filler (b BLOB)")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    for _ in 0..100_000 {
+        let filled = sqlx::query("INSERT INTO filler VALUES (zeroblob(1000))")
+            .execute(&mut *writer)
+            .await;
+        if let Err(e) = filled {
+            assert!(e.to_string().contains("full"), "{e}");
+            return;
+        }
+    }
+    panic!("the database never filled up");
+}
+
+/// Ends [`fill_the_disk`]: room again, as when space is freed.
+pub async fn free_the_disk(store: &cancelwatch::store::Store) {
+    let mut writer = engine(store).write.acquire().await.unwrap();
+    sqlx::query("PRAGMA max_page_count = 1073741823")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    sqlx::query("DROP TABLE filler")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+}
+
+/// A write transaction held on the database of `config`, as another
+/// process (an `sqlite3` shell) would hold one, until released.
+pub struct WriteLock(PoolConnection<Sqlite>);
+
+/// Takes [`WriteLock`] on the database of `config`.
+pub async fn hold_write_lock(config: &TestConfig) -> WriteLock {
+    let pool =
+        SqlitePool::connect_with(SqliteConnectOptions::new().filename(config.database_path()))
+            .await
+            .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    WriteLock(conn)
+}
+
+impl WriteLock {
+    pub async fn release(mut self) {
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *self.0)
+            .await
+            .unwrap();
+    }
+}
