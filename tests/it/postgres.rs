@@ -14,10 +14,9 @@ use cancelwatch::store::Store;
 use cancelwatch_sim::{DeliveryOptions, Simulator};
 
 use crate::support::config::WEBHOOK_SECRET;
-use crate::support::postgres::PgDatabase;
 use crate::support::sim::app_with_simulator;
 use crate::support::webhooks::{signed_now, thin_event};
-use crate::support::{wait_until, TestApp, TestConfig};
+use crate::support::{wait_until, Engine, TestApp, TestConfig};
 
 /// The store a test reads the database through, as the read commands do.
 async fn reader(config: &TestConfig) -> Store {
@@ -45,11 +44,10 @@ async fn status_of(store: &Store, id: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_scenario_records_its_exact_history_on_postgres() {
-    let Some(pg) = PgDatabase::create("every_scenario_records_its_exact_history_on_postgres").await
-    else {
+    if !Engine::Postgres.available(module_path!()) {
         return;
-    };
-    let config = pg.config(TestConfig::new().quick_workers());
+    }
+    let config = TestConfig::on(Engine::Postgres).await.quick_workers();
     let (sim, app) = app_with_simulator(config.clone()).await;
     let store = reader(&config).await;
     for name in Simulator::scenario_names() {
@@ -103,15 +101,14 @@ async fn every_scenario_records_its_exact_history_on_postgres() {
     }
     store.close().await;
     app.stop().await;
-    pg.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_one_inbox_and_one_leader() {
-    let Some(pg) = PgDatabase::create("two_replicas_share_one_inbox_and_one_leader").await else {
+    if !Engine::Postgres.available(module_path!()) {
         return;
-    };
-    let config = pg.config(TestConfig::new().quick_workers());
+    }
+    let config = TestConfig::on(Engine::Postgres).await.quick_workers();
     let a = TestApp::start(config.clone()).await;
     let b = TestApp::start(config.clone()).await;
     let replicas = [&a, &b];
@@ -160,7 +157,6 @@ async fn two_replicas_share_one_inbox_and_one_leader() {
     .await;
     store.close().await;
     other.stop().await;
-    pg.drop().await;
 }
 
 /// What a replica's `/readyz` says of its leadership.
@@ -191,10 +187,10 @@ fn lease(secs: i64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gone_replicas_leases_are_taken_up_at_once_and_its_late_writes_fenced() {
-    let Some(pg) = PgDatabase::create("a_gone_replicas_leases_are_taken_up_at_once").await else {
+    if !Engine::Postgres.available(module_path!()) {
         return;
-    };
-    let config = pg.config(TestConfig::new());
+    }
+    let config = TestConfig::on(Engine::Postgres).await;
     let first = cancelwatch::open_store(config.config()).await.unwrap();
     let second = cancelwatch::open_store(config.config()).await.unwrap();
     let now = cancelwatch::time::now_str();
@@ -245,5 +241,4 @@ async fn a_gone_replicas_leases_are_taken_up_at_once_and_its_late_writes_fenced(
     assert_eq!(d.state, "processing");
     late.close().await;
     second.close().await;
-    pg.drop().await;
 }

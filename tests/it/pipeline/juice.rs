@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::{play, WAIT};
 use crate::support::config::{BUSINESS_ID, JUICE_KEY};
-use crate::support::db::{self, Database};
+use crate::support::db::{self, items_of};
 use crate::support::sim::{app_with_simulator, wait_step, Delivery, DeliveryOptions, Simulator};
 use crate::support::{wait_until, TestApp, TestConfig};
 
@@ -33,17 +33,6 @@ async fn announce(sim: &Simulator, app: &TestApp, event: &str, bulk: &str) {
         db::unfinished_deliveries(app.db()).await == 0
     })
     .await;
-}
-
-/// The ids of the transfers recorded under bulk transfer `bulk`.
-async fn items_of(db: &impl Database, bulk: &str) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT id FROM resources WHERE kind = 'juice.transfer' AND parent_id = ? ORDER BY id",
-    )
-    .bind(bulk)
-    .fetch_all(db.reader())
-    .await
-    .unwrap()
 }
 
 /// The bulk transfer as the simulator serves it now.
