@@ -166,7 +166,7 @@ impl TestConfig {
 
     /// The SQLite engine's handle of a store opened as the daemon opens it.
     pub async fn open_db(&self) -> cancelwatch::store::sqlite::Db {
-        super::db::engine(&self.open_store().await).clone()
+        super::db::sqlite_engine(&self.open_store().await).clone()
     }
 
     /// What the pipeline's library functions (cancel, replay, backfill,

@@ -172,7 +172,7 @@ fn store_pool<'a>(
 
 /// The SQLite engine's own handle behind a store, for the tests of that
 /// engine's own functions.
-pub fn engine(store: &cancelwatch::store::Store) -> &cancelwatch::store::sqlite::Db {
+pub fn sqlite_engine(store: &cancelwatch::store::Store) -> &cancelwatch::store::sqlite::Db {
     store
         .engine()
         .downcast_ref::<SqliteStore>()
@@ -198,7 +198,8 @@ pub async fn deliveries(db: &impl Database) -> Vec<Delivery> {
 
 /// The delivery stored under `key`, if any.
 pub async fn delivery(db: &impl Database, key: &str) -> Option<Delivery> {
-    let sql = format!("SELECT {DELIVERY_COLUMNS} FROM inbox WHERE dedupe_key = $1 ORDER BY id LIMIT 1");
+    let sql =
+        format!("SELECT {DELIVERY_COLUMNS} FROM inbox WHERE dedupe_key = $1 ORDER BY id LIMIT 1");
     on!(db.reader(), |p| sqlx::query_as(&sql)
         .bind(key)
         .fetch_optional(p)
@@ -302,6 +303,26 @@ pub async fn lease(db: &impl Database, key: &str, lease_until: &str) {
     )
     .await
     .unwrap();
+    // On PostgreSQL a lease also has an end by the database's clock and a
+    // holder, and holds only while that holder is alive: here a replica
+    // registered on this connection, which the pool keeps open.
+    if let Pool::Postgres(p) = db.writer() {
+        sqlx::query(
+            "WITH holder AS (
+                 INSERT INTO replicas (owner, backend_pid, backend_start)
+                 SELECT gen_random_uuid(), pid, backend_start FROM pg_stat_activity
+                 WHERE pid = pg_backend_pid()
+                 RETURNING owner)
+             UPDATE inbox SET lease_owner = (SELECT owner FROM holder),
+                              lease_expires_at = $1::timestamptz
+             WHERE dedupe_key = $2",
+        )
+        .bind(lease_until)
+        .bind(key)
+        .execute(p)
+        .await
+        .unwrap();
+    }
 }
 
 /// A delivery about the batch job `resource_id`, held by another
@@ -616,9 +637,7 @@ pub async fn resource(
     kind: &str,
     id: &str,
 ) -> Option<cancelwatch::store::sqlite::resources::Resource> {
-    let sql = format!(
-        "SELECT {RESOURCE_COLUMNS} FROM resources WHERE kind = $1 AND id = $2"
-    );
+    let sql = format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE kind = $1 AND id = $2");
     on!(db.reader(), |p| sqlx::query_as(&sql)
         .bind(kind)
         .bind(id)
@@ -636,7 +655,8 @@ pub async fn seed_transition(
     to: &str,
     observed_at: &str,
 ) -> i64 {
-    on!(db.writer(), |p| sqlx::query_scalar(
+    on!(db.writer(), |p| {
+        sqlx::query_scalar(
         "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status,
                                   to_status, observed_at, provider_at, trigger_type, trigger_id,
                                   livemode, snapshot)
@@ -651,7 +671,8 @@ pub async fn seed_transition(
     .bind(rid)
     .fetch_one(p)
     .await
-    .unwrap())
+    .unwrap()
+    })
 }
 
 pub async fn transition_count(db: &impl Database) -> i64 {
@@ -848,7 +869,8 @@ pub struct AlertSeed<'a> {
 /// delivered to the sink `hooks` at version 1, pending there at version 2
 /// after 3 attempts (`HTTP 503`), and delivered to the sink `log`.
 pub async fn seed_alert(db: &impl Database, a: &AlertSeed<'_>) {
-    on!(db.writer(), |p| sqlx::query(
+    on!(db.writer(), |p| {
+        sqlx::query(
         "INSERT INTO alerts (id, rule, severity, provider, kind, resource_id, summary, details,
                              state, version, created_at, updated_at)
          VALUES ($1, $2, 'critical', 'juice', 'juice.bulk_transfer', $3, $4, '{\"items\":2}', 'open', 2, $5, $6)",
@@ -862,7 +884,8 @@ pub async fn seed_alert(db: &impl Database, a: &AlertSeed<'_>) {
     .execute(p)
     .await
     .map(drop)
-    .unwrap());
+    .unwrap()
+    });
     for (version, sink, state, attempts, error) in [
         (1_i64, "hooks", "delivered", 1_i64, None),
         (2, "hooks", "pending", 3, Some("HTTP 503")),
@@ -923,11 +946,13 @@ pub async fn outbox_entry(db: &impl Database, alert_id: &str, sink: &str) -> Out
 
 /// Outbox rows in `state` (pending or delivered), over every alert.
 pub async fn outbox_count(db: &impl Database, state: &str) -> i64 {
-    on!(db.reader(), |p| sqlx::query_scalar("SELECT COUNT(*) FROM alert_outbox WHERE state = $1")
-        .bind(state)
-        .fetch_one(p)
-        .await
-        .unwrap())
+    on!(db.reader(), |p| sqlx::query_scalar(
+        "SELECT COUNT(*) FROM alert_outbox WHERE state = $1"
+    )
+    .bind(state)
+    .fetch_one(p)
+    .await
+    .unwrap())
 }
 
 /// Each attempt to deliver `alert_id` to `sink`: the status answered and
@@ -937,7 +962,8 @@ pub async fn alert_attempts(
     alert_id: &str,
     sink: &str,
 ) -> Vec<(Option<i64>, Option<String>)> {
-    on!(db.reader(), |p| sqlx::query_as(
+    on!(db.reader(), |p| {
+        sqlx::query_as(
         "SELECT a.status_code, a.error FROM alert_attempts a JOIN alert_outbox o ON o.id = a.outbox_id
          WHERE o.alert_id = $1 AND o.sink = $2 ORDER BY a.id",
     )
@@ -945,7 +971,8 @@ pub async fn alert_attempts(
     .bind(sink)
     .fetch_all(p)
     .await
-    .unwrap())
+    .unwrap()
+    })
 }
 
 // ---- Refusals ----------------------------------------------------------------
@@ -960,10 +987,12 @@ pub struct Refusal {
 
 /// Every recorded refusal, in order.
 pub async fn refusals(db: &impl Database) -> Vec<Refusal> {
-    on!(db.reader(), |p| sqlx::query_as("SELECT provider, reason, http_status FROM refusals ORDER BY id")
-        .fetch_all(p)
-        .await
-        .unwrap())
+    on!(db.reader(), |p| sqlx::query_as(
+        "SELECT provider, reason, http_status FROM refusals ORDER BY id"
+    )
+    .fetch_all(p)
+    .await
+    .unwrap())
 }
 
 /// A refusal as a fixture (`http_status` 401).
