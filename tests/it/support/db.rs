@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use cancelwatch::store::model::Delivery;
+use cancelwatch::store::alerting::{rules, AlertRows};
+use cancelwatch::store::model::{Alert, Delivery, NewAlert};
 use cancelwatch::store::postgres::PgStore;
 use cancelwatch::store::sqlite::SqliteStore;
 use sqlx::pool::PoolConnection;
@@ -844,7 +845,7 @@ pub async fn cancel_requests(
 // ---- Alerts and their outbox -------------------------------------------------
 
 /// Every alert, by rule and resource id.
-pub async fn alerts(db: &impl Database) -> Vec<cancelwatch::store::sqlite::alerts::Alert> {
+pub async fn alerts(db: &impl Database) -> Vec<Alert> {
     on!(db.reader(), |p| sqlx::query_as(
         "SELECT id, rule, severity, provider, kind, resource_id, summary, details, state, version,
                 created_at, updated_at, resolved_at
@@ -853,6 +854,36 @@ pub async fn alerts(db: &impl Database) -> Vec<cancelwatch::store::sqlite::alert
     .fetch_all(p)
     .await
     .unwrap())
+}
+
+/// An engine's own transaction as the rows the alert rules run on.
+trait AsAlertRows {
+    fn rows(&mut self) -> &mut dyn AlertRows;
+}
+
+impl AsAlertRows for sqlx::Transaction<'static, Sqlite> {
+    fn rows(&mut self) -> &mut dyn AlertRows {
+        self
+    }
+}
+
+impl AsAlertRows for sqlx::Transaction<'static, sqlx::Postgres> {
+    fn rows(&mut self) -> &mut dyn AlertRows {
+        &mut **self
+    }
+}
+
+/// Raises `alert` now as a rule would, in a transaction of its own.
+pub async fn raise_alert(db: &impl Database, config: &cancelwatch::Config, alert: &NewAlert) -> Alert {
+    let now = cancelwatch::time::now_str();
+    on!(db.writer(), |p| {
+        let mut tx = p.begin().await.unwrap();
+        let outcome = rules::raise(tx.rows(), config, alert, &now, &mut Vec::new())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        outcome.alert().clone()
+    })
 }
 
 /// A critical alert about a Juice bulk transfer as a fixture.
