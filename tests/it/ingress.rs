@@ -14,7 +14,9 @@ use crate::support::{both_engines, wait_until, Engine, TestApp, TestConfig};
 
 /// Bodies of at most 64 KiB.
 async fn config(engine: Engine) -> TestConfig {
-    TestConfig::on(engine).await.with(|c| c.server.max_body_bytes = 64 * 1024)
+    TestConfig::on(engine)
+        .await
+        .with(|c| c.server.max_body_bytes = 64 * 1024)
 }
 
 fn error_code(v: &Value) -> &str {

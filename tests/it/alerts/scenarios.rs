@@ -109,9 +109,11 @@ both_engines! {
 /// itself, or by the running daemon when its poll took the requeued
 /// delivery before the replay's own claim could.
 async fn processed_here_or_beside(app: &TestApp, key: &str) {
-    wait_until(&format!("{key} is processed"), Duration::from_secs(10), || async {
-        db::delivery(app.db(), key).await.unwrap().state == "processed"
-    })
+    wait_until(
+        &format!("{key} is processed"),
+        Duration::from_secs(10),
+        || async { db::delivery(app.db(), key).await.unwrap().state == "processed" },
+    )
     .await;
 }
 

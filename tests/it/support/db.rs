@@ -874,7 +874,11 @@ impl AsAlertRows for sqlx::Transaction<'static, sqlx::Postgres> {
 }
 
 /// Raises `alert` now as a rule would, in a transaction of its own.
-pub async fn raise_alert(db: &impl Database, config: &cancelwatch::Config, alert: &NewAlert) -> Alert {
+pub async fn raise_alert(
+    db: &impl Database,
+    config: &cancelwatch::Config,
+    alert: &NewAlert,
+) -> Alert {
     let now = cancelwatch::time::now_str();
     on!(db.writer(), |p| {
         let mut tx = p.begin().await.unwrap();
