@@ -1,8 +1,8 @@
-//! The PostgreSQL engine through the real daemon and the storage interface:
-//! every simulator scenario recorded exactly, two replicas on one database
-//! (duplicates answered whichever got the first copy, one leader), and a
-//! replica's leases taken up at once when it is gone, its late writes
-//! fenced off. Each test has a database of its own; without
+//! What only the PostgreSQL engine has, through the real daemon and the
+//! storage interface: two replicas on one database (duplicates answered
+//! whichever got the first copy, one leader), and a replica's leases taken
+//! up at once when it is gone, its late writes fenced off. (Everything both
+//! engines do is tested once for both: see `both_engines!`.) Each test has a database of its own; without
 //! `CANCELWATCH_TEST_POSTGRES_URL` they say they were skipped.
 
 use std::collections::HashMap;
@@ -11,10 +11,8 @@ use std::time::Duration;
 use cancelwatch::domain::outcome::{Decided, Outcome};
 use cancelwatch::store::model::NewDelivery;
 use cancelwatch::store::Store;
-use cancelwatch_sim::{DeliveryOptions, Simulator};
 
 use crate::support::config::WEBHOOK_SECRET;
-use crate::support::sim::app_with_simulator;
 use crate::support::webhooks::{signed_now, thin_event};
 use crate::support::{wait_until, Engine, TestApp, TestConfig};
 
@@ -23,84 +21,6 @@ async fn reader(config: &TestConfig) -> Store {
     cancelwatch::open_store_read_only(config.config())
         .await
         .unwrap()
-}
-
-/// Deliveries not yet at their end.
-async fn unfinished(store: &Store) -> i64 {
-    store
-        .inbox_by_state()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|(state, _)| ["pending", "processing", "failed"].contains(&state.as_str()))
-        .map(|(_, n)| n)
-        .sum()
-}
-
-async fn status_of(store: &Store, id: &str) -> Option<String> {
-    let history = store.history(id).await.unwrap()?;
-    history.resources.first()?.resource.status.clone()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_scenario_records_its_exact_history_on_postgres() {
-    if !Engine::Postgres.available(module_path!()) {
-        return;
-    }
-    let config = TestConfig::on(Engine::Postgres).await.quick_workers();
-    let (sim, app) = app_with_simulator(config.clone()).await;
-    let store = reader(&config).await;
-    for name in Simulator::scenario_names() {
-        let scenario = sim.scenario(name).unwrap();
-        for step in &scenario.steps {
-            sim.play_step(step, &DeliveryOptions::default())
-                .await
-                .unwrap();
-            let what = format!("{name}: step {:?} is reached", step.label);
-            wait_until(&what, Duration::from_secs(20), || async {
-                let mut done = unfinished(&store).await == 0;
-                for (id, want) in &step.expect_status {
-                    done &= status_of(&store, id).await.as_deref() == Some(want.as_str());
-                }
-                done
-            })
-            .await;
-        }
-        assert!(sim.wait_background(Duration::from_secs(20)).await);
-        let mut refunds = 0;
-        for h in &scenario.expect.histories {
-            let history = store.history(&h.id).await.unwrap().expect("recorded");
-            let r = history
-                .resources
-                .iter()
-                .find(|r| r.resource.kind == h.kind)
-                .unwrap_or_else(|| panic!("{name}: no {} {}", h.kind, h.id));
-            let to: Vec<&str> = r.transitions.iter().map(|t| t.to_status.as_str()).collect();
-            assert_eq!(to, h.statuses, "{name}: history of {}", h.id);
-            assert_eq!(
-                r.resource.parent_id, h.parent_id,
-                "{name}: parent of {}",
-                h.id
-            );
-            for want in scenario
-                .expect
-                .refunds
-                .iter()
-                .filter(|f| f.resource_id == h.id)
-            {
-                let got = r
-                    .refunds
-                    .first()
-                    .unwrap_or_else(|| panic!("{name}: no refund of {}", h.id));
-                assert_eq!(got.status, want.status, "{name}: refund of {}", h.id);
-                assert_eq!(got.amount, Some(want.amount), "{name}: refund of {}", h.id);
-                refunds += 1;
-            }
-        }
-        assert_eq!(refunds, scenario.expect.refunds.len(), "{name}: refunds");
-    }
-    store.close().await;
-    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -69,15 +69,6 @@ impl TestConfig {
         config
     }
 
-    /// The engine this configuration is on.
-    pub fn engine(&self) -> Engine {
-        if self.postgres.is_some() {
-            Engine::Postgres
-        } else {
-            Engine::Sqlite
-        }
-    }
-
     /// The URL of its PostgreSQL database, when it is on one.
     pub fn postgres_url(&self) -> Option<&str> {
         self.postgres.as_ref().map(|d| d.url.as_str())
