@@ -252,9 +252,12 @@ impl Config {
                 }
             }
         }
+        // `CANCELWATCH_TEST_POSTGRES_URL` names the server the test suite
+        // makes its databases on: it shares the prefix but is no setting,
+        // and a daemon started where it is exported must start as without.
         figment = figment.merge(
             Env::prefixed("CANCELWATCH_")
-                .ignore(&["CONFIG"])
+                .ignore(&["CONFIG", "TEST_POSTGRES_URL"])
                 .split("__"),
         );
         let config: Config = figment

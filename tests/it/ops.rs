@@ -1131,6 +1131,24 @@ async fn version_names_its_commit_and_log_levels_are_checked() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("log.level"));
 }
 
+/// The variable naming the test suite's PostgreSQL server shares the
+/// configuration's prefix but is no setting: where it is exported (a
+/// developer's shell, CI), the daemon's configuration loads as without it.
+#[test]
+fn the_test_servers_variable_is_not_a_setting() {
+    let config = TestConfig::new();
+    let o = binary::command(config.dir())
+        .arg("check-config")
+        .env("CANCELWATCH_CONFIG", config.write_toml())
+        .env(
+            crate::support::postgres::ENV,
+            "postgres://nobody@127.0.0.1:9/none",
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// `/metrics` says which build answers (`cancelwatch_build_info`) and gives
 /// every series it renders a `# HELP` line.
 #[tokio::test]

@@ -2,8 +2,9 @@
 //! storage interface: two replicas on one database (duplicates answered
 //! whichever got the first copy, one leader), and a replica's leases taken
 //! up at once when it is gone, its late writes fenced off. (Everything both
-//! engines do is tested once for both: see `both_engines!`.) Each test has a database of its own; without
-//! `CANCELWATCH_TEST_POSTGRES_URL` they say they were skipped.
+//! engines do is tested once for both: see `both_engines!`.) Each test has
+//! a database of its own; without `CANCELWATCH_TEST_POSTGRES_URL` they say
+//! they were skipped.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -328,7 +328,8 @@ both_engines! {
             })
         };
         for _ in 0..2 {
-            let gone = cancelwatch::time::fmt(cancelwatch::time::now() - chrono::Duration::milliseconds(1));
+            let now = cancelwatch::time::now();
+            let gone = cancelwatch::time::fmt(now - chrono::Duration::milliseconds(1));
             let d = claim_once_lapsed(gone).await;
             assert_eq!(d.state, "processing");
         }

@@ -360,8 +360,13 @@ both_engines! {
             .unwrap();
         assert_eq!(new, 1);
         let short_lease = cancelwatch::time::fmt(now + chrono::Duration::milliseconds(1_500));
-        let claimed = ctx.store.claim(&cancelwatch::time::fmt(now), &short_lease, 1).await.unwrap().into_iter().next()
-        .expect("the delivery is ready");
+        let claimed = ctx
+            .store
+            .claim(&cancelwatch::time::fmt(now), &short_lease, 1)
+            .await
+            .unwrap()
+            .pop()
+            .expect("the delivery is ready");
         assert_eq!(claimed.attempts, 1);
 
         // The daemon's workers may take it only once the lease has run out.

@@ -106,6 +106,11 @@ impl TestDb {
 pub trait Database {
     fn reader(&self) -> Pool<'_>;
     fn writer(&self) -> Pool<'_>;
+    /// On PostgreSQL, the replica this is (a store's own handle): what it
+    /// leases is held by it. `None`: a test's own connections.
+    fn replica(&self) -> Option<uuid::Uuid> {
+        None
+    }
 }
 
 impl Database for TestDb {
@@ -142,6 +147,9 @@ impl Database for cancelwatch::store::Store {
     fn writer(&self) -> Pool<'_> {
         store_pool(self, |db| &db.write)
     }
+    fn replica(&self) -> Option<uuid::Uuid> {
+        self.engine().downcast_ref::<PgStore>().map(PgStore::owner)
+    }
 }
 
 impl Database for cancelwatch::pipeline::Context {
@@ -150,6 +158,9 @@ impl Database for cancelwatch::pipeline::Context {
     }
     fn writer(&self) -> Pool<'_> {
         self.store.writer()
+    }
+    fn replica(&self) -> Option<uuid::Uuid> {
+        self.store.replica()
     }
 }
 
@@ -293,8 +304,8 @@ async fn execute(db: Pool<'_>, sql: &str, args: &[Option<&str>]) -> Result<(), s
     })
 }
 
-/// Leases the stored delivery `key` until `lease_until`, as a claim
-/// would (its first attempt).
+/// Leases the stored delivery `key` until `lease_until`, as a claim of
+/// `db` would (its first attempt).
 pub async fn lease(db: &impl Database, key: &str, lease_until: &str) {
     execute(
         db.writer(),
@@ -305,21 +316,23 @@ pub async fn lease(db: &impl Database, key: &str, lease_until: &str) {
     .await
     .unwrap();
     // On PostgreSQL a lease also has an end by the database's clock and a
-    // holder, and holds only while that holder is alive: here a replica
-    // registered on this connection, which the pool keeps open.
+    // holder, and holds only while that holder is alive: the store's own
+    // replica, or for a test's own connections another process, registered
+    // as a replica on this connection (which the pool keeps open).
     if let Pool::Postgres(p) = db.writer() {
         sqlx::query(
             "WITH holder AS (
                  INSERT INTO replicas (owner, backend_pid, backend_start)
                  SELECT gen_random_uuid(), pid, backend_start FROM pg_stat_activity
-                 WHERE pid = pg_backend_pid()
+                 WHERE pid = pg_backend_pid() AND $3::uuid IS NULL
                  RETURNING owner)
-             UPDATE inbox SET lease_owner = (SELECT owner FROM holder),
+             UPDATE inbox SET lease_owner = COALESCE($3, (SELECT owner FROM holder)),
                               lease_expires_at = $1::timestamptz
              WHERE dedupe_key = $2",
         )
         .bind(lease_until)
         .bind(key)
+        .bind(db.replica())
         .execute(p)
         .await
         .unwrap();
@@ -658,21 +671,22 @@ pub async fn seed_transition(
 ) -> i64 {
     on!(db.writer(), |p| {
         sqlx::query_scalar(
-        "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status,
+            "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status,
                                   to_status, observed_at, provider_at, trigger_type, trigger_id,
                                   livemode, snapshot)
-         SELECT rid, provider, kind, id, parent_id, $1, $2, $3, NULL, 'event', 'evt_' || $4, false, snapshot
+         SELECT rid, provider, kind, id, parent_id, $1, $2, $3, NULL, 'event', 'evt_' || $4,
+                false, snapshot
          FROM resources WHERE rid = $5
          RETURNING id",
-    )
-    .bind(from)
-    .bind(to)
-    .bind(observed_at)
-    .bind(observed_at)
-    .bind(rid)
-    .fetch_one(p)
-    .await
-    .unwrap()
+        )
+        .bind(from)
+        .bind(to)
+        .bind(observed_at)
+        .bind(observed_at)
+        .bind(rid)
+        .fetch_one(p)
+        .await
+        .unwrap()
     })
 }
 
