@@ -17,6 +17,8 @@
 //! `CANCELWATCH_TEST_POSTGRES_URL` names; without the variable it says on
 //! stderr that it was skipped, and passes.
 
+use std::io::Write;
+
 use super::postgres;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,13 +28,23 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// Whether `test` can run on this engine; when not, says so.
+    /// Whether `test` can run on this engine; when not, says so: in the
+    /// test's own output, and once for the whole run on the real stderr
+    /// (which the test harness does not capture, so it shows in a plain
+    /// `cargo test`).
     pub fn available(self, test: &str) -> bool {
         if self == Engine::Postgres && postgres::server().is_none() {
-            eprintln!(
-                "skipped {test}: {} is not set (it names a PostgreSQL server for tests)",
-                postgres::ENV
-            );
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\nskipped: the PostgreSQL half of the integration tests (each `::postgres` \
+                     test passes without running): {} is not set; it names a server whose \
+                     user may create databases, e.g. postgres://postgres@127.0.0.1:5432/postgres",
+                    postgres::ENV
+                );
+            });
+            eprintln!("skipped {test}: {} is not set", postgres::ENV);
             return false;
         }
         true
