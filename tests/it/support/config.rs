@@ -155,11 +155,6 @@ impl TestConfig {
         cancelwatch::open_store(&self.config).await.unwrap()
     }
 
-    /// The SQLite engine's handle of a store opened as the daemon opens it.
-    pub async fn open_db(&self) -> cancelwatch::store::sqlite::Db {
-        super::db::sqlite_engine(&self.open_store().await).clone()
-    }
-
     /// What the pipeline's library functions (cancel, replay, backfill,
     /// reconcile) run on, as a command beside the daemon would.
     pub async fn context(&self) -> cancelwatch::pipeline::Context {

@@ -887,6 +887,20 @@ impl AsAlertRows for sqlx::Transaction<'static, sqlx::Postgres> {
     }
 }
 
+/// Runs `$call` with `$rows` bound to the alert rows of a new transaction
+/// on `$db`'s writer, and commits; its answer (unwrapped).
+macro_rules! in_alert_rows {
+    ($db:expr, |$rows:ident| $call:expr) => {
+        on!($db.writer(), |p| {
+            let mut tx = p.begin().await.unwrap();
+            let $rows = tx.rows();
+            let answer = $call.await.unwrap();
+            tx.commit().await.unwrap();
+            answer
+        })
+    };
+}
+
 /// Raises `alert` now as a rule would, in a transaction of its own.
 pub async fn raise_alert(
     db: &impl Database,
@@ -894,14 +908,48 @@ pub async fn raise_alert(
     alert: &NewAlert,
 ) -> Alert {
     let now = cancelwatch::time::now_str();
-    on!(db.writer(), |p| {
-        let mut tx = p.begin().await.unwrap();
-        let outcome = rules::raise(tx.rows(), config, alert, &now, &mut Vec::new())
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        outcome.alert().clone()
-    })
+    let outcome = in_alert_rows!(db, |rows| rules::raise(
+        rows,
+        config,
+        alert,
+        &now,
+        &mut Vec::new()
+    ));
+    outcome.alert().clone()
+}
+
+/// The rules that run once resource `rid` is recorded, at `now`.
+pub async fn on_resource_recorded(
+    db: &impl Database,
+    config: &cancelwatch::Config,
+    rid: i64,
+    now: &str,
+) {
+    in_alert_rows!(db, |rows| rules::on_resource_recorded(
+        rows,
+        config,
+        rid,
+        now,
+        &mut Vec::new()
+    ))
+}
+
+/// The rules that run once delivery `id` goes to the dead letters.
+pub async fn on_dead_letter(
+    db: &impl Database,
+    config: &cancelwatch::Config,
+    id: i64,
+    error: &str,
+    now: &str,
+) {
+    in_alert_rows!(db, |rows| rules::on_dead_letter(
+        rows,
+        config,
+        id,
+        error,
+        now,
+        &mut Vec::new()
+    ))
 }
 
 /// A critical alert about a Juice bulk transfer as a fixture.

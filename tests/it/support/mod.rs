@@ -6,9 +6,10 @@
 //! body once on SQLite and once on PostgreSQL. What stays on SQLite alone
 //! is what only SQLite has: its file (permissions, backups to a file, the
 //! WAL and fsync faults, pragmas, the schema's migration files and their
-//! upgrade path), the engine's own functions called on a SQLite
-//! transaction (claims, recording, the alert rules), the packaging and the
-//! demo (which runs on SQLite by design).
+//! upgrade path), the engine's own functions called on its transactions (a
+//! claim judged at a time of the test's choosing, batch recording, a claim
+//! beside a command's write), signals, the packaging and the demo (which
+//! runs on SQLite by design).
 
 pub mod binary;
 pub mod config;
