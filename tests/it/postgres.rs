@@ -163,3 +163,20 @@ async fn a_gone_replicas_leases_are_taken_up_at_once_and_its_late_writes_fenced(
     late.close().await;
     second.close().await;
 }
+
+/// A lone replica leads from the moment its store is open (so the jobs
+/// that run at start, on the leader only, do run), and a store closed has
+/// let go of the leadership by the time `close` returns (so the next one
+/// opened leads at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_replica_leads_once_open_and_lets_go_once_closed() {
+    if !Engine::Postgres.available(module_path!()) {
+        return;
+    }
+    let config = TestConfig::on(Engine::Postgres).await;
+    for n in 0..20 {
+        let store = cancelwatch::open_store(config.config()).await.unwrap();
+        assert!(store.is_leader(), "store {n} does not lead once open");
+        store.close().await;
+    }
+}

@@ -132,7 +132,9 @@ impl Storage for PgStore {
 
     async fn close(&self) {
         self.stop.cancel();
-        // The keeper gives up its registration and leadership as it ends.
+        // The keeper gives up its registration and leadership as it ends,
+        // its connection (which holds the leader lock) closed: waited for,
+        // so that a replica opened next can lead at once.
         for _ in 0..50 {
             if !self.standing.registered.load(Ordering::SeqCst)
                 && !self.standing.leader.load(Ordering::SeqCst)
@@ -140,9 +142,6 @@ impl Storage for PgStore {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
-            if !self.standing.leader.load(Ordering::SeqCst) {
-                break;
-            }
         }
         self.pool.close().await;
     }
