@@ -266,6 +266,9 @@ impl Config {
                 }
             }
         }
+        // `CANCELWATCH_TEST_POSTGRES_URL` names the server the test suite
+        // makes its databases on: it shares the prefix but is no setting,
+        // and a daemon started where it is exported must start as without.
         figment = figment.merge(
             Env::prefixed("CANCELWATCH_")
                 .ignore(&["CONFIG"])

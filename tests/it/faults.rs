@@ -12,7 +12,7 @@ use rand::Rng;
 use crate::support::binary::BinaryDaemon;
 use crate::support::db::{self, Database, HistoryRow};
 use crate::support::sim::{dedupe_key, post_delivery, simulator, Delivery, Scenario, Simulator};
-use crate::support::{wait_until, TestApp, TestConfig};
+use crate::support::{both_engines, wait_until, Engine, TestApp, TestConfig};
 
 /// `copies` instances of every scenario, moved to their final state in the
 /// simulator without sending anything; their deliveries, to be sent by the test.
@@ -33,17 +33,20 @@ fn final_states(sim: &Simulator, copies: usize) -> (Vec<Scenario>, Vec<Delivery>
 }
 
 /// A daemon fetching from `sim`, retrying quickly and long.
-fn config(sim: &Simulator) -> TestConfig {
-    TestConfig::new().provider_apis(&sim.base_url()).with(|c| {
-        c.workers.poll_interval_ms = 50;
-        c.workers.lease_secs = 2;
-        c.workers.backoff_base_ms = 50;
-        c.workers.backoff_max_secs = 1;
-        c.workers.max_attempts = 50;
-        c.reconcile.interval_secs = 3_600;
-        // The simulator does not limit its callers (Juice does: 2 a second).
-        c.juice.rate_limit_per_second = 0.0;
-    })
+async fn config(engine: Engine, sim: &Simulator) -> TestConfig {
+    TestConfig::on(engine)
+        .await
+        .provider_apis(&sim.base_url())
+        .with(|c| {
+            c.workers.poll_interval_ms = 50;
+            c.workers.lease_secs = 2;
+            c.workers.backoff_base_ms = 50;
+            c.workers.backoff_max_secs = 1;
+            c.workers.max_attempts = 50;
+            c.reconcile.interval_secs = 3_600;
+            // The simulator does not limit its callers (Juice does: 2 a second).
+            c.juice.rate_limit_per_second = 0.0;
+        })
 }
 
 /// Every resource of `scenarios` is at its final status.
@@ -130,145 +133,149 @@ async fn send_all(
     acked
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
-    let sim = simulator(None).await;
-    let (_scenarios, deliveries) = final_states(&sim, 6);
+both_engines! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing(engine) {
+        let sim = simulator(None).await;
+        let (_scenarios, deliveries) = final_states(&sim, 6);
 
-    // Reference: one undisturbed run.
-    let mut calm = BinaryDaemon::start(&config(&sim)).await;
-    send_all(&calm.url, &deliveries, 8, Duration::ZERO).await;
-    wait_drained(calm.db()).await;
-    let expected = recorded(calm.db()).await;
-    assert!(calm.terminate().await.is_some_and(|s| s.success()));
+        // Reference: one undisturbed run.
+        let mut calm = BinaryDaemon::start(&config(engine, &sim).await).await;
+        send_all(&calm.url, &deliveries, 8, Duration::ZERO).await;
+        wait_drained(calm.db()).await;
+        let expected = recorded(calm.db()).await;
+        assert!(calm.terminate().await.is_some_and(|s| s.success()));
 
-    // The same deliveries while the daemon is killed three times.
-    let config = config(&sim).on_a_fixed_port();
-    let first = BinaryDaemon::start(&config).await;
-    let url = first.url.clone();
-    let daemon = Arc::new(tokio::sync::Mutex::new(first));
-    let sending = Arc::new(AtomicBool::new(true));
-    let killer = {
-        let daemon = daemon.clone();
-        let config = config.clone();
-        let sending = sending.clone();
-        tokio::spawn(async move {
-            let mut while_sending = 0;
-            for _ in 0..3 {
-                // A random moment: the scenario of this test.
-                let pause = rand::thread_rng().gen_range(100..500);
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-                let mut d = daemon.lock().await;
-                d.kill();
-                if sending.load(Ordering::SeqCst) {
-                    while_sending += 1;
+        // The same deliveries while the daemon is killed three times.
+        let config = config(engine, &sim).await.on_a_fixed_port();
+        let first = BinaryDaemon::start(&config).await;
+        let url = first.url.clone();
+        let daemon = Arc::new(tokio::sync::Mutex::new(first));
+        let sending = Arc::new(AtomicBool::new(true));
+        let killer = {
+            let daemon = daemon.clone();
+            let config = config.clone();
+            let sending = sending.clone();
+            tokio::spawn(async move {
+                let mut while_sending = 0;
+                for _ in 0..3 {
+                    // A random moment: the scenario of this test.
+                    let pause = rand::thread_rng().gen_range(100..500);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    let mut d = daemon.lock().await;
+                    d.kill();
+                    if sending.load(Ordering::SeqCst) {
+                        while_sending += 1;
+                    }
+                    *d = BinaryDaemon::start(&config).await;
                 }
-                *d = BinaryDaemon::start(&config).await;
-            }
-            while_sending
-        })
-    };
-    // Paced so that the load spans the kills (about 2 s of sending).
-    let acked = send_all(&url, &deliveries, 4, Duration::from_millis(15)).await;
-    sending.store(false, Ordering::SeqCst);
-    let kills_while_sending = killer.await.unwrap();
-    assert!(
-        kills_while_sending >= 1,
-        "no kill landed while deliveries were being sent"
-    );
-    eprintln!(
-        "crash test: {} deliveries acknowledged, {kills_while_sending} of 3 SIGKILLs while sending",
-        acked.len()
-    );
-    let mut d = daemon.lock().await;
-    wait_drained(d.db()).await;
-
-    // Every acknowledged delivery is there, once, processed.
-    let stored = db::deliveries(d.db()).await;
-    let keys: BTreeSet<&str> = stored.iter().map(|r| r.dedupe_key.as_str()).collect();
-    for key in &acked {
+                while_sending
+            })
+        };
+        // Paced so that the load spans the kills (about 2 s of sending).
+        let acked = send_all(&url, &deliveries, 4, Duration::from_millis(15)).await;
+        sending.store(false, Ordering::SeqCst);
+        let kills_while_sending = killer.await.unwrap();
         assert!(
-            keys.contains(key.as_str()),
-            "{key} was acknowledged but is not in the inbox"
+            kills_while_sending >= 1,
+            "no kill landed while deliveries were being sent"
+        );
+        eprintln!(
+            "crash test: {} deliveries acknowledged, {kills_while_sending} of 3 SIGKILLs while sending",
+            acked.len()
+        );
+        let mut d = daemon.lock().await;
+        wait_drained(d.db()).await;
+
+        // Every acknowledged delivery is there, once, processed.
+        let stored = db::deliveries(d.db()).await;
+        let keys: BTreeSet<&str> = stored.iter().map(|r| r.dedupe_key.as_str()).collect();
+        for key in &acked {
+            assert!(
+                keys.contains(key.as_str()),
+                "{key} was acknowledged but is not in the inbox"
+            );
+        }
+        let not_processed = stored
+            .iter()
+            .filter(|r| r.state != "processed" && r.state != "ignored")
+            .count();
+        assert_eq!(not_processed, 0);
+
+        // The history equals the undisturbed one, with no transition doubled.
+        let got = recorded(d.db()).await;
+        assert_eq!(got.1.len(), got.0.len(), "a transition was recorded twice");
+        assert_eq!(
+            got.0, expected.0,
+            "transitions differ from the undisturbed run"
+        );
+        assert_eq!(got.2, expected.2, "refunds differ from the undisturbed run");
+        assert!(!got.0.is_empty());
+        assert!(
+            d.terminate().await.is_some_and(|s| s.success()),
+            "{}",
+            d.log_text()
         );
     }
-    let not_processed = stored
-        .iter()
-        .filter(|r| r.state != "processed" && r.state != "ignored")
-        .count();
-    assert_eq!(not_processed, 0);
-
-    // The history equals the undisturbed one, with no transition doubled.
-    let got = recorded(d.db()).await;
-    assert_eq!(got.1.len(), got.0.len(), "a transition was recorded twice");
-    assert_eq!(
-        got.0, expected.0,
-        "transitions differ from the undisturbed run"
-    );
-    assert_eq!(got.2, expected.2, "refunds differ from the undisturbed run");
-    assert!(!got.0.is_empty());
-    assert!(
-        d.terminate().await.is_some_and(|s| s.success()),
-        "{}",
-        d.log_text()
-    );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_provider_outage_delays_but_loses_nothing() {
-    let sim = simulator(None).await;
-    let (scenarios, deliveries) = final_states(&sim, 1);
-    let app = TestApp::start(TestConfig::new().provider_apis(&sim.base_url()).with(|c| {
-        c.workers.poll_interval_ms = 50;
-        c.workers.http_retries = 1;
-        c.workers.fetch_timeout_secs = 1;
-        c.workers.backoff_base_ms = 100;
-        c.workers.backoff_max_secs = 1;
-        c.workers.max_attempts = 40; // a retry window well past the outage
-        c.reconcile.interval_secs = 3_600;
-    }))
-    .await;
+both_engines! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_provider_outage_delays_but_loses_nothing(engine) {
+        let sim = simulator(None).await;
+        let (scenarios, deliveries) = final_states(&sim, 1);
+        let app = TestApp::start(TestConfig::on(engine).await.provider_apis(&sim.base_url()).with(|c| {
+            c.workers.poll_interval_ms = 50;
+            c.workers.http_retries = 1;
+            c.workers.fetch_timeout_secs = 1;
+            c.workers.backoff_base_ms = 100;
+            c.workers.backoff_max_secs = 1;
+            c.workers.max_attempts = 40; // a retry window well past the outage
+            c.reconcile.interval_secs = 3_600;
+        }))
+        .await;
 
-    // The provider is down: every API call answers 503.
-    sim.faults().refuse_all(true);
-    let acked = send_all(&app.url, &deliveries, 4, Duration::ZERO).await;
-    assert_eq!(
-        acked.len(),
-        deliveries.len(),
-        "deliveries keep being accepted"
-    );
-    // Every delivery to fetch has been attempted and failed at least once:
-    // the work that would have processed it (or given it up) has run.
-    wait_until(
-        "every delivery is attempted during the outage",
-        Duration::from_secs(30),
-        || async {
-            db::deliveries(app.db())
-                .await
-                .iter()
-                .all(|d| d.last_error.is_some() || d.state == "ignored")
-        },
-    )
-    .await;
-    let states = db::deliveries(app.db()).await;
-    let count = |state: &str| states.iter().filter(|d| d.state == state).count();
-    assert_eq!(
-        (count("processed"), count("dead")),
-        (0, 0),
-        "nothing is processed or dead during the outage"
-    );
+        // The provider is down: every API call answers 503.
+        sim.faults().refuse_all(true);
+        let acked = send_all(&app.url, &deliveries, 4, Duration::ZERO).await;
+        assert_eq!(
+            acked.len(),
+            deliveries.len(),
+            "deliveries keep being accepted"
+        );
+        // Every delivery to fetch has been attempted and failed at least once:
+        // the work that would have processed it (or given it up) has run.
+        wait_until(
+            "every delivery is attempted during the outage",
+            Duration::from_secs(30),
+            || async {
+                db::deliveries(app.db())
+                    .await
+                    .iter()
+                    .all(|d| d.last_error.is_some() || d.state == "ignored")
+            },
+        )
+        .await;
+        let states = db::deliveries(app.db()).await;
+        let count = |state: &str| states.iter().filter(|d| d.state == state).count();
+        assert_eq!(
+            (count("processed"), count("dead")),
+            (0, 0),
+            "nothing is processed or dead during the outage"
+        );
 
-    // Back up: everything catches up to the provider's final state.
-    sim.faults().refuse_all(false);
-    wait_drained(app.db()).await;
-    let dead = db::deliveries(app.db())
-        .await
-        .iter()
-        .filter(|d| d.state == "dead")
-        .count();
-    assert_eq!(dead, 0);
-    assert_final_states(app.db(), &scenarios).await;
-    app.stop().await;
+        // Back up: everything catches up to the provider's final state.
+        sim.faults().refuse_all(false);
+        wait_drained(app.db()).await;
+        let dead = db::deliveries(app.db())
+            .await
+            .iter()
+            .filter(|d| d.state == "dead")
+            .count();
+        assert_eq!(dead, 0);
+        assert_final_states(app.db(), &scenarios).await;
+        app.stop().await;
+    }
 }
 
 /// A full disk stops processing only while it lasts: the writes that fail
@@ -279,7 +286,7 @@ async fn a_provider_outage_delays_but_loses_nothing() {
 async fn processing_resumes_on_its_own_after_the_disk_was_full() {
     let sim = simulator(None).await;
     let (scenarios, deliveries) = final_states(&sim, 1);
-    let config = config(&sim);
+    let config = config(Engine::Sqlite, &sim).await;
     let store = config.open_store().await;
     let app = TestApp::start_on(config, store.clone()).await;
 
@@ -322,7 +329,7 @@ async fn processing_resumes_on_its_own_after_the_disk_was_full() {
 async fn hung_provider_calls_leave_slots_for_healthy_deliveries() {
     let sim = simulator(None).await;
     let (scenarios, healthy) = final_states(&sim, 1);
-    let app = TestApp::start(config(&sim).with(|c| {
+    let app = TestApp::start(config(Engine::Sqlite, &sim).await.with(|c| {
         c.workers.concurrency = 4;
         c.workers.slow_call_secs = 1;
         c.workers.fetch_timeout_secs = 60;
@@ -385,7 +392,7 @@ async fn hung_provider_calls_leave_slots_for_healthy_deliveries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_keeps_timing_out_ends_within_its_lease_with_the_real_error() {
     let sim = simulator(None).await;
-    let app = TestApp::start(config(&sim).with(|c| {
+    let app = TestApp::start(config(Engine::Sqlite, &sim).await.with(|c| {
         c.workers.lease_secs = 4;
         c.workers.fetch_timeout_secs = 1;
         c.workers.http_retries = 10;
@@ -419,7 +426,7 @@ async fn a_call_that_keeps_timing_out_ends_within_its_lease_with_the_real_error(
 async fn an_answer_over_the_size_cap_fails_its_attempt() {
     let sim = simulator(None).await;
     let (_scenarios, deliveries) = final_states(&sim, 1);
-    let app = TestApp::start(config(&sim).with(|c| {
+    let app = TestApp::start(config(Engine::Sqlite, &sim).await.with(|c| {
         c.juice.max_response_bytes = 1_024;
         c.workers.max_attempts = 1;
     }))
@@ -447,7 +454,7 @@ async fn an_answer_over_the_size_cap_fails_its_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_whose_id_forms_no_valid_path_is_dead_at_once() {
     let sim = simulator(None).await;
-    let app = TestApp::start(config(&sim)).await;
+    let app = TestApp::start(config(Engine::Sqlite, &sim).await).await;
     let d = crate::support::sim::unknown_outbound_transfer("obt_bad%2e1");
     send_all(&app.url, std::slice::from_ref(&d), 1, Duration::ZERO).await;
     let key = dedupe_key(&d);
@@ -474,10 +481,13 @@ async fn a_killed_daemons_leases_are_taken_up_when_it_starts_again() {
     let (_, deliveries) = final_states(&sim, 1);
     let deliveries: Vec<Delivery> = deliveries.into_iter().take(4).collect();
     sim.faults().hang_next(1_000, Duration::from_secs(120));
-    let config = config(&sim).on_a_fixed_port().with(|c| {
-        c.workers.lease_secs = 60;
-        c.workers.fetch_timeout_secs = 120;
-    });
+    let config = config(Engine::Sqlite, &sim)
+        .await
+        .on_a_fixed_port()
+        .with(|c| {
+            c.workers.lease_secs = 60;
+            c.workers.fetch_timeout_secs = 120;
+        });
     let mut first = BinaryDaemon::start(&config).await;
     send_all(&first.url, &deliveries, 4, Duration::ZERO).await;
     wait_until(

@@ -1,9 +1,10 @@
-//! The PostgreSQL engine through the real daemon and the storage interface:
-//! every simulator scenario recorded exactly, two replicas on one database
-//! (duplicates answered whichever got the first copy, one leader), and a
-//! replica's leases taken up at once when it is gone, its late writes
-//! fenced off. Each test has a database of its own; without
-//! `CANCELWATCH_TEST_POSTGRES_URL` they say they were skipped.
+//! What only the PostgreSQL engine has, through the real daemon and the
+//! storage interface: two replicas on one database (duplicates answered
+//! whichever got the first copy, one leader), and a replica's leases taken
+//! up at once when it is gone, its late writes fenced off. (Everything both
+//! engines do is tested once for both: see `both_engines!`.) Each test has
+//! a database of its own; without `CANCELWATCH_TEST_POSTGRES_URL` they say
+//! they were skipped.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,13 +12,13 @@ use std::time::Duration;
 use cancelwatch::domain::outcome::{Decided, Outcome};
 use cancelwatch::store::model::NewDelivery;
 use cancelwatch::store::Store;
+
 use cancelwatch_sim::{DeliveryOptions, Simulator};
 
 use crate::support::config::WEBHOOK_SECRET;
-use crate::support::postgres::PgDatabase;
 use crate::support::sim::app_with_simulator;
 use crate::support::webhooks::{signed_now, thin_event};
-use crate::support::{wait_until, TestApp, TestConfig};
+use crate::support::{wait_until, Engine, TestApp, TestConfig};
 
 /// The store a test reads the database through, as the read commands do.
 async fn reader(config: &TestConfig) -> Store {
@@ -96,28 +97,11 @@ async fn play(sim: &Simulator, store: &Store, name: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_scenario_records_its_exact_history_on_postgres() {
-    let Some(pg) = PgDatabase::create("every_scenario_records_its_exact_history_on_postgres").await
-    else {
-        return;
-    };
-    let config = pg.config(TestConfig::new().quick_workers());
-    let (sim, app) = app_with_simulator(config.clone()).await;
-    let store = reader(&config).await;
-    for name in Simulator::scenario_names() {
-        play(&sim, &store, name).await;
-    }
-    store.close().await;
-    app.stop().await;
-    pg.drop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_one_inbox_and_one_leader() {
-    let Some(pg) = PgDatabase::create("two_replicas_share_one_inbox_and_one_leader").await else {
+    if !Engine::Postgres.available(module_path!()) {
         return;
-    };
-    let config = pg.config(TestConfig::new().quick_workers());
+    }
+    let config = TestConfig::on(Engine::Postgres).await.quick_workers();
     let a = TestApp::start(config.clone()).await;
     let b = TestApp::start(config.clone()).await;
     let replicas = [&a, &b];
@@ -166,7 +150,6 @@ async fn two_replicas_share_one_inbox_and_one_leader() {
     .await;
     store.close().await;
     other.stop().await;
-    pg.drop().await;
 }
 
 /// What a replica's `/readyz` says of its leadership.
@@ -197,10 +180,10 @@ fn lease(secs: i64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gone_replicas_leases_are_taken_up_at_once_and_its_late_writes_fenced() {
-    let Some(pg) = PgDatabase::create("a_gone_replicas_leases_are_taken_up_at_once").await else {
+    if !Engine::Postgres.available(module_path!()) {
         return;
-    };
-    let config = pg.config(TestConfig::new());
+    }
+    let config = TestConfig::on(Engine::Postgres).await;
     let first = cancelwatch::open_store(config.config()).await.unwrap();
     let second = cancelwatch::open_store(config.config()).await.unwrap();
     let now = cancelwatch::time::now_str();
@@ -251,14 +234,32 @@ async fn a_gone_replicas_leases_are_taken_up_at_once_and_its_late_writes_fenced(
     assert_eq!(d.state, "processing");
     late.close().await;
     second.close().await;
-    pg.drop().await;
+}
+
+/// A lone replica leads from the moment its store is open (so the jobs
+/// that run at start, on the leader only, do run), and a store closed has
+/// let go of the leadership by the time `close` returns (so the next one
+/// opened leads at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_replica_leads_once_open_and_lets_go_once_closed() {
+    if !Engine::Postgres.available(module_path!()) {
+        return;
+    }
+    let config = TestConfig::on(Engine::Postgres).await;
+    for n in 0..20 {
+        let store = cancelwatch::open_store(config.config()).await.unwrap();
+        assert!(store.is_leader(), "store {n} does not lead once open");
+        store.close().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sqlite_database_moves_to_postgres_whole() {
-    let Some(pg) = PgDatabase::create("a_sqlite_database_moves_to_postgres_whole").await else {
+    if !Engine::Postgres.available(module_path!()) {
         return;
-    };
+    }
+    let moved = TestConfig::on(Engine::Postgres).await.quick_workers();
+    let target = moved.config().database.url.clone();
     let sqlite = TestConfig::new().quick_workers();
     let (sim, app) = app_with_simulator(sqlite.clone()).await;
     let before = reader(&sqlite).await;
@@ -270,12 +271,11 @@ async fn a_sqlite_database_moves_to_postgres_whole() {
 
     let args = cancelwatch::cli::MigrateArgs {
         from: Some(sqlite.config().database.url.clone()),
-        to: Some(pg.url.clone()),
+        to: Some(target),
     };
     cancelwatch::cli::migrate(sqlite.config().clone(), args.clone())
         .await
         .unwrap();
-    let moved = pg.config(sqlite.clone());
     let after = reader(&moved).await;
     assert_eq!(
         after.inbox_by_state().await.unwrap(),
@@ -319,7 +319,6 @@ async fn a_sqlite_database_moves_to_postgres_whole() {
     }
     store.close().await;
     app.stop().await;
-    pg.drop().await;
 }
 
 /// A server that cannot be reached at start: one line naming it, the
@@ -353,11 +352,12 @@ async fn an_unreachable_server_at_start_is_one_line_without_the_password() {
 /// is back, the daemon is ready again on its own and takes deliveries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_server_makes_the_daemon_unready_until_it_is_back() {
-    let Some(pg) = PgDatabase::create("a_lost_server_makes_the_daemon_unready").await else {
+    if !Engine::Postgres.available(module_path!()) {
         return;
-    };
-    let (proxy, through) = crate::support::postgres::Proxy::start(&pg.url).await;
-    let config = TestConfig::new().quick_workers().with(move |c| {
+    }
+    let pg = TestConfig::on(Engine::Postgres).await;
+    let (proxy, through) = crate::support::postgres::Proxy::start(&pg.config().database.url).await;
+    let config = pg.quick_workers().with(move |c| {
         c.database.url = through;
         c.database.connect_timeout_secs = 1;
     });
@@ -391,5 +391,4 @@ async fn a_lost_server_makes_the_daemon_unready_until_it_is_back() {
     .await;
     let _ = proxy.port;
     app.stop().await;
-    pg.drop().await;
 }

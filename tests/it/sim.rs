@@ -14,7 +14,7 @@ use crate::support::receiver::TestReceiver;
 use crate::support::sim::{
     app_with_simulator, simulator as sim, DeliveryOptions, Provider, Scenario, Simulator,
 };
-use crate::support::{wait_until, TestConfig};
+use crate::support::{both_engines, wait_until, TestConfig};
 
 /// A stand-in daemon for the simulator to deliver to; its URL.
 async fn receiver() -> (Option<String>, TestReceiver) {
@@ -691,22 +691,24 @@ async fn deliveries_are_retried_and_refusals_reported() {
     assert!(format!("{err:#}").contains("401"), "{err:#}");
 }
 
-/// The real daemon's ingress accepts every delivery the simulator sends, and
-/// takes each in exactly once even when sent twice.
-#[tokio::test]
-async fn real_daemon_accepts_every_delivery_once() {
-    let (sim, app) = app_with_simulator(TestConfig::new()).await;
-    let opts = DeliveryOptions {
-        duplicate: true,
-        ..DeliveryOptions::default()
-    };
-    for name in Simulator::scenario_names() {
-        let scenario = sim.scenario(name).unwrap();
-        sim.play(&scenario, &opts).await.unwrap();
-    }
-    let generated = sim.event_count();
+both_engines! {
+    /// The real daemon's ingress accepts every delivery the simulator sends, and
+    /// takes each in exactly once even when sent twice.
+    #[tokio::test]
+    async fn real_daemon_accepts_every_delivery_once(engine) {
+        let (sim, app) = app_with_simulator(TestConfig::on(engine).await).await;
+        let opts = DeliveryOptions {
+            duplicate: true,
+            ..DeliveryOptions::default()
+        };
+        for name in Simulator::scenario_names() {
+            let scenario = sim.scenario(name).unwrap();
+            sim.play(&scenario, &opts).await.unwrap();
+        }
+        let generated = sim.event_count();
 
-    let stopped = TestDb::of(&app.stop().await);
-    assert_eq!(db::refusals(&stopped).await.len(), 0);
-    assert_eq!(db::delivery_count(&stopped).await as usize, generated);
+        let stopped = TestDb::of(&app.stop().await);
+        assert_eq!(db::refusals(&stopped).await.len(), 0);
+        assert_eq!(db::delivery_count(&stopped).await as usize, generated);
+    }
 }

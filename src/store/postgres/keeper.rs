@@ -23,7 +23,10 @@ const BEAT: Duration = Duration::from_millis(500);
 pub struct Standing {
     /// This replica holds the leader lock.
     pub leader: AtomicBool,
-    /// The keeper's connection is up and registered.
+    /// The keeper's connection is up and registered, and has tried for the
+    /// leadership at least once (so a lone replica leads by the time its
+    /// store is open, and the jobs that run at start find it leading).
+    /// False again once the keeper has closed its connection for good.
     pub registered: AtomicBool,
 }
 
@@ -39,7 +42,6 @@ pub async fn run(url: String, owner: Uuid, standing: Arc<Standing>, stop: Cancel
                 None => {
                     let mut c = PgConnection::connect(&url).await?;
                     register(&mut c, owner).await?;
-                    standing.registered.store(true, Ordering::SeqCst);
                     conn.insert(c)
                 }
             };
@@ -55,6 +57,7 @@ pub async fn run(url: String, owner: Uuid, standing: Arc<Standing>, stop: Cancel
                     standing.leader.store(true, Ordering::SeqCst);
                 }
             }
+            standing.registered.store(true, Ordering::SeqCst);
             Ok::<_, sqlx::Error>(())
         };
         if let Err(e) = beat.await {
@@ -71,14 +74,25 @@ pub async fn run(url: String, owner: Uuid, standing: Arc<Standing>, stop: Cancel
             _ = tokio::time::sleep(BEAT) => {}
         }
     }
-    standing.leader.store(false, Ordering::SeqCst);
+    let led = standing.leader.swap(false, Ordering::SeqCst);
     if let Some(mut c) = conn {
+        // Unlocked in so many words: the server drops a closed session's
+        // locks only once it has noticed the close.
+        if led {
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(LEADER_LOCK)
+                .execute(&mut c)
+                .await;
+        }
         let _ = sqlx::query("DELETE FROM replicas WHERE owner = $1")
             .bind(owner)
             .execute(&mut c)
             .await;
         let _ = c.close().await;
     }
+    // The connection, and with it the leader lock, is gone: see
+    // `PgStore::close`, which waits for this.
+    standing.registered.store(false, Ordering::SeqCst);
 }
 
 /// Registers this connection's backend as `owner`'s, and forgets replicas

@@ -129,7 +129,7 @@ async fn refuse_a_newer_one(pool: &PgPool) -> Result<(), StoreError> {
         Some(database) if database > binary => Err(StoreError::SchemaTooNew {
             database,
             binary,
-            binary_version: crate::VERSION,
+            binary_version: env!("CARGO_PKG_VERSION"),
         }),
         _ => Ok(()),
     }
@@ -143,7 +143,7 @@ async fn exactly_this_one(pool: &PgPool) -> Result<(), StoreError> {
         Some(database) if database > binary => Err(StoreError::SchemaTooNew {
             database,
             binary,
-            binary_version: crate::VERSION,
+            binary_version: env!("CARGO_PKG_VERSION"),
         }),
         Some(database) if database < binary => Err(StoreError::SchemaOlder { database, binary }),
         Some(_) => Ok(()),

@@ -20,21 +20,24 @@ use cancelwatch::pipeline::Context;
 use crate::support::config::CLOSED_PORT;
 use crate::support::db::{self, Database};
 use crate::support::sim::{DeliveryOptions, Expectation, Scenario, Simulator};
-use crate::support::TestConfig;
+use crate::support::{Engine, TestConfig};
 
 /// How long a step of a scenario may take to be processed.
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A daemon's configuration whose provider APIs are at `api_base`, its
 /// workers quick.
-fn config_for(api_base: &str) -> TestConfig {
-    TestConfig::new().provider_apis(api_base).quick_workers()
+async fn config_for(engine: Engine, api_base: &str) -> TestConfig {
+    TestConfig::on(engine)
+        .await
+        .provider_apis(api_base)
+        .quick_workers()
 }
 
 /// A pipeline context on a fresh database whose provider APIs are a closed
 /// port (nothing is fetched); the folder lives as long as the configuration.
-async fn offline_context() -> (TestConfig, Context) {
-    let config = config_for(CLOSED_PORT);
+async fn offline_context(engine: Engine) -> (TestConfig, Context) {
+    let config = config_for(engine, CLOSED_PORT).await;
     let ctx = config.context().await;
     (config, ctx)
 }

@@ -5,7 +5,8 @@ use cancelwatch::domain;
 use cancelwatch::pipeline::Context;
 
 use super::offline_context;
-use crate::support::db::{self, engine};
+use crate::support::db::{self, sqlite_engine};
+use crate::support::Engine;
 
 /// An observation of a resource as a fetch makes it (100 USD, test mode).
 pub(super) fn observation(
@@ -59,7 +60,7 @@ async fn record_together(
             context: None,
         })
         .collect();
-    let mut tx = engine(&ctx.store).write.begin().await.unwrap();
+    let mut tx = sqlite_engine(&ctx.store).write.begin().await.unwrap();
     let now = cancelwatch::time::now();
     let recorded = record::record_all(&mut tx, &ctx.config, &items, now, &mut Vec::new())
         .await
@@ -76,7 +77,7 @@ async fn record_together(
 async fn observations_recorded_together_match_one_at_a_time() {
     use cancelwatch::domain::observe::{ToRecord, Trigger};
     use cancelwatch::store::sqlite::record;
-    let (_config, ctx) = offline_context().await;
+    let (_config, ctx) = offline_context(Engine::Sqlite).await;
     let obt = "stripe.outbound_transfer";
     let mut item = observation("juice.transfer", "it_1", "cancelled", vec![]);
     item.parent_id = Some("bulk_1".into());
@@ -124,7 +125,7 @@ async fn observations_recorded_together_match_one_at_a_time() {
     // A late `processing` of obt_a is stale: canceled is final.
     let late = observation(obt, "obt_a", "processing", vec![]);
     let trigger = Trigger::event("evt_late");
-    let mut tx = engine(&ctx.store).write.begin().await.unwrap();
+    let mut tx = sqlite_engine(&ctx.store).write.begin().await.unwrap();
     let recorded = record::record_all(
         &mut tx,
         &ctx.config,
@@ -153,7 +154,7 @@ async fn observations_recorded_together_match_one_at_a_time() {
 #[tokio::test]
 async fn refunds_and_progress_recorded_together() {
     use cancelwatch::providers::{Progress, RefundSignal, RefundStatus};
-    let (_config, ctx) = offline_context().await;
+    let (_config, ctx) = offline_context(Engine::Sqlite).await;
     let obt = "stripe.outbound_transfer";
     let with_refund = |id: &str, status: &str, refund: RefundStatus| {
         let mut obs = observation(obt, id, status, vec![]);

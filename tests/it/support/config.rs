@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use cancelwatch::Config;
 
+use super::engines::Engine;
+use super::postgres::PgDatabase;
+
 /// The Stripe API key the simulator expects.
 pub const STRIPE_KEY: &str = "sk_test_cancelwatch";
 /// The Juice API key the simulator expects.
@@ -18,11 +21,14 @@ pub const BUSINESS_ID: &str = "cancelwatch-business-id";
 /// Where nothing listens: provider APIs point here unless a test says otherwise.
 pub const CLOSED_PORT: &str = "http://127.0.0.1:9";
 
-/// A daemon's configuration in a temporary folder of its own, which lives
-/// as long as any clone of this (or a daemon started with it).
+/// A daemon's configuration in a temporary folder of its own, on a
+/// database of its own; both live as long as any clone of this (or a
+/// daemon started with it).
 #[derive(Clone)]
 pub struct TestConfig {
     dir: Arc<tempfile::TempDir>,
+    /// On PostgreSQL, the database (dropped with the last clone).
+    postgres: Option<Arc<PgDatabase>>,
     config: Config,
 }
 
@@ -46,8 +52,26 @@ impl TestConfig {
         config.juice.api_base = CLOSED_PORT.into();
         TestConfig {
             dir: Arc::new(dir),
+            postgres: None,
             config,
         }
+    }
+
+    /// As [`TestConfig::new`], on `engine`: on PostgreSQL a new empty
+    /// database of its own on the test server.
+    pub async fn on(engine: Engine) -> TestConfig {
+        let mut config = TestConfig::new();
+        if engine == Engine::Postgres {
+            let database = PgDatabase::create().await;
+            config.config.database.url = database.url.clone();
+            config.postgres = Some(Arc::new(database));
+        }
+        config
+    }
+
+    /// The URL of its PostgreSQL database, when it is on one.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.postgres.as_ref().map(|d| d.url.as_str())
     }
 
     /// Both providers' APIs at `base` (a simulator), with the test API keys
@@ -129,11 +153,6 @@ impl TestConfig {
     /// The store, opened (and migrated) as the daemon opens it.
     pub async fn open_store(&self) -> cancelwatch::store::Store {
         cancelwatch::open_store(&self.config).await.unwrap()
-    }
-
-    /// The SQLite engine's handle of a store opened as the daemon opens it.
-    pub async fn open_db(&self) -> cancelwatch::store::sqlite::Db {
-        super::db::engine(&self.open_store().await).clone()
     }
 
     /// What the pipeline's library functions (cancel, replay, backfill,

@@ -1,16 +1,20 @@
 //! A PostgreSQL database of a test's own, on the server that
 //! `CANCELWATCH_TEST_POSTGRES_URL` names (e.g.
 //! `postgres://postgres@127.0.0.1:5432/postgres`); created empty, dropped
-//! at the end. Without the variable the PostgreSQL tests say they were
-//! skipped and pass: `.ci/run` sets it, and fails when the server is not
-//! there.
+//! when the last configuration holding it goes. Without the variable the
+//! PostgreSQL tests say they were skipped and pass: `.ci/run` sets it, and
+//! fails when the server is not there.
 
 use sqlx::{Connection, PgConnection};
 
-use super::TestConfig;
-
 pub const ENV: &str = "CANCELWATCH_TEST_POSTGRES_URL";
 
+/// The server tests may create databases on, if one is configured.
+pub fn server() -> Option<String> {
+    std::env::var(ENV).ok().filter(|url| !url.is_empty())
+}
+
+#[derive(Debug)]
 pub struct PgDatabase {
     admin: String,
     name: String,
@@ -18,13 +22,10 @@ pub struct PgDatabase {
 }
 
 impl PgDatabase {
-    /// A new empty database, or `None` (said on stderr) when no server is
-    /// configured for tests.
-    pub async fn create(test: &str) -> Option<PgDatabase> {
-        let Ok(admin) = std::env::var(ENV) else {
-            eprintln!("skipped {test}: {ENV} is not set (it names a PostgreSQL server for tests)");
-            return None;
-        };
+    /// A new empty database on the configured server (which a test checks
+    /// is there first: see [`super::Engine::available`]).
+    pub async fn create() -> PgDatabase {
+        let admin = server().unwrap_or_else(|| panic!("{ENV} is not set"));
         let name = format!("cw_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = PgConnection::connect(&admin)
             .await
@@ -36,30 +37,41 @@ impl PgDatabase {
         conn.close().await.unwrap();
         let mut url = url::Url::parse(&admin).unwrap();
         url.set_path(&name);
-        Some(PgDatabase {
+        PgDatabase {
             admin,
             name,
             url: url.to_string(),
+        }
+    }
+}
+
+/// Drops the database, ending every connection to it first (a daemon the
+/// test left running included). `Drop` cannot await, and may run on a
+/// runtime's only thread: the statement runs on a thread and a runtime of
+/// its own, which this waits for.
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut conn = PgConnection::connect(&admin).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await?;
+                conn.close().await?;
+                anyhow::Ok(())
+            })
         })
-    }
-
-    /// `config` on this database.
-    pub fn config(&self, config: TestConfig) -> TestConfig {
-        let url = self.url.clone();
-        config.with(move |c| c.database.url = url)
-    }
-
-    /// Drops the database (every connection to it is ended first).
-    pub async fn drop(self) {
-        let mut conn = PgConnection::connect(&self.admin).await.unwrap();
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        let _ = conn.close().await;
+        .join();
+        // Never a panic here: this may run while a failed test unwinds.
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("test database {} not dropped: {e:#}", self.name),
+            Err(_) => eprintln!("test database {} not dropped", self.name),
+        }
     }
 }
 
