@@ -169,7 +169,9 @@ pub async fn run_until(
     });
     let serve_opts = server::ServeOptions {
         max_connections: app.config.server.max_connections,
+        max_connections_per_ip: app.config.server.max_connections_per_ip,
         header_read_timeout: Duration::from_secs(app.config.server.header_read_timeout_secs),
+        write_timeout: Duration::from_secs(app.config.server.write_timeout_secs),
         grace,
     };
     server::serve(listener, router, serve_opts, stop.clone()).await;

@@ -45,7 +45,7 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// Every series, with the `# HELP` line it is rendered with.
-const SERIES: [(&str, &str); 24] = [
+const SERIES: [(&str, &str); 30] = [
     (
         "cancelwatch_deliveries_received_total",
         "Verified deliveries taken into the inbox, by provider.",
@@ -93,6 +93,30 @@ const SERIES: [(&str, &str); 24] = [
     (
         "cancelwatch_fetch_errors_total",
         "Provider calls that failed, by provider and reason.",
+    ),
+    (
+        "cancelwatch_http_requests_queued_total",
+        "Requests that waited for one of the server.max_concurrent_requests slots.",
+    ),
+    (
+        "cancelwatch_http_refusals_total",
+        "Requests answered 408, 413 or 431 (too slow, too large), by status.",
+    ),
+    (
+        "cancelwatch_connections_refused_total",
+        "Connections closed at once because their address held its share, by reason.",
+    ),
+    (
+        "cancelwatch_connections_evicted_total",
+        "Idle connections closed to make room at server.max_connections.",
+    ),
+    (
+        "cancelwatch_connections_cut_total",
+        "Connections ended by a server deadline (headers, writing an answer), by reason.",
+    ),
+    (
+        "cancelwatch_accept_errors_total",
+        "Failed accepts of a connection (out of file descriptors and the like).",
     ),
     ("cancelwatch_reconcile_runs_total", "Reconcile passes run."),
     (

@@ -45,10 +45,21 @@ pub struct ServerConfig {
     pub admin_token: String,
     /// Whole-request deadline (headers and body), against slow clients.
     pub request_timeout_secs: u64,
-    /// Requests handled at once; more wait.
+    /// Requests handled at once, in the whole process; more wait, within
+    /// their `request_timeout_secs`.
     pub max_concurrent_requests: usize,
-    /// Open connections at once; more wait in the kernel's backlog.
+    /// Open connections at once. At the cap the oldest idle connection is
+    /// closed to make room; with none idle, new ones wait in the kernel's
+    /// backlog.
     pub max_connections: usize,
+    /// Most of the `max_connections` one remote address may hold; past it,
+    /// its oldest idle connection is closed, or the new one if none is idle.
+    /// Behind a proxy every connection comes from the proxy: raise it to
+    /// `max_connections` there.
+    pub max_connections_per_ip: usize,
+    /// Longest an answer may wait for the client to take it (a client that
+    /// pipelines requests and never reads is cut off after it).
+    pub write_timeout_secs: u64,
     /// Deadline for a client to send its request headers (slowloris).
     pub header_read_timeout_secs: u64,
     /// How long shutdown waits for in-flight requests and workers.
@@ -67,6 +78,8 @@ impl Default for ServerConfig {
             request_timeout_secs: 15,
             max_concurrent_requests: 1024,
             max_connections: 2048,
+            max_connections_per_ip: 256,
+            write_timeout_secs: 10,
             header_read_timeout_secs: 10,
             shutdown_grace_secs: 10,
             drain_secs: 0,
@@ -259,6 +272,12 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be above 0"));
+        }
+        if self.server.max_connections_per_ip == 0 {
+            return Err(invalid("server.max_connections_per_ip", "must be above 0"));
+        }
+        if self.server.write_timeout_secs == 0 {
+            return Err(invalid("server.write_timeout_secs", "must be above 0"));
         }
         if self.server.header_read_timeout_secs == 0 {
             return Err(invalid(

@@ -40,6 +40,11 @@ pub enum IngressError {
     Internal(String),
 }
 
+/// On a response: the refusal it answers is counted, logged and recorded
+/// already, so the server's limits do not do it again.
+#[derive(Clone, Copy)]
+pub struct RefusalRecorded;
+
 pub fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
     (
         status,
@@ -51,7 +56,11 @@ pub fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
 impl IntoResponse for IngressError {
     fn into_response(self) -> Response {
         match self {
-            IngressError::Refused(r) => error_body(status_of(r.kind), r.code, &r.message),
+            IngressError::Refused(r) => {
+                let mut response = error_body(status_of(r.kind), r.code, &r.message);
+                response.extensions_mut().insert(RefusalRecorded);
+                response
+            }
             IngressError::UnknownProvider(p) => error_body(
                 StatusCode::NOT_FOUND,
                 "not_found",
