@@ -45,7 +45,7 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// Every series, with the `# HELP` line it is rendered with.
-const SERIES: [(&str, &str); 30] = [
+const SERIES: [(&str, &str); 31] = [
     (
         "cancelwatch_deliveries_received_total",
         "Verified deliveries taken into the inbox, by provider.",
@@ -113,6 +113,10 @@ const SERIES: [(&str, &str); 30] = [
     (
         "cancelwatch_connections_cut_total",
         "Connections ended by a server deadline (headers, writing an answer), by reason.",
+    ),
+    (
+        "cancelwatch_admin_auth_failures_total",
+        "Failed /v1 authentications, by result (refused, or throttled unchecked).",
     ),
     (
         "cancelwatch_accept_errors_total",

@@ -3,6 +3,7 @@
 //! server's limits ([`edge`]).
 
 pub mod edge;
+pub mod guesses;
 pub mod health;
 pub mod v1;
 

@@ -3,10 +3,11 @@
 //! `api_disabled` while no token is configured. Lists are keyset pages:
 //! `limit` and `cursor` in, `{"data":[…],"next_cursor":…}` out.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::guesses::Guesses;
 use crate::ingress::error_body;
 use crate::pipeline::{self, PipelineError};
 use crate::store::model::{AlertFilter, EventFilter, PageRequest, TransitionFilter, MAX_LIMIT};
@@ -33,7 +35,13 @@ pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
         .route("/cancellations", post(cancellation))
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
-        .layer(middleware::from_fn_with_state(app, guard));
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Guard {
+                guesses: Guesses::new(app.config.server.admin_auth_failures_per_minute),
+                app,
+            }),
+            guard,
+        ));
     Router::new().nest("/v1", v1)
 }
 
@@ -44,6 +52,9 @@ pub enum ApiError {
     Disabled,
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// Too many failed authentications from this source lately.
+    #[error("too many failed authentications from this address; try again later")]
+    Throttled { retry_after: std::time::Duration },
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
     #[error("{0}")]
@@ -69,6 +80,15 @@ impl IntoResponse for ApiError {
                 r.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     header::HeaderValue::from_static("Bearer"),
+                );
+                r
+            }
+            ApiError::Throttled { retry_after } => {
+                let mut r =
+                    error_body(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts", &message);
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    header::HeaderValue::from(retry_after.as_secs().max(1)),
                 );
                 r
             }
@@ -157,10 +177,26 @@ fn token_matches(given: &str, expected: &str) -> bool {
     given.ct_eq(&expected).into()
 }
 
-async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let expected = app.config.server.admin_token.as_str();
+/// The admin token's check, with the failures of each source held back.
+struct Guard {
+    app: Arc<App>,
+    guesses: Guesses,
+}
+
+async fn guard(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+    let expected = guard.app.config.server.admin_token.as_str();
     if expected.is_empty() {
         return ApiError::Disabled.into_response();
+    }
+    let source = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let now = std::time::Instant::now();
+    if let Some(retry_after) = guard.guesses.held_back(source, now) {
+        guard.guesses.failed(source, now, true);
+        return ApiError::Throttled { retry_after }.into_response();
     }
     let given = request
         .headers()
@@ -170,7 +206,10 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
         .map(str::trim);
     match given {
         Some(token) if token_matches(token, expected) => next.run(request).await,
-        _ => ApiError::Unauthorized.into_response(),
+        _ => {
+            guard.guesses.failed(source, now, false);
+            ApiError::Unauthorized.into_response()
+        }
     }
 }
 

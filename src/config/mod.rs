@@ -42,7 +42,11 @@ pub struct ServerConfig {
     pub listen: String,
     pub max_body_bytes: usize,
     /// Bearer token for `/v1`; the API answers 404 while it is empty.
+    /// At least [`MIN_ADMIN_TOKEN_LEN`] characters.
     pub admin_token: String,
+    /// Failed `/v1` authentications one source may make in a minute; then
+    /// its tries are answered 429 until the minute is over.
+    pub admin_auth_failures_per_minute: u32,
     /// Whole-request deadline (headers and body), against slow clients.
     pub request_timeout_secs: u64,
     /// Requests handled at once, in the whole process; more wait, within
@@ -75,6 +79,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 1_048_576,
             admin_token: String::new(),
+            admin_auth_failures_per_minute: 10,
             request_timeout_secs: 15,
             max_concurrent_requests: 1024,
             max_connections: 2048,
@@ -264,6 +269,13 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        check_admin_token(&self.server.admin_token)?;
+        if self.server.admin_auth_failures_per_minute == 0 {
+            return Err(invalid(
+                "server.admin_auth_failures_per_minute",
+                "must be above 0",
+            ));
+        }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be above 0"));
         }
@@ -463,6 +475,31 @@ impl Config {
         out.retain(|s| !s.is_empty());
         out
     }
+}
+
+/// Shortest admin token accepted: guessing one of 32 random characters is
+/// out of reach even at the speed of a network.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
+
+/// `server.admin_token`: empty (the API off) or long enough. The error
+/// offers a fresh random token, never the configured one.
+fn check_admin_token(token: &str) -> Result<(), ConfigError> {
+    if token.is_empty() || token.chars().count() >= MIN_ADMIN_TOKEN_LEN {
+        return Ok(());
+    }
+    Err(invalid(
+        "server.admin_token",
+        format!(
+            "is shorter than {MIN_ADMIN_TOKEN_LEN} characters (the value is secret: not shown); \
+             leave it empty to turn /v1 off, or use a random one such as {}",
+            random_token()
+        ),
+    ))
+}
+
+/// 32 random bytes as 64 hex digits.
+pub fn random_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
 }
 
 /// `log.level`: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`),

@@ -237,3 +237,74 @@ async fn one_address_holds_at_most_its_share_of_the_connections() {
     assert_eq!(status, 200);
     app.stop().await;
 }
+
+/// Wrong admin tokens are counted, and past
+/// `server.admin_auth_failures_per_minute` from one address its tries are
+/// answered 429 with a `Retry-After`, the right token too, without being
+/// looked at.
+#[tokio::test]
+async fn failed_admin_authentications_are_counted_and_held_back_per_address() {
+    const TOKEN: &str = "edge-admin-token-0123456789abcdef0123";
+    let app = TestApp::start(TestConfig::new().with(|c| {
+        c.server.admin_token = TOKEN.into();
+        c.server.admin_auth_failures_per_minute = 3;
+    }))
+    .await;
+    let failures = "cancelwatch_admin_auth_failures_total{result=\"refused\"}";
+    let before = app.metric(failures).await;
+    assert_eq!(app.get("/v1/alerts", Some(TOKEN)).await.0, 200);
+    for guess in ["a", "b", "c"] {
+        assert_eq!(app.get("/v1/alerts", Some(guess)).await.0, 401);
+    }
+    assert!(app.metric(failures).await >= before + 3);
+
+    let held = app
+        .client()
+        .get(format!("{}/v1/alerts", app.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status().as_u16(), 429);
+    let retry_after: u64 = held.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    // Webhooks and health are not held back.
+    assert_eq!(app.get("/healthz", None).await.0, 200);
+    app.stop().await;
+}
+
+/// A short admin token stops start-up with the key, without the value, and
+/// with a fresh random token to use instead.
+#[test]
+fn a_short_admin_token_is_refused_at_start_with_a_fresh_one_offered() {
+    let config = TestConfig::new();
+    let out = crate::support::binary::command(config.dir())
+        .arg("check-config")
+        .env("CANCELWATCH_CONFIG", config.write_toml())
+        .env("CANCELWATCH_SERVER__ADMIN_TOKEN", "tooShort-x9")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("server.admin_token"), "{err}");
+    assert!(!err.contains("tooShort-x9"), "the token leaked: {err}");
+    let offered = err
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .find(|w| w.len() == 64)
+        .unwrap_or_else(|| panic!("no fresh token offered: {err}"));
+    let valid = crate::support::binary::command(config.dir())
+        .arg("check-config")
+        .env("CANCELWATCH_CONFIG", config.write_toml())
+        .env("CANCELWATCH_SERVER__ADMIN_TOKEN", offered)
+        .output()
+        .unwrap();
+    assert!(
+        valid.status.success(),
+        "{}",
+        String::from_utf8_lossy(&valid.stderr)
+    );
+}

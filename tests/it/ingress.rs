@@ -494,7 +494,10 @@ fn bad_configuration_names_the_key() {
             "[\"whsec_s3cr3t_a\",\"whsec_s3cr3t_b\"]",
         )
         .env("CANCELWATCH_STRIPE__API_KEY", "sk_test_s3cr3t")
-        .env("CANCELWATCH_SERVER__ADMIN_TOKEN", "adm_s3cr3t")
+        .env(
+            "CANCELWATCH_SERVER__ADMIN_TOKEN",
+            "adm_s3cr3t_0123456789abcdef0123456789",
+        )
         .output()
         .unwrap();
     assert!(out.status.success());

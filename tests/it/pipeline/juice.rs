@@ -14,7 +14,7 @@ use crate::support::db::{self, Database};
 use crate::support::sim::{app_with_simulator, wait_step, Delivery, DeliveryOptions, Simulator};
 use crate::support::{wait_until, TestApp, TestConfig};
 
-const TOKEN: &str = "juice-test-admin-token";
+const TOKEN: &str = "juice-test-admin-token-0123456789abcdef";
 
 /// A daemon with quick workers and the `/v1` API on, and its simulator.
 async fn start_pair() -> (Simulator, TestApp) {

@@ -16,7 +16,7 @@ use crate::support::sim::{
 use crate::support::{wait_for, wait_until, TestApp, TestConfig};
 
 /// The admin token of the daemons whose `/v1` a test reads.
-const TOKEN: &str = "adm-stripe-trail";
+const TOKEN: &str = "adm-stripe-trail-0123456789abcdef0123";
 
 /// An outbound transfer presented in euros and paid from a dollar account
 /// comes back returned: the refund is the dollars that left the account,
