@@ -18,11 +18,15 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::guesses::Guesses;
-use crate::ingress::error_body;
+use crate::ingress::{error_body, unavailable_body, LogLimiter};
 use crate::pipeline::{self, PipelineError};
 use crate::store::model::{AlertFilter, EventFilter, PageRequest, TransitionFilter, MAX_LIMIT};
-use crate::store::QueryError;
+use crate::store::{QueryError, Unavailable};
 use crate::App;
+
+/// Lines about /v1 requests answered 503: at most one a second.
+static UNAVAILABLE_LOG: std::sync::LazyLock<LogLimiter> =
+    std::sync::LazyLock::new(|| LogLimiter::new(std::time::Duration::from_secs(1)));
 
 /// The `/v1` routes, guarded by the admin token.
 pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
@@ -62,6 +66,9 @@ pub enum ApiError {
     /// A replay or cancel that could not be done; carries its own status.
     #[error("{0}")]
     Pipeline(PipelineError),
+    /// The database is full or locked.
+    #[error("the database is unavailable")]
+    Unavailable(Unavailable),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -96,8 +103,19 @@ impl IntoResponse for ApiError {
                 error_body(StatusCode::BAD_REQUEST, code, &message)
             }
             ApiError::NotFound(_) => error_body(StatusCode::NOT_FOUND, "not_found", &message),
-            ApiError::Pipeline(PipelineError::Store(e)) => {
-                ApiError::Internal(format!("replay or cancel: {e}")).into_response()
+            ApiError::Pipeline(PipelineError::Store(e)) => match e.unavailable() {
+                Some(cause) => ApiError::Unavailable(cause).into_response(),
+                None => ApiError::Internal(format!("replay or cancel: {e}")).into_response(),
+            },
+            ApiError::Unavailable(cause) => {
+                if let Some(left_out) = UNAVAILABLE_LOG.admit(std::time::Instant::now()) {
+                    tracing::warn!(
+                        cause = cause.code(),
+                        left_out,
+                        "/v1 request answered 503: the database is unavailable"
+                    );
+                }
+                unavailable_body(cause)
             }
             ApiError::Pipeline(e) => {
                 let (status, code) = pipeline_answer(&e);
@@ -126,7 +144,10 @@ impl From<QueryError> for ApiError {
                 },
                 message: e.to_string(),
             },
-            QueryError::Store(e) => ApiError::Internal(format!("query: {e}")),
+            QueryError::Store(e) => match e.unavailable() {
+                Some(cause) => ApiError::Unavailable(cause),
+                None => ApiError::Internal(format!("query: {e}")),
+            },
         }
     }
 }

@@ -44,6 +44,38 @@ pub enum StoreError {
     Invariant(&'static str),
 }
 
+/// A database that cannot take a write for now, for a cause outside the
+/// daemon that goes away by itself or by an operator's hand: answered 503
+/// with a `Retry-After`, not as an internal error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// The disk (or the database's size limit) is full.
+    DiskFull,
+    /// Another process holds the database's lock past `database.busy_timeout_ms`.
+    Locked,
+}
+
+impl Unavailable {
+    /// The stable error code an HTTP answer carries.
+    pub fn code(self) -> &'static str {
+        match self {
+            Unavailable::DiskFull => "storage_full",
+            Unavailable::Locked => "storage_locked",
+        }
+    }
+}
+
+impl StoreError {
+    /// Whether this failure is the database being full or locked.
+    pub fn unavailable(&self) -> Option<Unavailable> {
+        match self {
+            StoreError::Sql(e) => super::sqlite::unavailable(e),
+            StoreError::Sync(e) => super::sqlite::disk_full(e),
+            _ => None,
+        }
+    }
+}
+
 /// Why a read query could not be answered.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -60,5 +92,37 @@ pub enum QueryError {
 impl From<sqlx::Error> for QueryError {
     fn from(e: sqlx::Error) -> QueryError {
         QueryError::Store(StoreError::Sql(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    /// SQLite's own "database or disk is full" is told apart from other
+    /// failures: the size limit stands in for a full disk.
+    #[tokio::test]
+    async fn a_full_database_is_unavailable_not_an_internal_error() {
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::raw_sql("CREATE TABLE t (b BLOB); PRAGMA max_page_count = 4;")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let full = sqlx::query("INSERT INTO t VALUES (zeroblob(100000))")
+            .execute(&mut conn)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            StoreError::from(full).unavailable(),
+            Some(Unavailable::DiskFull)
+        );
+        let other = sqlx::query("SELECT * FROM missing")
+            .execute(&mut conn)
+            .await
+            .unwrap_err();
+        assert_eq!(StoreError::from(other).unavailable(), None);
     }
 }

@@ -21,7 +21,7 @@ use crate::domain::outcome::{Decided, Written};
 use crate::providers::Observation;
 use crate::time::Timestamp;
 
-pub use error::{QueryError, StoreError};
+pub use error::{QueryError, StoreError, Unavailable};
 use model::*;
 
 /// The storage interface the daemon, its commands and its API run on.

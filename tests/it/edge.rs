@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::config::WEBHOOK_SECRET;
-use crate::support::db::{self, TestDb};
+use crate::support::db::{self, Database, TestDb};
 use crate::support::webhooks::{signed_now, thin_event};
 use crate::support::{TestApp, TestConfig};
 
@@ -306,5 +306,55 @@ fn a_short_admin_token_is_refused_at_start_with_a_fresh_one_offered() {
         valid.status.success(),
         "{}",
         String::from_utf8_lossy(&valid.stderr)
+    );
+}
+
+/// A database locked by another process past `database.busy_timeout_ms` is
+/// answered 503 with a `Retry-After` and a code saying so, not 500; the
+/// daemon logs the first refusal and the recovery once each, and takes
+/// deliveries again as soon as the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_is_answered_503_and_logged_once_each_way() {
+    let config = TestConfig::new().with(|c| c.database.busy_timeout_ms = 100);
+    let daemon = crate::support::binary::BinaryDaemon::start(&config).await;
+    let client = reqwest::Client::new();
+    let post = |id: String| {
+        let body = thin_event(&id);
+        client
+            .post(format!("{}/webhooks/stripe", daemon.url))
+            .header("Stripe-Signature", signed_now(WEBHOOK_SECRET, &body))
+            .body(body)
+            .send()
+    };
+    assert_eq!(post("evt_before_lock".into()).await.unwrap().status(), 200);
+
+    // An operator's write transaction, held.
+    let mut holder = daemon.db().writer().acquire().await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let r = post(format!("evt_while_locked_{i}")).await.unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "5");
+        let answer: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "storage_locked", "{answer}");
+    }
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    drop(holder);
+    assert_eq!(post("evt_after_lock".into()).await.unwrap().status(), 200);
+
+    let log = daemon.log_text();
+    let count = |line: &str| log.lines().filter(|l| l.contains(line)).count();
+    assert_eq!(count("the database cannot take deliveries"), 1, "{log}");
+    assert_eq!(count("the database takes deliveries again"), 1, "{log}");
+    assert_eq!(
+        count("webhook delivery failed inside cancelwatch"),
+        0,
+        "{log}"
     );
 }

@@ -35,7 +35,7 @@ use sqlx::SqlitePool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::DatabaseConfig;
-use crate::store::StoreError;
+use crate::store::{StoreError, Unavailable};
 
 pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
 
@@ -118,6 +118,42 @@ pub(crate) async fn transaction_on_handle<T>(
 /// store returns.
 pub fn direct_error(e: rusqlite::Error) -> StoreError {
     StoreError::Sql(sqlx::Error::AnyDriverError(Box::new(e)))
+}
+
+/// Whether `e` is SQLite's database being full or locked (see
+/// [`Unavailable`]), as sqlx reports it or as the writer's own handle does.
+pub fn unavailable(e: &sqlx::Error) -> Option<Unavailable> {
+    let from_code = |code: i32| match code & 0xff {
+        rusqlite::ffi::SQLITE_FULL => Some(Unavailable::DiskFull),
+        rusqlite::ffi::SQLITE_BUSY | rusqlite::ffi::SQLITE_LOCKED => Some(Unavailable::Locked),
+        _ => None,
+    };
+    match e {
+        sqlx::Error::Database(db)
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() =>
+        {
+            db.code()
+                .and_then(|code| code.parse().ok())
+                .and_then(from_code)
+        }
+        sqlx::Error::Io(e) => disk_full(e),
+        // Every writer connection held past the busy timeout.
+        sqlx::Error::PoolTimedOut => Some(Unavailable::Locked),
+        sqlx::Error::AnyDriverError(e) => match e.downcast_ref::<rusqlite::Error>()? {
+            rusqlite::Error::SqliteFailure(f, _) => from_code(f.extended_code),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether an I/O error is a full disk (ENOSPC, or a quota's EDQUOT).
+pub fn disk_full(e: &std::io::Error) -> Option<Unavailable> {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+    .then_some(Unavailable::DiskFull)
 }
 
 /// WAL pages past which the writer checkpoints (SQLite's default: 1,000).
