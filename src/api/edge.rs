@@ -127,6 +127,7 @@ fn refused(
             body_size: None,
             remote_addr,
             received_at,
+            summarized: false,
         });
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::ingress::LogLimiter;
+use crate::store::model::source_of;
 
 /// The span failures are counted over.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -41,7 +42,7 @@ impl Guesses {
     /// has used up its failures.
     pub fn held_back(&self, source: IpAddr, now: Instant) -> Option<Duration> {
         let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        let (began, failures) = *sources.get(&key(source))?;
+        let (began, failures) = *sources.get(&source_of(source))?;
         let left = WINDOW
             .checked_sub(now.duration_since(began))
             .filter(|left| !left.is_zero())?;
@@ -59,30 +60,17 @@ impl Guesses {
             return;
         }
         let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        if sources.len() >= MAX_SOURCES && !sources.contains_key(&key(source)) {
+        if sources.len() >= MAX_SOURCES && !sources.contains_key(&source_of(source)) {
             sources.retain(|_, (began, _)| now.duration_since(*began) < WINDOW);
             if sources.len() >= MAX_SOURCES {
                 return;
             }
         }
-        let entry = sources.entry(key(source)).or_insert((now, 0));
+        let entry = sources.entry(source_of(source)).or_insert((now, 0));
         if now.duration_since(entry.0) >= WINDOW {
             *entry = (now, 0);
         }
         entry.1 = entry.1.saturating_add(1);
-    }
-}
-
-/// The source as limited: an IPv4 address, or an IPv6 address's /64 (one
-/// host commonly holds a whole /64, so its single addresses are free to it).
-fn key(source: IpAddr) -> IpAddr {
-    match source {
-        IpAddr::V4(_) => source,
-        IpAddr::V6(v6) => {
-            let mut octets = v6.octets();
-            octets[8..].fill(0);
-            IpAddr::from(octets)
-        }
     }
 }
 

@@ -124,6 +124,9 @@ pub struct DatabaseConfig {
     pub max_batch: usize,
     /// Read connections (the writer is always one).
     pub read_connections: u32,
+    /// Refusals kept as rows of their own, a minute; the rest of that minute
+    /// is counted per provider, reason and source in `refusal_summaries`.
+    pub refusal_rows_per_minute: u32,
 }
 
 impl Default for DatabaseConfig {
@@ -135,6 +138,7 @@ impl Default for DatabaseConfig {
             group_commit: true,
             max_batch: 512,
             read_connections: 4,
+            refusal_rows_per_minute: 600,
         }
     }
 }

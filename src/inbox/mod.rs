@@ -126,6 +126,35 @@ pub struct Inbox {
     pub wake: Arc<Notify>,
     /// The pipeline's slots, once it runs in this process.
     handoff: Arc<OnceLock<Arc<dyn HandOver>>>,
+    /// Refusal rows left this minute.
+    refusal_rows: Arc<RowBudget>,
+}
+
+/// How many refusals of the current minute may still be kept as rows of
+/// their own (`database.refusal_rows_per_minute`).
+struct RowBudget {
+    per_minute: u32,
+    /// The minute (since the epoch) and the rows given out in it.
+    used: std::sync::Mutex<(u64, u32)>,
+}
+
+impl RowBudget {
+    /// True when one more refusal may be a row of its own.
+    fn take(&self) -> bool {
+        let minute = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 60);
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.0 != minute {
+            *used = (minute, 0);
+        }
+        if used.1 < self.per_minute {
+            used.1 += 1;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Inbox {
@@ -147,6 +176,10 @@ impl Inbox {
                 recent: Arc::default(),
                 wake,
                 handoff,
+                refusal_rows: Arc::new(RowBudget {
+                    per_minute: cfg.refusal_rows_per_minute,
+                    used: Default::default(),
+                }),
             },
             writer,
         )
@@ -181,9 +214,12 @@ impl Inbox {
         })
     }
 
-    /// Records a refusal in the next group commit. Under a flood the record may
-    /// be dropped (counted in metrics) rather than slow good deliveries down.
-    pub fn record_refusal(&self, refusal: Refusal) {
+    /// Records a refusal in the next group commit: as a row of its own
+    /// within `database.refusal_rows_per_minute`, else counted in its
+    /// minute's summary. Under a flood the record may be dropped (counted in
+    /// metrics) rather than slow good deliveries down.
+    pub fn record_refusal(&self, mut refusal: Refusal) {
+        refusal.summarized = !self.refusal_rows.take();
         if self.jobs.try_send(Job::Refusal(refusal)).is_err() {
             metrics::counter!("cancelwatch_refusal_records_dropped_total").increment(1);
         }

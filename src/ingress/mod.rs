@@ -167,6 +167,7 @@ async fn receive(
             body_size: size.map(|s| s as i64),
             remote_addr: Some(remote.to_string()),
             received_at: received_at.clone(),
+            summarized: false,
         });
         IngressError::Refused(refused)
     };

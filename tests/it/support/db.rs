@@ -797,6 +797,14 @@ pub async fn refusals(db: &impl Database) -> Vec<Refusal> {
         .unwrap()
 }
 
+/// Refusals counted in summaries (not kept as rows), and the summaries.
+pub async fn refusal_summaries(db: &impl Database) -> (i64, i64) {
+    sqlx::query_as("SELECT COALESCE(SUM(count), 0), COUNT(*) FROM refusal_summaries")
+        .fetch_one(db.reader())
+        .await
+        .unwrap()
+}
+
 /// A refusal as a fixture (`http_status` 401).
 pub async fn seed_refusal(db: &impl Database, provider: &str, reason: &str, received_at: &str) {
     sqlx::query(
