@@ -35,6 +35,7 @@ pub fn handle() -> PrometheusHandle {
                 .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();
+            spawn_upkeep(handle.clone());
             // Another recorder may already be installed (a host program's); then
             // ours only renders what it was given.
             let _ = metrics::set_global_recorder(recorder);
@@ -42,6 +43,26 @@ pub fn handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The recorder keeps every histogram sample until something folds them
+/// into their buckets, which rendering `/metrics` does: without a scrape,
+/// memory grew with each delivery. The exporter's own upkeep task comes only
+/// with its HTTP listener, which the daemon does not use (it serves
+/// `/metrics` itself), so a thread of ours does the same.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep: histogram samples wait for a scrape");
+    }
 }
 
 /// Every series, with the `# HELP` line it is rendered with.
