@@ -151,6 +151,34 @@ pub async fn serve(
     }
 }
 
+/// Raises the soft limit of open files to the hard one, and gives the
+/// connections the daemon may hold within it: `max_connections`, or fewer
+/// when the limit less `reserved` (the database, its readers, provider and
+/// sink connections) leaves less room, with a warning saying so. Past the
+/// limit every accept fails (EMFILE) and a health check cannot get in; below
+/// it the cap closes idle connections instead.
+pub fn fit_to_descriptors(max_connections: usize, reserved: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => usize::try_from(limit).unwrap_or(usize::MAX),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit; server.max_connections is used as set");
+            return max_connections;
+        }
+    };
+    let room = limit.saturating_sub(reserved).max(1);
+    if max_connections <= room {
+        return max_connections;
+    }
+    tracing::warn!(
+        open_file_limit = limit,
+        max_connections,
+        used = room,
+        "server.max_connections is more than the open-file limit leaves room for; \
+         the lower cap is used (raise LimitNOFILE or ulimit -n)"
+    );
+    room
+}
+
 /// How long the accept loop waits after a failed accept (out of descriptors
 /// and the like) before it tries again: long enough not to spin, short enough
 /// that a freed descriptor is used soon.
@@ -188,20 +216,30 @@ fn note_connection_error(e: &hyper::Error, remote: SocketAddr) {
 }
 
 /// Accept errors: out of descriptors (EMFILE, ENFILE) above all. Logged once
-/// when they start and once when accepting works again, not once a try.
+/// when they start and once when accepting has worked for
+/// [`CALM_BEFORE_RECOVERED`], not once a try: near the limit, accepts fail
+/// and succeed in turn as idle connections are closed.
 #[derive(Default)]
 struct DescriptorTrouble {
-    since: Option<(Instant, u64)>,
+    /// When the trouble began, the failures since, and the last one.
+    since: Option<(Instant, u64, Instant)>,
 }
+
+/// How long accepts must work before the trouble is said to be over.
+const CALM_BEFORE_RECOVERED: Duration = Duration::from_secs(10);
 
 impl DescriptorTrouble {
     fn failed(&mut self, e: &io::Error, slots: &Slots) {
         metrics::counter!("cancelwatch_accept_errors_total").increment(1);
+        let now = Instant::now();
         match &mut self.since {
-            Some((_, failures)) => *failures += 1,
+            Some((_, failures, last)) => {
+                *failures += 1;
+                *last = now;
+            }
             None => {
                 tracing::error!(error = %e, open = slots.open(), "cannot accept connections (out of file descriptors?); closing idle connections and retrying");
-                self.since = Some((Instant::now(), 1));
+                self.since = Some((now, 1, now));
             }
         }
         // An idle connection's descriptor is the cheapest one to give back,
@@ -210,12 +248,15 @@ impl DescriptorTrouble {
     }
 
     fn recovered(&mut self) {
-        if let Some((since, failures)) = self.since.take() {
-            tracing::info!(
-                failures,
-                secs = since.elapsed().as_secs(),
-                "accepting connections again"
-            );
+        if let Some((since, failures, last)) = self.since {
+            if last.elapsed() >= CALM_BEFORE_RECOVERED {
+                tracing::info!(
+                    failures,
+                    secs = since.elapsed().as_secs(),
+                    "accepting connections again"
+                );
+                self.since = None;
+            }
         }
     }
 }

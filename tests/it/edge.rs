@@ -358,3 +358,47 @@ async fn a_locked_database_is_answered_503_and_logged_once_each_way() {
         "{log}"
     );
 }
+
+/// Under a low open-file limit (hard and soft 256) and more idle
+/// connections than it allows, `/healthz` still gets in: the connection cap
+/// is fitted under the limit at start (said once in the log), so the daemon
+/// closes idle connections rather than failing every accept, and the log is
+/// not flooded with accept errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_does_not_starve_health_checks() {
+    use std::os::unix::process::CommandExt;
+    let config = TestConfig::new().with(|c| c.server.header_read_timeout_secs = 120);
+    let daemon = crate::support::binary::BinaryDaemon::start_with(&config, |cmd| {
+        // SAFETY: only setrlimit runs in the child before exec, which is
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| rlimit::setrlimit(rlimit::Resource::NOFILE, 256, 256));
+        }
+    })
+    .await;
+    let addr = daemon.url.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    let status = tokio::time::timeout(Duration::from_secs(20), async {
+        reqwest::Client::new()
+            .get(format!("{}/healthz", daemon.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    })
+    .await
+    .expect("/healthz gets in within 20 s");
+    assert_eq!(status, 200);
+    let log = daemon.log_text();
+    let lines = |text: &str| log.lines().filter(|l| l.contains(text)).count();
+    assert_eq!(
+        lines("more than the open-file limit leaves room for"),
+        1,
+        "{log}"
+    );
+    assert!(lines("accept") <= 1, "{log}");
+    drop(idle);
+}
