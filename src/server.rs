@@ -37,6 +37,10 @@ use crate::ingress::LogLimiter;
 /// hundreds of MiB.
 pub const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 
+/// The kernel's send buffer of a connection: room for many answers, and a
+/// megabyte a second to a client 100 ms away.
+const SEND_BUFFER: usize = 128 * 1024;
+
 pub struct ServeOptions {
     pub max_connections: usize,
     /// Most of those slots one remote address may hold.
@@ -100,6 +104,10 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // A fixed send buffer: the kernel's own grows to megabytes for a
+        // peer that does not read, taking answers in (so the write deadline
+        // never starts) long after the client stopped taking them.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         let io = Watched::new(stream, slot.activity.clone(), opts.write_timeout);
         let router = router.clone();
         let activity = slot.activity.clone();
@@ -384,7 +392,7 @@ impl Slots {
         let oldest = open
             .conns
             .values()
-            .filter(|(at, _, evict)| ip.is_none_or(|ip| ip == *at) && !evict.is_cancelled())
+            .filter(|(at, _, evict)| ip.map_or(true, |ip| ip == *at) && !evict.is_cancelled())
             .filter_map(|(_, activity, evict)| activity.idle_since().map(|since| (since, evict)))
             .min_by_key(|(since, _)| *since);
         match oldest {
@@ -403,7 +411,10 @@ impl Slots {
 }
 
 /// Whether a connection is idle (between requests, nothing of a new one read)
-/// and since when.
+/// and since when. Requests a client pipelined and hyper has read but not yet
+/// begun do not count: such a connection may be taken for idle between two
+/// of them and closed at the cap after its current answer, which only
+/// pipelining clients (no provider, no browser) meet.
 struct Activity {
     /// Milliseconds since [`Slots::epoch`] when it went idle; 0 while busy.
     idle_since_ms: AtomicU64,

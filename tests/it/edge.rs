@@ -139,16 +139,17 @@ async fn pipeline_without_reading(stream: &mut TcpStream) {
     }
 }
 
-/// Clients that pipeline requests and never read the answers hold every
-/// connection slot only until their answers have waited
-/// `server.write_timeout_secs`; then they are cut off and a delivery gets in.
+/// Clients that pipeline requests and never read the answers are cut off
+/// once their answers have waited `server.write_timeout_secs`, and a
+/// delivery gets in meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_read_their_answers_are_cut_off() {
     let app = TestApp::start(TestConfig::new().with(|c| {
-        c.server.max_connections = 2;
         c.server.write_timeout_secs = 1;
     }))
     .await;
+    let cut = "cancelwatch_connections_cut_total{reason=\"write_timeout\"}";
+    let cut_before = app.metric(cut).await;
     let addr = address(&app);
     let mut hostile = Vec::new();
     for _ in 0..2 {
@@ -165,6 +166,12 @@ async fn clients_that_never_read_their_answers_are_cut_off() {
         .await
         .expect("a delivery gets in within 20 s");
     assert_eq!(status, 200);
+    // Cut by the write deadline (before, they were held for good).
+    let cut_off = crate::support::wait::poll_until(Duration::from_secs(20), || async {
+        app.metric(cut).await >= cut_before + 2
+    })
+    .await;
+    assert!(cut_off, "not cut off within 20 s");
     for mut stream in hostile {
         assert!(closed_within(&mut stream, Duration::from_secs(10)).await);
     }

@@ -147,13 +147,16 @@ pub fn unavailable(e: &sqlx::Error) -> Option<Unavailable> {
     }
 }
 
-/// Whether an I/O error is a full disk (ENOSPC, or a quota's EDQUOT).
+/// Whether an I/O error is a full disk (ENOSPC, or a quota's EDQUOT). By
+/// number: the kinds that name them need a newer compiler than the one
+/// the crate supports.
 pub fn disk_full(e: &std::io::Error) -> Option<Unavailable> {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-    )
-    .then_some(Unavailable::DiskFull)
+    const ENOSPC: i32 = 28;
+    #[cfg(target_os = "linux")]
+    const EDQUOT: i32 = 122;
+    #[cfg(not(target_os = "linux"))]
+    const EDQUOT: i32 = 69;
+    matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT)).then_some(Unavailable::DiskFull)
 }
 
 /// WAL pages past which the writer checkpoints (SQLite's default: 1,000).
