@@ -230,9 +230,15 @@ pub async fn run_on(
         }
         signal_stop.cancel();
     });
+    // The database and its WAL, the readers, one connection a worker to a
+    // provider, the sinks, the log: what is not a client's.
+    let reserved =
+        64 + app.config.workers.concurrency + 2 * app.config.database.read_connections as usize;
     let serve_opts = server::ServeOptions {
-        max_connections: app.config.server.max_connections,
+        max_connections: server::fit_to_descriptors(app.config.server.max_connections, reserved),
+        max_connections_per_ip: app.config.server.max_connections_per_ip,
         header_read_timeout: Duration::from_secs(app.config.server.header_read_timeout_secs),
+        write_timeout: Duration::from_secs(app.config.server.write_timeout_secs),
         grace,
     };
     server::serve(listener, router, serve_opts, stop.clone()).await;

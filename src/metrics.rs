@@ -35,6 +35,7 @@ pub fn handle() -> PrometheusHandle {
                 .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();
+            spawn_upkeep(handle.clone());
             // Another recorder may already be installed (a host program's); then
             // ours only renders what it was given.
             let _ = metrics::set_global_recorder(recorder);
@@ -42,6 +43,26 @@ pub fn handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The recorder keeps every histogram sample until something folds them
+/// into their buckets, which rendering `/metrics` does: without a scrape,
+/// memory grew with each delivery. The exporter's own upkeep task comes only
+/// with its HTTP listener, which the daemon does not use (it serves
+/// `/metrics` itself), so a thread of ours does the same.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep: histogram samples wait for a scrape");
+    }
 }
 
 /// Every series, with the `# HELP` line it is rendered with.
@@ -93,6 +114,34 @@ const SERIES: &[(&str, &str)] = &[
     (
         "cancelwatch_fetch_errors_total",
         "Provider calls that failed, by provider and reason.",
+    ),
+    (
+        "cancelwatch_http_requests_queued_total",
+        "Requests that waited for one of the server.max_concurrent_requests slots.",
+    ),
+    (
+        "cancelwatch_http_refusals_total",
+        "Requests answered 408, 413 or 431 (too slow, too large), by status.",
+    ),
+    (
+        "cancelwatch_connections_refused_total",
+        "Connections closed at once because their address held its share, by reason.",
+    ),
+    (
+        "cancelwatch_connections_evicted_total",
+        "Idle connections closed to make room at server.max_connections.",
+    ),
+    (
+        "cancelwatch_connections_cut_total",
+        "Connections ended by a server deadline (headers, writing an answer), by reason.",
+    ),
+    (
+        "cancelwatch_admin_auth_failures_total",
+        "Failed /v1 authentications, by result (refused, or throttled unchecked).",
+    ),
+    (
+        "cancelwatch_accept_errors_total",
+        "Failed accepts of a connection (out of file descriptors and the like).",
     ),
     ("cancelwatch_reconcile_runs_total", "Reconcile passes run."),
     (

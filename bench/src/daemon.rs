@@ -90,6 +90,9 @@ impl DaemonProcess {
             .env_clear()
             .env("CANCELWATCH_CONFIG", dir.join("none.toml"))
             .env("CANCELWATCH_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            // Every connection of the load comes from one address, as from a
+            // proxy: it may hold them all.
+            .env("CANCELWATCH_SERVER__MAX_CONNECTIONS_PER_IP", "2048")
             .env(
                 "CANCELWATCH_DATABASE__URL",
                 format!("sqlite://{}/bench.db", dir.display()),

@@ -1,15 +1,16 @@
 //! The daemon's HTTP surface: the webhook routes ([`crate::ingress`]), the
 //! operator's `/v1` API ([`v1`]), health and metrics ([`health`]), under the
-//! server's limits.
+//! server's limits ([`edge`]).
 
+pub mod edge;
+pub mod guesses;
 pub mod health;
 pub mod v1;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::StatusCode;
+use axum::middleware;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
@@ -31,21 +32,16 @@ const UNMATCHED: &str = "other";
 
 /// Every HTTP route of the daemon.
 pub fn router(app: Arc<App>) -> Router {
-    let limits = tower::ServiceBuilder::new()
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(app.config.server.request_timeout_secs),
-        ))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            app.config.server.max_concurrent_requests,
-        ));
+    let limits = Arc::new(edge::Limits::new(app.clone()));
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::render_metrics))
         .merge(crate::ingress::routes())
         .merge(v1::routes(app.clone()))
-        .layer(limits)
+        // `Router::layer` wraps each route on its own; the limiter inside is
+        // one for them all because it is shared through this state.
+        .layer(middleware::from_fn_with_state(limits, edge::limit))
         // Outside the limits, so that an answer they give (408 after the
         // request deadline) is counted too.
         .layer(axum::middleware::from_fn(count_answer))

@@ -3,10 +3,11 @@
 //! `api_disabled` while no token is configured. Lists are keyset pages:
 //! `limit` and `cursor` in, `{"data":[…],"next_cursor":…}` out.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -16,11 +17,16 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::ingress::error_body;
+use super::guesses::Guesses;
+use crate::ingress::{error_body, unavailable_body, LogLimiter};
 use crate::pipeline::{self, PipelineError};
 use crate::store::model::{AlertFilter, EventFilter, PageRequest, TransitionFilter, MAX_LIMIT};
-use crate::store::QueryError;
+use crate::store::{QueryError, Unavailable};
 use crate::App;
+
+/// Lines about /v1 requests answered 503: at most one a second.
+static UNAVAILABLE_LOG: std::sync::LazyLock<LogLimiter> =
+    std::sync::LazyLock::new(|| LogLimiter::new(std::time::Duration::from_secs(1)));
 
 /// The `/v1` routes, guarded by the admin token.
 pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
@@ -33,7 +39,13 @@ pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
         .route("/cancellations", post(cancellation))
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
-        .layer(middleware::from_fn_with_state(app, guard));
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Guard {
+                guesses: Guesses::new(app.config.server.admin_auth_failures_per_minute),
+                app,
+            }),
+            guard,
+        ));
     Router::new().nest("/v1", v1)
 }
 
@@ -44,6 +56,9 @@ pub enum ApiError {
     Disabled,
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// Too many failed authentications from this source lately.
+    #[error("too many failed authentications from this address; try again later")]
+    Throttled { retry_after: std::time::Duration },
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
     #[error("{0}")]
@@ -51,6 +66,9 @@ pub enum ApiError {
     /// A replay or cancel that could not be done; carries its own status.
     #[error("{0}")]
     Pipeline(PipelineError),
+    /// The database is full or locked.
+    #[error("the database is unavailable")]
+    Unavailable(Unavailable),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -72,12 +90,32 @@ impl IntoResponse for ApiError {
                 );
                 r
             }
+            ApiError::Throttled { retry_after } => {
+                let mut r =
+                    error_body(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts", &message);
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    header::HeaderValue::from(retry_after.as_secs().max(1)),
+                );
+                r
+            }
             ApiError::BadRequest { code, .. } => {
                 error_body(StatusCode::BAD_REQUEST, code, &message)
             }
             ApiError::NotFound(_) => error_body(StatusCode::NOT_FOUND, "not_found", &message),
-            ApiError::Pipeline(PipelineError::Store(e)) => {
-                ApiError::Internal(format!("replay or cancel: {e}")).into_response()
+            ApiError::Pipeline(PipelineError::Store(e)) => match e.unavailable() {
+                Some(cause) => ApiError::Unavailable(cause).into_response(),
+                None => ApiError::Internal(format!("replay or cancel: {e}")).into_response(),
+            },
+            ApiError::Unavailable(cause) => {
+                if let Some(left_out) = UNAVAILABLE_LOG.admit(std::time::Instant::now()) {
+                    tracing::warn!(
+                        cause = cause.code(),
+                        left_out,
+                        "/v1 request answered 503: the database is unavailable"
+                    );
+                }
+                unavailable_body(cause)
             }
             ApiError::Pipeline(e) => {
                 let (status, code) = pipeline_answer(&e);
@@ -106,7 +144,10 @@ impl From<QueryError> for ApiError {
                 },
                 message: e.to_string(),
             },
-            QueryError::Store(e) => ApiError::Internal(format!("query: {e}")),
+            QueryError::Store(e) => match e.unavailable() {
+                Some(cause) => ApiError::Unavailable(cause),
+                None => ApiError::Internal(format!("query: {e}")),
+            },
         }
     }
 }
@@ -157,10 +198,26 @@ fn token_matches(given: &str, expected: &str) -> bool {
     given.ct_eq(&expected).into()
 }
 
-async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let expected = app.config.server.admin_token.as_str();
+/// The admin token's check, with the failures of each source held back.
+struct Guard {
+    app: Arc<App>,
+    guesses: Guesses,
+}
+
+async fn guard(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+    let expected = guard.app.config.server.admin_token.as_str();
     if expected.is_empty() {
         return ApiError::Disabled.into_response();
+    }
+    let source = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let now = std::time::Instant::now();
+    if let Some(retry_after) = guard.guesses.held_back(source, now) {
+        guard.guesses.failed(source, now, true);
+        return ApiError::Throttled { retry_after }.into_response();
     }
     let given = request
         .headers()
@@ -170,7 +227,10 @@ async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Res
         .map(str::trim);
     match given {
         Some(token) if token_matches(token, expected) => next.run(request).await,
-        _ => ApiError::Unauthorized.into_response(),
+        _ => {
+            guard.guesses.failed(source, now, false);
+            ApiError::Unauthorized.into_response()
+        }
     }
 }
 

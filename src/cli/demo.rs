@@ -76,7 +76,7 @@ fn use_throwaway_secrets(config: &mut Config) {
     config.juice.checksum_keys = vec![format!("demo-business-{tag}")];
     config.juice.api_key = format!("juice_demo_{tag}");
     if config.server.admin_token.is_empty() {
-        config.server.admin_token = format!("demo-admin-{tag}");
+        config.server.admin_token = format!("demo-admin-{}", uuid::Uuid::new_v4().simple());
     }
     config.reconcile.interval_secs = config.reconcile.interval_secs.min(5);
 }

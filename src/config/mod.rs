@@ -42,13 +42,28 @@ pub struct ServerConfig {
     pub listen: String,
     pub max_body_bytes: usize,
     /// Bearer token for `/v1`; the API answers 404 while it is empty.
+    /// At least [`MIN_ADMIN_TOKEN_LEN`] characters.
     pub admin_token: String,
+    /// Failed `/v1` authentications one source may make in a minute; then
+    /// its tries are answered 429 until the minute is over.
+    pub admin_auth_failures_per_minute: u32,
     /// Whole-request deadline (headers and body), against slow clients.
     pub request_timeout_secs: u64,
-    /// Requests handled at once; more wait.
+    /// Requests handled at once, in the whole process; more wait, within
+    /// their `request_timeout_secs`.
     pub max_concurrent_requests: usize,
-    /// Open connections at once; more wait in the kernel's backlog.
+    /// Open connections at once. At the cap the oldest idle connection is
+    /// closed to make room; with none idle, new ones wait in the kernel's
+    /// backlog.
     pub max_connections: usize,
+    /// Most of the `max_connections` one remote address may hold; past it,
+    /// its oldest idle connection is closed, or the new one if none is idle.
+    /// Behind a proxy every connection comes from the proxy: raise it to
+    /// `max_connections` there.
+    pub max_connections_per_ip: usize,
+    /// Longest an answer may wait for the client to take it (a client that
+    /// pipelines requests and never reads is cut off after it).
+    pub write_timeout_secs: u64,
     /// Deadline for a client to send its request headers (slowloris).
     pub header_read_timeout_secs: u64,
     /// How long shutdown waits for in-flight requests and workers.
@@ -64,9 +79,12 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 1_048_576,
             admin_token: String::new(),
+            admin_auth_failures_per_minute: 10,
             request_timeout_secs: 15,
             max_concurrent_requests: 1024,
             max_connections: 2048,
+            max_connections_per_ip: 256,
+            write_timeout_secs: 10,
             header_read_timeout_secs: 10,
             shutdown_grace_secs: 10,
             drain_secs: 0,
@@ -106,6 +124,9 @@ pub struct DatabaseConfig {
     pub max_batch: usize,
     /// SQLite: read connections (the writer is always one).
     pub read_connections: u32,
+    /// Refusals kept as rows of their own, a minute; the rest of that minute
+    /// is counted per provider, reason and source in `refusal_summaries`.
+    pub refusal_rows_per_minute: u32,
     /// The WAL file is cut back to this size once it has grown past it and
     /// checkpoints have caught up (SQLite's `journal_size_limit`).
     pub wal_size_limit_bytes: u64,
@@ -136,6 +157,7 @@ impl Default for DatabaseConfig {
             max_connections: 16,
             connect_timeout_secs: 5,
             wal_size_limit_bytes: 64 << 20,
+            refusal_rows_per_minute: 600,
         }
     }
 }
@@ -314,6 +336,13 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        check_admin_token(&self.server.admin_token)?;
+        if self.server.admin_auth_failures_per_minute == 0 {
+            return Err(invalid(
+                "server.admin_auth_failures_per_minute",
+                "must be above 0",
+            ));
+        }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be above 0"));
         }
@@ -322,6 +351,12 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be above 0"));
+        }
+        if self.server.max_connections_per_ip == 0 {
+            return Err(invalid("server.max_connections_per_ip", "must be above 0"));
+        }
+        if self.server.write_timeout_secs == 0 {
+            return Err(invalid("server.write_timeout_secs", "must be above 0"));
         }
         if self.server.header_read_timeout_secs == 0 {
             return Err(invalid(
@@ -615,6 +650,31 @@ fn normalized(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// Shortest admin token accepted: guessing one of 32 random characters is
+/// out of reach even at the speed of a network.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
+
+/// `server.admin_token`: empty (the API off) or long enough. The error
+/// offers a fresh random token, never the configured one.
+fn check_admin_token(token: &str) -> Result<(), ConfigError> {
+    if token.is_empty() || token.chars().count() >= MIN_ADMIN_TOKEN_LEN {
+        return Ok(());
+    }
+    Err(invalid(
+        "server.admin_token",
+        format!(
+            "is shorter than {MIN_ADMIN_TOKEN_LEN} characters (the value is secret: not shown); \
+             leave it empty to turn /v1 off, or use a random one such as {}",
+            random_token()
+        ),
+    ))
+}
+
+/// 32 random bytes as 64 hex digits.
+pub fn random_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
 }
 
 /// `log.level`: a level (`error`, `warn`, `info`, `debug`, `trace`, `off`),

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::DatabaseConfig;
 use crate::store::model::{Delivery, NewDelivery, Refusal};
-use crate::store::{Added, Store, StoreError, WriterTurn};
+use crate::store::{Added, Store, StoreError, Unavailable, WriterTurn};
 
 /// Where the inbox hands the deliveries its commits leased: the pipeline.
 /// The inbox asks for room before a commit and hands over what it leased
@@ -51,6 +51,9 @@ pub enum InboxError {
     Write(String),
     #[error("inbox writer has stopped")]
     Stopped,
+    /// The database is full or locked; nothing was stored.
+    #[error("the database is unavailable ({})", .0.code())]
+    Unavailable(Unavailable),
 }
 
 /// The outcome of an accept: committed now, or already there.
@@ -123,6 +126,35 @@ pub struct Inbox {
     pub wake: Arc<Notify>,
     /// The pipeline's slots, once it runs in this process.
     handoff: Arc<OnceLock<Arc<dyn HandOver>>>,
+    /// Refusal rows left this minute.
+    refusal_rows: Arc<RowBudget>,
+}
+
+/// How many refusals of the current minute may still be kept as rows of
+/// their own (`database.refusal_rows_per_minute`).
+struct RowBudget {
+    per_minute: u32,
+    /// The minute (since the epoch) and the rows given out in it.
+    used: std::sync::Mutex<(u64, u32)>,
+}
+
+impl RowBudget {
+    /// True when one more refusal may be a row of its own.
+    fn take(&self) -> bool {
+        let minute = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 60);
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.0 != minute {
+            *used = (minute, 0);
+        }
+        if used.1 < self.per_minute {
+            used.1 += 1;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Inbox {
@@ -144,6 +176,10 @@ impl Inbox {
                 recent: Arc::default(),
                 wake,
                 handoff,
+                refusal_rows: Arc::new(RowBudget {
+                    per_minute: cfg.refusal_rows_per_minute,
+                    used: Default::default(),
+                }),
             },
             writer,
         )
@@ -178,9 +214,12 @@ impl Inbox {
         })
     }
 
-    /// Records a refusal in the next group commit. Under a flood the record may
-    /// be dropped (counted in metrics) rather than slow good deliveries down.
-    pub fn record_refusal(&self, refusal: Refusal) {
+    /// Records a refusal in the next group commit: as a row of its own
+    /// within `database.refusal_rows_per_minute`, else counted in its
+    /// minute's summary. Under a flood the record may be dropped (counted in
+    /// metrics) rather than slow good deliveries down.
+    pub fn record_refusal(&self, mut refusal: Refusal) {
+        refusal.summarized = !self.refusal_rows.take();
         if self.jobs.try_send(Job::Refusal(refusal)).is_err() {
             metrics::counter!("cancelwatch_refusal_records_dropped_total").increment(1);
         }
@@ -197,6 +236,7 @@ async fn write_loop(
     let mut batch = Vec::with_capacity(max_batch);
     // Syncs under way, each answering the requests of one commit.
     let mut syncing = tokio::task::JoinSet::new();
+    let mut outage = Outage::default();
     while rx.recv_many(&mut batch, max_batch).await > 0 {
         while syncing.try_join_next().is_some() {}
         let waited = Instant::now();
@@ -234,12 +274,24 @@ async fn write_loop(
         };
         metrics::histogram!("cancelwatch_inbox_batch_size").record(size as f64);
         let (inserted, leased) = match result {
-            Ok(committed) => committed,
+            Ok(committed) => {
+                outage.over();
+                committed
+            }
             Err(e) => {
-                tracing::error!(error = %e, batch = size, "inbox commit failed; the deliveries are refused");
+                let cause = e.unavailable();
+                match cause {
+                    Some(cause) => outage.failed(cause, &e, size),
+                    None => {
+                        tracing::error!(error = %e, batch = size, "inbox commit failed; the deliveries are refused")
+                    }
+                }
                 for job in batch.drain(..) {
                     if let Job::Delivery(_, reply, _) = job {
-                        let _ = reply.send(Err(InboxError::Write(e.to_string())));
+                        let _ = reply.send(Err(match cause {
+                            Some(cause) => InboxError::Unavailable(cause),
+                            None => InboxError::Write(e.to_string()),
+                        }));
                     }
                 }
                 continue;
@@ -277,6 +329,39 @@ async fn write_loop(
         }
     }
     while syncing.join_next().await.is_some() {}
+}
+
+/// Commits failing because the database is full or locked: logged when it
+/// begins and when it ends, with how many jobs were refused meanwhile, not at
+/// every failed commit (a flood of retried deliveries would make as many
+/// lines).
+#[derive(Default)]
+struct Outage {
+    /// Since when, why, and how many jobs were refused since.
+    since: Option<(Instant, Unavailable, u64)>,
+}
+
+impl Outage {
+    fn failed(&mut self, cause: Unavailable, e: &StoreError, jobs: usize) {
+        match &mut self.since {
+            Some((_, _, refused)) => *refused += jobs as u64,
+            None => {
+                tracing::error!(error = %e, cause = cause.code(), "the database cannot take deliveries; they are answered 503 until it can");
+                self.since = Some((Instant::now(), cause, jobs as u64));
+            }
+        }
+    }
+
+    fn over(&mut self) {
+        if let Some((since, cause, refused)) = self.since.take() {
+            tracing::info!(
+                cause = cause.code(),
+                refused,
+                secs = since.elapsed().as_secs(),
+                "the database takes deliveries again"
+            );
+        }
+    }
 }
 
 /// The answer to a request: whether its delivery was new, and when the

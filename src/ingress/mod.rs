@@ -12,8 +12,10 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::inbox::InboxError;
 use crate::providers::{RefusalKind, Refused};
 use crate::store::model::{NewDelivery, Refusal};
+use crate::store::Unavailable;
 use crate::App;
 
 /// The HTTP answer to a refused delivery.
@@ -39,8 +41,31 @@ pub enum IngressError {
     Refused(Refused),
     #[error("no webhook endpoint for provider {0:?}")]
     UnknownProvider(String),
+    /// The database is full or locked: the provider should retry later.
+    #[error("the database is unavailable")]
+    Unavailable(Unavailable),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// On a response: the refusal it answers is counted, logged and recorded
+/// already, so the server's limits do not do it again.
+#[derive(Clone, Copy)]
+pub struct RefusalRecorded;
+
+/// 503 for a database that is full or locked, with how long to wait: a
+/// lock is usually let go within seconds; space takes an operator.
+pub fn unavailable_body(cause: Unavailable) -> Response {
+    let (message, retry_after) = match cause {
+        Unavailable::Full => ("the database's disk is full; retry later", 60u32),
+        Unavailable::Busy => ("the database is locked by another process; retry later", 5),
+        Unavailable::Io => ("the database cannot be reached or written; retry later", 5),
+    };
+    let mut response = error_body(StatusCode::SERVICE_UNAVAILABLE, cause.code(), message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from(retry_after));
+    response
 }
 
 pub fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
@@ -54,12 +79,18 @@ pub fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
 impl IntoResponse for IngressError {
     fn into_response(self) -> Response {
         match self {
-            IngressError::Refused(r) => error_body(status_of(r.kind), r.code, &r.message),
+            IngressError::Refused(r) => {
+                let mut response = error_body(status_of(r.kind), r.code, &r.message);
+                response.extensions_mut().insert(RefusalRecorded);
+                response
+            }
             IngressError::UnknownProvider(p) => error_body(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 &format!("no webhook endpoint for {p:?} (is it configured?)"),
             ),
+            // Logged by the inbox when it begins and ends, not per request.
+            IngressError::Unavailable(cause) => unavailable_body(cause),
             IngressError::Internal(detail) => {
                 tracing::error!(%detail, "webhook delivery failed inside cancelwatch");
                 error_body(
@@ -140,6 +171,7 @@ async fn receive(
             body_size: size.map(|s| s as i64),
             remote_addr: Some(remote.to_string()),
             received_at: received_at.clone(),
+            summarized: false,
         });
         IngressError::Refused(refused)
     };
@@ -205,8 +237,9 @@ async fn receive(
         source: "webhook",
         received_at,
     };
-    let accepted = app.inbox.accept(delivery).await.map_err(|e| {
-        IngressError::Internal(format!("{name} delivery {}: {e}", verified.dedupe_key))
+    let accepted = app.inbox.accept(delivery).await.map_err(|e| match e {
+        InboxError::Unavailable(cause) => IngressError::Unavailable(cause),
+        e => IngressError::Internal(format!("{name} delivery {}: {e}", verified.dedupe_key)),
     })?;
     if accepted.duplicate {
         metrics::counter!("cancelwatch_deliveries_duplicate_total", "provider" => name)

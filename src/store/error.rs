@@ -96,6 +96,15 @@ impl Unavailable {
         }
     }
 
+    /// The stable error code an HTTP answer carries.
+    pub fn code(self) -> &'static str {
+        match self {
+            Unavailable::Full => "storage_full",
+            Unavailable::Busy => "storage_locked",
+            Unavailable::Io => "storage_unavailable",
+        }
+    }
+
     /// What it means, for an operator.
     pub fn describe(self) -> &'static str {
         match self {

@@ -5,6 +5,7 @@
 mod alerts;
 mod care;
 mod demo;
+mod edge;
 mod faults;
 mod ingress;
 mod ops;

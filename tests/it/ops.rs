@@ -21,7 +21,7 @@ use crate::support::sim::{simulator, Simulator};
 use crate::support::webhooks::thin_event;
 use crate::support::{both_engines, wait_until, Engine, TestApp, TestConfig};
 
-const TOKEN: &str = "test-admin-token-1234";
+const TOKEN: &str = "test-admin-token-0123456789abcdef-1234";
 const FAR: &str = "2099-01-01T00:00:00.000Z";
 const BULK: &str = "7f1c2d3e-0000-4000-8000-000000000001";
 

@@ -15,7 +15,7 @@ const STRIPE_KEY: &str = "sk_test_SECRETstripekey0001";
 const JUICE_KEY: &str = "juice_SECRETapikey0002";
 const WEBHOOK_SECRETS: [&str; 2] = ["whsec_SECRETcurrent0003", "whsec_SECRETold0004"];
 const BUSINESS_ID: &str = "biz_SECRETchecksum0005";
-const ADMIN_TOKEN: &str = "adm_SECRETtoken0006";
+const ADMIN_TOKEN: &str = "adm_SECRETtoken0006_0123456789abcdef";
 const SINK_SECRET: &str = "whsec_U0VDUkVUc2lua3NlY3JldDAwMDc=";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,9 +131,16 @@ impl AlertRows for PgConnection {
         &mut self,
         since: &str,
     ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        // Rows and summaries together (a summary whose minute holds `since`
+        // counts whole), as on SQLite.
         Ok(sqlx::query_as(
-            "SELECT provider, reason, COUNT(*) FROM refusals WHERE received_at >= $1
-             GROUP BY provider, reason ORDER BY provider, reason",
+            r#"SELECT provider, reason, SUM(n)::bigint FROM (
+                   SELECT provider, reason, COUNT(*) AS n FROM refusals
+                   WHERE received_at >= $1 GROUP BY provider, reason
+                   UNION ALL
+                   SELECT provider, reason, SUM(count) AS n FROM refusal_summaries
+                   WHERE minute >= substr($1, 1, 16) GROUP BY provider, reason) AS counted
+               GROUP BY provider, reason ORDER BY provider COLLATE "C", reason COLLATE "C""#,
         )
         .bind(since)
         .fetch_all(self)

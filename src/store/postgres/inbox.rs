@@ -323,30 +323,55 @@ pub async fn get(conn: &mut PgConnection, id: i64) -> Result<Option<Delivery>, S
     .await?)
 }
 
-/// Refusal records, one insert for the batch.
+/// Refusal records, one insert for the batch; those past the rate kept as
+/// rows (`summarized`) added to their minute's summary instead.
 pub async fn insert_refusals(
     conn: &mut PgConnection,
     refusals: &[&crate::store::model::Refusal],
 ) -> Result<(), StoreError> {
-    if refusals.is_empty() {
-        return Ok(());
+    let rows: Vec<&crate::store::model::Refusal> =
+        refusals.iter().copied().filter(|r| !r.summarized).collect();
+    if !rows.is_empty() {
+        let text = |f: fn(&crate::store::model::Refusal) -> Option<String>| {
+            rows.iter().map(|r| f(r)).collect::<Vec<_>>()
+        };
+        sqlx::query(
+            "INSERT INTO refusals (provider, reason, message, http_status, body_size, remote_addr,
+                                   received_at)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+                                  $6::text[], $7::text[])",
+        )
+        .bind(text(|r| Some(r.provider.clone())))
+        .bind(text(|r| Some(r.reason.clone())))
+        .bind(text(|r| Some(r.message.clone())))
+        .bind(
+            rows.iter()
+                .map(|r| i64::from(r.http_status))
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.body_size).collect::<Vec<_>>())
+        .bind(text(|r| r.remote_addr.clone()))
+        .bind(text(|r| Some(r.received_at.clone())))
+        .execute(&mut *conn)
+        .await?;
     }
-    let text = |f: fn(&crate::store::model::Refusal) -> Option<String>| {
-        refusals.iter().map(|r| f(r)).collect::<Vec<_>>()
-    };
-    sqlx::query(
-        "INSERT INTO refusals (provider, reason, message, http_status, body_size, remote_addr, received_at)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
-                              $6::text[], $7::text[])",
-    )
-    .bind(text(|r| Some(r.provider.clone())))
-    .bind(text(|r| Some(r.reason.clone())))
-    .bind(text(|r| Some(r.message.clone())))
-    .bind(refusals.iter().map(|r| i64::from(r.http_status)).collect::<Vec<_>>())
-    .bind(refusals.iter().map(|r| r.body_size).collect::<Vec<_>>())
-    .bind(text(|r| r.remote_addr.clone()))
-    .bind(text(|r| Some(r.received_at.clone())))
-    .execute(conn)
-    .await?;
+    for ((minute, provider, reason, source), (status, count)) in
+        crate::store::sqlite::refusals::summaries(refusals)
+    {
+        sqlx::query(
+            "INSERT INTO refusal_summaries (minute, provider, reason, source, http_status, count)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (minute, provider, reason, source)
+             DO UPDATE SET count = refusal_summaries.count + excluded.count",
+        )
+        .bind(minute)
+        .bind(provider)
+        .bind(reason)
+        .bind(source)
+        .bind(i64::from(status))
+        .bind(count)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }

@@ -153,7 +153,12 @@ pub async fn delete_refusals(pool: &PgPool, cutoff: &str) -> Result<u64, StoreEr
     let sql = "DELETE FROM refusals WHERE id IN (
                    SELECT id FROM refusals WHERE received_at < $2
                    LIMIT $1 FOR UPDATE SKIP LOCKED)";
-    in_batches(pool, sql, &[cutoff]).await
+    let rows = in_batches(pool, sql, &[cutoff]).await?;
+    // Summaries of minutes wholly before the cutoff, as on SQLite.
+    let sql = "DELETE FROM refusal_summaries WHERE ctid IN (
+                   SELECT ctid FROM refusal_summaries WHERE minute < substr($2, 1, 16)
+                   LIMIT $1 FOR UPDATE SKIP LOCKED)";
+    Ok(rows + in_batches(pool, sql, &[cutoff]).await?)
 }
 
 /// Deletes `provider`'s final deliveries received before `cutoff` (their

@@ -553,19 +553,13 @@ pub async fn pending_refunds_opened_before(
     .map_err(StoreError::from)
 }
 
-/// Refused deliveries received at or after `since`, per (provider, reason).
+/// Refused deliveries received at or after `since`, per (provider, reason),
+/// those counted in summaries included.
 pub async fn refusals_since(
     tx: &mut Tx<'_>,
     since: &str,
 ) -> Result<Vec<(String, String, i64)>, StoreError> {
-    sqlx::query_as::<_, (String, String, i64)>(
-        "SELECT provider, reason, COUNT(*) FROM refusals WHERE received_at >= ?
-         GROUP BY provider, reason ORDER BY provider, reason",
-    )
-    .bind(since)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(StoreError::from)
+    super::refusals::counts_since(tx, since).await
 }
 
 /// The inbox delivery with row id `id`.

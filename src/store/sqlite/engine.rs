@@ -463,8 +463,7 @@ async fn insert_batch(
     refusals: &[&Refusal],
 ) -> Result<Vec<Option<inbox::Inserted>>, StoreError> {
     let now = crate::time::now_str();
-    let statements = rows.len().div_ceil(inbox::ROWS_PER_INSERT)
-        + refusals.len().div_ceil(refusals::ROWS_PER_INSERT);
+    let statements = rows.len().div_ceil(inbox::ROWS_PER_INSERT) + refusals::statements(refusals);
     if rows.len() > inbox::ROWS_PER_INSERT {
         transaction_on_handle(conn, |conn| {
             let added = inbox::insert_rows(conn, rows, &now)?;

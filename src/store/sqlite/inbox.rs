@@ -739,6 +739,7 @@ mod group_commit_tests {
                 body_size: Some(2),
                 remote_addr: None,
                 received_at: crate::time::now_str(),
+                summarized: false,
             });
         }
         let distinct = deliveries - again;

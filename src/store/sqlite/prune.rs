@@ -44,9 +44,10 @@ pub async fn drop_bodies(pool: &SqlitePool, cutoff: &str) -> Result<u64, StoreEr
     .await
 }
 
-/// Deletes refusal records received before `cutoff`.
+/// Deletes refusal records received before `cutoff`, and the summaries of
+/// the minutes before it.
 pub async fn delete_refusals(pool: &SqlitePool, cutoff: &str) -> Result<u64, StoreError> {
-    in_batches(pool, || {
+    let rows = in_batches(pool, || {
         sqlx::query(
             "DELETE FROM refusals WHERE id IN (
                 SELECT id FROM refusals WHERE received_at < ? LIMIT ?)",
@@ -54,7 +55,14 @@ pub async fn delete_refusals(pool: &SqlitePool, cutoff: &str) -> Result<u64, Sto
         .bind(cutoff)
         .bind(BATCH)
     })
-    .await
+    .await?;
+    let summaries = in_batches(pool, || {
+        sqlx::query(super::refusals::DELETE_OLD_SUMMARIES)
+            .bind(cutoff)
+            .bind(BATCH)
+    })
+    .await?;
+    Ok(rows + summaries)
 }
 
 /// Deletes `provider`'s final deliveries received before `cutoff` (their

@@ -16,7 +16,7 @@ use crate::support::sim::{app_with_simulator, wait_step, Delivery, DeliveryOptio
 use crate::support::Engine;
 use crate::support::{wait_until, TestApp, TestConfig};
 
-const TOKEN: &str = "juice-test-admin-token";
+const TOKEN: &str = "juice-test-admin-token-0123456789abcdef";
 
 /// A daemon with quick workers and the `/v1` API on, and its simulator.
 async fn start_pair(engine: Engine) -> (Simulator, TestApp) {

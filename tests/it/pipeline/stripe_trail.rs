@@ -18,7 +18,7 @@ use crate::support::Engine;
 use crate::support::{wait_for, wait_until, TestApp, TestConfig};
 
 /// The admin token of the daemons whose `/v1` a test reads.
-const TOKEN: &str = "adm-stripe-trail";
+const TOKEN: &str = "adm-stripe-trail-0123456789abcdef0123";
 
 both_engines! {
     /// An outbound transfer presented in euros and paid from a dollar account

@@ -79,6 +79,15 @@ impl BinaryDaemon {
     /// machine). Started again with the same configuration, it keeps its
     /// database (and its address, [`TestConfig::on_a_fixed_port`]).
     pub async fn start(config: &TestConfig) -> BinaryDaemon {
+        BinaryDaemon::start_with(config, |_| {}).await
+    }
+
+    /// [`BinaryDaemon::start`] with `adjust` applied to its command first
+    /// (limits, environment).
+    pub async fn start_with(
+        config: &TestConfig,
+        adjust: impl FnOnce(&mut Command),
+    ) -> BinaryDaemon {
         let mut serve = config.config().clone();
         if serve.server.listen.ends_with(":0") {
             serve.server.listen = format!("127.0.0.1:{}", free_port());
@@ -86,13 +95,14 @@ impl BinaryDaemon {
         let url = format!("http://{}", serve.server.listen);
         let port = url.rsplit(':').next().unwrap();
         let log = config.dir().join(format!("serve-{port}.log"));
-        let child = command(config.dir())
+        let mut serve_command = command(config.dir());
+        serve_command
             .arg("serve")
             .env("CANCELWATCH_CONFIG", write_toml(config.dir(), &serve))
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(&log).unwrap());
+        adjust(&mut serve_command);
+        let child = serve_command.spawn().unwrap();
         let daemon = BinaryDaemon {
             child,
             url,

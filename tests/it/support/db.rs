@@ -1092,6 +1092,20 @@ pub async fn refusals(db: &impl Database) -> Vec<Refusal> {
     .unwrap())
 }
 
+/// Refusals counted in summaries (not kept as rows), and the summaries.
+pub async fn refusal_summaries(db: &impl Database) -> (i64, i64) {
+    let sql = "SELECT COALESCE(SUM(count), 0)::bigint, COUNT(*)::bigint FROM refusal_summaries";
+    let sql = match db.reader() {
+        // SQLite has no `::` casts; its integers are 64-bit already.
+        Pool::Sqlite(_) => "SELECT COALESCE(SUM(count), 0), COUNT(*) FROM refusal_summaries",
+        Pool::Postgres(_) => sql,
+    };
+    on!(db.reader(), |p| sqlx::query_as(sql)
+        .fetch_one(p)
+        .await
+        .unwrap())
+}
+
 /// A refusal as a fixture (`http_status` 401).
 pub async fn seed_refusal(db: &impl Database, provider: &str, reason: &str, received_at: &str) {
     on!(db.writer(), |p| sqlx::query(
