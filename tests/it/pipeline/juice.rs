@@ -154,7 +154,9 @@ both_engines! {
         assert!(kept
             .iter()
             .any(|i| i["amount"] == 700 && i.get("reference").is_none()));
-        assert_eq!(app.metric(series).await, before + 1);
+        // At least once: the counter is the process's, which this test's
+        // run on the other engine, beside it, may count too.
+        assert!(app.metric(series).await > before);
         app.stop().await;
     }
 }
