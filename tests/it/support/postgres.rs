@@ -62,3 +62,117 @@ impl PgDatabase {
         let _ = conn.close().await;
     }
 }
+
+/// Connections of a test's own to its PostgreSQL database, for what it
+/// checks there: the one place these tests hold PostgreSQL SQL.
+#[derive(Clone)]
+pub struct PgLook {
+    pool: sqlx::PgPool,
+}
+
+/// A transition without its times and trigger, as
+/// [`super::db::HistoryRow`] is on SQLite.
+pub type HistoryRow = super::db::HistoryRow;
+
+/// A refund without its times and trigger: resource id, status, amount,
+/// currency.
+pub type RefundRow = (String, String, Option<i64>, Option<String>);
+
+/// A delivery's lease: its id and the replica holding it.
+pub type Lease = (i64, uuid::Uuid);
+
+impl PgDatabase {
+    /// A look into this database (two connections at most).
+    pub async fn look(&self) -> PgLook {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.url)
+            .await
+            .unwrap();
+        PgLook { pool }
+    }
+}
+
+impl PgLook {
+    /// Every stored delivery's dedupe key and state, in arrival order.
+    pub async fn deliveries(&self) -> Vec<(String, String)> {
+        sqlx::query_as("SELECT dedupe_key, state FROM inbox ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Deliveries waiting for, or in, processing.
+    pub async fn unfinished(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM inbox WHERE state IN ('pending', 'processing', 'failed')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// The leases held now.
+    pub async fn leases(&self) -> Vec<Lease> {
+        sqlx::query_as(
+            "SELECT id, lease_owner FROM inbox
+             WHERE state = 'processing' AND lease_owner IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// The registered replicas whose own connection is gone.
+    pub async fn gone_replicas(&self) -> Vec<uuid::Uuid> {
+        sqlx::query_scalar(
+            "SELECT owner FROM replicas r WHERE NOT EXISTS (
+                 SELECT 1 FROM pg_stat_activity a
+                 WHERE a.pid = r.backend_pid AND a.backend_start = r.backend_start)",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Every transition, in the order recorded.
+    pub async fn history_rows(&self) -> Vec<HistoryRow> {
+        sqlx::query_as(
+            "SELECT kind, resource_id, parent_id, from_status, to_status
+             FROM transitions ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Every refund, by resource id.
+    pub async fn refunds(&self) -> Vec<RefundRow> {
+        sqlx::query_as(
+            "SELECT resource_id, status, amount, currency FROM refunds ORDER BY resource_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Every alert's rule and resource id, in that order.
+    pub async fn alerts(&self) -> Vec<(String, String)> {
+        sqlx::query_as("SELECT rule, resource_id FROM alerts ORDER BY rule, resource_id")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Outbox rows not yet delivered.
+    pub async fn undelivered_alerts(&self) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM alert_outbox WHERE state <> 'delivered'")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
