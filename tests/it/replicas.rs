@@ -29,7 +29,9 @@ const KILLS: usize = 12;
 /// at random, the leader among them).
 const LEADER_ROUNDS: [usize; 3] = [1, 5, 9];
 /// Instances of every simulator scenario in the load.
-const COPIES: usize = 8;
+const COPIES: usize = 16;
+/// How long a round's deliveries take to arrive.
+const ROUND_MS: u64 = 600;
 /// The log line of a lease refused by the backstop index: the lease lock
 /// let two deliveries of one resource through.
 const BACKSTOP: &str = "inbox_one_lease_per_resource";
@@ -96,7 +98,16 @@ type Answers = Arc<Mutex<HashMap<String, Vec<bool>>>>;
 /// Sends `d` until a replica acknowledges it, starting with `urls[first]`
 /// and moving on to the next on a failure, as a provider retries
 /// (bounded: 60 s); records the answer.
-async fn send(client: reqwest::Client, urls: Arc<Vec<String>>, first: usize, d: Delivery, answers: Answers) {
+async fn send(
+    client: reqwest::Client,
+    urls: Arc<Vec<String>>,
+    first: usize,
+    d: Delivery,
+    answers: Answers,
+    after: Duration,
+) {
+    // When the provider sends it: the load's pace, part of the scenario.
+    tokio::time::sleep(after).await;
     for attempt in 0..1200 {
         let url = &urls[(first + attempt) % urls.len()];
         if let Some(answer) = acknowledge(&client, url, &d).await {
@@ -164,7 +175,8 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
         let urls = Arc::new(vec![app.url.clone()]);
         let mut sends = JoinSet::new();
         for d in &deliveries {
-            sends.spawn(send(client.clone(), urls.clone(), 0, d.clone(), answers.clone()));
+            let d = d.clone();
+            sends.spawn(send(client.clone(), urls.clone(), 0, d, answers.clone(), Duration::ZERO));
         }
         while let Some(r) = sends.join_next().await {
             r.unwrap();
@@ -195,17 +207,21 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
     let mut kills = Vec::new();
     let chunk = deliveries.len().div_ceil(KILLS);
     for (round, load) in deliveries.chunks(chunk).enumerate() {
-        // The round's deliveries, each twice: the copies to two replicas
-        // at once, so that either may get the first.
+        // The round's deliveries spread over it, each twice: the copies to
+        // two replicas at about the same time, so that either may get the
+        // first.
         let mut sends = JoinSet::new();
         for (i, d) in load.iter().enumerate() {
+            let at = rand::thread_rng().gen_range(0..ROUND_MS);
             for copy in 0..2 {
                 let first = round + i + copy;
-                sends.spawn(send(client.clone(), urls.clone(), first, d.clone(), answers.clone()));
+                let after = Duration::from_millis(at + copy as u64 * 5);
+                let (d, answers) = (d.clone(), answers.clone());
+                sends.spawn(send(client.clone(), urls.clone(), first, d, answers, after));
             }
         }
         // A random moment in the round: the scenario of this test.
-        let pause = rand::thread_rng().gen_range(0..300);
+        let pause = rand::thread_rng().gen_range(ROUND_MS / 4..ROUND_MS);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let leading = leader(&client, &urls).await;
         let target = match leading {
@@ -276,11 +292,13 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
 
     for (n, k) in kills.iter().enumerate() {
         eprintln!(
-            "crash test, kill {}: {}{} lease(s) held, taken up {} ms after the kill{}",
+            "crash test, kill {}: {}{}{}",
             n + 1,
             if k.leader { "the leader, " } else { "" },
-            k.held,
-            k.taken_up.as_millis(),
+            match k.held {
+                0 => "no lease held".to_string(),
+                n => format!("{n} lease(s) held, taken up {} ms after the kill", k.taken_up.as_millis()),
+            },
             k.new_leader
                 .map(|d| format!(", another replica led {} ms after it", d.as_millis()))
                 .unwrap_or_default()
