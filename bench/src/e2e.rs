@@ -170,9 +170,7 @@ impl Reader {
 /// trigger columns of `transitions`. The daemon's API would page through
 /// every transition in the daemon's own process, whose CPU time the run
 /// measures.
-async fn transitions_triggered_by_events(
-    db: &DatabaseAt,
-) -> anyhow::Result<Vec<(String, String)>> {
+async fn transitions_triggered_by_events(db: &DatabaseAt) -> anyhow::Result<Vec<(String, String)>> {
     let reader = Reader::open(db).await?;
     for _ in 0..600 {
         let unfinished = reader

@@ -202,7 +202,12 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut round: Vec<(&Path, bool, Engine, String)> = Vec::new();
     if args.compare {
         round.push((&this, true, Engine::Sqlite, "group commit".into()));
-        round.push((&this, false, Engine::Sqlite, "one commit per request".into()));
+        round.push((
+            &this,
+            false,
+            Engine::Sqlite,
+            "one commit per request".into(),
+        ));
     } else if let Some(server) = &args.database_url {
         let mode = !args.no_group_commit;
         round.push((&this, mode, Engine::Sqlite, "SQLite".into()));
@@ -307,7 +312,9 @@ async fn run_once(
         ports.push(port);
     }
     for (daemon, port) in daemons.iter_mut().zip(&ports) {
-        daemon.wait_ready(&format!("http://127.0.0.1:{port}")).await?;
+        daemon
+            .wait_ready(&format!("http://127.0.0.1:{port}"))
+            .await?;
     }
     // The first replica's metrics stand for all (each sees its share of
     // the load); CPU time is the sum over the replicas.

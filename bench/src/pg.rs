@@ -36,13 +36,19 @@ impl RunDatabase {
     pub async fn drop(self) {
         let dropped = async {
             let mut conn = PgConnection::connect(&self.server).await?;
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-                .execute(&mut conn)
-                .await?;
+            sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await?;
             conn.close().await
         };
         if let Err(e) = dropped.await {
-            eprintln!("cancelwatch-bench: could not drop database {}: {e}", self.name);
+            eprintln!(
+                "cancelwatch-bench: could not drop database {}: {e}",
+                self.name
+            );
         }
     }
 }

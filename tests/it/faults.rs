@@ -11,7 +11,9 @@ use rand::Rng;
 
 use crate::support::binary::BinaryDaemon;
 use crate::support::db::{self, Database, HistoryRow};
-use crate::support::sim::{dedupe_key, final_states, post_delivery, simulator, Delivery, Simulator};
+use crate::support::sim::{
+    dedupe_key, final_states, post_delivery, simulator, Delivery, Simulator,
+};
 use crate::support::{wait_until, TestApp, TestConfig};
 
 /// A daemon fetching from `sim`, retrying quickly and long.

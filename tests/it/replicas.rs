@@ -160,8 +160,10 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
     let sim = simulator(None).await;
     // Answers take a while, as a remote provider's do: fetches that were
     // let run at once would overlap, and leases are held when a kill lands.
-    sim.faults()
-        .latency(Some((Duration::from_millis(20), Duration::from_millis(120))));
+    sim.faults().latency(Some((
+        Duration::from_millis(20),
+        Duration::from_millis(120),
+    )));
     let (_scenarios, deliveries) = final_states(&sim, COPIES);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -176,7 +178,14 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
         let mut sends = JoinSet::new();
         for d in &deliveries {
             let d = d.clone();
-            sends.spawn(send(client.clone(), urls.clone(), 0, d, answers.clone(), Duration::ZERO));
+            sends.spawn(send(
+                client.clone(),
+                urls.clone(),
+                0,
+                d,
+                answers.clone(),
+                Duration::ZERO,
+            ));
         }
         while let Some(r) = sends.join_next().await {
             r.unwrap();
@@ -189,7 +198,10 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
         expected
     };
     reference.drop().await;
-    assert!(!expected.0.is_empty() && !expected.3.is_empty(), "the load records transitions and raises alerts");
+    assert!(
+        !expected.0.is_empty() && !expected.3.is_empty(),
+        "the load records transitions and raises alerts"
+    );
 
     // Three replicas on one database, the load spread over them.
     let receiver = TestReceiver::start().await;
@@ -290,6 +302,11 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
     )
     .await;
 
+    eprintln!(
+        "crash test: {} deliveries, each sent twice, {REPLICAS} replicas, {} SIGKILLs",
+        deliveries.len(),
+        kills.len()
+    );
     for (n, k) in kills.iter().enumerate() {
         eprintln!(
             "crash test, kill {}: {}{}{}",
@@ -297,7 +314,10 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
             if k.leader { "the leader, " } else { "" },
             match k.held {
                 0 => "no lease held".to_string(),
-                n => format!("{n} lease(s) held, taken up {} ms after the kill", k.taken_up.as_millis()),
+                n => format!(
+                    "{n} lease(s) held, taken up {} ms after the kill",
+                    k.taken_up.as_millis()
+                ),
             },
             k.new_leader
                 .map(|d| format!(", another replica led {} ms after it", d.as_millis()))
@@ -305,7 +325,10 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
         );
     }
     assert!(kills.len() >= 10, "{} kills", kills.len());
-    assert!(kills.iter().any(|k| k.leader), "the leader was never killed");
+    assert!(
+        kills.iter().any(|k| k.leader),
+        "the leader was never killed"
+    );
     assert!(
         kills.iter().any(|k| k.held > 0),
         "no kill landed while the killed replica held a lease"
@@ -335,7 +358,10 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
     // The history equals the undisturbed one, nothing doubled or missing.
     let got = recorded(&look).await;
     assert_eq!(got.1.len(), got.0.len(), "a transition was recorded twice");
-    assert_eq!(got.0, expected.0, "transitions differ from the undisturbed run");
+    assert_eq!(
+        got.0, expected.0,
+        "transitions differ from the undisturbed run"
+    );
     assert_eq!(got.2, expected.2, "refunds differ from the undisturbed run");
     assert_eq!(got.3, expected.3, "alerts differ from the undisturbed run");
 
@@ -360,11 +386,18 @@ async fn three_replicas_sigkilled_at_random_lose_nothing_and_double_nothing() {
     .await;
     for r in &mut replicas {
         logs.push(r.log_text());
-        assert!(r.terminate().await.is_some_and(|s| s.success()), "{}", r.log_text());
+        assert!(
+            r.terminate().await.is_some_and(|s| s.success()),
+            "{}",
+            r.log_text()
+        );
         logs.push(r.log_text());
     }
     for log in &logs {
-        assert!(!log.contains(BACKSTOP), "the backstop index refused a lease: {log}");
+        assert!(
+            !log.contains(BACKSTOP),
+            "the backstop index refused a lease: {log}"
+        );
     }
     look.close().await;
     pg.drop().await;
