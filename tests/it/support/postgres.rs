@@ -172,6 +172,23 @@ impl PgLook {
             .unwrap()
     }
 
+    /// How often the index `name` was scanned and how many entries those
+    /// scans read, as the statistics collector has them now.
+    pub async fn index_reads(&self, name: &str) -> (i64, i64) {
+        let mut conn = self.pool.acquire().await.unwrap();
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query_as(
+            "SELECT idx_scan, idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1",
+        )
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+    }
+
     pub async fn close(self) {
         self.pool.close().await;
     }
