@@ -30,6 +30,14 @@ pub struct CpuTime {
 }
 
 impl CpuTime {
+    /// The CPU time of two processes together.
+    pub fn plus(self, other: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+
     /// Reads it for `pid` (`None` without `/proc`).
     pub fn of(pid: u32) -> Option<CpuTime> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -75,9 +83,12 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
+    /// Starts `exe serve` on `port`, on the database at `database_url`
+    /// (its configuration file, empty, goes to `dir`).
     pub fn spawn(
         exe: &Path,
         dir: &Path,
+        database_url: &str,
         port: u16,
         group_commit: bool,
         args: &BenchArgs,
@@ -93,10 +104,7 @@ impl DaemonProcess {
             // Every connection of the load comes from one address, as from a
             // proxy: it may hold them all.
             .env("CANCELWATCH_SERVER__MAX_CONNECTIONS_PER_IP", "2048")
-            .env(
-                "CANCELWATCH_DATABASE__URL",
-                format!("sqlite://{}/bench.db", dir.display()),
-            )
+            .env("CANCELWATCH_DATABASE__URL", database_url)
             .env(
                 "CANCELWATCH_DATABASE__GROUP_COMMIT",
                 group_commit.to_string(),

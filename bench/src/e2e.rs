@@ -1,7 +1,7 @@
 //! End to end: deliveries about resources a simulator knows, and how long
 //! the daemon took to record each.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,9 +62,18 @@ impl E2eWorld {
     }
 }
 
+/// Where the daemon under test keeps its data.
+#[derive(Debug, Clone)]
+pub enum DatabaseAt {
+    /// Its SQLite file.
+    Sqlite(PathBuf),
+    /// Its PostgreSQL database, shared by every replica.
+    Postgres(String),
+}
+
 /// Waits (up to 60 s) until the daemon has processed every accepted delivery, then measures
 /// send-to-record times from the daemon's own database.
-pub async fn e2e_report(db: &Path, sent: &[(String, i64)]) -> anyhow::Result<E2eReport> {
+pub async fn e2e_report(db: &DatabaseAt, sent: &[(String, i64)]) -> anyhow::Result<E2eReport> {
     let recorded = transitions_triggered_by_events(db).await?;
     let sent_at: std::collections::HashMap<&str, i64> =
         sent.iter().map(|(id, t)| (id.as_str(), *t)).collect();
@@ -94,45 +103,89 @@ pub async fn e2e_report(db: &Path, sent: &[(String, i64)]) -> anyhow::Result<E2e
     })
 }
 
+/// Asking what is left is a few index range scans (counting the
+/// transitions would read every row, snapshots and all, ten times a
+/// second, beside the daemon still at work); the rows are read once.
+const UNFINISHED: &str =
+    "SELECT count(*) FROM inbox WHERE state IN ('pending', 'processing', 'failed')";
+const RECORDED: &str = "SELECT trigger_id, observed_at FROM transitions
+     WHERE trigger_type = 'event' AND trigger_id IS NOT NULL ORDER BY id";
+
+/// A connection to the daemon's database, of either engine.
+enum Reader {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Reader {
+    async fn open(db: &DatabaseAt) -> anyhow::Result<Reader> {
+        Ok(match db {
+            DatabaseAt::Sqlite(path) => Reader::Sqlite(
+                sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(
+                        sqlx::sqlite::SqliteConnectOptions::new()
+                            .filename(path)
+                            .read_only(true),
+                    )
+                    .await
+                    .context("opening the daemon's database")?,
+            ),
+            DatabaseAt::Postgres(url) => Reader::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(url)
+                    .await
+                    .context("connecting to the daemons' database")?,
+            ),
+        })
+    }
+
+    async fn unfinished(&self) -> Result<i64, sqlx::Error> {
+        match self {
+            Reader::Sqlite(p) => sqlx::query_scalar(UNFINISHED).fetch_one(p).await,
+            Reader::Postgres(p) => sqlx::query_scalar(UNFINISHED).fetch_one(p).await,
+        }
+    }
+
+    async fn recorded(&self) -> Result<Vec<(String, String)>, sqlx::Error> {
+        match self {
+            Reader::Sqlite(p) => sqlx::query_as(RECORDED).fetch_all(p).await,
+            Reader::Postgres(p) => sqlx::query_as(RECORDED).fetch_all(p).await,
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Reader::Sqlite(p) => p.close().await,
+            Reader::Postgres(p) => p.close().await,
+        }
+    }
+}
+
 /// (event id, observed at) of every transition an event triggered, read
-/// from the daemon's database file (read-only) once the daemon has nothing
+/// from the daemon's database (read-only) once the daemon has nothing
 /// left to process, or after 60 s. The one place the bench reads the
 /// daemon's schema: the states of unfinished deliveries in `inbox` and the
 /// trigger columns of `transitions`. The daemon's API would page through
 /// every transition in the daemon's own process, whose CPU time the run
 /// measures.
-async fn transitions_triggered_by_events(db: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(db)
-                .read_only(true),
-        )
-        .await
-        .context("opening the daemon's database")?;
-    // Asking what is left is a few index range scans (counting the
-    // transitions would read every row, snapshots and all, ten times a
-    // second, beside the daemon still at work); the rows are read once.
+async fn transitions_triggered_by_events(db: &DatabaseAt) -> anyhow::Result<Vec<(String, String)>> {
+    let reader = Reader::open(db).await?;
     for _ in 0..600 {
-        let unfinished: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM inbox WHERE state IN ('pending', 'processing', 'failed')",
-        )
-        .fetch_one(&pool)
-        .await
-        .context("counting the daemon's unfinished deliveries")?;
+        let unfinished = reader
+            .unfinished()
+            .await
+            .context("counting the daemon's unfinished deliveries")?;
         if unfinished == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let recorded = sqlx::query_as(
-        "SELECT trigger_id, observed_at FROM transitions
-         WHERE trigger_type = 'event' AND trigger_id IS NOT NULL ORDER BY id",
-    )
-    .fetch_all(&pool)
-    .await
-    .context("reading the daemon's transitions")?;
-    pool.close().await;
+    let recorded = reader
+        .recorded()
+        .await
+        .context("reading the daemon's transitions")?;
+    reader.close().await;
     Ok(recorded)
 }

@@ -15,6 +15,11 @@
 //! It sees the daemon only as a client does: its webhook endpoint, `/readyz`,
 //! `/metrics`, `/proc`, and (end to end) its database file, read-only.
 //!
+//! `--database-url postgres://…` (a PostgreSQL server) runs the same load
+//! against SQLite and then against PostgreSQL, a fresh database of the
+//! run's own on that server, served by `--replicas N` daemons with the
+//! connections spread over them.
+//!
 //! ```sh
 //! cargo build --release && cargo run --release -p cancelwatch-bench -- --duration 10 --rate 2000
 //! ```
@@ -23,6 +28,7 @@ mod daemon;
 mod e2e;
 mod load;
 mod metrics;
+mod pg;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +41,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 
 use daemon::{free_port, proc_status, CpuTime, DaemonProcess};
-use e2e::{e2e_report, E2eWorld};
+use e2e::{e2e_report, DatabaseAt, E2eWorld};
 use load::{delivery, Connection, Counters};
 use metrics::{ack_p99_bound_ms, ack_step_bounds_ms, daemon_metrics, writer_uses};
 use report::Report;
@@ -93,6 +99,15 @@ pub struct BenchArgs {
     /// default: rate × duration, or 40000 at full speed.
     #[arg(long)]
     pub e2e_events: Option<usize>,
+    /// A PostgreSQL server (`postgres://user@host:port/db`): each round
+    /// runs on SQLite and then on PostgreSQL, in a database created on this
+    /// server for the run and dropped after it.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["compare", "against"])]
+    pub database_url: Option<String>,
+    /// How many daemons serve the PostgreSQL database at once, the
+    /// connections spread over them (with `--database-url`).
+    #[arg(long, default_value_t = 1, requires = "database_url")]
+    pub replicas: usize,
     /// Extra settings for the daemon under test, as KEY=VALUE environment
     /// variables (e.g. CANCELWATCH_WORKERS__CONCURRENCY=2); repeatable.
     #[arg(long = "daemon-env", value_name = "KEY=VALUE")]
@@ -155,8 +170,13 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !["full", "normal"].contains(&args.synchronous.as_str()) {
         bail!("--synchronous must be full or normal");
     }
-    if args.connections == 0 || args.duration == 0 || args.repeat == 0 {
-        bail!("--connections, --duration and --repeat must be above 0");
+    if args.connections == 0 || args.duration == 0 || args.repeat == 0 || args.replicas == 0 {
+        bail!("--connections, --duration, --repeat and --replicas must be above 0");
+    }
+    if let Some(url) = &args.database_url {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!("--database-url must be a postgres:// URL");
+        }
     }
     let this = daemon_binary(&args)?;
     if let Some(other) = &args.against {
@@ -178,27 +198,46 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.duration,
         args.synchronous
     );
-    // (daemon binary, group commit, label) of each run of one round.
-    let mut round: Vec<(&Path, bool, String)> = Vec::new();
+    // (daemon binary, group commit, engine, label) of each run of one round.
+    let mut round: Vec<(&Path, bool, Engine, String)> = Vec::new();
     if args.compare {
-        round.push((&this, true, "group commit".into()));
-        round.push((&this, false, "one commit per request".into()));
+        round.push((&this, true, Engine::Sqlite, "group commit".into()));
+        round.push((
+            &this,
+            false,
+            Engine::Sqlite,
+            "one commit per request".into(),
+        ));
+    } else if let Some(server) = &args.database_url {
+        let mode = !args.no_group_commit;
+        round.push((&this, mode, Engine::Sqlite, "SQLite".into()));
+        let replicas = args.replicas;
+        let label = format!(
+            "PostgreSQL, {replicas} replica{}",
+            if replicas == 1 { "" } else { "s" }
+        );
+        let pg = Engine::Postgres {
+            server: server.clone(),
+            replicas,
+        };
+        round.push((&this, mode, pg, label));
     } else {
         let mode = !args.no_group_commit;
-        round.push((&this, mode, "this build".into()));
+        round.push((&this, mode, Engine::Sqlite, "this build".into()));
         if let Some(other) = &args.against {
-            round.push((other, mode, format!("against {}", other.display())));
+            let label = format!("against {}", other.display());
+            round.push((other, mode, Engine::Sqlite, label));
         }
     }
     let mut reports = Vec::new();
     for n in 1..=args.repeat {
-        for (daemon, group_commit, label) in &round {
+        for (daemon, group_commit, engine, label) in &round {
             let label = if args.repeat > 1 {
                 format!("{label}, run {n}")
             } else {
                 label.clone()
             };
-            let report = run_once(&args, daemon, *group_commit, &label).await?;
+            let report = run_once(&args, daemon, *group_commit, engine, &label).await?;
             report.print();
             reports.push(report);
         }
@@ -211,7 +250,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             );
         }
     }
-    if reports.len() > 2 || args.against.is_some() {
+    if reports.len() > 2 || args.against.is_some() || args.database_url.is_some() {
         println!("== runs side by side");
         for report in &reports {
             println!("{}", report.summary());
@@ -220,10 +259,20 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The storage engine of a run.
+#[derive(Debug, Clone)]
+enum Engine {
+    /// A new SQLite file in the run's temporary folder, one daemon.
+    Sqlite,
+    /// A new database on this PostgreSQL server, `replicas` daemons.
+    Postgres { server: String, replicas: usize },
+}
+
 async fn run_once(
     args: &BenchArgs,
     daemon_bin: &Path,
     group_commit: bool,
+    engine: &Engine,
     label: &str,
 ) -> anyhow::Result<Report> {
     let tmp = match &args.dir {
@@ -231,29 +280,55 @@ async fn run_once(
         None => tempfile::tempdir(),
     }
     .context("creating a temporary folder for the database")?;
-    let port = free_port()?;
+    let (database, run_db, replicas) = match engine {
+        Engine::Sqlite => (DatabaseAt::Sqlite(tmp.path().join("bench.db")), None, 1),
+        Engine::Postgres { server, replicas } => {
+            let db = pg::RunDatabase::create(server).await?;
+            (DatabaseAt::Postgres(db.url.clone()), Some(db), *replicas)
+        }
+    };
+    let database_url = match &database {
+        DatabaseAt::Sqlite(path) => format!("sqlite://{}", path.display()),
+        DatabaseAt::Postgres(url) => url.clone(),
+    };
     let world = if args.e2e {
         Some(E2eWorld::prepare(args).await?)
     } else {
         None
     };
-    let mut daemon = DaemonProcess::spawn(
-        daemon_bin,
-        tmp.path(),
-        port,
-        group_commit,
-        args,
-        world.as_ref().map(|w| w.sim.base_url()),
-    )?;
-    let url = format!("http://127.0.0.1:{port}");
-    daemon.wait_ready(&url).await?;
-    let cpu_at_start = (
-        CpuTime::of(daemon.child.id()),
-        CpuTime::of(std::process::id()),
-    );
+    let mut ports = Vec::with_capacity(replicas);
+    let mut daemons = Vec::with_capacity(replicas);
+    for _ in 0..replicas {
+        let port = free_port()?;
+        daemons.push(DaemonProcess::spawn(
+            daemon_bin,
+            tmp.path(),
+            &database_url,
+            port,
+            group_commit,
+            args,
+            world.as_ref().map(|w| w.sim.base_url()),
+        )?);
+        ports.push(port);
+    }
+    for (daemon, port) in daemons.iter_mut().zip(&ports) {
+        daemon
+            .wait_ready(&format!("http://127.0.0.1:{port}"))
+            .await?;
+    }
+    // The first replica's metrics stand for all (each sees its share of
+    // the load); CPU time is the sum over the replicas.
+    let url = format!("http://127.0.0.1:{}", ports[0]);
+    let cpu_of_daemons = |daemons: &[DaemonProcess]| {
+        daemons
+            .iter()
+            .map(|d| CpuTime::of(d.child.id()))
+            .try_fold(CpuTime::default(), |sum, t| Some(sum.plus(t?)))
+    };
+    let cpu_at_start = (cpu_of_daemons(&daemons), CpuTime::of(std::process::id()));
     // Each thread costs memory (a stack, an allocator heap): a count that
     // climbs under load explains a peak RSS that does.
-    let pid = daemon.child.id();
+    let pid = daemons[0].child.id();
     let most_threads = Arc::new(AtomicU64::new(0));
     let threads = tokio::spawn({
         let most = most_threads.clone();
@@ -265,15 +340,17 @@ async fn run_once(
         }
     });
 
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let addrs: Vec<std::net::SocketAddr> =
+        ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
     let counters = Arc::new(Counters::default());
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     let next_id = Arc::new(AtomicU64::new(0));
-    let run_tag = format!("{}_{}", std::process::id(), port);
+    let run_tag = format!("{}_{}", std::process::id(), ports[0]);
     for w in 0..args.connections {
-        let mut conn = Connection::new(addr);
+        // The connections spread over the replicas, as a load balancer would.
+        let mut conn = Connection::new(addrs[w % addrs.len()]);
         let counters = counters.clone();
         let next_id = next_id.clone();
         let run_tag = run_tag.clone();
@@ -340,23 +417,31 @@ async fn run_once(
     }
     let seconds = started.elapsed().as_secs_f64();
     let e2e_ms = match &world {
-        Some(_) => Some(e2e_report(&tmp.path().join("bench.db"), &sent).await?),
+        Some(_) => Some(e2e_report(&database, &sent).await?),
         None => None,
     };
     let metrics = daemon_metrics(&url).await;
     let writer_uses = writer_uses(&metrics, started.elapsed().as_secs_f64());
     let daemon_ack_p99_ms = ack_p99_bound_ms(&metrics);
     let daemon_ack_steps = ack_step_bounds_ms(&metrics);
-    let daemon_cpu = CpuTime::of(daemon.child.id())
+    let daemon_cpu = cpu_of_daemons(&daemons)
         .zip(cpu_at_start.0)
         .map(|(end, start)| end.since(start));
     let bench_cpu = CpuTime::of(std::process::id())
         .zip(cpu_at_start.1)
         .map(|(end, start)| end.since(start));
-    let peak_rss_kib = proc_status(pid, "VmHWM:");
+    let peak_rss_kib = daemons
+        .iter()
+        .filter_map(|d| proc_status(d.child.id(), "VmHWM:"))
+        .max();
     threads.abort();
     let peak_threads = Some(most_threads.load(Ordering::Relaxed)).filter(|n| *n > 0);
-    daemon.stop();
+    for d in &mut daemons {
+        d.stop();
+    }
+    if let Some(db) = run_db {
+        db.drop().await;
+    }
     Ok(Report {
         label: label.to_string(),
         seconds,

@@ -26,6 +26,8 @@ struct FaultState {
     /// Requests whose path holds one of these wait that long, every time.
     hang_paths: Vec<(String, Duration)>,
     refuse_all: bool,
+    /// Every request waits a random time in this range before its answer.
+    latency: Option<(Duration, Duration)>,
     /// For the next cancels: what follows once the cancel is applied.
     after_cancel_left: u32,
     after_cancel: Option<AfterCancel>,
@@ -136,6 +138,22 @@ impl Faults {
         self.state().refuse_all = on;
     }
 
+    /// Every API request waits a random time from `min` up to `max` before
+    /// it is answered, as a remote provider's answers do: long enough for
+    /// callers' requests to overlap when they can. `None` answers at once.
+    pub fn latency(&self, range: Option<(Duration, Duration)>) {
+        self.state().latency = range;
+    }
+
+    /// This request's latency, drawn from the configured range.
+    fn take_latency(&self) -> Option<Duration> {
+        let (min, max) = self.state().latency?;
+        if max <= min {
+            return Some(min);
+        }
+        Some(rand::Rng::gen_range(&mut rand::thread_rng(), min..max))
+    }
+
     /// Removes every injected fault.
     pub fn clear(&self) {
         *self.state() = FaultState::default();
@@ -223,6 +241,10 @@ pub(crate) async fn middleware(
             (name, value)
         })
         .collect();
+    // Held until the answer is sent, so that a fetch that begins meanwhile
+    // is seen as overlapping it.
+    let _fetching = super::overlap::fetched_resource(request.method(), &path)
+        .map(|resource| super::overlap::Fetching::start(&shared.overlaps, resource));
     super::remember(
         &mut shared.requests.lock().unwrap_or_else(|e| e.into_inner()),
         RecordedRequest {
@@ -237,6 +259,9 @@ pub(crate) async fn middleware(
         tokio::time::sleep(d).await;
     }
     let (hang, fault) = shared.faults.take();
+    if let Some(d) = shared.faults.take_latency() {
+        tokio::time::sleep(d).await;
+    }
     if let Some(d) = hang {
         tokio::time::sleep(d).await;
     }

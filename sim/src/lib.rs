@@ -19,8 +19,10 @@
 //!   cancelled ones are reversed, each with its webhook. Items come in the
 //!   documented shape, without an `id`, unless
 //!   [`Simulator::serve_juice_item_ids`] is on.
-//! - [`Faults`] inject errors, 429s, hangs and outages into API answers,
-//!   and errors or hangs after a cancel was applied (a lost answer).
+//! - [`Faults`] inject errors, 429s, hangs, outages and latency into API
+//!   answers, and errors or hangs after a cancel was applied (a lost answer).
+//! - [`Simulator::overlapping_fetches`] names the fetches of one resource
+//!   that were answered at the same time.
 //! - Scenarios ([`Simulator::scenario`]) script a resource's life step by
 //!   step; [`Simulator::play_step`] applies a step and sends its deliveries,
 //!   [`Simulator::apply_step`] applies it without sending (a lost delivery).
@@ -43,6 +45,7 @@
 pub mod deliver;
 pub mod faults;
 mod juice_api;
+mod overlap;
 pub mod scenarios;
 pub mod signing;
 pub mod state;
@@ -153,6 +156,8 @@ pub(crate) struct Shared {
     background_errors: Mutex<Vec<String>>,
     /// Juice items are served with their `id` (off: the documented shape).
     juice_item_ids: AtomicBool,
+    /// Fetches of one resource answered at the same time.
+    pub(crate) overlaps: Arc<Mutex<overlap::Overlaps>>,
 }
 
 impl Shared {
@@ -237,6 +242,7 @@ impl Simulator {
             api_calls_peak: AtomicUsize::new(0),
             background_errors: Mutex::new(Vec::new()),
             juice_item_ids: AtomicBool::new(false),
+            overlaps: Arc::default(),
         });
         let router = router(shared.clone());
         tokio::spawn(async move {
@@ -366,6 +372,17 @@ impl Simulator {
     /// for as long as it lasts).
     pub fn peak_concurrent_requests(&self) -> usize {
         self.shared.api_calls_peak.load(Ordering::SeqCst)
+    }
+
+    /// The resources (their API paths) of every fetch that began while
+    /// another fetch of the same resource was still being answered, once
+    /// per such fetch. Listings, events and cancels are not fetches.
+    pub fn overlapping_fetches(&self) -> Vec<String> {
+        self.shared
+            .overlaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen()
     }
 
     /// Events generated so far: Stripe events (as listed by the events API)

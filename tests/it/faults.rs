@@ -11,26 +11,10 @@ use rand::Rng;
 
 use crate::support::binary::BinaryDaemon;
 use crate::support::db::{self, Database, HistoryRow};
-use crate::support::sim::{dedupe_key, post_delivery, simulator, Delivery, Scenario, Simulator};
+use crate::support::sim::{
+    dedupe_key, final_states, post_delivery, simulator, Delivery, Scenario, Simulator,
+};
 use crate::support::{both_engines, wait_until, Engine, TestApp, TestConfig};
-
-/// `copies` instances of every scenario, moved to their final state in the
-/// simulator without sending anything; their deliveries, to be sent by the test.
-fn final_states(sim: &Simulator, copies: usize) -> (Vec<Scenario>, Vec<Delivery>) {
-    let mut scenarios = Vec::new();
-    let mut deliveries = Vec::new();
-    for _ in 0..copies {
-        for name in Simulator::scenario_names() {
-            let s = sim.scenario(name).unwrap();
-            for step in &s.steps {
-                sim.apply_step(step);
-                deliveries.extend(step.deliveries.iter().cloned());
-            }
-            scenarios.push(s);
-        }
-    }
-    (scenarios, deliveries)
-}
 
 /// A daemon fetching from `sim`, retrying quickly and long.
 async fn config(engine: Engine, sim: &Simulator) -> TestConfig {

@@ -13,6 +13,7 @@ mod packaging;
 mod pipeline;
 mod postgres;
 mod properties;
+mod replicas;
 mod secrets;
 mod sim;
 mod support;

@@ -16,9 +16,10 @@ use cancelwatch::store::Store;
 use cancelwatch_sim::{DeliveryOptions, Simulator};
 
 use crate::support::config::WEBHOOK_SECRET;
+use crate::support::postgres::PgDatabase;
 use crate::support::sim::app_with_simulator;
 use crate::support::webhooks::{signed_now, thin_event};
-use crate::support::{wait_until, Engine, TestApp, TestConfig};
+use crate::support::{wait_for, wait_until, Engine, TestApp, TestConfig};
 
 /// The store a test reads the database through, as the read commands do.
 async fn reader(config: &TestConfig) -> Store {
@@ -391,4 +392,44 @@ async fn a_lost_server_makes_the_daemon_unready_until_it_is_back() {
     .await;
     let _ = proxy.port;
     app.stop().await;
+}
+
+/// With a backlog the planner has no statistics of yet (an inbox that grew
+/// fast since it was last analyzed), a claim still reads the due
+/// deliveries in order and stops at its limit, rather than reading every
+/// one of them to sort them, under the lock every replica's claims wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_reads_only_what_it_takes_from_a_backlog() {
+    let Some(pg) = PgDatabase::for_test(module_path!()).await else {
+        return;
+    };
+    let config = pg.config(TestConfig::new());
+    let store = cancelwatch::open_store(config.config()).await.unwrap();
+    let backlog: Vec<NewDelivery> = (0..3_000)
+        .map(|i| delivery(&format!("evt_{i}"), &format!("obt_{i}")))
+        .collect();
+    store.insert_deliveries(&backlog).await.unwrap();
+    let claimed = store
+        .claim(&cancelwatch::time::now_str(), &lease(600), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 10);
+    // Its backend's statistics are sent when it ends.
+    store.close().await;
+    let look = pg.look().await;
+    let (scans, read) = wait_for(
+        "the claim's index reads to be counted",
+        Duration::from_secs(10),
+        || async {
+            let (scans, read) = look.index_reads("inbox_due").await;
+            (scans > 0).then_some((scans, read))
+        },
+    )
+    .await;
+    assert!(
+        read < 100,
+        "{scans} scan(s) of inbox_due read {read} entries to claim 10 of 3,000"
+    );
+    look.close().await;
+    drop(pg);
 }

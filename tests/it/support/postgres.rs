@@ -22,6 +22,22 @@ pub struct PgDatabase {
 }
 
 impl PgDatabase {
+    /// A new empty database for `test`, or `None` (said, as every skipped
+    /// PostgreSQL test says it) when no server is configured: for tests
+    /// that need a database of their own beside their configuration's.
+    pub async fn for_test(test: &str) -> Option<PgDatabase> {
+        if !super::Engine::Postgres.available(test) {
+            return None;
+        }
+        Some(PgDatabase::create().await)
+    }
+
+    /// `config` on this database (which the caller keeps until the end).
+    pub fn config(&self, config: super::TestConfig) -> super::TestConfig {
+        let url = self.url.clone();
+        config.with(move |c| c.database.url = url)
+    }
+
     /// A new empty database on the configured server (which a test checks
     /// is there first: see [`super::Engine::available`]).
     pub async fn create() -> PgDatabase {
@@ -130,5 +146,136 @@ impl Proxy {
     /// The server is back.
     pub fn mend(&self) {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Connections of a test's own to its PostgreSQL database, for what it
+/// checks there: the one place these tests hold PostgreSQL SQL.
+#[derive(Clone)]
+pub struct PgLook {
+    pool: sqlx::PgPool,
+}
+
+/// A transition without its times and trigger, as
+/// [`super::db::HistoryRow`] is on SQLite.
+pub type HistoryRow = super::db::HistoryRow;
+
+/// A refund without its times and trigger: resource id, status, amount,
+/// currency.
+pub type RefundRow = (String, String, Option<i64>, Option<String>);
+
+/// A delivery's lease: its id and the replica holding it.
+pub type Lease = (i64, uuid::Uuid);
+
+impl PgDatabase {
+    /// A look into this database (two connections at most).
+    pub async fn look(&self) -> PgLook {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.url)
+            .await
+            .unwrap();
+        PgLook { pool }
+    }
+}
+
+impl PgLook {
+    /// Every stored delivery's dedupe key and state, in arrival order.
+    pub async fn deliveries(&self) -> Vec<(String, String)> {
+        sqlx::query_as("SELECT dedupe_key, state FROM inbox ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Deliveries waiting for, or in, processing.
+    pub async fn unfinished(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM inbox WHERE state IN ('pending', 'processing', 'failed')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// The leases held now.
+    pub async fn leases(&self) -> Vec<Lease> {
+        sqlx::query_as(
+            "SELECT id, lease_owner FROM inbox
+             WHERE state = 'processing' AND lease_owner IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// The registered replicas whose own connection is gone.
+    pub async fn gone_replicas(&self) -> Vec<uuid::Uuid> {
+        sqlx::query_scalar(
+            "SELECT owner FROM replicas r WHERE NOT EXISTS (
+                 SELECT 1 FROM pg_stat_activity a
+                 WHERE a.pid = r.backend_pid AND a.backend_start = r.backend_start)",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Every transition, in the order recorded.
+    pub async fn history_rows(&self) -> Vec<HistoryRow> {
+        sqlx::query_as(
+            "SELECT kind, resource_id, parent_id, from_status, to_status
+             FROM transitions ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Every refund, by resource id.
+    pub async fn refunds(&self) -> Vec<RefundRow> {
+        sqlx::query_as(
+            "SELECT resource_id, status, amount, currency FROM refunds ORDER BY resource_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Every alert's rule and resource id, in that order.
+    pub async fn alerts(&self) -> Vec<(String, String)> {
+        sqlx::query_as("SELECT rule, resource_id FROM alerts ORDER BY rule, resource_id")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Outbox rows not yet delivered.
+    pub async fn undelivered_alerts(&self) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM alert_outbox WHERE state <> 'delivered'")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// How often the index `name` was scanned and how many entries those
+    /// scans read, as the statistics collector has them now.
+    pub async fn index_reads(&self, name: &str) -> (i64, i64) {
+        let mut conn = self.pool.acquire().await.unwrap();
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query_as(
+            "SELECT idx_scan, idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1",
+        )
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
     }
 }

@@ -46,6 +46,24 @@ pub async fn app_with_simulator(config: TestConfig) -> (Simulator, TestApp) {
     (sim, app)
 }
 
+/// `copies` instances of every scenario, moved to their final state in the
+/// simulator without sending anything; their deliveries, to be sent by the test.
+pub fn final_states(sim: &Simulator, copies: usize) -> (Vec<Scenario>, Vec<Delivery>) {
+    let mut scenarios = Vec::new();
+    let mut deliveries = Vec::new();
+    for _ in 0..copies {
+        for name in Simulator::scenario_names() {
+            let s = sim.scenario(name).unwrap();
+            for step in &s.steps {
+                sim.apply_step(step);
+                deliveries.extend(step.deliveries.iter().cloned());
+            }
+            scenarios.push(s);
+        }
+    }
+    (scenarios, deliveries)
+}
+
 /// A Stripe event about an outbound transfer the provider never had.
 pub fn unknown_outbound_transfer(id: &str) -> Delivery {
     Delivery::stripe(cancelwatch_sim::state::thin_event(
@@ -82,6 +100,16 @@ pub fn dedupe_key(d: &Delivery) -> String {
 /// Posts a delivery to the daemon at `url` as its provider would, signed
 /// now; true on a 2xx.
 pub async fn post_delivery(client: &reqwest::Client, url: &str, d: &Delivery) -> bool {
+    acknowledge(client, url, d).await.is_some()
+}
+
+/// Posts a delivery as [`post_delivery`] does; on a 2xx, the answer
+/// (`{"received": true, "duplicate": …}`).
+pub async fn acknowledge(
+    client: &reqwest::Client,
+    url: &str,
+    d: &Delivery,
+) -> Option<serde_json::Value> {
     let body = serde_json::to_vec(&d.body).unwrap();
     let mut req = client.post(format!("{url}/webhooks/{}", d.provider.name()));
     if d.provider == Provider::Stripe {
@@ -98,7 +126,11 @@ pub async fn post_delivery(client: &reqwest::Client, url: &str, d: &Delivery) ->
             &[BUSINESS_ID.to_string()]
         ));
     }
-    matches!(req.body(body).send().await, Ok(r) if r.status().is_success())
+    let answer = req.body(body).send().await.ok()?;
+    if !answer.status().is_success() {
+        return None;
+    }
+    answer.json().await.ok()
 }
 
 /// Waits (up to 20 s) until the daemon has nothing left to process and
