@@ -13,6 +13,7 @@ pub mod alerts;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod inbox;
 pub mod ingress;
@@ -103,10 +104,32 @@ pub async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
 
 /// Runs the daemon until `shutdown` resolves: stops accepting, finishes
 /// in-flight requests, stops the background tasks, commits what is queued and
-/// closes the database.
+/// closes the database. The admin surface is bound here when
+/// `server.admin_listen` names an address of its own.
 pub async fn run_until(
     config: Config,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let admin = match config.admin_listen_addr()? {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("server.admin_listen: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    run_on(config, listener, admin, shutdown).await
+}
+
+/// [`run_until`] on listeners bound by the caller: `admin`, when given,
+/// serves `/ui/`, `/v1` and `/metrics`, and `listener` only the webhooks
+/// and the health checks; without it `listener` serves everything.
+pub async fn run_on(
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
@@ -140,11 +163,16 @@ pub async fn run_until(
     );
     app.inbox.hand_to(handoff);
     jobs::spawn(&app.pipeline, &app.shutdown, &mut tasks);
-    let router = api::router(app.clone());
+    let (router, admin_router) = match &admin {
+        Some(_) => (api::public_router(app.clone()), Some(api::admin_router(app.clone()))),
+        None => (api::router(app.clone()), None),
+    };
     let addr = listener.local_addr()?;
+    let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
     tracing::info!(
         version = VERSION,
         %addr,
+        admin = %admin_addr.map_or_else(|| "the same".to_string(), |a| a.to_string()),
         database = %app.config.database_path()?.display(),
         "cancelwatch listening"
     );
@@ -172,7 +200,16 @@ pub async fn run_until(
         header_read_timeout: Duration::from_secs(app.config.server.header_read_timeout_secs),
         grace,
     };
-    server::serve(listener, router, serve_opts, stop.clone()).await;
+    match (admin, admin_router) {
+        (Some(admin), Some(admin_router)) => {
+            let admin_opts = serve_opts.clone();
+            tokio::join!(
+                server::serve(listener, router, serve_opts, stop.clone()),
+                server::serve(admin, admin_router, admin_opts, stop.clone()),
+            );
+        }
+        _ => server::serve(listener, router, serve_opts, stop.clone()).await,
+    }
     tracing::info!("stopped accepting; waiting for background tasks");
 
     stop.cancel();

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub max_connections: usize,
     pub header_read_timeout: Duration,

@@ -151,7 +151,7 @@ impl From<QueryRejection> for ApiError {
 
 /// True when `given` is the configured token; the comparison takes the same
 /// time wherever they differ (both are hashed first, so length leaks nothing).
-fn token_matches(given: &str, expected: &str) -> bool {
+pub(crate) fn token_matches(given: &str, expected: &str) -> bool {
     let given = Sha256::digest(given.as_bytes());
     let expected = Sha256::digest(expected.as_bytes());
     given.ct_eq(&expected).into()

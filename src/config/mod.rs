@@ -40,8 +40,13 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
+    /// Where `/ui/`, `/v1` and `/metrics` are served instead of `listen`,
+    /// so that the address the providers reach answers only the webhooks
+    /// and the health checks. Empty: everything on `listen`.
+    pub admin_listen: String,
     pub max_body_bytes: usize,
-    /// Bearer token for `/v1`; the API answers 404 while it is empty.
+    /// Bearer token for `/v1` and the sign-in of `/ui/`; both answer 404
+    /// while it is empty.
     pub admin_token: String,
     /// Whole-request deadline (headers and body), against slow clients.
     pub request_timeout_secs: u64,
@@ -62,6 +67,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            admin_listen: String::new(),
             max_body_bytes: 1_048_576,
             admin_token: String::new(),
             request_timeout_secs: 15,
@@ -251,6 +257,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.admin_listen_addr()?;
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be above 0"));
         }
@@ -364,6 +371,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The admin surface's own address; `None` while `server.admin_listen`
+    /// is empty (it shares `server.listen`).
+    pub fn admin_listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let text = self.server.admin_listen.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            invalid(
+                "server.admin_listen",
+                format!(
+                    "{text:?} is not an address such as 127.0.0.1:8081 (leave it empty to serve everything on server.listen)"
+                ),
+            )
+        })
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -579,6 +603,20 @@ mod tests {
             toml::to_string(&example).unwrap(),
             toml::to_string(&Config::default()).unwrap()
         );
+    }
+
+    #[test]
+    fn an_admin_address_is_checked_and_optional() {
+        let mut c = Config::default();
+        assert_eq!(c.admin_listen_addr().unwrap(), None);
+        c.server.admin_listen = "127.0.0.1:8081".into();
+        assert_eq!(
+            c.admin_listen_addr().unwrap(),
+            Some("127.0.0.1:8081".parse().unwrap())
+        );
+        c.server.admin_listen = "localhost".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("server.admin_listen"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 mod history;
 mod lists;
+mod overview;
 mod rows;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -19,6 +20,7 @@ pub use history::{history, ChildHistory, History, ResourceHistory};
 pub use lists::{
     alerts, events, explain_transitions, transitions, AlertFilter, EventFilter, TransitionFilter,
 };
+pub use overview::{deliveries_of, unsettled_since};
 pub use rows::{
     Alert, AlertDelivery, CancelRequest, Event, Progress, Refund, ResourceRef, Transition, Trigger,
 };
