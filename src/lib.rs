@@ -164,7 +164,10 @@ pub async fn run_on(
     app.inbox.hand_to(handoff);
     jobs::spawn(&app.pipeline, &app.shutdown, &mut tasks);
     let (router, admin_router) = match &admin {
-        Some(_) => (api::public_router(app.clone()), Some(api::admin_router(app.clone()))),
+        Some(_) => (
+            api::public_router(app.clone()),
+            Some(api::admin_router(app.clone())),
+        ),
         None => (api::router(app.clone()), None),
     };
     let addr = listener.local_addr()?;

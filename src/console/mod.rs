@@ -58,14 +58,16 @@ pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
         .route("/ui/replay", post(replay))
         .route("/ui/cancel", post(cancel))
         .route("/ui/sign-out", post(sign_out))
-        .layer(middleware::from_fn(require_sign_in));
+        .route_layer(middleware::from_fn(require_sign_in));
+    // Route layers only: a path the console does not have is left to the
+    // router it is merged into, untouched.
     Router::new()
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
         .route("/ui/sign-in", get(sign_in_page).post(sign_in))
         .route("/ui/assets/{name}", get(asset))
         .merge(signed_in)
-        .layer(middleware::from_fn_with_state(app, guard))
-        .layer(Extension(console))
+        .route_layer(middleware::from_fn_with_state(app, guard))
+        .route_layer(Extension(console))
 }
 
 fn templates() -> Environment<'static> {
@@ -163,12 +165,17 @@ impl IntoResponse for ConsoleError {
 }
 
 /// Headers of every console answer: never cached, never framed, nothing
-/// loaded from elsewhere, no referrer (a resource id stays here).
+/// loaded from elsewhere, no referrer to other sites (a resource id stays
+/// here; `no-referrer` would make browsers send `Origin: null` on the
+/// console's own forms).
 fn page_headers() -> [(header::HeaderName, HeaderValue); 5] {
     [
         (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
         (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
-        (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("same-origin"),
+        ),
         (
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
@@ -236,8 +243,8 @@ async fn require_sign_in(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let signed = auth::cookie_value(request.headers())
-        .and_then(|v| console.keys.check(v, now_secs()));
+    let signed =
+        auth::cookie_value(request.headers()).and_then(|v| console.keys.check(v, now_secs()));
     match signed {
         Some(s) => {
             request.extensions_mut().insert(s);
@@ -262,7 +269,10 @@ fn check_form(headers: &HeaderMap, signed: &SignedIn, csrf: &str) -> Result<(), 
 
 async fn asset(Path(name): Path<String>) -> Response {
     let (body, kind) = match name.as_str() {
-        "console.css" => (include_str!("assets/console.css"), "text/css; charset=utf-8"),
+        "console.css" => (
+            include_str!("assets/console.css"),
+            "text/css; charset=utf-8",
+        ),
         "console.js" => (
             include_str!("assets/console.js"),
             "text/javascript; charset=utf-8",
@@ -284,7 +294,10 @@ async fn sign_in_page(
     Extension(console): Extension<Arc<Console>>,
     headers: HeaderMap,
 ) -> Result<Response, ConsoleError> {
-    if auth::cookie_value(&headers).and_then(|v| console.keys.check(v, now_secs())).is_some() {
+    if auth::cookie_value(&headers)
+        .and_then(|v| console.keys.check(v, now_secs()))
+        .is_some()
+    {
         return Ok(Redirect::to("/ui/").into_response());
     }
     console.render("sign_in.html", context! { error => false })
@@ -316,11 +329,7 @@ async fn sign_in(
     }
     tracing::info!("console signed in");
     let cookie = auth::set_cookie(&console.keys.sign_in(now_secs()));
-    Ok((
-        [(header::SET_COOKIE, cookie)],
-        Redirect::to("/ui/"),
-    )
-        .into_response())
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/ui/")).into_response())
 }
 
 #[derive(Deserialize)]
@@ -484,6 +493,7 @@ struct SearchParams {
 async fn search(
     State(app): State<Arc<App>>,
     Extension(console): Extension<Arc<Console>>,
+    Extension(signed): Extension<SignedIn>,
     Query(p): Query<SearchParams>,
 ) -> Result<Response, ConsoleError> {
     let q = p.q.trim();
@@ -502,6 +512,7 @@ async fn search(
         return console.render(
             "message.html",
             context! {
+                csrf => signed.csrf,
                 title => "Delivery found",
                 message => format!(
                     "Delivery {} ({} {}) names no resource; its state is {}.",
@@ -521,11 +532,10 @@ async fn resource(
     Extension(signed): Extension<SignedIn>,
     Path(id): Path<String>,
 ) -> Result<Response, ConsoleError> {
-    let history = app
-        .store
-        .history(&id)
-        .await?
-        .ok_or_else(|| ConsoleError::NotFound(format!("no resource with id {id:?} is recorded")))?;
+    let history =
+        app.store.history(&id).await?.ok_or_else(|| {
+            ConsoleError::NotFound(format!("no resource with id {id:?} is recorded"))
+        })?;
     let mut views = Vec::with_capacity(history.resources.len());
     for r in &history.resources {
         let deliveries = app
@@ -614,6 +624,7 @@ async fn cancel(
     console.render(
         "message.html",
         context! {
+            csrf => signed.csrf,
             title => "Cancel sent",
             message => format!(
                 "{} {}: the provider answered {}{}.",
@@ -689,6 +700,7 @@ async fn replay(
     console.render(
         "message.html",
         context! {
+            csrf => signed.csrf,
             title => "Replayed",
             message => format!(
                 "Delivery {} was {} and is now {}: the workers take it again.",
@@ -727,6 +739,9 @@ mod tests {
             .render(context! { error => true })
             .unwrap();
         assert!(out.contains("type=\"password\""), "{out}");
-        assert!(!out.contains("http://") && !out.contains("https://"), "{out}");
+        assert!(
+            !out.contains("http://") && !out.contains("https://"),
+            "{out}"
+        );
     }
 }

@@ -11,6 +11,11 @@ use crate::store::model::ResourceHistory;
 const LABEL_WIDTH: f64 = 230.0;
 /// The width of the axis itself.
 const AXIS_WIDTH: f64 = 900.0;
+/// Room kept free at both ends of the axis for the labels of the first and
+/// the last marks.
+const END_ROOM: f64 = 60.0;
+/// Characters a lane's name keeps (its full id is in the link's title).
+const LANE_CHARS: usize = 34;
 const LANE_HEIGHT: f64 = 40.0;
 const TOP: f64 = 34.0;
 /// Room a label needs per character, at the font size the stylesheet sets.
@@ -33,6 +38,7 @@ pub struct Timeline {
 #[derive(Debug, Serialize)]
 pub struct Lane {
     pub y: f64,
+    /// The lane's name, shortened to fit.
     pub label: String,
     /// The resource id of the lane.
     pub resource: String,
@@ -84,6 +90,18 @@ struct Event {
     trigger: String,
 }
 
+/// At most [`LANE_CHARS`] characters, the middle left out.
+fn shorten(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= LANE_CHARS {
+        return s.to_string();
+    }
+    let keep = (LANE_CHARS - 1) / 2;
+    let head: String = s.chars().take(keep).collect();
+    let tail: String = s.chars().skip(n - keep).collect();
+    format!("{head}…{tail}")
+}
+
 fn parse(t: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(t)
         .ok()
@@ -129,14 +147,22 @@ pub fn layout(history: &ResourceHistory) -> Timeline {
     let r = &history.resource;
     let mut lanes = vec![Lane {
         y: 0.0,
-        label: format!("{} {}", r.kind, r.id),
+        label: shorten(&r.id),
         resource: r.id.clone(),
         status: r.status.clone().unwrap_or_default(),
     }];
     for c in &history.children {
+        // An item's id often starts with its parent's: the rest says which.
+        let own = c
+            .resource
+            .id
+            .strip_prefix(r.id.as_str())
+            .map(|rest| rest.trim_start_matches([':', '_', '-']))
+            .filter(|rest| !rest.is_empty())
+            .unwrap_or(&c.resource.id);
         lanes.push(Lane {
             y: 0.0,
-            label: c.resource.id.clone(),
+            label: shorten(own),
             resource: c.resource.id.clone(),
             status: c.resource.status.clone().unwrap_or_default(),
         });
@@ -171,7 +197,7 @@ pub fn layout(history: &ResourceHistory) -> Timeline {
                 &t.observed_at,
                 "transition",
                 t.to_status.clone(),
-                format!("{from} → {} by {trigger}", t.to_status),
+                format!("{from} → {}", t.to_status),
                 t.to_status.clone(),
                 trigger,
             );
@@ -237,7 +263,10 @@ pub fn layout(history: &ResourceHistory) -> Timeline {
         );
         if let Some(at) = &c.answered_at {
             let outcome = c.outcome.as_deref().unwrap_or("no answer");
-            let status = c.http_status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+            let status = c
+                .http_status
+                .map(|s| format!(" (HTTP {s})"))
+                .unwrap_or_default();
             push(
                 0,
                 at,
@@ -271,7 +300,10 @@ pub fn layout(history: &ResourceHistory) -> Timeline {
                 &a.updated_at,
                 "alert-updated",
                 format!("alert updated (v{})", a.version),
-                format!("alert {} updated to version {}: {}", a.rule, a.version, a.summary),
+                format!(
+                    "alert {} updated to version {}: {}",
+                    a.rule, a.version, a.summary
+                ),
                 a.state.clone(),
                 format!("alert {}", a.id),
             );
@@ -307,7 +339,7 @@ fn place(mut lanes: Vec<Lane>, events: Vec<Event>) -> Timeline {
     let x_of = |at: DateTime<Utc>| {
         let linear = (at - first).num_milliseconds() as f64 / span;
         let rank = distinct.partition_point(|d| *d < at) as f64 / steps;
-        LABEL_WIDTH + 10.0 + (linear + rank) / 2.0 * (AXIS_WIDTH - 20.0)
+        LABEL_WIDTH + END_ROOM + (linear + rank) / 2.0 * (AXIS_WIDTH - 2.0 * END_ROOM)
     };
     for (i, lane) in lanes.iter_mut().enumerate() {
         lane.y = TOP + LANE_HEIGHT * i as f64 + LANE_HEIGHT / 2.0;
@@ -336,7 +368,10 @@ fn place(mut lanes: Vec<Lane>, events: Vec<Event>) -> Timeline {
         let (label, label_y) = match row {
             Some(r) => {
                 ends[e.lane][r] = x + width / 2.0;
-                (Some(e.label.clone()), if r == 0 { y - 9.0 } else { y + 17.0 })
+                (
+                    Some(e.label.clone()),
+                    if r == 0 { y - 9.0 } else { y + 17.0 },
+                )
             }
             None => (None, y),
         };
@@ -354,7 +389,7 @@ fn place(mut lanes: Vec<Lane>, events: Vec<Event>) -> Timeline {
             y,
             label,
             label_y,
-            title: format!("{} · {}", e.time, e.title),
+            title: format!("{} · {} · by {}", e.time, e.title, e.trigger),
             resource,
             status: e.status,
         });
@@ -374,6 +409,18 @@ fn place(mut lanes: Vec<Lane>, events: Vec<Event>) -> Timeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_lane_names_keep_both_ends() {
+        assert_eq!(shorten("obt_123"), "obt_123");
+        let long = "936949ba-bd6c-45f0-afb0-3f8cc2bda447:sim-item-1-801770f5";
+        let short = shorten(long);
+        assert!(short.chars().count() <= LANE_CHARS, "{short}");
+        assert!(
+            short.starts_with("936949ba") && short.ends_with("801770f5"),
+            "{short}"
+        );
+    }
 
     #[test]
     fn amounts_read_in_major_units() {

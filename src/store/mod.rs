@@ -249,10 +249,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Resources not in a terminal status whose current status began
     /// before `before`, longest-held first, at most `limit`, without their
     /// snapshot.
-    async fn unsettled_since(&self, before: &str, limit: i64)
-        -> Result<Vec<Resource>, QueryError>;
+    async fn unsettled_since(&self, before: &str, limit: i64) -> Result<Vec<Resource>, QueryError>;
     /// The deliveries about the resource with this provider id, newest
     /// first, at most `limit`.
-    async fn deliveries_of(&self, resource_id: &str, limit: i64)
-        -> Result<Vec<Event>, QueryError>;
+    async fn deliveries_of(&self, resource_id: &str, limit: i64) -> Result<Vec<Event>, QueryError>;
 }

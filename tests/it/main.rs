@@ -4,9 +4,11 @@
 
 mod alerts;
 mod care;
+mod console;
 mod demo;
 mod faults;
 mod ingress;
+mod openapi;
 mod ops;
 mod packaging;
 mod pipeline;

@@ -366,11 +366,7 @@ impl Storage for SqliteStore {
         queries::events(&self.db.read, filter, page).await
     }
 
-    async fn unsettled_since(
-        &self,
-        before: &str,
-        limit: i64,
-    ) -> Result<Vec<Resource>, QueryError> {
+    async fn unsettled_since(&self, before: &str, limit: i64) -> Result<Vec<Resource>, QueryError> {
         queries::unsettled_since(&self.db.read, before, limit).await
     }
 

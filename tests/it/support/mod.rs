@@ -3,6 +3,7 @@
 //! receiver, the simulator, polling with a bound, and the database.
 
 pub mod binary;
+pub mod browser;
 pub mod config;
 pub mod daemon;
 pub mod db;

@@ -115,7 +115,7 @@ fn encode_cursor(tag: &str, payload: &str) -> String {
 }
 
 /// One page of rows, newest first; `next_cursor` is absent on the last page.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub data: Vec<T>,
     pub next_cursor: Option<String>,
