@@ -381,7 +381,7 @@ fn place(mut lanes: Vec<Lane>, events: Vec<Event>) -> Timeline {
             kind: e.kind,
             resource: resource.clone(),
             what: e.title.clone(),
-            trigger: e.trigger,
+            trigger: e.trigger.clone(),
         });
         marks.push(Mark {
             kind: e.kind,

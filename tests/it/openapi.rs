@@ -44,6 +44,16 @@ fn conforms(doc: &Value, path: &str, method: &str, status: u16, body: &Value) {
     );
 }
 
+/// The validator's complaints about `body` as answer `status` of
+/// `method path`.
+fn complaints(doc: &Value, path: &str, method: &str, status: u16, body: &Value) -> usize {
+    let schema = schema_for(doc, path, method, status);
+    jsonschema::validator_for(&schema)
+        .unwrap()
+        .iter_errors(body)
+        .count()
+}
+
 async fn call(
     app: &TestApp,
     method: &str,
@@ -182,6 +192,20 @@ async fn the_live_api_answers_as_its_description_says() {
         seen.insert((path, method));
     }
     assert_eq!(seen.len(), documented.len(), "every operation was called");
+    // The schemas are strict enough to tell a wrong answer.
+    let (_, history) = app.get(&format!("/v1/resources/{bulk}"), Some(TOKEN)).await;
+    let mut broken = history.clone();
+    broken["resources"][0]["transitions"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("to_status");
+    assert!(complaints(&doc, "/resources/{id}", "get", 200, &broken) > 0);
+    let mut broken = history.clone();
+    broken["resources"][0]["children"][0]["refunds"] = json!("none");
+    assert!(complaints(&doc, "/resources/{id}", "get", 200, &broken) > 0);
+    assert!(complaints(&doc, "/transitions", "get", 200, &json!({"data": [{}]})) > 0);
+    assert!(complaints(&doc, "/alerts", "get", 400, &json!({"error": "bad"})) > 0);
+
     // The second cancel found the transfer cancelled already.
     let (_, history) = app
         .get(&format!("/v1/resources/{transfer}"), Some(TOKEN))
