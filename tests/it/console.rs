@@ -8,7 +8,7 @@ use reqwest::header;
 use reqwest::redirect::Policy;
 
 use crate::support::browser::Browser;
-use crate::support::db::{self, DeliverySeed};
+use crate::support::db::{self, DeliverySeed, ResourceSeed};
 use crate::support::sim::{app_with_simulator, dedupe_key, wait_step, DeliveryOptions};
 use crate::support::{wait_until, TestApp, TestConfig};
 
@@ -378,6 +378,118 @@ async fn a_sign_in_is_a_signed_expiring_cookie_and_actions_need_its_token() {
     let r = http.get(ui("/")).send().await.unwrap();
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()[header::LOCATION], "/ui/sign-in");
+    app.stop().await;
+}
+
+/// The overview's list of what is held too long follows the `stuck`
+/// limits as of now, before any scan raised an alert; a search finds a
+/// resource by its id or by the key of a delivery about it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_names_what_is_held_too_long_and_search_finds_it() {
+    let config = console_config().with(|c| {
+        c.alerts.scan_interval_secs = 3_600;
+        c.alerts.stuck.after_secs = 3_600;
+        c.alerts.stuck.limits = [("cancelling".to_string(), 60)].into_iter().collect();
+    });
+    let app = TestApp::start(config).await;
+    let long_ago = cancelwatch::time::fmt(chrono::Utc::now() - chrono::Duration::hours(2));
+    let minutes_ago = cancelwatch::time::fmt(chrono::Utc::now() - chrono::Duration::minutes(5));
+    for seed in [
+        // Past the default limit, and past its status's own.
+        ResourceSeed::new("stripe.outbound_transfer", "obt_held", "processing").since(&long_ago),
+        ResourceSeed::new("stripe.batch_job", "batch_held", "cancelling").since(&minutes_ago),
+        // Within the default limit; settled; final.
+        ResourceSeed::new("stripe.outbound_transfer", "obt_fresh", "processing")
+            .since(&minutes_ago),
+        ResourceSeed::new("stripe.outbound_transfer", "obt_posted", "posted").since(&long_ago),
+        ResourceSeed::new("stripe.outbound_transfer", "obt_done", "canceled")
+            .since(&long_ago)
+            .terminal(),
+    ] {
+        db::seed_resource(app.db(), &seed).await;
+    }
+    let now = cancelwatch::time::now_str();
+    db::seed_delivery(
+        app.db(),
+        &DeliverySeed {
+            provider: "stripe",
+            key: "evt_about_held",
+            event_type: "v2.money_management.outbound_transfer.updated",
+            event_id: Some("evt_about_held"),
+            resource_kind: Some("stripe.outbound_transfer"),
+            resource_id: Some("obt_held"),
+            raw_body: None,
+            received_at: &now,
+            state: "processed",
+            attempts: 1,
+            next_attempt_at: &now,
+        },
+    )
+    .await;
+
+    let http = http();
+    let ui = |p: &str| format!("{}/ui{p}", app.admin_url);
+    let signed = http
+        .post(ui("/sign-in"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    let cookie = signed.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let get = |path: String| {
+        http.get(ui(&path))
+            .header(header::COOKIE, cookie.clone())
+            .send()
+    };
+    let page = get("/".into()).await.unwrap().text().await.unwrap();
+    let held = page
+        .split("<section id=\"held\">")
+        .nth(1)
+        .and_then(|s| s.split("</section>").next())
+        .unwrap();
+    for id in ["obt_held", "batch_held"] {
+        assert!(
+            held.contains(&format!("/ui/resources/{id}\"")),
+            "{id}: {held}"
+        );
+    }
+    for id in ["obt_fresh", "obt_posted", "obt_done"] {
+        assert!(!held.contains(id), "{id}: {held}");
+    }
+
+    for q in ["obt_held", "evt_about_held", "%20obt_held%20"] {
+        let r = get(format!("/search?q={q}")).await.unwrap();
+        assert_eq!(r.status(), 303, "{q}");
+        assert_eq!(
+            r.headers()[header::LOCATION],
+            "/ui/resources/obt_held",
+            "{q}"
+        );
+    }
+    let page = get("/resources/obt_held".into()).await.unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    assert!(
+        page.contains("data-key=\"evt_about_held\""),
+        "its deliveries"
+    );
+    assert!(
+        page.contains("id=\"cancel\""),
+        "a transfer in flight can be cancelled"
+    );
+    let done = get("/resources/obt_done".into())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!done.contains("id=\"cancel\""), "a final one cannot");
     app.stop().await;
 }
 
