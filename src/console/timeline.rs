@@ -320,7 +320,7 @@ pub fn layout(history: &ResourceHistory) -> Timeline {
             );
         }
     }
-    events.sort_by(|a, b| a.at.cmp(&b.at));
+    events.sort_by_key(|e| e.at);
     place(lanes, events)
 }
 

@@ -54,6 +54,17 @@ fn complaints(doc: &Value, path: &str, method: &str, status: u16, body: &Value) 
         .count()
 }
 
+/// A call expected to fail: the documented path and method, the URL, the
+/// body, the token and the status.
+type ErrorCase<'a> = (
+    &'a str,
+    &'a str,
+    String,
+    Option<Value>,
+    Option<&'a str>,
+    u16,
+);
+
 async fn call(
     app: &TestApp,
     method: &str,
@@ -213,7 +224,7 @@ async fn the_live_api_answers_as_its_description_says() {
     assert_eq!(history["resources"][0]["status"], "canceled");
 
     // Errors, each as documented.
-    let errors: Vec<(&str, &str, String, Option<Value>, Option<&str>, u16)> = vec![
+    let errors: Vec<ErrorCase> = vec![
         (
             "/resources/{id}",
             "get",
