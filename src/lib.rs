@@ -13,6 +13,7 @@ pub mod alerts;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod inbox;
 pub mod ingress;
@@ -103,10 +104,31 @@ pub async fn run(config: Config, listener: TcpListener) -> anyhow::Result<()> {
 
 /// Runs the daemon until `shutdown` resolves: stops accepting, finishes
 /// in-flight requests, stops the background tasks, commits what is queued and
-/// closes the database.
+/// closes the database. The admin surface is bound here when
+/// `server.admin_listen` names an address of its own.
 pub async fn run_until(
     config: Config,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let admin = match config.admin_listen_addr()? {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("server.admin_listen: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    run_with_admin(config, listener, admin, shutdown).await
+}
+
+/// [`run_until`] with the admin surface's listener bound by the caller
+/// (`None`: everything on `listener`), as tests bind `127.0.0.1:0`.
+pub async fn run_with_admin(
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
@@ -121,7 +143,7 @@ pub async fn run_until(
     let ran = match while_starting(listener, open_store(&config)).await {
         Ok((listener, Ok(store))) => {
             let stop = async move { stop_asked.cancelled().await };
-            run_on(config, store, listener, stop).await
+            run_on(config, store, listener, admin, stop).await
         }
         Ok((_, Err(e))) | Err(e) => Err(e),
     };
@@ -165,11 +187,15 @@ async fn while_starting<T>(
     Ok((listener, out))
 }
 
-/// [`run_until`] on a store already opened (and migrated) for `config`.
+/// [`run_until`] on a store already opened (and migrated) for `config`,
+/// and listeners bound by the caller: `admin`, when given, serves `/ui/`,
+/// `/v1` and `/metrics`, and `listener` only the webhooks and the health
+/// checks; without it `listener` serves everything.
 pub async fn run_on(
     config: Config,
     store: store::Store,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (inbox, writer) = inbox::Inbox::start(&store, &config.database);
@@ -203,11 +229,19 @@ pub async fn run_on(
     app.inbox.hand_to(handoff);
     jobs::spawn(&app.pipeline, &app.shutdown, &mut tasks);
     tasks.spawn(share_budgets(app.clone()));
-    let router = api::router(app.clone());
+    let (router, admin_router) = match &admin {
+        Some(_) => {
+            let (public, admin) = api::split_router(app.clone());
+            (public, Some(admin))
+        }
+        None => (api::router(app.clone()), None),
+    };
     let addr = listener.local_addr()?;
+    let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
     tracing::info!(
         version = VERSION,
         %addr,
+        admin = %admin_addr.map_or_else(|| "the same".to_string(), |a| a.to_string()),
         database = %app.config.database_display(),
         "cancelwatch listening"
     );
@@ -241,7 +275,16 @@ pub async fn run_on(
         write_timeout: Duration::from_secs(app.config.server.write_timeout_secs),
         grace,
     };
-    server::serve(listener, router, serve_opts, stop.clone()).await;
+    match (admin, admin_router) {
+        (Some(admin), Some(admin_router)) => {
+            let admin_opts = serve_opts.clone();
+            tokio::join!(
+                server::serve(listener, router, serve_opts, stop.clone()),
+                server::serve(admin, admin_router, admin_opts, stop.clone()),
+            );
+        }
+        _ => server::serve(listener, router, serve_opts, stop.clone()).await,
+    }
     tracing::info!("stopped accepting; waiting for background tasks");
 
     stop.cancel();

@@ -41,6 +41,7 @@ pub const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 /// megabyte a second to a client 100 ms away.
 const SEND_BUFFER: usize = 128 * 1024;
 
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub max_connections: usize,
     /// Most of those slots one remote address may hold.

@@ -1,6 +1,7 @@
 //! The daemon's HTTP surface: the webhook routes ([`crate::ingress`]), the
-//! operator's `/v1` API ([`v1`]), health and metrics ([`health`]), under the
-//! server's limits ([`edge`]).
+//! operator's `/v1` API ([`v1`]) and console ([`crate::console`]), health and
+//! metrics ([`health`]), under the server's limits ([`edge`]); on one
+//! address, or the admin surface apart (`server.admin_listen`).
 
 pub mod edge;
 pub mod guesses;
@@ -30,15 +31,39 @@ pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// would let anyone create series without bound.
 const UNMATCHED: &str = "other";
 
-/// Every HTTP route of the daemon.
+/// Every HTTP route of the daemon, on one address.
 pub fn router(app: Arc<App>) -> Router {
     let limits = Arc::new(edge::Limits::new(app.clone()));
+    with_limits(public_routes().merge(admin_routes(&app)), app, limits)
+}
+
+/// The routes on two addresses (`server.admin_listen`): what faces the
+/// providers (the webhooks and the health checks only), and the admin
+/// surface (the console, `/v1`, `/metrics`); under one limit for both, as
+/// they share the process.
+pub fn split_router(app: Arc<App>) -> (Router, Router) {
+    let limits = Arc::new(edge::Limits::new(app.clone()));
+    let admin = with_limits(admin_routes(&app), app.clone(), limits.clone());
+    (with_limits(public_routes(), app, limits), admin)
+}
+
+fn public_routes() -> Router<Arc<App>> {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::render_metrics))
         .merge(crate::ingress::routes())
+}
+
+fn admin_routes(app: &Arc<App>) -> Router<Arc<App>> {
+    Router::new()
+        .route("/metrics", get(health::render_metrics))
         .merge(v1::routes(app.clone()))
+        .merge(crate::console::routes(app.clone()))
+}
+
+/// The process-wide `limits` around `routes`, and the answers counted.
+fn with_limits(routes: Router<Arc<App>>, app: Arc<App>, limits: Arc<edge::Limits>) -> Router {
+    routes
         // `Router::layer` wraps each route on its own; the limiter inside is
         // one for them all because it is shared through this state.
         .layer(middleware::from_fn_with_state(limits, edge::limit))

@@ -2,6 +2,10 @@
 //! `Authorization: Bearer <server.admin_token>`; the whole tree answers 404
 //! `api_disabled` while no token is configured. Lists are keyset pages:
 //! `limit` and `cursor` in, `{"data":[…],"next_cursor":…}` out.
+//!
+//! The routes are registered from their annotations ([`utoipa`]), so the
+//! OpenAPI description served at `/v1/openapi.json` is made from the same
+//! handlers, parameters and bodies that answer.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -11,16 +15,24 @@ use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::guesses::Guesses;
 use crate::ingress::{error_body, unavailable_body, LogLimiter};
+use crate::pipeline::cancel::CancelReport;
+use crate::pipeline::ReplayReport;
 use crate::pipeline::{self, PipelineError};
-use crate::store::model::{AlertFilter, EventFilter, PageRequest, TransitionFilter, MAX_LIMIT};
+use crate::store::model::{
+    AlertFilter, AlertView, Event, EventFilter, History, Page, PageRequest, TransitionFilter,
+    TransitionView, MAX_LIMIT,
+};
 use crate::store::{QueryError, Unavailable};
 use crate::App;
 
@@ -28,15 +40,71 @@ use crate::App;
 static UNAVAILABLE_LOG: std::sync::LazyLock<LogLimiter> =
     std::sync::LazyLock::new(|| LogLimiter::new(std::time::Duration::from_secs(1)));
 
+/// The OpenAPI description's frame; the paths come from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "cancelwatch /v1",
+        description = "The operator's API of cancelwatch: the audit trail of cancellations, \
+                       replays and cancels. Every request needs \
+                       `Authorization: Bearer <server.admin_token>`; the whole tree answers \
+                       404 `api_disabled` while no token is configured. Lists are keyset \
+                       pages, newest first."
+    ),
+    servers((url = "/v1", description = "this daemon's admin address")),
+    modifiers(&BearerToken),
+    security(("admin_token" = []))
+)]
+struct ApiDoc;
+
+struct BearerToken;
+
+impl utoipa::Modify for BearerToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "admin_token",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some("server.admin_token"))
+                        .build(),
+                ),
+            );
+    }
+}
+
+/// The OpenAPI description of `/v1`, made from its handlers.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented().1
+}
+
+fn documented() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(resource))
+        .routes(routes!(transitions))
+        .routes(routes!(alerts))
+        .routes(routes!(events))
+        .routes(routes!(replay))
+        .routes(routes!(cancellation))
+        .split_for_parts()
+}
+
 /// The `/v1` routes, guarded by the admin token.
 pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
-    let v1 = Router::new()
-        .route("/resources/{id}", get(resource))
-        .route("/transitions", get(transitions))
-        .route("/alerts", get(alerts))
-        .route("/events", get(events))
-        .route("/events/{key}/replay", post(replay))
-        .route("/cancellations", post(cancellation))
+    let (v1, doc) = documented();
+    let doc = Arc::new(doc);
+    let v1 = v1
+        .route(
+            "/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(
@@ -47,6 +115,23 @@ pub fn routes(app: Arc<App>) -> Router<Arc<App>> {
             guard,
         ));
     Router::new().nest("/v1", v1)
+}
+
+/// Every error's body: a stable code and a sentence.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, for programs: `unauthorized`, `api_disabled`, `not_found`,
+    /// `invalid_parameter`, `invalid_cursor`, `invalid_body`, `unknown_kind`,
+    /// `invalid_id`, `invalid_argument`, `provider_not_configured`,
+    /// `provider_error`, `method_not_allowed`, `internal`.
+    pub code: String,
+    /// For people.
+    pub message: String,
 }
 
 /// Errors of the API layer, each with its HTTP answer.
@@ -192,7 +277,7 @@ impl From<QueryRejection> for ApiError {
 
 /// True when `given` is the configured token; the comparison takes the same
 /// time wherever they differ (both are hashed first, so length leaks nothing).
-fn token_matches(given: &str, expected: &str) -> bool {
+pub(crate) fn token_matches(given: &str, expected: &str) -> bool {
     let given = Sha256::digest(given.as_bytes());
     let expected = Sha256::digest(expected.as_bytes());
     given.ct_eq(&expected).into()
@@ -268,6 +353,22 @@ fn page_request(limit: Option<&str>, cursor: Option<String>) -> Result<PageReque
     })
 }
 
+/// One resource's state and whole trail: transitions, progress, refunds,
+/// alerts, cancel requests and, for a bulk transfer, its items. An id shared
+/// by two kinds or providers lists each; a Juice item is found by its id or
+/// its reference.
+#[utoipa::path(
+    get,
+    path = "/resources/{id}",
+    tag = "resources",
+    params(("id" = String, Path, description = "The provider's id of the resource (or another id it is known by)")),
+    responses(
+        (status = 200, description = "Everything recorded about the id", body = History),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No resource with this id (`not_found`), or the API is off (`api_disabled`)", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    )
+)]
 async fn resource(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -280,20 +381,57 @@ async fn resource(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct TransitionsParams {
+    /// `stripe` or `juice`.
     provider: Option<String>,
+    /// A resource kind, e.g. `stripe.outbound_transfer`.
     kind: Option<String>,
+    /// The status changed to (also accepted as `to`).
     #[serde(alias = "to")]
     to_status: Option<String>,
+    /// Observed at or after: RFC 3339, or a duration back from now (`2h`).
     since: Option<String>,
+    /// Observed before: RFC 3339, or a duration back from now.
     until: Option<String>,
     resource_id: Option<String>,
+    /// Rows per page, 1 to 1000 (100 when absent).
     limit: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// The answers every listing shares beside its page.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only described, never built: the errors build their bodies
+enum ListErrors {
+    /// A parameter is not valid (`invalid_parameter`, `invalid_cursor`).
+    #[response(status = 400)]
+    BadRequest(#[to_schema] ErrorBody),
+    /// Missing or wrong bearer token.
+    #[response(status = 401)]
+    Unauthorized(#[to_schema] ErrorBody),
+    /// The API is off (`api_disabled`).
+    #[response(status = 404)]
+    Off(#[to_schema] ErrorBody),
+    /// Internal error.
+    #[response(status = 500)]
+    Internal(#[to_schema] ErrorBody),
+}
+
+/// Status changes, newest first, filtered.
+#[utoipa::path(
+    get,
+    path = "/transitions",
+    tag = "transitions",
+    params(TransitionsParams),
+    responses(
+        (status = 200, description = "A page of transitions", body = Page<TransitionView>),
+        ListErrors,
+    )
+)]
 async fn transitions(
     State(app): State<Arc<App>>,
     params: Result<Query<TransitionsParams>, QueryRejection>,
@@ -312,17 +450,36 @@ async fn transitions(
     Ok(Json(found).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AlertsParams {
+    /// The rule (also accepted as `rule`): partial_cancellation,
+    /// cancel_not_effective, stuck, refund_overdue, dead_letter,
+    /// verification_failures.
     #[serde(rename = "type", alias = "rule")]
     rule: Option<String>,
+    /// Raised at or after: RFC 3339, or a duration back from now (`2h`).
     since: Option<String>,
+    /// `open` or `resolved`.
     state: Option<String>,
+    /// Rows per page, 1 to 1000 (100 when absent).
     limit: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// Alerts, newest first, with their delivery state per sink.
+#[utoipa::path(
+    get,
+    path = "/alerts",
+    tag = "alerts",
+    params(AlertsParams),
+    responses(
+        (status = 200, description = "A page of alerts", body = Page<AlertView>),
+        ListErrors,
+    )
+)]
 async fn alerts(
     State(app): State<Arc<App>>,
     params: Result<Query<AlertsParams>, QueryRejection>,
@@ -338,15 +495,31 @@ async fn alerts(
     Ok(Json(found).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsParams {
+    /// pending, processing, processed, ignored, failed, dead.
     state: Option<String>,
+    /// `stripe` or `juice`.
     provider: Option<String>,
+    /// Rows per page, 1 to 1000 (100 when absent).
     limit: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// Inbox deliveries, newest first, without their bodies.
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "events",
+    params(EventsParams),
+    responses(
+        (status = 200, description = "A page of deliveries", body = Page<Event>),
+        ListErrors,
+    )
+)]
 async fn events(
     State(app): State<Arc<App>>,
     params: Result<Query<EventsParams>, QueryRejection>,
@@ -363,6 +536,18 @@ async fn events(
 
 /// Puts a stored delivery back in line for the daemon's workers: 202 with
 /// the replay report.
+#[utoipa::path(
+    post,
+    path = "/events/{key}/replay",
+    tag = "events",
+    params(("key" = String, Path, description = "The delivery's dedupe key (`key` in /events)")),
+    responses(
+        (status = 202, description = "Back in line; the workers take it", body = ReplayReport),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No delivery with this key (`not_found`), or the API is off (`api_disabled`)", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    )
+)]
 async fn replay(
     State(app): State<Arc<App>>,
     Path(key): Path<String>,
@@ -371,15 +556,45 @@ async fn replay(
     Ok((StatusCode::ACCEPTED, Json(report)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CancelBody {
+    /// A cancellable kind: `stripe.outbound_transfer`, `stripe.batch_job`,
+    /// `juice.bulk_transfer`.
     kind: String,
+    /// The provider's id of the resource.
     id: String,
+}
+
+/// A cancel's answer where the status alone does not tell: the provider's
+/// answer as a report, or an error of cancelwatch's own.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only described, never built
+enum CancelAnswer {
+    Report(CancelReport),
+    Error(ErrorBody),
 }
 
 /// Cancels a resource at its provider: 201 with what the provider answered
 /// and the status fetched after it.
+#[utoipa::path(
+    post,
+    path = "/cancellations",
+    tag = "cancellations",
+    request_body = CancelBody,
+    responses(
+        (status = 201, description = "Accepted: the cancel took effect", body = CancelReport),
+        (status = 200, description = "Already cancelled, or cancelled in part (`partial_cancellation`)", body = CancelReport),
+        (status = 400, description = "Unknown kind, invalid id or body (`unknown_kind`, `invalid_id`, `invalid_body`)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "The provider does not know the resource (a report), or the API is off (`api_disabled`)", body = CancelAnswer),
+        (status = 409, description = "Not cancellable or an idempotency conflict (a report), or no API key for the provider (`provider_not_configured`)", body = CancelAnswer),
+        (status = 500, description = "Internal error", body = ErrorBody),
+        (status = 502, description = "The provider failed (a report with outcome `error`, or `provider_error`)", body = CancelAnswer),
+        (status = 504, description = "Sent, but the answer was lost: outcome `unknown`, see `effect`", body = CancelReport),
+    )
+)]
 async fn cancellation(
     State(app): State<Arc<App>>,
     body: Result<Json<CancelBody>, JsonRejection>,

@@ -39,6 +39,18 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         format!("server.listen: cannot listen on {addr} (is cancelwatch already running? set CANCELWATCH_SERVER__LISTEN)")
     })?;
     let url = format!("http://{}", listener.local_addr()?);
+    // The console's address is printed before the daemon starts, so an admin
+    // address of its own is bound here too.
+    let admin = match config.admin_listen_addr()? {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("server.admin_listen: cannot listen on {addr} (set CANCELWATCH_SERVER__ADMIN_LISTEN)")
+        })?),
+        None => None,
+    };
+    let admin_url = match &admin {
+        Some(l) => format!("http://{}", l.local_addr()?),
+        None => url.clone(),
+    };
     let sim = Simulator::start(
         sim_listener,
         SimConfig {
@@ -50,19 +62,24 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         },
     )
     .await?;
-    print_banner(&config, &url, &sim_url)?;
+    print_banner(&config, &url, &admin_url, &sim_url)?;
 
     // Opened (and migrated) before the daemon starts, so the two never race
     // to create the schema.
     let ctx = pipeline::Context::open(config.clone()).await?;
-    let daemon = tokio::spawn(crate::run(config.clone(), listener));
+    let daemon = tokio::spawn(crate::run_with_admin(
+        config.clone(),
+        listener,
+        admin,
+        crate::shutdown_signal(),
+    ));
     let store = ctx.store.clone();
 
     let shown = play_scenarios(&ctx, &sim, &store).await?;
     // Let the last follow-ups (reversals, late cancels) land before printing.
     tokio::time::sleep(Duration::from_secs(2)).await;
     print_results(&store, &shown).await?;
-    print_next_steps(&config, &url, &shown);
+    print_next_steps(&config, &url, &admin_url, &shown);
     ctx.store.close().await;
     daemon.await.context("the daemon task")??;
     Ok(())
@@ -82,12 +99,13 @@ fn use_throwaway_secrets(config: &mut Config) {
 }
 
 /// Where the daemon and the simulator listen, and the secrets of this run.
-fn print_banner(config: &Config, url: &str, sim_url: &str) -> anyhow::Result<()> {
+fn print_banner(config: &Config, url: &str, admin_url: &str, sim_url: &str) -> anyhow::Result<()> {
     println!("cancelwatch demo");
     println!(
         "  daemon:     {url}   (database {})",
         config.database_path()?.display()
     );
+    println!("  console:    {admin_url}/ui/   (sign in with the admin token below)");
     println!("  simulator:  {sim_url}   (stands in for the Stripe and Juice APIs)");
     println!("  throwaway secrets for this run only:");
     println!(
@@ -98,7 +116,10 @@ fn print_banner(config: &Config, url: &str, sim_url: &str) -> anyhow::Result<()>
         "    Juice business id      {}",
         config.juice.checksum_keys[0]
     );
-    println!("    /v1 admin token        {}", config.server.admin_token);
+    println!(
+        "    admin token            {}   (/v1 and the console)",
+        config.server.admin_token
+    );
     println!();
     Ok(())
 }
@@ -175,8 +196,13 @@ async fn print_results(store: &Store, shown: &[String]) -> anyhow::Result<()> {
 }
 
 /// Commands to try against the running demo.
-fn print_next_steps(config: &Config, url: &str, shown: &[String]) {
+fn print_next_steps(config: &Config, url: &str, admin_url: &str, shown: &[String]) {
     println!();
+    println!(
+        "In a browser: {admin_url}/ui/resources/{}   (admin token {})",
+        shown.first().cloned().unwrap_or_default(),
+        config.server.admin_token
+    );
     println!("The daemon keeps serving at {url} until Ctrl-C. In another terminal:");
     println!(
         "  cargo run --release -- history {}",
@@ -186,10 +212,10 @@ fn print_next_steps(config: &Config, url: &str, shown: &[String]) {
     println!("  cargo run --release -- alerts --json");
     println!("  cargo run --release -- events --state processed --limit 5");
     println!(
-        "  curl -s -H 'Authorization: Bearer {}' {url}/v1/alerts",
+        "  curl -s -H 'Authorization: Bearer {}' {admin_url}/v1/alerts",
         config.server.admin_token
     );
-    println!("  curl -s {url}/metrics | grep cancelwatch_");
+    println!("  curl -s {admin_url}/metrics | grep cancelwatch_");
 }
 
 /// Waits until every status the step expects is recorded.

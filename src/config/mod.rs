@@ -40,9 +40,13 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
+    /// Where `/ui/`, `/v1` and `/metrics` are served instead of `listen`,
+    /// so that the address the providers reach answers only the webhooks
+    /// and the health checks. Empty: everything on `listen`.
+    pub admin_listen: String,
     pub max_body_bytes: usize,
-    /// Bearer token for `/v1`; the API answers 404 while it is empty.
-    /// At least [`MIN_ADMIN_TOKEN_LEN`] characters.
+    /// Bearer token for `/v1` and the sign-in of `/ui/`; both answer 404
+    /// while it is empty. At least [`MIN_ADMIN_TOKEN_LEN`] characters.
     pub admin_token: String,
     /// Failed `/v1` authentications one source may make in a minute; then
     /// its tries are answered 429 until the minute is over.
@@ -77,6 +81,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            admin_listen: String::new(),
             max_body_bytes: 1_048_576,
             admin_token: String::new(),
             admin_auth_failures_per_minute: 10,
@@ -343,6 +348,7 @@ impl Config {
                 "must be above 0",
             ));
         }
+        self.admin_listen_addr()?;
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be above 0"));
         }
@@ -480,6 +486,23 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The admin surface's own address; `None` while `server.admin_listen`
+    /// is empty (it shares `server.listen`).
+    pub fn admin_listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let text = self.server.admin_listen.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            invalid(
+                "server.admin_listen",
+                format!(
+                    "{text:?} is not an address such as 127.0.0.1:8081 (leave it empty to serve everything on server.listen)"
+                ),
+            )
+        })
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -882,6 +905,20 @@ mod tests {
             ["/etc/cw/bin/page", "page-oncall", "/usr/bin/page"]
         );
         assert_eq!(c.alerts.sinks[0].command[1], "bin/not-a-program");
+    }
+
+    #[test]
+    fn an_admin_address_is_checked_and_optional() {
+        let mut c = Config::default();
+        assert_eq!(c.admin_listen_addr().unwrap(), None);
+        c.server.admin_listen = "127.0.0.1:8081".into();
+        assert_eq!(
+            c.admin_listen_addr().unwrap(),
+            Some("127.0.0.1:8081".parse().unwrap())
+        );
+        c.server.admin_listen = "localhost".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("server.admin_listen"), "{e}");
     }
 
     #[test]

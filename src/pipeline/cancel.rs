@@ -12,7 +12,7 @@ use crate::store::CancelRecord;
 use crate::time;
 
 /// What a cancel request came to.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct CancelReport {
     /// The `cancel_requests` row (also the transitions' trigger id).
     pub request_id: i64,

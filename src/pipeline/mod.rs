@@ -90,7 +90,7 @@ pub enum PipelineError {
 }
 
 /// The outcome of a replay.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ReplayReport {
     pub key: String,
     pub previous_state: String,

@@ -275,4 +275,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         filter: &EventFilter,
         page: &PageRequest,
     ) -> Result<Page<Event>, QueryError>;
+    /// Resources not in a terminal status whose current status began
+    /// before `before`, longest-held first, at most `limit`, without their
+    /// snapshot.
+    async fn unsettled_since(&self, before: &str, limit: i64) -> Result<Vec<Resource>, QueryError>;
+    /// The deliveries about the resource with this provider id, newest
+    /// first, at most `limit`.
+    async fn deliveries_of(&self, resource_id: &str, limit: i64) -> Result<Vec<Event>, QueryError>;
 }

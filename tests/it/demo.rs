@@ -76,6 +76,19 @@ fn demo_plays_every_scenario_then_keeps_serving() {
         assert!(out.contains(rule), "no {rule} alert:\n{out}");
     }
     assert!(out.contains("returned"), "{out}");
+    // It points to the console, with the token to sign in with.
+    let console = format!("console:    http://127.0.0.1:{port}/ui/");
+    assert!(out.contains(&console), "{out}");
+    let token = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("admin token"))
+        .map(|rest| rest.split_whitespace().next().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no admin token printed:\n{out}"));
+    assert!(token.starts_with("demo-admin-"), "{token}");
+    assert!(
+        out.contains(&format!("http://127.0.0.1:{port}/ui/resources/")),
+        "{out}"
+    );
     assert!(dir.path().join("data/cancelwatch.db").exists());
     assert!(
         health.starts_with("HTTP/1.1 200"),

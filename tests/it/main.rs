@@ -4,10 +4,12 @@
 
 mod alerts;
 mod care;
+mod console;
 mod demo;
 mod edge;
 mod faults;
 mod ingress;
+mod openapi;
 mod ops;
 mod packaging;
 mod pipeline;

@@ -3,7 +3,13 @@
 //!
 //! ```text
 //! cargo run --release -p cancelwatch-bench --bin query_bench -- --transitions 1000000
+//! cargo run --release -p cancelwatch-bench --bin query_bench -- --transitions 1000000 --console 1000
 //! ```
+//!
+//! With `--console N`, a bulk transfer of N items (three transitions and a
+//! refund each) is added to the seed, the daemon is started on the
+//! database, and its console's page of that transfer is timed over HTTP,
+//! signed in: the whole page, timeline included, as a browser gets it.
 //!
 //! Seeds a temporary database (one transaction, prepared inserts, ~10
 //! transitions per resource over ~100k resources of every kind, 90 days of
@@ -23,6 +29,8 @@ struct Args {
     transitions: usize,
     resources: usize,
     reps: usize,
+    /// Items of the bulk transfer whose console page is timed (0: none).
+    console: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -30,6 +38,7 @@ fn args() -> anyhow::Result<Args> {
         transitions: 1_000_000,
         resources: 0,
         reps: 300,
+        console: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -39,7 +48,10 @@ fn args() -> anyhow::Result<Args> {
             "--transitions" => a.transitions = n,
             "--resources" => a.resources = n,
             "--reps" => a.reps = n,
-            _ => anyhow::bail!("unknown flag {flag} (--transitions, --resources, --reps)"),
+            "--console" => a.console = n,
+            _ => {
+                anyhow::bail!("unknown flag {flag} (--transitions, --resources, --reps, --console)")
+            }
         }
     }
     if a.resources == 0 {
@@ -436,7 +448,187 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     println!("  transitions --provider stripe --since -7d\n                                         {line}");
 
-    seeder.close().await;
     store.close().await;
+    if a.console > 0 {
+        console_page(&seeder, &config, &a).await?;
+    }
+    seeder.close().await;
+    Ok(())
+}
+
+/// Seeds a bulk transfer of `a.console` items, starts the daemon on the
+/// database and times its console page over HTTP.
+async fn console_page(
+    seeder: &sqlx::SqlitePool,
+    config: &cancelwatch::Config,
+    a: &Args,
+) -> anyhow::Result<()> {
+    let bulk = "console-bench-bulk";
+    let at = |s: i64| cancelwatch::time::fmt(chrono::Utc::now() - chrono::Duration::seconds(s));
+    let mut tx = seeder.begin().await?;
+    let mut rid: i64 = sqlx::query_scalar("SELECT MAX(rid) FROM resources")
+        .fetch_one(&mut *tx)
+        .await?;
+    rid += 1;
+    let bulk_rid = rid;
+    sqlx::query(
+        "INSERT INTO resources (rid, provider, kind, id, status, terminal, livemode, amount,
+                                currency, snapshot, status_since, first_seen_at, last_observed_at)
+         VALUES (?, 'juice', 'juice.bulk_transfer', ?, 'cancelled', 1, 0, ?, 'eur', ?, ?, ?, ?)",
+    )
+    .bind(bulk_rid)
+    .bind(bulk)
+    .bind(a.console as i64 * 1_250)
+    .bind(format!(
+        r#"{{"id":"{bulk}","status":"cancelled","items":{}}}"#,
+        a.console
+    ))
+    .bind(at(600))
+    .bind(at(3_600))
+    .bind(at(600))
+    .execute(&mut *tx)
+    .await?;
+    for (n, (from, to)) in [
+        (None, "created"),
+        (Some("created"), "executing"),
+        (Some("executing"), "cancelled"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        sqlx::query(
+            "INSERT INTO transitions (rid, provider, kind, resource_id, from_status, to_status,
+                                      observed_at, trigger_type, trigger_id, livemode)
+             VALUES (?, 'juice', 'juice.bulk_transfer', ?, ?, ?, ?, 'event', ?, 0)",
+        )
+        .bind(bulk_rid)
+        .bind(bulk)
+        .bind(from)
+        .bind(to)
+        .bind(at(3_600 - n as i64 * 1_000))
+        .bind(format!("evt_bulk_{n}"))
+        .execute(&mut *tx)
+        .await?;
+    }
+    for item in 0..a.console {
+        rid += 1;
+        let id = format!("{bulk}:ref_{item:05}");
+        sqlx::query(
+            "INSERT INTO resources (rid, provider, kind, id, parent_id, status, terminal, livemode,
+                                    amount, currency, status_since, first_seen_at, last_observed_at)
+             VALUES (?, 'juice', 'juice.transfer', ?, ?, 'cancelled', 1, 0, 1250, 'eur', ?, ?, ?)",
+        )
+        .bind(rid)
+        .bind(&id)
+        .bind(bulk)
+        .bind(at(900))
+        .bind(at(3_600))
+        .bind(at(900))
+        .execute(&mut *tx)
+        .await?;
+        for (n, (from, to)) in [
+            (None, "pending"),
+            (Some("pending"), "processing"),
+            (Some("processing"), "cancelled"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            sqlx::query(
+                "INSERT INTO transitions (rid, provider, kind, resource_id, parent_id, from_status,
+                                          to_status, observed_at, trigger_type, trigger_id, livemode)
+                 VALUES (?, 'juice', 'juice.transfer', ?, ?, ?, ?, ?, 'event', ?, 0)",
+            )
+            .bind(rid)
+            .bind(&id)
+            .bind(bulk)
+            .bind(from)
+            .bind(to)
+            .bind(at(3_500 - n as i64 * 1_000 - item as i64 % 300))
+            .bind(format!("evt_item_{item}_{n}"))
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO refunds (rid, provider, kind, resource_id, parent_id, status, reason,
+                                  amount, currency, opened_at, completed_at, updated_at, trigger_type)
+             VALUES (?, 'juice', 'juice.transfer', ?, ?, 'completed', 'cancelled', 1250, 'eur',
+                     ?, ?, ?, 'event')",
+        )
+        .bind(rid)
+        .bind(&id)
+        .bind(bulk)
+        .bind(at(900))
+        .bind(at(300))
+        .bind(at(300))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+
+    let mut config = config.clone();
+    config.server.admin_token = "bench-console-token".into();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(cancelwatch::run_on(config, listener, None, async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let mut cookie = None;
+    for _ in 0..200 {
+        if let Ok(r) = http
+            .post(format!("{base}/ui/sign-in"))
+            .form(&[("token", "bench-console-token")])
+            .send()
+            .await
+        {
+            cookie = r
+                .headers()
+                .get(reqwest::header::SET_COOKIE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .map(str::to_string);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cookie = cookie.context("signing in to the console")?;
+    let url = format!("{base}/ui/resources/{bulk}");
+    let page = http
+        .get(&url)
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let lanes = page.matches("<g class=\"lane\"").count();
+    anyhow::ensure!(lanes == a.console + 1, "{lanes} lanes drawn");
+    println!(
+        "\nconsole: a bulk transfer of {} items, {} lanes, a page of {} KiB",
+        a.console,
+        lanes,
+        page.len() / 1024
+    );
+    let line = time(a.reps.min(50), |_| {
+        let (http, url, cookie) = (&http, &url, &cookie);
+        async move {
+            http.get(url)
+                .header(reqwest::header::COOKIE, cookie)
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    println!("  GET /ui/resources/<bulk of {} items>  {line}", a.console);
+    let _ = stop.send(());
+    daemon.await??;
     Ok(())
 }

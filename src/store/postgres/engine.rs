@@ -517,4 +517,12 @@ impl Storage for PgStore {
     ) -> Result<Page<Event>, QueryError> {
         crate::store::queries::events(&self.pool, filter, page).await
     }
+
+    async fn unsettled_since(&self, before: &str, limit: i64) -> Result<Vec<Resource>, QueryError> {
+        crate::store::queries::unsettled_since(&self.pool, before, limit).await
+    }
+
+    async fn deliveries_of(&self, resource_id: &str, limit: i64) -> Result<Vec<Event>, QueryError> {
+        crate::store::queries::deliveries_of(&self.pool, resource_id, limit).await
+    }
 }

@@ -16,7 +16,7 @@ use super::QueryError;
 use crate::store::sqlite::resources::{Resource, RESOURCE_COLUMNS};
 
 /// Everything recorded about the resources with one id.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct History {
     pub id: String,
     /// Usually one; an id shared by two kinds or providers lists each.
@@ -24,7 +24,7 @@ pub struct History {
 }
 
 /// One resource's state and trail.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ResourceHistory {
     #[serde(flatten)]
     pub resource: Resource,
@@ -39,7 +39,7 @@ pub struct ResourceHistory {
 }
 
 /// One item of a bulk transfer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ChildHistory {
     #[serde(flatten)]
     pub resource: Resource,

@@ -13,6 +13,7 @@
 mod engine;
 mod history;
 mod lists;
+mod overview;
 #[cfg(test)]
 pub(crate) mod parity;
 mod rows;
@@ -26,6 +27,7 @@ pub use history::{history, ChildHistory, History, ResourceHistory};
 pub use lists::{
     alerts, events, explain_transitions, transitions, AlertFilter, EventFilter, TransitionFilter,
 };
+pub use overview::{deliveries_of, unsettled_since};
 pub use rows::{
     Alert, AlertDelivery, CancelRequest, Event, Progress, Refund, ResourceRef, Transition, Trigger,
 };
@@ -120,7 +122,7 @@ fn encode_cursor(tag: &str, payload: &str) -> String {
 }
 
 /// One page of rows, newest first; `next_cursor` is absent on the last page.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub data: Vec<T>,
     pub next_cursor: Option<String>,

@@ -6,7 +6,7 @@ use sqlx::FromRow;
 use super::{json_text, json_text_opt};
 
 /// What caused an observation: `event`, `reconcile`, `cancel`, `backfill`, `replay`.
-#[derive(Debug, Clone, FromRow, Serialize, PartialEq)]
+#[derive(Debug, Clone, FromRow, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Trigger {
     #[sqlx(rename = "trigger_type")]
     #[serde(rename = "type")]
@@ -16,7 +16,7 @@ pub struct Trigger {
 }
 
 /// One observed status change, in the JSON form the API documents.
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Transition {
     pub id: i64,
     pub provider: String,
@@ -37,7 +37,7 @@ pub(super) const TRANSITION_COLUMNS: &str =
      to_status, observed_at, provider_at, trigger_type, trigger_id, livemode";
 
 /// Progress counts of a batch job at one observation.
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Progress {
     pub id: i64,
     pub observed_at: String,
@@ -50,7 +50,7 @@ pub struct Progress {
 }
 
 /// The money side of one transfer's cancellation.
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Refund {
     #[serde(skip)]
     pub rid: i64,
@@ -79,7 +79,7 @@ pub(super) const REFUND_COLUMNS: &str =
      updated_at, trigger_type, trigger_id";
 
 /// A cancel issued through cancelwatch and the provider's answer.
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct CancelRequest {
     pub id: i64,
     pub provider: String,
@@ -91,13 +91,15 @@ pub struct CancelRequest {
     pub http_status: Option<i64>,
     pub outcome: Option<String>,
     pub error_code: Option<String>,
+    /// The provider's answer, as JSON when it was JSON.
     #[serde(serialize_with = "json_text_opt")]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub response_body: Option<String>,
     pub answered_at: Option<String>,
 }
 
 /// Which resource an alert is about.
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct ResourceRef {
     pub provider: String,
     pub kind: String,
@@ -106,7 +108,7 @@ pub struct ResourceRef {
 }
 
 /// Where one alert stands at one sink (its latest version there).
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct AlertDelivery {
     #[serde(skip)]
     pub alert_id: String,
@@ -120,7 +122,7 @@ pub struct AlertDelivery {
 }
 
 /// An alert with its delivery state per sink.
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Alert {
     pub id: String,
     #[sqlx(rename = "rule")]
@@ -131,6 +133,7 @@ pub struct Alert {
     pub resource: ResourceRef,
     pub summary: String,
     #[serde(serialize_with = "json_text")]
+    #[schema(value_type = Object)]
     pub details: String,
     pub state: String,
     pub version: i64,
@@ -146,7 +149,7 @@ pub(super) const ALERT_COLUMNS: &str =
      state, version, created_at, updated_at, resolved_at";
 
 /// An inbox delivery, without its raw body.
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Event {
     pub id: i64,
     pub provider: String,

@@ -443,6 +443,14 @@ impl Storage for SqliteStore {
     ) -> Result<Page<Event>, QueryError> {
         queries::events(&self.db.read, filter, page).await
     }
+
+    async fn unsettled_since(&self, before: &str, limit: i64) -> Result<Vec<Resource>, QueryError> {
+        queries::unsettled_since(&self.db.read, before, limit).await
+    }
+
+    async fn deliveries_of(&self, resource_id: &str, limit: i64) -> Result<Vec<Event>, QueryError> {
+        queries::deliveries_of(&self.db.read, resource_id, limit).await
+    }
 }
 
 /// One group commit of deliveries and refusal records.

@@ -1,4 +1,4 @@
-//! The real daemon in-process on 127.0.0.1:0 (`cancelwatch::run_until`),
+//! The real daemon in-process on 127.0.0.1:0 (`cancelwatch::run_on`),
 //! and what a test does with it.
 
 use std::time::Duration;
@@ -28,17 +28,29 @@ impl Address {
         Address { listener, url }
     }
 
-    /// Starts the daemon here and waits until it is ready.
+    /// Starts the daemon here and waits until it is ready. A configuration
+    /// with a `server.admin_listen` gets the admin surface on a second free
+    /// loopback port instead ([`TestApp::admin_url`]).
     pub async fn start(self, config: TestConfig) -> TestApp {
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(cancelwatch::run_until(
+        let admin = if config.config().server.admin_listen.is_empty() {
+            None
+        } else {
+            Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        };
+        let admin_url = match &admin {
+            Some(l) => format!("http://{}", l.local_addr().unwrap()),
+            None => self.url.clone(),
+        };
+        let task = tokio::spawn(cancelwatch::run_with_admin(
             config.config().clone(),
             self.listener,
+            admin,
             async {
                 let _ = stopped.await;
             },
         ));
-        ready(self.url, config, stop, task).await
+        ready(self.url, admin_url, config, stop, task).await
     }
 
     /// [`Address::start`] on a store the test opened (and keeps a handle
@@ -49,23 +61,26 @@ impl Address {
             config.config().clone(),
             store,
             self.listener,
+            None,
             async {
                 let _ = stopped.await;
             },
         ));
-        ready(self.url, config, stop, task).await
+        ready(self.url.clone(), self.url, config, stop, task).await
     }
 }
 
 /// The daemon `task` started at `url`, once it is ready.
 async fn ready(
     url: String,
+    admin_url: String,
     config: TestConfig,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
 ) -> TestApp {
     let app = TestApp {
         url,
+        admin_url,
         db: TestDb::of(&config),
         config,
         client: reqwest::Client::new(),
@@ -84,6 +99,9 @@ async fn ready(
 /// A running daemon; dropped without [`TestApp::stop`], it stops on its own.
 pub struct TestApp {
     pub url: String,
+    /// Where `/ui/`, `/v1` and `/metrics` answer: `url` unless the
+    /// configuration moved them to an address of their own.
+    pub admin_url: String,
     config: TestConfig,
     db: TestDb,
     client: reqwest::Client,
@@ -150,7 +168,7 @@ impl TestApp {
 
     /// GET `path`, with this bearer token if any.
     pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.client.get(format!("{}{path}", self.url));
+        let mut req = self.client.get(format!("{}{path}", self.admin_url));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -159,7 +177,7 @@ impl TestApp {
 
     /// POST `path` with this JSON body and bearer token, if any.
     pub async fn post(&self, path: &str, body: Option<Value>, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.client.post(format!("{}{path}", self.url));
+        let mut req = self.client.post(format!("{}{path}", self.admin_url));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -173,7 +191,7 @@ impl TestApp {
     pub async fn metrics(&self) -> String {
         let r = self
             .client
-            .get(format!("{}/metrics", self.url))
+            .get(format!("{}/metrics", self.admin_url))
             .send()
             .await
             .unwrap();

@@ -12,6 +12,7 @@
 //! runs on SQLite by design).
 
 pub mod binary;
+pub mod browser;
 pub mod config;
 pub mod daemon;
 pub mod db;

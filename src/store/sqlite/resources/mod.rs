@@ -26,7 +26,7 @@ use super::{direct_error, Tx};
 /// A resource's stored current state: what the pipeline reads before it
 /// records, and (without its bookkeeping fields) what the API and the CLI
 /// show of it.
-#[derive(Debug, Clone, Default, FromRow, serde::Serialize)]
+#[derive(Debug, Clone, Default, FromRow, serde::Serialize, utoipa::ToSchema)]
 pub struct Resource {
     #[serde(skip)]
     pub rid: i64,
@@ -47,6 +47,7 @@ pub struct Resource {
     pub cancel_requested_at: Option<String>,
     /// The last fetched object.
     #[serde(serialize_with = "crate::store::queries::json_text_opt")]
+    #[schema(value_type = Option<Object>)]
     pub snapshot: Option<String>,
     /// The Stripe account context to fetch with.
     #[serde(skip)]
