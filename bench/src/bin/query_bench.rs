@@ -571,7 +571,7 @@ async fn console_page(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(cancelwatch::run_on(config, listener, None, async {
+    let daemon = tokio::spawn(cancelwatch::run_with_admin(config, listener, None, async {
         let _ = stopped.await;
     }));
     let http = reqwest::Client::builder()
