@@ -12,7 +12,7 @@ use crate::support::db::{self, DeliverySeed, ResourceSeed};
 use crate::support::sim::{app_with_simulator, dedupe_key, wait_step, DeliveryOptions};
 use crate::support::{wait_until, TestApp, TestConfig};
 
-const TOKEN: &str = "console-admin-token-7f3k";
+const TOKEN: &str = "console-admin-token-7f3k-0123456789abcdef";
 
 fn console_config() -> TestConfig {
     TestConfig::new()

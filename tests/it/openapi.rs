@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::support::sim::{app_with_simulator, wait_step, DeliveryOptions};
 use crate::support::{TestApp, TestConfig};
 
-const TOKEN: &str = "openapi-admin-token";
+const TOKEN: &str = "openapi-admin-token-0123456789abcdef";
 
 /// The schema of the JSON answer `status` of `method path`, standing alone
 /// (the description's components beside it, for its references).

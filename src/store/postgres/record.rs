@@ -16,7 +16,7 @@ use crate::providers::{knowledge, Observation, Target};
 use crate::store::alerting::rules;
 use crate::store::model::Resource;
 use crate::store::sqlite::record::{
-    decide, key_of, leaves_reconcile, new_transitions, resource_keys, reversal, state_updates,
+    decide, key_of, leaves_reconcile, new_transitions, reversal, runs, state_updates,
     what_was_recorded, RefundsAndProgress, Seen,
 };
 use crate::store::sqlite::resources::{ResourceKey, StateUpdate};
@@ -42,20 +42,8 @@ pub async fn record_all(
     changes: &mut Changes,
 ) -> Result<Vec<Recorded>, StoreError> {
     let mut recorded = Vec::with_capacity(items.len());
-    let mut start = 0;
-    while start < items.len() {
-        let mut seen = HashSet::new();
-        let mut end = start;
-        while end < items.len() {
-            let keys = resource_keys(items[end].obs);
-            if end > start && keys.iter().any(|k| seen.contains(k)) {
-                break;
-            }
-            seen.extend(keys);
-            end += 1;
-        }
-        recorded.extend(record_run(conn, config, &items[start..end], now, changes).await?);
-        start = end;
+    for run in runs(items) {
+        recorded.extend(record_run(conn, config, &items[run], now, changes).await?);
     }
     Ok(recorded)
 }

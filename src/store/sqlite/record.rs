@@ -48,9 +48,19 @@ pub async fn record_all(
     changes: &mut Changes,
 ) -> Result<Vec<Recorded>, StoreError> {
     let mut recorded = Vec::with_capacity(items.len());
+    for run in runs(items) {
+        recorded.extend(record_run(tx, config, &items[run], now, changes).await?);
+    }
+    Ok(recorded)
+}
+
+/// `items` cut into runs in which no resource comes twice, each as long as
+/// it can be: a run is recorded in one go, and an observation of a
+/// resource already in the run waits for the next, to see the one before.
+pub(crate) fn runs(items: &[ToRecord<'_>]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
     let mut start = 0;
     while start < items.len() {
-        // The longest run from `start` in which no resource comes twice.
         let mut seen = std::collections::HashSet::new();
         let mut end = start;
         while end < items.len() {
@@ -61,10 +71,10 @@ pub async fn record_all(
             seen.extend(keys);
             end += 1;
         }
-        recorded.extend(record_run(tx, config, &items[start..end], now, changes).await?);
+        runs.push(start..end);
         start = end;
     }
-    Ok(recorded)
+    runs
 }
 
 /// The resources an observation may write: itself and its children.

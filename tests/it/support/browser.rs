@@ -1,6 +1,6 @@
 //! Headless Chromium driven over WebDriver (Debian's `chromium` and
 //! `chromium-driver`), for the console's tests. Without them a test is
-//! skipped and says so; with `CANCELWATCH_REQUIRE_BROWSER=1` (CI) it fails.
+//! skipped and says so; with `CANCELWATCH_TEST_REQUIRE_BROWSER=1` (CI) it fails.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,7 +27,7 @@ fn on_path(names: &[&str]) -> Option<PathBuf> {
 }
 
 fn required() -> bool {
-    std::env::var("CANCELWATCH_REQUIRE_BROWSER").is_ok_and(|v| v == "1")
+    std::env::var("CANCELWATCH_TEST_REQUIRE_BROWSER").is_ok_and(|v| v == "1")
 }
 
 impl Browser {
@@ -39,7 +39,7 @@ impl Browser {
         let (Some(chromium), Some(driver)) = (chromium, driver) else {
             assert!(
                 !required(),
-                "{test}: CANCELWATCH_REQUIRE_BROWSER=1 but chromium or chromedriver is not installed \
+                "{test}: CANCELWATCH_TEST_REQUIRE_BROWSER=1 but chromium or chromedriver is not installed \
                  (apt-get install chromium chromium-driver)"
             );
             // Straight to stderr, past the test harness's capture: a skip
@@ -48,7 +48,7 @@ impl Browser {
             let _ = writeln!(
                 std::io::stderr(),
                 "SKIPPED {test}: no chromium and chromedriver on this machine \
-                 (apt-get install chromium chromium-driver; CANCELWATCH_REQUIRE_BROWSER=1 makes this a failure)"
+                 (apt-get install chromium chromium-driver; CANCELWATCH_TEST_REQUIRE_BROWSER=1 makes this a failure)"
             );
             return None;
         };

@@ -121,6 +121,8 @@ impl Proxy {
                 }
                 let server = server.clone();
                 let mut cuts = cuts.clone();
+                // Only a cut from now on ends this connection.
+                cuts.borrow_and_update();
                 tokio::spawn(async move {
                     let Ok(mut upstream) = tokio::net::TcpStream::connect(&server).await else {
                         return;
