@@ -3,5 +3,5 @@
 -- only duplicated that path. It was the one index of transitions on a random
 -- key: each batch of recorded transitions dirtied about one page of it per
 -- transition, written to the WAL at every commit. Without it, `bench --e2e`
--- used 8-10% less daemon CPU per delivery (session 5, `--against`, 3 runs).
+-- used 8-10% less daemon CPU per delivery (docs/performance.md).
 DROP INDEX IF EXISTS transitions_resource;

@@ -6,7 +6,7 @@
 -- Providers' ids are random, so each new resource dirtied a page of each of
 -- the two indexes on them, written to the WAL at every commit and copied again
 -- at every checkpoint. With one, `bench --e2e` recorded 8-17% more a second
--- at 7-11% less daemon CPU a delivery (session 12, `--against`, 3 runs).
+-- at 7-11% less daemon CPU a delivery (docs/performance.md).
 --
 -- SQLite cannot change a table's constraint in place: the table is built
 -- again and its rows copied with their rids, which the other tables refer to

@@ -531,6 +531,7 @@ where
 async fn migrate(write: &SqlitePool) -> Result<(), StoreError> {
     debug_assert_eq!(write.options().get_max_connections(), 1);
     schema::refuse_a_newer_one(write).await?;
+    reworded_comments(write).await?;
     sqlx::query("PRAGMA foreign_keys = OFF")
         .execute(write)
         .await?;
@@ -539,6 +540,49 @@ async fn migrate(write: &SqlitePool) -> Result<(), StoreError> {
         .execute(write)
         .await?;
     Ok(migrated?)
+}
+
+/// Migrations whose comments were reworded after release, with the
+/// checksum (SHA-384 of the text) a database that applied the earlier text
+/// recorded. sqlx refuses a migration whose text no longer matches what was
+/// applied; a changed comment changes no schema, so such a database has its
+/// record brought to the current text, and any other mismatch is still
+/// refused.
+const REWORDED: [(i64, &str); 2] = [
+    (
+        8,
+        "e7b8185cf26c22aec24452e8e073f3eb1bf2586125ef504a443c181d518b28096d7fc072ebcc923d56763e300072c13c",
+    ),
+    (
+        9,
+        "d689694112e5723851f1c8aa074c9bac5d01cc7868fa9a303db506fc0d8722d020f922f97e743d2a3d679dbcc9222526",
+    ),
+];
+
+/// See [`REWORDED`].
+async fn reworded_comments(write: &SqlitePool) -> Result<(), StoreError> {
+    let recorded: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = '_sqlx_migrations')",
+    )
+    .fetch_one(write)
+    .await?;
+    if !recorded {
+        return Ok(());
+    }
+    for (version, earlier) in REWORDED {
+        let Some(now) = MIGRATOR.iter().find(|m| m.version == version) else {
+            continue;
+        };
+        let earlier = hex::decode(earlier)
+            .map_err(|_| StoreError::Invariant("a reworded checksum is not hex"))?;
+        sqlx::query("UPDATE _sqlx_migrations SET checksum = ? WHERE version = ? AND checksum = ?")
+            .bind(now.checksum.as_ref())
+            .bind(version)
+            .bind(earlier)
+            .execute(write)
+            .await?;
+    }
+    Ok(())
 }
 
 impl StoreError {
@@ -576,6 +620,62 @@ pub fn bool_int(b: Option<bool>) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+
+    /// A database that applied migrations 8 and 9 before their comments
+    /// were reworded (its recorded checksums those of the earlier text)
+    /// opens, and its record now matches the current text; a checksum that
+    /// is neither is still refused.
+    #[tokio::test]
+    async fn a_database_migrated_before_a_comment_was_reworded_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let cfg = crate::config::DatabaseConfig::default();
+        Db::open(&path, &cfg).await.unwrap().close().await;
+        let set = |version: i64, checksum: Vec<u8>| {
+            let path = path.clone();
+            async move {
+                let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                    .await
+                    .unwrap();
+                sqlx::query("UPDATE _sqlx_migrations SET checksum = ? WHERE version = ?")
+                    .bind(checksum)
+                    .bind(version)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }
+        };
+        for (version, earlier) in super::REWORDED {
+            set(version, hex::decode(earlier).unwrap()).await;
+        }
+        let db = Db::open(&path, &cfg).await.unwrap();
+        let recorded: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT checksum FROM _sqlx_migrations WHERE version IN (8, 9) ORDER BY version",
+        )
+        .fetch_all(&db.read)
+        .await
+        .unwrap();
+        let current: Vec<Vec<u8>> = [8, 9]
+            .iter()
+            .map(|v| {
+                super::MIGRATOR
+                    .iter()
+                    .find(|m| m.version == *v)
+                    .unwrap()
+                    .checksum
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(recorded, current);
+        db.close().await;
+
+        set(8, vec![0; 48]).await;
+        assert!(
+            Db::open(&path, &cfg).await.is_err(),
+            "another text is refused"
+        );
+    }
     use super::{Db, WalSync};
 
     /// After `fdatasync` failed once, no sync succeeds again: the pages it
