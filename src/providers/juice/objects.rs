@@ -147,7 +147,7 @@ pub fn decode_bulk_counted(
     reading: &Reading<'_>,
 ) -> Result<(Observation, Unrecorded), String> {
     let reversed = reading.reversed;
-    let bulk = match body {
+    let mut bulk = match body {
         Value::Object(mut map) if map.get("data").is_some_and(Value::is_object) => {
             map.remove("data").expect("checked just above")
         }
@@ -175,16 +175,22 @@ pub fn decode_bulk_counted(
         .and_then(Value::as_str)
         .map(str::to_string);
     let livemode = bulk.get("livemode").and_then(Value::as_bool);
-    let items = bulk
-        .get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    // The bulk transfer's snapshot keeps only the items that are not
+    // resources of their own: each of the others is stored in its own row,
+    // and a large bulk transfer is not written again whole each time it is
+    // fetched for one item that moved.
+    let items = match bulk.get_mut("items") {
+        Some(Value::Array(items)) => Some(std::mem::take(items)),
+        _ => None,
+    };
+    let listed = items.is_some();
     let mut children = Vec::new();
+    let mut kept = Vec::new();
     let mut unrecorded = Unrecorded::default();
-    for item in items {
+    for item in items.into_iter().flatten() {
         let Some((item_id, _)) = item_keys(&bulk_id, &item) else {
             unrecorded.unkeyed += 1;
+            kept.push(item);
             continue;
         };
         let Some(item_status) = item
@@ -194,6 +200,7 @@ pub fn decode_bulk_counted(
             .map(str::to_string)
         else {
             unrecorded.without_status += 1;
+            kept.push(item);
             continue;
         };
         let amount = lenient_i64(item.get("amount"));
@@ -214,6 +221,9 @@ pub fn decode_bulk_counted(
             status: item_status,
             snapshot: item.to_string(),
         });
+    }
+    if listed {
+        bulk["items"] = Value::Array(kept);
     }
     let obs = Observation {
         provider: NAME,

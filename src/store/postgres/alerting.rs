@@ -8,6 +8,7 @@ use super::record::RESOURCE_COLUMNS;
 use crate::store::alerting::{AlertRows, PendingRefund};
 use crate::store::model::{Alert, AlertKey, Attempt, CancelRequest, Delivery, NewAlert};
 use crate::store::model::{ProgressRow, RaiseOutcome, Resource};
+use crate::store::sqlite::alerts::{PENDING_REFUND_COLUMNS, PENDING_REFUND_TABLES};
 use crate::store::sqlite::resources::{Refund, REFUND_COLUMNS};
 use crate::store::StoreError;
 
@@ -83,13 +84,10 @@ impl AlertRows for PgConnection {
         &mut self,
         cutoff: &str,
     ) -> Result<Vec<PendingRefund>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT f.rid, f.provider, f.kind, f.resource_id, f.parent_id, f.status, f.reason,
-                    f.amount, f.currency, f.opened_at, r.status AS resource_status,
-                    r.last_observed_at, r.next_reconcile_at
-             FROM refunds f JOIN resources r ON r.rid = f.rid
-             WHERE f.status = 'pending' AND f.opened_at < $1 ORDER BY f.opened_at",
-        )
+        Ok(sqlx::query_as(&format!(
+            "SELECT {PENDING_REFUND_COLUMNS} FROM {PENDING_REFUND_TABLES}
+             WHERE f.status = 'pending' AND f.opened_at < $1 ORDER BY f.opened_at"
+        ))
         .bind(cutoff)
         .fetch_all(self)
         .await?)

@@ -101,7 +101,7 @@ async fn record_run(
     }
     let mut updated = Vec::with_capacity(decisions.fresh.len());
     for u in state_updates(items, &decisions.fresh, &now_s) {
-        updated.push(update_state(conn, &u).await?);
+        updated.extend(update_state(conn, &u).await?);
     }
     for s in &seen {
         add_aliases(conn, s.current.rid, s.obs.provider, &s.obs.kind, &s.aliases).await?;
@@ -251,11 +251,13 @@ async fn stored_under(
     Ok(None)
 }
 
+/// The row as written; `None` when `u` is `only_if_changed` and would
+/// change nothing (see `StateUpdate`).
 async fn update_state(
     conn: &mut PgConnection,
     u: &StateUpdate<'_>,
-) -> Result<Resource, StoreError> {
-    sqlx::query_as(&format!(
+) -> Result<Option<Resource>, StoreError> {
+    let row = sqlx::query_as(&format!(
         "UPDATE resources SET
             parent_id = COALESCE($2, parent_id), status = $3, terminal = $4,
             livemode = COALESCE($5, livemode), context = COALESCE($6, context),
@@ -263,7 +265,16 @@ async fn update_state(
             snapshot = $9, provider_updated_at = COALESCE($10, provider_updated_at),
             status_since = $11, last_observed_at = $12, not_found = false,
             next_reconcile_at = $13, reconcile_failures = 0
-         WHERE rid = $1 RETURNING {NO_SNAPSHOT}"
+         WHERE rid = $1 AND (NOT $14
+            OR parent_id IS DISTINCT FROM COALESCE($2, parent_id) OR status IS DISTINCT FROM $3
+            OR terminal IS DISTINCT FROM $4 OR livemode IS DISTINCT FROM COALESCE($5, livemode)
+            OR context IS DISTINCT FROM COALESCE($6, context)
+            OR amount IS DISTINCT FROM COALESCE($7, amount)
+            OR currency IS DISTINCT FROM COALESCE($8, currency) OR snapshot IS DISTINCT FROM $9
+            OR provider_updated_at IS DISTINCT FROM COALESCE($10, provider_updated_at)
+            OR status_since IS DISTINCT FROM $11 OR not_found
+            OR next_reconcile_at IS DISTINCT FROM $13 OR reconcile_failures <> 0)
+         RETURNING {NO_SNAPSHOT}"
     ))
     .bind(u.rid)
     .bind(u.parent_id)
@@ -278,9 +289,15 @@ async fn update_state(
     .bind(u.status_since)
     .bind(u.observed_at)
     .bind(u.next_reconcile_at)
+    .bind(u.only_if_changed)
     .fetch_optional(&mut *conn)
-    .await?
-    .ok_or(StoreError::Invariant("a resource being updated has no row"))
+    .await?;
+    match row {
+        None if !u.only_if_changed => {
+            Err(StoreError::Invariant("a resource being updated has no row"))
+        }
+        row => Ok(row),
+    }
 }
 
 async fn add_aliases(

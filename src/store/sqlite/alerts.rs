@@ -533,10 +533,23 @@ pub struct PendingRefund {
     pub next_reconcile_at: Option<String>,
 }
 
-const PENDING_REFUND_COLUMNS: &str =
+/// The columns of [`PendingRefund`], its resource `r`. A bulk transfer's
+/// item that rests is not written when its bulk transfer is fetched, nor
+/// given a fetch time of its own while the bulk transfer moves
+/// (`record::decide`): its parent's times stand for it then. Both engines.
+pub(crate) const PENDING_REFUND_COLUMNS: &str =
     "f.rid, f.provider, f.kind, f.resource_id, f.parent_id, f.status, f.reason, f.amount,
-     f.currency, f.opened_at, r.status AS resource_status, r.last_observed_at,
-     r.next_reconcile_at";
+     f.currency, f.opened_at, r.status AS resource_status,
+     CASE WHEN p.last_observed_at > r.last_observed_at THEN p.last_observed_at
+          ELSE r.last_observed_at END AS last_observed_at,
+     COALESCE(r.next_reconcile_at, p.next_reconcile_at) AS next_reconcile_at";
+
+/// The tables [`PENDING_REFUND_COLUMNS`] read: a refund, its resource and
+/// the resource's parent, if stored.
+pub(crate) const PENDING_REFUND_TABLES: &str = "refunds f JOIN resources r ON r.rid = f.rid
+     LEFT JOIN resources p ON p.rid = (SELECT q.rid FROM resources q
+         WHERE q.id = r.parent_id AND q.provider = r.provider AND q.rid <> r.rid
+         ORDER BY q.rid LIMIT 1)";
 
 /// Refunds still pending that were opened before `cutoff`.
 pub async fn pending_refunds_opened_before(
@@ -544,7 +557,7 @@ pub async fn pending_refunds_opened_before(
     cutoff: &str,
 ) -> Result<Vec<PendingRefund>, StoreError> {
     sqlx::query_as::<_, PendingRefund>(&format!(
-        "SELECT {PENDING_REFUND_COLUMNS} FROM refunds f JOIN resources r ON r.rid = f.rid
+        "SELECT {PENDING_REFUND_COLUMNS} FROM {PENDING_REFUND_TABLES}
          WHERE f.status = 'pending' AND f.opened_at < ? ORDER BY f.opened_at"
     ))
     .bind(cutoff)

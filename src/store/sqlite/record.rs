@@ -336,6 +336,10 @@ pub(crate) fn decide<'a>(
                 let since = time::parse_lenient(&status_since).unwrap_or(now);
                 Watched::new(watch, s.obs.provider_at.as_deref(), since)
             });
+        // While the resource it came with moves, a child is fetched with it
+        // (`knowledge::reconcile_target`): it needs no time of its own, and
+        // one that rests is then not written again each time.
+        let followed_with_parent = !s.own && item.obs.class == StatusClass::Transitional;
         fresh.push(Decided {
             seen: s,
             next_reconcile_at: next_reconcile(
@@ -345,7 +349,8 @@ pub(crate) fn decide<'a>(
                 config.reconcile.interval_secs,
                 config.reconcile.max_interval_secs,
                 watched,
-            ),
+            )
+            .filter(|_| !followed_with_parent),
             status_since,
             changed,
         });
@@ -396,6 +401,7 @@ pub(crate) fn state_updates<'a>(
             status_since: &d.status_since,
             observed_at: now_s,
             next_reconcile_at: d.next_reconcile_at.as_deref(),
+            only_if_changed: !d.seen.own,
         })
         .collect()
 }
@@ -448,8 +454,9 @@ fn write_transitions<'a>(
 }
 
 /// What was recorded per item (its transitions, its rids, whether its own
-/// observation was stale), and every resource seen as it is now: as stored
-/// when stale, as `updated` (the rows [`write_states`] returned) when fresh.
+/// observation was stale), and every resource seen as it is now: as
+/// `updated` (the rows [`write_states`] wrote, in any order) when written,
+/// as stored otherwise (stale, or a child that did not change).
 pub(crate) fn what_was_recorded(
     items: &[ToRecord<'_>],
     seen: &[Seen<'_>],
@@ -467,18 +474,22 @@ pub(crate) fn what_was_recorded(
             trigger: items[d.seen.item].trigger.kind,
         });
     }
-    let mut updated = updated.into_iter();
+    let mut updated: std::collections::HashMap<i64, resources::Resource> =
+        updated.into_iter().map(|r| (r.rid, r)).collect();
     let mut rows = Vec::with_capacity(seen.len());
     for s in seen {
         let r = &mut recorded[s.item];
         r.rids.push(s.current.rid);
-        if s.verdict == Verdict::Stale {
-            r.stale |= s.own;
-            rows.push(s.current.clone());
-        } else {
-            rows.push(updated.next().ok_or(StoreError::Invariant(
-                "fewer updated rows than fresh observations",
-            ))?);
+        r.stale |= s.own && s.verdict == Verdict::Stale;
+        match updated.remove(&s.current.rid) {
+            Some(written) if s.verdict != Verdict::Stale => rows.push(written),
+            Some(_) => return Err(StoreError::Invariant("a stale observation was written")),
+            None if s.own && s.verdict != Verdict::Stale => {
+                return Err(StoreError::Invariant(
+                    "an observed resource was not written",
+                ))
+            }
+            None => rows.push(s.current.clone()),
         }
     }
     Ok((recorded, rows))
@@ -1033,5 +1044,96 @@ mod db_tests {
             history(&ts),
             vec![(None, "executing"), (Some("executing"), "cancelled")]
         );
+    }
+
+    /// A bulk transfer fetched again writes only what changed: an item
+    /// that rests keeps its row as it was (it has no fetch time of its own
+    /// while the bulk transfer moves), the item that moved is written, and
+    /// the bulk transfer's snapshot holds no item stored on its own. Once
+    /// the bulk transfer rests, an item still moving is fetched on its own
+    /// time.
+    #[tokio::test]
+    async fn a_bulk_transfer_fetched_again_writes_only_what_changed() {
+        let (_dir, db, config) = db().await;
+        let rev = &config.juice.reversed_statuses;
+        let bulk = |status: &str, second: &str| {
+            decode_bulk(
+                "bt_1",
+                json!({"data": {"id": "bt_1", "status": status, "items": [
+                    {"id": "it_1", "amount": 100, "status": "processing"},
+                    {"id": "it_2", "amount": 200, "status": second},
+                    {"amount": 300, "status": "processing"}]}}),
+                rev,
+            )
+            .unwrap()
+        };
+        let put_at = |obs: Observation, at: Timestamp| {
+            let db = &db;
+            let config = &config;
+            async move {
+                let mut tx = db.write.begin().await.unwrap();
+                let trigger = Trigger::reconcile();
+                let r = record(
+                    &mut tx,
+                    config,
+                    &obs,
+                    &trigger,
+                    None,
+                    at,
+                    &mut Changes::new(),
+                )
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+                r
+            }
+        };
+        let row = |id: &'static str| {
+            let db = &db;
+            async move {
+                resources::find(&db.read, "juice.transfer", id)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        let start = time::now();
+        let later = |secs| start + chrono::Duration::seconds(secs);
+        put_at(bulk("executing", "processing"), start).await;
+        let first = (row("it_1").await, row("it_2").await);
+        assert_eq!(first.0.next_reconcile_at, None, "fetched with its bulk");
+
+        let again = put_at(bulk("executing", "processing"), later(60)).await;
+        assert_eq!(again.rids.len(), 3, "every resource looked at is reported");
+        assert_eq!(row("it_1").await.last_observed_at, first.0.last_observed_at);
+        assert_eq!(row("it_2").await.last_observed_at, first.1.last_observed_at);
+        let stored = resources::find(&db.read, "juice.bulk_transfer", "bt_1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.last_observed_at, Some(time::fmt(later(60))));
+        let snapshot: serde_json::Value =
+            serde_json::from_str(stored.snapshot.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            snapshot["items"],
+            json!([{"amount": 300, "status": "processing"}]),
+            "only the item with no key of its own stays in the bulk's snapshot"
+        );
+
+        let moved = put_at(bulk("executing", "completed"), later(120)).await;
+        assert_eq!(moved.transitions.len(), 1);
+        assert_eq!(row("it_1").await.last_observed_at, first.0.last_observed_at);
+        assert_eq!(
+            row("it_2").await.last_observed_at,
+            Some(time::fmt(later(120)))
+        );
+
+        // The bulk transfer rests, one item still moves: that one gets a
+        // time of its own.
+        put_at(bulk("completed", "completed"), later(180)).await;
+        let it1 = row("it_1").await;
+        assert_eq!(it1.last_observed_at, Some(time::fmt(later(180))));
+        assert!(it1.next_reconcile_at.is_some());
+        assert_eq!(row("it_2").await.next_reconcile_at, None);
     }
 }

@@ -126,7 +126,8 @@ both_engines! {
 
 both_engines! {
     /// An item with neither an id nor a reference cannot be a resource of its
-    /// own: it stays in its bulk transfer's snapshot, and is counted and logged
+    /// own: it stays in its bulk transfer's snapshot (the only item there),
+    /// and is counted and logged
     /// once per bulk transfer, however often the bulk transfer is fetched.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn an_item_with_no_key_is_kept_in_the_snapshot_and_counted_once(engine) {
@@ -149,8 +150,9 @@ both_engines! {
             .await
             .unwrap();
         let snapshot: Value = serde_json::from_str(stored.snapshot.as_deref().unwrap()).unwrap();
+        // The keyed item is stored on its own, not repeated in the snapshot.
         let kept = snapshot["items"].as_array().unwrap();
-        assert_eq!(kept.len(), 2, "{snapshot}");
+        assert_eq!(kept.len(), 1, "{snapshot}");
         assert!(kept
             .iter()
             .any(|i| i["amount"] == 700 && i.get("reference").is_none()));
@@ -159,6 +161,61 @@ both_engines! {
         assert!(app.metric(series).await > before);
         app.stop().await;
     }
+}
+
+both_engines! {
+    /// A bulk transfer that moves is fetched again every reconcile pass;
+    /// its items that rest are not written again each time: their rows
+    /// keep the time they were last written, and they have no fetch time
+    /// of their own (their bulk transfer's stands for them).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_moving_bulk_transfer_fetched_again_rewrites_none_of_its_resting_items(engine) {
+        use cancelwatch_sim::state::{BulkItem, BulkTransfer};
+        let config = TestConfig::on(engine)
+            .await
+            .quick_workers()
+            .with(|c| c.reconcile.interval_secs = 1);
+        let (sim, app) = app_with_simulator(config).await;
+        let items = (0..200)
+            .map(|n| BulkItem::new(100 + n as i64, "NGN", "processing", n))
+            .collect();
+        let bulk = BulkTransfer::new("executing", items);
+        sim.add_juice_bulk(bulk.clone());
+        announce(&sim, &app, "bulk_transfer.created", &bulk.id).await;
+        assert_eq!(items_of(app.db(), &bulk.id).await.len(), 200);
+
+        let observed = || async {
+            let parent = db::resource(app.db(), "juice.bulk_transfer", &bulk.id).await;
+            parent.unwrap().last_observed_at.unwrap()
+        };
+        let written: Vec<_> = written_items(app.db(), &bulk.id).await;
+        assert!(written.iter().all(|(_, next)| next.is_none()), "{written:?}");
+        let transitions = db::transition_count(app.db()).await;
+        // Two reconcile passes, each of which fetched and recorded the bulk.
+        for _ in 0..2 {
+            let before = observed().await;
+            wait_until("the reconciler fetched the bulk again", WAIT, || async {
+                observed().await > before
+            })
+            .await;
+        }
+        assert_eq!(written_items(app.db(), &bulk.id).await, written);
+        assert_eq!(db::transition_count(app.db()).await, transitions);
+        app.stop().await;
+    }
+}
+
+/// When each item of `bulk` was last written, and its own next fetch.
+async fn written_items(
+    db: &impl db::Database,
+    bulk: &str,
+) -> Vec<(Option<String>, Option<String>)> {
+    let mut rows = Vec::new();
+    for id in items_of(db, bulk).await {
+        let item = db::resource(db, "juice.transfer", &id).await.unwrap();
+        rows.push((item.last_observed_at, item.next_reconcile_at));
+    }
+    rows
 }
 
 /// Cancels `bulk` through `/v1/cancellations`; the report.

@@ -277,12 +277,18 @@ pub struct StateUpdate<'a> {
     pub status_since: &'a str,
     pub observed_at: &'a str,
     pub next_reconcile_at: Option<&'a str>,
+    /// Write the row only when it would change (other than its time
+    /// observed): a bulk transfer's items, most of which rest between two
+    /// fetches of a large one.
+    pub only_if_changed: bool,
 }
 
 /// Writes the current state of many resources; fields an observation lacks
 /// keep their value. A resource [`find_many`] found new is added, with the
-/// rid it gave it. Returns the rows as they are now (without the snapshot
-/// just written), in the order of `updates`.
+/// rid it gave it. Returns the rows written as they are now (without the
+/// snapshot just written), in the order of `updates`; an update
+/// `only_if_changed` that would change nothing writes nothing and returns
+/// no row.
 pub fn update_states(
     conn: &rusqlite::Connection,
     updates: &[StateUpdate<'_>],
@@ -296,7 +302,15 @@ pub fn update_states(
                 snapshot = ?9, provider_updated_at = COALESCE(?10, provider_updated_at),
                 status_since = ?11, last_observed_at = ?12, not_found = 0,
                 next_reconcile_at = ?13, reconcile_failures = 0
-             WHERE rid = ?1 RETURNING {RESOURCE_COLUMNS_NO_SNAPSHOT}"
+             WHERE rid = ?1 AND (NOT ?14
+                OR parent_id IS NOT COALESCE(?2, parent_id) OR status IS NOT ?3
+                OR terminal IS NOT ?4 OR livemode IS NOT COALESCE(?5, livemode)
+                OR context IS NOT COALESCE(?6, context) OR amount IS NOT COALESCE(?7, amount)
+                OR currency IS NOT COALESCE(?8, currency) OR snapshot IS NOT ?9
+                OR provider_updated_at IS NOT COALESCE(?10, provider_updated_at)
+                OR status_since IS NOT ?11 OR not_found <> 0
+                OR next_reconcile_at IS NOT ?13 OR reconcile_failures <> 0)
+             RETURNING {RESOURCE_COLUMNS_NO_SNAPSHOT}"
         ))
         .map_err(direct_error)?;
     // The same values, for a resource not stored yet: what it would hold
@@ -320,6 +334,7 @@ pub fn update_states(
                 u.status_since,
                 u.observed_at,
                 u.next_reconcile_at,
+                u.only_if_changed,
             ];
             let row = match &u.new {
                 None => update.query_row(params, resource_of_row),
@@ -333,8 +348,8 @@ pub fn update_states(
                                     amount, currency, snapshot, provider_updated_at,
                                     status_since, last_observed_at, next_reconcile_at,
                                     provider, kind, id, first_seen_at)
-                                 VALUES (?1, COALESCE(?2, ?17), ?3, ?4, ?5, COALESCE(?6, ?18),
-                                    ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?12)
+                                 VALUES (?1, COALESCE(?2, ?18), ?3, ?4, ?5, COALESCE(?6, ?19),
+                                    ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?15, ?16, ?17, ?12)
                                  RETURNING {RESOURCE_COLUMNS_NO_SNAPSHOT}"
                             ))
                             .map_err(direct_error)?,
@@ -352,12 +367,14 @@ pub fn update_states(
                 }
             };
             match row {
+                Err(rusqlite::Error::QueryReturnedNoRows) if u.only_if_changed => Ok(None),
                 Err(rusqlite::Error::QueryReturnedNoRows) => {
                     Err(StoreError::Invariant("a resource being updated has no row"))
                 }
-                row => row.map_err(direct_error),
+                row => row.map(Some).map_err(direct_error),
             }
         })
+        .filter_map(Result::transpose)
         .collect()
 }
 
