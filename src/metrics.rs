@@ -211,6 +211,14 @@ const SERIES: &[(&str, &str)] = &[
         "WAL frames the last checkpoint could not copy: above 0 for long, a reader (an open read transaction elsewhere) holds checkpoints back and the WAL grows.",
     ),
     (
+        "cancelwatch_wal_syncs_total",
+        "Syncs of the SQLite WAL to disk made for acknowledgements (synchronous = full).",
+    ),
+    (
+        "cancelwatch_wal_syncs_shared_total",
+        "Groups of acknowledgements made durable by a sync another group began after their commit, without one of their own.",
+    ),
+    (
         "cancelwatch_database_writable",
         "0 while writes fail for a cause outside the daemon (disk full, unwritable files, a lock held elsewhere), 1 once a write succeeds again.",
     ),

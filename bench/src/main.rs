@@ -43,8 +43,8 @@ use clap::Parser;
 use daemon::{free_port, proc_status, CpuTime, DaemonProcess};
 use e2e::{e2e_report, DatabaseAt, E2eWorld};
 use load::{delivery, Connection, Counters};
-use metrics::{ack_p99_bound_ms, ack_step_bounds_ms, daemon_metrics, writer_uses};
-use report::Report;
+use metrics::{ack_p99_bound_ms, ack_step_bounds_ms, counter, daemon_metrics, writer_uses};
+use report::{Report, WalFigures};
 
 /// The webhook secret and API key the daemon under test is configured with.
 const SECRET: &str = "whsec_bench_only";
@@ -330,11 +330,23 @@ async fn run_once(
     // climbs under load explains a peak RSS that does.
     let pid = daemons[0].child.id();
     let most_threads = Arc::new(AtomicU64::new(0));
+    // The WAL's size over the run: a WAL that keeps growing makes every sync
+    // of it a change of the file's size too, which the file system must
+    // journal (see docs/performance.md).
+    let wal_path = match &database {
+        DatabaseAt::Sqlite(path) => Some(PathBuf::from(format!("{}-wal", path.display()))),
+        DatabaseAt::Postgres(_) => None,
+    };
+    let wal_most = Arc::new(AtomicU64::new(0));
     let threads = tokio::spawn({
         let most = most_threads.clone();
+        let (wal_path, wal_most) = (wal_path.clone(), wal_most.clone());
         async move {
             while let Some(now) = proc_status(pid, "Threads:") {
                 most.fetch_max(now, Ordering::Relaxed);
+                if let Some(len) = wal_path.as_ref().and_then(|p| std::fs::metadata(p).ok()) {
+                    wal_most.fetch_max(len.len(), Ordering::Relaxed);
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -424,6 +436,14 @@ async fn run_once(
     let writer_uses = writer_uses(&metrics, started.elapsed().as_secs_f64());
     let daemon_ack_p99_ms = ack_p99_bound_ms(&metrics);
     let daemon_ack_steps = ack_step_bounds_ms(&metrics);
+    let wal = wal_path.as_ref().and_then(|path| {
+        Some(WalFigures {
+            syncs: counter(&metrics, "cancelwatch_wal_syncs_total")? as u64,
+            shared: counter(&metrics, "cancelwatch_wal_syncs_shared_total").unwrap_or(0.0) as u64,
+            most_bytes: wal_most.load(Ordering::Relaxed),
+            end_bytes: std::fs::metadata(path).map_or(0, |m| m.len()),
+        })
+    });
     let daemon_cpu = cpu_of_daemons(&daemons)
         .zip(cpu_at_start.0)
         .map(|(end, start)| end.since(start));
@@ -456,6 +476,7 @@ async fn run_once(
         writer_uses,
         daemon_ack_p99_ms,
         daemon_ack_steps,
+        wal,
         daemon_cpu,
         bench_cpu,
     })

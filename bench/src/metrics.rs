@@ -37,6 +37,23 @@ pub fn ack_p99_bound_ms(metrics: &str) -> Option<f64> {
     quantile_bound_ms(metrics, "cancelwatch_ack_seconds", None, 0.99)
 }
 
+/// The value of counter `name`, summed over its series; `None` when the
+/// daemon does not report it.
+pub fn counter(metrics: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse().ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
 /// The `step` labels of `cancelwatch_ack_step_seconds`, in the order an
 /// acknowledgement goes through them in the daemon's group commit.
 const ACK_STEPS: [&str; 5] = ["queued", "writer", "insert", "sync", "answer"];

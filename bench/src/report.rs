@@ -29,11 +29,25 @@ pub struct Report {
     /// `answer`), the bucket bounds in ms of its p50 and p99, from the
     /// daemon's `cancelwatch_ack_step_seconds`.
     pub daemon_ack_steps: Vec<(&'static str, Option<f64>, Option<f64>)>,
+    /// SQLite at `synchronous = full`: the syncs of the WAL and its size.
+    pub wal: Option<WalFigures>,
     /// CPU time the daemon used from ready to the end of the run (and, end
     /// to end, until the last transition was recorded).
     pub daemon_cpu: Option<CpuTime>,
     /// CPU time this process (load generator and simulator) used meanwhile.
     pub bench_cpu: Option<CpuTime>,
+}
+
+/// The WAL over a run: syncs made (`cancelwatch_wal_syncs_total`), groups
+/// of acknowledgements a sync begun after their commit covered
+/// (`cancelwatch_wal_syncs_shared_total`), and the file's size at most
+/// (sampled every 100 ms) and at the end.
+#[derive(Debug, Clone, Copy)]
+pub struct WalFigures {
+    pub syncs: u64,
+    pub shared: u64,
+    pub most_bytes: u64,
+    pub end_bytes: u64,
 }
 
 /// End to end: how long deliveries took from sent to recorded.
@@ -86,6 +100,16 @@ impl Report {
                 .map(|(step, p50, p99)| format!("{step} {}/{}", ms(*p50), ms(*p99)))
                 .collect();
             println!("  its steps, p50/p99 at most (ms): {}", steps.join(", "));
+        }
+        if let Some(w) = &self.wal {
+            println!(
+                "WAL: {} syncs, {:.1} deliveries a sync; {} groups made durable by a sync begun after their commit; file at most {:.1} MiB, {:.1} MiB at the end",
+                w.syncs,
+                self.accepted as f64 / w.syncs.max(1) as f64,
+                w.shared,
+                w.most_bytes as f64 / 1048576.0,
+                w.end_bytes as f64 / 1048576.0
+            );
         }
         if let Some(e) = &self.e2e_ms {
             println!(
@@ -262,6 +286,7 @@ mod tests {
             latencies_us: (1..=100).map(|ms| ms * 1000).collect(),
             peak_rss_kib: Some(1024),
             peak_threads: Some(12),
+            wal: None,
             e2e_ms: Some(E2eReport {
                 recorded: 3000,
                 latencies_ms: (1..=100).collect(),
@@ -305,6 +330,7 @@ mod tests {
             latencies_us: vec![1000],
             peak_rss_kib: None,
             peak_threads: None,
+            wal: None,
             e2e_ms: None,
             writer_uses: vec![WriterUse {
                 what: "acknowledge".into(),

@@ -174,6 +174,9 @@ pub struct WalSync {
         std::sync::atomic::AtomicUsize,
         std::sync::atomic::AtomicUsize,
     ),
+    /// Syncs made.
+    #[cfg(test)]
+    pub(super) synced: std::sync::atomic::AtomicUsize,
 }
 
 impl WalSync {
@@ -186,6 +189,8 @@ impl WalSync {
             failed: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             threads: Default::default(),
+            #[cfg(test)]
+            synced: Default::default(),
         };
         wal.sync().map_err(StoreError::Sync)?;
         Ok(wal)
@@ -235,6 +240,8 @@ impl WalSync {
         }
         let (f, _) = file.as_ref().expect("opened above");
         let synced = sync_data(f);
+        #[cfg(test)]
+        self.synced.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = &synced {
             tracing::error!(error = %e, "fdatasync of the WAL failed: no delivery is acknowledged any more until the daemon restarts");
             self.failed.store(true, Ordering::SeqCst);

@@ -141,8 +141,11 @@ pub struct Db {
     /// Held while a sync of the WAL runs: those that come meanwhile wait
     /// here, as tasks, rather than each on a thread of its own (a disk that
     /// stalls for half a second at 1,000 commits a second would otherwise
-    /// pile up dozens of threads, each with its own memory).
-    sync_turn: Arc<tokio::sync::Mutex<()>>,
+    /// pile up dozens of threads, each with its own memory). It holds the
+    /// number of the last sync done; see [`Db::sync_commits`].
+    sync_turn: Arc<tokio::sync::Mutex<u64>>,
+    /// Syncs of the WAL begun so far (each numbered by it).
+    syncs_begun: Arc<std::sync::atomic::AtomicU64>,
     /// Writers other than the inbox's group commit take this one slot before
     /// they queue for the writer connection, so an acknowledgement never waits
     /// behind more than one of their transactions however many workers run.
@@ -312,6 +315,7 @@ impl Db {
             background_writers: Arc::new(Semaphore::new(1)),
             acks_waiting: Arc::default(),
             sync_turn: Arc::default(),
+            syncs_begun: Arc::default(),
             checkpointer,
             health: Arc::default(),
         })
@@ -348,6 +352,7 @@ impl Db {
             background_writers: Arc::new(Semaphore::new(1)),
             acks_waiting: Arc::default(),
             sync_turn: Arc::default(),
+            syncs_begun: Arc::default(),
             checkpointer: None,
             health: Arc::default(),
         })
@@ -467,11 +472,25 @@ impl Db {
     /// Makes every commit made so far durable (`synchronous = "full"`; a
     /// no-op at `normal`), without holding the writer connection: see
     /// [`WalSync`].
+    ///
+    /// One sync covers every commit made before it began. So a caller that
+    /// finds, once its turn comes, that a sync began after it was called
+    /// (numbered past those begun then) and has succeeded, returns at once:
+    /// the groups committed while one sync ran share the next, rather than
+    /// each waiting for a sync of its own behind the others.
     pub async fn sync_commits(&self) -> Result<(), StoreError> {
         let Some(wal) = self.wal_sync.clone() else {
             return Ok(());
         };
-        let _turn = self.sync_turn.lock().await;
+        // Any sync numbered from `covering` on begins after this call.
+        let covering = self.syncs_begun.load(Ordering::SeqCst) + 1;
+        let mut done = self.sync_turn.lock().await;
+        if *done >= covering {
+            metrics::counter!("cancelwatch_wal_syncs_shared_total").increment(1);
+            return Ok(());
+        }
+        let number = self.syncs_begun.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::counter!("cancelwatch_wal_syncs_total").increment(1);
         tokio::task::spawn_blocking(move || {
             #[cfg(test)]
             {
@@ -485,7 +504,9 @@ impl Db {
         })
         .await
         .map_err(|e| StoreError::Sync(std::io::Error::other(e)))?
-        .map_err(StoreError::Sync)
+        .map_err(StoreError::Sync)?;
+        *done = number;
+        Ok(())
     }
 
     pub async fn close(&self) {
@@ -967,6 +988,28 @@ mod tests {
         }
         let wal = db.wal_sync.as_ref().unwrap();
         assert_eq!(wal.threads.1.load(std::sync::atomic::Ordering::SeqCst), 1);
+        db.close().await;
+    }
+
+    /// Syncs asked for while one runs share the next one: it begins after
+    /// each of them was asked for, so it covers what each committed before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn syncs_asked_for_while_one_runs_share_the_next() {
+        let (_dir, db) = temp_db().await;
+        let wal = db.wal_sync.clone().unwrap();
+        let before = wal.synced.load(std::sync::atomic::Ordering::SeqCst);
+        let syncs = (0..32).map(|_| db.sync_commits());
+        for synced in futures_util::future::join_all(syncs).await {
+            synced.unwrap();
+        }
+        let made = wal.synced.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert!((1..=2).contains(&made), "{made} syncs for 32 callers");
+        // Asked for after those ended: a sync of its own.
+        db.sync_commits().await.unwrap();
+        assert_eq!(
+            wal.synced.load(std::sync::atomic::Ordering::SeqCst) - before,
+            made + 1
+        );
         db.close().await;
     }
 
