@@ -1,4 +1,4 @@
-// `sqlx::migrate!` embeds `migrations/` at compile time, but cargo does not
+// `sqlx::migrate!` embeds `migrations/` (a folder per engine) at compile time, but cargo does not
 // know it reads that folder: without this, a new migration file is left out
 // of the next build until some Rust file changes (sqlx's documented fix).
 //

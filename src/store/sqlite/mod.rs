@@ -127,7 +127,7 @@ const WAL_CHECKPOINT_PAGES: u32 = 10_000;
 /// How often the [`Checkpointer`] copies the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Clone, Debug)]
 pub struct Db {
