@@ -378,6 +378,17 @@ impl Simulator {
     /// another fetch of the same resource was still being answered, once
     /// per such fetch. Listings, events and cancels are not fetches.
     pub fn overlapping_fetches(&self) -> Vec<String> {
+        self.overlapping_fetches_at()
+            .into_iter()
+            .map(|(path, _)| path)
+            .collect()
+    }
+
+    /// [`Simulator::overlapping_fetches`], each with when it began. A fetch
+    /// whose caller died goes on being answered (through its latency) until
+    /// the simulator writes to the closed connection: a caller's crash test
+    /// tells those apart by the time.
+    pub fn overlapping_fetches_at(&self) -> Vec<(String, std::time::Instant)> {
         self.shared
             .overlaps
             .lock()

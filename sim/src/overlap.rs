@@ -27,7 +27,8 @@ pub(crate) fn fetched_resource(method: &axum::http::Method, path: &str) -> Optio
 #[derive(Debug, Default)]
 pub(crate) struct Overlaps {
     answering: HashMap<String, usize>,
-    seen: Vec<String>,
+    /// Each overlapping fetch and when it began.
+    seen: Vec<(String, std::time::Instant)>,
 }
 
 /// A fetch being answered; it ends when this is dropped (an answer sent,
@@ -43,7 +44,7 @@ impl Fetching {
         let n = o.answering.entry(resource.clone()).or_default();
         *n += 1;
         if *n > 1 {
-            o.seen.push(resource.clone());
+            o.seen.push((resource.clone(), std::time::Instant::now()));
         }
         Fetching {
             overlaps: overlaps.clone(),
@@ -65,7 +66,7 @@ impl Drop for Fetching {
 }
 
 impl Overlaps {
-    pub(crate) fn seen(&self) -> Vec<String> {
+    pub(crate) fn seen(&self) -> Vec<(String, std::time::Instant)> {
         self.seen.clone()
     }
 }
@@ -104,6 +105,8 @@ mod tests {
         let b = Fetching::start(&overlaps, "/r/1".into());
         drop((a, b));
         drop(Fetching::start(&overlaps, "/r/1".into()));
-        assert_eq!(overlaps.lock().unwrap().seen(), ["/r/1"]);
+        let seen = overlaps.lock().unwrap().seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].0, "/r/1");
     }
 }
