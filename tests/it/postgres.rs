@@ -433,3 +433,104 @@ async fn a_claim_reads_only_what_it_takes_from_a_backlog() {
     look.close().await;
     drop(pg);
 }
+
+/// Two replicas recording the same resources, listed in opposite orders,
+/// wait for each other rather than deadlock: every recording locks the rows
+/// it judges in one order (their rid), whatever order its answer lists them
+/// in. Here two bulk transfers list the same two items, one each way; a
+/// third transaction holds the items until both recordings wait for them,
+/// so that both go on at the same moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_recording_the_same_resources_in_opposite_orders_do_not_deadlock() {
+    use cancelwatch::domain::observe::Trigger;
+    use cancelwatch::providers::juice::objects::decode_bulk;
+    use sqlx::Connection;
+
+    let Some(pg) = PgDatabase::for_test(module_path!()).await else {
+        return;
+    };
+    let config = pg.config(TestConfig::new());
+    let (a, b) = (
+        cancelwatch::open_store(config.config()).await.unwrap(),
+        cancelwatch::open_store(config.config()).await.unwrap(),
+    );
+    let reversed = &config.config().juice.reversed_statuses;
+    let bulk = |id: &str, status: &str, items: [&str; 2]| {
+        let items: Vec<_> = items
+            .iter()
+            .map(|i| serde_json::json!({"id": i, "amount": 100, "status": status}))
+            .collect();
+        let at = if status == "pending" {
+            "2024-10-02T17:00:00"
+        } else {
+            "2024-10-02T17:05:00"
+        };
+        decode_bulk(
+            id,
+            serde_json::json!({"data": {"id": id, "status": "executing",
+                                        "updated_at": at, "items": items}}),
+            reversed,
+        )
+        .unwrap()
+    };
+    let now = cancelwatch::time::now;
+    a.record_observation(
+        config.config(),
+        &bulk("bt_first", "pending", ["it_1", "it_2"]),
+        &Trigger::event("evt_0"),
+        None,
+        now(),
+    )
+    .await
+    .unwrap();
+
+    let mut holder = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    let mut held = holder.begin().await.unwrap();
+    sqlx::query("SELECT rid FROM resources WHERE kind = 'juice.transfer' FOR UPDATE")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let (one_way, other_way) = (
+        bulk("bt_a", "processing", ["it_1", "it_2"]),
+        bulk("bt_b", "processing", ["it_2", "it_1"]),
+    );
+    let (trigger_a, trigger_b) = (Trigger::event("evt_a"), Trigger::event("evt_b"));
+    let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+    let look = &pool;
+    let (by_a, by_b, ()) = tokio::join!(
+        a.record_observation(config.config(), &one_way, &trigger_a, None, now()),
+        b.record_observation(config.config(), &other_way, &trigger_b, None, now()),
+        async {
+            wait_until(
+                "both recordings wait for the items",
+                Duration::from_secs(20),
+                || async move {
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    )
+                    .fetch_one(look)
+                    .await
+                    .unwrap();
+                    waiting == 2
+                },
+            )
+            .await;
+            held.commit().await.unwrap();
+        }
+    );
+    by_a.unwrap();
+    by_b.unwrap();
+    let moves: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM transitions WHERE kind = 'juice.transfer' AND to_status = 'processing'",
+    )
+    .fetch_one(look)
+    .await
+    .unwrap();
+    assert_eq!(moves, 2, "each item moved once, by whichever came first");
+    pool.close().await;
+    holder.close().await.unwrap();
+    a.close().await;
+    b.close().await;
+    drop(pg);
+}

@@ -281,6 +281,27 @@ impl AlertRows for PgConnection {
     }
 }
 
+/// The open alerts about each of `resources` (`(provider, kind, id)`),
+/// with one statement: what [`AlertRows::open_alerts_about`] reads of one.
+pub async fn open_alerts_about_many(
+    conn: &mut PgConnection,
+    resources: &[(&str, &str, &str)],
+) -> Result<Vec<Alert>, StoreError> {
+    if resources.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query_as(&format!(
+        "SELECT {ALERT_COLUMNS} FROM alerts
+         WHERE state = 'open' AND (resource_id, provider, kind) IN
+               (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]))"
+    ))
+    .bind(resources.iter().map(|r| r.2).collect::<Vec<_>>())
+    .bind(resources.iter().map(|r| r.0).collect::<Vec<_>>())
+    .bind(resources.iter().map(|r| r.1).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?)
+}
+
 /// Queues an alert version for each of its sinks.
 async fn enqueue(
     conn: &mut PgConnection,

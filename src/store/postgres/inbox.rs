@@ -2,7 +2,7 @@
 //! under [`LEASE_LOCK`] with their expiry on the database clock, and
 //! attempt ends fenced by the lease's token and holder.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -209,78 +209,61 @@ pub async fn claim(
 /// (it ran out, or the others thought it gone) matches no row.
 const FENCE: &str = "state = 'processing' AND lease_until = $2 AND lease_owner = $3";
 
-/// Ends an attempt `processed` (or another final state), fenced.
-pub async fn finish(
-    conn: &mut PgConnection,
-    id: i64,
-    lease_until: &str,
-    owner: Uuid,
-    state: &str,
-    now: &str,
-) -> Result<bool, StoreError> {
-    let done = sqlx::query(&format!(
-        "UPDATE inbox SET state = $4, processed_at = $5, lease_until = NULL,
-                lease_expires_at = NULL, lease_owner = NULL, last_error = NULL
-         WHERE id = $1 AND {FENCE}"
-    ))
-    .bind(id)
-    .bind(lease_until)
-    .bind(owner)
-    .bind(state)
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+/// How an attempt ends ([`end_many`]).
+pub struct End<'a> {
+    pub id: i64,
+    /// The lease the attempt holds: with the holder, its fence.
+    pub lease_until: &'a str,
+    /// `processed`, `ignored`, `failed`, `dead` or `pending` (given back).
+    pub state: &'static str,
+    /// Set when the delivery is done; kept as it is when `None`.
+    pub processed_at: Option<String>,
+    /// When it is due again; kept as it is when `None`.
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+    /// The attempt is given back uncounted.
+    pub give_back: bool,
 }
 
-/// Ends an attempt `ignored`, keeping why in `last_error`, fenced.
-pub async fn ignore(
+/// Ends many attempts with one statement, each fenced by its lease and
+/// the holder `owner`. The `(id, lease)` of those that ended: an attempt
+/// whose lease was lost changes nothing.
+pub async fn end_many(
     conn: &mut PgConnection,
-    id: i64,
-    lease_until: &str,
     owner: Uuid,
-    reason: &str,
-    now: &str,
-) -> Result<bool, StoreError> {
-    let done = sqlx::query(&format!(
-        "UPDATE inbox SET state = 'ignored', processed_at = $4, lease_until = NULL,
-                lease_expires_at = NULL, lease_owner = NULL, last_error = $5
-         WHERE id = $1 AND {FENCE}"
-    ))
-    .bind(id)
-    .bind(lease_until)
+    ends: &[End<'_>],
+) -> Result<HashSet<(i64, String)>, StoreError> {
+    if ends.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let text =
+        |f: for<'x> fn(&'x End<'x>) -> Option<&'x str>| ends.iter().map(f).collect::<Vec<_>>();
+    let ended: Vec<(i64, String)> = sqlx::query_as(
+        "UPDATE inbox i SET state = e.state,
+                processed_at = COALESCE(e.processed_at, i.processed_at),
+                next_attempt_at = COALESCE(e.next_attempt_at, i.next_attempt_at),
+                last_error = e.last_error,
+                attempts = CASE WHEN e.give_back THEN GREATEST(i.attempts - 1, 0)
+                                ELSE i.attempts END,
+                lease_until = NULL, lease_expires_at = NULL, lease_owner = NULL
+         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::bool[])
+              AS e (id, lease_until, state, processed_at, next_attempt_at, last_error, give_back)
+         WHERE i.id = e.id AND i.state = 'processing' AND i.lease_until = e.lease_until
+           AND i.lease_owner = $8
+         RETURNING e.id, e.lease_until",
+    )
+    .bind(ends.iter().map(|e| e.id).collect::<Vec<_>>())
+    .bind(text(|e| Some(e.lease_until)))
+    .bind(text(|e| Some(e.state)))
+    .bind(text(|e| e.processed_at.as_deref()))
+    .bind(text(|e| e.next_attempt_at.as_deref()))
+    .bind(text(|e| e.last_error.as_deref()))
+    .bind(ends.iter().map(|e| e.give_back).collect::<Vec<_>>())
     .bind(owner)
-    .bind(now)
-    .bind(reason)
-    .execute(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// A failed attempt: retry at `next_attempt_at`, or `dead`; fenced.
-pub async fn fail(
-    conn: &mut PgConnection,
-    id: i64,
-    lease_until: &str,
-    owner: Uuid,
-    error: &str,
-    next_attempt_at: &str,
-    dead: bool,
-) -> Result<bool, StoreError> {
-    let done = sqlx::query(&format!(
-        "UPDATE inbox SET state = $4, next_attempt_at = $5, last_error = $6, lease_until = NULL,
-                lease_expires_at = NULL, lease_owner = NULL
-         WHERE id = $1 AND {FENCE}"
-    ))
-    .bind(id)
-    .bind(lease_until)
-    .bind(owner)
-    .bind(if dead { "dead" } else { "failed" })
-    .bind(next_attempt_at)
-    .bind(error)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(ended.into_iter().collect())
 }
 
 /// Gives an attempt back uncounted, due again at `next_attempt_at`; fenced.

@@ -22,7 +22,9 @@
 //!   and the pruner;
 //! - recording locks the resource rows it judges (`FOR UPDATE`), so a
 //!   reconcile and a delivery of one resource on two replicas are judged
-//!   one after the other.
+//!   one after the other; a statement locks its rows in the order of their
+//!   rid, so two replicas recording the same resources wait for each other
+//!   rather than deadlock.
 
 mod alerting;
 mod engine;
