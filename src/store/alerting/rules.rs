@@ -195,11 +195,17 @@ async fn partial_by_items(
     let answer = tx
         .latest_cancel_with_outcome(&bulk.provider, &bulk.id, "partial_cancellation")
         .await?;
-    let items = tx.children(&bulk.provider, item_kind, &bulk.id).await?;
     let cancelled = bulk
         .status
         .as_deref()
         .is_some_and(|s| crate::providers::knowledge::is_cancelled(config, &bulk.kind, s));
+    if answer.is_none() && !cancelled {
+        // Neither cancelled nor answered in part: nothing to find, and the
+        // items of a large bulk transfer that moves are not read again at
+        // each of its fetches.
+        return Ok(None);
+    }
+    let items = tx.children(&bulk.provider, item_kind, &bulk.id).await?;
     // Only a cancelled one can be shown cancelled in part by its counters.
     let counters = match cancelled {
         true => tx.latest_progress(bulk.rid).await?,
