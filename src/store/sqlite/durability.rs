@@ -5,11 +5,12 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{direct_error, CHECKPOINT_EVERY};
+use super::{direct_error, CHECKPOINT_EVERY, CHECKPOINT_IDLE_EVERY};
 use crate::store::StoreError;
 
 /// Copies the WAL into the database file (a `PASSIVE` checkpoint) every
-/// [`CHECKPOINT_EVERY`], on a thread and a connection of its own.
+/// [`CHECKPOINT_EVERY`] while it grows (up to [`CHECKPOINT_IDLE_EVERY`]
+/// apart while it does not), on a thread and a connection of its own.
 ///
 /// Left to itself, the writer connection checkpoints once the WAL holds
 /// [`WAL_CHECKPOINT_PAGES`], inside the commit that got there: at full load
@@ -49,8 +50,10 @@ impl Checkpointer {
             .spawn(move || {
                 let mut failing = false;
                 let mut held = HeldBack::default();
+                let mut wait = CHECKPOINT_EVERY;
+                let mut last = None;
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                    stopped.recv_timeout(wait)
                 {
                     // (busy, frames in the WAL, frames copied into the database)
                     let pass = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
@@ -65,6 +68,13 @@ impl Checkpointer {
                     if let Ok((frames, copied)) = pass {
                         held.pass((frames - copied).max(0) as u64, frames.max(0) as u64);
                     }
+                    // The WAL moved since the last pass: keep pace with it.
+                    let now = pass.as_ref().ok().copied();
+                    wait = match now.is_some() && now != last {
+                        true => CHECKPOINT_EVERY,
+                        false => (wait * 2).min(CHECKPOINT_IDLE_EVERY),
+                    };
+                    last = now;
                 }
             })
             .map_err(|e| StoreError::Sql(sqlx::Error::Io(e)))?;

@@ -124,8 +124,17 @@ pub fn direct_error(e: rusqlite::Error) -> StoreError {
 /// WAL pages past which the writer checkpoints (SQLite's default: 1,000).
 const WAL_CHECKPOINT_PAGES: u32 = 10_000;
 
-/// How often the [`Checkpointer`] copies the WAL into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// How often the [`Checkpointer`] copies the WAL into the database file
+/// while it grows: what a pass leaves is what the writer copies itself,
+/// inside a commit, when the WAL reaches [`WAL_CHECKPOINT_PAGES`], so the
+/// shorter the wait, the shorter that commit, and the acknowledgements
+/// queued behind it (docs/performance.md has the figures).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(10);
+
+/// The longest wait between two passes: the wait doubles, from
+/// [`CHECKPOINT_EVERY`], while nothing is written, so an idle daemon does
+/// not wake a hundred times a second.
+const CHECKPOINT_IDLE_EVERY: Duration = Duration::from_millis(320);
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
