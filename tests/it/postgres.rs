@@ -187,11 +187,12 @@ async fn a_gone_replicas_leases_are_taken_up_at_once_and_its_late_writes_fenced(
     let config = TestConfig::on(Engine::Postgres).await;
     let first = cancelwatch::open_store(config.config()).await.unwrap();
     let second = cancelwatch::open_store(config.config()).await.unwrap();
-    let now = cancelwatch::time::now_str();
     first
         .insert_deliveries(&[delivery("evt_1", "obt_1"), delivery("evt_2", "obt_1")])
         .await
         .unwrap();
+    // Taken after the deliveries' own times: both are due at it.
+    let now = cancelwatch::time::now_str();
     let long = lease(600);
     let held = first.claim(&now, &long, 10).await.unwrap();
     assert_eq!(held.len(), 1, "one delivery of a resource at a time");
