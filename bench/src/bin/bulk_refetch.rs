@@ -35,13 +35,13 @@ fn items_arg() -> anyhow::Result<usize> {
     Ok(items)
 }
 
-/// The answer of bulk transfer `bt_bench` with `items` items, item 0 in
-/// `first` and the others `processing`.
-fn answer(items: usize, first: &str) -> serde_json::Value {
+/// Bulk transfer `bt_bench` as the provider answers it: `items` items, the
+/// one numbered 0 in status `status_of_zero`, every other `processing`.
+fn answer(items: usize, status_of_zero: &str) -> serde_json::Value {
     let items: Vec<serde_json::Value> = (0..items)
         .map(|n| {
             json!({"id": format!("it_{n:06}"), "amount": 1000 + n, "currency": "NGN",
-                   "status": if n == 0 { first } else { "processing" },
+                   "status": if n == 0 { status_of_zero } else { "processing" },
                    "beneficiary": {"account_number": "0000000000", "bank_code": "000"}})
         })
         .collect();
@@ -71,15 +71,15 @@ async fn main() -> anyhow::Result<()> {
     );
     let start = chrono::Utc::now();
     let rounds = [
-        ("first", "processing"),
+        ("new", "processing"),
         ("same answer", "processing"),
         ("same answer", "processing"),
         ("same answer", "processing"),
         ("one item moved", "completed"),
     ];
-    for (n, (what, first)) in rounds.into_iter().enumerate() {
-        let obs =
-            decode_bulk("bt_bench", answer(items, first), reversed).map_err(anyhow::Error::msg)?;
+    for (n, (what, status_of_zero)) in rounds.into_iter().enumerate() {
+        let obs = decode_bulk("bt_bench", answer(items, status_of_zero), reversed)
+            .map_err(anyhow::Error::msg)?;
         let now = start + chrono::Duration::seconds(60 * n as i64);
         let (wal_before, db_before) = (file_len(&wal), file_len(&path));
         let took = Instant::now();
